@@ -1,0 +1,502 @@
+r"""Linear-chain dynamic programs: forward, backward, Viterbi, FFBS, entropy.
+
+A chain of length ``T`` over ``K`` states scores a state sequence
+``z = (z_0, ..., z_{L-1})`` (``L`` = its length) as
+
+.. math::
+
+    s(z) = \mathrm{init}[z_0] + \sum_{t<L} \mathrm{emit}[t, z_t]
+           + \sum_{1 \le t < L} \mathrm{trans}_t[z_{t-1}, z_t]
+
+and the kernels here compute ``log Z = log sum_z exp s(z)`` and friends.
+
+Shapes (batch first, :doc:`DESIGN`): ``init [B, K]``, ``emit [B, T, K]``,
+``lengths [B]`` and ``trans`` one of ``[K, K]`` (shared), ``[B, K, K]`` or
+``[B, T-1, K, K]`` where ``trans[:, t-1]`` scores the edge into position
+``t``.  Rows are the previous state, columns the next one.  Callers
+(:class:`latentnlp.structures.ChainPosterior`) validate inputs and zero the
+padding; kernels assume both.
+
+Algorithms:
+
+* :func:`scaled_log_partition` -- probability space with per-step
+  renormalisation, one BLAS matmul per step; its gradient is the classic
+  backward recursion written by hand (an ``autograd.Function``), so no graph
+  is kept over ``T`` and memory is ``O(B T K)``.
+* :func:`log_space_forward` -- the same recursion in a :mod:`semiring
+  <latentnlp.semirings>` (log or max), autograd through it.
+* :func:`scan_log_partition` -- parallel prefix: a balanced tree of
+  log-space ``K x K`` products, depth ``log T``.
+* :func:`low_rank_log_partition` -- scaled forward for transitions
+  ``P = U V`` of rank ``r``, ``O(T K r)`` per sequence.
+* :func:`viterbi`, :func:`kbest_viterbi`, :func:`forward_filter`,
+  :func:`backward_sample`, :func:`chain_entropy`, :func:`path_score`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .semirings import LogSemiring, MaxSemiring, finite_max, safe_log
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes
+# ----------------------------------------------------------------------------------------------
+def transition_at(trans: Tensor, t: int) -> Tensor:
+    """The transition scores into position ``t >= 1``: ``[K, K]`` or ``[B, K, K]``."""
+    return trans[:, t - 1] if trans.dim() == 4 else trans
+
+
+def step_mask(lengths: Tensor, num_steps: int) -> Tensor:
+    """``mask[b, t] = t < lengths[b]``: ``[B, T]`` bool."""
+    return torch.arange(num_steps, device=lengths.device) < lengths.unsqueeze(-1)
+
+
+def _at(probs, t: int):
+    """The (probability-space) transition into position ``t`` of a shared, batched or time-varying one."""
+    return probs[:, t - 1] if probs.dim() == 4 else probs
+
+
+def _vector_times_matrix(vector: Tensor, matrix) -> Tensor:
+    """``out[b] = vector[b] @ matrix[(b)]`` for ``vector [B, K]``, ``matrix [K, N] | [B, K, N] | U V``."""
+    if isinstance(matrix, _FactoredProbs):
+        return (vector @ matrix.left) @ matrix.right
+    if matrix.dim() == 2:
+        return vector @ matrix
+    return torch.bmm(vector.unsqueeze(1), matrix).squeeze(1)
+
+
+def _matrix_times_vector(matrix, vector: Tensor) -> Tensor:
+    """``out[b] = matrix[(b)] @ vector[b]`` for ``matrix [K, N] | [B, K, N] | U V`` and ``vector [B, N]``."""
+    if isinstance(matrix, _FactoredProbs):
+        return (vector @ matrix.right.transpose(0, 1)) @ matrix.left.transpose(0, 1)
+    if matrix.dim() == 2:
+        return vector @ matrix.transpose(0, 1)
+    return torch.bmm(matrix, vector.unsqueeze(-1)).squeeze(-1)
+
+
+def _exp_shifted(trans: Tensor) -> tuple[Tensor, Tensor]:
+    """``P = exp(trans - s)`` with ``s`` the max of each ``K x K`` matrix (``-inf`` matrices: ``s = 0``).
+
+    Returns ``P`` (same shape as ``trans``) and ``s`` of shape ``trans.shape[:-2]``.
+    """
+    shift = finite_max(trans.flatten(-2), -1).squeeze(-1)
+    return torch.exp(trans - shift[..., None, None]), shift
+
+
+def _edge_shift_total(shift: Tensor, trans_dim: int, mask: Tensor) -> Tensor:
+    """``sum_{1 <= t < L} s_t`` for the transition shifts of :func:`_exp_shifted`: ``[B]``."""
+    edges = mask[:, 1:].to(shift.dtype)
+    if trans_dim == 4:
+        return (shift * edges).sum(-1)
+    return shift * edges.sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# scaled (probability-space) forward-backward
+# ----------------------------------------------------------------------------------------------
+def _scaled_forward(init: Tensor, probs, emit: Tensor, mask: Tensor):
+    r"""Scaled forward recursion.
+
+    ``a_0 = exp(init - s) * e_0``; ``a_t = (alpha_{t-1} P_t) * e_t``; ``c_t = sum a_t``;
+    ``alpha_t = a_t / c_t`` with ``e_t = exp(emit_t - m_t)``, ``m_t = max_k emit_t``.
+    Padding steps (``t >= L``) keep ``alpha`` and set ``c_t = 1``.
+    Returns ``alpha [B, T, K]`` (each row a filtering distribution), ``scale [B, T]``
+    (the ``c_t``), ``emit_probs [B, T, K]`` (the ``e_t``) and ``log_shift [B]``
+    (``s + sum_{t<L} m_t``), so that ``log Z = sum_t log c_t + log_shift + transition shifts``.
+    """
+    batch, steps, _ = emit.shape
+    emit_shift = finite_max(emit, -1)
+    emit_probs = torch.exp(emit - emit_shift)
+    init_shift = finite_max(init, -1)
+    alpha = torch.empty_like(emit)
+    scale = torch.ones(batch, steps, dtype=emit.dtype, device=emit.device)
+    a = torch.exp(init - init_shift) * emit_probs[:, 0]
+    c = a.sum(-1)
+    alpha[:, 0] = a / c.unsqueeze(-1)
+    scale[:, 0] = c
+    all_valid_until = int(mask.sum(-1).min())  # steps before this need no padding logic
+    for t in range(1, steps):
+        a = _vector_times_matrix(alpha[:, t - 1], _at(probs, t)) * emit_probs[:, t]
+        c = a.sum(-1)
+        if t < all_valid_until:
+            alpha[:, t] = a / c.unsqueeze(-1)
+            scale[:, t] = c
+            continue
+        valid = mask[:, t]
+        alpha[:, t] = torch.where(valid.unsqueeze(-1), a / c.unsqueeze(-1), alpha[:, t - 1])
+        scale[:, t] = torch.where(valid, c, torch.ones_like(c))
+    log_shift = init_shift.squeeze(-1) + (emit_shift.squeeze(-1) * mask).sum(-1)
+    return alpha, scale, emit_probs, log_shift
+
+
+def _scaled_backward(alpha: Tensor, probs, emit_probs: Tensor, scale: Tensor, mask: Tensor):
+    r"""Backward recursion of the scaled algorithm, fused with the gradient.
+
+    ``beta_{L-1} = 1``; ``beta_{t-1} = P_t (e_t * beta_t) / c_t``.  Posterior marginals are
+    ``gamma_t = alpha_t * beta_t`` and edge marginals
+    ``xi_t(i, j) = alpha_{t-1}(i) P_t(i, j) u_t(j)`` with ``u_t = e_t * beta_t / c_t``.
+    Returns ``gamma [B, T, K]`` and ``u [B, T, K]`` (``u_0 = 0``).
+    """
+    batch, steps, k = alpha.shape
+    gamma = torch.empty_like(alpha)
+    u = torch.zeros_like(alpha)
+    beta = torch.ones(batch, k, dtype=alpha.dtype, device=alpha.device)
+    gamma[:, steps - 1] = alpha[:, steps - 1]
+    all_valid_until = int(mask.sum(-1).min())
+    for t in range(steps - 1, 0, -1):
+        u_t = emit_probs[:, t] * beta / scale[:, t].unsqueeze(-1)
+        if t < all_valid_until:
+            beta = _matrix_times_vector(_at(probs, t), u_t)
+        else:
+            valid = mask[:, t].unsqueeze(-1)
+            u_t = torch.where(valid, u_t, torch.zeros_like(beta))
+            beta = torch.where(valid, _matrix_times_vector(_at(probs, t), u_t), beta)
+        u[:, t] = u_t
+        gamma[:, t - 1] = alpha[:, t - 1] * beta
+    return gamma, u
+
+
+class _ScaledLogPartition(torch.autograd.Function):
+    """``log Z`` by the scaled forward algorithm, gradient by the scaled backward algorithm."""
+
+    @staticmethod
+    def forward(ctx, init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
+        mask = step_mask(lengths, emit.shape[1])
+        probs, trans_shift = _exp_shifted(trans)
+        alpha, scale, emit_probs, log_shift = _scaled_forward(init, probs, emit, mask)
+        # accumulate in float64: T terms of magnitude |log c| lose precision in float32
+        log_z = (torch.log(scale).double().sum(-1) + log_shift.double()
+                 + _edge_shift_total(trans_shift.double(), trans.dim(), mask))
+        ctx.save_for_backward(alpha, scale, emit_probs, probs, mask)
+        ctx.trans_dim = trans.dim()
+        return log_z.to(emit.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        alpha, scale, emit_probs, probs, mask = ctx.saved_tensors
+        gamma, u = _scaled_backward(alpha, probs, emit_probs, scale, mask)
+        g = grad.unsqueeze(-1)
+        grad_emit = gamma * mask.unsqueeze(-1) * g.unsqueeze(-1)
+        grad_init = gamma[:, 0] * g
+        weighted_alpha = alpha[:, :-1] * g.unsqueeze(-1)  # [B, T-1, K]
+        if ctx.trans_dim == 2:
+            k = alpha.shape[-1]
+            grad_trans = probs * (weighted_alpha.reshape(-1, k).transpose(0, 1) @ u[:, 1:].reshape(-1, k))
+        elif ctx.trans_dim == 3:
+            grad_trans = probs * torch.bmm(weighted_alpha.transpose(1, 2), u[:, 1:])
+        else:
+            grad_trans = probs * weighted_alpha.unsqueeze(-1) * u[:, 1:].unsqueeze(-2)
+        return grad_init, grad_trans, grad_emit, None
+
+
+def scaled_log_partition(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
+    """``log Z [B]`` by the scaled forward algorithm (first-order differentiable).
+
+    Returns ``-inf`` or NaN where scaling underflows; :class:`ChainPosterior` then falls
+    back to :func:`log_space_forward`.
+    """
+    return _ScaledLogPartition.apply(init, trans, emit, lengths)
+
+
+# ----------------------------------------------------------------------------------------------
+# low-rank transitions
+# ----------------------------------------------------------------------------------------------
+class _LowRankLogPartition(torch.autograd.Function):
+    r"""``log Z`` for a shared transition matrix of rank ``r``: ``P = U V``.
+
+    ``U = exp(log_left) [K, r]``, ``V = exp(log_right) [r, K]`` (e.g. rows of each a
+    distribution, so ``P`` is row-stochastic).  Each step is ``alpha_{t-1} U V``:
+    ``O(B K r)`` instead of ``O(B K^2)``; gradients
+    ``dU = sum_t alpha_{t-1}^T (u_t V^T)``, ``dV = sum_t (alpha_{t-1} U)^T u_t``.
+    """
+
+    @staticmethod
+    def forward(ctx, init, log_left, log_right, emit, lengths):
+        mask = step_mask(lengths, emit.shape[1])
+        left, left_shift = _exp_shifted(log_left)
+        right, right_shift = _exp_shifted(log_right)
+        factored = _FactoredProbs(left, right)
+        alpha, scale, emit_probs, log_shift = _scaled_forward(init, factored, emit, mask)
+        log_z = (torch.log(scale).double().sum(-1) + log_shift.double()
+                 + (mask[:, 1:].sum(-1) * (left_shift + right_shift)).double())
+        ctx.save_for_backward(alpha, scale, emit_probs, left, right, mask)
+        return log_z.to(emit.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        alpha, scale, emit_probs, left, right, mask = ctx.saved_tensors
+        gamma, u = _scaled_backward(alpha, _FactoredProbs(left, right), emit_probs, scale, mask)
+        g = grad.unsqueeze(-1)
+        k, rank = left.shape
+        weighted_alpha = (alpha[:, :-1] * g.unsqueeze(-1)).reshape(-1, k)
+        u_next = u[:, 1:].reshape(-1, k)
+        grad_left = left * (weighted_alpha.transpose(0, 1) @ (u_next @ right.transpose(0, 1)))
+        grad_right = right * ((weighted_alpha @ left).transpose(0, 1) @ u_next)
+        grad_emit = gamma * mask.unsqueeze(-1) * g.unsqueeze(-1)
+        return gamma[:, 0] * g, grad_left, grad_right, grad_emit, None
+
+
+class _FactoredProbs:
+    """A shared ``K x K`` probability-space matrix held as the product ``U V`` of its factors."""
+
+    def __init__(self, left: Tensor, right: Tensor):
+        self.left, self.right = left, right
+
+    def dim(self) -> int:
+        return 2
+
+
+def low_rank_log_partition(init: Tensor, log_left: Tensor, log_right: Tensor, emit: Tensor,
+                           lengths: Tensor) -> Tensor:
+    """``log Z [B]`` of a chain whose transition matrix is ``exp(log_left) @ exp(log_right)``.
+
+    ``init [B, K]``, ``log_left [K, r]``, ``log_right [r, K]``, ``emit [B, T, K]``,
+    ``lengths [B]``.  Memory and time ``O(B T (K + r))`` and ``O(B T K r)``.
+    """
+    return _LowRankLogPartition.apply(init, log_left, log_right, emit, lengths)
+
+
+# ----------------------------------------------------------------------------------------------
+# log space and semiring forward
+# ----------------------------------------------------------------------------------------------
+def log_space_forward(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor,
+                      semiring=LogSemiring) -> Tensor:
+    r"""``plus_z s(z)`` in a semiring by the forward recursion, autograd through it.
+
+    ``a_0 = init + emit_0``; ``a_t = (a_{t-1} (x) trans_t) + emit_t``; result
+    ``plus_k a_{L-1}[k]``: the log partition (:class:`LogSemiring`) or the Viterbi
+    score (:class:`MaxSemiring`).  For the log semiring the shared transition's
+    ``exp`` is taken once, outside the loop.
+    """
+    mask = step_mask(lengths, emit.shape[1])
+    a = init + emit[:, 0]
+    shared_probs = None
+    if semiring is LogSemiring and trans.dim() == 2:
+        trans_shift = finite_max(trans, -2)
+        shared_probs = torch.exp(trans - trans_shift)
+    for t in range(1, emit.shape[1]):
+        if shared_probs is not None:
+            a_shift = finite_max(a, -1)
+            step = safe_log(torch.exp(a - a_shift) @ shared_probs) + a_shift + trans_shift
+        else:
+            step = semiring.matmul(a.unsqueeze(-2), transition_at(trans, t)).squeeze(-2)
+        a = torch.where(mask[:, t].unsqueeze(-1), step + emit[:, t], a)
+    return semiring.plus(a, -1)
+
+
+def scan_log_partition(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
+    r"""``log Z [B]`` by a parallel prefix (tree) product of transfer matrices.
+
+    ``M_t[i, j] = trans_t[i, j] + emit_t[j]`` for ``1 <= t < L`` (the log-space identity
+    past the length); ``log Z = logsumexp_{i,j} (init_i + emit_0[i] + (M_1 ... M_{T-1})[i, j])``
+    with the product taken pairwise in ``ceil(log2 T)`` rounds of batched log-matmuls.
+    Work ``O(T K^3)``, depth ``O(log T)``: for long chains with few states.
+    """
+    batch, steps, k = emit.shape
+    start = init + emit[:, 0]
+    if steps == 1:
+        return torch.logsumexp(start, -1)
+    mask = step_mask(lengths, steps)[:, 1:]
+    if trans.dim() == 4:
+        trans_all = trans
+    else:
+        trans_all = (trans if trans.dim() == 2 else trans.unsqueeze(1)).expand(batch, steps - 1, k, k)
+    eye = torch.full((k, k), float("-inf"), dtype=emit.dtype, device=emit.device)
+    eye.fill_diagonal_(0.0)
+    transfer = torch.where(mask[..., None, None], trans_all + emit[:, 1:].unsqueeze(-2), eye)
+    while transfer.shape[1] > 1:
+        if transfer.shape[1] % 2:
+            transfer = torch.cat([transfer, eye.expand(batch, 1, k, k)], 1)
+        transfer = LogSemiring.matmul(transfer[:, 0::2], transfer[:, 1::2])
+    return torch.logsumexp(LogSemiring.matmul(start.unsqueeze(-2), transfer[:, 0]).squeeze(-2), -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Viterbi and k-best
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def viterbi(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
+    r"""The highest-scoring path ``argmax_z s(z)``: ``[B, T]`` long, padding filled with 0.
+
+    Max-plus forward ``a_t[j] = max_i (a_{t-1}[i] + trans_t[i, j]) + emit_t[j]`` with
+    back-pointers ``bp_t[j] = argmax_i``, then backtracking from ``argmax_j a_{L-1}[j]``.
+    """
+    batch, steps, _ = emit.shape
+    mask = step_mask(lengths, steps)
+    a = init + emit[:, 0]
+    pointers = []
+    for t in range(1, steps):
+        best, pointer = MaxSemiring.matmul_with_argmax(a.unsqueeze(-2), transition_at(trans, t))
+        a = torch.where(mask[:, t].unsqueeze(-1), best.squeeze(-2) + emit[:, t], a)
+        pointers.append(pointer.squeeze(-2))
+    path = torch.zeros(batch, steps, dtype=torch.long, device=emit.device)
+    current = a.argmax(-1)
+    for t in range(steps - 1, 0, -1):
+        valid = mask[:, t]
+        path[:, t] = torch.where(valid, current, torch.zeros_like(current))
+        current = torch.where(valid, pointers[t - 1].gather(-1, current.unsqueeze(-1)).squeeze(-1), current)
+    path[:, 0] = current
+    return path
+
+
+@torch.no_grad()
+def kbest_viterbi(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    r"""The ``k`` highest-scoring paths: ``(paths [k, B, T], scores [k, B])``, best first.
+
+    Each state keeps its ``k`` best partial paths: ``a_t[j, r]`` = the ``r``-th best of
+    ``a_{t-1}[i, r'] + trans_t[i, j]`` over ``(i, r')``, plus ``emit_t[j]``.  If fewer than
+    ``k`` paths exist the extra scores are ``-inf``.
+    """
+    batch, steps, num_states = emit.shape
+    mask = step_mask(lengths, steps)
+    a = torch.full((batch, num_states, k), float("-inf"), dtype=emit.dtype, device=emit.device)
+    a[:, :, 0] = init + emit[:, 0]
+    pointers = []
+    for t in range(1, steps):
+        trans_t = transition_at(trans, t)
+        candidates = a.unsqueeze(-1) + trans_t.unsqueeze(-2)  # [B, K_prev, k, K_next]
+        best, pointer = candidates.reshape(batch, num_states * k, num_states).topk(k, dim=1)
+        step = best.transpose(1, 2) + emit[:, t].unsqueeze(-1)
+        a = torch.where(mask[:, t, None, None], step, a)
+        pointers.append(pointer.transpose(1, 2))  # [B, K_next, k] flat index prev * k + rank
+    scores, flat = a.reshape(batch, num_states * k).topk(k, dim=-1)  # [B, k]
+    state, rank = flat // k, flat % k
+    paths = torch.zeros(batch, k, steps, dtype=torch.long, device=emit.device)
+    for t in range(steps - 1, 0, -1):
+        valid = mask[:, t].unsqueeze(-1)
+        paths[:, :, t] = torch.where(valid, state, torch.zeros_like(state))
+        previous = pointers[t - 1].reshape(batch, num_states * k).gather(-1, state * k + rank)
+        state = torch.where(valid, previous // k, state)
+        rank = torch.where(valid, previous % k, rank)
+    paths[:, :, 0] = state
+    return paths.permute(1, 0, 2), scores.transpose(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# filtering and forward-filter backward-sample
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def forward_filter(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
+    r"""Log filtering distributions ``log p(z_t | x_{0..t})``: ``[B, T, K]`` (frozen past the length).
+
+    Scaled recursion; steps whose scaling underflows are redone in log space.
+    """
+    mask = step_mask(lengths, emit.shape[1])
+    probs, _ = _exp_shifted(trans)
+    alpha, _, _, _ = _scaled_forward(init, probs, emit, mask)
+    if torch.isfinite(alpha).all():
+        return safe_log(alpha)
+    log_alpha = torch.empty_like(emit)
+    a = init + emit[:, 0]
+    log_alpha[:, 0] = a - torch.logsumexp(a, -1, keepdim=True)
+    for t in range(1, emit.shape[1]):
+        step = LogSemiring.matmul(log_alpha[:, t - 1].unsqueeze(-2), transition_at(trans, t)).squeeze(-2)
+        step = step + emit[:, t]
+        step = step - torch.logsumexp(step, -1, keepdim=True)
+        log_alpha[:, t] = torch.where(mask[:, t].unsqueeze(-1), step, log_alpha[:, t - 1])
+    return log_alpha
+
+
+def _gumbel_argmax(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One draw from ``Categorical(logits=logits)`` per row by the Gumbel-max trick."""
+    uniform = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device, generator=generator)
+    tiny = torch.finfo(logits.dtype).tiny
+    return (logits - torch.log(-torch.log(uniform.clamp(tiny, 1.0 - 1e-7)))).argmax(-1)
+
+
+@torch.no_grad()
+def backward_sample(log_filter: Tensor, trans: Tensor, lengths: Tensor, num_samples: int,
+                    generator: torch.Generator | None = None) -> Tensor:
+    r"""Exact posterior samples by backward sampling: ``[S, B, T]`` long, padding 0.
+
+    ``z_{L-1} ~ p(z_{L-1} | x)`` (the last filtering distribution) and
+    ``p(z_{t-1} = i | z_t = j, x) \propto alpha_{t-1}(i) exp(trans_t[i, j])``.
+    """
+    batch, steps, k = log_filter.shape
+    mask = step_mask(lengths, steps)
+    rows = torch.arange(batch, device=log_filter.device)
+    path = torch.zeros(num_samples, batch, steps, dtype=torch.long, device=log_filter.device)
+    last = log_filter.gather(1, (lengths - 1).view(batch, 1, 1).expand(batch, 1, k)).squeeze(1)
+    current = _gumbel_argmax(last.expand(num_samples, batch, k), generator)
+    for t in range(steps - 1, 0, -1):
+        valid = mask[:, t]
+        path[:, :, t] = torch.where(valid, current, torch.zeros_like(current))
+        into = transition_at(trans, t).transpose(-1, -2)  # [(B,) K_next, K_prev]
+        columns = into[current] if into.dim() == 2 else into[rows, current]  # [S, B, K_prev]
+        previous = _gumbel_argmax(log_filter[:, t - 1] + columns, generator)
+        current = torch.where(valid, previous, current)
+    path[:, :, 0] = current
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# entropy and path scores
+# ----------------------------------------------------------------------------------------------
+def chain_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
+    r"""Entropy of the chain distribution ``p(z) = exp(s(z) - log Z)``: ``[B]``, differentiable.
+
+    Uses the backward factorisation ``p(z) = p(z_{L-1}) prod_t p(z_{t-1} | z_t, x_{<t})`` with
+    ``w_t(i, j) = alpha_{t-1}(i) P_t(i, j) / c'_t(j)``, ``c'_t = alpha_{t-1} P_t``:
+
+    ``H_t(j) = sum_i w_t(i, j) (H_{t-1}(i) - log w_t(i, j))``
+    ``       = [(alpha (H - log alpha)) P_t - alpha (P_t log P_t)]_j / c'_t(j) + log c'_t(j)``
+
+    and ``H = sum_j alpha_{L-1}(j) (H_{L-1}(j) - log alpha_{L-1}(j))``: two matmuls a step.
+    (The formula is invariant to rescaling ``P_t``, so shifted exponentials are used.)
+    """
+    mask = step_mask(lengths, emit.shape[1])
+    probs, _ = _exp_shifted(trans)
+    log_probs = safe_log(probs)
+    probs_log_probs = probs * torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))
+    a = torch.exp(init - finite_max(init, -1)) * torch.exp(emit[:, 0] - finite_max(emit[:, 0], -1))
+    alpha = a / a.sum(-1, keepdim=True)
+    entropy_to = torch.zeros_like(alpha)
+    for t in range(1, emit.shape[1]):
+        probs_t = probs[:, t - 1] if probs.dim() == 4 else probs
+        plogp_t = probs_log_probs[:, t - 1] if probs.dim() == 4 else probs_log_probs
+        log_alpha = safe_log(alpha)
+        finite_log_alpha = torch.where(alpha > 0, log_alpha, torch.zeros_like(log_alpha))
+        reach = _vector_times_matrix(alpha, probs_t)  # c'_t [B, K]
+        reachable = reach > 0
+        safe_reach = torch.where(reachable, reach, torch.ones_like(reach))
+        carried = _vector_times_matrix(alpha * (entropy_to - finite_log_alpha), probs_t)
+        carried = carried - _vector_times_matrix(alpha, plogp_t)
+        new_entropy = torch.where(reachable, carried / safe_reach + torch.log(safe_reach),
+                                  torch.zeros_like(reach))
+        e_t = torch.exp(emit[:, t] - finite_max(emit[:, t], -1))
+        a = reach * e_t
+        new_alpha = a / a.sum(-1, keepdim=True)
+        valid = mask[:, t].unsqueeze(-1)
+        alpha = torch.where(valid, new_alpha, alpha)
+        entropy_to = torch.where(valid, new_entropy, entropy_to)
+    log_alpha = safe_log(alpha)
+    finite_log_alpha = torch.where(alpha > 0, log_alpha, torch.zeros_like(log_alpha))
+    return (alpha * (entropy_to - finite_log_alpha)).sum(-1)
+
+
+def path_score(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor, path: Tensor) -> Tensor:
+    r"""``s(z)`` for paths ``z [*, B, T]`` (entries past the length ignored): ``[*, B]``."""
+    batch, steps, k = emit.shape
+    mask = step_mask(lengths, steps)
+    z = torch.where(mask, path, torch.zeros_like(path))
+    lead = z.shape[:-2]
+    score = init.expand(*lead, batch, k).gather(-1, z[..., :1]).squeeze(-1)
+    score = score + (emit.expand(*lead, batch, steps, k).gather(-1, z.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+    if steps > 1:
+        previous, following = z[..., :-1], z[..., 1:]
+        if trans.dim() == 2:
+            edge = trans[previous, following]
+        elif trans.dim() == 3:
+            rows = torch.arange(batch, device=emit.device).view(batch, 1)
+            edge = trans[rows, previous, following]
+        else:
+            rows = torch.arange(batch, device=emit.device).view(batch, 1)
+            times = torch.arange(steps - 1, device=emit.device).view(1, steps - 1)
+            edge = trans[rows, times, previous, following]
+        score = score + torch.where(mask[:, 1:], edge, torch.zeros_like(edge)).sum(-1)
+    return score

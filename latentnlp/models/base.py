@@ -1,0 +1,166 @@
+"""The `LatentModel` contract shared by every model of the library.
+
+A model defines a joint ``p(x, z | c)`` over observed text ``x`` (given a
+context ``c``: a source sentence, a history) and latent structure ``z``.
+The trainer and the evaluator only call :meth:`LatentModel.loss`,
+:meth:`LatentModel.log_marginal`, :meth:`LatentModel.iwae` and
+:meth:`LatentModel.generate`; a model declares which training objectives it
+supports in :attr:`LatentModel.objectives`.
+
+Batches are mappings from names to tensors (batch first).  Language-model
+batches carry ``inputs [B, T]``, ``targets [B, T]`` and ``lengths [B]``;
+positions at or past a length are padding and never change a result.
+
+The loss is always *per target token*: the sum over the batch of the
+negative objective divided by the number of target tokens, so perplexity is
+``exp(total nll / total tokens)`` with ``<eos>`` counted and BOS not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+
+Batch = Mapping[str, object]
+
+OBJECTIVES = ("marginal", "elbo", "iwae", "wake-sleep")
+
+
+class IntractableError(NotImplementedError):
+    """Raised by :meth:`LatentModel.log_marginal` when ``log p(x)`` cannot be computed exactly."""
+
+
+class UnsupportedObjectiveError(ValueError):
+    """Raised by :meth:`LatentModel.loss` for an objective the model does not declare."""
+
+
+@dataclass
+class ELBO:
+    """An evidence lower bound ``E_q[log p(x | z)] - KL(q || p) <= log p(x)``, per example.
+
+    ``value = reconstruction - kl``, each ``[B]``.  ``surrogate [B]`` has the
+    estimator's gradient (score-function terms, baselines...) and equals
+    ``value`` in expectation; it defaults to ``value`` for reparameterised or
+    exactly enumerated expectations.  ``kl_weight`` is the weight the
+    surrogate used (KL annealing); ``value`` is always the true bound.
+    """
+
+    value: Tensor
+    reconstruction: Tensor
+    kl: Tensor
+    surrogate: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.surrogate is None:
+            self.surrogate = self.value
+
+
+@dataclass
+class Loss:
+    """A scalar to minimise (per target token) and per-example metrics.
+
+    ``metrics`` maps names to ``[B]`` tensors (detached): always ``nll``
+    (negative objective, summed over the tokens of each example) and
+    ``tokens`` (number of target tokens of each example), plus any of
+    ``kl``, ``reconstruction``, ...  Summing each over a corpus and dividing
+    by the summed ``tokens`` gives corpus-level per-token numbers.
+    """
+
+    value: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class LatentModel(nn.Module):
+    """Base class: a latent-variable model of text behind one API.
+
+    Subclasses implement some of :meth:`log_marginal`, :meth:`elbo`,
+    :meth:`iwae`, :meth:`wake_sleep`, :meth:`posterior`, :meth:`generate`
+    and :meth:`num_tokens`, and list the objectives they support in
+    :attr:`objectives`.  ``forward`` is :meth:`loss`, so a model wrapped in
+    ``DistributedDataParallel`` is trained by calling it.
+    """
+
+    #: training objectives this model supports, a subset of :data:`OBJECTIVES`
+    objectives: ClassVar[tuple[str, ...]] = ()
+
+    # ---- quantities -------------------------------------------------------------------------
+    def log_marginal(self, batch: Batch) -> Tensor:
+        """Exact ``log p(x | c)`` summed over the target tokens of each example: ``[B]``."""
+        raise IntractableError(f"{type(self).__name__} has no exact log marginal")
+
+    def elbo(self, batch: Batch, *, estimator: str | None = None, num_samples: int = 1,
+             kl_weight: float = 1.0) -> ELBO:
+        """Evidence lower bound per example (see :class:`ELBO`)."""
+        raise UnsupportedObjectiveError(f"{type(self).__name__} has no variational posterior")
+
+    def iwae(self, batch: Batch, num_samples: int) -> Tensor:
+        """Importance-weighted bound ``log 1/S sum_s p(x, z_s) / q(z_s | x)``, ``[B]``.
+
+        Tractable models return the exact marginal (the bound is tight).
+        """
+        return self.log_marginal(batch)
+
+    def wake_sleep(self, batch: Batch) -> Loss:
+        """Wake-sleep surrogate loss (model by the wake phase, q by the sleep phase)."""
+        raise UnsupportedObjectiveError(f"{type(self).__name__} does not support wake-sleep")
+
+    def posterior(self, batch: Batch) -> torch.distributions.Distribution:
+        """Exact posterior ``p(z | x, c)`` where tractable, else the amortised ``q(z | x, c)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose a posterior")
+
+    def generate(self, batch: Batch, **kwargs) -> object:
+        """Samples, greedy or beam output, where the model generates."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate")
+
+    def num_tokens(self, batch: Batch) -> Tensor:
+        """Number of target tokens of each example ``[B]`` (the perplexity denominator)."""
+        lengths = batch["lengths"]
+        assert isinstance(lengths, Tensor)
+        return lengths
+
+    # ---- carried state (streams) ------------------------------------------------------------
+    def reset_state(self) -> None:
+        """Forget any state carried between consecutive batches of a stream (BPTT).
+
+        The trainer calls it at the start of every pass over a data set.
+        Models that carry no state inherit this no-op.
+        """
+
+    # ---- the one entry point of the trainer -------------------------------------------------
+    def loss(self, batch: Batch, objective: str = "marginal", **kwargs) -> Loss:
+        """Per-token loss for ``objective`` and per-example metrics.
+
+        ``marginal``: ``-sum log p(x) / tokens``; ``elbo``: ``-sum surrogate / tokens``
+        (``kwargs`` go to :meth:`elbo`); ``iwae``: ``-sum iwae / tokens``;
+        ``wake-sleep``: the model's :meth:`wake_sleep` loss.
+        """
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if objective not in self.objectives:
+            raise UnsupportedObjectiveError(
+                f"{type(self).__name__} supports objectives {self.objectives}, not {objective!r}")
+        if objective == "wake-sleep":
+            return self.wake_sleep(batch, **kwargs)
+        tokens = self.num_tokens(batch).to(torch.float64)
+        metrics: dict[str, Tensor] = {}
+        if objective == "marginal":
+            log_px = self.log_marginal(batch)
+            surrogate = log_px
+        elif objective == "elbo":
+            bound = self.elbo(batch, **kwargs)
+            log_px, surrogate = bound.value, bound.surrogate
+            metrics["kl"] = bound.kl.detach()
+            metrics["reconstruction"] = bound.reconstruction.detach()
+        else:
+            log_px = self.iwae(batch, **kwargs)
+            surrogate = log_px
+        metrics["nll"] = -log_px.detach()
+        metrics["tokens"] = tokens
+        value = -surrogate.sum() / tokens.sum().clamp_min(1).to(surrogate.dtype)
+        return Loss(value=value, metrics=metrics)
+
+    def forward(self, batch: Batch, objective: str = "marginal", **kwargs) -> Loss:
+        return self.loss(batch, objective, **kwargs)
