@@ -172,11 +172,13 @@ class _ScaledLogPartition(torch.autograd.Function):
                  + _edge_shift_total(trans_shift.double(), trans.dim(), mask))
         ctx.save_for_backward(alpha, scale, emit_probs, probs, mask)
         ctx.trans_dim = trans.dim()
-        return log_z.to(emit.dtype)
+        final_filter = alpha[:, -1]  # frozen past the length: p(z_{L-1} | x)
+        ctx.mark_non_differentiable(final_filter)
+        return log_z.to(emit.dtype), final_filter
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor, _grad_final_filter: Tensor):
         alpha, scale, emit_probs, probs, mask = ctx.saved_tensors
         gamma, u = _scaled_backward(alpha, probs, emit_probs, scale, mask)
         g = grad.unsqueeze(-1)
@@ -193,13 +195,17 @@ class _ScaledLogPartition(torch.autograd.Function):
         return grad_init, grad_trans, grad_emit, None
 
 
-def scaled_log_partition(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
+def scaled_log_partition(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor,
+                         return_filter: bool = False):
     """``log Z [B]`` by the scaled forward algorithm (first-order differentiable).
 
+    With ``return_filter`` also the last filtering distribution ``p(z_{L-1} | x) [B, K]``
+    (not differentiable), which is what a stream carries into its next chunk.
     Returns ``-inf`` or NaN where scaling underflows; :class:`ChainPosterior` then falls
     back to :func:`log_space_forward`.
     """
-    return _ScaledLogPartition.apply(init, trans, emit, lengths)
+    log_z, final_filter = _ScaledLogPartition.apply(init, trans, emit, lengths)
+    return (log_z, final_filter) if return_filter else log_z
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,11 +230,13 @@ class _LowRankLogPartition(torch.autograd.Function):
         log_z = (torch.log(scale).double().sum(-1) + log_shift.double()
                  + (mask[:, 1:].sum(-1) * (left_shift + right_shift)).double())
         ctx.save_for_backward(alpha, scale, emit_probs, left, right, mask)
-        return log_z.to(emit.dtype)
+        final_filter = alpha[:, -1]
+        ctx.mark_non_differentiable(final_filter)
+        return log_z.to(emit.dtype), final_filter
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_final_filter):
         alpha, scale, emit_probs, left, right, mask = ctx.saved_tensors
         gamma, u = _scaled_backward(alpha, _FactoredProbs(left, right), emit_probs, scale, mask)
         g = grad.unsqueeze(-1)
@@ -252,13 +260,15 @@ class _FactoredProbs:
 
 
 def low_rank_log_partition(init: Tensor, log_left: Tensor, log_right: Tensor, emit: Tensor,
-                           lengths: Tensor) -> Tensor:
+                           lengths: Tensor, return_filter: bool = False):
     """``log Z [B]`` of a chain whose transition matrix is ``exp(log_left) @ exp(log_right)``.
 
     ``init [B, K]``, ``log_left [K, r]``, ``log_right [r, K]``, ``emit [B, T, K]``,
     ``lengths [B]``.  Memory and time ``O(B T (K + r))`` and ``O(B T K r)``.
+    ``return_filter`` as in :func:`scaled_log_partition`.
     """
-    return _LowRankLogPartition.apply(init, log_left, log_right, emit, lengths)
+    log_z, final_filter = _LowRankLogPartition.apply(init, log_left, log_right, emit, lengths)
+    return (log_z, final_filter) if return_filter else log_z
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,211 @@
+r"""Hidden Markov language model with a neural parameterisation (Chiu & Rush 2020).
+
+The model is a plain HMM over ``K`` states and a vocabulary of ``V`` words,
+
+.. math:: p(x) = \sum_z p(z_0) \prod_{t \ge 1} p(z_t | z_{t-1}) \prod_t p(x_t | z_t),
+
+whose parameters are *computed* from embeddings, so their number is
+``O(d^2 + dK + dV)`` rather than ``O(K^2 + KV)``:
+
+* ``p(z_t = j | z_{t-1} = i) = softmax_j(f(u_i) . v_j)`` (dense), or
+  ``sum_c softmax_c(f(u_i) . r_c) softmax_j(r'_c . v_j)`` (rank ``r``; the chain then costs
+  ``O(T K r)`` instead of ``O(T K^2)``),
+* ``p(x_t = w | z_t = k) = softmax_w(g(u_k) . e_w)``,
+* ``p(z_0 = k) = softmax_k(f(s) . v_k)``,
+
+with ``f``, ``g`` residual MLPs.  ``log p(x)`` is exact, by the scaled forward
+algorithm of :mod:`latentnlp.chain`.  *State dropout* (training only) keeps a
+random subset of the states for each batch, which both regularises and
+shrinks the dynamic program.
+
+On a BPTT stream (``batch["stream"]``) the model carries the last filtering
+distribution ``p(z_{L-1} | x_{<=L-1})`` into the next chunk, whose initial
+distribution becomes ``p(z_L | x_{<=L-1}) = sum_i p(z_{L-1} = i | ...) p(z_L | z_{L-1} = i)``,
+so the chunked log-likelihoods add up to the exact ``log p`` of the whole stream.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import chain
+from ..structures import ChainPosterior
+from .base import Batch, LatentModel
+
+
+class ResidualMLP(nn.Module):
+    """``y = x + W_2 relu(W_1 x)`` followed by layer norm: ``[..., d] -> [..., d]``."""
+
+    def __init__(self, size: int, dropout: float = 0.0):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(size, size), nn.ReLU(), nn.Dropout(dropout), nn.Linear(size, size))
+        self.norm = nn.LayerNorm(size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.inner(x))
+
+
+class HMMLanguageModel(LatentModel):
+    """Neural HMM language model with exact marginal likelihood.
+
+    Args:
+        vocab_size: ``V``.
+        num_states: ``K``.
+        embedding_size: ``d`` of the state, word and rank embeddings.
+        transition_rank: ``None`` for a dense ``K x K`` transition, else the rank ``r``.
+        state_dropout: fraction of states dropped for each training batch.
+        dropout: dropout inside the MLPs.
+
+    Batches: ``targets [B, T]`` (the observed words), ``lengths [B]``; ``inputs`` is ignored.
+    """
+
+    objectives = ("marginal",)
+
+    def __init__(self, vocab_size: int, num_states: int, embedding_size: int = 256,
+                 transition_rank: int | None = None, state_dropout: float = 0.0, dropout: float = 0.0):
+        super().__init__()
+        if num_states < 1 or vocab_size < 1:
+            raise ValueError(f"num_states and vocab_size must be >= 1, got {num_states}, {vocab_size}")
+        if not 0.0 <= state_dropout < 1.0:
+            raise ValueError(f"state_dropout must lie in [0, 1), got {state_dropout}")
+        if transition_rank is not None and transition_rank < 1:
+            raise ValueError(f"transition_rank must be None or >= 1, got {transition_rank}")
+        self.vocab_size, self.num_states = vocab_size, num_states
+        self.transition_rank, self.state_dropout = transition_rank, state_dropout
+        scale = embedding_size ** -0.5
+        self.state_embedding = nn.Parameter(torch.randn(num_states, embedding_size) * scale)
+        self.next_state_embedding = nn.Parameter(torch.randn(num_states, embedding_size) * scale)
+        self.start_embedding = nn.Parameter(torch.randn(embedding_size) * scale)
+        self.word_embedding = nn.Parameter(torch.randn(vocab_size, embedding_size) * scale)
+        self.transition_mlp = ResidualMLP(embedding_size, dropout)
+        self.emission_mlp = ResidualMLP(embedding_size, dropout)
+        if transition_rank is not None:
+            self.rank_in = nn.Parameter(torch.randn(transition_rank, embedding_size) * scale)
+            self.rank_out = nn.Parameter(torch.randn(transition_rank, embedding_size) * scale)
+        self._carried_filter: Tensor | None = None  # [B, K] filtering distribution, streams only
+        self._carried_states: Tensor | None = None
+
+    # ---- parameters -------------------------------------------------------------------------
+    def _kept_states(self) -> Tensor | None:
+        if not self.training or self.state_dropout == 0.0:
+            return None
+        keep = max(1, round(self.num_states * (1.0 - self.state_dropout)))
+        return torch.randperm(self.num_states, device=self.state_embedding.device)[:keep].sort().values
+
+    def log_parameters(self, states: Tensor | None = None) -> dict[str, Tensor]:
+        """Log initial ``[K']``, transition (``trans [K', K']`` or ``left [K', r]``, ``right [r, K']``)
+        and emission ``[K', V]`` probabilities over the states ``states`` (default: all ``K``)."""
+        state = self.state_embedding if states is None else self.state_embedding[states]
+        following = self.next_state_embedding if states is None else self.next_state_embedding[states]
+        source = self.transition_mlp(torch.cat([self.start_embedding.unsqueeze(0), state], 0))
+        params = {"init": torch.log_softmax(source[0] @ following.T, -1),
+                  "emission": torch.log_softmax(self.emission_mlp(state) @ self.word_embedding.T, -1)}
+        if self.transition_rank is None:
+            params["trans"] = torch.log_softmax(source[1:] @ following.T, -1)
+        else:
+            params["left"] = torch.log_softmax(source[1:] @ self.rank_in.T, -1)
+            params["right"] = torch.log_softmax(self.rank_out @ following.T, -1)
+        return params
+
+    def dense_transition(self, params: dict[str, Tensor]) -> Tensor:
+        """``log p(z_t | z_{t-1})`` as a ``[K, K]`` matrix (``logsumexp`` of the factors if low-rank)."""
+        if "trans" in params:
+            return params["trans"]
+        return torch.logsumexp(params["left"].unsqueeze(-1) + params["right"].unsqueeze(0), 1)
+
+    # ---- the LatentModel contract -----------------------------------------------------------
+    def _emissions(self, params: dict[str, Tensor], targets: Tensor) -> Tensor:
+        """``emit[b, t, k] = log p(x_t = targets[b, t] | z_t = k)``: ``[B, T, K]``."""
+        return params["emission"].T[targets]
+
+    def _validate(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        targets, lengths = batch["targets"], batch["lengths"]
+        if not isinstance(targets, Tensor) or targets.dim() != 2:
+            raise ValueError(f"batch['targets'] must have shape [B, T], got {getattr(targets, 'shape', targets)}")
+        if not isinstance(lengths, Tensor) or lengths.shape != targets.shape[:1]:
+            raise ValueError(f"batch['lengths'] must have shape [B] = [{targets.shape[0]}], got "
+                             f"{getattr(lengths, 'shape', lengths)}")
+        return targets, lengths
+
+    def _transition_from(self, from_states: Tensor | None, to_states: Tensor | None) -> Tensor:
+        """``log p(z_t = j | z_{t-1} = i)`` for ``i`` in ``from_states``, ``j`` in ``to_states``
+        (renormalised over ``to_states``; ``None`` = all): ``[K_from, K_to]``."""
+        state = self.state_embedding if from_states is None else self.state_embedding[from_states]
+        following = self.next_state_embedding if to_states is None else self.next_state_embedding[to_states]
+        source = self.transition_mlp(state)
+        if self.transition_rank is None:
+            return torch.log_softmax(source @ following.T, -1)
+        left = torch.log_softmax(source @ self.rank_in.T, -1)
+        right = torch.log_softmax(self.rank_out @ following.T, -1)
+        return torch.logsumexp(left.unsqueeze(-1) + right.unsqueeze(0), 1)
+
+    def _initial(self, params: dict[str, Tensor], states: Tensor | None, batch_size: int,
+                 stream: bool) -> Tensor:
+        """``log p(z_0)`` for each row ``[B, K']``: the learned start, or on a stream the carried
+        belief pushed through one transition, ``log sum_i p(z_{L-1} = i | ...) p(z_0 = j | z_{L-1} = i)``
+        (over the states kept before and now, if state dropout changed them)."""
+        carried = self._carried_filter
+        if not stream or carried is None or carried.shape[0] != batch_size:
+            return params["init"].expand(batch_size, -1)
+        log_filter = torch.log(carried.clamp_min(torch.finfo(carried.dtype).tiny))
+        transition = self._transition_from(self._carried_states, states)
+        return torch.logsumexp(log_filter.unsqueeze(-1) + transition, 1)
+
+    def log_marginal(self, batch: Batch) -> Tensor:
+        """Exact ``log p(x)`` of each row's targets (given the carried state on streams): ``[B]``."""
+        targets, lengths = self._validate(batch)
+        stream = bool(batch.get("stream", False))
+        states = self._kept_states()
+        params = self.log_parameters(states)
+        emit = self._emissions(params, targets)
+        init = self._initial(params, states, targets.shape[0], stream)
+        lengths = lengths.to(targets.device)
+        if "trans" in params:
+            log_px, final_filter = chain.scaled_log_partition(init, params["trans"], emit, lengths,
+                                                              return_filter=True)
+        else:
+            log_px, final_filter = chain.low_rank_log_partition(init, params["left"], params["right"], emit,
+                                                                lengths, return_filter=True)
+        if stream:
+            self._carried_filter = final_filter.detach()
+            self._carried_states = states
+        return log_px
+
+    def posterior(self, batch: Batch) -> ChainPosterior:
+        """The exact posterior over state sequences ``p(z | x)`` (all ``K`` states, no dropout)."""
+        targets, lengths = self._validate(batch)
+        params = self.log_parameters()
+        return ChainPosterior(params["init"], self.dense_transition(params), self._emissions(params, targets),
+                              lengths)
+
+    @torch.no_grad()
+    def generate(self, batch: Batch | None = None, *, num_samples: int = 1, length: int = 20,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Ancestral samples ``x ~ p(x)``: ``[num_samples, length]`` word ids."""
+        params = self.log_parameters()
+        trans = self.dense_transition(params).exp()
+        emission = params["emission"].exp()
+        state = torch.multinomial(params["init"].exp().expand(num_samples, -1), 1, generator=generator).squeeze(-1)
+        words = []
+        for _ in range(length):
+            words.append(torch.multinomial(emission[state], 1, generator=generator).squeeze(-1))
+            state = torch.multinomial(trans[state], 1, generator=generator).squeeze(-1)
+        return torch.stack(words, -1)
+
+    @torch.no_grad()
+    def top_words(self, num_words: int = 10) -> Tensor:
+        """The ``num_words`` most probable words of each state: ``[K, num_words]`` ids."""
+        return self.log_parameters()["emission"].topk(num_words, -1).indices
+
+    # ---- carried stream state ---------------------------------------------------------------
+    def reset_state(self) -> None:
+        self._carried_filter = None
+        self._carried_states = None
+
+    def get_extra_state(self):
+        return {"carried_filter": self._carried_filter, "carried_states": self._carried_states}
+
+    def set_extra_state(self, state) -> None:
+        self._carried_filter = state["carried_filter"]
+        self._carried_states = state["carried_states"]
