@@ -97,39 +97,61 @@ def _edge_shift_total(shift: Tensor, trans_dim: int, mask: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # scaled (probability-space) forward-backward
 # ----------------------------------------------------------------------------------------------
+def _reachable_shift(reach: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Shifted probabilities ``exp(scores - m)`` with ``m`` the max over *reachable* states.
+
+    ``reach [B, K]`` is the predicted (unnormalised) mass of each state; states with zero mass
+    get probability 0 and do not set the shift, so an emission peak on a state the chain
+    cannot be in neither underflows the others nor overflows.  Returns ``([B, K], m [B])``.
+    """
+    reachable = reach > 0
+    masked = torch.where(reachable, scores, torch.full_like(scores, float("-inf")))
+    shift = finite_max(masked, -1)
+    probs = torch.where(reachable, torch.exp(masked - shift), torch.zeros_like(scores))
+    return probs, shift.squeeze(-1)
+
+
+def underflow_threshold(dtype: torch.dtype) -> float:
+    """Step normalisers ``c_t`` below ``tiny / eps`` mean the surviving mass was subnormal."""
+    info = torch.finfo(dtype)
+    return info.tiny / info.eps
+
+
 def _scaled_forward(init: Tensor, probs, emit: Tensor, mask: Tensor):
     r"""Scaled forward recursion.
 
-    ``a_0 = exp(init - s) * e_0``; ``a_t = (alpha_{t-1} P_t) * e_t``; ``c_t = sum a_t``;
-    ``alpha_t = a_t / c_t`` with ``e_t = exp(emit_t - m_t)``, ``m_t = max_k emit_t``.
+    ``a_0 = exp(init + emit_0 - m_0)``; ``a_t = (alpha_{t-1} P_t) * e_t``; ``c_t = sum a_t``;
+    ``alpha_t = a_t / c_t`` with ``e_t = exp(emit_t - m_t)`` and ``m_t`` the largest emission
+    score among the states reachable at ``t`` (see :func:`_reachable_shift`).
     Padding steps (``t >= L``) keep ``alpha`` and set ``c_t = 1``.
     Returns ``alpha [B, T, K]`` (each row a filtering distribution), ``scale [B, T]``
     (the ``c_t``), ``emit_probs [B, T, K]`` (the ``e_t``) and ``log_shift [B]``
-    (``s + sum_{t<L} m_t``), so that ``log Z = sum_t log c_t + log_shift + transition shifts``.
+    (``sum_{t<L} m_t``), so that ``log Z = sum_t log c_t + log_shift + transition shifts``.
     """
     batch, steps, _ = emit.shape
-    emit_shift = finite_max(emit, -1)
-    emit_probs = torch.exp(emit - emit_shift)
-    init_shift = finite_max(init, -1)
     alpha = torch.empty_like(emit)
+    emit_probs = torch.zeros_like(emit)  # e_0 is folded into a_0 and never needed again
     scale = torch.ones(batch, steps, dtype=emit.dtype, device=emit.device)
-    a = torch.exp(init - init_shift) * emit_probs[:, 0]
+    shifts = torch.zeros(batch, steps, dtype=emit.dtype, device=emit.device)
+    a, shifts[:, 0] = _reachable_shift(torch.isfinite(init).to(emit.dtype), init + emit[:, 0])
     c = a.sum(-1)
     alpha[:, 0] = a / c.unsqueeze(-1)
     scale[:, 0] = c
     all_valid_until = int(mask.sum(-1).min())  # steps before this need no padding logic
     for t in range(1, steps):
-        a = _vector_times_matrix(alpha[:, t - 1], _at(probs, t)) * emit_probs[:, t]
+        reach = _vector_times_matrix(alpha[:, t - 1], _at(probs, t))
+        e_t, m_t = _reachable_shift(reach, emit[:, t])
+        a = reach * e_t
         c = a.sum(-1)
         if t < all_valid_until:
-            alpha[:, t] = a / c.unsqueeze(-1)
-            scale[:, t] = c
+            alpha[:, t], scale[:, t], emit_probs[:, t], shifts[:, t] = a / c.unsqueeze(-1), c, e_t, m_t
             continue
         valid = mask[:, t]
         alpha[:, t] = torch.where(valid.unsqueeze(-1), a / c.unsqueeze(-1), alpha[:, t - 1])
         scale[:, t] = torch.where(valid, c, torch.ones_like(c))
-    log_shift = init_shift.squeeze(-1) + (emit_shift.squeeze(-1) * mask).sum(-1)
-    return alpha, scale, emit_probs, log_shift
+        emit_probs[:, t] = e_t
+        shifts[:, t] = torch.where(valid, m_t, torch.zeros_like(m_t))
+    return alpha, scale, emit_probs, shifts.sum(-1)
 
 
 def _scaled_backward(alpha: Tensor, probs, emit_probs: Tensor, scale: Tensor, mask: Tensor):
@@ -159,6 +181,12 @@ def _scaled_backward(alpha: Tensor, probs, emit_probs: Tensor, scale: Tensor, ma
     return gamma, u
 
 
+def _flag_underflow(log_z: Tensor, scale: Tensor, mask: Tensor) -> Tensor:
+    """NaN where some step's normaliser fell below :func:`underflow_threshold` (lost precision)."""
+    lost = ((scale < underflow_threshold(scale.dtype)) & mask).any(-1)
+    return torch.where(lost, torch.full_like(log_z, float("nan")), log_z)
+
+
 class _ScaledLogPartition(torch.autograd.Function):
     """``log Z`` by the scaled forward algorithm, gradient by the scaled backward algorithm."""
 
@@ -170,6 +198,7 @@ class _ScaledLogPartition(torch.autograd.Function):
         # accumulate in float64: T terms of magnitude |log c| lose precision in float32
         log_z = (torch.log(scale).double().sum(-1) + log_shift.double()
                  + _edge_shift_total(trans_shift.double(), trans.dim(), mask))
+        log_z = _flag_underflow(log_z, scale, mask)
         ctx.save_for_backward(alpha, scale, emit_probs, probs, mask)
         ctx.trans_dim = trans.dim()
         final_filter = alpha[:, -1]  # frozen past the length: p(z_{L-1} | x)
@@ -201,8 +230,9 @@ def scaled_log_partition(init: Tensor, trans: Tensor, emit: Tensor, lengths: Ten
 
     With ``return_filter`` also the last filtering distribution ``p(z_{L-1} | x) [B, K]``
     (not differentiable), which is what a stream carries into its next chunk.
-    Returns ``-inf`` or NaN where scaling underflows; :class:`ChainPosterior` then falls
-    back to :func:`log_space_forward`.
+    Returns NaN for chains where a step's surviving mass fell below
+    :func:`underflow_threshold` (probability space lost precision, or the chain admits no
+    path); :class:`ChainPosterior` then falls back to :func:`log_space_forward`.
     """
     log_z, final_filter = _ScaledLogPartition.apply(init, trans, emit, lengths)
     return (log_z, final_filter) if return_filter else log_z
@@ -229,6 +259,7 @@ class _LowRankLogPartition(torch.autograd.Function):
         alpha, scale, emit_probs, log_shift = _scaled_forward(init, factored, emit, mask)
         log_z = (torch.log(scale).double().sum(-1) + log_shift.double()
                  + (mask[:, 1:].sum(-1) * (left_shift + right_shift)).double())
+        log_z = _flag_underflow(log_z, scale, mask)
         ctx.save_for_backward(alpha, scale, emit_probs, left, right, mask)
         final_filter = alpha[:, -1]
         ctx.mark_non_differentiable(final_filter)
@@ -275,13 +306,15 @@ def low_rank_log_partition(init: Tensor, log_left: Tensor, log_right: Tensor, em
 # log space and semiring forward
 # ----------------------------------------------------------------------------------------------
 def log_space_forward(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor,
-                      semiring=LogSemiring) -> Tensor:
+                      semiring=LogSemiring, return_filter: bool = False):
     r"""``plus_z s(z)`` in a semiring by the forward recursion, autograd through it.
 
     ``a_0 = init + emit_0``; ``a_t = (a_{t-1} (x) trans_t) + emit_t``; result
     ``plus_k a_{L-1}[k]``: the log partition (:class:`LogSemiring`) or the Viterbi
     score (:class:`MaxSemiring`).  For the log semiring the shared transition's
-    ``exp`` is taken once, outside the loop.
+    ``exp`` is taken once, outside the loop.  With ``return_filter`` (log semiring) also the
+    last filtering distribution ``p(z_{L-1} | x) [B, K]`` (detached), as
+    :func:`scaled_log_partition` gives it.
     """
     mask = step_mask(lengths, emit.shape[1])
     a = init + emit[:, 0]
@@ -296,7 +329,10 @@ def log_space_forward(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor
         else:
             step = semiring.matmul(a.unsqueeze(-2), transition_at(trans, t)).squeeze(-2)
         a = torch.where(mask[:, t].unsqueeze(-1), step + emit[:, t], a)
-    return semiring.plus(a, -1)
+    total = semiring.plus(a, -1)
+    if return_filter:
+        return total, torch.exp(a.detach() - total.detach().unsqueeze(-1))
+    return total
 
 
 def scan_log_partition(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
@@ -398,8 +434,8 @@ def forward_filter(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -
     """
     mask = step_mask(lengths, emit.shape[1])
     probs, _ = _exp_shifted(trans)
-    alpha, _, _, _ = _scaled_forward(init, probs, emit, mask)
-    if torch.isfinite(alpha).all():
+    alpha, scale, _, _ = _scaled_forward(init, probs, emit, mask)
+    if torch.isfinite(alpha).all() and not ((scale < underflow_threshold(scale.dtype)) & mask).any():
         return safe_log(alpha)
     log_alpha = torch.empty_like(emit)
     a = init + emit[:, 0]
@@ -463,7 +499,7 @@ def chain_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) ->
     probs, _ = _exp_shifted(trans)
     log_probs = safe_log(probs)
     probs_log_probs = probs * torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))
-    a = torch.exp(init - finite_max(init, -1)) * torch.exp(emit[:, 0] - finite_max(emit[:, 0], -1))
+    a, _ = _reachable_shift(torch.isfinite(init).to(emit.dtype), init + emit[:, 0])
     alpha = a / a.sum(-1, keepdim=True)
     entropy_to = torch.zeros_like(alpha)
     for t in range(1, emit.shape[1]):
@@ -478,7 +514,7 @@ def chain_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) ->
         carried = carried - _vector_times_matrix(alpha, plogp_t)
         new_entropy = torch.where(reachable, carried / safe_reach + torch.log(safe_reach),
                                   torch.zeros_like(reach))
-        e_t = torch.exp(emit[:, t] - finite_max(emit[:, t], -1))
+        e_t, _ = _reachable_shift(reach, emit[:, t])
         a = reach * e_t
         new_alpha = a / a.sum(-1, keepdim=True)
         valid = mask[:, t].unsqueeze(-1)

@@ -105,3 +105,19 @@ def test_bad_batch_raises_value_error():
         model.log_marginal({"targets": torch.zeros(5, dtype=torch.long), "lengths": torch.tensor([5])})
     with pytest.raises(ValueError, match="lengths"):
         model.log_marginal({"targets": torch.zeros(2, 5, dtype=torch.long), "lengths": torch.tensor([5])})
+
+
+def test_log_space_fallback_when_probability_space_underflows():
+    """A transition of probability e^-100 that carries all the mass is subnormal in float32."""
+
+    class FixedTables(HMMLanguageModel):
+        def log_parameters(self, states=None):
+            nearly_one = -torch.expm1(torch.tensor(-100.0)).log()
+            return {"init": torch.tensor([0.0, float("-inf")]),
+                    "trans": torch.tensor([[nearly_one, -100.0], [nearly_one, -100.0]]),
+                    "emission": torch.tensor([[0.0, -200.0], [float("-inf"), 0.0]])}
+
+    model = FixedTables(vocab_size=2, num_states=2, embedding_size=4).eval()
+    batch = {"targets": torch.tensor([[0, 1]]), "lengths": torch.tensor([2])}
+    # log p(x) = log(e^-200 + e^-100) = -100 (+ e^-100), out of reach of float32 probabilities
+    torch.testing.assert_close(model.log_marginal(batch), torch.tensor([-100.0]))

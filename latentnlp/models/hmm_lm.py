@@ -167,6 +167,10 @@ class HMMLanguageModel(LatentModel):
         else:
             log_px, final_filter = chain.low_rank_log_partition(init, params["left"], params["right"], emit,
                                                                 lengths, return_filter=True)
+        if not torch.isfinite(log_px).all():
+            # probability space lost precision on some row: redo the batch in log space
+            log_px, final_filter = chain.log_space_forward(init, self.dense_transition(params), emit, lengths,
+                                                           return_filter=True)
         if stream:
             self._carried_filter = final_filter.detach()
             self._carried_states = states
