@@ -1,0 +1,216 @@
+"""LSTM language model with a softmax or a mixture-of-softmaxes output layer.
+
+For a token sequence ``x_1..x_T`` (``inputs``) and its next tokens ``y_t``
+(``targets``; ``y_t = x_{t+1}`` in a stream)::
+
+    h_t = LSTM(embed(x_1..x_t))                                     [H]
+    softmax: log p(y_t | x_<=t) = log softmax(W g(h_t) + b)_{y_t}
+    MoS:     log p(y_t | x_<=t) = logsumexp_k(log pi_k(h_t) + log softmax(W g_k(h_t) + b)_{y_t})
+
+With MoS the expert ``k`` is a per-token latent variable; it is summed out
+exactly, so :meth:`LSTMLanguageModel.log_marginal` is exact and the only
+objective is ``"marginal"``.
+
+Streams (BPTT): when ``batch["stream"]`` is true, row ``b`` of a batch continues
+row ``b`` of the previous stream batch, and the (detached) LSTM state is carried
+from one call to the next.  :meth:`~LSTMLanguageModel.reset_state` forgets it;
+it is part of ``state_dict()`` (``_extra_state``), so a run resumed from a
+checkpoint continues bit-identically.  Batches without ``stream`` start from the
+zero state and leave the carried state alone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from latentnlp.layers import MixtureOfSoftmaxes, SoftmaxOutput
+from latentnlp.models.base import Batch, LatentModel
+
+LSTMState = tuple[Tensor, Tensor]
+
+
+class LSTMLanguageModel(LatentModel):
+    """``LSTMLanguageModel(vocab_size, embedding_size, hidden_size, num_layers=1, *,
+    output="softmax"|"mos", softmax_input_size=None, num_experts=None, dropout=0.0,
+    tie_weights=False, chunk_size=None)``.
+
+    * ``softmax_input_size`` (``d``): the size of the vectors the output embedding
+      ``W [V, d]`` scores.  ``output="softmax"``: ``None`` scores the LSTM output
+      directly (``d = hidden_size``), an integer inserts ``tanh(P h)`` of that size.
+      ``output="mos"``: ``None`` means ``d = hidden_size``.
+    * ``num_experts``: MoS only (default 15, Yang et al.'s PTB setting).
+    * ``dropout``: on the embeddings, between LSTM layers, on the LSTM output,
+      and on the output layer's projection ``g`` when it has one.
+    * ``tie_weights``: share ``W`` with the input embedding (needs ``d == embedding_size``).
+    * ``chunk_size``: vocabulary chunk of the output layer's ``log_prob`` (bounded memory).
+
+    Batches: ``inputs [B, T]``, ``targets [B, T]`` (long), ``lengths [B]``,
+    optional ``stream`` (bool).
+    """
+
+    objectives = ("marginal",)
+
+    def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, num_layers: int = 1,
+                 *, output: Literal["softmax", "mos"] = "softmax",
+                 softmax_input_size: int | None = None, num_experts: int | None = None,
+                 dropout: float = 0.0, tie_weights: bool = False,
+                 chunk_size: int | None = None) -> None:
+        super().__init__()
+        for arg, value in (("vocab_size", vocab_size), ("embedding_size", embedding_size),
+                           ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if value < 1:
+                raise ValueError(f"LSTMLanguageModel: {arg} must be >= 1, got {value}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LSTMLanguageModel: dropout must be in [0, 1), got {dropout}")
+        self.output = output
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, embedding_size)
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        self.lstm = nn.LSTM(embedding_size, hidden_size, num_layers, batch_first=True,
+                            dropout=dropout if num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+        if output == "softmax":
+            if num_experts is not None:
+                raise ValueError(f"LSTMLanguageModel: num_experts={num_experts} needs output='mos'")
+            self.output_layer: SoftmaxOutput | MixtureOfSoftmaxes = SoftmaxOutput(
+                hidden_size, vocab_size, softmax_input_size,
+                dropout=0.0 if softmax_input_size is None else dropout, chunk_size=chunk_size)
+        elif output == "mos":
+            self.output_layer = MixtureOfSoftmaxes(
+                hidden_size, vocab_size, 15 if num_experts is None else num_experts,
+                softmax_input_size, dropout=dropout, chunk_size=chunk_size)
+        else:
+            raise ValueError(f"LSTMLanguageModel: output must be 'softmax' or 'mos', got {output!r}")
+        if tie_weights:
+            d = self.output_layer.softmax_input_size
+            if d != embedding_size:
+                raise ValueError(f"LSTMLanguageModel: tie_weights needs softmax_input_size == "
+                                 f"embedding_size, got {d} and {embedding_size}")
+            self.output_layer.tie_weights(self.embedding)
+        self._state: LSTMState | None = None
+
+    # ---- carried state ----------------------------------------------------------------------
+    def reset_state(self) -> None:
+        self._state = None
+
+    def get_extra_state(self) -> dict[str, Tensor | None]:
+        h, c = (None, None) if self._state is None else self._state
+        return {"hidden": h, "cell": c}
+
+    def set_extra_state(self, state: dict[str, Tensor | None]) -> None:
+        h, c = state["hidden"], state["cell"]
+        self._state = None if h is None or c is None else (h, c)
+
+    def _initial_state(self, batch: Batch, like: Tensor) -> LSTMState | None:
+        if not batch.get("stream", False) or self._state is None:
+            return None
+        h, c = self._state
+        if h.shape[1] != like.shape[0]:
+            raise ValueError(f"LSTMLanguageModel: the carried stream state has batch size {h.shape[1]},"
+                             f" the batch has inputs {tuple(like.shape)}; call reset_state() between"
+                             " streams of different batch sizes")
+        return h.to(like.device), c.to(like.device)
+
+    # ---- the network ------------------------------------------------------------------------
+    def _check_batch(self, batch: Batch, with_targets: bool = True) -> tuple[Tensor, ...]:
+        """(inputs, targets or None, lengths, mask) with padding positions of ids set to 0."""
+        names = ("inputs", "targets", "lengths") if with_targets else ("inputs", "lengths")
+        missing = [n for n in names if not isinstance(batch.get(n), Tensor)]
+        if missing:
+            raise ValueError(f"LSTMLanguageModel: batch needs tensors {names}, missing {missing}")
+        inputs, lengths = batch["inputs"], batch["lengths"]
+        targets = batch["targets"] if with_targets else None
+        if inputs.dim() != 2 or inputs.dtype != torch.long or 0 in inputs.shape:
+            raise ValueError(f"LSTMLanguageModel: inputs must be a non-empty LongTensor [B, T], "
+                             f"got {inputs.dtype} {tuple(inputs.shape)}")
+        if targets is not None and (targets.shape != inputs.shape or targets.dtype != torch.long):
+            raise ValueError(f"LSTMLanguageModel: targets must be a LongTensor of the shape of inputs "
+                             f"{tuple(inputs.shape)}, got {targets.dtype} {tuple(targets.shape)}")
+        B, T = inputs.shape
+        if lengths.shape != (B,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise ValueError(f"LSTMLanguageModel: lengths must be an integer tensor [B] = [{B}], "
+                             f"got {lengths.dtype} {tuple(lengths.shape)}")
+        lengths = lengths.to(inputs.device, torch.long)
+        mask = torch.arange(T, device=inputs.device) < lengths[:, None]
+        inputs = inputs.masked_fill(~mask, 0)
+        ids = [inputs]
+        if targets is not None:
+            targets = targets.masked_fill(~mask, 0)
+            ids.append(targets)
+        low_len, high_len, *bounds = torch.stack(
+            [lengths.min(), lengths.max()] + [x.min() for x in ids] + [x.max() for x in ids]).tolist()
+        low_id, high_id = min(bounds[:len(ids)]), max(bounds[len(ids):])
+        if low_len < 1 or high_len > T:
+            raise ValueError(f"LSTMLanguageModel: lengths must lie in 1..T = 1..{T}, "
+                             f"got min {low_len} max {high_len}")
+        if low_id < 0 or high_id >= self.vocab_size:
+            raise ValueError(f"LSTMLanguageModel: token ids must lie in 0..{self.vocab_size - 1}, "
+                             f"got {low_id}..{high_id}")
+        return inputs, targets, lengths, mask
+
+    def _encode(self, inputs: Tensor, lengths: Tensor,
+                state: LSTMState | None) -> tuple[Tensor, LSTMState]:
+        """LSTM outputs ``[B, T, H]`` and the state after the last valid position of each row."""
+        emb = self.dropout(self.embedding(inputs))
+        T = inputs.shape[1]
+        lengths_cpu = lengths.cpu()
+        if bool((lengths_cpu == T).all()):
+            out, final = self.lstm(emb, state)
+        else:
+            packed = pack_padded_sequence(emb, lengths_cpu, batch_first=True, enforce_sorted=False)
+            out, final = self.lstm(packed, state)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
+        return self.dropout(out), final
+
+    # ---- LatentModel ------------------------------------------------------------------------
+    def log_marginal(self, batch: Batch) -> Tensor:
+        """``sum_{t < length} log p(targets_t | inputs_<=t)`` per row, ``[B]`` (experts summed out)."""
+        inputs, targets, lengths, mask = self._check_batch(batch)
+        hidden, final = self._encode(inputs, lengths, self._initial_state(batch, inputs))
+        if batch.get("stream", False):
+            self._state = (final[0].detach(), final[1].detach())
+        log_p = self.output_layer.log_prob(hidden[mask], targets[mask])
+        per_token = log_p.new_zeros(mask.shape)
+        per_token[mask] = log_p
+        return per_token.sum(-1)
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_length: int = 20, temperature: float = 1.0,
+                 generator: torch.Generator | None = None, eos_index: int | None = None) -> Tensor:
+        """Sample continuations of the prefixes ``inputs [B, T]`` (``lengths [B]``): ``[B, max_length]``.
+
+        Each token is drawn from ``p(y | prefix)^(1/temperature)`` renormalised;
+        ``temperature=0`` is greedy.  With ``eos_index``, a row that produced it
+        is filled with it from there on, and sampling stops when every row has.
+        Starts from the zero state (the carried stream state is neither used nor
+        changed).  Call ``model.eval()`` first unless dropout is wanted.
+        """
+        if max_length < 0 or temperature < 0:
+            raise ValueError(f"LSTMLanguageModel.generate: max_length and temperature must be >= 0, "
+                             f"got {max_length} and {temperature}")
+        inputs, _, lengths, _ = self._check_batch(batch, with_targets=False)
+        B = inputs.shape[0]
+        hidden, state = self._encode(inputs, lengths, None)
+        last = hidden[torch.arange(B, device=hidden.device), lengths - 1]
+        tokens = inputs.new_full((B, max_length), 0 if eos_index is None else eos_index)
+        finished = torch.zeros(B, dtype=torch.bool, device=inputs.device)
+        for step in range(max_length):
+            log_p = self.output_layer(last)                                  # [B, V]
+            if temperature == 0:
+                y = log_p.argmax(-1)
+            else:
+                probs = torch.softmax(log_p / temperature, dim=-1)
+                y = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            if eos_index is not None:
+                y = y.masked_fill(finished, eos_index)
+                finished |= y == eos_index
+            tokens[:, step] = y
+            if (eos_index is not None and bool(finished.all())) or step == max_length - 1:
+                break
+            out, state = self.lstm(self.dropout(self.embedding(y[:, None])), state)
+            last = self.dropout(out[:, 0])
+        return tokens
