@@ -1,0 +1,136 @@
+"""Batched greedy and beam-search decoding for any step-wise decoder.
+
+A decoder takes part by implementing the :class:`StepDecoder` protocol::
+
+    state, batch_size = model.decoder_start(batch)       # encode the sources
+    log_probs, state = model.decoder_step(state, tokens)  # tokens [N] -> log_probs [N, V'] (normalised)
+    state = model.reorder_state(state, index)             # select / repeat rows: index [N']
+
+Sequences start from ``bos_id`` and end at the first ``eos_id`` (included in the
+output and its length) or after ``max_len`` tokens.  Positions after the end
+hold ``pad_id`` (default ``eos_id``).
+
+Beam search keeps ``beam_size`` hypotheses per example ranked by their summed
+log-probability; a finished hypothesis stays in the beam with its score frozen
+(its only continuation is padding at log-probability 0).  The search stops when
+every hypothesis of every example has finished, or after ``max_len`` steps.
+The returned hypothesis maximises ``score / lp(length)`` with the GNMT length
+penalty ``lp(L) = ((5 + L) / 6) ** length_penalty`` (``0`` = raw log-probability).
+With ``beam_size = 1`` beam search is exactly greedy decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = ["Hypotheses", "StepDecoder", "greedy", "beam_search", "gnmt_length_penalty"]
+
+
+class StepDecoder(Protocol):
+    def decoder_start(self, batch: Mapping[str, Any]) -> tuple[Any, int]: ...
+    def decoder_step(self, state: Any, tokens: Tensor) -> tuple[Tensor, Any]: ...
+    def reorder_state(self, state: Any, index: Tensor) -> Any: ...
+
+
+@dataclass
+class Hypotheses:
+    """The decoded output: ``tokens [B, L]`` (``<eos>`` included, then padding),
+    ``lengths [B]`` (tokens up to and including ``<eos>``) and ``scores [B]``
+    (summed log-probabilities of those tokens)."""
+
+    tokens: Tensor
+    lengths: Tensor
+    scores: Tensor
+
+
+def gnmt_length_penalty(lengths: Tensor, alpha: float) -> Tensor:
+    """GNMT length penalty ``((5 + L) / 6) ** alpha``."""
+    return ((5.0 + lengths.to(torch.float64)) / 6.0) ** alpha
+
+
+def _check(max_len: int, beam_size: int = 1) -> None:
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+
+
+@torch.no_grad()
+def greedy(model: StepDecoder, batch: Mapping[str, Any], *, bos_id: int, eos_id: int, max_len: int,
+           pad_id: int | None = None) -> Hypotheses:
+    """Pick the most probable token at every step, for the whole batch at once."""
+    _check(max_len)
+    pad_id = eos_id if pad_id is None else pad_id
+    state, size = model.decoder_start(batch)
+    device = _device(batch)
+    tokens = torch.full((size,), bos_id, dtype=torch.long, device=device)
+    finished = torch.zeros(size, dtype=torch.bool, device=device)
+    lengths = torch.full((size,), max_len, dtype=torch.long, device=device)
+    scores = torch.zeros(size, dtype=torch.float64, device=device)
+    out = []
+    for t in range(max_len):
+        log_probs, state = model.decoder_step(state, tokens)
+        best, tokens = log_probs.max(-1)
+        scores += torch.where(finished, 0.0, best.to(torch.float64))
+        out.append(torch.where(finished, pad_id, tokens))
+        ended = ~finished & (tokens == eos_id)
+        lengths[ended] = t + 1
+        finished |= ended
+        if bool(finished.all()):
+            break
+    return Hypotheses(torch.stack(out, 1), lengths, scores)
+
+
+@torch.no_grad()
+def beam_search(model: StepDecoder, batch: Mapping[str, Any], *, beam_size: int, bos_id: int,
+                eos_id: int, max_len: int, length_penalty: float = 0.0,
+                pad_id: int | None = None) -> Hypotheses:
+    """Batched beam search (see the module docstring for the exact rules)."""
+    _check(max_len, beam_size)
+    pad_id = eos_id if pad_id is None else pad_id
+    k = beam_size
+    state, size = model.decoder_start(batch)
+    device = _device(batch)
+    rows = torch.arange(size, device=device)
+    state = model.reorder_state(state, rows.repeat_interleave(k))
+    tokens = torch.full((size * k,), bos_id, dtype=torch.long, device=device)
+    scores = torch.full((size, k), float("-inf"), dtype=torch.float64, device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand the first only
+    finished = torch.zeros(size, k, dtype=torch.bool, device=device)
+    lengths = torch.zeros(size, k, dtype=torch.long, device=device)
+    seqs = torch.zeros(size, k, 0, dtype=torch.long, device=device)
+    for _ in range(max_len):
+        log_probs, state = model.decoder_step(state, tokens)
+        vocab = log_probs.shape[-1]
+        log_probs = log_probs.view(size, k, vocab).to(torch.float64)
+        done = torch.full((vocab,), float("-inf"), dtype=torch.float64, device=device)
+        done[eos_id] = 0.0
+        log_probs = torch.where(finished[..., None], done, log_probs)
+        scores, flat = (scores[..., None] + log_probs).view(size, -1).topk(k, dim=-1)
+        beam, word = flat // vocab, flat % vocab
+        was_finished = finished.gather(1, beam)
+        lengths = lengths.gather(1, beam) + (~was_finished).long()
+        finished = was_finished | (word == eos_id)
+        word = torch.where(was_finished, pad_id, word)
+        seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, seqs.shape[-1])),
+                          word[..., None]], dim=-1)
+        state = model.reorder_state(state, (beam + rows[:, None] * k).view(-1))
+        tokens = torch.where(was_finished, eos_id, word).view(-1)
+        if bool(finished.all()):
+            break
+    normalised = scores / gnmt_length_penalty(lengths, length_penalty)
+    best = normalised.argmax(-1, keepdim=True)
+    tokens_out = seqs.gather(1, best[..., None].expand(-1, -1, seqs.shape[-1])).squeeze(1)
+    return Hypotheses(tokens_out, lengths.gather(1, best).squeeze(1), scores.gather(1, best).squeeze(1))
+
+
+def _device(batch: Mapping[str, Any]) -> torch.device:
+    """The device of the batch (of its first tensor)."""
+    for value in batch.values():
+        if isinstance(value, Tensor):
+            return value.device
+    return torch.device("cpu")

@@ -1,0 +1,178 @@
+"""A copy switch marginalised exactly (pointer-generator output layer).
+
+A Bernoulli switch ``g_t`` chooses between generating from the vocabulary and
+copying a source position chosen by the attention ``alpha_t``.  Both are summed
+out::
+
+    p(y_t = w) = p(gen | h_t) p_vocab(w | h_t) + p(copy | h_t) sum_{m: src_m = w} alpha_tm,
+
+    p(gen | h_t) = sigmoid(u . x_t + c),   p_vocab = softmax(W h_t + b)   (x_t = switch input, default h_t)
+
+over an *extended vocabulary*: ids ``0..V-1`` are the output vocabulary and
+``V..V_ext-1`` are source-only words of the batch (:func:`source_extended_ids`
+builds such ids).  A source-only word can only be copied; a vocabulary word can
+be generated and copied.
+
+Everything is computed in log space: ``log sigmoid`` for the switch,
+``log_softmax`` for the vocabulary, and the copy sum as a log-space scatter
+(each word shifted by its own largest ``log alpha``), so no ``log(p + eps)``
+appears and impossible words get ``-inf`` with finite (zero) gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CopyGenerator", "CopyOutput", "source_extended_ids", "target_extended_ids"]
+
+
+class CopyOutput(NamedTuple):
+    """log_prob ``[B, T]`` of the targets; log_probs ``[B, T, V_ext]`` (``full=True``);
+    log_p_copy ``[B, T]`` = log p(copy | h_t)."""
+
+    log_prob: Tensor | None
+    log_probs: Tensor | None
+    log_p_copy: Tensor
+
+
+def _safe_log(s: Tensor) -> Tensor:
+    """``log s`` for ``s >= 0``: ``-inf`` where ``s == 0``, with a zero (not NaN) gradient there."""
+    positive = s > 0
+    return torch.where(positive, s, 1.0).log().masked_fill(~positive, -math.inf)
+
+
+def _finite_or_zero(x: Tensor) -> Tensor:
+    return x.masked_fill(~torch.isfinite(x), 0.0)
+
+
+def _logsumexp(x: Tensor, dim: int) -> Tensor:
+    """``logsumexp`` whose gradient stays finite when every entry is ``-inf``."""
+    shift = _finite_or_zero(x.detach().amax(dim, keepdim=True))
+    return _safe_log((x - shift).exp().sum(dim)) + shift.squeeze(dim)
+
+
+def _scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
+    """``out[..., w] = log sum_{m: index[..., m] = w} exp(values[..., m])`` (``-inf`` if none).
+
+    Each word is shifted by its own largest value, so no term underflows needlessly.
+    """
+    shape = values.shape[:-1] + (size,)
+    peak = values.new_full(shape, -math.inf).scatter_reduce(
+        -1, index, values.detach(), reduce="amax", include_self=True)
+    peak = _finite_or_zero(peak)
+    weights = (values - peak.gather(-1, index)).exp()
+    total = values.new_zeros(shape).scatter_add(-1, index, weights)
+    return _safe_log(total) + peak
+
+
+class CopyGenerator(nn.Module):
+    """Output layer with an exactly marginalised copy switch.
+
+    Args:
+        input_dim: size of the decoder feature ``h_t`` read out to the vocabulary.
+        vocab_size: output vocabulary ``V``.
+        switch_dim: size of the switch input ``x_t`` (default: ``input_dim``; ``x_t = h_t``).
+        readout: an existing ``nn.Linear(input_dim, vocab_size)`` to share (e.g. the
+            vocabulary projection of an attention layer); default: a new one.
+    """
+
+    def __init__(self, input_dim: int, vocab_size: int, *, switch_dim: int | None = None,
+                 readout: nn.Linear | None = None) -> None:
+        super().__init__()
+        if readout is not None and (readout.in_features, readout.out_features) != (input_dim, vocab_size):
+            raise ValueError(f"readout must map {input_dim} -> {vocab_size}, got "
+                             f"{readout.in_features} -> {readout.out_features}")
+        self.vocab_size = vocab_size
+        self.readout = nn.Linear(input_dim, vocab_size) if readout is None else readout
+        self.switch = nn.Linear(switch_dim or input_dim, 1)
+
+    def forward(self, hidden: Tensor, log_alpha: Tensor, src_ext: Tensor, targets: Tensor | None = None,
+                *, extended_size: int | None = None, full: bool = False,
+                switch_input: Tensor | None = None) -> CopyOutput:
+        """Log-probabilities with the switch and the copied position summed out.
+
+        Args:
+            hidden: ``[B, T, D]`` decoder features.
+            log_alpha: ``[B, T, S]`` copy attention log-probabilities (``-inf`` at padded sources).
+            src_ext: ``[B, S]`` source tokens as extended ids (values at padded positions are ignored).
+            targets: ``[B, T]`` extended ids to score (optional).
+            extended_size: ``V_ext`` (default: ``V`` or one more than the largest id seen).
+            full: also return the whole distribution over the extended vocabulary.
+            switch_input: ``[B, T, D_x]`` features of the switch (default ``hidden``).
+        """
+        self._check(hidden, log_alpha, src_ext, targets)
+        switch = self.switch(hidden if switch_input is None else switch_input).squeeze(-1)
+        log_gen, log_copy = F.logsigmoid(switch), F.logsigmoid(-switch)
+        log_vocab = torch.log_softmax(self.readout(hidden), dim=-1)  # [B, T, V]
+        valid = log_alpha > -math.inf
+        src = src_ext[:, None, :].expand_as(log_alpha)
+        log_prob = log_probs = None
+        if targets is not None:
+            in_vocab = targets < self.vocab_size
+            gen = log_vocab.gather(-1, torch.where(in_vocab, targets, 0).unsqueeze(-1)).squeeze(-1)
+            gen = gen.masked_fill(~in_vocab, -math.inf)
+            copy = _logsumexp(log_alpha.masked_fill(src != targets.unsqueeze(-1), -math.inf), -1)
+            log_prob = _logsumexp(torch.stack([log_gen + gen, log_copy + copy], -1), -1)
+        if full:
+            size = self._extended_size(src_ext, targets, valid, extended_size)
+            copy = _scatter_logsumexp(log_alpha, torch.where(valid, src, 0), size)
+            gen = F.pad(log_vocab, (0, size - self.vocab_size), value=-math.inf)
+            log_probs = _logsumexp(torch.stack([log_gen[..., None] + gen, log_copy[..., None] + copy], -1), -1)
+        return CopyOutput(log_prob, log_probs, log_copy)
+
+    def _extended_size(self, src_ext: Tensor, targets: Tensor | None, valid: Tensor,
+                       extended_size: int | None) -> int:
+        used = src_ext[valid.any(1)] if valid.any() else src_ext.new_zeros(0)
+        largest = max([self.vocab_size - 1, int(used.max()) if used.numel() else 0]
+                      + ([int(targets.max())] if targets is not None and targets.numel() else []))
+        if extended_size is None:
+            return largest + 1
+        if extended_size <= largest:
+            raise ValueError(f"extended_size {extended_size} must exceed the largest id used ({largest})")
+        return extended_size
+
+    def _check(self, hidden: Tensor, log_alpha: Tensor, src_ext: Tensor, targets: Tensor | None) -> None:
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must be [B, T, D], got {tuple(hidden.shape)}")
+        b, t = hidden.shape[:2]
+        if log_alpha.dim() != 3 or log_alpha.shape[:2] != (b, t):
+            raise ValueError(f"log_alpha must be [B, T, S] with B, T = {b}, {t}, got {tuple(log_alpha.shape)}")
+        if src_ext.shape != (b, log_alpha.shape[2]):
+            raise ValueError(f"src_ext must be [B, S] = {(b, log_alpha.shape[2])}, got {tuple(src_ext.shape)}")
+        if targets is not None and targets.shape != (b, t):
+            raise ValueError(f"targets must be [B, T] = {(b, t)}, got {tuple(targets.shape)}")
+
+
+# ---- extended vocabulary ------------------------------------------------------------------------
+def source_extended_ids(tokens: Sequence[str], vocab: Mapping[str, int],
+                        vocab_size: int | None = None) -> tuple[list[int], list[str]]:
+    """Ids of a source sentence in the extended vocabulary, and its source-only words.
+
+    A token in ``vocab`` (anything with ``in`` and ``[]``, e.g. a dict or a
+    :class:`~latentnlp.data.vocabulary.Vocabulary`) keeps its id; the ``k``-th distinct
+    token not in it gets ``vocab_size + k`` (``vocab_size`` defaults to ``len(vocab)``).
+    """
+    size = len(vocab) if vocab_size is None else vocab_size
+    oovs: list[str] = []
+    ids = []
+    for token in tokens:
+        if token in vocab:
+            ids.append(int(vocab[token]))
+        else:
+            if token not in oovs:
+                oovs.append(token)
+            ids.append(size + oovs.index(token))
+    return ids, oovs
+
+
+def target_extended_ids(tokens: Sequence[str], vocab: Mapping[str, int], oovs: Sequence[str],
+                        unk_id: int, vocab_size: int | None = None) -> list[int]:
+    """Ids of a target sentence: vocabulary ids, else the source-only id from ``oovs``, else ``unk_id``."""
+    size = len(vocab) if vocab_size is None else vocab_size
+    position = {w: size + k for k, w in enumerate(oovs)}
+    return [int(vocab[w]) if w in vocab else position.get(w, unk_id) for w in tokens]

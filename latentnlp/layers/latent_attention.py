@@ -1,0 +1,250 @@
+"""Attention as a latent alignment (Deng et al. 2018, "Latent Alignment and Variational Attention").
+
+For decoder states ``h_t`` (``query [B, T, H]``) and source states ``s_m``
+(``memory [B, S, H_s]``, ``memory_mask [B, S]``), the alignment
+``z_t in {1..S}`` has the prior
+
+    alpha_tm = p(z_t = m | h_t, s) = softmax_m score(h_t, s_m)   over unmasked m,
+
+    score = v^T tanh(W_q h + W_k s)  ("mlp", Bahdanau) | h^T W s ("bilinear") | h^T s ("dot"),
+
+and the word given an aligned context ``c`` is read out by
+
+    o(h, c) = tanh(W_h h + W_c c + b),      log p(y | h, c) = log_softmax(W_o o + b_o)[y].
+
+Mode ``"exact"`` (latent attention, the alignment summed out exactly)::
+
+    log p(y_t | h_t, s) = logsumexp_m (log alpha_tm + log p(y_t | h_t, s_m))
+
+Mode ``"soft"`` (the standard soft-attention baseline, the same parameters)::
+
+    log p(y_t | h_t, s) = log p(y_t | h_t, c_t),      c_t = sum_m alpha_tm s_m
+
+In exact mode the ``[B, T, S, V]`` tensor of per-position vocabulary scores is
+never built whole: it is computed over chunks of source positions of at most
+``max_chunk_elements`` elements, each chunk recomputed in the backward pass
+(activation checkpointing), so memory stays ``O(B T V + B T S)`` plus one chunk.
+The per-position terms an ELBO needs (``log alpha [B, T, S]`` and
+``log p(y_t | h_t, s_m) [B, T, S]``) are returned alongside.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from latentnlp.families import MaskedCategorical
+
+__all__ = ["LatentAttention", "LatentAttentionOutput"]
+
+MODES = ("exact", "soft")
+SCORES = ("mlp", "bilinear", "dot")
+
+
+class LatentAttentionOutput(NamedTuple):
+    """What :meth:`LatentAttention.forward` returns (``None`` where not asked or not defined).
+
+    log_prob      ``[B, T]``     log p(y_t | ...) of the given targets, alignment summed out
+    log_probs     ``[B, T, V]``  the full marginal distribution over the vocabulary (``full=True``)
+    log_alpha     ``[B, T, S]``  prior alignment log-probabilities, ``-inf`` at padded sources
+    log_emission  ``[B, T, S]``  log p(y_t | h_t, s_m) (exact mode, targets given), ``-inf`` at padding
+    context       ``[B, T, H_s]`` the soft context ``sum_m alpha_tm s_m`` (e.g. for input feeding)
+    """
+
+    log_prob: Tensor | None
+    log_probs: Tensor | None
+    log_alpha: Tensor
+    log_emission: Tensor | None
+    context: Tensor
+
+
+class LatentAttention(nn.Module):
+    """Attention whose alignment is a categorical latent variable, summed out exactly.
+
+    Args:
+        query_dim: decoder state size ``H``.
+        memory_dim: source state size ``H_s``.
+        vocab_size: output vocabulary ``V``.
+        mode: ``"exact"`` (latent alignment) or ``"soft"`` (context inside the softmax).
+        score: ``"mlp"`` (Bahdanau), ``"bilinear"`` (Luong general) or ``"dot"`` (``H == H_s``).
+        attn_dim: hidden size of the MLP scorer (default ``query_dim``).
+        output_dim: size of the attentional hidden ``o`` (default ``query_dim``).
+        dropout: dropout on ``o`` before the vocabulary projection.
+        max_chunk_elements: largest ``[B, T, chunk, V]`` block built at once in exact mode.
+    """
+
+    def __init__(self, query_dim: int, memory_dim: int, vocab_size: int, *, mode: str = "exact",
+                 score: str = "mlp", attn_dim: int | None = None, output_dim: int | None = None,
+                 dropout: float = 0.0, max_chunk_elements: int = 2 ** 24) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if score == "dot" and query_dim != memory_dim:
+            raise ValueError(f"dot scoring needs query_dim == memory_dim, got {query_dim} and {memory_dim}")
+        self.mode, self.score_type = mode, score
+        self.query_dim, self.memory_dim, self.vocab_size = query_dim, memory_dim, vocab_size
+        self.max_chunk_elements = int(max_chunk_elements)
+        if score == "mlp":
+            attn_dim = attn_dim or query_dim
+            self.score_query = nn.Linear(query_dim, attn_dim, bias=True)
+            self.score_memory = nn.Linear(memory_dim, attn_dim, bias=False)
+            self.score_v = nn.Linear(attn_dim, 1, bias=False)
+        elif score == "bilinear":
+            self.score_weight = nn.Linear(memory_dim, query_dim, bias=False)
+        output_dim = output_dim or query_dim
+        self.out_query = nn.Linear(query_dim, output_dim, bias=True)
+        self.out_context = nn.Linear(memory_dim, output_dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.readout = nn.Linear(output_dim, vocab_size)
+
+    # ---- alignment prior ---------------------------------------------------------------------
+    def scores(self, query: Tensor, memory: Tensor) -> Tensor:
+        """Unnormalised alignment scores ``[B, T, S]``."""
+        if self.score_type == "mlp":
+            hidden = self.score_query(query)[:, :, None, :] + self.score_memory(memory)[:, None, :, :]
+            return self.score_v(torch.tanh(hidden)).squeeze(-1)
+        if self.score_type == "bilinear":
+            memory = self.score_weight(memory)
+        return torch.bmm(query, memory.transpose(1, 2))
+
+    def alignment(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None = None) -> MaskedCategorical:
+        """The prior ``p(z_t | h_t, s)``: a :class:`MaskedCategorical` with batch shape ``[B, T]``."""
+        self._check(query, memory, memory_mask)
+        mask = None if memory_mask is None else memory_mask[:, None, :]
+        return MaskedCategorical(self.scores(query, memory), mask, validate_args=False)
+
+    # ---- read-out ----------------------------------------------------------------------------
+    def attentional_hidden(self, query: Tensor, context: Tensor) -> Tensor:
+        """``o = tanh(W_h h + W_c c + b)`` with dropout; shapes broadcast over leading dims."""
+        return self.dropout(torch.tanh(self.out_query(query) + self.out_context(context)))
+
+    def log_prob_given_context(self, query: Tensor, context: Tensor,
+                               targets: Tensor | None = None) -> Tensor:
+        """``log p(y | h, c)``: ``[..., T]`` for ``targets [..., T]``, else ``[..., T, V]``.
+
+        ``query [..., T, H]``, ``context [..., T, H_s]`` and ``targets`` broadcast
+        against each other (e.g. ``context [N, B, T, H_s]`` for ``N`` sampled alignments).
+        """
+        log_probs = torch.log_softmax(self.readout(self.attentional_hidden(query, context)), dim=-1)
+        if targets is None:
+            return log_probs
+        targets = targets.expand(log_probs.shape[:-1])
+        return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def log_prob_at(self, query: Tensor, memory: Tensor, index: Tensor, targets: Tensor) -> Tensor:
+        """``log p(y_t | h_t, s_{index_t})`` for alignments ``index [..., B, T]`` -> ``[..., B, T]``."""
+        rows = torch.arange(memory.shape[0], device=memory.device)[:, None]
+        context = memory[rows, index]  # [..., B, T, H_s]
+        return self.log_prob_given_context(query, context, targets)
+
+    def emission_log_probs(self, query: Tensor, memory: Tensor, targets: Tensor,
+                           memory_mask: Tensor | None = None) -> Tensor:
+        """``log p(y_t | h_t, s_m)`` for every source position: ``[B, T, S]`` (``-inf`` at padding)."""
+        self._check(query, memory, memory_mask, targets)
+        hq = self.out_query(query)
+        hk = self.out_context(memory)
+        index = targets[:, :, None, None]
+        out = torch.cat(self._map_chunks(self._emission_chunk, hq, hk, index), dim=2)
+        if memory_mask is not None:
+            out = out.masked_fill(~memory_mask[:, None, :], float("-inf"))
+        return out
+
+    def marginal_log_probs(self, query: Tensor, memory: Tensor, log_alpha: Tensor) -> Tensor:
+        """Exact ``log p(y | h_t, s) = logsumexp_m (log alpha_tm + log p(y | h_t, s_m))``, ``[B, T, V]``."""
+        hq = self.out_query(query)
+        hk = self.out_context(memory)
+        # finite stand-in for -inf: a chunk of padded positions must not give logsumexp(-inf...)
+        safe_alpha = log_alpha.clamp_min(torch.finfo(log_alpha.dtype).min / 2)
+        parts = self._map_chunks(self._marginal_chunk, hq, hk, safe_alpha, extra_dim=2)
+        out = parts[0]
+        for part in parts[1:]:
+            out = torch.logaddexp(out, part)
+        return out
+
+    # ---- the layer ---------------------------------------------------------------------------
+    def forward(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None = None,
+                targets: Tensor | None = None, *, full: bool = False,
+                log_alpha: Tensor | None = None) -> LatentAttentionOutput:
+        """Marginal log-probabilities of ``targets [B, T]`` (and of the whole vocabulary if ``full``).
+
+        ``log_alpha`` may pass in an alignment already computed (e.g. by a decoder loop that needed
+        it for input feeding); it must be ``alignment(query, memory, memory_mask).logits``.
+        """
+        self._check(query, memory, memory_mask, targets)
+        if log_alpha is None:
+            log_alpha = self.alignment(query, memory, memory_mask).logits
+        context = torch.bmm(log_alpha.exp(), memory)
+        log_prob = log_probs = log_emission = None
+        if self.mode == "soft":
+            if full or targets is None:
+                log_probs = self.log_prob_given_context(query, context)
+                if targets is not None:
+                    log_prob = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            else:
+                log_prob = self.log_prob_given_context(query, context, targets)
+        else:
+            if targets is not None:
+                log_emission = self.emission_log_probs(query, memory, targets, memory_mask)
+                log_prob = torch.logsumexp(log_alpha + log_emission, dim=-1)
+            if full or targets is None:
+                log_probs = self.marginal_log_probs(query, memory, log_alpha)
+        return LatentAttentionOutput(log_prob, log_probs, log_alpha, log_emission, context)
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _block(self, hq: Tensor, hk: Tensor) -> Tensor:
+        """Vocabulary scores ``[B, T, c, V]`` for the chunk ``hk [B, c, D]``."""
+        o = self.dropout(torch.tanh(hq[:, :, None, :] + hk[:, None, :, :]))
+        logits = self.readout(o)
+        # half-precision scores are normalised in float32 (autocast leaves logsumexp in half)
+        return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+    def _emission_chunk(self, hq: Tensor, hk: Tensor, index: Tensor) -> Tensor:
+        logits = self._block(hq, hk)
+        target = logits.gather(-1, index.expand(*logits.shape[:-1], 1)).squeeze(-1)
+        return target - logits.logsumexp(-1)
+
+    def _marginal_chunk(self, hq: Tensor, hk: Tensor, log_alpha: Tensor) -> Tensor:
+        log_probs = torch.log_softmax(self._block(hq, hk), dim=-1)
+        return torch.logsumexp(log_alpha[..., None] + log_probs, dim=2)
+
+    def _map_chunks(self, fn, hq: Tensor, hk: Tensor, extra: Tensor,
+                    extra_dim: int | None = None) -> list[Tensor]:
+        """``[fn(hq, hk[:, chunk], extra chunked along extra_dim (or whole))]`` over source chunks.
+
+        Each chunk builds at most ``max_chunk_elements`` vocabulary scores; when there is more
+        than one chunk and gradients are needed, each is recomputed in the backward pass.
+        """
+        b, t, _ = hq.shape
+        s = hk.shape[1]
+        size = max(1, self.max_chunk_elements // max(1, b * t * self.vocab_size))
+        if size >= s:
+            return [fn(hq, hk, extra)]
+        recompute = torch.is_grad_enabled() and (hq.requires_grad or hk.requires_grad or extra.requires_grad)
+        parts = []
+        for start in range(0, s, size):
+            hk_c = hk[:, start:start + size]
+            extra_c = extra if extra_dim is None else extra.narrow(extra_dim, start, hk_c.shape[1])
+            if recompute:
+                parts.append(checkpoint(fn, hq, hk_c, extra_c, use_reentrant=False))
+            else:
+                parts.append(fn(hq, hk_c, extra_c))
+        return parts
+
+    def _check(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None,
+               targets: Tensor | None = None) -> None:
+        if query.dim() != 3 or query.shape[-1] != self.query_dim:
+            raise ValueError(f"query must be [B, T, {self.query_dim}], got {tuple(query.shape)}")
+        if memory.dim() != 3 or memory.shape[-1] != self.memory_dim or memory.shape[0] != query.shape[0]:
+            raise ValueError(f"memory must be [B={query.shape[0]}, S, {self.memory_dim}], "
+                             f"got {tuple(memory.shape)}")
+        if memory_mask is not None and (memory_mask.dtype != torch.bool
+                                        or memory_mask.shape != memory.shape[:2]):
+            raise ValueError(f"memory_mask must be bool [B, S] = {tuple(memory.shape[:2])}, got "
+                             f"{memory_mask.dtype} {tuple(memory_mask.shape)}")
+        if targets is not None and targets.shape != query.shape[:2]:
+            raise ValueError(f"targets must be [B, T] = {tuple(query.shape[:2])}, got {tuple(targets.shape)}")

@@ -1,0 +1,160 @@
+"""Variational families against enumeration and closed forms (float64)."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
+
+from latentnlp.families import DiagonalGaussian, MaskedCategorical, MeanFieldBernoulli, lengths_to_mask
+
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _masked_pair(B=3, T=4, S=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([5, 2, 1])[:B]
+    q = MaskedCategorical.from_lengths(torch.randn(B, T, S, generator=g, requires_grad=True), lengths)
+    p = MaskedCategorical.from_lengths(torch.randn(B, T, S, generator=g, requires_grad=True), lengths)
+    return q, p, lengths
+
+
+def test_lengths_to_mask():
+    m = lengths_to_mask(torch.tensor([3, 1]), 4)
+    assert m.tolist() == [[True, True, True, False], [True, False, False, False]]
+    with pytest.raises(ValueError, match="lengths"):
+        lengths_to_mask(torch.ones(2, 2, dtype=torch.long))
+
+
+def test_masked_categorical_normalised_and_masked():
+    q, _, lengths = _masked_pair()
+    assert q.batch_shape == (3, 4)
+    torch.testing.assert_close(q.probs.sum(-1), torch.ones(3, 4))
+    mask = lengths_to_mask(lengths, 5)[:, None, :].expand(3, 4, 5)
+    assert (q.probs[~mask] == 0).all()
+    assert torch.isneginf(q.logits[~mask]).all()
+    # log_prob of every category sums (in prob space) to one
+    support = q.enumerate_support()  # [S, B, T]
+    torch.testing.assert_close(q.log_prob(support).exp().sum(0), torch.ones(3, 4))
+    s = q.sample((2000,), generator=torch.Generator().manual_seed(1))
+    assert s.shape == (2000, 3, 4)
+    assert (s < lengths[None, :, None]).all()
+
+
+def test_masked_categorical_entropy_and_kl_match_enumeration():
+    q, p, lengths = _masked_pair()
+    mask = lengths_to_mask(lengths, 5)[:, None, :].expand(3, 4, 5)
+    qp, pp = q.probs, p.probs
+    ent = torch.zeros(3, 4)
+    kl = torch.zeros(3, 4)
+    for b in range(3):
+        for t in range(4):
+            for m in range(5):
+                if mask[b, t, m]:
+                    ent[b, t] -= qp[b, t, m] * qp[b, t, m].log()
+                    kl[b, t] += qp[b, t, m] * (qp[b, t, m].log() - pp[b, t, m].log())
+    torch.testing.assert_close(q.entropy(), ent)
+    torch.testing.assert_close(kl_divergence(q, p), kl)
+    torch.testing.assert_close(kl_divergence(q, q), torch.zeros(3, 4))
+    # gradients are finite despite -inf logits
+    (kl_divergence(q, p).sum() + q.entropy().sum()).backward()
+
+
+def test_masked_categorical_gradients_finite_and_zero_at_masked():
+    lengths = torch.tensor([3, 1])
+    a = torch.randn(2, 2, 4, requires_grad=True)
+    b = torch.randn(2, 2, 4, requires_grad=True)
+    q = MaskedCategorical.from_lengths(a, lengths)
+    p = MaskedCategorical.from_lengths(b, lengths)
+    (kl_divergence(q, p).sum() - q.entropy().sum()).backward()
+    for g in (a.grad, b.grad):
+        assert torch.isfinite(g).all()
+        assert (g[0, :, 3:] == 0).all() and (g[1, :, 1:] == 0).all()
+
+
+def test_kl_infinite_when_prior_misses_support_and_mixed_types():
+    q = MaskedCategorical(torch.zeros(3))
+    p = MaskedCategorical(torch.zeros(3), torch.tensor([True, True, False]))
+    assert math.isinf(kl_divergence(q, p).item())
+    assert kl_divergence(p, q).item() == pytest.approx(math.log(3 / 2))
+    plain = Categorical(logits=torch.zeros(3))
+    assert kl_divergence(p, plain).item() == pytest.approx(math.log(3 / 2))
+    assert math.isinf(kl_divergence(plain, p).item())
+
+
+def test_masked_categorical_validation_and_expand():
+    with pytest.raises(ValueError, match="mask"):
+        MaskedCategorical(torch.zeros(2, 3), torch.tensor([[True, False, False], [False] * 3]))
+    with pytest.raises(ValueError, match="broadcast"):
+        MaskedCategorical(torch.zeros(2, 3), torch.ones(4, dtype=torch.bool))
+    q = MaskedCategorical(torch.randn(3), torch.tensor([True, False, True]))
+    e = q.expand((2, 5))
+    assert e.batch_shape == (2, 5) and e.mask.shape == (2, 5, 3)
+    torch.testing.assert_close(e.entropy(), q.entropy().expand(2, 5))
+
+
+def test_diagonal_gaussian_closed_forms():
+    g = torch.Generator().manual_seed(0)
+    q = DiagonalGaussian(torch.randn(4, 3, generator=g), torch.rand(4, 3, generator=g) + 0.5)
+    p = DiagonalGaussian(torch.randn(4, 3, generator=g), torch.rand(4, 3, generator=g) + 0.5)
+    ref_q, ref_p = Normal(q.loc, q.scale), Normal(p.loc, p.scale)
+    assert q.batch_shape == (4,) and q.event_shape == (3,)
+    torch.testing.assert_close(kl_divergence(q, p), kl_divergence(ref_q, ref_p).sum(-1))
+    x = torch.randn(7, 4, 3, generator=g)
+    torch.testing.assert_close(q.log_prob(x), ref_q.log_prob(x).sum(-1))
+    torch.testing.assert_close(q.entropy(), ref_q.entropy().sum(-1))
+    prior = DiagonalGaussian.standard((4,), 3)
+    torch.testing.assert_close(kl_divergence(q, prior),
+                               kl_divergence(ref_q, Normal(0.0, 1.0)).sum(-1))
+
+
+def test_diagonal_gaussian_rsample_and_parameterisations():
+    params = torch.randn(2, 6, requires_grad=True)
+    q = DiagonalGaussian.from_params(params)
+    z = q.rsample((3,), generator=torch.Generator().manual_seed(0))
+    assert z.shape == (3, 2, 3)
+    z.sum().backward()
+    assert params.grad is not None and torch.isfinite(params.grad).all()
+    loc, logvar = torch.randn(2, 3), torch.randn(2, 3)
+    torch.testing.assert_close(DiagonalGaussian.from_logvar(loc, logvar).variance, logvar.exp())
+    # Monte-Carlo mean / variance
+    s = DiagonalGaussian(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])).sample(
+        (200000,), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(s.mean(0), torch.tensor([1.0, -2.0]), atol=0.02, rtol=0)
+    torch.testing.assert_close(s.std(0), torch.tensor([0.5, 2.0]), atol=0.02, rtol=0)
+    e = DiagonalGaussian(torch.zeros(3), torch.ones(3)).expand((4,))
+    assert e.batch_shape == (4,) and e.event_shape == (3,)
+    with pytest.raises(ValueError, match="even"):
+        DiagonalGaussian.from_params(torch.zeros(2, 3))
+
+
+def test_mean_field_bernoulli_enumeration():
+    g = torch.Generator().manual_seed(0)
+    q = MeanFieldBernoulli(torch.randn(2, 4, generator=g) * 3)
+    p = MeanFieldBernoulli(torch.randn(2, 4, generator=g) * 3)
+    support = q.enumerate_support()  # [16, 2, 4]
+    assert support.shape == (16, 2, 4)
+    lq, lp = q.log_prob(support), p.log_prob(support)
+    torch.testing.assert_close(lq.exp().sum(0), torch.ones(2))
+    torch.testing.assert_close(q.entropy(), -(lq.exp() * lq).sum(0))
+    torch.testing.assert_close(kl_divergence(q, p), (lq.exp() * (lq - lp)).sum(0))
+    ref = Bernoulli(logits=q.logits)
+    torch.testing.assert_close(kl_divergence(q, p),
+                               kl_divergence(ref, Bernoulli(logits=p.logits)).sum(-1))
+    s = q.sample((50000,), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(s.mean(0), q.probs, atol=0.015, rtol=0)
+
+
+def test_mean_field_bernoulli_extreme_logits_stay_finite():
+    a = torch.tensor([[60.0, -60.0, 0.0]], requires_grad=True)
+    q, p = MeanFieldBernoulli(a), MeanFieldBernoulli(torch.zeros(1, 3))
+    v = kl_divergence(q, p) + q.entropy() + q.log_prob(torch.tensor([[1.0, 0.0, 1.0]]))
+    v.sum().backward()
+    assert torch.isfinite(v).all() and torch.isfinite(a.grad).all()

@@ -1,0 +1,196 @@
+"""LatentAlignmentSeq2Seq: the LatentModel contract, bounds, estimators, decoding, padding."""
+
+import math
+
+import pytest
+import torch
+
+from contract import CHECKS, ModelCase
+from latentnlp.families import MaskedCategorical, lengths_to_mask
+from latentnlp.models.base import UnsupportedObjectiveError
+from latentnlp.models.latent_alignment import LatentAlignmentSeq2Seq
+
+V, BOS, EOS, UNK = 9, 1, 2, 0
+MODES = ["soft", "exact", "elbo-enum", "elbo-sample", "elbo-gumbel", "copy"]
+
+
+def make_batch(g, *, size=4, src_len=6, tgt_len=5, extended=False):
+    """A padded parallel batch (padding holds <eos>); ``extended`` adds copy ids ``src_ext`` / ``tgt_out_ext``."""
+    src_lengths = torch.randint(1, src_len + 1, (size,), generator=g)
+    tgt_lengths = torch.randint(1, tgt_len + 1, (size,), generator=g)
+    src_lengths[0], tgt_lengths[1] = src_len, tgt_len
+    src = torch.randint(3, V, (size, src_len), generator=g)
+    words = torch.randint(3, V, (size, tgt_len), generator=g)
+    words[:, 0] = src[:, 0]  # something to copy
+    rows = torch.arange(size)
+    tgt_out = words.clone()
+    tgt_out[rows, tgt_lengths - 1] = EOS
+    tgt_in = torch.cat([torch.full((size, 1), BOS), words[:, :-1]], 1)
+    src_pad = torch.arange(src_len) >= src_lengths[:, None]
+    tgt_pad = torch.arange(tgt_len) >= tgt_lengths[:, None]
+    batch = {"src": src.masked_fill(src_pad, EOS), "src_lengths": src_lengths,
+             "tgt_in": tgt_in.masked_fill(tgt_pad, EOS), "tgt_out": tgt_out.masked_fill(tgt_pad, EOS),
+             "tgt_lengths": tgt_lengths, "lengths": tgt_lengths}
+    if extended:  # word V (source-only) at source position 0, copied as the first target word
+        src_ext = batch["src"].clone()
+        src_ext[:, 0] = V
+        tgt_out_ext = batch["tgt_out"].clone()
+        first = tgt_lengths >= 2
+        tgt_out_ext[first, 0] = V
+        batch["tgt_in"][first, 1] = UNK
+        batch.update(src_ext=src_ext, tgt_out_ext=tgt_out_ext)
+    return batch
+
+
+def make_model(mode, **kw):
+    kw = dict(embedding_dim=6, hidden_size=8, bos_id=BOS, eos_id=EOS, unk_id=UNK, **kw)
+    return LatentAlignmentSeq2Seq(V, V, mode=mode, **kw)
+
+
+PADDED = {"src": "src_lengths", "tgt_in": "tgt_lengths", "tgt_out": "tgt_lengths",
+          "src_ext": "src_lengths", "tgt_out_ext": "tgt_lengths"}
+CASES = [ModelCase(mode, make_model=lambda mode=mode: make_model(mode),
+                   make_batch=lambda g, mode=mode: make_batch(g, extended=mode == "copy"),
+                   padded=PADDED, objective_kwargs={"elbo": {"num_samples": 2}})
+         for mode in MODES]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_contract(case, check):
+    check(case)
+
+
+def _double(mode, seed=0, **kw):
+    torch.manual_seed(seed)
+    return make_model(mode, **kw).double().eval()
+
+
+def _batch(seed=0, **kw):
+    return make_batch(torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.mark.parametrize("mode", ["elbo-enum", "elbo-sample", "elbo-gumbel"])
+def test_elbo_below_marginal_and_tight_at_exact_posterior(mode):
+    model, batch = _double(mode), _batch()
+    log_px = model.log_marginal(batch)
+    bound = model.elbo(batch, estimator="exact")
+    assert (bound.value <= log_px + 1e-10).all()
+    assert (bound.value < log_px - 1e-6).any()  # an untrained q is not the posterior
+    tight = model.elbo(batch, estimator="exact", q=model.posterior(batch))
+    torch.testing.assert_close(tight.value, log_px, rtol=0, atol=1e-10)
+    torch.testing.assert_close(bound.value, bound.reconstruction - bound.kl)
+
+
+def test_posterior_is_bayes_rule():
+    model, batch = _double("exact"), _batch()
+    post = model.posterior(batch)
+    assert post.batch_shape == batch["tgt_out"].shape
+    torch.testing.assert_close(post.probs.sum(-1), torch.ones(post.batch_shape, dtype=torch.float64))
+    # sum_t log sum_m alpha p = log_marginal; the posterior's normaliser is exactly that
+    run = model._run(batch)
+    emission = model.attention.emission_log_probs(run.hidden, run.memory, batch["tgt_out"], run.memory_mask)
+    joint = run.log_alpha + emission
+    torch.testing.assert_close(post.logits, joint - joint.logsumexp(-1, keepdim=True))
+    mask = run.target_mask
+    torch.testing.assert_close(torch.where(mask, joint.logsumexp(-1), 0.0).sum(1), model.log_marginal(batch))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_training_marginal_equals_stepwise_decoder(mode):
+    """Teacher-forced decoder_step distributions: normalised, and they score the data like log_marginal."""
+    extended = mode == "copy"
+    model, batch = _double(mode), _batch(1, extended=extended)
+    targets = batch["tgt_out_ext"] if extended else batch["tgt_out"]
+    state, size = model.decoder_start(batch)
+    total = torch.zeros(size, dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(batch["tgt_in"].shape[1]):
+            log_probs, state = model.decoder_step(state, batch["tgt_in"][:, t])
+            assert log_probs.shape == (size, V + 1 if extended else V)
+            torch.testing.assert_close(log_probs.logsumexp(-1), torch.zeros(size, dtype=torch.float64))
+            step = log_probs.gather(1, targets[:, t:t + 1]).squeeze(1)
+            total += torch.where(t < batch["tgt_lengths"], step, 0.0)
+        torch.testing.assert_close(total, model.log_marginal(batch))
+
+
+@pytest.mark.parametrize("mode", ["soft", "exact", "copy", "elbo-enum"])
+def test_beam_of_one_equals_greedy(mode):
+    model, batch = _double(mode, seed=3), _batch(2, extended=mode == "copy")
+    greedy = model.generate(batch, method="greedy", max_len=8)
+    beam = model.generate(batch, method="beam", beam_size=1, max_len=8)
+    assert torch.equal(greedy.tokens, beam.tokens) and torch.equal(greedy.lengths, beam.lengths)
+    torch.testing.assert_close(greedy.scores, beam.scores)
+    wide = model.generate(batch, beam_size=4, max_len=8, length_penalty=0.6)
+    assert wide.tokens.shape[0] == batch["src"].shape[0] and (wide.lengths <= 8).all()
+
+
+@pytest.mark.parametrize("mode", ["exact", "copy", "elbo-enum"])
+def test_padding_invariance_against_single_examples(mode):
+    extended = mode == "copy"
+    model, batch = _double(mode), _batch(4, extended=extended)
+    together = model.log_marginal(batch)
+    bound = model.elbo(batch).value if mode == "elbo-enum" else None
+    for b in range(batch["src"].shape[0]):
+        s, t = int(batch["src_lengths"][b]), int(batch["tgt_lengths"][b])
+        single = {k: v[b:b + 1] for k, v in batch.items()}
+        for key in ("src", "src_ext"):
+            if key in single:
+                single[key] = single[key][:, :s]
+        for key in ("tgt_in", "tgt_out", "tgt_out_ext"):
+            if key in single:
+                single[key] = single[key][:, :t]
+        torch.testing.assert_close(model.log_marginal(single)[0], together[b])
+        if bound is not None:
+            torch.testing.assert_close(model.elbo(single).value[0], bound[b])
+
+
+def test_reinforce_gradient_is_unbiased():
+    """Mean of score-function gradients (w.r.t. q's logits and a decoder weight) = enumerated gradient."""
+    model, batch = _double("elbo-sample"), _batch(5, size=2, src_len=3, tgt_len=3)
+    mask = lengths_to_mask(batch["src_lengths"], 3)[:, None, :]
+    logits = torch.randn(2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                         requires_grad=True)
+    weight = model.attention.readout.weight
+
+    def gradients(estimator, **kw):
+        bound = model.elbo(batch, estimator=estimator, q=MaskedCategorical(logits, mask), **kw)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(bound.surrogate.sum(), [logits, weight])])
+
+    exact = gradients("exact")
+    torch.manual_seed(0)
+    draws = torch.stack([gradients("score_function", num_samples=500) for _ in range(16)])
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(draws.shape[0])
+    # 5 standard errors: the spread is itself estimated from 16 draws (t with 15 d.o.f.)
+    assert ((mean - exact).abs() <= 5 * se + 1e-9).all(), ((mean - exact).abs() / se).max()
+    assert (se > 0).any()
+
+
+def test_gumbel_hard_sample_estimates_the_elbo_without_bias():
+    model, batch = _double("elbo-gumbel"), _batch(6, size=2, src_len=4, tgt_len=3)
+    exact = model.elbo(batch, estimator="exact").value
+    torch.manual_seed(0)
+    with torch.no_grad():
+        draws = torch.stack([model.elbo(batch, num_samples=200).value for _ in range(16)])
+    se = draws.std(0) / math.sqrt(draws.shape[0])
+    assert ((draws.mean(0) - exact).abs() <= 5 * se + 1e-9).all()
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="mode"):
+        make_model("hard")
+    with pytest.raises(ValueError, match="even"):
+        LatentAlignmentSeq2Seq(V, V, hidden_size=7)
+    batch = _batch()
+    with pytest.raises(UnsupportedObjectiveError):
+        make_model("soft").elbo(batch)
+    with pytest.raises(NotImplementedError):
+        make_model("soft").posterior(batch)
+    with pytest.raises(ValueError, match="src_ext"):
+        LatentAlignmentSeq2Seq(V, V + 1, mode="copy", hidden_size=8).log_marginal(batch)
+    with pytest.raises(ValueError, match="src_lengths"):
+        make_model("soft").log_marginal({**batch, "src_lengths": batch["src_lengths"] * 0})
+    with pytest.raises(ValueError, match="bos_id"):
+        LatentAlignmentSeq2Seq(V, V, hidden_size=8).generate(batch)
+    with pytest.raises(ValueError, match="estimator"):
+        make_model("elbo-enum").elbo(batch, estimator="wake-sleep")

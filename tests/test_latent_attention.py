@@ -1,0 +1,160 @@
+"""LatentAttention against explicit enumeration (float64)."""
+
+import pytest
+import torch
+
+from latentnlp.layers.latent_attention import LatentAttention
+
+B, T, S, H, HS, V = 3, 4, 5, 6, 7, 11
+LENGTHS = torch.tensor([5, 3, 1])
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _inputs(seed=0, s=S):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(B, T, H, generator=g)
+    memory = torch.randn(B, s, HS, generator=g)
+    mask = torch.arange(s) < LENGTHS[:, None]
+    targets = torch.randint(V, (B, T), generator=g)
+    return query, memory, mask, targets
+
+
+def _layer(seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("score", "mlp")
+    return LatentAttention(H, kw.pop("memory_dim", HS), V, **kw).eval()
+
+
+def _enumerate(layer, query, memory, mask, targets):
+    """Loop over (b, t, m): log alpha, log p(y_t | h_t, s_m), marginal log p(y_t) and full [V]."""
+    scores = layer.scores(query, memory)
+    log_p = torch.zeros(B, T)
+    full = torch.zeros(B, T, V)
+    emission = torch.full((B, T, memory.shape[1]), float("-inf"))
+    for b in range(B):
+        n = int(mask[b].sum())
+        for t in range(T):
+            log_alpha = torch.log_softmax(scores[b, t, :n], 0)
+            terms, dists = [], []
+            for m in range(n):
+                o = torch.tanh(layer.out_query(query[b, t]) + layer.out_context(memory[b, m]))
+                dist = torch.log_softmax(layer.readout(o), 0)
+                emission[b, t, m] = dist[targets[b, t]]
+                terms.append(log_alpha[m] + dist[targets[b, t]])
+                dists.append(log_alpha[m] + dist)
+            log_p[b, t] = torch.logsumexp(torch.stack(terms), 0)
+            full[b, t] = torch.logsumexp(torch.stack(dists), 0)
+    return log_p, full, emission
+
+
+@pytest.mark.parametrize("score", ["mlp", "bilinear", "dot"])
+def test_exact_marginal_equals_enumeration(score):
+    kw = {"memory_dim": H} if score == "dot" else {}
+    layer = _layer(score=score, **kw)
+    query, memory, mask, targets = _inputs()
+    if score == "dot":
+        memory = memory[..., :H].contiguous()
+    out = layer(query, memory, mask, targets, full=True)
+    log_p, full, emission = _enumerate(layer, query, memory, mask, targets)
+    torch.testing.assert_close(out.log_prob, log_p)
+    torch.testing.assert_close(out.log_probs, full)
+    torch.testing.assert_close(out.log_emission, emission)
+    torch.testing.assert_close(out.log_probs.logsumexp(-1), torch.zeros(B, T))
+    torch.testing.assert_close(out.log_alpha.logsumexp(-1), torch.zeros(B, T))
+    assert torch.isneginf(out.log_alpha[~mask[:, None, :].expand(B, T, S)]).all()
+    torch.testing.assert_close(out.log_probs.gather(-1, targets[..., None]).squeeze(-1), out.log_prob)
+
+
+def test_soft_mode_is_context_inside_softmax():
+    layer = _layer(mode="soft")
+    query, memory, mask, targets = _inputs()
+    out = layer(query, memory, mask, targets, full=True)
+    alpha = out.log_alpha.exp()
+    context = torch.einsum("bts,bsd->btd", alpha, memory)
+    o = torch.tanh(layer.out_query(query) + layer.out_context(context))
+    ref = torch.log_softmax(layer.readout(o), -1)
+    torch.testing.assert_close(out.log_probs, ref)
+    torch.testing.assert_close(out.log_prob, ref.gather(-1, targets[..., None]).squeeze(-1))
+    torch.testing.assert_close(out.context, context)
+    assert out.log_emission is None
+    torch.testing.assert_close(out.log_probs.logsumexp(-1), torch.zeros(B, T))
+    # the same parameters in exact mode give a different (but normalised) model
+    layer.mode = "exact"
+    exact = layer(query, memory, mask, targets, full=True)
+    torch.testing.assert_close(exact.log_probs.logsumexp(-1), torch.zeros(B, T))
+
+
+def test_chunking_gives_identical_values_and_gradients():
+    query, memory, mask, targets = _inputs()
+    results = []
+    for max_elements in (2 ** 24, B * T * V * 2, 1):  # one chunk, chunks of 2, chunks of 1
+        layer = _layer(max_chunk_elements=max_elements).train()  # dropout 0: train == eval
+        q = query.clone().requires_grad_()
+        mem = memory.clone().requires_grad_()
+        out = layer(q, mem, mask, targets, full=True)
+        (out.log_prob.sum() + out.log_probs[..., :3].sum()).backward()
+        grads = [q.grad, mem.grad] + [p.grad for p in layer.parameters()]
+        assert all(torch.isfinite(g).all() for g in grads)
+        results.append((out.log_prob.detach(), out.log_probs.detach(), grads))
+    for other in results[1:]:
+        torch.testing.assert_close(other[0], results[0][0])
+        torch.testing.assert_close(other[1], results[0][1])
+        for a, b in zip(other[2], results[0][2]):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["exact", "soft"])
+def test_padding_invariance(mode):
+    layer = _layer(mode=mode, max_chunk_elements=B * T * V)  # chunked: padded chunks included
+    query, memory, mask, targets = _inputs()
+    g = torch.Generator().manual_seed(9)
+    padded = torch.cat([memory, 100 * torch.randn(B, 3, HS, generator=g)], 1)
+    pmask = torch.cat([mask, torch.zeros(B, 3, dtype=torch.bool)], 1)
+    garbage = padded.clone()
+    garbage[~pmask] = 50 * torch.randn(int((~pmask).sum()), HS, generator=g)
+    a = layer(query, memory, mask, targets, full=True)
+    mem = garbage.clone().requires_grad_()
+    b = layer(query, mem, pmask, targets, full=True)
+    torch.testing.assert_close(a.log_prob, b.log_prob)
+    torch.testing.assert_close(a.log_probs, b.log_probs)
+    torch.testing.assert_close(a.log_alpha, b.log_alpha[..., :S])
+    (b.log_prob.sum() + b.log_probs.logsumexp(-1).sum()).backward()
+    assert torch.isfinite(mem.grad).all()
+    assert (mem.grad[~pmask] == 0).all()
+
+
+def test_log_prob_at_matches_emission_terms():
+    layer = _layer()
+    query, memory, mask, targets = _inputs()
+    out = layer(query, memory, mask, targets)
+    g = torch.Generator().manual_seed(3)
+    index = torch.stack([torch.randint(int(n), (T,), generator=g) for n in LENGTHS])  # [B, T]
+    index = torch.stack([index, torch.zeros_like(index)])  # [2, B, T]
+    at = layer.log_prob_at(query, memory, index, targets)
+    assert at.shape == (2, B, T)
+    torch.testing.assert_close(at, out.log_emission.gather(-1, index.movedim(0, -1)).movedim(-1, 0))
+
+
+def test_alignment_distribution_and_argument_checks():
+    layer = _layer()
+    query, memory, mask, targets = _inputs()
+    prior = layer.alignment(query, memory, mask)
+    assert prior.batch_shape == (B, T)
+    torch.testing.assert_close(prior.probs.sum(-1), torch.ones(B, T))
+    with pytest.raises(ValueError, match="query"):
+        layer(query[..., :2], memory, mask)
+    with pytest.raises(ValueError, match="memory_mask"):
+        layer(query, memory, mask.long())
+    with pytest.raises(ValueError, match="targets"):
+        layer(query, memory, mask, targets[:, :2])
+    with pytest.raises(ValueError, match="mode"):
+        LatentAttention(H, HS, V, mode="hard")
+    with pytest.raises(ValueError, match="dot"):
+        LatentAttention(H, HS, V, score="dot")
