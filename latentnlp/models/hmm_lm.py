@@ -128,17 +128,19 @@ class HMMLanguageModel(LatentModel):
                              f"{getattr(lengths, 'shape', lengths)}")
         return targets, lengths
 
-    def _transition_from(self, from_states: Tensor | None, to_states: Tensor | None) -> Tensor:
-        """``log p(z_t = j | z_{t-1} = i)`` for ``i`` in ``from_states``, ``j`` in ``to_states``
-        (renormalised over ``to_states``; ``None`` = all): ``[K_from, K_to]``."""
+    def _predict(self, log_filter: Tensor, from_states: Tensor | None, to_states: Tensor | None) -> Tensor:
+        """``log sum_i p(z = i) p(z' = j | z = i)`` for a belief ``log_filter [B, K_from]`` over
+        ``from_states``, renormalised over ``to_states`` (``None`` = all): ``[B, K_to]``.
+        Low-rank transitions go through the rank dimension, ``O(B K r)``."""
         state = self.state_embedding if from_states is None else self.state_embedding[from_states]
         following = self.next_state_embedding if to_states is None else self.next_state_embedding[to_states]
         source = self.transition_mlp(state)
         if self.transition_rank is None:
-            return torch.log_softmax(source @ following.T, -1)
+            return torch.logsumexp(log_filter.unsqueeze(-1) + torch.log_softmax(source @ following.T, -1), 1)
         left = torch.log_softmax(source @ self.rank_in.T, -1)
         right = torch.log_softmax(self.rank_out @ following.T, -1)
-        return torch.logsumexp(left.unsqueeze(-1) + right.unsqueeze(0), 1)
+        through_rank = torch.logsumexp(log_filter.unsqueeze(-1) + left, 1)
+        return torch.logsumexp(through_rank.unsqueeze(-1) + right, 1)
 
     def _initial(self, params: dict[str, Tensor], states: Tensor | None, batch_size: int,
                  stream: bool) -> Tensor:
@@ -149,8 +151,7 @@ class HMMLanguageModel(LatentModel):
         if not stream or carried is None or carried.shape[0] != batch_size:
             return params["init"].expand(batch_size, -1)
         log_filter = torch.log(carried.clamp_min(torch.finfo(carried.dtype).tiny))
-        transition = self._transition_from(self._carried_states, states)
-        return torch.logsumexp(log_filter.unsqueeze(-1) + transition, 1)
+        return self._predict(log_filter, self._carried_states, states)
 
     def log_marginal(self, batch: Batch) -> Tensor:
         """Exact ``log p(x)`` of each row's targets (given the carried state on streams): ``[B]``."""
