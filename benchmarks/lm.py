@@ -9,6 +9,9 @@ counts the target tokens it scores.  Sections (the first part of a case's name):
   and the same MoS with ``chunk_size`` (vocabulary chunks recomputed in backward).
 * ``lstm-lm`` -- a whole ``LSTMLanguageModel`` step, ``model.loss(batch).value.backward()`` on a
   ``[B, T]`` stream batch, softmax vs MoS output.
+* ``hmm-lm`` -- a whole ``HMMLanguageModel`` step (parameters from the MLPs, emissions, the exact
+  chain DP and its backward) on a ``[32, 64]`` batch, ``K`` = 128 .. 4096 dense, and low-rank
+  transitions (``O(T K r)``) at ``K`` = 1024 .. 4096.
 
 Sizes follow Yang et al. (2018): ``d = 280``, ``H = 620``, ``K = 15``, 840 tokens a step (batch
 12 x BPTT 70); vocabularies of PTB (10,000) and WikiText-2 (33,278).  ``--quick`` shrinks every
@@ -137,8 +140,40 @@ def _lstm_lm_cases() -> list[Case]:
             for label, extra in (("softmax", dict(experts=0)), ("mos15", dict(experts=15)))]
 
 
+def _hmm_lm_step(p: dict, device):
+    import torch
+
+    from latentnlp.models.hmm_lm import HMMLanguageModel
+
+    g = torch.Generator().manual_seed(SEED)
+    torch.manual_seed(SEED)
+    model = HMMLanguageModel(p["V"], p["K"], p["d"], transition_rank=p.get("rank")).to(device)
+    tokens = torch.randint(0, p["V"], (p["B"], p["T"]), generator=g).to(device)
+    batch = {"inputs": tokens, "targets": tokens, "lengths": torch.full((p["B"],), p["T"], device=device)}
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model.loss(batch).value.backward()
+
+    return step, p["B"] * p["T"]
+
+
+def _hmm_lm_cases() -> list[Case]:
+    """HMM LM training steps (exact marginal by the chain DP) at each K, dense vs low rank."""
+    base = dict(B=32, T=64, d=256, V=10_000)
+    quick = dict(B=4, T=16, d=32, V=1000)
+    cases = []
+    for states in (128, 256, 512, 1024, 2048, 4096):
+        cases.append(Case(f"hmm-lm/dense/K{states}", _hmm_lm_step, {**base, "K": states},
+                          {**quick, "K": states // 16}))
+    for states, rank in ((1024, 128), (2048, 256), (4096, 256)):
+        cases.append(Case(f"hmm-lm/rank{rank}/K{states}", _hmm_lm_step, {**base, "K": states, "rank": rank},
+                          {**quick, "K": states // 16, "rank": rank // 16}))
+    return cases
+
+
 #: every benchmark, in the order they run and are tabled; sections append theirs here
-CASES: list[Case] = _output_cases() + _lstm_lm_cases()
+CASES: list[Case] = _output_cases() + _lstm_lm_cases() + _hmm_lm_cases()
 
 
 # ==============================================================================================

@@ -68,15 +68,6 @@ def _vector_times_matrix(vector: Tensor, matrix) -> Tensor:
     return torch.bmm(vector.unsqueeze(1), matrix).squeeze(1)
 
 
-def _matrix_times_vector(matrix, vector: Tensor) -> Tensor:
-    """``out[b] = matrix[(b)] @ vector[b]`` for ``matrix [K, N] | [B, K, N] | U V`` and ``vector [B, N]``."""
-    if isinstance(matrix, _FactoredProbs):
-        return (vector @ matrix.right.transpose(0, 1)) @ matrix.left.transpose(0, 1)
-    if matrix.dim() == 2:
-        return vector @ matrix.transpose(0, 1)
-    return torch.bmm(matrix, vector.unsqueeze(-1)).squeeze(-1)
-
-
 def _exp_shifted(trans: Tensor) -> tuple[Tensor, Tensor]:
     """``P = exp(trans - s)`` with ``s`` the max of each ``K x K`` matrix (``-inf`` matrices: ``s = 0``).
 
@@ -117,73 +108,114 @@ def underflow_threshold(dtype: torch.dtype) -> float:
     return info.tiny / info.eps
 
 
+def _all_reachable(init: Tensor, probs) -> bool:
+    """True when every state has positive mass at every step (no ``-inf`` in ``init`` or ``P``)."""
+    if not bool(torch.isfinite(init).all()):
+        return False
+    if isinstance(probs, _FactoredProbs):
+        return bool((probs.left > 0).all()) and bool((probs.right > 0).all())
+    return bool((probs > 0).all())
+
+
+def _propagate(vector: Tensor, probs, t: int, out: Tensor) -> Tensor:
+    """``out = vector @ P_t`` (one BLAS call; ``out`` is written in place)."""
+    matrix = _at(probs, t)
+    if isinstance(matrix, _FactoredProbs):
+        return torch.mm(vector @ matrix.left, matrix.right, out=out)
+    if matrix.dim() == 2:
+        return torch.mm(vector, matrix, out=out)
+    return torch.bmm(vector.unsqueeze(1), matrix, out=out.unsqueeze(1)).squeeze(1)
+
+
+def _propagate_back(vector: Tensor, probs, t: int, out: Tensor) -> Tensor:
+    """``out = P_t @ vector`` (row ``b``: ``P_t[b] @ vector[b]``), written in place."""
+    matrix = _at(probs, t)
+    if isinstance(matrix, _FactoredProbs):
+        return torch.mm(vector @ matrix.right.transpose(0, 1), matrix.left.transpose(0, 1), out=out)
+    if matrix.dim() == 2:
+        return torch.mm(vector, matrix.transpose(0, 1), out=out)
+    return torch.bmm(matrix, vector.unsqueeze(-1), out=out.unsqueeze(-1)).squeeze(-1)
+
+
 def _scaled_forward(init: Tensor, probs, emit: Tensor, mask: Tensor):
-    r"""Scaled forward recursion.
+    r"""Scaled forward recursion, stored time-major.
 
     ``a_0 = exp(init + emit_0 - m_0)``; ``a_t = (alpha_{t-1} P_t) * e_t``; ``c_t = sum a_t``;
-    ``alpha_t = a_t / c_t`` with ``e_t = exp(emit_t - m_t)`` and ``m_t`` the largest emission
-    score among the states reachable at ``t`` (see :func:`_reachable_shift`).
+    ``alpha_t = a_t / c_t`` with ``e_t = exp(emit_t - m_t)``.  The shift ``m_t`` is the largest
+    emission score of step ``t`` when every state is reachable (computed once for all steps),
+    else the largest among the states reachable at ``t`` (see :func:`_reachable_shift`).
     Padding steps (``t >= L``) keep ``alpha`` and set ``c_t = 1``.
-    Returns ``alpha [B, T, K]`` (each row a filtering distribution), ``scale [B, T]``
-    (the ``c_t``), ``emit_probs [B, T, K]`` (the ``e_t``) and ``log_shift [B]``
-    (``sum_{t<L} m_t``), so that ``log Z = sum_t log c_t + log_shift + transition shifts``.
+    Returns ``alpha [T, B, K]`` (each row a filtering distribution), ``scale [T, B]`` (the
+    ``c_t``), ``emit_probs [T, B, K]`` (the ``e_t``) and ``log_shift [B]`` (``sum_{t<L} m_t``),
+    so that ``log Z = sum_t log c_t + log_shift + transition shifts``.
     """
-    batch, steps, _ = emit.shape
-    alpha = torch.empty_like(emit)
-    emit_probs = torch.zeros_like(emit)  # e_0 is folded into a_0 and never needed again
-    scale = torch.ones(batch, steps, dtype=emit.dtype, device=emit.device)
-    shifts = torch.zeros(batch, steps, dtype=emit.dtype, device=emit.device)
-    a, shifts[:, 0] = _reachable_shift(torch.isfinite(init).to(emit.dtype), init + emit[:, 0])
-    c = a.sum(-1)
-    alpha[:, 0] = a / c.unsqueeze(-1)
-    scale[:, 0] = c
+    batch, steps, k = emit.shape
+    alpha = emit.new_empty(steps, batch, k)
+    scale = emit.new_ones(steps, batch)
+    reachable = _all_reachable(init, probs)
+    if reachable:
+        shift = finite_max(emit, -1)
+        emit_probs = torch.exp(emit - shift).transpose(0, 1).contiguous()
+        shifts = (shift.squeeze(-1) * mask).transpose(0, 1).contiguous()
+        init_shift = finite_max(init, -1)
+        a = torch.exp(init - init_shift) * emit_probs[0]
+        shifts[0] += init_shift.squeeze(-1)
+    else:
+        emit_probs = emit.new_zeros(steps, batch, k)
+        shifts = emit.new_zeros(steps, batch)
+        a, shifts[0] = _reachable_shift(torch.isfinite(init).to(emit.dtype), init + emit[:, 0])
+    # per-step views taken once: indexing inside the loop costs more than the small matmuls
+    alpha_t, scale_t, emit_probs_t = alpha.unbind(0), scale.unsqueeze(-1).unbind(0), emit_probs.unbind(0)
+    torch.sum(a, -1, keepdim=True, out=scale_t[0])
+    torch.div(a, scale_t[0], out=alpha_t[0])
     all_valid_until = int(mask.sum(-1).min())  # steps before this need no padding logic
     for t in range(1, steps):
-        reach = _vector_times_matrix(alpha[:, t - 1], _at(probs, t))
-        e_t, m_t = _reachable_shift(reach, emit[:, t])
-        a = reach * e_t
-        c = a.sum(-1)
-        if t < all_valid_until:
-            alpha[:, t], scale[:, t], emit_probs[:, t], shifts[:, t] = a / c.unsqueeze(-1), c, e_t, m_t
-            continue
-        valid = mask[:, t]
-        alpha[:, t] = torch.where(valid.unsqueeze(-1), a / c.unsqueeze(-1), alpha[:, t - 1])
-        scale[:, t] = torch.where(valid, c, torch.ones_like(c))
-        emit_probs[:, t] = e_t
-        shifts[:, t] = torch.where(valid, m_t, torch.zeros_like(m_t))
-    return alpha, scale, emit_probs, shifts.sum(-1)
+        current, c = alpha_t[t], scale_t[t]
+        _propagate(alpha_t[t - 1], probs, t, out=current)  # reach = alpha_{t-1} P_t
+        if reachable:
+            current.mul_(emit_probs_t[t])
+        else:
+            e_t, m_t = _reachable_shift(current, emit[:, t])
+            current.mul_(e_t)
+            emit_probs_t[t].copy_(e_t)
+            shifts[t] = torch.where(mask[:, t], m_t, torch.zeros_like(m_t))
+        torch.sum(current, -1, keepdim=True, out=c)
+        current.div_(c)
+        if t >= all_valid_until:
+            valid = mask[:, t].unsqueeze(-1)
+            current.copy_(torch.where(valid, current, alpha_t[t - 1]))
+            c.copy_(torch.where(valid, c, torch.ones_like(c)))
+    return alpha, scale, emit_probs, shifts.sum(0)
 
 
 def _scaled_backward(alpha: Tensor, probs, emit_probs: Tensor, scale: Tensor, mask: Tensor):
-    r"""Backward recursion of the scaled algorithm, fused with the gradient.
+    r"""Backward recursion of the scaled algorithm (time-major), fused with the gradient.
 
-    ``beta_{L-1} = 1``; ``beta_{t-1} = P_t (e_t * beta_t) / c_t``.  Posterior marginals are
-    ``gamma_t = alpha_t * beta_t`` and edge marginals
-    ``xi_t(i, j) = alpha_{t-1}(i) P_t(i, j) u_t(j)`` with ``u_t = e_t * beta_t / c_t``.
-    Returns ``gamma [B, T, K]`` and ``u [B, T, K]`` (``u_0 = 0``).
+    ``beta_{L-1} = 1``; ``beta_{t-1} = P_t u_t`` with ``u_t = e_t * beta_t / c_t``.  Posterior
+    marginals are ``gamma_t = alpha_t * beta_t`` and edge marginals
+    ``xi_t(i, j) = alpha_{t-1}(i) P_t(i, j) u_t(j)``.
+    Returns ``gamma [T, B, K]`` and ``u [T, B, K]`` (``u_0 = 0``, ``u_t = 0`` past the length).
     """
-    batch, steps, k = alpha.shape
-    gamma = torch.empty_like(alpha)
+    steps = alpha.shape[0]
+    weights = (emit_probs / scale.unsqueeze(-1)).unbind(0)  # u_t = weights_t * beta_t
+    beta = torch.empty_like(alpha)
+    beta[steps - 1] = 1.0
     u = torch.zeros_like(alpha)
-    beta = torch.ones(batch, k, dtype=alpha.dtype, device=alpha.device)
-    gamma[:, steps - 1] = alpha[:, steps - 1]
+    beta_t, u_t = beta.unbind(0), u.unbind(0)
     all_valid_until = int(mask.sum(-1).min())
     for t in range(steps - 1, 0, -1):
-        u_t = emit_probs[:, t] * beta / scale[:, t].unsqueeze(-1)
-        if t < all_valid_until:
-            beta = _matrix_times_vector(_at(probs, t), u_t)
-        else:
+        torch.mul(weights[t], beta_t[t], out=u_t[t])
+        _propagate_back(u_t[t], probs, t, out=beta_t[t - 1])
+        if t >= all_valid_until:
             valid = mask[:, t].unsqueeze(-1)
-            u_t = torch.where(valid, u_t, torch.zeros_like(beta))
-            beta = torch.where(valid, _matrix_times_vector(_at(probs, t), u_t), beta)
-        u[:, t] = u_t
-        gamma[:, t - 1] = alpha[:, t - 1] * beta
-    return gamma, u
+            u_t[t].copy_(torch.where(valid, u_t[t], torch.zeros_like(u_t[t])))
+            beta_t[t - 1].copy_(torch.where(valid, beta_t[t - 1], beta_t[t]))
+    return alpha * beta, u
 
 
 def _flag_underflow(log_z: Tensor, scale: Tensor, mask: Tensor) -> Tensor:
     """NaN where some step's normaliser fell below :func:`underflow_threshold` (lost precision)."""
-    lost = ((scale < underflow_threshold(scale.dtype)) & mask).any(-1)
+    lost = ((scale.T < underflow_threshold(scale.dtype)) & mask).any(-1)
     return torch.where(lost, torch.full_like(log_z, float("nan")), log_z)
 
 
@@ -196,12 +228,12 @@ class _ScaledLogPartition(torch.autograd.Function):
         probs, trans_shift = _exp_shifted(trans)
         alpha, scale, emit_probs, log_shift = _scaled_forward(init, probs, emit, mask)
         # accumulate in float64: T terms of magnitude |log c| lose precision in float32
-        log_z = (torch.log(scale).double().sum(-1) + log_shift.double()
+        log_z = (torch.log(scale).double().sum(0) + log_shift.double()
                  + _edge_shift_total(trans_shift.double(), trans.dim(), mask))
         log_z = _flag_underflow(log_z, scale, mask)
         ctx.save_for_backward(alpha, scale, emit_probs, probs, mask)
         ctx.trans_dim = trans.dim()
-        final_filter = alpha[:, -1]  # frozen past the length: p(z_{L-1} | x)
+        final_filter = alpha[-1]  # frozen past the length: p(z_{L-1} | x)
         ctx.mark_non_differentiable(final_filter)
         return log_z.to(emit.dtype), final_filter
 
@@ -210,17 +242,17 @@ class _ScaledLogPartition(torch.autograd.Function):
     def backward(ctx, grad: Tensor, _grad_final_filter: Tensor):
         alpha, scale, emit_probs, probs, mask = ctx.saved_tensors
         gamma, u = _scaled_backward(alpha, probs, emit_probs, scale, mask)
-        g = grad.unsqueeze(-1)
-        grad_emit = gamma * mask.unsqueeze(-1) * g.unsqueeze(-1)
-        grad_init = gamma[:, 0] * g
-        weighted_alpha = alpha[:, :-1] * g.unsqueeze(-1)  # [B, T-1, K]
+        g = grad.unsqueeze(-1)  # [B, 1]
+        grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
+        grad_init = gamma[0] * g
+        weighted_alpha = alpha[:-1] * g  # [T-1, B, K]
         if ctx.trans_dim == 2:
             k = alpha.shape[-1]
-            grad_trans = probs * (weighted_alpha.reshape(-1, k).transpose(0, 1) @ u[:, 1:].reshape(-1, k))
+            grad_trans = probs * (weighted_alpha.reshape(-1, k).transpose(0, 1) @ u[1:].reshape(-1, k))
         elif ctx.trans_dim == 3:
-            grad_trans = probs * torch.bmm(weighted_alpha.transpose(1, 2), u[:, 1:])
+            grad_trans = probs * torch.bmm(weighted_alpha.permute(1, 2, 0), u[1:].transpose(0, 1))
         else:
-            grad_trans = probs * weighted_alpha.unsqueeze(-1) * u[:, 1:].unsqueeze(-2)
+            grad_trans = probs * (weighted_alpha.unsqueeze(-1) * u[1:].unsqueeze(-2)).transpose(0, 1)
         return grad_init, grad_trans, grad_emit, None
 
 
@@ -257,11 +289,11 @@ class _LowRankLogPartition(torch.autograd.Function):
         right, right_shift = _exp_shifted(log_right)
         factored = _FactoredProbs(left, right)
         alpha, scale, emit_probs, log_shift = _scaled_forward(init, factored, emit, mask)
-        log_z = (torch.log(scale).double().sum(-1) + log_shift.double()
+        log_z = (torch.log(scale).double().sum(0) + log_shift.double()
                  + (mask[:, 1:].sum(-1) * (left_shift + right_shift)).double())
         log_z = _flag_underflow(log_z, scale, mask)
         ctx.save_for_backward(alpha, scale, emit_probs, left, right, mask)
-        final_filter = alpha[:, -1]
+        final_filter = alpha[-1]
         ctx.mark_non_differentiable(final_filter)
         return log_z.to(emit.dtype), final_filter
 
@@ -272,12 +304,12 @@ class _LowRankLogPartition(torch.autograd.Function):
         gamma, u = _scaled_backward(alpha, _FactoredProbs(left, right), emit_probs, scale, mask)
         g = grad.unsqueeze(-1)
         k, rank = left.shape
-        weighted_alpha = (alpha[:, :-1] * g.unsqueeze(-1)).reshape(-1, k)
-        u_next = u[:, 1:].reshape(-1, k)
+        weighted_alpha = (alpha[:-1] * g).reshape(-1, k)
+        u_next = u[1:].reshape(-1, k)
         grad_left = left * (weighted_alpha.transpose(0, 1) @ (u_next @ right.transpose(0, 1)))
         grad_right = right * ((weighted_alpha @ left).transpose(0, 1) @ u_next)
-        grad_emit = gamma * mask.unsqueeze(-1) * g.unsqueeze(-1)
-        return gamma[:, 0] * g, grad_left, grad_right, grad_emit, None
+        grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
+        return gamma[0] * g, grad_left, grad_right, grad_emit, None
 
 
 class _FactoredProbs:
@@ -435,8 +467,8 @@ def forward_filter(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -
     mask = step_mask(lengths, emit.shape[1])
     probs, _ = _exp_shifted(trans)
     alpha, scale, _, _ = _scaled_forward(init, probs, emit, mask)
-    if torch.isfinite(alpha).all() and not ((scale < underflow_threshold(scale.dtype)) & mask).any():
-        return safe_log(alpha)
+    if torch.isfinite(alpha).all() and not ((scale.T < underflow_threshold(scale.dtype)) & mask).any():
+        return safe_log(alpha.transpose(0, 1))
     log_alpha = torch.empty_like(emit)
     a = init + emit[:, 0]
     log_alpha[:, 0] = a - torch.logsumexp(a, -1, keepdim=True)

@@ -109,6 +109,8 @@ class ChainPosterior(Distribution):
         init, trans, emit = init.to(dtype), trans.to(dtype), emit.to(dtype)
         if init.dim() == 1:
             init = init.expand(batch, k)
+        if batch and int(lengths.min()) == steps:
+            return init, trans, emit, lengths
         # padding never reaches the kernels: zero it (this also zeroes its gradient)
         mask = chain.step_mask(lengths, steps)
         emit = torch.where(mask.unsqueeze(-1), emit, torch.zeros((), dtype=dtype, device=emit.device))
@@ -138,7 +140,8 @@ class ChainPosterior(Distribution):
                              + (_describe(edges) if isinstance(edges, Tensor) else type(edges).__name__))
         batch, num_edges, k, _ = edges.shape
         zeros = edges.new_zeros(batch, num_edges + 1, k)
-        return cls(edges.new_zeros(batch, k), edges.transpose(-1, -2), zeros, lengths, **kwargs)
+        # a copy, not a view: the chain must not change if the caller's tensor is later modified
+        return cls(edges.new_zeros(batch, k), edges.transpose(-1, -2).clone(), zeros, lengths, **kwargs)
 
     # ---- sums -------------------------------------------------------------------------------
     def _log_partition_of(self, init, trans, emit) -> Tensor:

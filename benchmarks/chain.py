@@ -1,0 +1,565 @@
+r"""Benchmark: the linear-chain sum (``ChainPosterior.log_partition``) against its peers.
+
+What is timed, for every ``(B, T, K)``: one forward + backward of the log-partition of an HMM
+with a shared transition matrix, ``log_partition(init, trans[K, K], emit[B, T, K]).sum().backward()``
+(gradients w.r.t. ``emit`` and ``trans``), on the CPU, float32, ``torch.set_num_threads(2)``.
+
+Rows (``method`` names in the JSON):
+
+* ``latentnlp`` -- ``ChainPosterior(..., method="auto")``; ``latentnlp-scaled``, ``-log``,
+  ``-scan`` (small K only) force an algorithm; ``latentnlp-fwd`` is the forward alone under
+  ``torch.no_grad()``, the fair partner of hmmlearn.
+* ``naive`` -- the same scaled probability-space forward written with plain torch ops
+  (``alpha = (alpha @ A) * e_t``, renormalise) and differentiated by autograd.
+* ``torch-struct`` -- ``LinearChainCRF(edges).partition`` on the converted edge potentials
+  ``edges[b, n, c_next, c_prev]`` ``[B, T-1, K, K]``; the conversion is inside the timed region,
+  so the gradient reaches ``emit`` and ``trans`` as for every other row.
+* ``pyro`` -- ``DiscreteHMM(initial_logits, transition_logits[T, K, K], obs).log_prob(x)``.  Pyro
+  applies a transition before the first observation, so ``transition_logits[0]`` has every row
+  equal to ``init`` and ``transition_logits[1:] = trans`` (time-varying); the observation
+  distribution's ``log_prob`` returns ``emit`` itself (an exact stand-in for a Categorical over a
+  vocabulary).  ``init`` and ``trans`` are log-normalised, so Pyro's renormalisation is a no-op.
+* ``hmmlearn-fwd`` -- ``hmmlearn._hmmc.forward_scaling`` (the C++ forward behind
+  ``CategoricalHMM.score(..., implementation="scaling")``), once per sequence, float64,
+  forward only: compare it with ``latentnlp-fwd``.
+* ``matmul-3T`` -- the limit: ``3 T`` products ``(B, K) x (K, K)`` (``torch.mm`` into a preallocated
+  output), the BLAS work of a forward (one per step) and a backward (two per step).
+
+Every measurement runs in a fresh subprocess with ``RLIMIT_AS`` capped (``--mem-cap-gb``), so a
+peer that runs out of memory is a recorded failure, not a machine in trouble.  Time: median of
+the repeats after one warm-up call (repeats fill ``--budget`` seconds, at least one, at most
+``--max-repeats``).  Memory: the warm-up call's peak resident set (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs`` just before the call) minus the resident set just before it, i.e. after
+imports, input creation and a tiny warm-up of the same code path; it counts every allocation of
+the process (torch, numpy, C++), not only torch tensors.
+
+Usage::
+
+    python benchmarks/chain.py                 # full run, writes benchmarks/results/chain.json
+    python benchmarks/chain.py --quick         # sanity run: short chains, one repeat, writes nothing
+    python benchmarks/chain.py --sizes 16x64x64,8x1024x16 --methods latentnlp,naive,matmul-3T
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "chain.json"
+THREADS = 2  # default of --threads
+SEED = 0
+
+SIZES = [(16, 64, 64), (16, 64, 128), (32, 128, 512), (8, 256, 2048), (8, 1024, 16)]
+# --quick: the same K (so every peer meets the same code paths and memory cap), short chains
+QUICK_SIZES = [(4, 16, 64), (4, 16, 128), (4, 32, 512), (2, 32, 2048), (2, 256, 16)]
+
+# method -> (description, fwd+bwd?, applicable(B, T, K))
+METHODS = {
+    "latentnlp": ("latentnlp ChainPosterior, method auto", True, lambda B, T, K: True),
+    "latentnlp-scaled": ("latentnlp, method scaled", True, lambda B, T, K: True),
+    "latentnlp-log": ("latentnlp, method log", True, lambda B, T, K: True),
+    "latentnlp-scan": ("latentnlp, method scan (small K only)", True, lambda B, T, K: K <= 128),
+    "latentnlp-fwd": ("latentnlp auto, forward only (no_grad)", False, lambda B, T, K: True),
+    "naive": ("scaled forward in plain torch ops, autograd backward", True, lambda B, T, K: True),
+    "torch-struct": ("torch-struct LinearChainCRF on [B,T-1,K,K] edges", True, lambda B, T, K: True),
+    "pyro": ("Pyro DiscreteHMM.log_prob", True, lambda B, T, K: True),
+    "hmmlearn-fwd": ("hmmlearn _hmmc.forward_scaling x B, float64, forward only", False,
+                     lambda B, T, K: True),
+    "matmul-3T": ("3T torch.mm (B,K)x(K,K): the BLAS limit", True, lambda B, T, K: True),
+}
+PEERS = ["naive", "torch-struct", "pyro"]
+
+
+# ==============================================================================================
+# worker side: one (method, B, T, K) per process
+# ==============================================================================================
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _inputs(B, T, K, torch):
+    """One HMM: log-normalised ``init [K]`` and ``trans [K, K]``, emission scores ``emit [B, T, K]``."""
+    g = torch.Generator().manual_seed(SEED)
+    init = torch.randn(K, generator=g).log_softmax(-1)
+    trans = torch.randn(K, K, generator=g).log_softmax(-1)
+    emit = torch.randn(B, T, K, generator=g)
+    return init, trans, emit
+
+
+def _setup(method, B, T, K):
+    """Build the inputs and return ``run()`` -> a float (the summed log-partition, for checking)."""
+    import torch
+
+    init, trans, emit = _inputs(B, T, K, torch)
+
+    if method == "matmul-3T":
+        x, a, out = torch.randn(B, K), torch.randn(K, K), torch.empty(B, K)
+
+        def run():
+            for _ in range(3 * T):
+                torch.mm(x, a, out=out)
+            return float("nan")
+
+        return run
+
+    if method == "hmmlearn-fwd":
+        import numpy as np
+        from hmmlearn import _hmmc
+
+        start = init.double().exp().numpy()
+        transmat = trans.double().exp().numpy()
+        frames = [np.ascontiguousarray(emit[b].double().exp().numpy()) for b in range(B)]
+
+        def run():
+            return sum(_hmmc.forward_scaling(start, transmat, f)[0] for f in frames)
+
+        return run
+
+    if method == "latentnlp-fwd":
+        from latentnlp import ChainPosterior
+
+        def run():
+            with torch.no_grad():
+                return ChainPosterior(init, trans, emit).log_partition.sum().item()
+
+        return run
+
+    emit.requires_grad_(True)
+    trans.requires_grad_(True)
+
+    if method.startswith("latentnlp"):
+        from latentnlp import ChainPosterior
+
+        algo = method.partition("-")[2] or "auto"
+
+        def value():
+            return ChainPosterior(init, trans, emit, method=algo).log_partition
+
+    elif method == "naive":
+
+        def value():
+            tmax = trans.detach().max()
+            A = (trans - tmax).exp()
+            m = emit.detach().amax(-1, keepdim=True)
+            E = (emit - m).exp()
+            first = init + emit[:, 0]
+            log_z = first.logsumexp(-1)
+            alpha = first.softmax(-1)
+            for t in range(1, T):
+                alpha = (alpha @ A) * E[:, t]
+                s = alpha.sum(-1, keepdim=True)
+                alpha = alpha / s
+                log_z = log_z + s.squeeze(-1).log()
+            return log_z + m[:, 1:, 0].sum(-1) + (T - 1) * tmax
+
+    elif method == "torch-struct":
+        from torch_struct import LinearChainCRF
+
+        def value():
+            # edges[b, n, c_next, c_prev] scores (z_n = c_prev, z_{n+1} = c_next)
+            edges = trans.transpose(0, 1) + emit[:, 1:, :, None]
+            first = edges[:, :1] + (init + emit[:, 0])[:, None, None, :]
+            edges = torch.cat([first, edges[:, 1:]], dim=1)
+            return LinearChainCRF(edges).partition
+
+    elif method == "pyro":
+        import pyro.distributions as pdist
+        from torch.distributions import constraints
+
+        class EmitScores(pdist.TorchDistribution):
+            """Observation 'distribution' whose log_prob at the observed x is emit [B, T, K]."""
+
+            arg_constraints = {}
+            support = constraints.real
+
+            def __init__(self, scores):
+                self.scores = scores
+                super().__init__(batch_shape=scores.shape, validate_args=False)
+
+            def log_prob(self, value):
+                return self.scores
+
+        x = torch.zeros(B, T)
+
+        def value():
+            tl = torch.cat([init.expand(1, K, K), trans.expand(T - 1, K, K)], dim=0)
+            return pdist.DiscreteHMM(init, tl, EmitScores(emit)).log_prob(x)
+
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+    def run():
+        emit.grad = None
+        trans.grad = None
+        v = value()
+        v.sum().backward()
+        return v.detach().double().sum().item()
+
+    return run
+
+
+def worker(spec: dict) -> dict:
+    import resource
+
+    cap = int(spec["mem_cap_gb"] * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    sys.path.insert(0, str(REPO))
+    import gc
+
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    method, B, T, K = spec["method"], spec["B"], spec["T"], spec["K"]
+    out = {"method": method, "B": B, "T": T, "K": K}
+    try:
+        # a tiny call of the same code path first: lazy library/thread initialisation is not
+        # charged to the measured call's memory
+        _setup(method, 2, 4, min(K, 8))()
+        run = _setup(method, B, T, K)
+        gc.collect()
+        exact_peak = _reset_peak_rss()
+        base_kb = _status_kb("VmRSS") if exact_peak else _status_kb("VmHWM")
+        t0 = time.perf_counter()
+        out["value"] = run()
+        first = time.perf_counter() - t0
+        out["peak_mb"] = max(0, _status_kb("VmHWM") - base_kb) / 1024
+        out["peak_method"] = "VmHWM-after-reset minus VmRSS" if exact_peak else "ru_maxrss delta"
+        if first > spec["timeout_s"] / 3:  # no time left for a repeat: keep the warm-up
+            times = [first]
+            out["note"] = "single call (warm-up) timed: too slow to repeat"
+        else:
+            n = max(1, min(spec["max_repeats"], int(spec["budget_s"] / max(first, 1e-6))))
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+        out.update(status="ok", time_s=statistics.median(times), min_s=min(times), times_s=times,
+                   warmup_s=first)
+    except MemoryError as e:
+        out.update(status="oom", error=f"MemoryError: {e}"[:300])
+    except RuntimeError as e:
+        msg = str(e)
+        oom = any(s in msg for s in ("can't allocate memory", "out of memory", "Cannot allocate"))
+        out.update(status="oom" if oom else "error", error=f"{type(e).__name__}: {msg}"[:300])
+    except Exception as e:  # a peer's failure is a result, not a crash of the benchmark
+        out.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
+    return out
+
+
+# ==============================================================================================
+# driver side
+# ==============================================================================================
+def measure(method, B, T, K, args) -> dict:
+    spec = dict(method=method, B=B, T=T, K=K, mem_cap_gb=args.mem_cap_gb, budget_s=args.budget,
+                max_repeats=args.max_repeats, timeout_s=args.timeout, threads=args.threads)
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(args.threads)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(method=method, B=B, T=T, K=K, status="timeout",
+                    error=f"no result within {args.timeout:.0f} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    status = "oom" if proc.returncode in (-9, 137) or "MemoryError" in proc.stderr else "crash"
+    return dict(method=method, B=B, T=T, K=K, status=status,
+                error=f"exit {proc.returncode}: " + " | ".join(tail)[:300])
+
+
+def _ok(r):
+    return r is not None and r.get("status") == "ok"
+
+
+def ratios(res: dict) -> dict:
+    """Speed-ups of latentnlp (auto) over each peer and its position against the matmul limit."""
+    ours, limit = res.get("latentnlp"), res.get("matmul-3T")
+    out = {}
+    if _ok(ours):
+        for peer in PEERS:
+            if _ok(res.get(peer)):
+                out[f"speedup_vs_{peer}"] = res[peer]["time_s"] / ours["time_s"]
+        if _ok(limit):
+            out["limit_fraction"] = limit["time_s"] / ours["time_s"]
+            out["time_over_3T_matmul"] = ours["time_s"] / limit["time_s"]
+    fwd, hl = res.get("latentnlp-fwd"), res.get("hmmlearn-fwd")
+    if _ok(fwd) and _ok(hl):
+        out["fwd_speedup_vs_hmmlearn"] = hl["time_s"] / fwd["time_s"]
+    return out
+
+
+def targets(results: list) -> list:
+    """The project's goals, each at the first size with its K (the published sizes have one K
+    each); a goal whose peer failed is n/a, with the reason."""
+    by = {}
+    for r in results:
+        by.setdefault(r["K"], r)
+
+    def goal(name, k, key, op, bound, peer=None):
+        r = by.get(k)
+        if r is None:
+            return dict(target=name, size=None, status="n/a", why=f"no size with K={k} run")
+        size = (r["B"], r["T"], r["K"])
+        val = r["ratios"].get(key) if key != "peak_mb" else (
+            r["methods"].get("latentnlp", {}).get("peak_mb"))
+        if val is None:
+            why = [f"{m}: {r['methods'][m].get('status')}" for m in ("latentnlp", peer)
+                   if m in r["methods"] and not _ok(r["methods"][m])]
+            return dict(target=name, size=list(size), status="n/a", why=", ".join(why) or "not run")
+        ok = val >= bound if op == ">=" else (val <= bound if op == "<=" else val < bound)
+        return dict(target=name, size=list(size), value=val, bound=bound, op=op,
+                    status="pass" if ok else "FAIL")
+
+    return [
+        goal(">= 1000x faster than torch-struct at K=64", 64, "speedup_vs_torch-struct", ">=", 1000,
+             "torch-struct"),
+        goal(">= 100x faster than Pyro at K=128", 128, "speedup_vs_pyro", ">=", 100, "pyro"),
+        goal(">= 1.5x faster than naive autograd at K=512", 512, "speedup_vs_naive", ">=", 1.5,
+             "naive"),
+        goal("fwd+bwd <= 1.43x the 3T matmul time at K=512", 512, "time_over_3T_matmul", "<=", 1.43,
+             "matmul-3T"),
+        goal("fwd+bwd peak memory < 1 GB at K=2048 (B=8, T=256)", 2048, "peak_mb", "<", 1024),
+    ]
+
+
+def _cell_time(r):
+    if r is None:
+        return "-"
+    if not _ok(r):
+        return {"oom": "OOM", "timeout": "timeout"}.get(r["status"], r["status"])
+    t = r["time_s"]
+    return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
+
+
+def _fmt_mb(x):
+    return f"{x:.1f}" if x < 10 else f"{x:.0f}"
+
+
+def _fmt_ratio(x):
+    return "-" if x is None else (f"{x:,.0f}x" if x >= 100 else f"{x:.3g}x")
+
+
+def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
+    """A plain console table and a Markdown table for the README."""
+    methods = [m for m in METHODS if any(m in r["methods"] for r in results)]
+    head = ["B,T,K"] + methods
+    rows = []
+    for r in results:
+        rows.append([f"{r['B']},{r['T']},{r['K']}"] + [_cell_time(r["methods"].get(m)) for m in methods])
+    mem_rows = []
+    for r in results:
+        mem_rows.append([f"{r['B']},{r['T']},{r['K']}"] + [
+            (_fmt_mb(r["methods"][m]["peak_mb"]) if _ok(r["methods"].get(m)) else "-")
+            for m in methods])
+    rkeys = ["speedup_vs_naive", "speedup_vs_torch-struct", "speedup_vs_pyro",
+             "fwd_speedup_vs_hmmlearn", "limit_fraction", "time_over_3T_matmul"]
+    ratio_rows = [[f"{r['B']},{r['T']},{r['K']}"] + [_fmt_ratio(r["ratios"].get(k)) for k in rkeys]
+                  for r in results]
+
+    def plain(head, rows):
+        w = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        line = lambda xs: "  ".join(str(x).rjust(n) for x, n in zip(xs, w))
+        return "\n".join([line(head), line(["-" * n for n in w])] + [line(x) for x in rows])
+
+    goal_lines = []
+    for g in goals:
+        if "value" in g:
+            v = g["value"]
+            vs = f"{_fmt_mb(v)} MB" if "memory" in g["target"] else _fmt_ratio(v)
+        else:
+            vs = g.get("why", "")
+        at = f" (at B,T,K = {','.join(map(str, g['size']))})" if g["size"] else ""
+        goal_lines.append(f"[{g['status']:>4}] {g['target']}: {vs}{at}")
+
+    console = "\n\n".join([
+        "fwd+bwd time, median (hmmlearn-fwd and latentnlp-fwd: forward only)",
+        plain(head, rows),
+        "peak memory above baseline, MB",
+        plain(head, mem_rows),
+        "ratios (speed-up = peer time / latentnlp time; limit_fraction = 3T-matmul time / latentnlp time)",
+        plain(["B,T,K"] + rkeys, ratio_rows),
+        "targets\n" + "\n".join(goal_lines),
+    ])
+
+    # Markdown: one row per size, peers as "time (speed-up)"
+    md_head = ["B, T, K", "latentnlp fwd+bwd", "peak mem", "3T matmuls (limit)", "naive autograd",
+               "torch-struct", "Pyro", "latentnlp fwd / hmmlearn fwd"]
+    md = ["| " + " | ".join(md_head) + " |", "|" + "---|" * len(md_head)]
+    for r in results:
+        m, q = r["methods"], r["ratios"]
+
+        def peer(name, key):
+            c = _cell_time(m.get(name))
+            return c + (f" ({_fmt_ratio(q[key])})" if key in q else "")
+
+        ours = m.get("latentnlp")
+        md.append("| " + " | ".join([
+            f"{r['B']}, {r['T']}, {r['K']}",
+            _cell_time(ours),
+            _fmt_mb(ours["peak_mb"]) + " MB" if _ok(ours) else "-",
+            _cell_time(m.get("matmul-3T")) + (
+                f" ({q['time_over_3T_matmul']:.2f}x)" if "time_over_3T_matmul" in q else ""),
+            peer("naive", "speedup_vs_naive"),
+            peer("torch-struct", "speedup_vs_torch-struct"),
+            peer("pyro", "speedup_vs_pyro"),
+            _cell_time(m.get("latentnlp-fwd")) + " / " + peer("hmmlearn-fwd", "fwd_speedup_vs_hmmlearn"),
+        ]) + " |")
+    md.append("")
+    md.append(f"Median time of forward + backward of `log_partition.sum()` w.r.t. emit and trans "
+              f"(float32, {info['cpu_model']}, {info['threads']} thread(s), torch "
+              f"{info['versions']['torch']}); (Nx) = speed-up of latentnlp over the peer; the limit "
+              f"column is the time of 3T (B,K)x(K,K) matmuls with (latentnlp time / that time); "
+              f"hmmlearn (float64 C++) is forward only, so is the latentnlp time beside it; OOM = over "
+              f"the {info['mem_cap_gb']:g} GB per-process memory cap.")
+    return console, "\n".join(md)
+
+
+def machine_info(args) -> dict:
+    import numpy
+    import torch
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {"torch": torch.__version__, "numpy": numpy.__version__}
+    for name in ("torch-struct", "pyro-ppl", "hmmlearn"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        git = lambda *cmd: subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True,
+                                          text=True).stdout.strip()
+        commit = git("rev-parse", "HEAD") or None
+        dirty = bool(git("status", "--porcelain", "--", "latentnlp"))
+    except OSError:
+        commit, dirty = None, None
+    return {
+        "platform": platform.platform(), "python": platform.python_version(), "cpu_model": cpu,
+        "cpu_count": os.cpu_count(), "threads": args.threads, "versions": versions,
+        "mem_cap_gb": args.mem_cap_gb, "load_average_start": list(os.getloadavg()),
+        "git_commit": commit, "latentnlp_uncommitted_changes": dirty,
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="sanity run: short chains (same K), one repeat, nothing written unless --out")
+    p.add_argument("--sizes", help="comma list of BxTxK (default: the five published sizes)")
+    p.add_argument("--methods", help=f"comma list out of {', '.join(METHODS)}")
+    p.add_argument("--budget", type=float, help="seconds of repeats per measurement (default 3; quick 0)")
+    p.add_argument("--max-repeats", type=int, default=15)
+    p.add_argument("--timeout", type=float, help="seconds per measurement process (default 150; quick 30)")
+    p.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads (default 2)")
+    p.add_argument("--mem-cap-gb", type=float, default=8.0, help="RLIMIT_AS of each process")
+    p.add_argument("--out", type=Path, help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)}; "
+                   "--quick writes none unless given)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    if args.budget is None:
+        args.budget = 0.0 if args.quick else 3.0
+    if args.timeout is None:
+        args.timeout = 30.0 if args.quick else 150.0
+    if args.quick:
+        args.max_repeats = 1
+    out = args.out if args.out or args.quick else DEFAULT_OUT
+    sizes = (QUICK_SIZES if args.quick else SIZES) if not args.sizes else [tuple(int(v) for v in s.lower().split("x"))
+                                          for s in args.sizes.split(",")]
+    methods = list(METHODS) if not args.methods else args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+
+    info = machine_info(args)
+    print(f"# {info['cpu_model']}, {info['cpu_count']} CPUs, torch {info['versions']['torch']}, "
+          f"{args.threads} thread(s), memory cap {args.mem_cap_gb:g} GB per process, "
+          f"load average {info['load_average_start'][0]:.2f}", flush=True)
+    t_start = time.perf_counter()
+    results = []
+    for B, T, K in sizes:
+        res = {}
+        for m in methods:
+            if not METHODS[m][2](B, T, K):
+                continue
+            r = measure(m, B, T, K, args)
+            res[m] = r
+            what = (f"{r['time_s'] * 1e3:10.3f} ms  ({len(r['times_s'])} rep)  peak {r['peak_mb']:.0f} MB"
+                    if _ok(r) else f"{r['status']}: {r.get('error', '')[:120]}")
+            print(f"  B={B:<3} T={T:<5} K={K:<5} {m:<17} {what}", flush=True)
+        # the values must agree (hmmlearn: float64, forward only) -- a wrong peer is no peer
+        ref = next((res[m] for m in ("latentnlp-log", "latentnlp", "naive") if _ok(res.get(m))), None)
+        for r in res.values():
+            if _ok(r) and ref is not None and r["value"] == r["value"]:  # skip NaN (matmul)
+                r["value_agrees"] = abs(r["value"] - ref["value"]) <= 1e-4 * max(1.0, abs(ref["value"]))
+                if not r["value_agrees"]:
+                    print(f"  WARNING {r['method']}: log Z sum {r['value']:.6g} vs {ref['value']:.6g}")
+        results.append(dict(B=B, T=T, K=K, methods=res, ratios=ratios(res)))
+    goals = targets(results)
+    console, md = tables(results, goals, info)
+    print()
+    print(console)
+    print("\nMarkdown (README):\n")
+    print(md)
+    info["load_average_end"] = list(os.getloadavg())
+    info["wall_s"] = time.perf_counter() - t_start
+    print(f"\n# total {info['wall_s']:.0f} s; load average at end {info['load_average_end'][0]:.2f}")
+    if out:
+        doc = {
+            "benchmark": "linear-chain log_partition, forward + backward",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": info,
+            "settings": {"quick": args.quick, "budget_s": args.budget, "max_repeats": args.max_repeats,
+                         "timeout_s": args.timeout, "dtype": "float32", "seed": SEED,
+                         "trans": "shared [K, K]", "statistic": "median after one warm-up call",
+                         "memory": "peak RSS of the first (warm-up) call above the RSS before it "
+                                   "(VmHWM reset via /proc/self/clear_refs), MB"},
+            "methods": {m: METHODS[m][0] for m in methods},
+            "results": results,
+            "targets": goals,
+            "markdown": md,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"# wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
