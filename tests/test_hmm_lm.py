@@ -121,3 +121,19 @@ def test_log_space_fallback_when_probability_space_underflows():
     batch = {"targets": torch.tensor([[0, 1]]), "lengths": torch.tensor([2])}
     # log p(x) = log(e^-200 + e^-100) = -100 (+ e^-100), out of reach of float32 probabilities
     torch.testing.assert_close(model.log_marginal(batch), torch.tensor([-100.0]))
+
+
+from contract import CHECKS, ModelCase, lm_batch  # noqa: E402
+
+CONTRACT_CASES = [
+    ModelCase("hmm-lm/dense", make_model=lambda: HMMLanguageModel(12, 5, 8),
+              make_batch=lambda g: lm_batch(g, vocab_size=12)),
+    ModelCase("hmm-lm/low-rank", make_model=lambda: HMMLanguageModel(12, 6, 8, transition_rank=2, dropout=0.1),
+              make_batch=lambda g: lm_batch(g, vocab_size=12)),
+]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+@pytest.mark.parametrize("case", CONTRACT_CASES, ids=lambda c: c.name)
+def test_latent_model_contract(case, check):
+    check(case)
