@@ -255,3 +255,15 @@ CONTRACT_CASES = [
 @pytest.mark.parametrize("case", CONTRACT_CASES, ids=lambda c: c.name)
 def test_latent_model_contract(case, check):
     check(case)
+
+
+def test_mixture_of_softmaxes_lm_is_the_mos_lstm():
+    from latentnlp.models import MixtureOfSoftmaxesLM
+
+    torch.manual_seed(0)
+    mos = MixtureOfSoftmaxesLM(12, 6, 8, 2, num_experts=3, softmax_input_size=4)
+    torch.manual_seed(0)
+    reference = LSTMLanguageModel(12, 6, 8, 2, output="mos", num_experts=3, softmax_input_size=4)
+    batch = {"inputs": torch.randint(12, (3, 5)), "targets": torch.randint(12, (3, 5)),
+             "lengths": torch.tensor([5, 2, 4])}
+    torch.testing.assert_close(mos.log_marginal(batch), reference.log_marginal(batch))

@@ -8,7 +8,8 @@ whose parameters are *computed* from embeddings, so their number is
 ``O(d^2 + dK + dV)`` rather than ``O(K^2 + KV)``:
 
 * ``p(z_t = j | z_{t-1} = i) = softmax_j(f(u_i) . v_j)`` (dense), or
-  ``sum_c softmax_c(f(u_i) . r_c) softmax_j(r'_c . v_j)`` (rank ``r``; the chain then costs
+  ``sum_c softmax_c(f(u_i) . r_c) softmax_j(f(r'_c) . v_j)`` (rank ``r``: ``r`` "pseudo-states"
+  ``c`` between consecutive states, scored by the same MLP as the states; the chain then costs
   ``O(T K r)`` instead of ``O(T K^2)``),
 * ``p(x_t = w | z_t = k) = softmax_w(g(u_k) . e_w)``,
 * ``p(z_0 = k) = softmax_k(f(s) . v_k)``,
@@ -105,7 +106,7 @@ class HMMLanguageModel(LatentModel):
             params["trans"] = torch.log_softmax(source[1:] @ following.T, -1)
         else:
             params["left"] = torch.log_softmax(source[1:] @ self.rank_in.T, -1)
-            params["right"] = torch.log_softmax(self.rank_out @ following.T, -1)
+            params["right"] = torch.log_softmax(self.transition_mlp(self.rank_out) @ following.T, -1)
         return params
 
     def dense_transition(self, params: dict[str, Tensor]) -> Tensor:
@@ -138,7 +139,7 @@ class HMMLanguageModel(LatentModel):
         if self.transition_rank is None:
             return torch.logsumexp(log_filter.unsqueeze(-1) + torch.log_softmax(source @ following.T, -1), 1)
         left = torch.log_softmax(source @ self.rank_in.T, -1)
-        right = torch.log_softmax(self.rank_out @ following.T, -1)
+        right = torch.log_softmax(self.transition_mlp(self.rank_out) @ following.T, -1)
         through_rank = torch.logsumexp(log_filter.unsqueeze(-1) + left, 1)
         return torch.logsumexp(through_rank.unsqueeze(-1) + right, 1)
 

@@ -214,3 +214,15 @@ class LSTMLanguageModel(LatentModel):
             out, state = self.lstm(self.dropout(self.embedding(y[:, None])), state)
             last = self.dropout(out[:, 0])
         return tokens
+
+
+class MixtureOfSoftmaxesLM(LSTMLanguageModel):
+    """The LSTM language model of Yang et al. (2018): :class:`LSTMLanguageModel` with
+    ``output="mos"`` (the expert of each token summed out exactly), ``num_experts`` experts of
+    ``softmax_input_size`` dimensions.  Its one-softmax baseline is
+    ``LSTMLanguageModel(..., output="softmax")``."""
+
+    def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, num_layers: int = 1, *,
+                 num_experts: int = 15, **kwargs) -> None:
+        super().__init__(vocab_size, embedding_size, hidden_size, num_layers, output="mos",
+                         num_experts=num_experts, **kwargs)
