@@ -43,7 +43,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
 import json
 import os
@@ -54,7 +53,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))  # the shared measurement module, wherever the script is run from
+
+from measurement import failure, peak_memory, repeat_count, run_case, start_worker, utc_now  # noqa: E402
+
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "chain.json"
 THREADS = 2  # default of --threads
 SEED = 0
@@ -83,24 +87,6 @@ PEERS = ["naive", "torch-struct", "pyro"]
 # ==============================================================================================
 # worker side: one (method, B, T, K) per process
 # ==============================================================================================
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _inputs(B, T, K, torch):
     """One HMM: log-normalised ``init [K]`` and ``trans [K, K]``, emission scores ``emit [B, T, K]``."""
     g = torch.Generator().manual_seed(SEED)
@@ -223,16 +209,8 @@ def _setup(method, B, T, K):
 
 
 def worker(spec: dict) -> dict:
-    import resource
-
-    cap = int(spec["mem_cap_gb"] * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    start_worker(spec["mem_cap_gb"], spec["threads"])
     sys.path.insert(0, str(REPO))
-    import gc
-
-    import torch
-
-    torch.set_num_threads(spec["threads"])
     method, B, T, K = spec["method"], spec["B"], spec["T"], spec["K"]
     out = {"method": method, "B": B, "T": T, "K": K}
     try:
@@ -240,34 +218,26 @@ def worker(spec: dict) -> dict:
         # charged to the measured call's memory
         _setup(method, 2, 4, min(K, 8))()
         run = _setup(method, B, T, K)
-        gc.collect()
-        exact_peak = _reset_peak_rss()
-        base_kb = _status_kb("VmRSS") if exact_peak else _status_kb("VmHWM")
-        t0 = time.perf_counter()
-        out["value"] = run()
-        first = time.perf_counter() - t0
-        out["peak_mb"] = max(0, _status_kb("VmHWM") - base_kb) / 1024
-        out["peak_method"] = "VmHWM-after-reset minus VmRSS" if exact_peak else "ru_maxrss delta"
+
+        def timed_run():
+            t0 = time.perf_counter()
+            value = run()
+            return value, time.perf_counter() - t0
+
+        (out["value"], first), out["peak_mb"], out["peak_method"] = peak_memory(timed_run)
         if first > spec["timeout_s"] / 3:  # no time left for a repeat: keep the warm-up
             times = [first]
             out["note"] = "single call (warm-up) timed: too slow to repeat"
         else:
-            n = max(1, min(spec["max_repeats"], int(spec["budget_s"] / max(first, 1e-6))))
             times = []
-            for _ in range(n):
+            for _ in range(repeat_count(first, spec["budget_s"], spec["max_repeats"])):
                 t0 = time.perf_counter()
                 run()
                 times.append(time.perf_counter() - t0)
         out.update(status="ok", time_s=statistics.median(times), min_s=min(times), times_s=times,
                    warmup_s=first)
-    except MemoryError as e:
-        out.update(status="oom", error=f"MemoryError: {e}"[:300])
-    except RuntimeError as e:
-        msg = str(e)
-        oom = any(s in msg for s in ("can't allocate memory", "out of memory", "Cannot allocate"))
-        out.update(status="oom" if oom else "error", error=f"{type(e).__name__}: {msg}"[:300])
     except Exception as e:  # a peer's failure is a result, not a crash of the benchmark
-        out.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
+        out.update(failure(e))
     return out
 
 
@@ -277,22 +247,8 @@ def worker(spec: dict) -> dict:
 def measure(method, B, T, K, args) -> dict:
     spec = dict(method=method, B=B, T=T, K=K, mem_cap_gb=args.mem_cap_gb, budget_s=args.budget,
                 max_repeats=args.max_repeats, timeout_s=args.timeout, threads=args.threads)
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(args.threads)
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return dict(method=method, B=B, T=T, K=K, status="timeout",
-                    error=f"no result within {args.timeout:.0f} s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    status = "oom" if proc.returncode in (-9, 137) or "MemoryError" in proc.stderr else "crash"
-    return dict(method=method, B=B, T=T, K=K, status=status,
-                error=f"exit {proc.returncode}: " + " | ".join(tail)[:300])
+    return run_case(__file__, spec, identity=dict(method=method, B=B, T=T, K=K), threads=args.threads,
+                    timeout=args.timeout)
 
 
 def _ok(r):
@@ -543,7 +499,7 @@ def main(argv=None):
     if out:
         doc = {
             "benchmark": "linear-chain log_partition, forward + backward",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": utc_now(),
             "machine": info,
             "settings": {"quick": args.quick, "budget_s": args.budget, "max_repeats": args.max_repeats,
                          "timeout_s": args.timeout, "dtype": "float32", "seed": SEED,

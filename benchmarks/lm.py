@@ -36,19 +36,19 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import platform
-import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))  # the shared measurement module, wherever the script is run from
+
+from measurement import add_step_arguments, run_case, run_metadata, start_worker, time_step  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 SEED = 0
 
@@ -179,77 +179,17 @@ CASES: list[Case] = _output_cases() + _lstm_lm_cases() + _hmm_lm_cases()
 # ==============================================================================================
 # worker side: one case per process
 # ==============================================================================================
-def _status_kb(name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    raise KeyError(name)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(spec: dict) -> dict:
-    import gc
-    import resource
-
-    if spec["device"] == "cpu" and spec["mem_cap_gb"] > 0:
-        cap = int(spec["mem_cap_gb"] * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    start_worker(spec["mem_cap_gb"], spec["threads"], spec["device"])
     sys.path.insert(0, str(REPO))
     import torch
 
-    torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    cuda = device.type == "cuda"
     case = {c.name: c for c in CASES}[spec["name"]]
     params = case.quick if spec["quick"] else case.params
     out: dict[str, Any] = {"name": case.name, "section": case.section, "params": params}
-
-    def timed(step) -> float:
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    try:
-        step, tokens = case.build(params, device)
-        warmup = timed(step)
-        gc.collect()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            first = timed(step)
-            out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-            out["peak_method"] = "cuda max_memory_allocated minus allocated before the step"
-        else:
-            exact = _reset_peak_rss()
-            base = _status_kb("VmRSS") if exact else _status_kb("VmHWM")
-            first = timed(step)
-            out["peak_mb"] = max(0, _status_kb("VmHWM") - base) / 1024
-            out["peak_method"] = ("VmHWM after reset minus VmRSS" if exact
-                                  else "VmHWM growth (no reset allowed: a lower bound)")
-        times = [first]
-        repeats = max(1, min(spec["max_repeats"], int(spec["budget_s"] / max(first, 1e-6))))
-        times += [timed(step) for _ in range(repeats - 1)]
-        median = statistics.median(times)
-        out.update(status="ok", tokens=tokens, time_s=median, times_s=times, warmup_s=warmup,
-                   tokens_per_s=tokens / median)
-    except (MemoryError, torch.OutOfMemoryError) as e:
-        out.update(status="oom", error=f"{type(e).__name__}: {e}"[:300])
-    except RuntimeError as e:
-        msg = str(e)
-        oom = any(s in msg for s in ("can't allocate memory", "out of memory", "Cannot allocate"))
-        out.update(status="oom" if oom else "error", error=f"RuntimeError: {msg}"[:300])
+    out.update(time_step(lambda: case.build(params, device), device, budget_s=spec["budget_s"],
+                         max_repeats=spec["max_repeats"]))
     return out
 
 
@@ -259,22 +199,9 @@ def worker(spec: dict) -> dict:
 def measure(case: Case, args) -> dict:
     spec = dict(name=case.name, quick=args.quick, device=args.device, threads=args.threads,
                 mem_cap_gb=args.mem_cap_gb, budget_s=args.budget, max_repeats=args.max_repeats)
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(args.threads)
     params = case.quick if args.quick else case.params
-    failed = dict(name=case.name, section=case.section, params=params)
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return dict(failed, status="timeout", error=f"no result within {args.timeout:.0f} s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    status = "oom" if proc.returncode in (-9, 137) or "MemoryError" in proc.stderr else "crash"
-    return dict(failed, status=status, error=f"exit {proc.returncode}: " + " | ".join(tail)[:300])
+    return run_case(__file__, spec, identity=dict(name=case.name, section=case.section, params=params),
+                    threads=args.threads, timeout=args.timeout)
 
 
 def _sizes(params: dict) -> str:
@@ -298,18 +225,7 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    parser.add_argument("--quick", action="store_true", help="small sizes: a sanity run")
-    parser.add_argument("--cases", default="", help="comma-separated substrings of case names to run")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--budget", type=float, default=10.0, help="seconds of timed steps per case")
-    parser.add_argument("--max-repeats", type=int, default=20)
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
-    parser.add_argument("--mem-cap-gb", type=float, default=16.0, help="CPU address-space cap, 0 = none")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON output (default benchmarks/results/lm-<device>.json; none with --quick)")
-    parser.add_argument("--list", action="store_true", help="print the case names and exit")
+    add_step_arguments(parser, budget=10.0, timeout=900.0, out_default="benchmarks/results/lm-<device>.json")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -333,15 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     if out is None and not args.quick:
         out = RESULTS / f"lm-{args.device.split(':')[0]}.json"
     if out is not None:
-        import torch
-
         out.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    device=args.device, threads=args.threads, quick=args.quick,
-                    torch=torch.__version__, python=platform.python_version(),
-                    machine=platform.machine(), processor=platform.processor() or platform.machine(),
-                    cpu_count=os.cpu_count(),
-                    gpu=torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None)
+        meta = dict(run_metadata(args.device, args.threads, args.quick),
+                    processor=platform.processor() or platform.machine())
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     return 0 if all(r["status"] == "ok" for r in results) else 1

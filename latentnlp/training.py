@@ -75,8 +75,8 @@ try:  # numpy is optional: its RNG is saved and restored only when it is install
 except ImportError:  # pragma: no cover
     np = None
 
-__all__ = ["TrainConfig", "Trainer", "DataSource", "FinishedRunError", "load_model",
-           "OPTIMIZERS", "SCHEDULES"]
+__all__ = ["TrainConfig", "Trainer", "DataSource", "FinishedRunError", "load_model", "read_metrics",
+           "training_speed", "OPTIMIZERS", "SCHEDULES"]
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +285,22 @@ def load_model(model: nn.Module, path: str | os.PathLike, map_location: Any = "c
     payload = torch.load(path, map_location=map_location, weights_only=True)
     model.load_state_dict(payload["model"])
     return payload
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The events a :class:`Trainer` logged to ``run_dir/metrics.jsonl``, in order; ``[]`` when
+    the folder holds no log."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def training_speed(run_dir: str | os.PathLike) -> float:
+    """Mean training tokens/s over the logged windows of the run in ``run_dir`` (NaN if none)."""
+    rates = [e["tokens_per_s"] for e in read_metrics(run_dir)
+             if e.get("split") == "train" and e.get("event") == "log" and "tokens_per_s" in e]
+    return sum(rates) / len(rates) if rates else float("nan")
 
 
 def _has_extra_state(module: nn.Module) -> bool:

@@ -57,6 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from latentnlp import plots  # noqa: E402
 from latentnlp.data import (  # noqa: E402
     MissingSplitError,
     MissingSplitWarning,
@@ -69,7 +70,7 @@ from latentnlp.data import (  # noqa: E402
 )
 from latentnlp.metrics import corpus_bleu, tokenized_bleu  # noqa: E402
 from latentnlp.models.latent_alignment import MODES, LatentAlignmentSeq2Seq  # noqa: E402
-from latentnlp.training import Trainer, TrainConfig  # noqa: E402
+from latentnlp.training import Trainer, TrainConfig, training_speed  # noqa: E402
 
 # Deng et al. 2018, "Latent Alignment and Variational Attention", IWSLT14 de-en (test PPL, BLEU).
 PUBLISHED = [
@@ -403,18 +404,6 @@ def evaluate_run(model, trainer: Trainer, data: Data, preset: Preset, mode: str,
 
 
 # ---- results ------------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def train_speed(run_dir: Path) -> float:
-    rates = [e["tokens_per_s"] for e in read_jsonl(run_dir / "metrics.jsonl")
-             if e.get("split") == "train" and e.get("event") == "log" and "tokens_per_s" in e]
-    return sum(rates) / len(rates) if rates else float("nan")
-
-
 def checks(rows: list[dict], main_test: str, preset: str) -> list[tuple[str, bool, str]]:
     """The orderings the recipe expects, on the main test set."""
     by_mode = {r["mode"]: r["test"][main_test] for r in rows}
@@ -441,7 +430,7 @@ def _fmt(x, digits=2) -> str:
 
 
 def write_results(rows: list[dict], preset_name: str, preset: Preset, data: Data, out: Path,
-                  beam_size: int, plots: list[str]) -> None:
+                  beam_size: int, figures: list[str]) -> None:
     main_test = next(iter(data.tests))
     lines = [f"# Latent alignment and variational attention: preset `{preset_name}`", "",
              f"Data: {data.note}.", "",
@@ -486,34 +475,8 @@ def write_results(rows: list[dict], preset_name: str, preset: Preset, data: Data
         lines += ["", "The cpu models are smaller and trained far less than the published ones (see train "
                   "tokens), on a different corpus (Multi30k), so only the comparisons between modes of "
                   "this run carry meaning; every mode made the same number of updates."]
-    lines += ["", "Plots: " + "; ".join(f"`{p}`" for p in plots) + ".", ""]
+    lines += ["", "Plots: " + "; ".join(f"`{p}`" for p in figures) + ".", ""]
     (out / "results.md").write_text("\n".join(lines))
-
-
-def plot_curves(rows: list[dict], out: Path) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for row in rows:
-        events = read_jsonl(Path(row["dir"]) / "metrics.jsonl")
-        train = [(e["step"], e["loss"]) for e in events if e.get("split") == "train" and e.get("event") == "log"]
-        valid = [(e["step"], e["ppl"]) for e in events if e.get("split") == "valid" and e.get("event") == "eval"]
-        if train:
-            axes[0].plot(*zip(*train), label=row["mode"])
-        if valid:
-            axes[1].plot(*zip(*valid), marker="o", label=row["mode"])
-    axes[0].set(xlabel="update", ylabel="training loss per token", title="training objective (NLL or -ELBO)")
-    axes[1].set(xlabel="update", ylabel="perplexity", title="validation perplexity (exact marginal)",
-                yscale="log")
-    for ax in axes:
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
-    plt.close(fig)
-    return "curves.png"
 
 
 def _decoder_states(model, batch) -> tuple:
@@ -527,10 +490,6 @@ def plot_alignments(model, mode: str, data: Data, preset: Preset, out: Path) -> 
     """Prior ``alpha`` beside the exact posterior (and ``q`` for the ELBO modes) on a few test sentences."""
     if mode not in ALIGNMENT_MODES:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     batches, pairs = next(iter(data.tests.values()))
     lengths = [(max(len(batches.src[i]), len(batches.tgt[i])), i) for i in range(len(pairs))]
     chosen = [i for n, i in lengths if 4 <= n <= 20][:preset.heatmaps] or [i for _, i in lengths[:preset.heatmaps]]
@@ -541,24 +500,13 @@ def plot_alignments(model, mode: str, data: Data, preset: Preset, out: Path) -> 
     panels = [("prior alpha", prior), ("exact posterior p(z | x, y)", model.posterior(batch).probs)]
     if mode in ELBO_MODES:
         panels.append(("inference network q(z | x, y)", model.approximate_posterior(batch).probs))
-    fig, axes = plt.subplots(len(chosen), len(panels), figsize=(4.2 * len(panels), 3.6 * len(chosen)),
-                             squeeze=False)
-    for row in range(len(chosen)):
-        s, t = int(batch["src_lengths"][row]), int(batch["tgt_lengths"][row])
-        src = piece_labels(data.tokenizer, batch["src"][row, :s].tolist())
-        tgt = piece_labels(data.tokenizer, batch["tgt_out"][row, :t].tolist())
-        for col, (title, probs) in enumerate(panels):
-            ax = axes[row, col]
-            ax.imshow(probs[row, :t, :s].float().cpu(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
-            ax.set_xticks(range(s), src, rotation=90, fontsize=7)
-            ax.set_yticks(range(t), tgt, fontsize=7)
-            if row == 0:
-                ax.set_title(title, fontsize=9)
-    fig.suptitle(f"{mode}: alignments on test sentences (rows: target, columns: source)", fontsize=10)
-    fig.tight_layout()
+    sources = [piece_labels(data.tokenizer, batch["src"][row, :int(n)].tolist())
+               for row, n in enumerate(batch["src_lengths"])]
+    targets = [piece_labels(data.tokenizer, batch["tgt_out"][row, :int(n)].tolist())
+               for row, n in enumerate(batch["tgt_lengths"])]
     name = f"alignments-{mode}.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
+    plots.alignment_heatmaps(panels, sources, targets, out / name,
+                             title=f"{mode}: alignments on test sentences (rows: target, columns: source)")
     return name
 
 
@@ -593,7 +541,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "data": data.note, "train_batches": len(data.train)}, indent=2))
 
     tokens_per_batch = sum(len(t) + 1 for t in data.train.tgt) / len(data.train)
-    rows, plots = [], []
+    rows, figures = [], []
     for mode in modes:
         run_dir = out / mode
         model = build_model(mode, preset, data.tokenizer)
@@ -622,20 +570,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model.cpu()
         train_tokens = summary["steps"] * tokens_per_batch
         rows.append({"mode": mode, "dir": str(run_dir), "parameters": parameters, "steps": summary["steps"],
-                     "train_tokens": int(train_tokens), "tokens_per_s": train_speed(run_dir),
+                     "train_tokens": int(train_tokens), "tokens_per_s": training_speed(run_dir),
                      "wall_time": summary["wall_time"], "valid_ppl": summary["best_valid_ppl"],
                      "skipped": summary["skipped"], "test": test})
         plot = plot_alignments(model, mode, data, preset, out)
         if plot:
-            plots.append(plot)
+            figures.append(plot)
         first = next(iter(test.values()))
         print(f"[{mode}] test ppl {first['ppl']:.2f}, BLEU {first['bleu_tok']:.2f} (tok) / "
               f"{first['bleu_detok']:.2f} (detok) ({time.time() - start:.0f}s)")
     with open(out / "metrics.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    plots.insert(0, plot_curves(rows, out))
-    write_results(rows, args.preset, preset, data, out, beam_size, plots)
+    plots.training_curves({row["mode"]: row["dir"] for row in rows}, out / "curves.png",
+                          loss_label="training loss per token",
+                          loss_title="training objective (NLL or -ELBO)",
+                          ppl_title="validation perplexity (exact marginal)")
+    figures.insert(0, "curves.png")
+    write_results(rows, args.preset, preset, data, out, beam_size, figures)
     print((out / "results.md").read_text())
     return rows
 

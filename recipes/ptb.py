@@ -27,10 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from latentnlp import plots  # noqa: E402
 from latentnlp.data import BPTTStream, read_ptb  # noqa: E402
 from latentnlp.models.hmm_lm import HMMLanguageModel  # noqa: E402
 from latentnlp.models.lstm_lm import LSTMLanguageModel  # noqa: E402
-from latentnlp.training import Trainer, TrainConfig  # noqa: E402
+from latentnlp.training import Trainer, TrainConfig, training_speed  # noqa: E402
 
 # Published PTB perplexities (Mikolov's 10k-vocabulary version), with their sources.
 PUBLISHED = [
@@ -135,19 +136,6 @@ def build_model(run: Run, vocab_size: int):
 
 
 # ---- results ------------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def train_speed(run_dir: Path) -> float:
-    """Mean training tokens/s over the run's logged windows."""
-    rates = [e["tokens_per_s"] for e in read_jsonl(run_dir / "metrics.jsonl")
-             if e.get("split") == "train" and e.get("event") == "log" and "tokens_per_s" in e]
-    return sum(rates) / len(rates) if rates else float("nan")
-
-
 def checks(rows: list[dict]) -> list[tuple[str, bool, str]]:
     """The orderings the recipe expects, evaluated on the measured validation perplexities."""
     found = []
@@ -174,38 +162,10 @@ def checks(rows: list[dict]) -> list[tuple[str, bool, str]]:
     return found
 
 
-def plot_curves(rows: list[dict], out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for row in rows:
-        events = read_jsonl(Path(row["dir"]) / "metrics.jsonl")
-        train = [(e["step"], e["loss"]) for e in events if e.get("split") == "train" and e.get("event") == "log"]
-        valid = [(e["step"], e["ppl"]) for e in events if e.get("split") == "valid" and e.get("event") == "eval"]
-        if train:
-            axes[0].plot(*zip(*train), label=row["name"])
-        if valid:
-            axes[1].plot(*zip(*valid), marker="o", label=row["name"])
-    axes[0].set(xlabel="update", ylabel="training NLL per token", title="training loss")
-    axes[1].set(xlabel="update", ylabel="perplexity", title="validation perplexity", yscale="log")
-    for ax in axes:
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
-    plt.close(fig)
-
-
 @torch.no_grad()
 def plot_hmm_states(model: HMMLanguageModel, vocab, stream: BPTTStream, out: Path, name: str,
                     num_states: int = 16, num_words: int = 8) -> None:
     """The most used states (posterior mass on a validation stretch), their top words and transitions."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     model.eval()
     model.reset_state()
     batch = next(iter(stream.iterate(0)))
@@ -213,23 +173,11 @@ def plot_hmm_states(model: HMMLanguageModel, vocab, stream: BPTTStream, out: Pat
     states = usage.topk(min(num_states, model.num_states)).indices
     params = model.log_parameters()
     top = params["emission"][states].topk(num_words, -1)
+    words = [[(vocab.itos[w], math.exp(p)) for w, p in zip(ids, logp)]
+             for ids, logp in zip(top.indices.tolist(), top.values.tolist())]
     trans = model.dense_transition(params)[states][:, states].exp()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(states) + 1.5),
-                             gridspec_kw={"width_ratios": [1.6, 1]})
-    axes[0].axis("off")
-    for row, (state, words, logp) in enumerate(zip(states.tolist(), top.indices.tolist(), top.values.tolist())):
-        text = "  ".join(f"{vocab.itos[w]} ({math.exp(p):.2f})" for w, p in zip(words, logp))
-        axes[0].text(0, 1 - (row + 0.5) / len(states), f"state {state:>4}: {text}", fontsize=8,
-                     family="monospace", va="center")
-    axes[0].set_title(f"{name}: top words of the {len(states)} most used states")
-    image = axes[1].imshow(trans, cmap="viridis")
-    axes[1].set_xticks(range(len(states)), states.tolist(), rotation=90, fontsize=6)
-    axes[1].set_yticks(range(len(states)), states.tolist(), fontsize=6)
-    axes[1].set(title="p(next state | state) among them", xlabel="to", ylabel="from")
-    fig.colorbar(image, ax=axes[1], fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(out / "hmm_states.png", dpi=120)
-    plt.close(fig)
+    plots.hmm_states(states.tolist(), words, trans, out / "hmm_states.png",
+                     title=f"{name}: top words of the {len(states)} most used states")
 
 
 def write_results(rows: list[dict], preset: str, data_note: str, out: Path) -> None:
@@ -317,12 +265,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "valid_ppl": summary["best_valid_ppl"], "test_ppl": summary["test"]["ppl"],
                      "parameters": sum(p.numel() for p in build_model(run, len(vocab)).parameters()),
                      "train_tokens": summary["steps"] * preset.batch_size * preset.bptt,
-                     "tokens_per_s": train_speed(out / run.name), "wall_time": summary["wall_time"],
+                     "tokens_per_s": training_speed(out / run.name), "wall_time": summary["wall_time"],
                      "steps": summary["steps"], "skipped": summary["skipped"]})
     with open(out / "metrics.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    plot_curves(rows, out)
+    plots.training_curves({row["name"]: row["dir"] for row in rows}, out / "curves.png")
     reported = {row["name"] for row in rows}
     dense_hmms = [r for r in preset.runs if r.kind == "hmm" and not r.model["transition_rank"]
                   and r.name in reported]

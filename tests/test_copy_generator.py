@@ -10,13 +10,7 @@ from latentnlp.layers.copy_generator import CopyGenerator, source_extended_ids, 
 B, T, S, D, V = 3, 4, 5, 6, 7
 LENGTHS = torch.tensor([5, 3, 1])
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # every test computes in float64
 
 
 def _inputs(seed=0):

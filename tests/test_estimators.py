@@ -7,13 +7,7 @@ from torch.distributions import Categorical, Independent
 from latentnlp.estimators import Estimate, exact, gumbel_softmax, reparam, score_function
 from latentnlp.families import DiagonalGaussian, MaskedCategorical, MeanFieldBernoulli
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # every test computes in float64
 
 
 THETA = torch.tensor([0.3, -1.0, 0.8, 0.1], dtype=torch.float64)

@@ -8,14 +8,7 @@ from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
 
 from latentnlp.families import DiagonalGaussian, MaskedCategorical, MeanFieldBernoulli, lengths_to_mask
 
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # every test computes in float64
 
 
 def _masked_pair(B=3, T=4, S=5, seed=0):
