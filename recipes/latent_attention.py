@@ -479,12 +479,6 @@ def write_results(rows: list[dict], preset_name: str, preset: Preset, data: Data
     (out / "results.md").write_text("\n".join(lines))
 
 
-def _decoder_states(model, batch) -> tuple:
-    """``(query, memory, memory_mask)`` of the teacher-forced decoder, for the prior alignment."""
-    run = model._run(batch)
-    return run.hidden, run.memory, run.memory_mask
-
-
 @torch.no_grad()
 def plot_alignments(model, mode: str, data: Data, preset: Preset, out: Path) -> str | None:
     """Prior ``alpha`` beside the exact posterior (and ``q`` for the ELBO modes) on a few test sentences."""
@@ -496,7 +490,7 @@ def plot_alignments(model, mode: str, data: Data, preset: Preset, out: Path) -> 
     model.eval()
     device = next(model.parameters()).device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batches.collate(chosen).items()}
-    prior = model.attention.alignment(*_decoder_states(model, batch)).probs
+    prior = model.prior(batch).probs
     panels = [("prior alpha", prior), ("exact posterior p(z | x, y)", model.posterior(batch).probs)]
     if mode in ELBO_MODES:
         panels.append(("inference network q(z | x, y)", model.approximate_posterior(batch).probs))

@@ -96,6 +96,19 @@ def test_posterior_is_bayes_rule():
     torch.testing.assert_close(torch.where(mask, joint.logsumexp(-1), 0.0).sum(1), model.log_marginal(batch))
 
 
+def test_prior_times_emission_normalises_to_the_posterior():
+    model, batch = _double("exact"), _batch()
+    prior = model.prior(batch)
+    assert prior.batch_shape == batch["tgt_out"].shape
+    torch.testing.assert_close(prior.probs.sum(-1), torch.ones(prior.batch_shape, dtype=torch.float64))
+    run = model._run(batch)
+    emission = model.attention.emission_log_probs(run.hidden, run.memory, batch["tgt_out"], run.memory_mask)
+    joint = prior.logits + emission
+    torch.testing.assert_close(model.posterior(batch).logits, joint - joint.logsumexp(-1, keepdim=True))
+    with pytest.raises(NotImplementedError):
+        _double("soft").prior(batch)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_training_marginal_equals_stepwise_decoder(mode):
     """Teacher-forced decoder_step distributions: normalised, and they score the data like log_marginal."""

@@ -206,6 +206,13 @@ class LatentAlignmentSeq2Seq(LatentModel):
         return ELBO(value=reconstruction - kl, reconstruction=reconstruction, kl=kl,
                     surrogate=surrogate - kl_weight * kl)
 
+    def prior(self, batch: Batch) -> MaskedCategorical:
+        """The attention prior ``alpha_t = p(z_t | x, y_<t)`` of the teacher-forced decoder, batch ``[B, T]``."""
+        if self.mode in ("soft", "copy"):
+            raise NotImplementedError(f"mode {self.mode!r} has no alignment latent variable")
+        run = self._run(batch)
+        return MaskedCategorical(run.log_alpha, run.memory_mask[:, None, :])
+
     def posterior(self, batch: Batch) -> MaskedCategorical:
         """Exact alignment posterior ``p(z_t = m | x, y) ∝ alpha_tm p(y_t | h_t, s_m)``, batch ``[B, T]``."""
         if self.mode in ("soft", "copy"):
