@@ -82,29 +82,20 @@ def test_elbo_below_marginal_and_tight_at_exact_posterior(mode):
     torch.testing.assert_close(bound.value, bound.reconstruction - bound.kl)
 
 
-def test_posterior_is_bayes_rule():
+def test_posterior_is_bayes_rule_on_the_public_prior():
     model, batch = _double("exact"), _batch()
-    post = model.posterior(batch)
-    assert post.batch_shape == batch["tgt_out"].shape
-    torch.testing.assert_close(post.probs.sum(-1), torch.ones(post.batch_shape, dtype=torch.float64))
-    # sum_t log sum_m alpha p = log_marginal; the posterior's normaliser is exactly that
+    post, prior = model.posterior(batch), model.prior(batch)
+    for dist in (post, prior):
+        assert dist.batch_shape == batch["tgt_out"].shape
+        torch.testing.assert_close(dist.probs.sum(-1), torch.ones(dist.batch_shape, dtype=torch.float64))
+    # posterior = prior x emission, normalised; sum_t log sum_m alpha p = log_marginal
     run = model._run(batch)
+    torch.testing.assert_close(prior.logits, run.log_alpha - run.log_alpha.logsumexp(-1, keepdim=True))
     emission = model.attention.emission_log_probs(run.hidden, run.memory, batch["tgt_out"], run.memory_mask)
     joint = run.log_alpha + emission
     torch.testing.assert_close(post.logits, joint - joint.logsumexp(-1, keepdim=True))
     mask = run.target_mask
     torch.testing.assert_close(torch.where(mask, joint.logsumexp(-1), 0.0).sum(1), model.log_marginal(batch))
-
-
-def test_prior_times_emission_normalises_to_the_posterior():
-    model, batch = _double("exact"), _batch()
-    prior = model.prior(batch)
-    assert prior.batch_shape == batch["tgt_out"].shape
-    torch.testing.assert_close(prior.probs.sum(-1), torch.ones(prior.batch_shape, dtype=torch.float64))
-    run = model._run(batch)
-    emission = model.attention.emission_log_probs(run.hidden, run.memory, batch["tgt_out"], run.memory_mask)
-    joint = prior.logits + emission
-    torch.testing.assert_close(model.posterior(batch).logits, joint - joint.logsumexp(-1, keepdim=True))
     with pytest.raises(NotImplementedError):
         _double("soft").prior(batch)
 

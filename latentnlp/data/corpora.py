@@ -86,8 +86,39 @@ def _missing(name: str, absent: Sequence[str], why: Callable[[str], str]) -> dic
 # ---------------------------------------------------------------------------------------------
 # corpus objects
 # ---------------------------------------------------------------------------------------------
+class _SplitAccess:
+    """``corpus[split]`` and ``corpus.train/valid/test`` over ``splits``, with a clear error that
+    says why a split is missing (``missing[split]``) or which splits exist."""
+
+    name: str
+    splits: dict
+    missing: dict
+
+    def __getitem__(self, split: str) -> list:
+        if split in self.splits:
+            return self.splits[split]
+        if split in self.missing:
+            raise MissingSplitError(self.missing[split])
+        raise MissingSplitError(f"{self.name} has no split {split!r}; it has {sorted(self.splits)}")
+
+    def __contains__(self, split: object) -> bool:
+        return split in self.splits
+
+    @property
+    def train(self) -> list:
+        return self["train"]
+
+    @property
+    def valid(self) -> list:
+        return self["valid"]
+
+    @property
+    def test(self) -> list:
+        return self["test"]
+
+
 @dataclass
-class LMCorpus:
+class LMCorpus(_SplitAccess):
     """A language-modelling corpus: ``splits[split]`` is a list of token lists.
 
     ``unk`` is the corpus's own unknown-word token (``<unk>`` for PTB, ``_UNK``
@@ -100,28 +131,6 @@ class LMCorpus:
     missing: dict[str, str] = field(default_factory=dict)
     unk: str = "<unk>"
     vocab_file: Path | None = None
-
-    def __getitem__(self, split: str) -> list[list[str]]:
-        if split in self.splits:
-            return self.splits[split]
-        if split in self.missing:
-            raise MissingSplitError(self.missing[split])
-        raise MissingSplitError(f"{self.name} has no split {split!r}; it has {sorted(self.splits)}")
-
-    def __contains__(self, split: object) -> bool:
-        return split in self.splits
-
-    @property
-    def train(self) -> list[list[str]]:
-        return self["train"]
-
-    @property
-    def valid(self) -> list[list[str]]:
-        return self["valid"]
-
-    @property
-    def test(self) -> list[list[str]]:
-        return self["test"]
 
     def num_tokens(self, split: str, *, eos: bool = True) -> int:
         """Word tokens of ``split``, plus one ``<eos>`` per line when ``eos``."""
@@ -152,7 +161,7 @@ class LMCorpus:
 
 
 @dataclass
-class ParallelCorpus:
+class ParallelCorpus(_SplitAccess):
     """A parallel corpus: ``splits[split]`` is a list of ``(source, target)`` line pairs."""
 
     name: str
@@ -161,28 +170,6 @@ class ParallelCorpus:
     splits: dict[str, list[tuple[str, str]]]
     source: Source | None = None
     missing: dict[str, str] = field(default_factory=dict)
-
-    def __getitem__(self, split: str) -> list[tuple[str, str]]:
-        if split in self.splits:
-            return self.splits[split]
-        if split in self.missing:
-            raise MissingSplitError(self.missing[split])
-        raise MissingSplitError(f"{self.name} has no split {split!r}; it has {sorted(self.splits)}")
-
-    def __contains__(self, split: object) -> bool:
-        return split in self.splits
-
-    @property
-    def train(self) -> list[tuple[str, str]]:
-        return self["train"]
-
-    @property
-    def valid(self) -> list[tuple[str, str]]:
-        return self["valid"]
-
-    @property
-    def test(self) -> list[tuple[str, str]]:
-        return self["test"]
 
     def texts(self, split: str, side: str = "both") -> list[str]:
         """Lines of one side (``"src"``, ``"tgt"``) or of both (sources then targets)."""
