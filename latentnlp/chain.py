@@ -44,8 +44,9 @@ from .semirings import LogSemiring, MaxSemiring, finite_max, safe_log
 # ----------------------------------------------------------------------------------------------
 # shapes
 # ----------------------------------------------------------------------------------------------
-def transition_at(trans: Tensor, t: int) -> Tensor:
-    """The transition scores into position ``t >= 1``: ``[K, K]`` or ``[B, K, K]``."""
+def transition_at(trans, t: int):
+    """The transition (scores, or probabilities) into position ``t >= 1`` of a shared ``[K, K]``,
+    batched ``[B, K, K]`` or time-varying ``[B, T-1, K, K]`` one: ``[K, K]`` or ``[B, K, K]``."""
     return trans[:, t - 1] if trans.dim() == 4 else trans
 
 
@@ -54,15 +55,8 @@ def step_mask(lengths: Tensor, num_steps: int) -> Tensor:
     return torch.arange(num_steps, device=lengths.device) < lengths.unsqueeze(-1)
 
 
-def _at(probs, t: int):
-    """The (probability-space) transition into position ``t`` of a shared, batched or time-varying one."""
-    return probs[:, t - 1] if probs.dim() == 4 else probs
-
-
-def _vector_times_matrix(vector: Tensor, matrix) -> Tensor:
-    """``out[b] = vector[b] @ matrix[(b)]`` for ``vector [B, K]``, ``matrix [K, N] | [B, K, N] | U V``."""
-    if isinstance(matrix, _FactoredProbs):
-        return (vector @ matrix.left) @ matrix.right
+def _vector_times_matrix(vector: Tensor, matrix: Tensor) -> Tensor:
+    """``out[b] = vector[b] @ matrix[(b)]`` for ``vector [B, K]``, ``matrix [K, N] | [B, K, N]``."""
     if matrix.dim() == 2:
         return vector @ matrix
     return torch.bmm(vector.unsqueeze(1), matrix).squeeze(1)
@@ -119,7 +113,7 @@ def _all_reachable(init: Tensor, probs) -> bool:
 
 def _propagate(vector: Tensor, probs, t: int, out: Tensor) -> Tensor:
     """``out = vector @ P_t`` (one BLAS call; ``out`` is written in place)."""
-    matrix = _at(probs, t)
+    matrix = transition_at(probs, t)
     if isinstance(matrix, _FactoredProbs):
         return torch.mm(vector @ matrix.left, matrix.right, out=out)
     if matrix.dim() == 2:
@@ -129,7 +123,7 @@ def _propagate(vector: Tensor, probs, t: int, out: Tensor) -> Tensor:
 
 def _propagate_back(vector: Tensor, probs, t: int, out: Tensor) -> Tensor:
     """``out = P_t @ vector`` (row ``b``: ``P_t[b] @ vector[b]``), written in place."""
-    matrix = _at(probs, t)
+    matrix = transition_at(probs, t)
     if isinstance(matrix, _FactoredProbs):
         return torch.mm(vector @ matrix.right.transpose(0, 1), matrix.left.transpose(0, 1), out=out)
     if matrix.dim() == 2:
@@ -535,8 +529,7 @@ def chain_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) ->
     alpha = a / a.sum(-1, keepdim=True)
     entropy_to = torch.zeros_like(alpha)
     for t in range(1, emit.shape[1]):
-        probs_t = probs[:, t - 1] if probs.dim() == 4 else probs
-        plogp_t = probs_log_probs[:, t - 1] if probs.dim() == 4 else probs_log_probs
+        probs_t, plogp_t = transition_at(probs, t), transition_at(probs_log_probs, t)
         log_alpha = safe_log(alpha)
         finite_log_alpha = torch.where(alpha > 0, log_alpha, torch.zeros_like(log_alpha))
         reach = _vector_times_matrix(alpha, probs_t)  # c'_t [B, K]

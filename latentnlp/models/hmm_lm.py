@@ -99,15 +99,22 @@ class HMMLanguageModel(LatentModel):
         and emission ``[K', V]`` probabilities over the states ``states`` (default: all ``K``)."""
         state = self.state_embedding if states is None else self.state_embedding[states]
         following = self.next_state_embedding if states is None else self.next_state_embedding[states]
-        source = self.transition_mlp(torch.cat([self.start_embedding.unsqueeze(0), state], 0))
-        params = {"init": torch.log_softmax(source[0] @ following.T, -1),
+        params = {"init": torch.log_softmax(self.transition_mlp(self.start_embedding) @ following.T, -1),
                   "emission": torch.log_softmax(self.emission_mlp(state) @ self.word_embedding.T, -1)}
-        if self.transition_rank is None:
-            params["trans"] = torch.log_softmax(source[1:] @ following.T, -1)
-        else:
-            params["left"] = torch.log_softmax(source[1:] @ self.rank_in.T, -1)
-            params["right"] = torch.log_softmax(self.transition_mlp(self.rank_out) @ following.T, -1)
+        params.update(self._transition(states, states))
         return params
+
+    def _transition(self, from_states: Tensor | None, to_states: Tensor | None) -> dict[str, Tensor]:
+        """Log transition probabilities from ``from_states`` to ``to_states`` (renormalised over
+        ``to_states``; ``None`` = all): ``{"trans": [K_from, K_to]}`` or, low rank,
+        ``{"left": [K_from, r], "right": [r, K_to]}``."""
+        state = self.state_embedding if from_states is None else self.state_embedding[from_states]
+        following = self.next_state_embedding if to_states is None else self.next_state_embedding[to_states]
+        source = self.transition_mlp(state)
+        if self.transition_rank is None:
+            return {"trans": torch.log_softmax(source @ following.T, -1)}
+        return {"left": torch.log_softmax(source @ self.rank_in.T, -1),
+                "right": torch.log_softmax(self.transition_mlp(self.rank_out) @ following.T, -1)}
 
     def dense_transition(self, params: dict[str, Tensor]) -> Tensor:
         """``log p(z_t | z_{t-1})`` as a ``[K, K]`` matrix (``logsumexp`` of the factors if low-rank)."""
@@ -129,30 +136,27 @@ class HMMLanguageModel(LatentModel):
                              f"{getattr(lengths, 'shape', lengths)}")
         return targets, lengths
 
-    def _predict(self, log_filter: Tensor, from_states: Tensor | None, to_states: Tensor | None) -> Tensor:
-        """``log sum_i p(z = i) p(z' = j | z = i)`` for a belief ``log_filter [B, K_from]`` over
-        ``from_states``, renormalised over ``to_states`` (``None`` = all): ``[B, K_to]``.
-        Low-rank transitions go through the rank dimension, ``O(B K r)``."""
-        state = self.state_embedding if from_states is None else self.state_embedding[from_states]
-        following = self.next_state_embedding if to_states is None else self.next_state_embedding[to_states]
-        source = self.transition_mlp(state)
-        if self.transition_rank is None:
-            return torch.logsumexp(log_filter.unsqueeze(-1) + torch.log_softmax(source @ following.T, -1), 1)
-        left = torch.log_softmax(source @ self.rank_in.T, -1)
-        right = torch.log_softmax(self.transition_mlp(self.rank_out) @ following.T, -1)
-        through_rank = torch.logsumexp(log_filter.unsqueeze(-1) + left, 1)
-        return torch.logsumexp(through_rank.unsqueeze(-1) + right, 1)
+    @staticmethod
+    def _predict(log_filter: Tensor, transition: dict[str, Tensor]) -> Tensor:
+        """``log sum_i p(z = i) p(z' = j | z = i)`` for a belief ``log_filter [B, K_from]`` and a
+        transition of :meth:`_transition`: ``[B, K_to]``; low rank goes through the rank, ``O(B K r)``."""
+        if "trans" in transition:
+            return torch.logsumexp(log_filter.unsqueeze(-1) + transition["trans"], 1)
+        through_rank = torch.logsumexp(log_filter.unsqueeze(-1) + transition["left"], 1)
+        return torch.logsumexp(through_rank.unsqueeze(-1) + transition["right"], 1)
 
     def _initial(self, params: dict[str, Tensor], states: Tensor | None, batch_size: int,
                  stream: bool) -> Tensor:
         """``log p(z_0)`` for each row ``[B, K']``: the learned start, or on a stream the carried
         belief pushed through one transition, ``log sum_i p(z_{L-1} = i | ...) p(z_0 = j | z_{L-1} = i)``
-        (over the states kept before and now, if state dropout changed them)."""
+        (from the states kept before to those kept now, if state dropout changed them)."""
         carried = self._carried_filter
         if not stream or carried is None or carried.shape[0] != batch_size:
             return params["init"].expand(batch_size, -1)
         log_filter = torch.log(carried.clamp_min(torch.finfo(carried.dtype).tiny))
-        return self._predict(log_filter, self._carried_states, states)
+        same_states = self._carried_states is None and states is None
+        transition = params if same_states else self._transition(self._carried_states, states)
+        return self._predict(log_filter, transition)
 
     def log_marginal(self, batch: Batch) -> Tensor:
         """Exact ``log p(x)`` of each row's targets (given the carried state on streams): ``[B]``."""
