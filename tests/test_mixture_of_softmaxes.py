@@ -116,9 +116,11 @@ def test_mos_gradcheck():
     assert _gradcheck(layer, "log_prob", hidden, targets, chunk_size=2)
 
 
-def test_one_expert_equals_softmax_with_the_same_parameters():
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+def test_one_expert_equals_softmax_with_the_same_parameters(activation):
     mos = _mos(num_experts=1)
-    softmax = SoftmaxOutput(H, V, projection_size=D).double()
+    mos.activation = activation
+    softmax = SoftmaxOutput(H, V, projection_size=D, activation=activation).double()
     softmax.projection.load_state_dict(mos.projection.state_dict())
     softmax.decoder.load_state_dict(mos.decoder.state_dict())
     hidden, targets = _data()
@@ -151,6 +153,19 @@ def test_weight_tying(cls):
     assert embedding.weight.grad is not None and embedding.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="embedding.weight"):
         layer.tie_weights(nn.Embedding(V, D + 1))
+
+
+@pytest.mark.parametrize("cls", [SoftmaxOutput, MixtureOfSoftmaxes])
+def test_identity_activation_is_a_linear_projection(cls):
+    torch.manual_seed(0)
+    layer = (cls(H, V, 2, D, activation="identity") if cls is MixtureOfSoftmaxes
+             else cls(H, V, D, activation="identity")).double()
+    hidden, targets = _data()
+    g = layer.features(hidden)
+    torch.testing.assert_close(g.flatten(-2) if cls is MixtureOfSoftmaxes else g, layer.projection(hidden))
+    torch.testing.assert_close(layer(hidden).exp().sum(-1), torch.ones(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        cls(H, V, 2, D, activation="relu") if cls is MixtureOfSoftmaxes else cls(H, V, D, activation="relu")
 
 
 def test_bad_input_raises_value_error():

@@ -4,7 +4,7 @@ For a hidden state ``h [H]`` and ``K`` experts, with the expert index ``k`` a
 latent variable summed out exactly::
 
     pi(h)     = softmax(Q h)                 [K]      mixture weights (no bias, as in the paper)
-    g_k(h)    = tanh(P_k h + c_k)            [K, d]   d = softmax_input_size
+    g_k(h)    = a(P_k h + c_k)               [K, d]   d = softmax_input_size, a = tanh (or identity)
     p(y | h)  = sum_k pi_k(h) softmax(W g_k(h) + b)_y
 
 computed in log space as ``logsumexp_k(log pi_k + log_softmax_k(y))``.  The
@@ -17,16 +17,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from latentnlp.layers.softmax_output import (_upcast, check_hidden, logsumexp_linear,
-                                             target_logits)
+from latentnlp.layers.softmax_output import (ACTIVATIONS, _upcast, check_activation, check_hidden,
+                                             logsumexp_linear, target_logits)
 
 
 class MixtureOfSoftmaxes(nn.Module):
     """``MixtureOfSoftmaxes(input_size H, vocab_size V, num_experts K, softmax_input_size=None,
-    bias=True, dropout=0.0, chunk_size=None)``.
+    bias=True, dropout=0.0, chunk_size=None, activation="tanh")``.
 
     ``softmax_input_size`` (``d``) defaults to ``input_size``; ``dropout`` is
-    applied to the expert contexts ``g_k`` (the paper's "latent" dropout).
+    applied to the expert contexts ``g_k`` (the paper's "latent" dropout);
+    ``activation`` ``a`` is the paper's ``"tanh"`` or ``"identity"`` (see
+    :class:`~latentnlp.layers.SoftmaxOutput` on tanh saturation under Adam).
 
     * ``forward(hidden [..., H]) -> [..., V]`` log-probabilities with the expert
       summed out.  It builds ``[..., K, V]`` scores; with ``chunk_size`` set it
@@ -42,13 +44,15 @@ class MixtureOfSoftmaxes(nn.Module):
     Parameters: ``prior`` (Q, ``H -> K``), ``projection`` (P, ``H -> K*d``),
     ``decoder`` (W, b, ``d -> V``).  With ``K = 1`` the layer equals
     :class:`~latentnlp.layers.SoftmaxOutput` with ``projection_size = d`` and the
-    same ``projection``/``decoder`` parameters.
+    same ``projection``/``decoder`` parameters and activation.
     """
 
     def __init__(self, input_size: int, vocab_size: int, num_experts: int,
                  softmax_input_size: int | None = None, *, bias: bool = True,
-                 dropout: float = 0.0, chunk_size: int | None = None) -> None:
+                 dropout: float = 0.0, chunk_size: int | None = None,
+                 activation: str = "tanh") -> None:
         super().__init__()
+        check_activation("MixtureOfSoftmaxes", activation)
         d = input_size if softmax_input_size is None else softmax_input_size
         for arg, value in (("input_size", input_size), ("vocab_size", vocab_size),
                            ("num_experts", num_experts), ("softmax_input_size", d)):
@@ -61,6 +65,7 @@ class MixtureOfSoftmaxes(nn.Module):
         self.num_experts = num_experts
         self.softmax_input_size = d
         self.chunk_size = chunk_size
+        self.activation = activation
         self.prior = nn.Linear(input_size, num_experts, bias=False)
         self.projection = nn.Linear(input_size, num_experts * d)
         self.dropout = nn.Dropout(dropout)
@@ -82,7 +87,7 @@ class MixtureOfSoftmaxes(nn.Module):
 
     def features(self, hidden: Tensor) -> Tensor:
         """Expert contexts ``g_k(h)`` ``[..., K, d]``."""
-        g = torch.tanh(self.projection(hidden))
+        g = ACTIVATIONS[self.activation](self.projection(hidden))
         return self.dropout(g.unflatten(-1, (self.num_experts, self.softmax_input_size)))
 
     def expert_log_probs(self, hidden: Tensor) -> Tensor:
@@ -122,4 +127,4 @@ class MixtureOfSoftmaxes(nn.Module):
     def extra_repr(self) -> str:
         return (f"input_size={self.input_size}, vocab_size={self.vocab_size}, "
                 f"num_experts={self.num_experts}, softmax_input_size={self.softmax_input_size}, "
-                f"chunk_size={self.chunk_size}")
+                f"chunk_size={self.chunk_size}, activation={self.activation!r}")

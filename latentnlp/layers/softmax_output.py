@@ -3,7 +3,8 @@
 ``SoftmaxOutput`` maps a hidden state ``h [..., H]`` to log-probabilities over a
 vocabulary of ``V`` words::
 
-    g(h) = tanh(P h + c)          (only with a projection to d = softmax_input_size < H, say)
+    g(h) = a(P h + c)             (only with a projection to d = softmax_input_size < H, say;
+                                   a = tanh, or the identity for a linear bottleneck)
     g(h) = h                      (without a projection; d = H)
     log p(y | h) = w_y . g(h) + b_y - log sum_v exp(w_v . g(h) + b_v)
 
@@ -19,6 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda x: x}
+
+
+def check_activation(layer: str, activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{layer}: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -90,9 +98,13 @@ class SoftmaxOutput(nn.Module):
     """One softmax over the vocabulary, with an optional low-dimensional projection.
 
     ``SoftmaxOutput(input_size H, vocab_size V, projection_size=None, bias=True,
-    dropout=0.0, chunk_size=None)``.  ``projection_size = d`` inserts
-    ``g(h) = tanh(P h + c)`` of size ``d`` before the output embedding
-    ``decoder.weight [V, d]``; ``dropout`` is applied to ``g``.
+    dropout=0.0, chunk_size=None, activation="tanh")``.  ``projection_size = d`` inserts
+    ``g(h) = a(P h + c)`` of size ``d`` before the output embedding
+    ``decoder.weight [V, d]``; ``dropout`` is applied to ``g``.  ``activation``
+    ``a`` is ``"tanh"`` or ``"identity"``.  Trained with Adam at learning rates
+    around 1e-3, the tanh saturates within tens of steps (``|P h| >> 1`` for most
+    units) and the layer can stall at the unigram distribution; the identity
+    gives the same rank bound without that failure.
 
     * ``forward(hidden [..., H]) -> [..., V]`` log-probabilities (they sum to one).
     * ``log_prob(hidden [..., H], targets [...]) -> [...]`` the log-probability of
@@ -103,8 +115,10 @@ class SoftmaxOutput(nn.Module):
     """
 
     def __init__(self, input_size: int, vocab_size: int, projection_size: int | None = None, *,
-                 bias: bool = True, dropout: float = 0.0, chunk_size: int | None = None) -> None:
+                 bias: bool = True, dropout: float = 0.0, chunk_size: int | None = None,
+                 activation: str = "tanh") -> None:
         super().__init__()
+        check_activation("SoftmaxOutput", activation)
         for arg, value in (("input_size", input_size), ("vocab_size", vocab_size)):
             if value < 1:
                 raise ValueError(f"SoftmaxOutput: {arg} must be >= 1, got {value}")
@@ -116,6 +130,7 @@ class SoftmaxOutput(nn.Module):
         self.vocab_size = vocab_size
         self.softmax_input_size = input_size if projection_size is None else projection_size
         self.chunk_size = chunk_size
+        self.activation = activation
         self.projection = None if projection_size is None else nn.Linear(input_size, projection_size)
         self.dropout = nn.Dropout(dropout)
         self.decoder = nn.Linear(self.softmax_input_size, vocab_size, bias=bias)
@@ -130,7 +145,7 @@ class SoftmaxOutput(nn.Module):
 
     def features(self, hidden: Tensor) -> Tensor:
         """``g(h)`` ``[..., d]``: the softmax input."""
-        g = hidden if self.projection is None else torch.tanh(self.projection(hidden))
+        g = hidden if self.projection is None else ACTIVATIONS[self.activation](self.projection(hidden))
         return self.dropout(g)
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -147,4 +162,5 @@ class SoftmaxOutput(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"input_size={self.input_size}, vocab_size={self.vocab_size}, "
-                f"softmax_input_size={self.softmax_input_size}, chunk_size={self.chunk_size}")
+                f"softmax_input_size={self.softmax_input_size}, chunk_size={self.chunk_size}, "
+                f"activation={self.activation!r}")

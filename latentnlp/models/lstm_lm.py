@@ -36,7 +36,7 @@ LSTMState = tuple[Tensor, Tensor]
 class LSTMLanguageModel(LatentModel):
     """``LSTMLanguageModel(vocab_size, embedding_size, hidden_size, num_layers=1, *,
     output="softmax"|"mos", softmax_input_size=None, num_experts=None, dropout=0.0,
-    tie_weights=False, chunk_size=None)``.
+    tie_weights=False, chunk_size=None, output_activation="tanh")``.
 
     * ``softmax_input_size`` (``d``): the size of the vectors the output embedding
       ``W [V, d]`` scores.  ``output="softmax"``: ``None`` scores the LSTM output
@@ -47,6 +47,8 @@ class LSTMLanguageModel(LatentModel):
       and on the output layer's projection ``g`` when it has one.
     * ``tie_weights``: share ``W`` with the input embedding (needs ``d == embedding_size``).
     * ``chunk_size``: vocabulary chunk of the output layer's ``log_prob`` (bounded memory).
+    * ``output_activation``: ``"tanh"`` or ``"identity"`` on the output layer's
+      projection (MoS experts, or the softmax's ``P h``); see ``SoftmaxOutput``.
 
     Batches: ``inputs [B, T]``, ``targets [B, T]`` (long), ``lengths [B]``,
     optional ``stream`` (bool).
@@ -58,7 +60,7 @@ class LSTMLanguageModel(LatentModel):
                  *, output: Literal["softmax", "mos"] = "softmax",
                  softmax_input_size: int | None = None, num_experts: int | None = None,
                  dropout: float = 0.0, tie_weights: bool = False,
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, output_activation: str = "tanh") -> None:
         super().__init__()
         for arg, value in (("vocab_size", vocab_size), ("embedding_size", embedding_size),
                            ("hidden_size", hidden_size), ("num_layers", num_layers)):
@@ -78,11 +80,13 @@ class LSTMLanguageModel(LatentModel):
                 raise ValueError(f"LSTMLanguageModel: num_experts={num_experts} needs output='mos'")
             self.output_layer: SoftmaxOutput | MixtureOfSoftmaxes = SoftmaxOutput(
                 hidden_size, vocab_size, softmax_input_size,
-                dropout=0.0 if softmax_input_size is None else dropout, chunk_size=chunk_size)
+                dropout=0.0 if softmax_input_size is None else dropout, chunk_size=chunk_size,
+                activation=output_activation)
         elif output == "mos":
             self.output_layer = MixtureOfSoftmaxes(
                 hidden_size, vocab_size, 15 if num_experts is None else num_experts,
-                softmax_input_size, dropout=dropout, chunk_size=chunk_size)
+                softmax_input_size, dropout=dropout, chunk_size=chunk_size,
+                activation=output_activation)
         else:
             raise ValueError(f"LSTMLanguageModel: output must be 'softmax' or 'mos', got {output!r}")
         if tie_weights:
