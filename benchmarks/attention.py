@@ -7,9 +7,10 @@ w.r.t. the decoder states, the source states and every parameter).  The layers:
 * ``soft`` -- :class:`~latentnlp.layers.LatentAttention` with ``mode="soft"``:
   ``log p(y_t | h_t, sum_m alpha_tm s_m)``, one ``[B, T, V]`` read-out;
 * ``exact`` -- ``mode="exact"``: ``log sum_m alpha_tm p(y_t | h_t, s_m)``, a ``[B, T, S, V]``
-  read-out, either **unchunked** (``max_chunk_elements`` larger than the whole block) or
-  **chunked** over source positions (``chunk`` positions a block, each block recomputed in
-  backward);
+  read-out, either **unchunked** (``max_chunk_elements`` larger than the whole block: autograd
+  through the whole ``[B T S, V]`` score tensor) or **chunked** (the layer's default
+  ``max_chunk_elements``: blocks of ``chunk`` rows of ``(t, m)`` pairs, each block recomputed
+  in backward and its gradient formed in place);
 * ``copy`` -- soft attention feeding :class:`~latentnlp.layers.CopyGenerator` (the
   pointer-generator output with the copy switch marginalised, extended vocabulary of the
   source words), as ``LatentAlignmentSeq2Seq(mode="copy")`` uses it.
@@ -57,14 +58,14 @@ SLOWER_TOLERANCE = 1.05  # chunked may be this much slower than unchunked and st
 
 #: the grid: full sizes and --quick sizes
 GRID = {
-    "full": {"B": 32, "T": 20, "H": 256, "vocab": [8000, 16000, 32000], "source": [10, 30, 60], "chunk": 4},
-    "quick": {"B": 8, "T": 8, "H": 64, "vocab": [1000, 4000], "source": [8, 24], "chunk": 4},
+    "full": {"B": 32, "T": 20, "H": 256, "vocab": [8000, 16000, 32000], "source": [10, 30, 60]},
+    "quick": {"B": 8, "T": 8, "H": 64, "vocab": [1000, 4000], "source": [8, 24]},
 }
 LAYERS = ("soft", "exact-unchunked", "exact-chunked", "copy")
 
 
 def cases(quick: bool) -> list[dict]:
-    """Every case of the grid: ``name`` and ``params`` (layer, B, T, H, V, S, chunk)."""
+    """Every case of the grid: ``name`` and ``params`` (layer, B, T, H, V, S)."""
     grid = GRID["quick" if quick else "full"]
     out = []
     for vocab in grid["vocab"]:
@@ -72,8 +73,6 @@ def cases(quick: bool) -> list[dict]:
             for layer in LAYERS:
                 params = {"layer": layer, "B": grid["B"], "T": grid["T"], "H": grid["H"], "V": vocab,
                           "S": source}
-                if layer == "exact-chunked":
-                    params["chunk"] = grid["chunk"]
                 out.append({"name": f"{layer}/V={vocab}/S={source}", "params": params})
     return out
 
@@ -90,12 +89,10 @@ def build_step(p: dict, device):
     torch.manual_seed(SEED)
     B, T, H, V, S = p["B"], p["T"], p["H"], p["V"], p["S"]
     layer_name = p["layer"]
-    if layer_name == "exact-chunked":
-        chunk_elements = B * T * V * p["chunk"]  # `chunk` source positions per block
-    else:
-        chunk_elements = 2 ** 62                  # one block (or nothing chunked: soft, copy)
+    # chunked: the layer's default block; otherwise one block (or nothing chunked: soft, copy)
+    chunking = {} if layer_name == "exact-chunked" else {"max_chunk_elements": 2 ** 62}
     mode = "exact" if layer_name.startswith("exact") else "soft"
-    layer = LatentAttention(H, H, V, mode=mode, max_chunk_elements=chunk_elements).to(device)
+    layer = LatentAttention(H, H, V, mode=mode, **chunking).to(device)
     modules = [layer]
     copy = None
     if layer_name == "copy":
@@ -157,6 +154,12 @@ def _ok(r: dict | None) -> bool:
 
 def chunking(results: list[dict]) -> list[dict]:
     """Chunked vs unchunked exact marginal wherever both ran."""
+    import inspect
+
+    sys.path.insert(0, str(REPO))
+    from latentnlp.layers import LatentAttention
+
+    block = inspect.signature(LatentAttention).parameters["max_chunk_elements"].default
     by_name = {r["name"]: r for r in results}
     rows = []
     for r in results:
@@ -164,7 +167,8 @@ def chunking(results: list[dict]) -> list[dict]:
             continue
         p = r["params"]
         other = by_name.get(f"exact-unchunked/V={p['V']}/S={p['S']}")
-        row = {"V": p["V"], "S": p["S"], "chunk": p["chunk"], "chunks": -(-p["S"] // p["chunk"]),
+        chunk_rows = max(1, block // p["V"])
+        row = {"V": p["V"], "S": p["S"], "chunk": chunk_rows, "chunks": -(-p["B"] * p["T"] * p["S"] // chunk_rows),
                "chunked": r.get("status"), "unchunked": other.get("status") if other else None}
         if _ok(r) and _ok(other):
             ratio = r["time_s"] / other["time_s"]
@@ -192,7 +196,7 @@ def table(results: list[dict]) -> str:
 
 
 def chunk_table(rows: list[dict]) -> str:
-    lines = ["| V | S | chunk (positions) | blocks | time chunked / unchunked | memory chunked / unchunked "
+    lines = ["| V | S | chunk (rows) | blocks | time chunked / unchunked | memory chunked / unchunked "
              f"| chunked not slower (<= {SLOWER_TOLERANCE}) |", "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         if "time_ratio" in r:

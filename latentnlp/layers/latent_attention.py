@@ -21,9 +21,15 @@ Mode ``"soft"`` (the standard soft-attention baseline, the same parameters)::
     log p(y_t | h_t, s) = log p(y_t | h_t, c_t),      c_t = sum_m alpha_tm s_m
 
 In exact mode the ``[B, T, S, V]`` tensor of per-position vocabulary scores is
-never built whole: it is computed over chunks of source positions of at most
-``max_chunk_elements`` elements, each chunk recomputed in the backward pass
-(activation checkpointing), so memory stays ``O(B T V + B T S)`` plus one chunk.
+never built whole.  With targets, the ``B T S`` rows of attentional hiddens
+``o(h_t, s_m)`` are scored ``max_chunk_elements // V`` rows at a time by
+:func:`~latentnlp.layers.softmax_output.log_softmax_linear`, which keeps one
+normaliser per row and recomputes each chunk in backward, forming its gradient in
+place; memory is ``O(B T S D)`` plus one chunk, and on a CPU this is faster than
+building the whole block (it is never written to memory and read back).  The full
+marginal over the vocabulary is mixed over chunks of source positions, each
+recomputed in backward (activation checkpointing), in ``O(B T V + B T S)`` plus one
+chunk.
 The per-position terms an ELBO needs (``log alpha [B, T, S]`` and
 ``log p(y_t | h_t, s_m) [B, T, S]``) are returned alongside.
 """
@@ -37,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from latentnlp.families import MaskedCategorical
+from latentnlp.layers.softmax_output import log_softmax_linear
 
 __all__ = ["LatentAttention", "LatentAttentionOutput"]
 
@@ -73,12 +80,14 @@ class LatentAttention(nn.Module):
         attn_dim: hidden size of the MLP scorer (default ``query_dim``).
         output_dim: size of the attentional hidden ``o`` (default ``query_dim``).
         dropout: dropout on ``o`` before the vocabulary projection.
-        max_chunk_elements: largest ``[B, T, chunk, V]`` block built at once in exact mode.
+        max_chunk_elements: largest block of vocabulary scores built at once in exact mode
+            (``[rows, V]`` for the targets' log-probabilities, ``[B, T, chunk, V]`` for the full
+            marginal).  The default, 2 MiB elements, keeps a block in a CPU's last-level cache.
     """
 
     def __init__(self, query_dim: int, memory_dim: int, vocab_size: int, *, mode: str = "exact",
                  score: str = "mlp", attn_dim: int | None = None, output_dim: int | None = None,
-                 dropout: float = 0.0, max_chunk_elements: int = 2 ** 24) -> None:
+                 dropout: float = 0.0, max_chunk_elements: int = 2 ** 21) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -146,10 +155,12 @@ class LatentAttention(nn.Module):
                            memory_mask: Tensor | None = None) -> Tensor:
         """``log p(y_t | h_t, s_m)`` for every source position: ``[B, T, S]`` (``-inf`` at padding)."""
         self._check(query, memory, memory_mask, targets)
-        hq = self.out_query(query)
-        hk = self.out_context(memory)
-        index = targets[:, :, None, None]
-        out = torch.cat(self._map_chunks(self._emission_chunk, hq, hk, index), dim=2)
+        o = self.dropout(torch.tanh(self.out_query(query)[:, :, None, :]
+                                    + self.out_context(memory)[:, None, :, :]))   # [B, T, S, D]
+        B, T, S, D = o.shape
+        rows = max(1, self.max_chunk_elements // self.vocab_size)
+        out = log_softmax_linear(o.reshape(-1, D), self.readout.weight, self.readout.bias,
+                                 targets[:, :, None].expand(B, T, S).reshape(-1), rows).view(B, T, S)
         if memory_mask is not None:
             out = out.masked_fill(~memory_mask[:, None, :], float("-inf"))
         return out
@@ -160,7 +171,7 @@ class LatentAttention(nn.Module):
         hk = self.out_context(memory)
         # finite stand-in for -inf: a chunk of padded positions must not give logsumexp(-inf...)
         safe_alpha = log_alpha.clamp_min(torch.finfo(log_alpha.dtype).min / 2)
-        parts = self._map_chunks(self._marginal_chunk, hq, hk, safe_alpha, extra_dim=2)
+        parts = self._map_chunks(self._marginal_chunk, hq, hk, safe_alpha)
         out = parts[0]
         for part in parts[1:]:
             out = torch.logaddexp(out, part)
@@ -203,18 +214,12 @@ class LatentAttention(nn.Module):
         # half-precision scores are normalised in float32 (autocast leaves logsumexp in half)
         return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
-    def _emission_chunk(self, hq: Tensor, hk: Tensor, index: Tensor) -> Tensor:
-        logits = self._block(hq, hk)
-        target = logits.gather(-1, index.expand(*logits.shape[:-1], 1)).squeeze(-1)
-        return target - logits.logsumexp(-1)
-
     def _marginal_chunk(self, hq: Tensor, hk: Tensor, log_alpha: Tensor) -> Tensor:
         log_probs = torch.log_softmax(self._block(hq, hk), dim=-1)
         return torch.logsumexp(log_alpha[..., None] + log_probs, dim=2)
 
-    def _map_chunks(self, fn, hq: Tensor, hk: Tensor, extra: Tensor,
-                    extra_dim: int | None = None) -> list[Tensor]:
-        """``[fn(hq, hk[:, chunk], extra chunked along extra_dim (or whole))]`` over source chunks.
+    def _map_chunks(self, fn, hq: Tensor, hk: Tensor, log_alpha: Tensor) -> list[Tensor]:
+        """``[fn(hq, hk[:, chunk], log_alpha[:, :, chunk])]`` over chunks of source positions.
 
         Each chunk builds at most ``max_chunk_elements`` vocabulary scores; when there is more
         than one chunk and gradients are needed, each is recomputed in the backward pass.
@@ -223,16 +228,17 @@ class LatentAttention(nn.Module):
         s = hk.shape[1]
         size = max(1, self.max_chunk_elements // max(1, b * t * self.vocab_size))
         if size >= s:
-            return [fn(hq, hk, extra)]
-        recompute = torch.is_grad_enabled() and (hq.requires_grad or hk.requires_grad or extra.requires_grad)
+            return [fn(hq, hk, log_alpha)]
+        recompute = torch.is_grad_enabled() and (hq.requires_grad or hk.requires_grad
+                                                 or log_alpha.requires_grad)
         parts = []
         for start in range(0, s, size):
             hk_c = hk[:, start:start + size]
-            extra_c = extra if extra_dim is None else extra.narrow(extra_dim, start, hk_c.shape[1])
+            alpha_c = log_alpha.narrow(2, start, hk_c.shape[1])
             if recompute:
-                parts.append(checkpoint(fn, hq, hk_c, extra_c, use_reentrant=False))
+                parts.append(checkpoint(fn, hq, hk_c, alpha_c, use_reentrant=False))
             else:
-                parts.append(fn(hq, hk_c, extra_c))
+                parts.append(fn(hq, hk_c, alpha_c))
         return parts
 
     def _check(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None,

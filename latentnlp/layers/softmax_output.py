@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda x: x}
@@ -61,6 +62,82 @@ def logsumexp_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
         else:
             parts.append(_logsumexp_chunk(x, w, b))
     return torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
+
+
+class _ChunkedLogSoftmaxLinear(torch.autograd.Function):
+    """``log_softmax(x W^T + b)[y]`` over row chunks; backward recomputes each chunk's scores.
+
+    Forward keeps only the per-row normaliser ``lse [N]``.  Backward, per chunk of rows:
+    ``G = g (onehot(y) - softmax(x W^T + b))`` built in place in the recomputed score
+    block, then ``dx = G W``, ``dW += G^T x``, ``db += sum_rows G``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                chunk_rows: int) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return _ChunkedLogSoftmaxLinear._forward(ctx, x, weight, bias, targets, chunk_rows)
+
+    @staticmethod
+    def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                 chunk_rows: int) -> Tensor:
+        lse = torch.empty(x.shape[0], dtype=_upcast(x[:0]).dtype, device=x.device)
+        for start in range(0, x.shape[0], chunk_rows):
+            scores = _upcast(F.linear(x[start:start + chunk_rows], weight, bias))
+            torch.logsumexp(scores, dim=-1, out=lse[start:start + chunk_rows])
+        ctx.chunk_rows = chunk_rows
+        ctx.save_for_backward(x, weight, bias, targets, lse)
+        return target_logits(x, weight, bias, targets) - lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        with torch.autocast(grad.device.type, enabled=False):
+            return _ChunkedLogSoftmaxLinear._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor):
+        x, weight, bias, targets, lse = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        for start in range(0, x.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            g = grad[rows].to(lse.dtype)
+            block = _upcast(F.linear(x[rows], weight, bias))             # [n, V] scores
+            block.sub_(lse[rows, None]).exp_().mul_(-g[:, None])         # -g softmax
+            block[torch.arange(block.shape[0], device=block.device), targets[rows]] += g
+            block = block.to(weight.dtype)
+            if need_x:
+                torch.mm(block, weight, out=grad_x[rows])
+            if need_w:
+                grad_w.addmm_(block.t(), x[rows])
+            if need_b:
+                grad_b += block.sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def log_softmax_linear(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                       chunk_rows: int | None = None) -> Tensor:
+    """``log softmax(weight x + bias)[y]``: ``x [N, d]``, ``weight [V, d]``, ``targets [N]`` -> ``[N]``.
+
+    Without ``chunk_rows`` (or with ``chunk_rows >= N``) the ``[N, V]`` scores are built
+    whole and differentiated by autograd.  With ``chunk_rows`` at most ``[chunk_rows, V]``
+    scores exist at a time in either pass: the forward keeps one normaliser per row and
+    the backward recomputes each chunk's scores and forms its gradient in place (one more
+    ``[n, d] x [d, V]`` product than autograd, but no ``[N, V]`` tensors written to memory
+    and read back).  First-order gradients only.
+    """
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or targets.shape != x.shape[:1]:
+        raise ValueError(f"log_softmax_linear: needs x [N, d], weight [V, d], targets [N]; got x "
+                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}")
+    if chunk_rows is None or chunk_rows >= x.shape[0]:
+        scores = _upcast(F.linear(x, weight, bias))
+        return scores.gather(-1, targets[:, None]).squeeze(-1) - scores.logsumexp(-1)
+    if chunk_rows < 1:
+        raise ValueError(f"log_softmax_linear: chunk_rows must be >= 1, got {chunk_rows}")
+    return _ChunkedLogSoftmaxLinear.apply(x.to(weight.dtype), weight, bias, targets, chunk_rows)
 
 
 def target_logits(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
