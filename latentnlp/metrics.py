@@ -138,7 +138,8 @@ def _reference_streams(hypotheses: Sequence[str],
 
 
 def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]],
-                *, tokenize: str = "13a", lowercase: bool = False, smooth_method: str = "exp"):
+                *, tokenize: str = "13a", lowercase: bool = False, smooth_method: str = "exp",
+                force: bool = False):
     """Corpus BLEU by sacreBLEU; returns its ``BLEUScore`` (``.score`` in 0..100).
 
     The default is the standard sacreBLEU setting for *detokenized* text (``tokenize='13a'``,
@@ -146,11 +147,12 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[
     hypothesis (a list of strings) or sacreBLEU's list of reference *streams*, each with one
     sentence per hypothesis.  ``BLEU = BP * exp(1/4 sum_n log p_n)`` with clipped n-gram
     precisions ``p_n`` summed over the corpus and ``BP = min(1, exp(1 - r / c))``.
+    ``force`` silences sacreBLEU's warning about hypotheses that look tokenized.
     """
     from sacrebleu.metrics import BLEU
 
     streams = _reference_streams(hypotheses, references)
-    bleu = BLEU(tokenize=tokenize, lowercase=lowercase, smooth_method=smooth_method)
+    bleu = BLEU(tokenize=tokenize, lowercase=lowercase, smooth_method=smooth_method, force=force)
     return bleu.corpus_score(list(hypotheses), streams)
 
 
@@ -163,7 +165,7 @@ def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequen
     so a corpus with no matching 4-gram scores 0 as in multi-bleu.
     """
     return corpus_bleu(hypotheses, references, tokenize="none", lowercase=lowercase,
-                       smooth_method="none")
+                       smooth_method="none", force=True)
 
 
 # ---- Gaussian posterior diagnostics ------------------------------------------------------------
