@@ -103,3 +103,30 @@ def test_full_preset_without_training_split(recipe, tmp_path):
             (folder / f"{split}.{lang}").write_text("ein test .\n")
     with pytest.raises(SystemExit, match="train.de / train.en"):
         recipe.main(["--preset", "full", "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("name", ["cpu", "full"])
+def test_modes_with_fewer_updates_are_evaluated_where_the_others_are(recipe, name):
+    """A mode's last update count must be an evaluation step of every longer run (equal-update checks)."""
+    preset = recipe.PRESETS[name]
+    eval_every = preset.train.get("eval_every")
+    for mode, overrides in preset.mode_train.items():
+        if "max_steps" in overrides:
+            assert eval_every and overrides["max_steps"] % eval_every == 0, (mode, overrides)
+
+
+def _row(mode, steps, test_ppl, curve):
+    return {"mode": mode, "steps": steps, "valid_curve": curve, "test": {"t": {"ppl": test_ppl}}}
+
+
+def test_soft_exact_check_uses_equal_updates(recipe):
+    equal = recipe.checks([_row("soft", 600, 30.0, {300: 40.0, 600: 30.0}),
+                           _row("exact", 600, 28.0, {300: 41.0, 600: 29.0})], "t", "cpu")
+    assert equal == [("exact-marginal PPL below soft-attention PPL", True,
+                      "exact 28.00 vs soft 30.00 (test, equal updates)")]
+    # soft trained longer: its test perplexity is not comparable, its validation one at 600 is
+    longer = recipe.checks([_row("soft", 1200, 20.0, {300: 40.0, 600: 30.0, 900: 25.0, 1200: 20.0}),
+                            _row("exact", 600, 28.0, {300: 41.0, 600: 32.0})], "t", "cpu")
+    (name, passed, detail), = longer
+    assert "equal updates" in name and not passed
+    assert detail == "exact 32.00 vs soft 30.00 (validation, both after 600 updates)"
