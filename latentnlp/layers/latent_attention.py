@@ -26,7 +26,8 @@ never built whole.  With targets, the ``B T S`` rows of attentional hiddens
 :func:`~latentnlp.layers.softmax_output.log_softmax_linear`, which keeps one
 normaliser per row and recomputes each chunk in backward, forming its gradient in
 place; memory is ``O(B T S D)`` plus one chunk, and on a CPU this is faster than
-building the whole block (it is never written to memory and read back).  The full
+building the whole block (it is never written to memory and read back), although it
+makes one more matmul (the recomputation).  The full
 marginal over the vocabulary is mixed over chunks of source positions, each
 recomputed in backward (activation checkpointing), in ``O(B T V + B T S)`` plus one
 chunk.
@@ -82,12 +83,15 @@ class LatentAttention(nn.Module):
         dropout: dropout on ``o`` before the vocabulary projection.
         max_chunk_elements: largest block of vocabulary scores built at once in exact mode
             (``[rows, V]`` for the targets' log-probabilities, ``[B, T, chunk, V]`` for the full
-            marginal).  The default, 2 MiB elements, keeps a block in a CPU's last-level cache.
+            marginal).  The default, 8 Mi elements (32 MB in float32), keeps blocks of at least
+            a few hundred rows up to V = 32k: smaller blocks make each backward chunk re-read
+            and accumulate the whole ``[V, D]`` weight gradient for few rows, and lose to the
+            unchunked computation (``benchmarks/attention.py``).
     """
 
     def __init__(self, query_dim: int, memory_dim: int, vocab_size: int, *, mode: str = "exact",
                  score: str = "mlp", attn_dim: int | None = None, output_dim: int | None = None,
-                 dropout: float = 0.0, max_chunk_elements: int = 2 ** 21) -> None:
+                 dropout: float = 0.0, max_chunk_elements: int = 2 ** 23) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

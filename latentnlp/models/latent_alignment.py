@@ -115,7 +115,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
                  embedding_dim: int = 256, hidden_size: int = 256, num_layers: int = 1,
                  attention: str = "mlp", dropout: float = 0.0, tau: float = 1.0,
                  bos_id: int | None = None, eos_id: int | None = None, unk_id: int | None = None,
-                 max_chunk_elements: int = 2 ** 21) -> None:
+                 max_chunk_elements: int = 2 ** 23) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
