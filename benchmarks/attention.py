@@ -154,12 +154,9 @@ def _ok(r: dict | None) -> bool:
 
 def chunking(results: list[dict]) -> list[dict]:
     """Chunked vs unchunked exact marginal wherever both ran."""
-    import inspect
-
     sys.path.insert(0, str(REPO))
     from latentnlp.layers import LatentAttention
 
-    block = inspect.signature(LatentAttention).parameters["max_chunk_elements"].default
     by_name = {r["name"]: r for r in results}
     rows = []
     for r in results:
@@ -167,7 +164,7 @@ def chunking(results: list[dict]) -> list[dict]:
             continue
         p = r["params"]
         other = by_name.get(f"exact-unchunked/V={p['V']}/S={p['S']}")
-        chunk_rows = max(1, block // p["V"])
+        chunk_rows = LatentAttention.block_rows(p["V"])
         row = {"V": p["V"], "S": p["S"], "chunk": chunk_rows, "chunks": -(-p["B"] * p["T"] * p["S"] // chunk_rows),
                "chunked": r.get("status"), "unchunked": other.get("status") if other else None}
         if _ok(r) and _ok(other):

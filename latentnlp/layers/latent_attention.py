@@ -48,6 +48,9 @@ from latentnlp.layers.softmax_output import log_softmax_linear
 
 __all__ = ["LatentAttention", "LatentAttentionOutput"]
 
+#: vocabulary scores built at once in exact mode (8 Mi: 32 MB in float32)
+DEFAULT_MAX_CHUNK_ELEMENTS = 2 ** 23
+
 MODES = ("exact", "soft")
 SCORES = ("mlp", "bilinear", "dot")
 
@@ -91,7 +94,7 @@ class LatentAttention(nn.Module):
 
     def __init__(self, query_dim: int, memory_dim: int, vocab_size: int, *, mode: str = "exact",
                  score: str = "mlp", attn_dim: int | None = None, output_dim: int | None = None,
-                 dropout: float = 0.0, max_chunk_elements: int = 2 ** 23) -> None:
+                 dropout: float = 0.0, max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -132,6 +135,11 @@ class LatentAttention(nn.Module):
         return MaskedCategorical(self.scores(query, memory), mask, validate_args=False)
 
     # ---- read-out ----------------------------------------------------------------------------
+    @staticmethod
+    def block_rows(vocab_size: int, max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> int:
+        """Rows of ``[rows, V]`` target scores that exact mode builds at once."""
+        return max(1, max_chunk_elements // vocab_size)
+
     def attentional_hidden(self, query: Tensor, context: Tensor) -> Tensor:
         """``o = tanh(W_h h + W_c c + b)`` with dropout; shapes broadcast over leading dims."""
         return self.dropout(torch.tanh(self.out_query(query) + self.out_context(context)))
@@ -159,10 +167,9 @@ class LatentAttention(nn.Module):
                            memory_mask: Tensor | None = None) -> Tensor:
         """``log p(y_t | h_t, s_m)`` for every source position: ``[B, T, S]`` (``-inf`` at padding)."""
         self._check(query, memory, memory_mask, targets)
-        o = self.dropout(torch.tanh(self.out_query(query)[:, :, None, :]
-                                    + self.out_context(memory)[:, None, :, :]))   # [B, T, S, D]
+        o = self.attentional_hidden(query[:, :, None, :], memory[:, None, :, :])   # [B, T, S, D]
         B, T, S, D = o.shape
-        rows = max(1, self.max_chunk_elements // self.vocab_size)
+        rows = self.block_rows(self.vocab_size, self.max_chunk_elements)
         out = log_softmax_linear(o.reshape(-1, D), self.readout.weight, self.readout.bias,
                                  targets[:, :, None].expand(B, T, S).reshape(-1), rows).view(B, T, S)
         if memory_mask is not None:

@@ -53,7 +53,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from latentnlp import decoding, estimators
 from latentnlp.families import MaskedCategorical, lengths_to_mask
 from latentnlp.layers.copy_generator import CopyGenerator
-from latentnlp.layers.latent_attention import LatentAttention
+from latentnlp.layers.latent_attention import DEFAULT_MAX_CHUNK_ELEMENTS, LatentAttention
 from latentnlp.models.base import ELBO, Batch, LatentModel, UnsupportedObjectiveError
 
 __all__ = ["LatentAlignmentSeq2Seq", "DecoderState"]
@@ -115,7 +115,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
                  embedding_dim: int = 256, hidden_size: int = 256, num_layers: int = 1,
                  attention: str = "mlp", dropout: float = 0.0, tau: float = 1.0,
                  bos_id: int | None = None, eos_id: int | None = None, unk_id: int | None = None,
-                 max_chunk_elements: int = 2 ** 23) -> None:
+                 max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
