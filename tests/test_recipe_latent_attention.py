@@ -69,10 +69,20 @@ def test_smoke_results_table_and_learning(smoke_run):
 
 
 def test_finished_runs_are_reused(recipe, smoke_run, capsys):
+    """A finished run is not retrained; its evaluation is reused while the decoding settings stand."""
     out, rows = smoke_run
-    again = recipe.main(["--preset", "smoke", "--out", str(out), "--no-progress", "--mode", "soft"])
+    argv = ["--preset", "smoke", "--out", str(out), "--no-progress", "--mode", "soft"]
+    again = recipe.main(argv)
     assert "reusing it" in capsys.readouterr().out
     assert again[0]["test"] == rows[0]["test"]
+
+    cache = out / "soft" / "eval.json"
+    cached = json.loads(cache.read_text())
+    cached["test"]["test"]["ppl"] = -1.0  # a marker: a reused entry carries it into the results
+    cache.write_text(json.dumps(cached))
+    assert recipe.main(argv)[0]["test"]["test"]["ppl"] == -1.0
+    capped = recipe.main(argv + ["--decode-limit", "5"])[0]["test"]["test"]
+    assert capped["decoded"] == 5 and capped["ppl"] == pytest.approx(rows[0]["test"]["test"]["ppl"])
 
 
 def test_synthetic_pair_needs_reordering(recipe):
