@@ -484,13 +484,13 @@ def write_results(rows: list[dict], preset_name: str, preset: Preset, data: Data
             lines += [f"BLEU on the first {min(decoded):,} of {max(total):,} sentences (decoding capped "
                       "for time); PPL on all of them.", ""]
         lines += ["| mode | PPL | ELBO PPL (bound) | BLEU (tok, lc) | sacreBLEU (detok) | parameters | "
-                  "train tokens | train tokens/s | wall time (s) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "train tokens | train tokens/s | train time (s) | beam search time (s) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             t = r["test"][name]
             lines.append(f"| {r['mode']} | {_fmt(t['ppl'])} | {_fmt(t.get('elbo_ppl'))} | {_fmt(t['bleu_tok'])} | "
                          f"{_fmt(t['bleu_detok'])} | {r['parameters']:,} | {r['train_tokens']:,} | "
-                         f"{_fmt(r['tokens_per_s'], 0)} | {r['wall_time']:.0f} |")
+                         f"{_fmt(r['tokens_per_s'], 0)} | {r['wall_time']:.0f} | {_fmt(t['decode_time'], 0)} |")
         lines.append("")
     lines += ["## Published", "", f"{PAPER}.", "",
               "| model | test PPL | BLEU | modes here | note |", "|---|---:|---:|---|---|"]
