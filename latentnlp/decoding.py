@@ -13,7 +13,9 @@ hold ``pad_id`` (default ``eos_id``).
 Beam search keeps ``beam_size`` hypotheses per example ranked by their summed
 log-probability; a finished hypothesis stays in the beam with its score frozen
 (its only continuation is padding at log-probability 0).  The search stops when
-every hypothesis of every example has finished, or after ``max_len`` steps.
+every hypothesis of every example has finished, or after ``max_len`` steps; an
+example whose best finished hypothesis no running one can overtake stops early with
+the same answer, and the decoder is stepped on the running hypotheses only.
 The returned hypothesis maximises ``score / lp(length)`` with the GNMT length
 penalty ``lp(L) = ((5 + L) / 6) ** length_penalty`` (``0`` = raw log-probability).
 With ``beam_size = 1`` beam search is exactly greedy decoding.
@@ -62,26 +64,33 @@ def _check(max_len: int, beam_size: int = 1) -> None:
 @torch.no_grad()
 def greedy(model: StepDecoder, batch: Mapping[str, Any], *, bos_id: int, eos_id: int, max_len: int,
            pad_id: int | None = None) -> Hypotheses:
-    """Pick the most probable token at every step, for the whole batch at once."""
+    """Pick the most probable token at every step, for the whole batch at once.
+
+    Only the sequences still running are stepped: the decoder state keeps their rows alone.
+    """
     _check(max_len)
     pad_id = eos_id if pad_id is None else pad_id
     state, size = model.decoder_start(batch)
     device = _device(batch)
+    running = torch.arange(size, device=device)     # the examples the state's rows belong to
     tokens = torch.full((size,), bos_id, dtype=torch.long, device=device)
-    finished = torch.zeros(size, dtype=torch.bool, device=device)
     lengths = torch.full((size,), max_len, dtype=torch.long, device=device)
     scores = torch.zeros(size, dtype=torch.float64, device=device)
     out = []
     for t in range(max_len):
         log_probs, state = model.decoder_step(state, tokens)
-        best, tokens = log_probs.max(-1)
-        scores += torch.where(finished, 0.0, best.to(torch.float64))
-        out.append(torch.where(finished, pad_id, tokens))
-        ended = ~finished & (tokens == eos_id)
-        lengths[ended] = t + 1
-        finished |= ended
-        if bool(finished.all()):
+        best, word = log_probs.max(-1)
+        scores[running] += best.to(torch.float64)
+        column = torch.full((size,), pad_id, dtype=torch.long, device=device)
+        column[running] = word
+        out.append(column)
+        ended = word == eos_id
+        lengths[running[ended]] = t + 1
+        if bool(ended.all()):
             break
+        keep = (~ended).nonzero().squeeze(1)
+        running, tokens = running[keep], word[keep]
+        state = model.reorder_state(state, keep)
     return Hypotheses(torch.stack(out, 1), lengths, scores)
 
 
@@ -89,7 +98,14 @@ def greedy(model: StepDecoder, batch: Mapping[str, Any], *, bos_id: int, eos_id:
 def beam_search(model: StepDecoder, batch: Mapping[str, Any], *, beam_size: int, bos_id: int,
                 eos_id: int, max_len: int, length_penalty: float = 0.0,
                 pad_id: int | None = None) -> Hypotheses:
-    """Batched beam search (see the module docstring for the exact rules)."""
+    """Batched beam search (see the module docstring for the rules).
+
+    An example stops early, with the same answer, once no running hypothesis can overtake
+    its best finished one: log-probabilities are at most 0, so a running score ``s`` can only
+    fall, and its normalised value stays below ``s / max(lp(L + 1), lp(max_len))``.  Only the
+    running hypotheses of unsettled examples are stepped: the decoder state keeps their rows
+    alone, in flat ``(example, beam)`` order.
+    """
     _check(max_len, beam_size)
     pad_id = eos_id if pad_id is None else pad_id
     k = beam_size
@@ -101,31 +117,53 @@ def beam_search(model: StepDecoder, batch: Mapping[str, Any], *, beam_size: int,
     scores = torch.full((size, k), float("-inf"), dtype=torch.float64, device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand the first only
     finished = torch.zeros(size, k, dtype=torch.bool, device=device)
+    settled = torch.zeros(size, dtype=torch.bool, device=device)
     lengths = torch.zeros(size, k, dtype=torch.long, device=device)
     seqs = torch.zeros(size, k, 0, dtype=torch.long, device=device)
+    same_beam = torch.arange(k, device=device).expand(size, k)
+    stepped = torch.ones(size * k, dtype=torch.bool, device=device)   # the hypotheses the state holds
     for _ in range(max_len):
-        log_probs, state = model.decoder_step(state, tokens)
-        vocab = log_probs.shape[-1]
-        log_probs = log_probs.view(size, k, vocab).to(torch.float64)
-        done = torch.full((vocab,), float("-inf"), dtype=torch.float64, device=device)
-        done[eos_id] = 0.0
-        log_probs = torch.where(finished[..., None], done, log_probs)
-        scores, flat = (scores[..., None] + log_probs).view(size, -1).topk(k, dim=-1)
-        beam, word = flat // vocab, flat % vocab
+        step_log_probs, state = model.decoder_step(state, tokens)
+        vocab = step_log_probs.shape[-1]
+        # a hypothesis not stepped continues with padding at log-probability 0
+        log_probs = torch.full((size * k, vocab), float("-inf"), dtype=torch.float64, device=device)
+        log_probs[:, eos_id] = 0.0
+        log_probs[stepped] = step_log_probs.to(torch.float64)
+        candidates, flat = (scores[..., None] + log_probs.view(size, k, vocab)).view(size, -1).topk(k, dim=-1)
+        frozen = settled[:, None]                     # a settled example keeps its beam as it is
+        beam = torch.where(frozen, same_beam, flat // vocab)
+        word = flat % vocab
+        scores = torch.where(frozen, scores, candidates)
         was_finished = finished.gather(1, beam)
-        lengths = lengths.gather(1, beam) + (~was_finished).long()
-        finished = was_finished | (word == eos_id)
-        word = torch.where(was_finished, pad_id, word)
+        lengths = lengths.gather(1, beam) + (~was_finished & ~frozen).long()
+        finished = torch.where(frozen, finished, was_finished | (word == eos_id))
+        word = torch.where(was_finished | frozen, pad_id, word)
         seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, seqs.shape[-1])),
                           word[..., None]], dim=-1)
-        state = model.reorder_state(state, (beam + rows[:, None] * k).view(-1))
-        tokens = torch.where(was_finished, eos_id, word).view(-1)
-        if bool(finished.all()):
+        settled |= _cannot_improve(scores, lengths, finished, length_penalty, max_len)
+        parent = (stepped.long().cumsum(0) - 1)[(beam + rows[:, None] * k).view(-1)]  # its state row
+        stepped = (~finished & ~settled[:, None]).view(-1)
+        if not bool(stepped.any()):
             break
+        state = model.reorder_state(state, parent[stepped])
+        tokens = word.view(-1)[stepped]
     normalised = scores / gnmt_length_penalty(lengths, length_penalty)
     best = normalised.argmax(-1, keepdim=True)
     tokens_out = seqs.gather(1, best[..., None].expand(-1, -1, seqs.shape[-1])).squeeze(1)
     return Hypotheses(tokens_out, lengths.gather(1, best).squeeze(1), scores.gather(1, best).squeeze(1))
+
+
+def _cannot_improve(scores: Tensor, lengths: Tensor, finished: Tensor, alpha: float, max_len: int) -> Tensor:
+    """``[B]``: True where the best finished hypothesis beats every continuation of the running ones.
+
+    A running hypothesis with score ``s <= 0`` and length ``L`` ends at some length in
+    ``(L, max_len]``; its normalised score is at most ``s / max(lp(L + 1), lp(max_len))``.
+    """
+    best_finished = torch.where(finished, scores / gnmt_length_penalty(lengths, alpha), float("-inf")).amax(-1)
+    largest_lp = torch.maximum(gnmt_length_penalty(lengths + 1, alpha),
+                               gnmt_length_penalty(torch.full_like(lengths, max_len), alpha))
+    best_running = torch.where(finished, float("-inf"), scores / largest_lp).amax(-1)
+    return (best_finished > float("-inf")) & (best_running <= best_finished)
 
 
 def _device(batch: Mapping[str, Any]) -> torch.device:

@@ -74,6 +74,75 @@ def test_beam_of_one_is_greedy(seed):
         assert float(g.scores[row]) == pytest.approx(model.score(row, g.tokens[row, :n].tolist()))
 
 
+def _plain_beam_search(model, beam_size, max_len, alpha):
+    """The module's rules without early stopping: every hypothesis stepped until all finish."""
+    k = beam_size
+    state, size = model.decoder_start(BATCH)
+    state = model.reorder_state(state, torch.arange(size).repeat_interleave(k))
+    tokens = torch.full((size * k,), BOS)
+    scores = torch.full((size, k), -float("inf"), dtype=torch.float64)
+    scores[:, 0] = 0.0
+    finished = torch.zeros(size, k, dtype=torch.bool)
+    lengths = torch.zeros(size, k, dtype=torch.long)
+    seqs = [[[] for _ in range(k)] for _ in range(size)]
+    for _ in range(max_len):
+        log_probs, state = model.decoder_step(state, tokens)
+        log_probs = log_probs.view(size, k, V).clone()
+        log_probs[finished] = torch.tensor([0.0 if v == EOS else -float("inf") for v in range(V)],
+                                           dtype=torch.float64)
+        scores, flat = (scores[..., None] + log_probs).view(size, -1).topk(k, dim=-1)
+        beam, word = flat // V, flat % V
+        was = finished.gather(1, beam)
+        lengths = lengths.gather(1, beam) + (~was).long()
+        finished = was | (word == EOS)
+        seqs = [[seqs[b][int(beam[b, j])] + ([] if was[b, j] else [int(word[b, j])]) for j in range(k)]
+                for b in range(size)]
+        state = model.reorder_state(state, (beam + torch.arange(size)[:, None] * k).view(-1))
+        tokens = torch.where(was, EOS, word).view(-1)
+        if finished.all():
+            break
+    best = (scores / gnmt_length_penalty(lengths, alpha)).argmax(-1)
+    return [seqs[b][int(best[b])] for b in range(size)], scores.gather(1, best[:, None]).squeeze(1)
+
+
+class CountingDecoder(MarkovDecoder):
+    """Records how many hypotheses each decoder step was given."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        self.rows = []
+
+    def decoder_step(self, state, tokens):
+        self.rows.append(len(tokens))
+        return super().decoder_step(state, tokens)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("beam_size,alpha", [(2, 0.0), (3, 1.0), (5, 0.6), (4, -0.5)])
+def test_early_stopping_keeps_the_answer(seed, beam_size, alpha):
+    """Settled examples and finished hypotheses are not stepped, and the answer is unchanged."""
+    model, max_len = CountingDecoder(seed), 9
+    out = beam_search(model, BATCH, beam_size=beam_size, bos_id=BOS, eos_id=EOS, max_len=max_len,
+                      length_penalty=alpha)
+    expected, expected_scores = _plain_beam_search(MarkovDecoder(seed), beam_size, max_len, alpha)
+    for b in range(B):
+        n = int(out.lengths[b])
+        assert out.tokens[b, :n].tolist() == expected[b]
+    torch.testing.assert_close(out.scores, expected_scores)
+    assert model.rows[0] == B * beam_size and all(r <= B * beam_size for r in model.rows)
+
+
+def test_decoder_is_stepped_on_running_rows_only():
+    model = CountingDecoder(1)
+    g = greedy(model, BATCH, bos_id=BOS, eos_id=EOS, max_len=12)
+    # each step holds exactly the examples that had not ended before it
+    for t, rows in enumerate(model.rows):
+        assert rows == int((g.lengths > t).sum())
+    model.rows.clear()
+    beam_search(model, BATCH, beam_size=3, bos_id=BOS, eos_id=EOS, max_len=12)
+    assert model.rows[-1] < B * 3
+
+
 def test_pad_id_and_argument_checks():
     model = MarkovDecoder()
     g = greedy(model, BATCH, bos_id=BOS, eos_id=EOS, max_len=6, pad_id=-1)
