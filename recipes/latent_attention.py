@@ -114,10 +114,10 @@ PRESETS = {
     # epochs (0.28 s an update); an exact-marginal or ELBO update scores every source position
     # against the whole vocabulary (about S times the soft read-out, 2 s an update), so those
     # modes make 600 updates (18 minutes measured).  Beam search under the exact marginal costs
-    # the same S-fold read-out at every step: 3 minutes for 500 Multi30k sentences, 30 for 500
-    # out-of-domain IWSLT14 ones (longer sources, hypotheses running to the length cap), so the
-    # out-of-domain set is cut to 100 pairs.  eval_every divides every mode's max_steps, so the
-    # modes are compared at equal updates.
+    # the same S-fold read-out at every step: about 1 minute for 500 Multi30k sentences and 1.5-2.5
+    # for 100 out-of-domain IWSLT14 ones (longer sources, a few hypotheses running to the length
+    # cap), so the out-of-domain set is cut to 100 pairs.  eval_every divides every mode's
+    # max_steps, so the modes are compared at equal updates.
     "cpu": Preset(
         data="multi30k", subword=8000,
         model={"embedding_dim": 256, "hidden_size": 256, "num_layers": 1, "dropout": 0.3},
