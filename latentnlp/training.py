@@ -530,7 +530,8 @@ class Trainer:
         self._barrier()
         return (self.out / LAST).exists()
 
-    def _write_config(self) -> None:
+    def _write_config(self, changed_on_resume: dict | None = None) -> None:
+        """``config.json``; a run resumed under a changed config records it (the old values too)."""
         if not (self.is_main and self.out is not None):
             return
         info = {
@@ -542,6 +543,10 @@ class Trainer:
             "valid_batches": len(self.valid_data),
             "run": self.run_info,
         }
+        if changed_on_resume:
+            previous = self.out / CONFIG
+            earlier = json.loads(previous.read_text()).get("changed_on_resume", []) if previous.exists() else []
+            info["changed_on_resume"] = earlier + [{"step": self.state.step, "changes": changed_on_resume}]
         with open(self.out / CONFIG, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2, default=repr)
 
@@ -598,11 +603,12 @@ class Trainer:
         _set_rng_state(mine["rng"], self.device)
         self._window = MetricSums.from_totals(mine["window"])
         self._window_loss, self._window_time = mine["window_loss"], mine["window_time"]
-        changed = sorted(k for k, v in self.config.to_dict().items()
-                         if k not in ("overwrite", "device", "progress")
-                         and payload["config"].get(k) != v)
+        changed = {k: {"checkpoint": payload["config"].get(k), "now": v}
+                   for k, v in sorted(self.config.to_dict().items())
+                   if k not in ("overwrite", "device", "progress") and payload["config"].get(k) != v}
         if changed:
             log.warning("resuming %s with a changed config: %s", self.out, ", ".join(changed))
+            self._write_config(changed_on_resume=changed)
         if self.is_main:
             metrics = self.out / METRICS
             if metrics.exists():  # drop events logged after the checkpoint: they are replayed

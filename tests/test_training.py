@@ -258,6 +258,27 @@ def test_resume_continues_an_unfinished_run(tmp_path):
     assert summary["resumed"] and summary["steps"] == 5
 
 
+def test_extending_a_run_equals_training_it_longer_and_is_recorded(tmp_path):
+    """A finished run resumed with a larger max_steps ends where a straight run ends."""
+    train, valid = make_data()
+    straight = make_model()
+    Trainer(straight, config(tmp_path / "a", max_steps=8, max_epochs=2, eval_every=4,
+                             schedule="plateau"), train, valid).fit()
+    Trainer(make_model(), config(tmp_path / "b", max_steps=4, max_epochs=2, eval_every=4,
+                                 schedule="plateau"), train, valid).fit()
+    (tmp_path / "b" / "finished.json").unlink()
+    extended = make_model(seed=1)
+    summary = Trainer(extended, config(tmp_path / "b", max_steps=8, max_epochs=2, eval_every=4,
+                                       schedule="plateau"), train, valid).fit()
+    assert summary["resumed"] and summary["steps"] == 8
+    for a, b in zip(straight.parameters(), extended.parameters()):
+        assert torch.equal(a, b)
+    info = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert info["trainer"]["max_steps"] == 8
+    assert info["changed_on_resume"] == [{"step": 4, "changes": {"max_steps": {"checkpoint": 4, "now": 8}}}]
+    assert "changed_on_resume" not in json.loads((tmp_path / "a" / "config.json").read_text())
+
+
 def test_finished_run_is_refused_unless_overwrite(tmp_path):
     train, valid = make_data()
     first = Trainer(make_model(), config(tmp_path, max_epochs=1), train, valid).fit()
