@@ -112,11 +112,11 @@ PRESETS = {
         modes=list(MODES), beam_size=5),
     # at most about 40 minutes a mode on 2 CPU cores.  Soft attention trains for about nine
     # epochs (0.28 s an update); an exact-marginal or ELBO update scores every source position
-    # against the whole vocabulary (about S times the soft read-out, 2 s an update), so those
-    # modes make 1200 updates (about 35 minutes).  Beam search under the exact marginal costs
-    # the same S-fold read-out at every step: about 1 minute for 500 Multi30k sentences and 1.5-2.5
-    # for 100 out-of-domain IWSLT14 ones (longer sources, a few hypotheses running to the length
-    # cap), so the out-of-domain set is cut to 100 pairs.  eval_every divides every mode's
+    # against the whole vocabulary (about S times the soft read-out, 1.7-1.8 s an update), so
+    # those modes make 1200 updates (34-36 minutes measured).  Beam search under the exact
+    # marginal costs the same S-fold read-out at every step: about 1 minute for 500 Multi30k
+    # sentences and 1-2.5 for 100 out-of-domain IWSLT14 ones (longer sources, a few hypotheses
+    # running to the length cap), so the out-of-domain set is cut to 100 pairs.  eval_every divides every mode's
     # max_steps, so the modes are compared at equal updates.
     "cpu": Preset(
         data="multi30k", subword=8000,
