@@ -22,7 +22,8 @@ updates and at the end of each epoch from which training resumes to a bit-identi
 (model state including stream state, optimiser, scheduler, RNG states of every rank, epoch,
 position within the epoch, best metric, counters); ``best.pt``, the parameters with the best
 validation NLL; ``finished.json``, the summary, written last.  A directory holding
-``finished.json`` is refused unless ``overwrite=True``; an unfinished run is resumed.
+``finished.json`` is refused unless ``overwrite=True``; an unfinished run is resumed (under
+a changed config, ``config.json`` is rewritten and lists the changes in ``changed_on_resume``).
 
 **Distributed.**  Under ``torchrun`` (``WORLD_SIZE > 1``) the trainer initialises the process
 group (NCCL on CUDA, Gloo on CPU) unless it already is, wraps the model in
