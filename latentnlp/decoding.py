@@ -159,7 +159,8 @@ def _cannot_improve(scores: Tensor, lengths: Tensor, finished: Tensor, alpha: fl
     A running hypothesis with score ``s <= 0`` and length ``L`` ends at some length in
     ``(L, max_len]``; its normalised score is at most ``s / max(lp(L + 1), lp(max_len))``.
     """
-    best_finished = torch.where(finished, scores / gnmt_length_penalty(lengths, alpha), float("-inf")).amax(-1)
+    normalised = scores / gnmt_length_penalty(lengths, alpha)
+    best_finished = torch.where(finished, normalised, float("-inf")).amax(-1)
     largest_lp = torch.maximum(gnmt_length_penalty(lengths + 1, alpha),
                                gnmt_length_penalty(torch.full_like(lengths, max_len), alpha))
     best_running = torch.where(finished, float("-inf"), scores / largest_lp).amax(-1)

@@ -546,7 +546,8 @@ class Trainer:
         }
         if changed_on_resume:
             previous = self.out / CONFIG
-            earlier = json.loads(previous.read_text()).get("changed_on_resume", []) if previous.exists() else []
+            earlier = json.loads(previous.read_text()).get("changed_on_resume", []) \
+                if previous.exists() else []
             info["changed_on_resume"] = earlier + [{"step": self.state.step, "changes": changed_on_resume}]
         with open(self.out / CONFIG, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2, default=repr)

@@ -111,13 +111,13 @@ PRESETS = {
         train={"max_epochs": 2, "lr": 1e-2, "grad_clip": 5.0, "log_every": 20},
         modes=list(MODES), beam_size=5),
     # at most about 40 minutes a mode on 2 CPU cores.  Soft attention trains for about nine
-    # epochs (0.28 s an update); an exact-marginal or ELBO update scores every source position
+    # epochs (0.26 s an update); an exact-marginal or ELBO update scores every source position
     # against the whole vocabulary (about S times the soft read-out, 1.7-1.8 s an update), so
     # those modes make 1200 updates (34-36 minutes measured).  Beam search under the exact
     # marginal costs the same S-fold read-out at every step: about 1 minute for 500 Multi30k
     # sentences and 1-2.5 for 100 out-of-domain IWSLT14 ones (longer sources, a few hypotheses
-    # running to the length cap), so the out-of-domain set is cut to 100 pairs.  eval_every divides every mode's
-    # max_steps, so the modes are compared at equal updates.
+    # running to the length cap), so the out-of-domain set is cut to 100 pairs.  eval_every
+    # divides every mode's max_steps, so the modes are compared at equal updates.
     "cpu": Preset(
         data="multi30k", subword=8000,
         model={"embedding_dim": 256, "hidden_size": 256, "num_layers": 1, "dropout": 0.3},
@@ -390,7 +390,7 @@ def bleu_scores(hypotheses: list[str], references: list[str]) -> dict:
             "bleu_detok_signature": "13a, case-sensitive, exp smoothing, on detokenised text"}
 
 
-def evaluate_run(model, trainer: Trainer, data: Data, preset: Preset, mode: str, run_dir: Path,
+def evaluate_run(model, trainer: Trainer, data: Data, mode: str, run_dir: Path,
                  beam_size: int, limit: int | None, previous: dict | None = None) -> dict:
     """Test perplexities (exact marginal; the ELBO bound too) and BLEU of every test set.
 
@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         evaluator = Trainer(model, replace(config, output_dir=None, overwrite=False), data.train, data.valid)
         cached = json.loads(evaluated.read_text()) if evaluated.exists() else {}
         same_decoding = cached.get("beam_size") == beam_size and cached.get("decode_limit") == limit
-        test = evaluate_run(model, evaluator, data, preset, mode, run_dir, beam_size, limit,
+        test = evaluate_run(model, evaluator, data, mode, run_dir, beam_size, limit,
                             previous=cached.get("test") if same_decoding else None)
         if test != cached.get("test"):
             evaluated.write_text(json.dumps({"beam_size": beam_size, "decode_limit": limit, "test": test},
