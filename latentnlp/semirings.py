@@ -25,6 +25,13 @@ def safe_log(x: Tensor) -> Tensor:
                        torch.full_like(x, float("-inf")))
 
 
+def logsumexp(x: Tensor, dim: int) -> Tensor:
+    """``log sum exp`` over ``dim`` (removed) whose value is ``-inf`` and gradient 0 (not NaN)
+    where every entry is ``-inf``: the shift is :func:`finite_max`, the log :func:`safe_log`."""
+    shift = finite_max(x, dim)
+    return safe_log(torch.exp(x - shift).sum(dim)) + shift.squeeze(dim)
+
+
 def finite_max(x: Tensor, dim: int) -> Tensor:
     """``max`` over ``dim`` (kept), detached, with rows of ``-inf`` mapped to 0 so shifts stay finite."""
     m = x.detach().amax(dim, keepdim=True)

@@ -1,0 +1,22 @@
+"""The one validation switch: ``torch.distributions``' own ``validate_args`` semantics.
+
+Every public entry point of latentnlp (distributions, layers, models) checks its inputs when
+validation is on and checks nothing -- in particular, never synchronises with the device --
+when it is off.  The switch is torch's::
+
+    torch.distributions.Distribution.set_default_validate_args(False)   # global, as in torch
+
+and a per-object ``validate_args=`` argument overrides it, as for any torch distribution.
+Validation is on by default (``__debug__``), off under ``python -O``.
+"""
+
+from __future__ import annotations
+
+from torch.distributions import Distribution
+
+__all__ = ["is_validating"]
+
+
+def is_validating(validate_args: bool | None = None) -> bool:
+    """``validate_args`` if given, else torch's global default (``Distribution._validate_args``)."""
+    return Distribution._validate_args if validate_args is None else bool(validate_args)
