@@ -39,11 +39,12 @@ from itertools import product
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributions import Bernoulli, Categorical, Distribution, Independent, Normal
+from torch.distributions import Bernoulli, Categorical, Independent, Normal
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
 from latentnlp.masks import lengths_to_mask
+from latentnlp.validation import is_validating
 
 __all__ = [
     "MaskedCategorical",
@@ -65,8 +66,8 @@ class MaskedCategorical(Categorical):
             target position t against source positions m).  Values at masked
             positions are ignored (they get no gradient).
         mask: bool, broadcastable to ``logits``; True = allowed category.  ``None``
-            allows every category.  Every row must allow at least one category (checked
-            unless ``validate_args=False``, which also skips the check's device sync).
+            allows every category.  Every row must allow at least one category (checked when
+            validation is on, :mod:`latentnlp.validation`; off, the check's device sync is skipped).
 
     ``logits`` (normalised) holds ``-inf`` at masked categories and ``probs``
     holds exact zeros there; ``sample`` never returns a masked category.
@@ -86,8 +87,7 @@ class MaskedCategorical(Categorical):
         except RuntimeError:
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to logits "
                              f"of shape {tuple(logits.shape)}") from None
-        check = Distribution._validate_args if validate_args is None else validate_args
-        if check and not bool(mask.any(-1).all()):
+        if is_validating(validate_args) and not bool(mask.any(-1).all()):
             raise ValueError("mask allows no category in some row: every row needs one "
                              f"(logits {tuple(logits.shape)}, mask {tuple(mask.shape)})")
         self.mask = mask
