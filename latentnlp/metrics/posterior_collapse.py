@@ -36,7 +36,9 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 
     ``KL = 1/2 sum_d (mu_d^2 + exp(logvar_d) - 1 - logvar_d)``, computed by the family's KL
     (``kl_divergence`` of two :class:`~latentnlp.families.DiagonalGaussian`), the library's one
-    Gaussian KL.
+    Gaussian KL.  It works with the variance ``exp(logvar)``, so in float32 ``logvar`` should stay
+    above about ``-87`` (below ``-103`` the variance underflows to 0 and the KL reads ``inf``);
+    pass float64 for posteriors that narrow.
     """
     _check_gaussian(mu, logvar)
     prior = DiagonalGaussian.standard(mu.shape[:-1], mu.shape[-1], dtype=mu.dtype, device=mu.device)
