@@ -1,19 +1,20 @@
 """Amortised mean-field variational families ``q(z | x) = prod_i q_i(z_i | x)``.
 
 Each family is a :class:`torch.distributions.Distribution` whose parameters are
-the outputs of an encoder (an inference network), and each has its KL
-divergence to a prior of the same family registered with
-:func:`torch.distributions.kl.register_kl`, so ``kl_divergence(q, p)`` is exact
-and differentiable.
+the outputs of an encoder (an inference network), built on ``torch.distributions``
+wherever it already does the job, and each has a closed-form KL divergence to a
+prior of the same family reachable through ``kl_divergence(q, p)``, exact and
+differentiable.
 
 - :class:`MaskedCategorical`: one categorical per batch position over ``K``
   categories of which only those with ``mask`` set are allowed, e.g. the
   alignment ``q(z_t = m | x, y)`` over the ``S`` positions of a padded source
   sentence (Deng et al. 2018).  Masked categories have probability exactly 0
   and log-probability ``-inf``; entropies, KLs and their gradients stay finite.
-- :class:`DiagonalGaussian`: ``N(mu, diag(sigma^2))`` over ``R^D``,
-  reparameterised (``rsample``).
-- :class:`MeanFieldBernoulli`: ``D`` independent bits, ``q(z_d = 1) = sigmoid(logits_d)``.
+- :class:`DiagonalGaussian`: ``N(mu, diag(sigma^2))`` over ``R^D``, reparameterised
+  (``rsample``); an ``Independent(Normal(loc, scale), 1)``.
+- :class:`MeanFieldBernoulli`: ``D`` independent bits, ``q(z_d = 1) = sigmoid(logits_d)``;
+  an ``Independent(Bernoulli(logits=logits), 1)``.
 
 Closed forms (summed over the event dimension where there is one)::
 
@@ -21,8 +22,13 @@ Closed forms (summed over the event dimension where there is one)::
     KL(q || p) gaussian      = sum_d log(s_p / s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2
     KL(q || p) bernoulli     = sum_d q_d (log q_d - log p_d) + (1 - q_d) (log(1 - q_d) - log(1 - p_d))
 
+The categorical and Bernoulli KLs are registered here (masked support; finite at saturated
+logits); the Gaussian one is torch's ``Independent``/``Normal`` registration, and is the one
+place the library computes a Gaussian KL (:func:`latentnlp.metrics.gaussian_kl` calls it).
+
 Every ``sample``/``rsample`` accepts an optional ``generator`` (a
-:class:`torch.Generator`) so randomness can be made explicit.
+:class:`torch.Generator`) so randomness can be made explicit; without one they draw from the
+global seed.
 """
 
 from __future__ import annotations
@@ -33,25 +39,18 @@ from itertools import product
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributions import Categorical, Distribution, constraints
+from torch.distributions import Bernoulli, Categorical, Independent, Normal
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
+
+from latentnlp.masks import lengths_to_mask
+from latentnlp.validation import is_validating
 
 __all__ = [
     "MaskedCategorical",
     "DiagonalGaussian",
     "MeanFieldBernoulli",
-    "lengths_to_mask",
 ]
-
-
-def lengths_to_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
-    """Boolean mask ``[B, max_len]``: ``mask[b, i] = i < lengths[b]``."""
-    if lengths.dim() != 1:
-        raise ValueError(f"lengths must be 1-D [B], got shape {tuple(lengths.shape)}")
-    if max_len is None:
-        max_len = int(lengths.max()) if lengths.numel() else 0
-    return torch.arange(max_len, device=lengths.device) < lengths[:, None]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,8 +66,8 @@ class MaskedCategorical(Categorical):
             target position t against source positions m).  Values at masked
             positions are ignored (they get no gradient).
         mask: bool, broadcastable to ``logits``; True = allowed category.  ``None``
-            allows every category.  Every row must allow at least one category (checked
-            unless ``validate_args=False``, which also skips the check's device sync).
+            allows every category.  Every row must allow at least one category (checked when
+            validation is on, :mod:`latentnlp.validation`; off, the check's device sync is skipped).
 
     ``logits`` (normalised) holds ``-inf`` at masked categories and ``probs``
     holds exact zeros there; ``sample`` never returns a masked category.
@@ -88,8 +87,7 @@ class MaskedCategorical(Categorical):
         except RuntimeError:
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to logits "
                              f"of shape {tuple(logits.shape)}") from None
-        check = Distribution._validate_args if validate_args is None else validate_args
-        if check and not bool(mask.any(-1).all()):
+        if is_validating(validate_args) and not bool(mask.any(-1).all()):
             raise ValueError("mask allows no category in some row: every row needs one "
                              f"(logits {tuple(logits.shape)}, mask {tuple(mask.shape)})")
         self.mask = mask
@@ -146,32 +144,35 @@ def _kl_masked_categorical(q: Categorical, p: Categorical) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 # diagonal Gaussian
 # ------------------------------------------------------------------------------------------------
-class DiagonalGaussian(Distribution):
-    """``N(loc, diag(scale^2))`` over ``R^D`` (event shape ``[D]``), reparameterised.
+class DiagonalGaussian(Independent):
+    """``N(loc, diag(scale^2))`` over ``R^D``: ``Independent(Normal(loc, scale), 1)``, reparameterised.
+
+    Batch shape ``[*batch]``, event shape ``[D]``.  Densities, entropy, moments, ``expand`` and the
+    KL to any other ``Independent(Normal)`` with one reinterpreted dimension (torch's registered
+    ``Independent``/``Normal`` closed form) are torch's; this class adds the encoder-facing
+    constructors (:meth:`from_params`, :meth:`from_logvar`, :meth:`standard`), ``log_scale``, and
+    a ``generator`` argument to ``rsample``/``sample``:  ``z = loc + scale * eps`` with
+    ``eps = torch.randn(shape, generator=generator)``.
 
     Args:
         loc: ``[*batch, D]``.
-        scale: ``[*batch, D]`` (broadcastable), positive.
+        scale: ``[*batch, D]`` (broadcastable to ``loc``), positive.
     """
-
-    arg_constraints = {"loc": constraints.real_vector,
-                       "scale": constraints.independent(constraints.positive, 1)}
-    support = constraints.real_vector
-    has_rsample = True
 
     def __init__(self, loc: Tensor, scale: Tensor, validate_args: bool | None = None) -> None:
         if loc.dim() < 1:
             raise ValueError(f"loc must be [*batch, D], got shape {tuple(loc.shape)}")
         try:
-            self.loc, self.scale = torch.broadcast_tensors(loc, scale)
+            loc, scale = torch.broadcast_tensors(loc, scale)
         except RuntimeError:
             raise ValueError(f"scale of shape {tuple(scale.shape)} does not broadcast with loc "
                              f"of shape {tuple(loc.shape)}") from None
-        super().__init__(self.loc.shape[:-1], self.loc.shape[-1:], validate_args=validate_args)
+        super().__init__(Normal(loc, scale, validate_args=validate_args), 1, validate_args=validate_args)
 
     @classmethod
     def from_params(cls, params: Tensor, min_scale: float = 0.0, **kwargs) -> "DiagonalGaussian":
-        """From an encoder output ``[*batch, 2D]``: ``loc, raw = params.chunk(2)``, ``scale = softplus(raw) + min_scale``."""
+        """From an encoder output ``[*batch, 2D]``: ``loc, raw = params.chunk(2)``,
+        ``scale = softplus(raw) + min_scale``."""
         if params.shape[-1] % 2:
             raise ValueError(f"params must have an even last dimension [*batch, 2D], got {tuple(params.shape)}")
         loc, raw = params.chunk(2, dim=-1)
@@ -179,7 +180,7 @@ class DiagonalGaussian(Distribution):
 
     @classmethod
     def from_logvar(cls, loc: Tensor, logvar: Tensor, **kwargs) -> "DiagonalGaussian":
-        """``scale = exp(logvar / 2)`` (the usual VAE parameterisation)."""
+        """``scale = exp(logvar / 2)`` (the usual VAE parameterisation); ``loc``, ``logvar`` ``[*batch, D]``."""
         return cls(loc, torch.exp(0.5 * logvar), **kwargs)
 
     @classmethod
@@ -189,36 +190,28 @@ class DiagonalGaussian(Distribution):
         return cls(torch.zeros(shape, dtype=dtype, device=device),
                    torch.ones(shape, dtype=dtype, device=device))
 
+    @property
+    def loc(self) -> Tensor:
+        return self.base_dist.loc
+
+    @property
+    def scale(self) -> Tensor:
+        return self.base_dist.scale
+
     @lazy_property
     def log_scale(self) -> Tensor:
+        """``log scale``, ``[*batch, D]``."""
         return self.scale.log()
 
-    @property
-    def mean(self) -> Tensor:
-        return self.loc
-
-    @property
-    def mode(self) -> Tensor:
-        return self.loc
-
-    @property
-    def variance(self) -> Tensor:
-        return self.scale.pow(2)
-
-    @property
-    def stddev(self) -> Tensor:
-        return self.scale
-
-    def expand(self, batch_shape, _instance=None):
+    def expand(self, batch_shape, _instance=None) -> "DiagonalGaussian":
         new = self._get_checked_instance(DiagonalGaussian, _instance)
-        shape = torch.Size(batch_shape) + self.event_shape
-        new.loc = self.loc.expand(shape)
-        new.scale = self.scale.expand(shape)
-        Distribution.__init__(new, torch.Size(batch_shape), self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
+        return super().expand(batch_shape, _instance=new)
 
     def rsample(self, sample_shape=torch.Size(), generator: torch.Generator | None = None) -> Tensor:
+        """``loc + scale * eps`` with ``eps ~ N(0, I)`` drawn from ``generator`` (else the global seed).
+
+        Returns ``sample_shape + [*batch, D]``; differentiable in ``loc`` and ``scale``.
+        """
         shape = self._extended_shape(torch.Size(sample_shape))
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device, generator=generator)
         return self.loc + self.scale * eps
@@ -227,68 +220,45 @@ class DiagonalGaussian(Distribution):
         with torch.no_grad():
             return self.rsample(sample_shape, generator=generator)
 
-    def log_prob(self, value: Tensor) -> Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        z = (value - self.loc) / self.scale
-        return (-0.5 * z.pow(2) - self.log_scale - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-    def entropy(self) -> Tensor:
-        return (0.5 + 0.5 * math.log(2 * math.pi) + self.log_scale).expand(
-            self.batch_shape + self.event_shape).sum(-1)
-
-
-@register_kl(DiagonalGaussian, DiagonalGaussian)
-def _kl_diagonal_gaussian(q: DiagonalGaussian, p: DiagonalGaussian) -> Tensor:
-    var_ratio = (q.scale / p.scale).pow(2)
-    t = ((q.loc - p.loc) / p.scale).pow(2)
-    return 0.5 * (var_ratio + t - 1 - var_ratio.log()).sum(-1)
-
 
 # ------------------------------------------------------------------------------------------------
 # factorised Bernoulli
 # ------------------------------------------------------------------------------------------------
-class MeanFieldBernoulli(Distribution):
-    """``D`` independent bits (event shape ``[D]``): ``q(z_d = 1) = sigmoid(logits_d)``.
+class MeanFieldBernoulli(Independent):
+    """``D`` independent bits: ``Independent(Bernoulli(logits=logits), 1)``, ``q(z_d = 1) = sigmoid(logits_d)``.
+
+    Batch shape ``[*batch]``, event shape ``[D]``.  ``log_prob`` and ``entropy`` are torch's (in
+    logit space, no ``log(p + eps)``); ``log_prob`` also accepts bool or integer bit vectors.  This
+    class adds ``enumerate_support`` over the ``2^D`` joint configurations (``D <= 20``; torch's
+    ``Independent`` cannot enumerate), for exact enumeration in estimators, tests and small
+    models, and a ``generator`` argument to ``sample``: ``z_d = [u_d < sigmoid(logits_d)]`` with
+    ``u = torch.rand(shape, generator=generator)``.
 
     Args:
         logits: ``[*batch, D]``.
-
-    All log-probabilities use ``logsigmoid`` (no ``log(p + eps)``).
-    ``enumerate_support`` lists all ``2^D`` bit vectors (``D <= 20``) for exact
-    enumeration in tests and small models.
     """
 
-    arg_constraints = {"logits": constraints.real_vector}
-    support = constraints.independent(constraints.boolean, 1)
     has_enumerate_support = True
 
     def __init__(self, logits: Tensor, validate_args: bool | None = None) -> None:
         if logits.dim() < 1:
             raise ValueError(f"logits must be [*batch, D], got shape {tuple(logits.shape)}")
-        self.logits = logits
-        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
+        super().__init__(Bernoulli(logits=logits, validate_args=validate_args), 1, validate_args=validate_args)
 
-    @lazy_property
+    @property
+    def logits(self) -> Tensor:
+        return self.base_dist.logits
+
+    @property
     def probs(self) -> Tensor:
-        return torch.sigmoid(self.logits)
+        return self.base_dist.probs
 
-    @property
-    def mean(self) -> Tensor:
-        return self.probs
-
-    @property
-    def variance(self) -> Tensor:
-        return self.probs * (1 - self.probs)
-
-    def expand(self, batch_shape, _instance=None):
+    def expand(self, batch_shape, _instance=None) -> "MeanFieldBernoulli":
         new = self._get_checked_instance(MeanFieldBernoulli, _instance)
-        new.logits = self.logits.expand(torch.Size(batch_shape) + self.event_shape)
-        Distribution.__init__(new, torch.Size(batch_shape), self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
+        return super().expand(batch_shape, _instance=new)
 
     def sample(self, sample_shape=torch.Size(), generator: torch.Generator | None = None) -> Tensor:
+        """Bit vectors ``sample_shape + [*batch, D]`` in the dtype of ``logits``."""
         shape = self._extended_shape(torch.Size(sample_shape))
         with torch.no_grad():
             u = torch.rand(shape, dtype=self.logits.dtype, device=self.logits.device,
@@ -296,16 +266,10 @@ class MeanFieldBernoulli(Distribution):
             return (u < self.probs).to(self.logits.dtype)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        value = value.to(self.logits.dtype)
-        return (value * F.logsigmoid(self.logits) + (1 - value) * F.logsigmoid(-self.logits)).sum(-1)
-
-    def entropy(self) -> Tensor:
-        p = self.probs
-        return -(p * F.logsigmoid(self.logits) + (1 - p) * F.logsigmoid(-self.logits)).sum(-1)
+        return super().log_prob(value.to(self.logits.dtype))
 
     def enumerate_support(self, expand: bool = True) -> Tensor:
+        """All ``2^D`` bit vectors, ``[2^D, *batch, D]`` (``[2^D, 1.., D]`` unless ``expand``)."""
         d = self.event_shape[0]
         if d > 20:
             raise ValueError(f"enumerate_support lists 2^D vectors; D = {d} is too large")
@@ -319,6 +283,12 @@ class MeanFieldBernoulli(Distribution):
 
 @register_kl(MeanFieldBernoulli, MeanFieldBernoulli)
 def _kl_mean_field_bernoulli(q: MeanFieldBernoulli, p: MeanFieldBernoulli) -> Tensor:
+    """The Bernoulli KL from logits alone, ``[*batch]``.
+
+    torch's ``Bernoulli`` KL sets a term to ``+inf`` wherever ``p``'s probability *rounds* to 0 or 1
+    (``sigmoid(17.) == 1`` in float32), so a finite KL to a saturated prior comes out infinite;
+    with ``log sigmoid`` of the logits every term stays finite.
+    """
     a, b = q.logits, p.logits
     return (q.probs * (F.logsigmoid(a) - F.logsigmoid(b))
             + torch.sigmoid(-a) * (F.logsigmoid(-a) - F.logsigmoid(-b))).sum(-1)

@@ -6,7 +6,9 @@ are those of shared/data/README.md).  Nothing here touches the network.
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import lzma
 import os
 import pickle
 import random
@@ -34,6 +36,7 @@ from latentnlp.data import (
     lm_stream,
     locate,
     read_iwslt14,
+    read_lines,
     read_multi30k,
     read_parallel,
     read_ptb,
@@ -43,11 +46,6 @@ from latentnlp.data import (
 
 REAL = os.environ.get(DATA_ENV)
 needs_data = pytest.mark.skipif(not REAL, reason=f"${DATA_ENV} not set")
-
-
-@pytest.fixture(scope="module")
-def hf_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("hf-datasets")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,16 +309,16 @@ def test_resolution_order_error_lists_every_place(tmp_path, monkeypatch):
     assert "no hub copy of 'yahoo' is known" in str(err.value)
 
 
-def test_data_argument_wins_over_environment(tmp_path, monkeypatch, hf_cache):
+def test_data_argument_wins_over_environment(tmp_path, monkeypatch):
     for root, text in (("a", " x y\n"), ("b", " z\n")):
         (tmp_path / root / "ptb").mkdir(parents=True)
         for s in ("train", "valid", "test"):
             (tmp_path / root / "ptb" / f"ptb.{s}.txt").write_text(text)
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "b"))
-    assert read_ptb(tmp_path / "a", cache_dir=hf_cache).train == [["x", "y"]]
-    assert read_ptb(cache_dir=hf_cache).train == [["z"]]
+    assert read_ptb(tmp_path / "a").train == [["x", "y"]]
+    assert read_ptb().train == [["z"]]
     # --data may also name the corpus folder itself
-    assert read_ptb(tmp_path / "a" / "ptb", cache_dir=hf_cache).valid == [["x", "y"]]
+    assert read_ptb(tmp_path / "a" / "ptb").valid == [["x", "y"]]
     src = locate("ptb", ["ptb.valid.txt"], data=tmp_path / "a")
     assert src.path == tmp_path / "a" / "ptb" and src.is_local
 
@@ -337,23 +335,99 @@ def test_hub_status_offline_and_unreachable(monkeypatch):
     assert not ok and "unreachable" in why and time.perf_counter() - t0 < 3
 
 
-def test_read_parallel_gzip_and_alignment(tmp_path, hf_cache):
+def test_read_parallel_gzip_and_alignment(tmp_path):
     with gzip.open(tmp_path / "a.de.gz", "wt") as f:
         f.write("Ein Hund .\n\nZwei Katzen .\n")
     (tmp_path / "a.en").write_text("A dog .\n\nTwo cats .\n")
-    pairs = read_parallel(tmp_path / "a.de.gz", tmp_path / "a.en", cache_dir=hf_cache)
+    pairs = read_parallel(tmp_path / "a.de.gz", tmp_path / "a.en")
     assert pairs == [("Ein Hund .", "A dog ."), ("", ""), ("Zwei Katzen .", "Two cats .")]
     (tmp_path / "b.en").write_text("one\n")
     with pytest.raises(ValueError, match="not aligned"):
-        read_parallel(tmp_path / "a.en", tmp_path / "b.en", cache_dir=hf_cache)
+        read_parallel(tmp_path / "a.en", tmp_path / "b.en")
+
+
+
+def test_read_lines_newlines_compression_and_missing_files(tmp_path):
+    (tmp_path / "crlf.txt").write_bytes("a b\r\n\r\nc\rd \n  e".encode())
+    for ext, opener in ((".bz2", bz2.open), (".xz", lzma.open)):
+        with opener(tmp_path / f"z.txt{ext}", "wt", encoding="utf-8") as f:
+            f.write("eins\nzwei\u00e4\n")
+    lines = read_lines({"crlf": tmp_path / "crlf.txt", "bz2": tmp_path / "z.txt.bz2",
+                        "xz": tmp_path / "z.txt.xz"})
+    assert lines == {"crlf": ["a b", "", "c", "d ", "  e"], "bz2": ["eins", "zwei\u00e4"],
+                     "xz": ["eins", "zwei\u00e4"]}
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        read_lines({"x": tmp_path / "nope.txt"})
+
+
+@pytest.fixture
+def isolated_caches(tmp_path, monkeypatch):
+    """Point every cache a reader could write to (HOME, XDG, Hugging Face, latentnlp) at empty
+    folders; returns them so a test can check they stay empty."""
+    roots = {name: tmp_path / name for name in ("home", "xdg", "hf", "hf-datasets", "latentnlp")}
+    for root in roots.values():
+        root.mkdir()
+    for var, name in (("HOME", "home"), ("XDG_CACHE_HOME", "xdg"), ("HF_HOME", "hf"),
+                      ("HF_DATASETS_CACHE", "hf-datasets"), ("LATENTNLP_CACHE", "latentnlp")):
+        monkeypatch.setenv(var, str(roots[name]))
+    return roots
+
+
+def _local_corpora(root):
+    (root / "ptb").mkdir()
+    for s in ("train", "valid", "test"):
+        (root / "ptb" / f"ptb.{s}.txt").write_text(" the cat\n a dog <unk>\n")
+    (root / "multi30k" / "raw").mkdir(parents=True)
+    for split in ("train", "val", "test_2016_flickr"):
+        for lang, text in (("de", "Ein Hund .\n"), ("en", "A dog .\n")):
+            with gzip.open(root / "multi30k" / "raw" / f"{split}.{lang}.gz", "wt") as f:
+                f.write(text)
+
+
+def test_local_corpora_are_read_quietly_and_cache_nothing(tmp_path, isolated_caches, capfd):
+    data = tmp_path / "data"
+    data.mkdir()
+    _local_corpora(data)
+    capfd.readouterr()
+    assert read_ptb(data).train == [["the", "cat"], ["a", "dog", "<unk>"]]
+    assert read_multi30k(data, variant="raw").valid == [("Ein Hund .", "A dog .")]
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""  # no progress bar, no log line
+    for name, root in isolated_caches.items():
+        assert not any(root.rglob("*")), f"{name} cache written: {sorted(root.rglob('*'))}"
+    assert sorted(p.name for p in data.rglob("*") if p.is_file()) == sorted(
+        [f"ptb.{s}.txt" for s in ("train", "valid", "test")]
+        + [f"{s}.{lang}.gz" for s in ("train", "val", "test_2016_flickr") for lang in ("de", "en")])
+
+
+@needs_data
+def test_shared_corpora_are_read_quietly_and_cache_nothing(isolated_caches, capfd):
+    capfd.readouterr()
+    read_ptb()
+    read_multi30k(variant="raw")
+    with pytest.warns(MissingSplitWarning):
+        read_iwslt14()
+    with pytest.warns(MissingSplitWarning):
+        read_yahoo().vocabulary()
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    for name, root in isolated_caches.items():
+        assert not any(root.rglob("*")), f"{name} cache written: {sorted(root.rglob('*'))}"
+
+
+def test_sentencepiece_training_prints_nothing(tmp_path, capfd):
+    capfd.readouterr()
+    train_sentencepiece(TINY, 40, cache_dir=tmp_path)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
 
 
 # ---------------------------------------------------------------------------------------------
 # the real corpora (shared/data)
 # ---------------------------------------------------------------------------------------------
 @needs_data
-def test_ptb_vocabulary_and_token_counts(hf_cache):
-    ptb = read_ptb(cache_dir=hf_cache)
+def test_ptb_vocabulary_and_token_counts():
+    ptb = read_ptb()
     vocab = ptb.vocabulary()
     assert len(vocab) == 10_000 and vocab.eos == "<eos>" and vocab.unk == "<unk>"
     counts = {"train": (42_068, 929_589), "valid": (3_370, 73_760), "test": (3_761, 82_430)}
@@ -369,17 +443,17 @@ def test_ptb_vocabulary_and_token_counts(hf_cache):
 
 
 @needs_data
-def test_multi30k_and_iwslt_line_counts(hf_cache):
-    m = read_multi30k(cache_dir=hf_cache, extra_splits=["test_2017_mscoco"])
+def test_multi30k_and_iwslt_line_counts():
+    m = read_multi30k(extra_splits=["test_2017_mscoco"])
     assert {k: len(v) for k, v in m.splits.items()} == {
         "train": 29_000, "valid": 1_014, "test": 1_000, "test_2017_mscoco": 461}
     assert sum(len(s.split()) for s, _ in m.train) == 360_706  # de
     assert sum(len(t.split()) for _, t in m.train) == 377_534  # en
-    raw = read_multi30k(cache_dir=hf_cache, variant="raw", src="en", tgt="de")
+    raw = read_multi30k(variant="raw", src="en", tgt="de")
     assert len(raw.valid) == 1_014 and raw.valid[0][0][0].isupper()
 
     with pytest.warns(MissingSplitWarning, match="train"):
-        iw = read_iwslt14(cache_dir=hf_cache)
+        iw = read_iwslt14()
     assert len(iw.valid) == 7_282 and len(iw.test) == 6_750
     assert sum(len(s.split()) for s, _ in iw.test) == 125_738
     with pytest.raises(MissingSplitError, match="train.de"):
@@ -387,9 +461,9 @@ def test_multi30k_and_iwslt_line_counts(hf_cache):
 
 
 @needs_data
-def test_yahoo_without_train(hf_cache):
+def test_yahoo_without_train():
     with pytest.warns(MissingSplitWarning, match="yahoo.train.txt"):
-        y = read_yahoo(cache_dir=hf_cache)
+        y = read_yahoo()
     assert len(y.valid) == len(y.test) == 10_000
     assert sum(len(d) for d in y.valid) == 790_680
     v = y.vocabulary()

@@ -1,12 +1,15 @@
 """Variational families against enumeration and closed forms (float64)."""
 
 import math
+import warnings
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Categorical, Independent, Normal, kl_divergence
 
-from latentnlp.families import DiagonalGaussian, MaskedCategorical, MeanFieldBernoulli, lengths_to_mask
+from latentnlp.families import DiagonalGaussian, MaskedCategorical, MeanFieldBernoulli
+from latentnlp.masks import lengths_to_mask
 
 pytestmark = pytest.mark.usefixtures("float64")  # every test computes in float64
 
@@ -151,3 +154,109 @@ def test_mean_field_bernoulli_extreme_logits_stay_finite():
     v = kl_divergence(q, p) + q.entropy() + q.log_prob(torch.tensor([[1.0, 0.0, 1.0]]))
     v.sum().backward()
     assert torch.isfinite(v).all() and torch.isfinite(a.grad).all()
+
+
+# ---- the families are torch's Independent(Normal) / Independent(Bernoulli) -----------------------
+
+def _mc_kl_bound(q, p, n, seed):
+    """Monte Carlo ``KL(q || p) = E_q[log q(z) - log p(z)]`` and 5 standard errors of the mean."""
+    z = q.sample((n,), generator=torch.Generator().manual_seed(seed))
+    f = q.log_prob(z) - p.log_prob(z)                     # [n, *batch]
+    return f.mean(0), 5 * f.std(0) / math.sqrt(n)
+
+
+def test_diagonal_gaussian_is_independent_normal():
+    g = torch.Generator().manual_seed(2)
+    loc, scale = torch.randn(4, 3, generator=g), torch.rand(4, 3, generator=g) + 0.3
+    q = DiagonalGaussian(loc, scale)
+    ref = Independent(Normal(loc, scale), 1)
+    assert isinstance(q, Independent) and q.has_rsample and q.reinterpreted_batch_ndims == 1
+    assert (q.batch_shape, q.event_shape) == (ref.batch_shape, ref.event_shape)
+    x = torch.randn(5, 4, 3, generator=g)
+    torch.testing.assert_close(q.log_prob(x), ref.log_prob(x))
+    torch.testing.assert_close(q.entropy(), ref.entropy())
+    for name in ("mean", "mode", "variance", "stddev"):
+        torch.testing.assert_close(getattr(q, name), getattr(ref, name))
+    torch.testing.assert_close(q.log_scale, scale.log())
+    # the generator gives today's draws: loc + scale * randn(generator)
+    z = q.rsample((2,), generator=torch.Generator().manual_seed(5))
+    eps = torch.randn((2, 4, 3), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(z, loc + scale * eps)
+    torch.manual_seed(9)
+    a = q.sample((2,))
+    torch.manual_seed(9)
+    torch.testing.assert_close(a, q.sample((2,)))
+    e = q.expand((2, 4))
+    assert type(e) is DiagonalGaussian and e.batch_shape == (2, 4)
+    torch.testing.assert_close(e.log_prob(x[:1]), q.log_prob(x[:1]).expand(2, 4))
+    with pytest.raises(ValueError):
+        DiagonalGaussian(torch.zeros(2), -torch.ones(2), validate_args=True)
+    with pytest.raises(ValueError, match="broadcast"):
+        DiagonalGaussian(torch.zeros(2, 3), torch.ones(4))
+
+
+def test_diagonal_gaussian_kl_is_torchs_closed_form_and_matches_monte_carlo():
+    from torch.distributions.kl import _KL_REGISTRY, _dispatch_kl
+
+    g = torch.Generator().manual_seed(3)
+    q = DiagonalGaussian(torch.randn(3, 4, generator=g), torch.rand(3, 4, generator=g) + 0.5)
+    p = DiagonalGaussian(torch.randn(3, 4, generator=g), torch.rand(3, 4, generator=g) + 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ambiguous-dispatch warning
+        # the (Independent, Independent) registration: torch's, or whichever library replaced it (Pyro's)
+        assert _dispatch_kl(DiagonalGaussian, DiagonalGaussian) is _KL_REGISTRY[Independent, Independent]
+        kl = kl_divergence(q, p)
+    # the closed form of the module docstring, by hand
+    m_q, s_q, m_p, s_p = q.loc, q.scale, p.loc, p.scale
+    by_hand = (torch.log(s_p / s_q) + (s_q ** 2 + (m_q - m_p) ** 2) / (2 * s_p ** 2) - 0.5).sum(-1)
+    torch.testing.assert_close(kl, by_hand)
+    # mixed with a plain Independent(Normal) prior
+    torch.testing.assert_close(kl_divergence(q, Independent(Normal(p.loc, p.scale), 1)), kl)
+    estimate, tolerance = _mc_kl_bound(q, p, 20000, seed=4)
+    assert ((estimate - kl).abs() < tolerance).all(), (estimate, kl, tolerance)
+
+
+def test_mean_field_bernoulli_is_independent_bernoulli():
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, 5, generator=g) * 2
+    q = MeanFieldBernoulli(logits)
+    ref = Independent(Bernoulli(logits=logits), 1)
+    assert isinstance(q, Independent) and not q.has_rsample and q.has_enumerate_support
+    assert (q.batch_shape, q.event_shape) == (ref.batch_shape, ref.event_shape)
+    x = (torch.rand(7, 2, 5, generator=g) < 0.5).double()
+    torch.testing.assert_close(q.log_prob(x), ref.log_prob(x))
+    torch.testing.assert_close(q.log_prob(x.bool()), ref.log_prob(x))
+    torch.testing.assert_close(q.entropy(), ref.entropy())
+    torch.testing.assert_close(q.mean, ref.mean)
+    torch.testing.assert_close(q.variance, ref.variance)
+    torch.testing.assert_close(q.probs, torch.sigmoid(logits))
+    # the generator gives today's draws: [u < sigmoid(logits)], u = rand(generator)
+    s = q.sample((3,), generator=torch.Generator().manual_seed(8))
+    u = torch.rand((3, 2, 5), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(s, (u < q.probs).double())
+    assert q.enumerate_support(expand=False).shape == (32, 1, 5)
+    e = q.expand((3, 2))
+    assert type(e) is MeanFieldBernoulli and e.batch_shape == (3, 2)
+    assert e.enumerate_support().shape == (32, 3, 2, 5)
+    with pytest.raises(ValueError, match="too large"):
+        MeanFieldBernoulli(torch.zeros(21)).enumerate_support()
+
+
+def test_mean_field_bernoulli_kl_matches_torch_and_monte_carlo():
+    g = torch.Generator().manual_seed(7)
+    q = MeanFieldBernoulli(torch.randn(3, 4, generator=g))
+    p = MeanFieldBernoulli(torch.randn(3, 4, generator=g))
+    kl = kl_divergence(q, p)
+    torch.testing.assert_close(kl, kl_divergence(Independent(Bernoulli(logits=q.logits), 1),
+                                                 Independent(Bernoulli(logits=p.logits), 1)))
+    estimate, tolerance = _mc_kl_bound(q, p, 20000, seed=10)
+    assert ((estimate - kl).abs() < tolerance).all(), (estimate, kl, tolerance)
+
+
+def test_mean_field_bernoulli_kl_finite_against_a_saturated_prior():
+    # sigmoid(20.) rounds to 1 in float32: torch's Bernoulli KL says +inf, the exact value is finite
+    q = MeanFieldBernoulli(torch.zeros(1, 1, dtype=torch.float32))
+    p = MeanFieldBernoulli(torch.full((1, 1), 20.0, dtype=torch.float32))
+    exact = 0.5 * (math.log(0.5) - F.logsigmoid(torch.tensor(20.0, dtype=torch.float64)).item()) \
+        + 0.5 * (math.log(0.5) - F.logsigmoid(torch.tensor(-20.0, dtype=torch.float64)).item())
+    assert kl_divergence(q, p).item() == pytest.approx(exact, rel=1e-5)

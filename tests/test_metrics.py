@@ -4,7 +4,9 @@ import math
 
 import pytest
 import torch
+from torch.distributions import kl_divergence
 
+from latentnlp.families import DiagonalGaussian
 from latentnlp.metrics import (MetricSums, active_units, average_kl, corpus_bleu, corpus_summary,
                                gaussian_kl, mutual_information, perplexity, tokenized_bleu)
 
@@ -35,6 +37,23 @@ def test_metric_sums_and_corpus_summary():
     assert MetricSums.from_totals(totals).totals() == totals
     with pytest.raises(ValueError, match="tokens"):
         sums.add({"nll": torch.tensor([1.0])})
+
+
+def test_corpus_summary_of_the_negative_elbo_is_a_perplexity_bound():
+    sums = MetricSums()
+    sums.add({"neg_elbo": torch.tensor([4.0, 2.0]), "kl": torch.tensor([1.0, 0.5]),
+              "tokens": torch.tensor([2.0, 2.0])})
+    out = corpus_summary(sums.totals())
+    assert out["neg_elbo"] == pytest.approx(6 / 4)
+    assert out["neg_elbo_per_example"] == pytest.approx(3.0)
+    assert out["ppl_bound"] == pytest.approx(math.exp(6 / 4))
+    assert "ppl" not in out and "nll" not in out  # a bound is never reported as the perplexity
+    # with both, nll keeps its numbers and the bound sits beside them
+    both = corpus_summary({"nll": 5.0, "neg_elbo": 6.0, "tokens": 4.0, "examples": 2.0})
+    assert both["ppl"] == pytest.approx(math.exp(5 / 4)) and both["nll"] == pytest.approx(5 / 4)
+    assert both["ppl_bound"] == pytest.approx(math.exp(6 / 4)) and both["ppl_bound"] >= both["ppl"]
+    assert corpus_summary({"nll": 5.0, "tokens": 4.0, "examples": 2.0}).keys() == {
+        "tokens", "examples", "nll", "nll_per_example", "ppl"}
 
 
 # BLEU by hand.  Sentence 1: hyp "the cat sat on the mat", ref "the cat sat on a mat":
@@ -86,6 +105,20 @@ def test_gaussian_kl_and_average():
         gaussian_kl(mu, logvar[:, :1])
 
 
+def test_gaussian_kl_is_the_family_kl():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(5, 3, generator=g), 2 * torch.randn(5, 3, generator=g)
+    q = DiagonalGaussian.from_logvar(mu, logvar)
+    torch.testing.assert_close(gaussian_kl(mu, logvar),
+                               kl_divergence(q, DiagonalGaussian.standard((5,), 3)))
+    closed = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+    torch.testing.assert_close(gaussian_kl(mu, logvar), closed)
+    # float32 down to logvar = -87 (a normal-float variance) keeps the closed form
+    narrow = torch.tensor([[0.0, -87.0, 40.0]])
+    assert gaussian_kl(torch.zeros(1, 3), narrow).item() == pytest.approx(
+        0.5 * float((narrow.double().exp() - 1 - narrow.double()).sum()), rel=1e-6)
+
+
 def _normal_pdf(z, m, var):
     return math.exp(-0.5 * (z - m) ** 2 / var) / math.sqrt(2 * math.pi * var)
 
@@ -104,6 +137,10 @@ def test_mutual_information_hand_computation():
     # [S, N, D] samples are pooled
     z2 = torch.stack([z, z])
     assert mutual_information(mu, logvar, z2) == pytest.approx(expected, rel=1e-10)
+    # sampled z are the family's draws from the generator
+    drawn = DiagonalGaussian.from_logvar(mu, logvar).sample((3,), generator=torch.Generator().manual_seed(2))
+    assert mutual_information(mu, logvar, num_samples=3, generator=torch.Generator().manual_seed(2)) == \
+        pytest.approx(mutual_information(mu, logvar, drawn), rel=1e-12)
 
 
 def test_mutual_information_limits():

@@ -1,7 +1,8 @@
 """Corpus readers: PTB, Yahoo, IWSLT14, Multi30k and plain parallel text.
 
-Text is read with Hugging Face ``datasets`` (the ``text`` builder, gzip
-handled transparently), once per file set, and returned as plain Python objects:
+Local files are read with plain Python (:func:`read_lines`: UTF-8, gzip handled), quietly and
+without caching anything; only a hub copy (no local copy found) goes through Hugging Face
+``datasets``, whose cache ``cache_dir`` names.  Text is returned as plain Python objects:
 
 * language-model corpora (:func:`read_ptb`, :func:`read_yahoo`) give an
   :class:`LMCorpus`: per split a ``list[list[str]]`` of whitespace tokens, one
@@ -21,11 +22,14 @@ with the same explanation.  Corpora are found by :func:`~latentnlp.data.sources.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 from .sources import HubSpec, MissingSplitError, Source, load_hub, locate
 
@@ -48,30 +52,29 @@ class MissingSplitWarning(UserWarning):
 
 
 # ---------------------------------------------------------------------------------------------
-# reading text files through `datasets`
+# reading local text files
 # ---------------------------------------------------------------------------------------------
-def read_lines(files: Mapping[str, PathLike], *, cache_dir: PathLike | None = None
-               ) -> dict[str, list[str]]:
-    """Read text files with ``datasets.load_dataset("text")``: ``{key: [line, ...]}``.
+#: Compressed files are read through the standard library, chosen by the file's suffix.
+_OPENERS: dict[str, Callable[..., IO[str]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
-    One ``load_dataset`` call for all files (``.gz`` files are decompressed);
-    lines keep their content (no stripping) minus the line break, and empty lines
-    are kept so that parallel files stay aligned.  ``cache_dir`` is passed to
-    ``datasets`` (default: its own cache).
+
+def read_lines(files: Mapping[str, PathLike]) -> dict[str, list[str]]:
+    """Read local text files: ``{key: [line, ...]}``, one entry per line of ``files[key]``.
+
+    Plain Python reading, UTF-8 with universal newlines (``\\n``, ``\\r\\n`` and ``\\r`` end a
+    line); ``.gz``, ``.bz2`` and ``.xz`` files are decompressed.  Lines keep their content (no
+    stripping) minus the line break, and empty lines are kept so that parallel files stay
+    aligned.  Nothing is cached and nothing is printed.
     """
-    if not files:
-        return {}
-    import datasets
-
-    keys = list(files)
-    for k in keys:
-        if not Path(files[k]).is_file():
-            raise FileNotFoundError(f"no such file: {files[k]}")
-    # split names must be identifiers for `datasets`; use f0, f1, ... internally
-    data_files = {f"f{i}": str(Path(files[k]).resolve()) for i, k in enumerate(keys)}
-    dd = datasets.load_dataset("text", data_files=data_files, keep_in_memory=True,
-                               cache_dir=None if cache_dir is None else str(cache_dir))
-    return {k: dd[f"f{i}"].to_dict()["text"] for i, k in enumerate(keys)}
+    missing = [str(path) for path in files.values() if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such file: {', '.join(missing)}")
+    out: dict[str, list[str]] = {}
+    for key, path in files.items():
+        opener = _OPENERS.get(Path(path).suffix, open)
+        with opener(path, "rt", encoding="utf-8") as f:
+            out[key] = [line.rstrip("\n") for line in f]
+    return out
 
 
 def _missing(name: str, absent: Sequence[str], why: Callable[[str], str]) -> dict[str, str]:
@@ -198,21 +201,20 @@ def _pair_up(src: list[str], tgt: list[str], src_path: object, tgt_path: object
     return [(s.strip(), t.strip()) for s, t in zip(src, tgt)]
 
 
-def read_parallel(src_path: PathLike, tgt_path: PathLike, *,
-                  cache_dir: PathLike | None = None) -> list[tuple[str, str]]:
+def read_parallel(src_path: PathLike, tgt_path: PathLike) -> list[tuple[str, str]]:
     """Two aligned files (line *i* of one translates line *i* of the other) as pairs."""
-    lines = read_lines({"src": src_path, "tgt": tgt_path}, cache_dir=cache_dir)
+    lines = read_lines({"src": src_path, "tgt": tgt_path})
     return _pair_up(lines["src"], lines["tgt"], src_path, tgt_path)
 
 
 def read_parallel_corpus(files: Mapping[str, tuple[PathLike, PathLike]], *,
-                         name: str = "parallel", src_lang: str = "src", tgt_lang: str = "tgt",
-                         cache_dir: PathLike | None = None) -> ParallelCorpus:
-    """A :class:`ParallelCorpus` from ``{split: (src_path, tgt_path)}`` (one ``datasets`` call)."""
+                         name: str = "parallel", src_lang: str = "src", tgt_lang: str = "tgt"
+                         ) -> ParallelCorpus:
+    """A :class:`ParallelCorpus` from local files, ``{split: (src_path, tgt_path)}``."""
     flat: dict[str, PathLike] = {}
     for split, (s, t) in files.items():
         flat[f"{split}\0src"], flat[f"{split}\0tgt"] = s, t
-    lines = read_lines(flat, cache_dir=cache_dir)
+    lines = read_lines(flat)
     splits = {split: _pair_up(lines[f"{split}\0src"], lines[f"{split}\0tgt"], s, t)
               for split, (s, t) in files.items()}
     return ParallelCorpus(name=name, src_lang=src_lang, tgt_lang=tgt_lang, splits=splits)
@@ -226,7 +228,7 @@ def _lm_from_source(name: str, source: Source, names: Mapping[str, str],
     """Token lists per split from a local or hub source; also the splits not found."""
     if source.is_local:
         present = {split: source.files[f] for split, f in names.items() if f in source.files}
-        lines = read_lines(present, cache_dir=cache_dir)
+        lines = read_lines(present)
     else:
         spec = source.hub
         assert spec is not None and spec.text is not None
@@ -241,7 +243,8 @@ def read_ptb(data: PathLike | None = None, *, cache_dir: PathLike | None = None,
     """Penn Treebank, Mikolov's version: ``ptb.{train,valid,test}.txt``, one sentence a line.
 
     The files already contain ``<unk>`` and ``N``; train has 9,999 types, so
-    ``corpus.vocabulary()`` (with ``<eos>``) has the usual 10,000.
+    ``corpus.vocabulary()`` (with ``<eos>``) has the usual 10,000.  ``cache_dir`` is the
+    ``datasets`` cache used only for the hub copy (default: ``datasets``' own).
     """
     names = {s: f"ptb.{s}.txt" for s in SPLITS}
     source = locate("ptb", list(names.values()), subdirs=("ptb",),
@@ -251,7 +254,7 @@ def read_ptb(data: PathLike | None = None, *, cache_dir: PathLike | None = None,
     return LMCorpus("ptb", splits, source=source, missing=missing, unk="<unk>")
 
 
-def read_yahoo(data: PathLike | None = None, *, cache_dir: PathLike | None = None) -> LMCorpus:
+def read_yahoo(data: PathLike | None = None) -> LMCorpus:
     """Yahoo Answers of Yang et al. 2017: ``yahoo.{train,valid,test}.txt``, one document a line.
 
     Documents are lowercased and tokenised, 20 to 200 tokens, with ``_UNK`` for
@@ -265,7 +268,7 @@ def read_yahoo(data: PathLike | None = None, *, cache_dir: PathLike | None = Non
     source = locate("yahoo", [names["valid"], names["test"]],
                     optional=[names["train"], *vocab_files], subdirs=("yahoo",), data=data,
                     hub=None)
-    splits, absent = _lm_from_source("yahoo", source, names, cache_dir)
+    splits, absent = _lm_from_source("yahoo", source, names, cache_dir=None)
     missing = _missing("yahoo", absent, lambda s: (
         f"{source.describe()} has no {names[s]} (the shared copy has valid and test only; "
         "see its README)"))
@@ -283,7 +286,7 @@ def _parallel_from_source(name: str, source: Source, names: Mapping[str, tuple[s
     if source.is_local:
         present = {split: (source.files[s], source.files[t]) for split, (s, t) in names.items()
                    if s in source.files and t in source.files}
-        corpus = read_parallel_corpus(present, cache_dir=cache_dir)
+        corpus = read_parallel_corpus(present)
         splits = corpus.splits
     else:
         spec = source.hub
@@ -302,8 +305,7 @@ def _parallel_from_source(name: str, source: Source, names: Mapping[str, tuple[s
     return splits, [s for s in names if s not in splits]
 
 
-def read_iwslt14(data: PathLike | None = None, *, src: str = "de", tgt: str = "en",
-                 cache_dir: PathLike | None = None) -> ParallelCorpus:
+def read_iwslt14(data: PathLike | None = None, *, src: str = "de", tgt: str = "en") -> ParallelCorpus:
     """IWSLT14 German-English in fairseq's layout: ``{train,valid,test}.{de,en}``.
 
     Moses-tokenised and lowercased (fairseq ``prepare-iwslt14.sh``).  Valid and
@@ -315,7 +317,7 @@ def read_iwslt14(data: PathLike | None = None, *, src: str = "de", tgt: str = "e
     source = locate("iwslt14", required, optional=list(names["train"]),
                     subdirs=("iwslt14", "iwslt14.tokenized.de-en"),
                     data=data, hub=None)
-    splits, absent = _parallel_from_source("iwslt14", source, names, src, tgt, cache_dir)
+    splits, absent = _parallel_from_source("iwslt14", source, names, src, tgt, cache_dir=None)
     missing = _missing("iwslt14", absent, lambda s: (
         f"{source.describe()} has no {names[s][0]} / {names[s][1]}. The shared copy has valid "
         "and test only (160,239 training pairs in fairseq's split are not available); "
@@ -335,7 +337,8 @@ def read_multi30k(data: PathLike | None = None, *, src: str = "de", tgt: str = "
     ``test`` (``test``, default ``test_2016_flickr``, 1,000); ``extra_splits``
     adds other test sets under their own names (``test_2017_flickr``,
     ``test_2017_mscoco``, ``test_2018_flickr``).  The hub fallback
-    (``bentrevett/multi30k``) has raw text and the three main splits only.
+    (``bentrevett/multi30k``) has raw text and the three main splits only; ``cache_dir`` is
+    the ``datasets`` cache used only for it (default: ``datasets``' own).
     """
     if variant == "tok":
         def fname(split: str, lang: str) -> str:

@@ -31,11 +31,18 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import sentencepiece as spm
-
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>"}
 CACHE_ENV = "LATENTNLP_CACHE"
+
+
+def _sentencepiece():
+    """The ``sentencepiece`` module, imported on first use so ``latentnlp.data`` needs only torch."""
+    try:
+        import sentencepiece
+    except ImportError as exc:
+        raise ImportError("subword models need the sentencepiece package: pip install sentencepiece") from exc
+    return sentencepiece
 
 
 def default_cache_dir() -> Path:
@@ -59,7 +66,7 @@ class SentencePieceTokenizer:
         if model_proto is None:
             model_proto = Path(model_file).read_bytes()  # type: ignore[arg-type]
         self._proto = model_proto
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.sp = _sentencepiece().SentencePieceProcessor(model_proto=model_proto)
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
@@ -78,7 +85,7 @@ class SentencePieceTokenizer:
         self.model_path = state["model_path"]
         self.from_cache = state["from_cache"]
         self._proto = state["proto"]
-        self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        self.sp = _sentencepiece().SentencePieceProcessor(model_proto=self._proto)
 
     # ---- sizes and special ids --------------------------------------------------------------
     def __len__(self) -> int:
@@ -168,7 +175,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: st
     file is ``spm-{model_type}-{vocab_size}-{hash16}.model``.  Extra ``options``
     go to ``SentencePieceTrainer.train`` and are part of the cache key.
     ``num_threads`` (default: all CPUs) and ``verbose`` do not change the model
-    and are not.  A ``vocab_size`` larger than the text supports is a
+    and are not; unless ``verbose``, training logs nothing (sentencepiece's
+    ``minloglevel=2``).  A ``vocab_size`` larger than the text supports is a
     ``ValueError`` (pass ``hard_vocab_limit=False`` to make it a soft limit).
     """
     if model_type not in ("bpe", "unigram", "char", "word"):
@@ -176,6 +184,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: st
     if vocab_size < len(SPECIAL_PIECES) + 1:
         raise ValueError(f"vocab_size must exceed the {len(SPECIAL_PIECES)} specials, "
                          f"got {vocab_size}")
+    spm = _sentencepiece()
     texts = [t for t in texts]
     if not any(t.strip() for t in texts):
         raise ValueError("texts: no non-empty line to train sentencepiece on")

@@ -1,0 +1,26 @@
+"""Evaluation metrics, one concept per module; every public name is importable from here.
+
+* :mod:`~latentnlp.metrics.corpus`: corpus numbers from summed per-example loss metrics
+  (:func:`perplexity`, :class:`MetricSums`, :func:`corpus_summary`);
+* :mod:`~latentnlp.metrics.bleu`: corpus BLEU by sacreBLEU (:func:`corpus_bleu`,
+  :func:`tokenized_bleu`); sacreBLEU is imported only when BLEU is computed;
+* :mod:`~latentnlp.metrics.posterior_collapse`: diagnostics of a diagonal-Gaussian amortised
+  posterior (:func:`gaussian_kl`, :func:`average_kl`, :func:`mutual_information`,
+  :func:`active_units`).
+"""
+
+from .bleu import corpus_bleu, tokenized_bleu
+from .corpus import MetricSums, corpus_summary, perplexity
+from .posterior_collapse import active_units, average_kl, gaussian_kl, mutual_information
+
+__all__ = [
+    "MetricSums",
+    "corpus_summary",
+    "perplexity",
+    "corpus_bleu",
+    "tokenized_bleu",
+    "gaussian_kl",
+    "average_kl",
+    "mutual_information",
+    "active_units",
+]
