@@ -16,6 +16,7 @@ is a data object with the ``__len__`` / ``iterate(epoch, start)`` protocol of th
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -431,6 +432,27 @@ def check_reset_state(case: ModelCase) -> None:
     assert torch.allclose(first, again, atol=case.atol), (first, again)
 
 
+def check_constructor_record(case: ModelCase) -> None:
+    """The model records how it was built, in a form a checkpoint holds, and the record rebuilds it:
+    same class, same parameter and buffer shapes, and with the same state the same loss."""
+    model, batch = case.model(), case.batch()
+    record = model.constructor
+    assert record is not None, f"{case.name}: constructor arguments are not plain data"
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True) == record
+    rebuilt = LatentModel.from_constructor(record)
+    assert type(rebuilt) is type(model)
+    rebuilt.load_state_dict(model.state_dict())
+    model.eval(), rebuilt.eval()
+    objective = model.objectives[0]
+    kwargs = case.kwargs(objective)
+    a = _seeded(lambda: model.loss(batch, objective, **kwargs).value.detach(), model=model)
+    b = _seeded(lambda: rebuilt.loss(batch, objective, **kwargs).value.detach(), model=rebuilt)
+    assert torch.equal(a, b), (a, b)
+
+
 CHECKS: list[Callable[[ModelCase], None]] = [
     check_declares_objectives,
     check_loss_per_objective,
@@ -440,6 +462,7 @@ CHECKS: list[Callable[[ModelCase], None]] = [
     check_iwae_bounds_elbo,
     check_padding_invariance,
     check_reset_state,
+    check_constructor_record,
 ]
 
 MODEL_CASES: list[ModelCase] = [
