@@ -303,21 +303,30 @@ def check_declares_objectives(case: ModelCase) -> None:
     assert set(model.objectives) <= set(OBJECTIVES), model.objectives
 
 
+def bound_metric(objective: str) -> str:
+    """The metric holding the negative objective: ``neg_elbo`` under ``elbo`` (a bound, not a
+    likelihood), ``nll`` otherwise."""
+    return "neg_elbo" if objective == "elbo" else "nll"
+
+
 def check_loss_per_objective(case: ModelCase) -> None:
-    """Each declared objective gives a finite scalar and [B] ``nll`` / ``tokens`` metrics."""
+    """Each declared objective gives a finite scalar and [B] ``nll`` (``neg_elbo`` under
+    ``elbo``, and then no ``nll``) / ``tokens`` metrics."""
     model, batch = case.model(), case.batch()
     size = batch["lengths"].shape[0]
     for objective in model.objectives:
         loss = _seeded(lambda: model.loss(batch, objective, **case.kwargs(objective)), model=model)
         assert loss.value.dim() == 0, (objective, loss.value.shape)
         assert torch.isfinite(loss.value), (objective, loss.value)
-        for name in ("nll", "tokens"):
+        for name in (bound_metric(objective), "tokens"):
             assert name in loss.metrics, (objective, sorted(loss.metrics))
+        if objective == "elbo":
+            assert "nll" not in loss.metrics, "an ELBO is not a likelihood: name it neg_elbo"
         for name, value in loss.metrics.items():
             assert value.shape == (size,), (objective, name, value.shape)
             assert not value.requires_grad, (objective, name)
         assert torch.all(loss.metrics["tokens"] > 0)
-        assert torch.isfinite(loss.metrics["nll"]).all()
+        assert torch.isfinite(loss.metrics[bound_metric(objective)]).all()
 
 
 def check_unsupported_objectives(case: ModelCase) -> None:
@@ -413,9 +422,9 @@ def check_padding_invariance(case: ModelCase) -> None:
     a, b = _log_marginal(model, batch), _log_marginal(model, other)
     if a is None:
         objective = model.objectives[0]
-        kwargs = case.kwargs(objective)
-        a = _seeded(lambda: model.loss(batch, objective, **kwargs).metrics["nll"], model=model)
-        b = _seeded(lambda: model.loss(other, objective, **kwargs).metrics["nll"], model=model)
+        kwargs, name = case.kwargs(objective), bound_metric(objective)
+        a = _seeded(lambda: model.loss(batch, objective, **kwargs).metrics[name], model=model)
+        b = _seeded(lambda: model.loss(other, objective, **kwargs).metrics[name], model=model)
     assert torch.allclose(a, b, atol=case.atol), (a, b)
 
 

@@ -66,8 +66,10 @@ class ELBO:
 class Loss:
     """A scalar to minimise (per target token) and per-example metrics.
 
-    ``metrics`` maps names to ``[B]`` tensors (detached): always ``nll``
-    (negative objective, summed over the tokens of each example) and
+    ``metrics`` maps names to ``[B]`` tensors (detached), summed over the
+    tokens of each example: the negative objective -- ``nll`` (exact or
+    importance-weighted negative log-likelihood) or, under ``elbo``,
+    ``neg_elbo`` (the negative bound, which is not a likelihood) -- and
     ``tokens`` (number of target tokens of each example), plus any of
     ``kl``, ``reconstruction``, ...  Summing each over a corpus and dividing
     by the summed ``tokens`` gives corpus-level per-token numbers.
@@ -184,9 +186,11 @@ class LatentModel(nn.Module):
     def loss(self, batch: Batch, objective: str = "marginal", **kwargs) -> Loss:
         """Per-token loss for ``objective`` and per-example metrics.
 
-        ``marginal``: ``-sum log p(x) / tokens``; ``elbo``: ``-sum surrogate / tokens``
-        (``kwargs`` go to :meth:`elbo`); ``iwae``: ``-sum iwae / tokens``;
-        ``wake-sleep``: the model's :meth:`wake_sleep` loss.
+        ``marginal``: ``-sum log p(x) / tokens``, metric ``nll``; ``elbo``:
+        ``-sum surrogate / tokens`` (``kwargs`` go to :meth:`elbo`), metrics
+        ``neg_elbo`` (the true bound), ``kl`` and ``reconstruction``; ``iwae``:
+        ``-sum iwae / tokens``, metric ``nll``; ``wake-sleep``: the model's
+        :meth:`wake_sleep` loss.
         """
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -208,7 +212,7 @@ class LatentModel(nn.Module):
         else:
             log_px = self.iwae(batch, **kwargs)
             surrogate = log_px
-        metrics["nll"] = -log_px.detach()
+        metrics["neg_elbo" if objective == "elbo" else "nll"] = -log_px.detach()
         metrics["tokens"] = tokens
         value = -surrogate.sum() / tokens.sum().clamp_min(1).to(surrogate.dtype)
         return Loss(value=value, metrics=metrics)
