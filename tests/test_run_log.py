@@ -3,6 +3,10 @@ plots that read it without the trainer."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +68,12 @@ def test_training_curves_read_the_run_log(tmp_path):
     out = plots.training_curves({"toy": tmp_path / "run", "empty": tmp_path / "none"}, tmp_path / "c.png")
     assert out.exists() and out.stat().st_size > 0
     assert json.loads((tmp_path / "run" / "finished.json").read_text())["select_on"] == "nll"
+
+
+def test_reading_the_run_log_does_not_import_the_trainer():
+    code = ("import sys, latentnlp.plots, latentnlp.training.run_log; "
+            "print(sorted(m for m in sys.modules if m.startswith('latentnlp.training')))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}).stdout
+    assert out.strip() == "['latentnlp.training', 'latentnlp.training.run_log']"

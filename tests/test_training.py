@@ -377,7 +377,8 @@ def test_command_line_flags():
 def test_config_validation():
     for bad in (dict(optimizer="adagrad"), dict(schedule="exp"), dict(objective="mle"),
                 dict(max_steps=0), dict(schedule="plateau", warmup_steps=2),
-                dict(decay_factor=1.5), dict(select_on="ppl")):
+                dict(decay_factor=1.5), dict(select_on="ppl"),
+                dict(schedule=LinearDecay(total=10), warmup_steps=2)):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 

@@ -13,32 +13,43 @@
 - :mod:`~latentnlp.training.progress`: progress bars on a terminal, log lines elsewhere.
 
 Schedules (learning rate, KL weight) live in :mod:`latentnlp.schedules`.
+
+The names below are imported from their modules on first use, so that reading a run log
+(``from latentnlp.training.run_log import read_metrics``, as the plots do) does not import the
+trainer.
 """
 
-from latentnlp.training.checkpoint import CorruptCheckpointError, load_model
-from latentnlp.training.config import (
-           OPTIMIZERS,
-           SCHEDULES,
-           SELECTION_METRICS,
-           TrainConfig,
-)
-from latentnlp.training.distributed import DataSource
-from latentnlp.training.evaluation import evaluate
-from latentnlp.training.loop import Trainer
-from latentnlp.training.run_dir import FinishedRunError
-from latentnlp.training.run_log import read_metrics, training_speed
+from __future__ import annotations
 
-__all__ = [
-           "OPTIMIZERS",
-           "SCHEDULES",
-           "SELECTION_METRICS",
-           "CorruptCheckpointError",
-           "DataSource",
-           "FinishedRunError",
-           "TrainConfig",
-           "Trainer",
-           "evaluate",
-           "load_model",
-           "read_metrics",
-           "training_speed",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from latentnlp.training.checkpoint import CorruptCheckpointError, load_model
+    from latentnlp.training.config import OPTIMIZERS, SCHEDULES, SELECTION_METRICS, TrainConfig
+    from latentnlp.training.distributed import DataSource
+    from latentnlp.training.evaluation import evaluate
+    from latentnlp.training.loop import Trainer
+    from latentnlp.training.run_dir import FinishedRunError
+    from latentnlp.training.run_log import read_metrics, training_speed
+
+_HOMES = {
+    "CorruptCheckpointError": "checkpoint", "load_model": "checkpoint",
+    "OPTIMIZERS": "config", "SCHEDULES": "config", "SELECTION_METRICS": "config", "TrainConfig": "config",
+    "DataSource": "distributed", "evaluate": "evaluation", "Trainer": "loop",
+    "FinishedRunError": "run_dir", "read_metrics": "run_log", "training_speed": "run_log",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

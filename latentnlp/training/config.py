@@ -121,6 +121,9 @@ class TrainConfig:
                     raise ValueError(
                         f"{name}[{key!r}] is a callable ({value!r}), which config.json cannot record; "
                         f"use a schedule object from latentnlp.schedules, e.g. LinearWarmup(0.0, 1.0, 10000)")
+        if isinstance(self.schedule, Schedule) and (self.warmup_steps or self.min_lr):
+            raise ValueError("warmup_steps and min_lr apply to the named schedules; a Schedule object "
+                             "holds its own warmup and floor (e.g. LinearDecay(total, warmup, floor))")
         if self.schedule == "plateau" and self.warmup_steps:
             raise ValueError("warmup_steps is not supported with schedule='plateau'")
         for name in ("max_steps", "eval_every", "checkpoint_every", "patience"):
