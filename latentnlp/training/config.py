@@ -112,7 +112,8 @@ class TrainConfig:
         if self.select_on is not None and self.select_on not in SELECTION_METRICS:
             raise ValueError(f"select_on must be None or one of {SELECTION_METRICS}, got {self.select_on!r}")
         evaluated = self.eval_objective or self.objective
-        if (self.select_on == "nll" and evaluated == "elbo") or (self.select_on == "neg_elbo" and evaluated != "elbo"):
+        if (self.select_on == "nll" and evaluated == "elbo") or \
+                (self.select_on == "neg_elbo" and evaluated in ("marginal", "iwae")):
             raise ValueError(f"select_on={self.select_on!r}, but the validation objective {evaluated!r} gives "
                              f"{'neg_elbo' if evaluated == 'elbo' else 'nll'}")
         for name in ("objective_kwargs", "eval_kwargs"):
