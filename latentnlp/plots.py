@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from latentnlp.training import read_metrics
+from latentnlp.training.run_log import read_metrics, series
 
 __all__ = ["training_curves", "alignment_heatmaps", "hmm_states"]
 
@@ -33,18 +33,18 @@ def training_curves(runs: Mapping[str, str | Path], path: str | Path, *,
                     ppl_title: str = "validation perplexity", dpi: int = 120) -> Path:
     """Training loss and validation perplexity against the update, one line per run.
 
-    ``runs`` maps a legend label to a :class:`~latentnlp.training.Trainer` output folder; the
-    curves are read from its ``metrics.jsonl``: the ``loss`` of the training ``log`` events (left
-    panel, labelled ``loss_label``, titled ``loss_title``) and the ``ppl`` of the validation
-    ``eval`` events (right panel, log scale, titled ``ppl_title``), both against ``step``.  A run
-    without a log draws nothing.  Returns ``path``.
+    ``runs`` maps a legend label to a run directory; the curves are read from its run log
+    (:mod:`latentnlp.training.run_log`): the ``loss`` of the training ``log`` events (left panel,
+    labelled ``loss_label``, titled ``loss_title``) and the ``ppl`` of the validation ``eval``
+    events (right panel, log scale, titled ``ppl_title``), both against ``step``.  A run without
+    a log draws nothing; validation events without a ``ppl`` (an ELBO evaluation gives
+    ``ppl_bound`` instead) draw no point.  Returns ``path``.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, run_dir in runs.items():
         events = read_metrics(run_dir)
-        train = [(e["step"], e["loss"]) for e in events if e.get("split") == "train" and e.get("event") == "log"]
-        valid = [(e["step"], e["ppl"]) for e in events if e.get("split") == "valid" and e.get("event") == "eval"]
+        train, valid = series(events, "train", "log", "loss"), series(events, "valid", "eval", "ppl")
         if train:
             axes[0].plot(*zip(*train), label=label)
         if valid:

@@ -409,7 +409,7 @@ def evaluate_run(model, trainer: Trainer, data: Data, mode: str, run_dir: Path,
         entry.update(ppl=marginal["ppl"], nll=marginal["nll"], tokens=marginal["tokens"])
         if mode in ELBO_MODES:
             bound = trainer.evaluate(batches, objective="elbo", estimator="exact")
-            entry.update(elbo_ppl=bound["ppl"], kl=bound.get("kl"))
+            entry.update(elbo_ppl=bound["ppl_bound"], kl=bound.get("kl"))
         start = time.time()
         hyps = translate(model, batches, data.tokenizer, beam_size=beam_size, limit=n, device=trainer.device)
         refs = [t for _, t in pairs[:n]]

@@ -16,6 +16,7 @@ is a data object with the ``__len__`` / ``iterate(epoch, start)`` protocol of th
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -302,21 +303,30 @@ def check_declares_objectives(case: ModelCase) -> None:
     assert set(model.objectives) <= set(OBJECTIVES), model.objectives
 
 
+def bound_metric(objective: str) -> str:
+    """The metric holding the negative objective: ``neg_elbo`` under ``elbo`` (a bound, not a
+    likelihood), ``nll`` otherwise."""
+    return "neg_elbo" if objective == "elbo" else "nll"
+
+
 def check_loss_per_objective(case: ModelCase) -> None:
-    """Each declared objective gives a finite scalar and [B] ``nll`` / ``tokens`` metrics."""
+    """Each declared objective gives a finite scalar and [B] ``nll`` (``neg_elbo`` under
+    ``elbo``, and then no ``nll``) / ``tokens`` metrics."""
     model, batch = case.model(), case.batch()
     size = batch["lengths"].shape[0]
     for objective in model.objectives:
         loss = _seeded(lambda: model.loss(batch, objective, **case.kwargs(objective)), model=model)
         assert loss.value.dim() == 0, (objective, loss.value.shape)
         assert torch.isfinite(loss.value), (objective, loss.value)
-        for name in ("nll", "tokens"):
+        for name in (bound_metric(objective), "tokens"):
             assert name in loss.metrics, (objective, sorted(loss.metrics))
+        if objective == "elbo":
+            assert "nll" not in loss.metrics, "an ELBO is not a likelihood: name it neg_elbo"
         for name, value in loss.metrics.items():
             assert value.shape == (size,), (objective, name, value.shape)
             assert not value.requires_grad, (objective, name)
         assert torch.all(loss.metrics["tokens"] > 0)
-        assert torch.isfinite(loss.metrics["nll"]).all()
+        assert torch.isfinite(loss.metrics[bound_metric(objective)]).all()
 
 
 def check_unsupported_objectives(case: ModelCase) -> None:
@@ -412,9 +422,9 @@ def check_padding_invariance(case: ModelCase) -> None:
     a, b = _log_marginal(model, batch), _log_marginal(model, other)
     if a is None:
         objective = model.objectives[0]
-        kwargs = case.kwargs(objective)
-        a = _seeded(lambda: model.loss(batch, objective, **kwargs).metrics["nll"], model=model)
-        b = _seeded(lambda: model.loss(other, objective, **kwargs).metrics["nll"], model=model)
+        kwargs, name = case.kwargs(objective), bound_metric(objective)
+        a = _seeded(lambda: model.loss(batch, objective, **kwargs).metrics[name], model=model)
+        b = _seeded(lambda: model.loss(other, objective, **kwargs).metrics[name], model=model)
     assert torch.allclose(a, b, atol=case.atol), (a, b)
 
 
@@ -431,6 +441,27 @@ def check_reset_state(case: ModelCase) -> None:
     assert torch.allclose(first, again, atol=case.atol), (first, again)
 
 
+def check_constructor_record(case: ModelCase) -> None:
+    """The model records how it was built, in a form a checkpoint holds, and the record rebuilds it:
+    same class, same parameter and buffer shapes, and with the same state the same loss."""
+    model, batch = case.model(), case.batch()
+    record = model.constructor
+    assert record is not None, f"{case.name}: constructor arguments are not plain data"
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True) == record
+    rebuilt = LatentModel.from_constructor(record)
+    assert type(rebuilt) is type(model)
+    rebuilt.load_state_dict(model.state_dict())
+    model.eval(), rebuilt.eval()
+    objective = model.objectives[0]
+    kwargs = case.kwargs(objective)
+    a = _seeded(lambda: model.loss(batch, objective, **kwargs).value.detach(), model=model)
+    b = _seeded(lambda: rebuilt.loss(batch, objective, **kwargs).value.detach(), model=rebuilt)
+    assert torch.equal(a, b), (a, b)
+
+
 CHECKS: list[Callable[[ModelCase], None]] = [
     check_declares_objectives,
     check_loss_per_objective,
@@ -440,6 +471,7 @@ CHECKS: list[Callable[[ModelCase], None]] = [
     check_iwae_bounds_elbo,
     check_padding_invariance,
     check_reset_state,
+    check_constructor_record,
 ]
 
 MODEL_CASES: list[ModelCase] = [

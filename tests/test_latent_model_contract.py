@@ -16,8 +16,9 @@ def test_contract(case, check):
 import torch  # noqa: E402
 
 from contract import (ModelCase, NaiveBayesMixture, StreamingUnigram,  # noqa: E402
-                      check_gradients, check_marginal_loss, check_padding_invariance,
-                      check_reset_state, check_unsupported_objectives, lm_batch)
+                      check_constructor_record, check_gradients, check_marginal_loss,
+                      check_padding_invariance, check_reset_state, check_unsupported_objectives,
+                      lm_batch)
 
 
 class _LeaksPadding(NaiveBayesMixture):
@@ -50,6 +51,12 @@ class _AcceptsAnything(NaiveBayesMixture):
         return super().loss(batch, "marginal")
 
 
+class _HoldsATensor(NaiveBayesMixture):
+    def __init__(self, table=None):
+        super().__init__()
+        self.table = table
+
+
 def _case(make_model):
     return ModelCase("broken", make_model=make_model, make_batch=lambda g: lm_batch(g))
 
@@ -60,7 +67,8 @@ def _case(make_model):
     (_DeadParameter, check_gradients),
     (_NoReset, check_reset_state),
     (_AcceptsAnything, check_unsupported_objectives),
-], ids=["padding", "marginal-loss", "gradients", "reset-state", "unsupported"])
+    (lambda: _HoldsATensor(torch.zeros(2)), check_constructor_record),
+], ids=["padding", "marginal-loss", "gradients", "reset-state", "unsupported", "constructor"])
 def test_checks_reject_broken_models(make_model, check):
     with pytest.raises(AssertionError):
         check(_case(make_model))

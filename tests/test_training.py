@@ -1,7 +1,9 @@
-"""The Trainer: evaluation numbers, files, checkpoint/resume, skipping, stopping, schedules, DDP."""
+"""The Trainer: evaluation numbers, files, checkpoint/resume, skipping, stopping, schedules, DDP,
+progress reporting, rebuilding a model from its run directory."""
 
 import argparse
 import json
+import logging
 import math
 import os
 import subprocess
@@ -10,11 +12,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from contract import (
+    NaiveBayesMixture,
+    StreamingUnigram,
+    ToyCorpus,
+    check_data_source,
+    mixture_batches,
+)
 
-from contract import (NaiveBayesMixture, StreamingUnigram, ToyCorpus, check_data_source,
-                      mixture_batches)
 from latentnlp.models.base import LatentModel, Loss
-from latentnlp.training import FinishedRunError, TrainConfig, Trainer, load_model
+from latentnlp.schedules import (
+    Constant,
+    CosineDecay,
+    Cyclical,
+    LinearDecay,
+    LinearWarmup,
+)
+from latentnlp.training import (
+    CorruptCheckpointError,
+    FinishedRunError,
+    TrainConfig,
+    Trainer,
+    evaluate,
+    load_model,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,11 +107,28 @@ def test_evaluate_is_corpus_level_per_token():
     assert result["loss"] == result["nll"]
     assert result["ppl"] == pytest.approx(math.exp(float(nll) / tokens), rel=1e-6)
     assert result["nll_per_example"] == pytest.approx(float(nll) / result["examples"], rel=1e-6)
-    # an ELBO evaluation reports KL and reconstruction sums per token too; it bounds the NLL
+    # an ELBO evaluation reports KL and reconstruction sums per token too; its bound is named
+    # neg_elbo (not nll), bounds the NLL, and its perplexity is a bound too
     elbo = trainer.evaluate(valid, objective="elbo")
-    assert elbo["nll"] >= result["nll"] - 1e-9
+    assert "nll" not in elbo and "ppl" not in elbo
+    assert elbo["neg_elbo"] >= result["nll"] - 1e-9
+    assert elbo["loss"] == elbo["neg_elbo"]
+    assert elbo["ppl_bound"] == pytest.approx(math.exp(elbo["neg_elbo"]))
     assert elbo["kl"] * elbo["tokens"] == pytest.approx(elbo["kl_per_example"] * elbo["examples"])
     assert model.training  # the mode is restored
+
+
+def test_evaluate_needs_no_trainer():
+    train, valid = make_data()
+    model = make_model()
+    trainer_result = Trainer(model, config(), train, valid).evaluate(valid)
+    before = torch.get_rng_state()
+    alone = evaluate(model, valid, objective="marginal")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert {k: v for k, v in alone.items() if k != "tokens_per_s"} == \
+        {k: v for k, v in trainer_result.items() if k != "tokens_per_s"}
+    sampled = [evaluate(model, valid, objective="iwae", num_samples=2, seed=s)["nll"] for s in (0, 0, 1)]
+    assert sampled[0] == sampled[1] != sampled[2]  # its own seeded RNG: a function of the seed
 
 
 # ---- a full run --------------------------------------------------------------------------------
@@ -113,6 +151,8 @@ def test_fit_learns_and_writes_its_files(tmp_path, capsys):
     info = json.loads((tmp_path / "config.json").read_text())
     assert info["trainer"]["lr"] == 0.05 and info["run"] == {"recipe": "toy"}
     assert info["model"] == "NaiveBayesMixture"
+    assert info["select_on"] == summary["select_on"] == "nll"
+    assert info["constructor"] == {"class": "contract.NaiveBayesMixture", "args": [12, 3], "kwargs": {}}
     assert json.loads((tmp_path / "finished.json").read_text())["steps"] == summary["steps"]
     log = events(tmp_path)
     train_events = [e for e in log if e["split"] == "train"]
@@ -125,7 +165,7 @@ def test_fit_learns_and_writes_its_files(tmp_path, capsys):
     for name, value in model.state_dict().items():
         assert torch.equal(value, best["model"][name])
     fresh = make_model(seed=3)
-    load_model(fresh, tmp_path / "best.pt")
+    assert load_model(tmp_path / "best.pt", fresh) is fresh
     assert torch.equal(fresh.emit_logits, model.emit_logits)
 
 
@@ -139,12 +179,43 @@ def test_objective_kwargs_may_follow_the_step():
 
     train, valid = make_data()
     cfg = config(objective="elbo", max_epochs=1, eval_objective="marginal",
-                 objective_kwargs={"kl_weight": lambda step: step / 10, "estimator": "exact"})
+                 objective_kwargs={"kl_weight": LinearWarmup(0.0, 2.0, 20), "estimator": "exact"})
     Trainer(make_model(cls=Recording), cfg, train, valid).fit()
-    assert [w for w, _, _ in seen] == [s / 10 for s in range(len(train))]
+    assert [w for w, _, _ in seen] == pytest.approx([s / 10 for s in range(len(train))])
     assert sorted(i for _, i, _ in seen) == list(range(len(train)))  # non-tensor values kept
     assert {d for _, _, d in seen} == {"cpu"}
-    assert "<lambda>" in json.dumps(cfg.to_dict())
+    assert cfg.to_dict()["objective_kwargs"]["kl_weight"] == {"schedule": "linear_warmup", "start": 0.0,
+                                                             "end": 2.0, "steps": 20}
+
+
+def test_objective_kwargs_refuse_other_callables():
+    with pytest.raises(ValueError, match="schedule object"):
+        TrainConfig(objective="elbo", objective_kwargs={"kl_weight": lambda step: min(1, step / 100)})
+    with pytest.raises(ValueError, match="schedule object"):
+        TrainConfig(eval_kwargs={"kl_weight": math.sqrt})
+
+
+def test_config_round_trips_through_json():
+    cfg = TrainConfig(objective="elbo", betas=(0.8, 0.9), schedule=CosineDecay(total=100, warmup=5, floor=0.1),
+                      objective_kwargs={"kl_weight": Cyclical(period=50, ratio=0.5, cycles=4),
+                                        "estimator": "sample", "num_samples": 2},
+                      eval_kwargs={"kl_weight": Constant(1.0)}, select_on="neg_elbo", max_steps=7)
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert TrainConfig.from_dict(json.loads(json.dumps(TrainConfig().to_dict()))) == TrainConfig()
+
+
+def test_resuming_an_unchanged_run_with_a_schedule_records_no_change(tmp_path):
+    train, valid = make_data()
+    cfg = dict(objective="elbo", eval_objective="marginal", max_steps=5, max_epochs=1,
+               objective_kwargs={"kl_weight": LinearWarmup(0.1, 1.0, 8), "estimator": "exact"})
+    Trainer(make_model(), config(tmp_path, **cfg), train, valid).fit()
+    (tmp_path / "finished.json").unlink()
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert TrainConfig.from_dict(written["trainer"]) == config(tmp_path, **cfg)
+    summary = Trainer(make_model(), config(tmp_path, **cfg), train, valid).fit()
+    assert summary["resumed"]
+    assert "changed_on_resume" not in json.loads((tmp_path / "config.json").read_text())
 
 
 # ---- checkpoint and resume ---------------------------------------------------------------------
@@ -216,7 +287,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, name):
             assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
     assert last_a["scheduler"] == last_b["scheduler"]
     drop = ("wall_time", "resumed", "output_dir")
-    strip = lambda s: json.loads(json.dumps({k: v for k, v in s.items() if k not in drop}))  # noqa
+    strip = lambda s: json.loads(json.dumps({k: v for k, v in s.items() if k not in drop}))
     for s in (summary, again):
         for part in ("valid", "test"):
             s[part].pop("tokens_per_s")
@@ -306,7 +377,8 @@ def test_command_line_flags():
 def test_config_validation():
     for bad in (dict(optimizer="adagrad"), dict(schedule="exp"), dict(objective="mle"),
                 dict(max_steps=0), dict(schedule="plateau", warmup_steps=2),
-                dict(decay_factor=1.5)):
+                dict(decay_factor=1.5), dict(select_on="ppl"),
+                dict(schedule=LinearDecay(total=10), warmup_steps=2)):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 
@@ -504,3 +576,132 @@ def _slow_clock():
         return now[0]
 
     return clock
+
+
+def test_log_lines_when_stderr_is_not_a_terminal(tmp_path, caplog):
+    train, valid = make_data()
+    caplog.set_level(logging.INFO, logger="latentnlp.training")
+    Trainer(make_model(), config(tmp_path, max_epochs=1, progress=True, log_every=4), train, valid).fit()
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("latentnlp.training")]
+    assert [line.split(",")[1] for line in lines if line.startswith("train log")] == \
+        [" step 4", " step 8", " step 12"]
+    assert all("loss " in line and "tok/s" in line for line in lines if line.startswith("train log"))
+    assert any(line.startswith("valid eval, step 12") and "ppl " in line for line in lines)
+    caplog.clear()
+    Trainer(make_model(), config(max_epochs=1, progress=False), train, valid).fit()
+    assert not [r for r in caplog.records if r.getMessage().startswith(("train log", "valid eval"))]
+
+
+def test_log_lines_reach_stderr_when_logging_is_unconfigured(monkeypatch):
+    from latentnlp.training import progress
+
+    logger = logging.getLogger("latentnlp.training")
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    progress.ensure_console()
+    assert len(logger.handlers) == 1 and logger.level == logging.INFO
+    progress.ensure_console()  # once only
+    assert len(logger.handlers) == 1
+
+
+# ---- model selection on a named metric -----------------------------------------------------------
+
+def test_elbo_validation_selects_on_neg_elbo_and_says_so(tmp_path):
+    train, valid = make_data()
+    summary = Trainer(make_model(), config(tmp_path, objective="elbo", max_epochs=2,
+                                           objective_kwargs={"estimator": "exact"}), train, valid).fit()
+    assert summary["select_on"] == "neg_elbo"
+    assert math.isnan(summary["best_valid_nll"]) and summary["valid"]["neg_elbo"] > 0
+    evals = [e for e in events(tmp_path) if e["split"] == "valid"]
+    assert {e["select_on"] for e in evals} == {"neg_elbo"}
+    assert min(e["neg_elbo"] for e in evals) == summary["valid"]["neg_elbo"]
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["select_on"] == "neg_elbo"
+    # asking for the NLL of an evaluation that has none fails clearly
+    with pytest.raises(ValueError, match="select_on='nll'"):
+        config(None, objective="elbo", select_on="nll")
+    with pytest.raises(ValueError, match="select_on='neg_elbo'"):
+        config(None, objective="elbo", eval_objective="iwae", select_on="neg_elbo")
+    # an exact validation objective under ELBO training selects on the exact NLL
+    cfg = config(None, objective="elbo", eval_objective="marginal", max_steps=2)
+    assert Trainer(make_model(), cfg, train, valid).fit()["select_on"] == "nll"
+
+
+def test_a_schedule_object_as_learning_rate_schedule():
+    train, valid = make_data(train=4)
+    lrs = {}
+    for name, schedule in (("string", "linear"), ("object", LinearDecay(total=8, warmup=2, floor=0.1))):
+        trainer = Trainer(make_model(), config(lr=1.0, schedule=schedule, max_epochs=2,
+                                               **({"warmup_steps": 2, "min_lr": 0.1} if name == "string" else {})),
+                          train, valid)
+        seen = lrs.setdefault(name, [])
+        original = trainer._train_step
+
+        def step(*args, trainer=trainer, original=original, seen=seen):
+            seen.append(trainer.optimizer.param_groups[0]["lr"])
+            return original(*args)
+
+        trainer._train_step = step
+        trainer.fit()
+    assert lrs["string"] == lrs["object"] and lrs["string"][:2] == [0.5, 1.0]
+
+
+# ---- rebuilding a model, damaged checkpoints -----------------------------------------------------
+
+def test_load_model_rebuilds_the_model_from_its_run_directory(tmp_path):
+    from latentnlp.models.hmm_lm import HMMLanguageModel
+
+    train, valid = make_data()
+    torch.manual_seed(0)
+    model = HMMLanguageModel(12, 4, embedding_size=8, dropout=0.1)
+    Trainer(model, config(tmp_path, max_steps=2, max_epochs=1, restore_best=False), train, valid).fit()
+    rebuilt = load_model(tmp_path)  # best.pt, the only inputs being the files
+    assert type(rebuilt) is HMMLanguageModel and rebuilt is not model
+    assert rebuilt.constructor == model.constructor
+    batch = valid.batches[0]
+    model.eval(), rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(model.log_marginal(batch), rebuilt.log_marginal(batch))
+    last = load_model(tmp_path / "last.pt")
+    for a, b in zip(model.parameters(), last.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_model_without_a_plain_constructor_needs_the_model(tmp_path):
+    class Holder(NaiveBayesMixture):
+        def __init__(self, table):
+            super().__init__(12, 3)
+            self.table = table
+
+    train, valid = make_data()
+    model = Holder(torch.zeros(2))  # a tensor argument: no record
+    assert model.constructor is None
+    Trainer(model, config(tmp_path, max_steps=1, max_epochs=1), train, valid).fit()
+    with pytest.raises(ValueError, match="model="):
+        load_model(tmp_path)
+    assert load_model(tmp_path, Holder(torch.ones(2))).table.sum() == 2
+
+
+@pytest.mark.parametrize("name", ["last.pt", "best.pt"])
+def test_a_truncated_checkpoint_fails_naming_the_file_and_the_remedy(tmp_path, name):
+    train, valid = make_data()
+    cfg = dict(max_steps=3, max_epochs=1)
+    Trainer(make_model(), config(tmp_path, **cfg), train, valid).fit()
+    (tmp_path / "finished.json").unlink()
+    path = tmp_path / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpointError, match=f"{name}.*truncated or corrupt.*Delete it") as error:
+        if name == "last.pt":
+            Trainer(make_model(), config(tmp_path, **cfg), train, valid).fit()
+        else:
+            load_model(tmp_path)
+    assert isinstance(error.value, RuntimeError) and str(path) in str(error.value)
+
+
+def test_a_checkpoint_of_another_format_is_refused(tmp_path):
+    train, valid = make_data()
+    Trainer(make_model(), config(tmp_path, max_steps=1, max_epochs=1), train, valid).fit()
+    payload = torch.load(tmp_path / "best.pt", weights_only=True)
+    torch.save({**payload, "format": 1}, tmp_path / "best.pt")
+    with pytest.raises(ValueError, match="format 1"):
+        load_model(tmp_path)

@@ -18,8 +18,12 @@ negative objective divided by the number of target tokens, so perplexity is
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -62,8 +66,10 @@ class ELBO:
 class Loss:
     """A scalar to minimise (per target token) and per-example metrics.
 
-    ``metrics`` maps names to ``[B]`` tensors (detached): always ``nll``
-    (negative objective, summed over the tokens of each example) and
+    ``metrics`` maps names to ``[B]`` tensors (detached), summed over the
+    tokens of each example: the negative objective -- ``nll`` (exact or
+    importance-weighted negative log-likelihood) or, under ``elbo``,
+    ``neg_elbo`` (the negative bound, which is not a likelihood) -- and
     ``tokens`` (number of target tokens of each example), plus any of
     ``kl``, ``reconstruction``, ...  Summing each over a corpus and dividing
     by the summed ``tokens`` gives corpus-level per-token numbers.
@@ -81,10 +87,57 @@ class LatentModel(nn.Module):
     and :meth:`num_tokens`, and list the objectives they support in
     :attr:`objectives`.  ``forward`` is :meth:`loss`, so a model wrapped in
     ``DistributedDataParallel`` is trained by calling it.
+
+    Every model records the arguments it was constructed with
+    (:attr:`constructor`), so a checkpoint can rebuild it
+    (:meth:`from_constructor`) without the code that built it.
     """
 
     #: training objectives this model supports, a subset of :data:`OBJECTIVES`
     objectives: ClassVar[tuple[str, ...]] = ()
+
+    # ---- construction record ----------------------------------------------------------------
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wrap each subclass's own ``__init__`` to record the call that built the instance.
+
+        The outermost ``__init__`` (that of the class the caller named) records first, so a
+        subclass calling ``super().__init__(...)`` with other arguments does not overwrite it.
+        """
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def recording_init(self, *args, **kw):
+            if "_constructor" not in self.__dict__:
+                object.__setattr__(self, "_constructor", _record(type(self), init, self, args, kw))
+            init(self, *args, **kw)
+
+        cls.__init__ = recording_init
+
+    @property
+    def constructor(self) -> dict[str, Any] | None:
+        """``{"class": "module.QualName", "args": [...], "kwargs": {...}}``: how this model was built.
+
+        None when an argument is not plain data (bool, int, float, str, None, and lists, tuples
+        and string-keyed dicts of them), which a checkpoint could not hold.
+        """
+        return self.__dict__.get("_constructor")
+
+    @staticmethod
+    def from_constructor(record: Mapping[str, Any]) -> LatentModel:
+        """A new model built as :attr:`constructor` records it (freshly initialised parameters)."""
+        if "<locals>" in record["class"]:
+            raise ValueError(f"{record['class']} is defined inside a function and cannot be imported; "
+                             f"build the model yourself")
+        module_name, qualname = _split_class_path(record["class"])
+        target: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+        if not (isinstance(target, type) and issubclass(target, LatentModel)):
+            raise TypeError(f"{record['class']} is not a LatentModel")
+        return target(*record["args"], **record["kwargs"])
 
     # ---- quantities -------------------------------------------------------------------------
     def log_marginal(self, batch: Batch) -> Tensor:
@@ -133,9 +186,11 @@ class LatentModel(nn.Module):
     def loss(self, batch: Batch, objective: str = "marginal", **kwargs) -> Loss:
         """Per-token loss for ``objective`` and per-example metrics.
 
-        ``marginal``: ``-sum log p(x) / tokens``; ``elbo``: ``-sum surrogate / tokens``
-        (``kwargs`` go to :meth:`elbo`); ``iwae``: ``-sum iwae / tokens``;
-        ``wake-sleep``: the model's :meth:`wake_sleep` loss.
+        ``marginal``: ``-sum log p(x) / tokens``, metric ``nll``; ``elbo``:
+        ``-sum surrogate / tokens`` (``kwargs`` go to :meth:`elbo`), metrics
+        ``neg_elbo`` (the true bound), ``kl`` and ``reconstruction``; ``iwae``:
+        ``-sum iwae / tokens``, metric ``nll``; ``wake-sleep``: the model's
+        :meth:`wake_sleep` loss.
         """
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -157,10 +212,45 @@ class LatentModel(nn.Module):
         else:
             log_px = self.iwae(batch, **kwargs)
             surrogate = log_px
-        metrics["nll"] = -log_px.detach()
+        metrics["neg_elbo" if objective == "elbo" else "nll"] = -log_px.detach()
         metrics["tokens"] = tokens
         value = -surrogate.sum() / tokens.sum().clamp_min(1).to(surrogate.dtype)
         return Loss(value=value, metrics=metrics)
 
     def forward(self, batch: Batch, objective: str = "marginal", **kwargs) -> Loss:
         return self.loss(batch, objective, **kwargs)
+
+
+def _is_plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _record(cls: type, init: Any, instance: object, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """The constructor record of ``cls(*args, **kwargs)``, or None when it is not plain data."""
+    try:
+        bound = inspect.signature(init).bind(instance, *args, **kwargs)
+    except TypeError:  # the call itself is wrong: let __init__ raise its own error
+        return None
+    args, kwargs = list(bound.args[1:]), dict(bound.kwargs)
+    if not (_is_plain(args) and _is_plain(kwargs)):
+        return None
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "args": args, "kwargs": kwargs}
+
+
+def _split_class_path(path: str) -> tuple[str, str]:
+    """``"pkg.mod.Outer.Inner"`` -> ``("pkg.mod", "Outer.Inner")``: the longest importable module prefix."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        return module, ".".join(parts[cut:])
+    raise ImportError(f"no importable module in the class path {path!r}")
