@@ -1,4 +1,4 @@
-"""The core install needs only torch: families, metrics and data import no optional package."""
+"""The core install needs only torch: the library's modules import no optional package."""
 
 import subprocess
 import sys
@@ -11,7 +11,9 @@ def test_core_modules_import_no_optional_package():
     code = ("import sys\n"
             "import torch\n"
             f"before = {{m for m in {OPTIONAL!r} if m in sys.modules}}\n"
-            "import latentnlp, latentnlp.families, latentnlp.metrics, latentnlp.data\n"
+            "import latentnlp, latentnlp.families, latentnlp.metrics, latentnlp.data, latentnlp.models\n"
+            "import latentnlp.layers, latentnlp.training, latentnlp.plots\n"
+            "from latentnlp.training import Trainer, evaluate\n"
             f"print(sorted(m for m in {OPTIONAL!r} if m in sys.modules and m not in before))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

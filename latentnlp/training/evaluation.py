@@ -9,16 +9,15 @@ BOS not): ``nll`` is nats per target token under ``marginal`` or ``iwae`` and
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from latentnlp.metrics import MetricSums, corpus_summary, perplexity
+from latentnlp.metrics import MetricSums, corpus_summary
 from latentnlp.models.base import LatentModel
 from latentnlp.training.distributed import DataSource, Ranks, is_stream, to_device
+from latentnlp.training.progress import bar as progress_bar
 from latentnlp.training.rng import isolated_rng
 
 __all__ = ["EVAL_SEED_STRIDE", "evaluate"]
@@ -54,8 +53,8 @@ def evaluate(model: LatentModel, data: DataSource, *, objective: str = "marginal
     model.reset_state()
     sums = MetricSums()
     start = time.time()
-    bar = tqdm(total=ranks.num_batches(data, train=False, stream=stream), desc=desc, disable=not progress,
-               leave=False, dynamic_ncols=True)
+    bar = progress_bar(progress, total=ranks.num_batches(data, train=False, stream=stream), desc=desc,
+                       leave=False, dynamic_ncols=True)
     try:
         with isolated_rng(seed + EVAL_SEED_STRIDE * (ranks.rank + 1), device):
             for _, batch in ranks.batches(data, 0, 0, train=False):
@@ -72,7 +71,5 @@ def evaluate(model: LatentModel, data: DataSource, *, objective: str = "marginal
     else:
         raise ValueError(f"the model's Loss.metrics under {objective!r} must contain 'nll' or 'neg_elbo', "
                          f"got {sorted(result)}")
-    if "neg_elbo" in result:
-        result["ppl_bound"] = perplexity(result["neg_elbo"], 1.0) if result["tokens"] > 0 else math.nan
     result["tokens_per_s"] = result["tokens"] / max(time.time() - start, 1e-9)
     return result

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from latentnlp.metrics import MetricSums, corpus_summary, perplexity
 from latentnlp.models.base import LatentModel
@@ -384,9 +383,8 @@ class Trainer:
         done = st.position // self.world_size if sharded else st.position
         end = (len(self.train_data) // self.world_size) * self.world_size if sharded \
             else len(self.train_data)  # training drops the remainder a rank share leaves
-        bar = tqdm(total=self.steps_per_epoch, initial=done, unit="batch", leave=False,
-                   desc=f"epoch {st.epoch + 1}/{cfg.max_epochs}", dynamic_ncols=True,
-                   disable=not self._bars)
+        bar = progress.bar(self._bars, total=self.steps_per_epoch, initial=done, unit="batch", leave=False,
+                           desc=f"epoch {st.epoch + 1}/{cfg.max_epochs}", dynamic_ncols=True)
         tokens_seen, tic = 0.0, time.time()
         try:
             for position, batch in self.ranks.batches(self.train_data, st.epoch, st.position, True):

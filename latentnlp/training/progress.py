@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["LOGGER", "bars_enabled", "describe", "ensure_console", "lines_enabled"]
+__all__ = ["LOGGER", "bar", "bars_enabled", "describe", "ensure_console", "lines_enabled"]
 
 #: the logger every part of the trainer logs to (its modules' loggers are its children)
 LOGGER = "latentnlp.training"
@@ -24,6 +24,33 @@ LOGGER = "latentnlp.training"
 def bars_enabled(progress: bool, is_main: bool) -> bool:
     """Whether to draw tqdm bars: progress asked for, rank 0, stderr a terminal."""
     return progress and is_main and sys.stderr.isatty()
+
+
+class _NoBar:
+    """What :func:`bar` returns when no bar is drawn: the calls the trainer makes, doing nothing."""
+
+    disable = True
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def bar(enabled: bool, **kwargs: Any):
+    """A tqdm progress bar (``kwargs`` go to ``tqdm``) when ``enabled`` and tqdm is installed (the
+    ``progress`` extra), else a bar that draws nothing: the core install needs torch only."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return _NoBar()
+        return tqdm(**kwargs)
+    return _NoBar()
 
 
 def lines_enabled(progress: bool, is_main: bool) -> bool:
