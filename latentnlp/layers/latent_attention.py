@@ -23,7 +23,7 @@ Mode ``"soft"`` (the standard soft-attention baseline, the same parameters)::
 In exact mode the ``[B, T, S, V]`` tensor of per-position vocabulary scores is
 never built whole.  With targets, the ``B T S`` rows of attentional hiddens
 ``o(h_t, s_m)`` are scored ``max_chunk_elements // V`` rows at a time by
-:func:`~latentnlp.layers.softmax_output.log_softmax_linear`, which keeps one
+:func:`~latentnlp.layers.chunked_softmax.log_softmax_linear`, which keeps one
 normaliser per row and recomputes each chunk in backward, forming its gradient in
 place; memory is ``O(B T S D)`` plus one chunk, and on a CPU this is faster than
 building the whole block (it is never written to memory and read back), although it
@@ -44,7 +44,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from latentnlp.families import MaskedCategorical
-from latentnlp.layers.softmax_output import log_softmax_linear
+from latentnlp.layers.chunked_softmax import log_softmax_linear
+from latentnlp.precision import upcast
 
 __all__ = ["LatentAttention", "LatentAttentionOutput"]
 
@@ -221,9 +222,8 @@ class LatentAttention(nn.Module):
     def _block(self, hq: Tensor, hk: Tensor) -> Tensor:
         """Vocabulary scores ``[B, T, c, V]`` for the chunk ``hk [B, c, D]``."""
         o = self.dropout(torch.tanh(hq[:, :, None, :] + hk[:, None, :, :]))
-        logits = self.readout(o)
         # half-precision scores are normalised in float32 (autocast leaves logsumexp in half)
-        return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        return upcast(self.readout(o))
 
     def _marginal_chunk(self, hq: Tensor, hk: Tensor, log_alpha: Tensor) -> Tensor:
         log_probs = torch.log_softmax(self._block(hq, hk), dim=-1)
