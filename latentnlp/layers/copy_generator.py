@@ -17,6 +17,9 @@ Everything is computed in log space: ``log sigmoid`` for the switch,
 ``log_softmax`` for the vocabulary, and the copy sum as a log-space scatter
 (each word shifted by its own largest ``log alpha``), so no ``log(p + eps)``
 appears and impossible words get ``-inf`` with finite (zero) gradients.
+
+The layer is an :class:`~latentnlp.layers.output_head.OutputHead` over the extended
+vocabulary, with context ``log_alpha``, ``src_ext`` (and ``extended_size``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentnlp.semirings import logsumexp, safe_log
+from latentnlp.validation import is_validating
 
 __all__ = ["CopyGenerator", "CopyOutput", "source_extended_ids", "target_extended_ids"]
 
@@ -111,8 +115,25 @@ class CopyGenerator(nn.Module):
             log_probs = logsumexp(torch.stack([log_gen[..., None] + gen, log_copy[..., None] + copy], -1), -1)
         return CopyOutput(log_prob, log_probs, log_copy)
 
+    def log_prob(self, hidden: Tensor, targets: Tensor, *, log_alpha: Tensor, src_ext: Tensor,
+                 switch_input: Tensor | None = None, **context) -> Tensor:
+        """:class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(targets)`` ``[B, T]``.
+
+        ``hidden [B, T, D]``, extended-id ``targets [B, T]``; context ``log_alpha [B, T, S]`` (``-inf``
+        at padded sources), ``src_ext [B, S]``, ``switch_input`` as in :meth:`forward`.
+        """
+        return self(hidden, log_alpha, src_ext, targets, switch_input=switch_input).log_prob
+
+    def log_probs(self, hidden: Tensor, *, log_alpha: Tensor, src_ext: Tensor, extended_size: int | None = None,
+                  switch_input: Tensor | None = None, **context) -> Tensor:
+        """:class:`~latentnlp.layers.output_head.OutputHead` method: ``[B, T, V_ext]`` log-probabilities."""
+        return self(hidden, log_alpha, src_ext, extended_size=extended_size, full=True,
+                    switch_input=switch_input).log_probs
+
     def _extended_size(self, src_ext: Tensor, targets: Tensor | None, valid: Tensor,
                        extended_size: int | None) -> int:
+        if extended_size is not None and not is_validating():  # trusted: no read from the device
+            return extended_size
         used = src_ext[valid.any(1)] if valid.any() else src_ext.new_zeros(0)
         largest = max([self.vocab_size - 1, int(used.max()) if used.numel() else 0]
                       + ([int(targets.max())] if targets is not None and targets.numel() else []))

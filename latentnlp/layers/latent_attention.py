@@ -1,7 +1,8 @@
 """Attention as a latent alignment (Deng et al. 2018, "Latent Alignment and Variational Attention").
 
 For decoder states ``h_t`` (``query [B, T, H]``) and source states ``s_m``
-(``memory [B, S, H_s]``, ``memory_mask [B, S]``), the alignment
+(``memory [B, S, H_s]``, ``memory_mask [B, S]``: True at real positions, False at
+padding), the alignment
 ``z_t in {1..S}`` has the prior
 
     alpha_tm = p(z_t = m | h_t, s) = softmax_m score(h_t, s_m)   over unmasked m,
@@ -32,7 +33,9 @@ marginal over the vocabulary is mixed over chunks of source positions, each
 recomputed in backward (activation checkpointing), in ``O(B T V + B T S)`` plus one
 chunk.
 The per-position terms an ELBO needs (``log alpha [B, T, S]`` and
-``log p(y_t | h_t, s_m) [B, T, S]``) are returned alongside.
+``log p(y_t | h_t, s_m) [B, T, S]``) are returned alongside.  The layer is an
+:class:`~latentnlp.layers.output_head.OutputHead` (context ``memory``, ``memory_mask``,
+``log_alpha``); its mode is the soft or the exact head.
 """
 
 from __future__ import annotations
@@ -130,7 +133,10 @@ class LatentAttention(nn.Module):
         return torch.bmm(query, memory.transpose(1, 2))
 
     def alignment(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None = None) -> MaskedCategorical:
-        """The prior ``p(z_t | h_t, s)``: a :class:`MaskedCategorical` with batch shape ``[B, T]``."""
+        """The prior ``p(z_t | h_t, s)``: a :class:`MaskedCategorical` with batch shape ``[B, T]``.
+
+        ``memory_mask [B, S]``: True at real source positions (``None``: all real).
+        """
         self._check(query, memory, memory_mask)
         mask = None if memory_mask is None else memory_mask[:, None, :]
         return MaskedCategorical(self.scores(query, memory), mask, validate_args=False)
@@ -166,7 +172,10 @@ class LatentAttention(nn.Module):
 
     def emission_log_probs(self, query: Tensor, memory: Tensor, targets: Tensor,
                            memory_mask: Tensor | None = None) -> Tensor:
-        """``log p(y_t | h_t, s_m)`` for every source position: ``[B, T, S]`` (``-inf`` at padding)."""
+        """``log p(y_t | h_t, s_m)`` for every source position: ``[B, T, S]``.
+
+        ``-inf`` where ``memory_mask [B, S]`` is False (padding; True at real positions).
+        """
         self._check(query, memory, memory_mask, targets)
         o = self.attentional_hidden(query[:, :, None, :], memory[:, None, :, :])   # [B, T, S, D]
         B, T, S, D = o.shape
@@ -195,6 +204,7 @@ class LatentAttention(nn.Module):
                 log_alpha: Tensor | None = None) -> LatentAttentionOutput:
         """Marginal log-probabilities of ``targets [B, T]`` (and of the whole vocabulary if ``full``).
 
+        ``memory_mask [B, S]`` is True at real source positions (``None``: all real).
         ``log_alpha`` may pass in an alignment already computed (e.g. by a decoder loop that needed
         it for input feeding); it must be ``alignment(query, memory, memory_mask).logits``.
         """
@@ -217,6 +227,23 @@ class LatentAttention(nn.Module):
             if full or targets is None:
                 log_probs = self.marginal_log_probs(query, memory, log_alpha)
         return LatentAttentionOutput(log_prob, log_probs, log_alpha, log_emission, context)
+
+    def log_prob(self, query: Tensor, targets: Tensor, *, memory: Tensor, memory_mask: Tensor | None = None,
+                 log_alpha: Tensor | None = None, **context) -> Tensor:
+        """:class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(targets | ...)`` ``[B, T]``.
+
+        ``query [B, T, H]``, ``targets [B, T]``, ``memory [B, S, H_s]``, ``memory_mask [B, S]`` (True at
+        real source positions), ``log_alpha [B, T, S]`` as in :meth:`forward`; ``context`` is unused.
+        """
+        return self(query, memory, memory_mask, targets, log_alpha=log_alpha).log_prob
+
+    def log_probs(self, query: Tensor, *, memory: Tensor, memory_mask: Tensor | None = None,
+                  log_alpha: Tensor | None = None, **context) -> Tensor:
+        """:class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(. | ...)`` ``[B, T, V]``.
+
+        Arguments as in :meth:`log_prob` (``memory_mask`` True at real source positions).
+        """
+        return self(query, memory, memory_mask, full=True, log_alpha=log_alpha).log_probs
 
     # ---- internals ---------------------------------------------------------------------------
     def _block(self, hq: Tensor, hk: Tensor) -> Tensor:
