@@ -5,11 +5,11 @@ Each head is an :class:`~latentnlp.layers.output_head.OutputHead` on the decoder
 context ``memory [B, S, H]``, ``memory_mask [B, S]`` (True at real source positions),
 ``log_alpha [B, T, S]`` and ``attentional [B, T, H]`` (the fed ``o_t``):
 
-=========================  ================================================================
-:class:`SoftAttentionHead`  ``log p(y_t | h_t, c_t)``, ``c_t = sum_m alpha_tm s_m``
-:class:`LatentAttentionHead` ``log sum_m alpha_tm p(y_t | h_t, s_m)`` (the alignment summed out)
-:class:`CopyHead`           ``o_t`` read out with an exactly marginalised copy switch
-=========================  ================================================================
+============================  ================================================================
+:class:`SoftAttentionHead`    ``log p(y_t | h_t, c_t)``, ``c_t = sum_m alpha_tm s_m``
+:class:`LatentAttentionHead`  ``log sum_m alpha_tm p(y_t | h_t, s_m)`` (the alignment summed out)
+:class:`CopyHead`             ``o_t`` read out with an exactly marginalised copy switch
+============================  ================================================================
 
 ``p(y_t | h, c) = softmax(W_o tanh(W_h h + W_c c + b) + b_o)`` is the core's
 :class:`~latentnlp.layers.LatentAttention` read-out, shared by the heads.  Besides the two

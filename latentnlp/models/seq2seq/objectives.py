@@ -124,7 +124,6 @@ class AlignmentELBO(nn.Module):
         self._estimators: dict[str, AlignmentEstimator] = {
             "exact": enumerate_alignments, "score_function": sample_alignments,
             "gumbel_softmax": partial(relax_alignments, tau=tau)}
-        self.estimator_name = estimator
         self.estimator = self._estimators[estimator]
 
     def approximate_posterior(self, core: AttentionalEncoderDecoder, batch: Batch) -> tuple[MaskedCategorical, Tensor]:
