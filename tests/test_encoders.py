@@ -34,3 +34,14 @@ def test_unpadded_batch_and_initial_state():
     torch.testing.assert_close(final, expected_final)
     with pytest.raises(ValueError, match="batch_first"):
         encode_packed(nn.LSTM(3, 4), x, torch.tensor([4, 4]))
+
+
+def test_always_pack_agrees_on_an_unpadded_batch():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, batch_first=True, bidirectional=True)
+    x = torch.randn(2, 4, 3)
+    lengths = torch.tensor([4, 4])
+    out, final = encode_packed(lstm, x, lengths, always_pack=True)
+    expected, expected_final = encode_packed(lstm, x, lengths)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(final, expected_final)

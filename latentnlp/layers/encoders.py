@@ -18,20 +18,22 @@ __all__ = ["encode_packed"]
 LSTMState = tuple[Tensor, Tensor]
 
 
-def encode_packed(lstm: nn.LSTM, x: Tensor, lengths: Tensor,
-                  state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
+def encode_packed(lstm: nn.LSTM, x: Tensor, lengths: Tensor, state: LSTMState | None = None, *,
+                  always_pack: bool = False) -> tuple[Tensor, LSTMState]:
     """``lstm`` over ``x [B, T, D]`` (``batch_first``), row ``b`` up to ``lengths[b]``.
 
     Returns the outputs ``[B, T, directions * H]`` (zero at padding) and the final ``(h, c)``,
     each ``[layers * directions, B, H]``; ``state`` is the initial ``(h, c)`` (default zeros).
-    A batch without padding runs unpacked.  Packing needs the lengths on the CPU, so this
-    reads them from the device once.
+    A batch without padding runs unpacked unless ``always_pack``: the two LSTM kernels give the
+    same result up to rounding, and a model trained with one keeps it so that a seed reproduces
+    its numbers bit for bit.  Packing needs the lengths on the CPU, so this reads them from the
+    device once.
     """
     if not lstm.batch_first:
         raise ValueError("encode_packed needs an nn.LSTM with batch_first=True")
     T = x.shape[1]
     lengths_cpu = lengths.cpu()
-    if bool((lengths_cpu == T).all()):
+    if not always_pack and bool((lengths_cpu == T).all()):
         return lstm(x, state)
     packed = pack_padded_sequence(x, lengths_cpu, batch_first=True, enforce_sorted=False)
     out, final = lstm(packed, state)

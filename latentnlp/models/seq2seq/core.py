@@ -123,7 +123,7 @@ class AttentionalEncoderDecoder(nn.Module):
                              f"{tuple(src_lengths.shape)}")
         if is_validating() and (bool((src_lengths < 1).any()) or bool((src_lengths > src.shape[1]).any())):
             raise ValueError(f"src_lengths must lie in 1..{src.shape[1]}, got {src_lengths.tolist()}")
-        memory, (h, c) = encode_packed(self.encoder, self.embed_source(src), src_lengths)
+        memory, (h, c) = encode_packed(self.encoder, self.embed_source(src), src_lengths, always_pack=True)
         layers = len(self.decoder)
 
         def merge(x: Tensor) -> tuple[Tensor, ...]:  # [layers * 2, B, H/2] -> layers x [B, H]

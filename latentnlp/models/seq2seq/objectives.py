@@ -90,8 +90,10 @@ class InferenceNetwork(nn.Module):
 
     def forward(self, core: AttentionalEncoderDecoder, batch: Batch) -> tuple[MaskedCategorical, Tensor]:
         """``q`` with batch shape ``[B, T]`` and the target-side states ``g [B, T, H]`` it was computed from."""
-        src_states, _ = encode_packed(self.src_encoder, core.embed_source(batch["src"]), batch["src_lengths"])
-        tgt_states, _ = encode_packed(self.tgt_encoder, core.embed_target(batch["tgt_out"]), batch["tgt_lengths"])
+        src_states, _ = encode_packed(self.src_encoder, core.embed_source(batch["src"]), batch["src_lengths"],
+                                      always_pack=True)
+        tgt_states, _ = encode_packed(self.tgt_encoder, core.embed_target(batch["tgt_out"]), batch["tgt_lengths"],
+                                      always_pack=True)
         scores = torch.bmm(self.score(tgt_states), src_states.transpose(1, 2))
         mask = lengths_to_mask(batch["src_lengths"], batch["src"].shape[1])
         return MaskedCategorical(scores, mask[:, None, :], validate_args=False), tgt_states
