@@ -6,8 +6,7 @@ import torch
 from torch.distributions import Distribution
 
 from latentnlp import estimators
-from latentnlp.layers import CopyGenerator, LatentAttention, MixtureOfSoftmaxes, SoftmaxOutput
-from latentnlp.layers.output_head import OutputHead
+from latentnlp.layers import CopyGenerator, LatentAttention, MixtureOfSoftmaxes, OutputHead, SoftmaxOutput
 from latentnlp.models.latent_alignment import MODES, LatentAlignmentSeq2Seq
 from latentnlp.models.seq2seq import (AlignmentELBO, AttentionalEncoderDecoder, CopyHead, LatentAttentionHead,
                                       Marginal, SoftAttentionHead)
