@@ -17,6 +17,9 @@ estimate as its *value* and the estimator's gradient as its *gradient*
   ``baseline_loss = (stop(f(z)) - b)^2``.
 - :func:`gumbel_softmax`: a relaxed (``hard=False``) or straight-through
   (``hard=True``) one-hot sample of a categorical.
+- :func:`relaxed`: ``1/S sum_s f(z_s)`` over such samples, ``z_s = gumbel_softmax(logits, tau, hard)``;
+  biased for ``hard=False`` (``f`` sees relaxed points); with ``hard=True`` the value is an
+  unbiased estimate (exact one-hot samples) and the gradient the straight-through one.
 
 Randomness comes from the global seed or an explicit ``generator``.
 """
@@ -30,7 +33,9 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, Distribution
 
-__all__ = ["Estimate", "exact", "reparam", "score_function", "gumbel_softmax"]
+from latentnlp.gumbel import gumbel_noise
+
+__all__ = ["Estimate", "exact", "reparam", "score_function", "gumbel_softmax", "relaxed"]
 
 Function = Callable[[Tensor], Tensor]
 
@@ -170,10 +175,24 @@ def gumbel_softmax(logits: Tensor, tau: float = 1.0, hard: bool = False, *,
         raise ValueError(f"tau must be positive, got {tau}")
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
-    exp = torch.empty_like(logits).exponential_(generator=generator)
-    y_soft = torch.softmax((logits - exp.log()) / tau, dim=dim)
+    y_soft = torch.softmax((logits + gumbel_noise(logits, generator)) / tau, dim=dim)
     if not hard:
         return y_soft
     index = y_soft.argmax(dim, keepdim=True)
     y_hard = torch.zeros_like(y_soft).scatter_(dim, index, 1.0)
     return y_hard - y_soft.detach() + y_soft
+
+
+def relaxed(f: Function, logits: Tensor, tau: float = 1.0, *, hard: bool = True, num_samples: int = 1,
+            mask: Tensor | None = None, generator: torch.Generator | None = None) -> Estimate:
+    """Gumbel-softmax estimate of ``E_{Categorical(logits)}[f(z)]`` for one-hot ``z``.
+
+    ``z_s = gumbel_softmax(logits, tau, hard, mask=mask)`` over the last dimension of
+    ``logits [*batch, K]``, drawn ``num_samples`` at a time as ``[S, *batch, K]``;
+    ``f: [S, *batch, K] -> [S, *batch]``; the estimate is ``1/S sum_s f(z_s)`` ``[*batch]``,
+    differentiable through ``z`` (pathwise, straight-through when ``hard``).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    z = gumbel_softmax(logits.expand(num_samples, *logits.shape), tau, hard, mask=mask, generator=generator)
+    return Estimate(f(z).mean(0))

@@ -309,8 +309,8 @@ def load_data(preset: Preset, args, out: Path, seed: int) -> Data:
 # ---- model --------------------------------------------------------------------------------------
 def build_model(mode: str, preset: Preset, tokenizer) -> LatentAlignmentSeq2Seq:
     size = len(tokenizer)
-    return LatentAlignmentSeq2Seq(size, size, mode=mode, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                                  unk_id=tokenizer.unk_id, **preset.model)
+    return LatentAlignmentSeq2Seq.from_mode(mode, size, size, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                                            unk_id=tokenizer.unk_id, **preset.model)
 
 
 def train_config(mode: str, preset: Preset, args, run_dir: Path, seed: int) -> TrainConfig:
@@ -544,7 +544,7 @@ def plot_alignments(model, mode: str, data: Data, preset: Preset, out: Path) -> 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--mode", action="append", choices=MODES,
+    parser.add_argument("--mode", action="append", choices=tuple(MODES),
                         help="train and evaluate only these modes (repeatable); default: the preset's list")
     parser.add_argument("--data", help="folder holding the corpora (else $LATENTNLP_DATA, the hub)")
     parser.add_argument("--out", help="output folder (default runs/latent-attention-<preset>)")

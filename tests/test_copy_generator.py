@@ -123,3 +123,26 @@ def test_argument_checks():
         CopyGenerator(D, V, readout=torch.nn.Linear(D, V + 1))
     shared = torch.nn.Linear(D, V)
     assert CopyGenerator(D, V, readout=shared).readout is shared
+
+
+def test_extended_size_is_trusted_when_validation_is_off(monkeypatch):
+    """Checking a given extended_size reads ids back from the device: only with validation on."""
+    from torch.distributions import Distribution
+
+    layer = _layer()
+    hidden, log_alpha, src_ext, _ = _inputs()
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        def no_read(self):
+            raise AssertionError("read back from the device for a check")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "__int__", no_read)
+            patch.setattr(torch.Tensor, "__bool__", no_read)
+            out = layer.log_probs(hidden, log_alpha=log_alpha, src_ext=src_ext, extended_size=12)
+        assert out.shape == (B, T, 12)
+    finally:
+        Distribution.set_default_validate_args(previous)
+    with pytest.raises(ValueError, match="extended_size"):
+        layer.log_probs(hidden, log_alpha=log_alpha, src_ext=src_ext, extended_size=8)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from contract import CHECKS, ModelCase
-from latentnlp.families import MaskedCategorical, lengths_to_mask
+from latentnlp.families import MaskedCategorical
+from latentnlp.masks import lengths_to_mask
 from latentnlp.models.base import UnsupportedObjectiveError
 from latentnlp.models.latent_alignment import LatentAlignmentSeq2Seq
 
@@ -44,7 +45,7 @@ def make_batch(g, *, size=4, src_len=6, tgt_len=5, extended=False):
 
 def make_model(mode, **kw):
     kw = dict(embedding_dim=6, hidden_size=8, bos_id=BOS, eos_id=EOS, unk_id=UNK, **kw)
-    return LatentAlignmentSeq2Seq(V, V, mode=mode, **kw)
+    return LatentAlignmentSeq2Seq.from_mode(mode, V, V, **kw)
 
 
 PADDED = {"src": "src_lengths", "tgt_in": "tgt_lengths", "tgt_out": "tgt_lengths",
@@ -89,9 +90,9 @@ def test_posterior_is_bayes_rule_on_the_public_prior():
         assert dist.batch_shape == batch["tgt_out"].shape
         torch.testing.assert_close(dist.probs.sum(-1), torch.ones(dist.batch_shape, dtype=torch.float64))
     # posterior = prior x emission, normalised; sum_t log sum_m alpha p = log_marginal
-    run = model._run(batch)
+    run = model.decode(batch)
     torch.testing.assert_close(prior.logits, run.log_alpha - run.log_alpha.logsumexp(-1, keepdim=True))
-    emission = model.attention.emission_log_probs(run.hidden, run.memory, batch["tgt_out"], run.memory_mask)
+    emission = model.core.attention.emission_log_probs(run.hidden, run.memory, batch["tgt_out"], run.memory_mask)
     joint = run.log_alpha + emission
     torch.testing.assert_close(post.logits, joint - joint.logsumexp(-1, keepdim=True))
     mask = run.target_mask
@@ -155,7 +156,7 @@ def test_reinforce_gradient_is_unbiased():
     mask = lengths_to_mask(batch["src_lengths"], 3)[:, None, :]
     logits = torch.randn(2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
                          requires_grad=True)
-    weight = model.attention.readout.weight
+    weight = model.core.attention.readout.weight
 
     def gradients(estimator, **kw):
         bound = model.elbo(batch, estimator=estimator, q=MaskedCategorical(logits, mask), **kw)
@@ -184,17 +185,17 @@ def test_errors():
     with pytest.raises(ValueError, match="mode"):
         make_model("hard")
     with pytest.raises(ValueError, match="even"):
-        LatentAlignmentSeq2Seq(V, V, hidden_size=7)
+        LatentAlignmentSeq2Seq.from_mode("soft", V, V, hidden_size=7)
     batch = _batch()
     with pytest.raises(UnsupportedObjectiveError):
         make_model("soft").elbo(batch)
     with pytest.raises(NotImplementedError):
         make_model("soft").posterior(batch)
     with pytest.raises(ValueError, match="src_ext"):
-        LatentAlignmentSeq2Seq(V, V + 1, mode="copy", hidden_size=8).log_marginal(batch)
+        LatentAlignmentSeq2Seq.from_mode("copy", V, V + 1, hidden_size=8).log_marginal(batch)
     with pytest.raises(ValueError, match="src_lengths"):
         make_model("soft").log_marginal({**batch, "src_lengths": batch["src_lengths"] * 0})
     with pytest.raises(ValueError, match="bos_id"):
-        LatentAlignmentSeq2Seq(V, V, hidden_size=8).generate(batch)
+        LatentAlignmentSeq2Seq.from_mode("soft", V, V, hidden_size=8).generate(batch)
     with pytest.raises(ValueError, match="estimator"):
         make_model("elbo-enum").elbo(batch, estimator="wake-sleep")

@@ -267,3 +267,27 @@ def test_mixture_of_softmaxes_lm_is_the_mos_lstm():
     batch = {"inputs": torch.randint(12, (3, 5)), "targets": torch.randint(12, (3, 5)),
              "lengths": torch.tensor([5, 2, 4])}
     torch.testing.assert_close(mos.log_marginal(batch), reference.log_marginal(batch))
+
+
+def test_value_checks_follow_the_validation_switch(monkeypatch):
+    """Out-of-range ids raise when validation is on; when it is off the batch is not read back for checks."""
+    from torch.distributions import Distribution
+
+    model = LSTMLanguageModel(11, 6, 8)
+    inputs = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(0))
+    batch = {"inputs": inputs, "targets": inputs, "lengths": torch.tensor([5, 3, 2])}
+    with pytest.raises(ValueError, match="token ids"):
+        model.log_marginal({**batch, "targets": inputs + 11})
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        def no_read(self):
+            raise AssertionError("read back from the device for a check")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "tolist", no_read)
+            assert model.log_marginal(batch).shape == (3,)
+        with pytest.raises(ValueError, match="inputs"):  # shape checks stay on
+            model.log_marginal({**batch, "inputs": inputs[0]})
+    finally:
+        Distribution.set_default_validate_args(previous)

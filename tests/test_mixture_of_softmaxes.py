@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from latentnlp.layers import MixtureOfSoftmaxes, SoftmaxOutput
-from latentnlp.layers.softmax_output import log_softmax_linear
+from latentnlp.layers.chunked_softmax import log_softmax_linear
 
 H, V, K, D = 6, 13, 4, 3
 

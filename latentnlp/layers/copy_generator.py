@@ -17,6 +17,9 @@ Everything is computed in log space: ``log sigmoid`` for the switch,
 ``log_softmax`` for the vocabulary, and the copy sum as a log-space scatter
 (each word shifted by its own largest ``log alpha``), so no ``log(p + eps)``
 appears and impossible words get ``-inf`` with finite (zero) gradients.
+
+The layer is an :class:`~latentnlp.layers.output_head.OutputHead` over the extended
+vocabulary, with context ``log_alpha``, ``src_ext`` (and ``extended_size``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from latentnlp.semirings import logsumexp, safe_log
+from latentnlp.validation import is_validating
 
 __all__ = ["CopyGenerator", "CopyOutput", "source_extended_ids", "target_extended_ids"]
 
@@ -40,22 +46,6 @@ class CopyOutput(NamedTuple):
     log_p_copy: Tensor
 
 
-def _safe_log(s: Tensor) -> Tensor:
-    """``log s`` for ``s >= 0``: ``-inf`` where ``s == 0``, with a zero (not NaN) gradient there."""
-    positive = s > 0
-    return torch.where(positive, s, 1.0).log().masked_fill(~positive, -math.inf)
-
-
-def _finite_or_zero(x: Tensor) -> Tensor:
-    return x.masked_fill(~torch.isfinite(x), 0.0)
-
-
-def _logsumexp(x: Tensor, dim: int) -> Tensor:
-    """``logsumexp`` whose gradient stays finite when every entry is ``-inf``."""
-    shift = _finite_or_zero(x.detach().amax(dim, keepdim=True))
-    return _safe_log((x - shift).exp().sum(dim)) + shift.squeeze(dim)
-
-
 def _scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
     """``out[..., w] = log sum_{m: index[..., m] = w} exp(values[..., m])`` (``-inf`` if none).
 
@@ -64,10 +54,10 @@ def _scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
     shape = values.shape[:-1] + (size,)
     peak = values.new_full(shape, -math.inf).scatter_reduce(
         -1, index, values.detach(), reduce="amax", include_self=True)
-    peak = _finite_or_zero(peak)
+    peak = peak.masked_fill(~torch.isfinite(peak), 0.0)
     weights = (values - peak.gather(-1, index)).exp()
     total = values.new_zeros(shape).scatter_add(-1, index, weights)
-    return _safe_log(total) + peak
+    return safe_log(total) + peak
 
 
 class CopyGenerator(nn.Module):
@@ -116,17 +106,34 @@ class CopyGenerator(nn.Module):
             in_vocab = targets < self.vocab_size
             gen = log_vocab.gather(-1, torch.where(in_vocab, targets, 0).unsqueeze(-1)).squeeze(-1)
             gen = gen.masked_fill(~in_vocab, -math.inf)
-            copy = _logsumexp(log_alpha.masked_fill(src != targets.unsqueeze(-1), -math.inf), -1)
-            log_prob = _logsumexp(torch.stack([log_gen + gen, log_copy + copy], -1), -1)
+            copy = logsumexp(log_alpha.masked_fill(src != targets.unsqueeze(-1), -math.inf), -1)
+            log_prob = logsumexp(torch.stack([log_gen + gen, log_copy + copy], -1), -1)
         if full:
             size = self._extended_size(src_ext, targets, valid, extended_size)
             copy = _scatter_logsumexp(log_alpha, torch.where(valid, src, 0), size)
             gen = F.pad(log_vocab, (0, size - self.vocab_size), value=-math.inf)
-            log_probs = _logsumexp(torch.stack([log_gen[..., None] + gen, log_copy[..., None] + copy], -1), -1)
+            log_probs = logsumexp(torch.stack([log_gen[..., None] + gen, log_copy[..., None] + copy], -1), -1)
         return CopyOutput(log_prob, log_probs, log_copy)
+
+    def log_prob(self, hidden: Tensor, targets: Tensor, *, log_alpha: Tensor, src_ext: Tensor,
+                 switch_input: Tensor | None = None, **context) -> Tensor:
+        """:class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(targets)`` ``[B, T]``.
+
+        ``hidden [B, T, D]``, extended-id ``targets [B, T]``; context ``log_alpha [B, T, S]`` (``-inf``
+        at padded sources), ``src_ext [B, S]``, ``switch_input`` as in :meth:`forward`.
+        """
+        return self(hidden, log_alpha, src_ext, targets, switch_input=switch_input).log_prob
+
+    def log_probs(self, hidden: Tensor, *, log_alpha: Tensor, src_ext: Tensor, extended_size: int | None = None,
+                  switch_input: Tensor | None = None, **context) -> Tensor:
+        """:class:`~latentnlp.layers.output_head.OutputHead` method: ``[B, T, V_ext]`` log-probabilities."""
+        return self(hidden, log_alpha, src_ext, extended_size=extended_size, full=True,
+                    switch_input=switch_input).log_probs
 
     def _extended_size(self, src_ext: Tensor, targets: Tensor | None, valid: Tensor,
                        extended_size: int | None) -> int:
+        if extended_size is not None and not is_validating():  # trusted: no read from the device
+            return extended_size
         used = src_ext[valid.any(1)] if valid.any() else src_ext.new_zeros(0)
         largest = max([self.vocab_size - 1, int(used.max()) if used.numel() else 0]
                       + ([int(targets.max())] if targets is not None and targets.numel() else []))

@@ -1,7 +1,8 @@
 """Attention as a latent alignment (Deng et al. 2018, "Latent Alignment and Variational Attention").
 
 For decoder states ``h_t`` (``query [B, T, H]``) and source states ``s_m``
-(``memory [B, S, H_s]``, ``memory_mask [B, S]``), the alignment
+(``memory [B, S, H_s]``, ``memory_mask [B, S]``: True at real positions, False at
+padding), the alignment
 ``z_t in {1..S}`` has the prior
 
     alpha_tm = p(z_t = m | h_t, s) = softmax_m score(h_t, s_m)   over unmasked m,
@@ -23,7 +24,7 @@ Mode ``"soft"`` (the standard soft-attention baseline, the same parameters)::
 In exact mode the ``[B, T, S, V]`` tensor of per-position vocabulary scores is
 never built whole.  With targets, the ``B T S`` rows of attentional hiddens
 ``o(h_t, s_m)`` are scored ``max_chunk_elements // V`` rows at a time by
-:func:`~latentnlp.layers.softmax_output.log_softmax_linear`, which keeps one
+:func:`~latentnlp.layers.chunked_softmax.log_softmax_linear`, which keeps one
 normaliser per row and recomputes each chunk in backward, forming its gradient in
 place; memory is ``O(B T S D)`` plus one chunk, and on a CPU this is faster than
 building the whole block (it is never written to memory and read back), although it
@@ -32,7 +33,9 @@ marginal over the vocabulary is mixed over chunks of source positions, each
 recomputed in backward (activation checkpointing), in ``O(B T V + B T S)`` plus one
 chunk.
 The per-position terms an ELBO needs (``log alpha [B, T, S]`` and
-``log p(y_t | h_t, s_m) [B, T, S]``) are returned alongside.
+``log p(y_t | h_t, s_m) [B, T, S]``) are returned alongside.  The layer is an
+:class:`~latentnlp.layers.output_head.OutputHead` (context ``memory``, ``memory_mask``,
+``log_alpha``); its mode is the soft or the exact head.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from latentnlp.families import MaskedCategorical
-from latentnlp.layers.softmax_output import log_softmax_linear
+from latentnlp.layers.chunked_softmax import log_softmax_linear
+from latentnlp.precision import upcast
 
 __all__ = ["LatentAttention", "LatentAttentionOutput"]
 
@@ -129,7 +133,10 @@ class LatentAttention(nn.Module):
         return torch.bmm(query, memory.transpose(1, 2))
 
     def alignment(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None = None) -> MaskedCategorical:
-        """The prior ``p(z_t | h_t, s)``: a :class:`MaskedCategorical` with batch shape ``[B, T]``."""
+        """The prior ``p(z_t | h_t, s)``: a :class:`MaskedCategorical` with batch shape ``[B, T]``.
+
+        ``memory_mask [B, S]``: True at real source positions (``None``: all real).
+        """
         self._check(query, memory, memory_mask)
         mask = None if memory_mask is None else memory_mask[:, None, :]
         return MaskedCategorical(self.scores(query, memory), mask, validate_args=False)
@@ -165,7 +172,10 @@ class LatentAttention(nn.Module):
 
     def emission_log_probs(self, query: Tensor, memory: Tensor, targets: Tensor,
                            memory_mask: Tensor | None = None) -> Tensor:
-        """``log p(y_t | h_t, s_m)`` for every source position: ``[B, T, S]`` (``-inf`` at padding)."""
+        """``log p(y_t | h_t, s_m)`` for every source position: ``[B, T, S]``.
+
+        ``-inf`` where ``memory_mask [B, S]`` is False (padding; True at real positions).
+        """
         self._check(query, memory, memory_mask, targets)
         o = self.attentional_hidden(query[:, :, None, :], memory[:, None, :, :])   # [B, T, S, D]
         B, T, S, D = o.shape
@@ -194,6 +204,7 @@ class LatentAttention(nn.Module):
                 log_alpha: Tensor | None = None) -> LatentAttentionOutput:
         """Marginal log-probabilities of ``targets [B, T]`` (and of the whole vocabulary if ``full``).
 
+        ``memory_mask [B, S]`` is True at real source positions (``None``: all real).
         ``log_alpha`` may pass in an alignment already computed (e.g. by a decoder loop that needed
         it for input feeding); it must be ``alignment(query, memory, memory_mask).logits``.
         """
@@ -217,13 +228,29 @@ class LatentAttention(nn.Module):
                 log_probs = self.marginal_log_probs(query, memory, log_alpha)
         return LatentAttentionOutput(log_prob, log_probs, log_alpha, log_emission, context)
 
+    def log_prob(self, query: Tensor, targets: Tensor, *, memory: Tensor, memory_mask: Tensor | None = None,
+                 log_alpha: Tensor | None = None, **context) -> Tensor:
+        """:class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(targets | ...)`` ``[B, T]``.
+
+        ``query [B, T, H]``, ``targets [B, T]``, ``memory [B, S, H_s]``, ``memory_mask [B, S]`` (True at
+        real source positions), ``log_alpha [B, T, S]`` as in :meth:`forward`; ``context`` is unused.
+        """
+        return self(query, memory, memory_mask, targets, log_alpha=log_alpha).log_prob
+
+    def log_probs(self, query: Tensor, *, memory: Tensor, memory_mask: Tensor | None = None,
+                  log_alpha: Tensor | None = None, **context) -> Tensor:
+        """:class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(. | ...)`` ``[B, T, V]``.
+
+        Arguments as in :meth:`log_prob` (``memory_mask`` True at real source positions).
+        """
+        return self(query, memory, memory_mask, full=True, log_alpha=log_alpha).log_probs
+
     # ---- internals ---------------------------------------------------------------------------
     def _block(self, hq: Tensor, hk: Tensor) -> Tensor:
         """Vocabulary scores ``[B, T, c, V]`` for the chunk ``hk [B, c, D]``."""
         o = self.dropout(torch.tanh(hq[:, :, None, :] + hk[:, None, :, :]))
-        logits = self.readout(o)
         # half-precision scores are normalised in float32 (autocast leaves logsumexp in half)
-        return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        return upcast(self.readout(o))
 
     def _marginal_chunk(self, hq: Tensor, hk: Tensor, log_alpha: Tensor) -> Tensor:
         log_probs = torch.log_softmax(self._block(hq, hk), dim=-1)

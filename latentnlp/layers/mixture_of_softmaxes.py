@@ -17,8 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from latentnlp.layers.softmax_output import (ACTIVATIONS, _upcast, check_activation, check_hidden,
-                                             logsumexp_linear, target_logits)
+from latentnlp.layers.checks import check_activation, check_hidden
+from latentnlp.layers.chunked_softmax import logsumexp_linear, target_logits
+from latentnlp.layers.softmax_output import ACTIVATIONS
+from latentnlp.precision import upcast
 
 
 class MixtureOfSoftmaxes(nn.Module):
@@ -30,7 +32,7 @@ class MixtureOfSoftmaxes(nn.Module):
     ``activation`` ``a`` is the paper's ``"tanh"`` or ``"identity"`` (see
     :class:`~latentnlp.layers.SoftmaxOutput` on tanh saturation under Adam).
 
-    * ``forward(hidden [..., H]) -> [..., V]`` log-probabilities with the expert
+    * ``log_probs(hidden [..., H]) -> [..., V]`` (also ``forward``) log-probabilities with the expert
       summed out.  It builds ``[..., K, V]`` scores; with ``chunk_size`` set it
       mixes the experts one at a time and never holds more than ``[..., V]``.
     * ``log_prob(hidden [..., H], targets [...]) -> [...]`` ``log p(targets | h)``
@@ -52,7 +54,7 @@ class MixtureOfSoftmaxes(nn.Module):
                  dropout: float = 0.0, chunk_size: int | None = None,
                  activation: str = "tanh") -> None:
         super().__init__()
-        check_activation("MixtureOfSoftmaxes", activation)
+        check_activation("MixtureOfSoftmaxes", activation, ACTIVATIONS)
         d = input_size if softmax_input_size is None else softmax_input_size
         for arg, value in (("input_size", input_size), ("vocab_size", vocab_size),
                            ("num_experts", num_experts), ("softmax_input_size", d)):
@@ -83,7 +85,7 @@ class MixtureOfSoftmaxes(nn.Module):
     def expert_log_weights(self, hidden: Tensor) -> Tensor:
         """``log pi(h)`` ``[..., K]``."""
         check_hidden(self, hidden, self.input_size)
-        return torch.log_softmax(_upcast(self.prior(hidden)), dim=-1)
+        return torch.log_softmax(upcast(self.prior(hidden)), dim=-1)
 
     def features(self, hidden: Tensor) -> Tensor:
         """Expert contexts ``g_k(h)`` ``[..., K, d]``."""
@@ -93,11 +95,14 @@ class MixtureOfSoftmaxes(nn.Module):
     def expert_log_probs(self, hidden: Tensor) -> Tensor:
         """``log softmax(W g_k(h) + b)`` ``[..., K, V]`` for every expert."""
         check_hidden(self, hidden, self.input_size)
-        return torch.log_softmax(_upcast(self.decoder(self.features(hidden))), dim=-1)
+        return torch.log_softmax(upcast(self.decoder(self.features(hidden))), dim=-1)
 
     # ---- outputs --------------------------------------------------------------------------
-    def forward(self, hidden: Tensor, chunk_size: int | None = None) -> Tensor:
-        """``log p(. | h)`` ``[..., V]``; ``chunk_size`` (or the layer's) mixes experts one at a time."""
+    def log_probs(self, hidden: Tensor, chunk_size: int | None = None, **context) -> Tensor:
+        """``log p(. | h)`` ``[..., V]``; ``chunk_size`` (or the layer's) mixes experts one at a time.
+
+        The :class:`~latentnlp.layers.output_head.OutputHead` method (``context`` is unused).
+        """
         log_pi = self.expert_log_weights(hidden)                       # [..., K]
         chunk = self.chunk_size if chunk_size is None else chunk_size
         if chunk is None:
@@ -106,15 +111,19 @@ class MixtureOfSoftmaxes(nn.Module):
         g = self.features(hidden)
         out = None
         for k in range(self.num_experts):
-            term = log_pi[..., k, None] + torch.log_softmax(_upcast(self.decoder(g[..., k, :])), -1)
+            term = log_pi[..., k, None] + torch.log_softmax(upcast(self.decoder(g[..., k, :])), -1)
             out = term if out is None else torch.logaddexp(out, term)
         return out
 
-    def log_prob(self, hidden: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
+    def forward(self, hidden: Tensor, chunk_size: int | None = None) -> Tensor:
+        """:meth:`log_probs`."""
+        return self.log_probs(hidden, chunk_size)
+
+    def log_prob(self, hidden: Tensor, targets: Tensor, chunk_size: int | None = None, **context) -> Tensor:
         """``log p(targets | hidden)`` ``[...]`` without building ``[..., V]`` log-probabilities.
 
         ``log p(y | h) = logsumexp_k(log pi_k + s_k(y) - logsumexp_v s_k(v))`` with
-        ``s_k(v) = w_v . g_k + b_v``; ``chunk_size`` overrides the layer's.
+        ``s_k(v) = w_v . g_k + b_v``; ``chunk_size`` overrides the layer's; ``context`` is unused.
         """
         check_hidden(self, hidden, self.input_size, targets)
         chunk = self.chunk_size if chunk_size is None else chunk_size

@@ -1,4 +1,4 @@
-"""The one-softmax output layer, and the vocabulary-chunked log-normaliser it shares with MoS.
+"""The one-softmax output layer.
 
 ``SoftmaxOutput`` maps a hidden state ``h [..., H]`` to log-probabilities over a
 vocabulary of ``V`` words::
@@ -11,164 +11,23 @@ vocabulary of ``V`` words::
 The "softmax bottleneck" (Yang et al. 2018) is that the matrix of log-probabilities
 ``[contexts, V]`` a softmax can express has rank at most ``d + 1``;
 :class:`~latentnlp.layers.MixtureOfSoftmaxes` lifts it.  With one expert a
-mixture of softmaxes is exactly this layer with a projection.
+mixture of softmaxes is exactly this layer with a projection.  The layer is an
+:class:`~latentnlp.layers.output_head.OutputHead` (it takes no context).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
 
+from latentnlp.layers.checks import check_activation, check_hidden
+from latentnlp.layers.chunked_softmax import logsumexp_linear, target_logits
+from latentnlp.precision import upcast
+
+__all__ = ["ACTIVATIONS", "SoftmaxOutput"]
+
+#: the activations ``a`` of the output layers' projections, by name
 ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda x: x}
-
-
-def check_activation(layer: str, activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{layer}: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """Half-precision scores are normalised in float32."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _logsumexp_chunk(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return torch.logsumexp(_upcast(F.linear(x, weight, bias)), dim=-1)
-
-
-def logsumexp_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                     chunk_size: int | None = None) -> Tensor:
-    """``log sum_v exp(weight[v] . x + bias[v])``: ``x [..., d]``, ``weight [V, d]`` -> ``[...]``.
-
-    With ``chunk_size`` the vocabulary is scored ``chunk_size`` rows of ``weight``
-    at a time and each chunk is recomputed in the backward pass (activation
-    checkpointing), so neither pass holds more than ``[..., chunk_size]`` scores.
-    """
-    vocab = weight.shape[0]
-    if chunk_size is None or chunk_size >= vocab:
-        return _logsumexp_chunk(x, weight, bias)
-    recompute = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
-    parts = []
-    for start in range(0, vocab, chunk_size):
-        w = weight[start:start + chunk_size]
-        b = None if bias is None else bias[start:start + chunk_size]
-        if recompute:
-            parts.append(checkpoint(_logsumexp_chunk, x, w, b,
-                                    use_reentrant=False, preserve_rng_state=False))
-        else:
-            parts.append(_logsumexp_chunk(x, w, b))
-    return torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
-
-
-class _ChunkedLogSoftmaxLinear(torch.autograd.Function):
-    """``log_softmax(x W^T + b)[y]`` over row chunks; backward recomputes each chunk's scores.
-
-    Forward keeps only the per-row normaliser ``lse [N]``.  Backward, per chunk of rows:
-    ``G = g (onehot(y) - softmax(x W^T + b))`` built in place in the recomputed score
-    block, then ``dx = G W``, ``dW += G^T x``, ``db += sum_rows G``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                chunk_rows: int) -> Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return _ChunkedLogSoftmaxLinear._forward(ctx, x, weight, bias, targets, chunk_rows)
-
-    @staticmethod
-    def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                 chunk_rows: int) -> Tensor:
-        lse = torch.empty(x.shape[0], dtype=_upcast(x[:0]).dtype, device=x.device)
-        for start in range(0, x.shape[0], chunk_rows):
-            scores = _upcast(F.linear(x[start:start + chunk_rows], weight, bias))
-            torch.logsumexp(scores, dim=-1, out=lse[start:start + chunk_rows])
-        ctx.chunk_rows = chunk_rows
-        ctx.save_for_backward(x, weight, bias, targets, lse)
-        return target_logits(x, weight, bias, targets) - lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        with torch.autocast(grad.device.type, enabled=False):
-            return _ChunkedLogSoftmaxLinear._backward(ctx, grad)
-
-    @staticmethod
-    def _backward(ctx, grad: Tensor):
-        x, weight, bias, targets, lse = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros_like(bias) if need_b else None
-        for start in range(0, x.shape[0], ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            g = grad[rows].to(lse.dtype)
-            block = _upcast(F.linear(x[rows], weight, bias))             # [n, V] scores
-            block.sub_(lse[rows, None]).exp_().mul_(-g[:, None])         # -g softmax
-            block[torch.arange(block.shape[0], device=block.device), targets[rows]] += g
-            block = block.to(weight.dtype)
-            if need_x:
-                torch.mm(block, weight, out=grad_x[rows])
-            if need_w:
-                grad_w.addmm_(block.t(), x[rows])
-            if need_b:
-                grad_b += block.sum(0)
-        return grad_x, grad_w, grad_b, None, None
-
-
-def log_softmax_linear(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                       chunk_rows: int | None = None) -> Tensor:
-    """``log softmax(weight x + bias)[y]``: ``x [N, d]``, ``weight [V, d]``, ``targets [N]`` -> ``[N]``.
-
-    Without ``chunk_rows`` (or with ``chunk_rows >= N``) the ``[N, V]`` scores are built
-    whole and differentiated by autograd.  With ``chunk_rows`` at most ``[chunk_rows, V]``
-    scores exist at a time in either pass: the forward keeps one normaliser per row and
-    the backward recomputes each chunk's scores and forms its gradient in place (one more
-    ``[n, d] x [d, V]`` product than autograd, but no ``[N, V]`` tensors written to memory
-    and read back).  First-order gradients only.
-    """
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or targets.shape != x.shape[:1]:
-        raise ValueError(f"log_softmax_linear: needs x [N, d], weight [V, d], targets [N]; got x "
-                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}")
-    if chunk_rows is None or chunk_rows >= x.shape[0]:
-        scores = _upcast(F.linear(x, weight, bias))
-        return scores.gather(-1, targets[:, None]).squeeze(-1) - scores.logsumexp(-1)
-    if chunk_rows < 1:
-        raise ValueError(f"log_softmax_linear: chunk_rows must be >= 1, got {chunk_rows}")
-    return _ChunkedLogSoftmaxLinear.apply(x.to(weight.dtype), weight, bias, targets, chunk_rows)
-
-
-def target_logits(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
-    """Score of each target only: ``weight[y] . x + bias[y]``.
-
-    ``x [..., d]`` or ``[..., K, d]`` (one row per expert) with ``targets [...]``;
-    returns ``[...]`` or ``[..., K]``.  Never builds ``[..., V]``.
-    """
-    w_y = weight[targets]                                   # [..., d]
-    if x.dim() == targets.dim() + 1:
-        scores = (x * w_y).sum(-1)
-    else:                                                   # experts: [..., K, d] . [..., d]
-        scores = torch.matmul(x, w_y.unsqueeze(-1)).squeeze(-1)
-    if bias is not None:
-        b_y = bias[targets]
-        scores = scores + (b_y if x.dim() == targets.dim() + 1 else b_y.unsqueeze(-1))
-    return _upcast(scores)
-
-
-def check_hidden(layer: nn.Module, hidden: Tensor, input_size: int,
-                 targets: Tensor | None = None) -> None:
-    """ValueError naming the argument and the shapes seen when ``hidden``/``targets`` do not fit."""
-    name = type(layer).__name__
-    if hidden.dim() < 1 or hidden.shape[-1] != input_size:
-        raise ValueError(f"{name}: hidden must be [..., {input_size}], got {tuple(hidden.shape)}")
-    if targets is not None:
-        if targets.shape != hidden.shape[:-1]:
-            raise ValueError(f"{name}: targets must be hidden.shape[:-1] = {tuple(hidden.shape[:-1])},"
-                             f" got targets {tuple(targets.shape)}")
-        if targets.dtype != torch.long:
-            raise ValueError(f"{name}: targets must be a LongTensor, got {targets.dtype}")
 
 
 class SoftmaxOutput(nn.Module):
@@ -183,7 +42,8 @@ class SoftmaxOutput(nn.Module):
     units) and the layer can stall at the unigram distribution; the identity
     gives the same rank bound without that failure.
 
-    * ``forward(hidden [..., H]) -> [..., V]`` log-probabilities (they sum to one).
+    * ``log_probs(hidden [..., H]) -> [..., V]`` log-probabilities (they sum to one);
+      ``forward`` is the same.
     * ``log_prob(hidden [..., H], targets [...]) -> [...]`` the log-probability of
       the given targets only; with ``chunk_size`` the normaliser is computed over
       vocabulary chunks so memory stays ``O(... x chunk_size)``.
@@ -195,7 +55,7 @@ class SoftmaxOutput(nn.Module):
                  bias: bool = True, dropout: float = 0.0, chunk_size: int | None = None,
                  activation: str = "tanh") -> None:
         super().__init__()
-        check_activation("SoftmaxOutput", activation)
+        check_activation("SoftmaxOutput", activation, ACTIVATIONS)
         for arg, value in (("input_size", input_size), ("vocab_size", vocab_size)):
             if value < 1:
                 raise ValueError(f"SoftmaxOutput: {arg} must be >= 1, got {value}")
@@ -225,12 +85,17 @@ class SoftmaxOutput(nn.Module):
         g = hidden if self.projection is None else ACTIVATIONS[self.activation](self.projection(hidden))
         return self.dropout(g)
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def log_probs(self, hidden: Tensor, **context) -> Tensor:
+        """``log p(. | h)`` ``[..., V]`` (the :class:`OutputHead` method; ``context`` is unused)."""
         check_hidden(self, hidden, self.input_size)
-        return torch.log_softmax(_upcast(self.decoder(self.features(hidden))), dim=-1)
+        return torch.log_softmax(upcast(self.decoder(self.features(hidden))), dim=-1)
 
-    def log_prob(self, hidden: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
-        """``log p(targets | hidden)`` ``[...]``; ``chunk_size`` overrides the layer's."""
+    def forward(self, hidden: Tensor) -> Tensor:
+        """:meth:`log_probs`."""
+        return self.log_probs(hidden)
+
+    def log_prob(self, hidden: Tensor, targets: Tensor, chunk_size: int | None = None, **context) -> Tensor:
+        """``log p(targets | hidden)`` ``[...]``; ``chunk_size`` overrides the layer's (``context`` is unused)."""
         check_hidden(self, hidden, self.input_size, targets)
         chunk = self.chunk_size if chunk_size is None else chunk_size
         g = self.features(hidden)

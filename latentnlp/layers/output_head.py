@@ -1,0 +1,46 @@
+"""The output-head seam: what turns a decoder's states into log-probabilities over a vocabulary.
+
+An output head maps decoder states ``hidden [B, T, H]`` (any leading dims for heads that need no
+context) and keyword context to normalised log-probabilities, with any latent variable of the
+head (expert, alignment, copy switch) summed out exactly::
+
+    log_prob(hidden, targets, **context)  -> [B, T]      log p(y_t = targets_t | hidden_t, context)
+    log_probs(hidden, **context)          -> [B, T, V]   log p(. | hidden_t, context), logsumexp_V = 0
+
+so that ``log_prob(h, y, **c) == log_probs(h, **c).gather(-1, y[..., None])[..., 0]``.  A head takes
+the context it needs by keyword and ignores the rest (``**context``), so a model that passes one
+context to its head can swap heads without other changes.  The context of the heads of this
+library:
+
+- ``memory [B, S, H_s]`` source states and ``memory_mask [B, S]`` bool, **True at real
+  positions** (False at padding): the attention heads
+  (:class:`~latentnlp.layers.LatentAttention`, soft or exact);
+- ``log_alpha [B, T, S]`` alignment log-probabilities already computed by the decoder
+  (``-inf`` at padded sources; optional for the attention heads, required by the copy head);
+- ``src_ext [B, S]`` the source as extended-vocabulary ids and ``extended_size`` (the copy head,
+  :class:`~latentnlp.layers.CopyGenerator`, whose ``V`` is the extended vocabulary).
+
+Heads without context: :class:`~latentnlp.layers.SoftmaxOutput`,
+:class:`~latentnlp.layers.MixtureOfSoftmaxes`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+__all__ = ["OutputHead"]
+
+
+@runtime_checkable
+class OutputHead(Protocol):
+    """Normalised log-probabilities of the next token, latent variables summed out (see the module)."""
+
+    def log_prob(self, hidden: Tensor, targets: Tensor, **context) -> Tensor:
+        """``log p(targets | hidden, context)``: ``hidden [B, T, H]``, ``targets [B, T]`` -> ``[B, T]``."""
+        ...
+
+    def log_probs(self, hidden: Tensor, **context) -> Tensor:
+        """``log p(. | hidden, context)``: ``hidden [B, T, H]`` -> ``[B, T, V]`` (each row sums to one)."""
+        ...

@@ -1,0 +1,166 @@
+"""Output heads of the attentional decoder: how ``log p(y_t | ...)`` uses the alignment.
+
+Each head is an :class:`~latentnlp.layers.output_head.OutputHead` on the decoder states
+``hidden [B, T, H]`` (the ``h_t`` of :class:`~.core.AttentionalEncoderDecoder`) with the core's
+context ``memory [B, S, H]``, ``memory_mask [B, S]`` (True at real source positions),
+``log_alpha [B, T, S]`` and ``attentional [B, T, H]`` (the fed ``o_t``):
+
+============================  ================================================================
+:class:`SoftAttentionHead`    ``log p(y_t | h_t, c_t)``, ``c_t = sum_m alpha_tm s_m``
+:class:`LatentAttentionHead`  ``log sum_m alpha_tm p(y_t | h_t, s_m)`` (the alignment summed out)
+:class:`CopyHead`             ``o_t`` read out with an exactly marginalised copy switch
+============================  ================================================================
+
+``p(y_t | h, c) = softmax(W_o tanh(W_h h + W_c c + b) + b_o)`` is the core's
+:class:`~latentnlp.layers.LatentAttention` read-out, shared by the heads.  Besides the two
+:class:`OutputHead` methods a head says what it needs from a batch (:meth:`Seq2SeqHead.batch_context`,
+:meth:`Seq2SeqHead.batch_targets`) and from decoding (:meth:`Seq2SeqHead.decoding_context`,
+:meth:`Seq2SeqHead.decoder_input`), so the model runs every head the same way.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from latentnlp.layers.copy_generator import CopyGenerator
+from latentnlp.layers.latent_attention import LatentAttention
+from latentnlp.models.base import Batch
+from latentnlp.validation import is_validating
+
+__all__ = ["CopyHead", "LatentAttentionHead", "Seq2SeqHead", "SoftAttentionHead"]
+
+
+class Seq2SeqHead(nn.Module):
+    """An :class:`~latentnlp.layers.output_head.OutputHead` of the attentional decoder, with its batch needs.
+
+    ``latent_alignment``: True when the alignment is a latent variable of the head's likelihood
+    (then :attr:`attention` gives the per-position terms ``log p(y_t | h_t, s_m)`` an ELBO needs).
+    """
+
+    latent_alignment: ClassVar[bool] = False
+
+    def log_prob(self, hidden: Tensor, targets: Tensor, **context) -> Tensor:
+        raise NotImplementedError
+
+    def log_probs(self, hidden: Tensor, **context) -> Tensor:
+        raise NotImplementedError
+
+    def batch_context(self, batch: Batch) -> dict[str, Tensor]:
+        """Context the head reads from a training batch (beyond the core's)."""
+        return {}
+
+    def batch_targets(self, batch: Batch) -> Tensor:
+        """The target ids ``[B, T]`` the head scores."""
+        return batch["tgt_out"]
+
+    def decoding_context(self, batch: Batch, memory_mask: Tensor) -> dict[str, object]:
+        """Context kept in the decoder state for step-wise decoding (``memory_mask [B, S]`` True at real positions)."""
+        return {}
+
+    def decoder_input(self, tokens: Tensor) -> Tensor:
+        """The decoder input ids for output ids ``tokens [N]`` of the previous step."""
+        return tokens
+
+
+class SoftAttentionHead(Seq2SeqHead):
+    """``log p(y_t | h_t, c_t)`` with the soft context ``c_t = sum_m alpha_tm s_m`` (the baseline)."""
+
+    def __init__(self, attention: LatentAttention) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def log_prob(self, hidden: Tensor, targets: Tensor, *, memory: Tensor, log_alpha: Tensor,
+                 **context) -> Tensor:
+        """``[B, T]``; ``memory [B, S, H]``, ``log_alpha [B, T, S]`` (``-inf`` at padded sources)."""
+        return self.attention.log_prob_given_context(hidden, torch.bmm(log_alpha.exp(), memory), targets)
+
+    def log_probs(self, hidden: Tensor, *, memory: Tensor, log_alpha: Tensor, **context) -> Tensor:
+        """``[B, T, V]``; arguments as in :meth:`log_prob`."""
+        return self.attention.log_prob_given_context(hidden, torch.bmm(log_alpha.exp(), memory))
+
+
+class LatentAttentionHead(Seq2SeqHead):
+    """``log p(y_t | x, y_<t) = logsumexp_m (log alpha_tm + log p(y_t | h_t, s_m))``: exact latent attention."""
+
+    latent_alignment = True
+
+    def __init__(self, attention: LatentAttention) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def log_prob(self, hidden: Tensor, targets: Tensor, *, memory: Tensor, memory_mask: Tensor,
+                 log_alpha: Tensor, **context) -> Tensor:
+        """``[B, T]``; ``memory [B, S, H]``, ``memory_mask [B, S]`` (True at real positions), ``log_alpha``."""
+        return torch.logsumexp(log_alpha + self.emission_log_probs(hidden, targets, memory, memory_mask), -1)
+
+    def log_probs(self, hidden: Tensor, *, memory: Tensor, log_alpha: Tensor, **context) -> Tensor:
+        """``[B, T, V]``, mixed over chunks of source positions (see ``LatentAttention``)."""
+        return self.attention.marginal_log_probs(hidden, memory, log_alpha)
+
+    def emission_log_probs(self, hidden: Tensor, targets: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        """``log p(y_t | h_t, s_m)`` ``[B, T, S]`` for every source position.
+
+        ``-inf`` where ``memory_mask [B, S]`` is False (padding; True at real positions).
+        """
+        return self.attention.emission_log_probs(hidden, memory, targets, memory_mask)
+
+
+class CopyHead(Seq2SeqHead):
+    """The attentional vector ``o_t`` read out by a :class:`~latentnlp.layers.CopyGenerator`.
+
+    ``p(y_t = w) = p(gen | o_t) p_vocab(w | o_t) + p(copy | o_t) sum_{m: src_m = w} alpha_tm`` over the
+    extended vocabulary; ``hidden`` is not read (``o_t`` comes as the context ``attentional``).
+
+    Batches carry ``src_ext [B, S]`` (source tokens as extended target ids; optional when
+    ``shared_vocabulary``: then ``src`` is used) and optionally ``tgt_out_ext [B, T]``.  Decoding
+    feeds copied source-only words back as ``unk_id``.
+    """
+
+    def __init__(self, generator: CopyGenerator, *, shared_vocabulary: bool, unk_id: int | None = None) -> None:
+        super().__init__()
+        self.generator = generator
+        self.shared_vocabulary, self.unk_id = shared_vocabulary, unk_id
+
+    def log_prob(self, hidden: Tensor, targets: Tensor, *, attentional: Tensor, log_alpha: Tensor,
+                 src_ext: Tensor, **context) -> Tensor:
+        """``[B, T]`` of extended-id ``targets``.
+
+        ``attentional [B, T, H]`` (``o_t``), ``log_alpha [B, T, S]`` (``-inf`` at padded sources),
+        ``src_ext [B, S]`` (values at padded positions are ignored).
+        """
+        return self.generator.log_prob(attentional, targets, log_alpha=log_alpha, src_ext=src_ext)
+
+    def log_probs(self, hidden: Tensor, *, attentional: Tensor, log_alpha: Tensor, src_ext: Tensor,
+                  extended_size: int | None = None, **context) -> Tensor:
+        """``[B, T, V_ext]``; arguments as in :meth:`log_prob`, ``extended_size`` = ``V_ext``."""
+        return self.generator.log_probs(attentional, log_alpha=log_alpha, src_ext=src_ext,
+                                        extended_size=extended_size)
+
+    def batch_context(self, batch: Batch) -> dict[str, Tensor]:
+        if "src_ext" in batch:
+            return {"src_ext": batch["src_ext"]}
+        if self.shared_vocabulary:
+            return {"src_ext": batch["src"]}
+        raise ValueError("the copy head needs batch['src_ext'] (source tokens as target ids) when the "
+                         "source and target vocabularies differ")
+
+    def batch_targets(self, batch: Batch) -> Tensor:
+        return batch.get("tgt_out_ext", batch["tgt_out"])
+
+    def decoding_context(self, batch: Batch, memory_mask: Tensor) -> dict[str, object]:
+        """``src_ext`` and one extended vocabulary size for the whole batch."""
+        src_ext = self.batch_context(batch)["src_ext"]
+        return {"src_ext": src_ext,
+                "extended_size": max(self.generator.vocab_size, int(src_ext[memory_mask].max()) + 1)}
+
+    def decoder_input(self, tokens: Tensor) -> Tensor:
+        """Source-only ids (``>= V``) become ``unk_id``."""
+        copied = tokens >= self.generator.vocab_size
+        if self.unk_id is None:
+            if is_validating() and bool(copied.any()):
+                raise ValueError("the copy head needs unk_id to feed back copied source-only words")
+            return tokens
+        return tokens.masked_fill(copied, self.unk_id)

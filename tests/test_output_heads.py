@@ -1,0 +1,183 @@
+"""The OutputHead seam: every head keeps the protocol, heads swap on one decoder, the seq2seq modes are
+compositions whose pieces agree with enumeration."""
+
+import pytest
+import torch
+from torch.distributions import Distribution
+
+from latentnlp import estimators
+from latentnlp.layers import CopyGenerator, LatentAttention, MixtureOfSoftmaxes, OutputHead, SoftmaxOutput
+from latentnlp.models.latent_alignment import MODES, LatentAlignmentSeq2Seq
+from latentnlp.models.seq2seq import (AlignmentELBO, AttentionalEncoderDecoder, CopyHead, LatentAttentionHead,
+                                      Marginal, SoftAttentionHead)
+from latentnlp.models.seq2seq.objectives import enumerate_alignments, relax_alignments, sample_alignments
+from test_latent_alignment import BOS, EOS, UNK, V, make_batch
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+B, T, S, H = 3, 4, 5, 6
+LENGTHS = torch.tensor([5, 3, 1])
+
+
+def _context(seed=0):
+    """What a tiny attentional decoder hands its head: states, memory, alignments, copy ids."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g)
+    memory = torch.randn(B, S, H, generator=g)
+    mask = torch.arange(S) < LENGTHS[:, None]
+    log_alpha = torch.log_softmax(torch.randn(B, T, S, generator=g).masked_fill(~mask[:, None], -torch.inf), -1)
+    context = {"memory": memory, "memory_mask": mask, "log_alpha": log_alpha,
+               "attentional": torch.tanh(torch.randn(B, T, H, generator=g)),
+               "src_ext": torch.randint(0, V + 2, (B, S), generator=g), "extended_size": V + 2}
+    return hidden, context
+
+
+def _heads():
+    torch.manual_seed(0)
+    attention = LatentAttention(H, H, V)
+    return {
+        "softmax": SoftmaxOutput(H, V, 4),
+        "mos": MixtureOfSoftmaxes(H, V, 3, 4),
+        "latent-attention-soft": LatentAttention(H, H, V, mode="soft"),
+        "latent-attention-exact": LatentAttention(H, H, V, mode="exact"),
+        "copy-generator": CopyGenerator(H, V),
+        "soft-head": SoftAttentionHead(attention),
+        "latent-head": LatentAttentionHead(attention),
+        "copy-head": CopyHead(CopyGenerator(H, V, readout=attention.readout), shared_vocabulary=True),
+    }
+
+
+@pytest.mark.parametrize("name", list(_heads()))
+def test_every_head_keeps_the_protocol(name):
+    """Swapped into the same decoder with the same context: normalised, and log_prob = log_probs gathered."""
+    head = _heads()[name].eval()
+    assert isinstance(head, OutputHead)
+    hidden, context = _context()
+    log_probs = head.log_probs(hidden, **context)
+    assert log_probs.shape[:2] == (B, T)
+    torch.testing.assert_close(log_probs.logsumexp(-1), torch.zeros(B, T))
+    targets = torch.randint(0, log_probs.shape[-1], (B, T), generator=torch.Generator().manual_seed(1))
+    log_prob = head.log_prob(hidden, targets, **context)
+    assert log_prob.shape == (B, T)
+    torch.testing.assert_close(log_prob, log_probs.gather(-1, targets[..., None])[..., 0])
+
+
+def test_latent_head_is_the_enumerated_mixture():
+    """``log p(y_t) = log sum_m alpha_tm p(y_t | h_t, s_m)`` with each term spelt out."""
+    head = _heads()["latent-head"].eval()
+    attention = head.attention
+    hidden, context = _context(2)
+    memory, mask, log_alpha = context["memory"], context["memory_mask"], context["log_alpha"]
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
+    expected = torch.zeros(B, T)
+    for b in range(B):
+        for t in range(T):
+            total = 0.0
+            for m in range(int(mask[b].sum())):
+                o = torch.tanh(attention.out_query(hidden[b, t]) + attention.out_context(memory[b, m]))
+                total = total + log_alpha[b, t, m].exp() * torch.softmax(attention.readout(o), -1)[targets[b, t]]
+            expected[b, t] = total.log()
+    torch.testing.assert_close(head.log_prob(hidden, targets, **context), expected)
+
+
+def test_soft_and_latent_heads_agree_on_a_one_word_source():
+    """With one source position the alignment is certain: soft context = the aligned state."""
+    core = _model("exact").core
+    batch = make_batch(torch.Generator().manual_seed(0), src_len=1)
+    soft = LatentAlignmentSeq2Seq(core, SoftAttentionHead(core.attention))
+    latent = LatentAlignmentSeq2Seq(core, LatentAttentionHead(core.attention))
+    torch.testing.assert_close(soft.log_marginal(batch), latent.log_marginal(batch))
+
+
+def _model(mode, seed=0):
+    torch.manual_seed(seed)
+    return LatentAlignmentSeq2Seq.from_mode(mode, V, V, embedding_dim=6, hidden_size=8, bos_id=BOS, eos_id=EOS,
+                                            unk_id=UNK).double().eval()
+
+
+HEADS = {"soft": SoftAttentionHead, "exact": LatentAttentionHead, "copy": CopyHead}
+ESTIMATORS = {"elbo-enum": enumerate_alignments, "elbo-sample": sample_alignments}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_modes_are_compositions(mode):
+    model = _model(mode)
+    assert isinstance(model.head, HEADS.get(mode, LatentAttentionHead))
+    assert "objectives" not in vars(model)
+    if mode.startswith("elbo"):
+        assert isinstance(model.objective, AlignmentELBO) and model.objectives == ("elbo", "marginal")
+        expected = ESTIMATORS.get(mode, relax_alignments)
+        assert getattr(model.objective.estimator, "func", model.objective.estimator) is expected
+        assert (model.objective.baseline is not None) == (mode == "elbo-sample")
+    else:  # no inference network where no ELBO is trained
+        assert isinstance(model.objective, Marginal) and model.objectives == ("marginal",)
+        assert not any(name.startswith("objective.") for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("mode", ["exact", "elbo-sample", "copy"])
+def test_from_mode_is_the_hand_built_composition(mode):
+    """The same seed gives the same parameters and the same loss whether built by name or by hand."""
+    by_name = _model(mode)
+    torch.manual_seed(0)
+    core = AttentionalEncoderDecoder(V, V, embedding_dim=6, hidden_size=8)
+    if mode == "copy":
+        head = CopyHead(CopyGenerator(8, V, readout=core.attention.readout), shared_vocabulary=True, unk_id=UNK)
+    else:
+        head = LatentAttentionHead(core.attention)
+    objective = AlignmentELBO(6, 8, "score_function") if mode == "elbo-sample" else Marginal()
+    by_hand = LatentAlignmentSeq2Seq(core, head, objective, bos_id=BOS, eos_id=EOS).double().eval()
+    for (name, a), (_, b) in zip(by_name.named_parameters(), by_hand.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    batch = make_batch(torch.Generator().manual_seed(1), extended=mode == "copy")
+    for objective in by_name.objectives:
+        torch.manual_seed(2)
+        a = by_name.loss(batch, objective).value
+        torch.manual_seed(2)
+        b = by_hand.loss(batch, objective).value
+        assert torch.equal(a, b), objective
+
+
+def test_enumerated_elbo_at_the_exact_posterior_is_the_marginal_of_the_latent_head():
+    model = _model("elbo-enum")
+    batch = make_batch(torch.Generator().manual_seed(4))
+    bound = model.elbo(batch, q=model.posterior(batch))
+    torch.testing.assert_close(bound.value, model.log_marginal(batch), rtol=0, atol=1e-10)
+
+
+def test_an_elbo_needs_a_latent_alignment():
+    core = AttentionalEncoderDecoder(V, V, embedding_dim=6, hidden_size=8)
+    with pytest.raises(ValueError, match="latent"):
+        LatentAlignmentSeq2Seq(core, SoftAttentionHead(core.attention), AlignmentELBO(6, 8))
+    with pytest.raises(ValueError, match="estimator"):
+        AlignmentELBO(6, 8, "wake-sleep")
+
+
+def test_relaxed_estimate_is_the_hard_gumbel_sample_average():
+    logits = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    values = torch.tensor([1.0, -2.0, 0.5])
+    f = lambda z: (z * values).sum(-1)  # noqa: E731
+    estimate = estimators.relaxed(f, logits, 0.5, num_samples=4, generator=torch.Generator().manual_seed(1))
+    z = estimators.gumbel_softmax(logits.expand(4, 2, 3), 0.5, True, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(estimate.surrogate, f(z).mean(0))
+    many = estimators.relaxed(f, logits, 0.5, num_samples=20000, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(many.value, estimators.exact(values.expand(2, 3), torch.distributions.Categorical(
+        logits=logits)).value, atol=0.05, rtol=0)
+
+
+def test_validation_switch_governs_the_length_checks():
+    """Value-range checks read from the device: only when validation is on."""
+    model = _model("exact")
+    batch = make_batch(torch.Generator().manual_seed(5))
+    bad = {**batch, "tgt_lengths": batch["tgt_lengths"].clamp_min(batch["tgt_in"].shape[1]) + 1}
+    with pytest.raises(ValueError, match="tgt_lengths"):
+        model.log_marginal(bad)
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        assert model.log_marginal(bad).shape == (bad["src"].shape[0],)  # not checked
+        with pytest.raises(ValueError, match="tgt_in"):  # shape checks stay on
+            model.log_marginal({**batch, "tgt_in": batch["tgt_in"][:, None]})
+    finally:
+        Distribution.set_default_validate_args(previous)
+    with pytest.raises(ValueError, match="tgt_lengths"):
+        model.log_marginal(bad)
