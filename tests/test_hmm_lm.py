@@ -112,7 +112,7 @@ def test_log_space_fallback_when_probability_space_underflows():
 
     class FixedTables(HMMLanguageModel):
         def log_parameters(self, states=None):
-            nearly_one = -torch.expm1(torch.tensor(-100.0)).log()
+            nearly_one = (-torch.expm1(torch.tensor(-100.0))).log()  # log(1 - e^-100), not NaN
             return {"init": torch.tensor([0.0, float("-inf")]),
                     "trans": torch.tensor([[nearly_one, -100.0], [nearly_one, -100.0]]),
                     "emission": torch.tensor([[0.0, -200.0], [float("-inf"), 0.0]])}
