@@ -23,10 +23,9 @@ from torch import Tensor
 
 
 def safe_log(x: Tensor) -> Tensor:
-    """``log x`` with ``log 0 = -inf`` and a zero (not NaN) gradient where ``x = 0``."""
-    positive = x > 0
-    return torch.where(positive, torch.log(torch.where(positive, x, torch.ones_like(x))),
-                       torch.full_like(x, float("-inf")))
+    """``log x`` with ``log 0 = -inf`` and a zero (not NaN) gradient where ``x = 0``; NaN stays NaN."""
+    zero = x == 0
+    return torch.where(zero, torch.full_like(x, float("-inf")), torch.log(torch.where(zero, torch.ones_like(x), x)))
 
 
 def logsumexp(x: Tensor, dim: int) -> Tensor:

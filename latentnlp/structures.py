@@ -140,14 +140,14 @@ class ChainPosterior(Distribution):
 
     def _check_finite(self) -> None:
         for name, x in (("init", self.init), ("emit", self.emit)):
-            bad = torch.isnan(x) | (x == float("inf"))
-            if bad.any():
+            if not bool((x < float("inf")).all()):  # one pass: False for NaN and +inf
+                bad = ~(x < float("inf"))
                 raise ValueError(f"{name} ({_describe(x)}) contains NaN or +inf at "
                                  f"{int(bad.sum())} positions; scores must be finite or -inf")
         self.transition.check_finite()
 
     @classmethod
-    def from_edges(cls, edges: Tensor, lengths: Tensor | None = None, **kwargs) -> "ChainPosterior":
+    def from_edges(cls, edges: Tensor, lengths: Tensor | None = None, **kwargs) -> ChainPosterior:
         r"""A chain from torch-struct ``LinearChainCRF`` edge potentials.
 
         ``edges [B, N-1, C, C]`` with torch-struct's index convention
@@ -157,7 +157,7 @@ class ChainPosterior(Distribution):
         (row = from, column = to).
         """
         if not isinstance(edges, Tensor) or edges.dim() != 4 or edges.shape[-1] != edges.shape[-2]:
-            raise ValueError(f"edges must have shape [B, N-1, C, C], got "
+            raise ValueError("edges must have shape [B, N-1, C, C], got "
                              + (_describe(edges) if isinstance(edges, Tensor) else type(edges).__name__))
         batch, num_edges, k, _ = edges.shape
         zeros = edges.new_zeros(batch, num_edges + 1, k)
@@ -342,7 +342,7 @@ class ChainPosterior(Distribution):
             raise ValueError(f"value holds states outside 0..K-1 = 0..{k - 1}")
 
     # ---- divergences ------------------------------------------------------------------------
-    def cross_entropy(self, other: "ChainPosterior") -> Tensor:
+    def cross_entropy(self, other: ChainPosterior) -> Tensor:
         """``-E_p[log q(z)]`` with ``p = self``, ``q = other``: ``[B]``.  See :func:`cross_entropy`."""
         return cross_entropy(self, other)
 

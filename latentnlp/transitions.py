@@ -32,7 +32,7 @@ Transitions are immutable; :meth:`Transition.detach` and :meth:`Transition.to` r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -40,7 +40,7 @@ from torch import Tensor
 from .gumbel import gumbel_argmax
 from .semirings import LogSemiring, finite_max, logsumexp
 
-__all__ = ["Transition", "TransitionProbabilities", "DenseTransition", "LowRankTransition"]
+__all__ = ["DenseTransition", "LowRankTransition", "Transition", "TransitionProbabilities"]
 
 
 def shifted_exp(log: Tensor, dims: int) -> tuple[Tensor, Tensor]:
@@ -109,7 +109,7 @@ class Transition(ABC):
         """Names of :attr:`parameters`, for error messages."""
 
     @abstractmethod
-    def with_parameters(self, *parameters: Tensor) -> "Transition":
+    def with_parameters(self, *parameters: Tensor) -> Transition:
         """The same kind of transition over new parameter tensors (same shapes)."""
 
     @property
@@ -134,10 +134,10 @@ class Transition(ABC):
     def requires_grad(self) -> bool:
         return any(p.requires_grad for p in self.parameters)
 
-    def detach(self) -> "Transition":
+    def detach(self) -> Transition:
         return self.with_parameters(*(p.detach() for p in self.parameters))
 
-    def to(self, dtype: torch.dtype) -> "Transition":
+    def to(self, dtype: torch.dtype) -> Transition:
         if dtype == self.dtype:
             return self
         return self.with_parameters(*(p.to(dtype) for p in self.parameters))
@@ -150,12 +150,12 @@ class Transition(ABC):
     def check_finite(self) -> None:
         """``ValueError`` if a parameter holds NaN or ``+inf`` (``-inf`` is a structural zero); syncs."""
         for name, x in zip(self.parameter_names, self.parameters):
-            bad = torch.isnan(x) | (x == float("inf"))
-            if bad.any():
+            if not bool((x < float("inf")).all()):  # one pass: False for NaN and +inf
+                bad = ~(x < float("inf"))
                 raise ValueError(f"trans: {name} (shape {tuple(x.shape)}) contains NaN or +inf at "
                                  f"{int(bad.sum())} positions; scores must be finite or -inf")
 
-    def without_padding(self, edges: Tensor) -> "Transition":
+    def without_padding(self, edges: Tensor) -> Transition:
         """The transition with edges past each length (``edges [B, T-1]`` False) set to 0.
 
         Only a time-varying transition has such entries; the others are returned as they are.
@@ -163,7 +163,7 @@ class Transition(ABC):
         return self
 
     @abstractmethod
-    def select_rows(self, rows: Tensor) -> "Transition":
+    def select_rows(self, rows: Tensor) -> Transition:
         """The transition of the batch elements ``rows [B']`` (a shared one is returned as is)."""
 
     # ---- the kernels' operations ------------------------------------------------------------
@@ -228,7 +228,7 @@ class DenseTransition(Transition):
     def parameter_names(self) -> tuple[str, ...]:
         return ("trans",)
 
-    def with_parameters(self, log: Tensor) -> "DenseTransition":
+    def with_parameters(self, log: Tensor) -> DenseTransition:
         return DenseTransition(log)
 
     @property
@@ -255,13 +255,13 @@ class DenseTransition(Transition):
                              f"T={steps}, K={k} (from emit shape ({batch}, {steps}, {k})), "
                              f"got shape {tuple(self.log.shape)}")
 
-    def without_padding(self, edges: Tensor) -> "DenseTransition":
+    def without_padding(self, edges: Tensor) -> DenseTransition:
         if self.log.dim() != 4:
             return self
         return DenseTransition(torch.where(edges[:, :, None, None], self.log, torch.zeros((), dtype=self.dtype,
                                                                                             device=self.device)))
 
-    def select_rows(self, rows: Tensor) -> "DenseTransition":
+    def select_rows(self, rows: Tensor) -> DenseTransition:
         return self if self.log.dim() == 2 else DenseTransition(self.log[rows])
 
     def probabilities(self) -> TransitionProbabilities:
@@ -406,7 +406,7 @@ class LowRankTransition(Transition):
     def parameter_names(self) -> tuple[str, ...]:
         return ("log_left", "log_right")
 
-    def with_parameters(self, log_left: Tensor, log_right: Tensor) -> "LowRankTransition":
+    def with_parameters(self, log_left: Tensor, log_right: Tensor) -> LowRankTransition:
         return LowRankTransition(log_left, log_right)
 
     @property
@@ -423,7 +423,7 @@ class LowRankTransition(Transition):
                              f"(from emit), got shapes {tuple(self.log_left.shape)} and "
                              f"{tuple(self.log_right.shape)}")
 
-    def select_rows(self, rows: Tensor) -> "LowRankTransition":
+    def select_rows(self, rows: Tensor) -> LowRankTransition:
         return self
 
     def probabilities(self) -> TransitionProbabilities:
