@@ -210,7 +210,7 @@ class ChainPosterior(Distribution):
 
         What a stream carries into its next chunk: pushed through one transition it is the next
         chunk's initial distribution.  A by-product of :attr:`log_partition` (no extra pass,
-        except for ``method="scan"``, which runs the log-space forward for it).
+        except for ``method="scan"``, which runs the log-space forward for it); never densifies.
         """
         final_filter = self._forward_result[1]
         if final_filter is None:
@@ -292,7 +292,8 @@ class ChainPosterior(Distribution):
 
     @lazy_property
     def max(self) -> Tensor:
-        """``max_z s(z)``, the score of :attr:`argmax`: ``[B]`` (differentiable: a subgradient)."""
+        """``max_z s(z)``, the score of :attr:`argmax`: ``[B]`` (differentiable: a subgradient; densifies a
+        low-rank transition, for the Viterbi path)."""
         return self.score(self.argmax)
 
     @property
@@ -391,7 +392,7 @@ def cross_entropy(p: ChainPosterior, q: ChainPosterior) -> Tensor:
     """
     _check_comparable(p, q)
     q_trans = q.transition.dense()
-    time_varying = q_trans.dim() == 4 or (isinstance(p.transition, DenseTransition) and p.transition.time_varying)
+    time_varying = p.transition.time_varying or q.transition.time_varying
     method = "log" if p._requires_grad() else None
     if p.emit.shape[1] == 1:
         first, states = p._gradients_of_log_partition(method=method)

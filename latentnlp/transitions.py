@@ -123,6 +123,11 @@ class Transition(ABC):
         """The rank ``r`` of ``P`` as the transition holds it (``K`` for a dense one)."""
 
     @property
+    def time_varying(self) -> bool:
+        """True when the scores depend on the position (only a dense ``[B, T-1, K, K]`` one)."""
+        return False
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.parameters[0].dtype
 
