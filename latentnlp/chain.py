@@ -176,7 +176,7 @@ class _ScaledLogPartition(torch.autograd.Function):
         alpha, scale, emit_probs, log_shift = _scaled_forward(init, probs, emit, mask)
         # accumulate in float64: T terms of magnitude |log c| lose precision in float32
         log_z = (torch.log(scale).double().sum(0) + log_shift.double()
-                 + probs.log_shift_total(mask[:, 1:].to(probs.shift.dtype)).double())
+                 + probs.log_shift_total(mask[:, 1:].double()))
         underflowed = _underflowed(scale, mask)
         ctx.save_for_backward(alpha, scale, emit_probs, mask)
         ctx.probs = probs

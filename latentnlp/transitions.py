@@ -71,7 +71,8 @@ class TransitionProbabilities(ABC):
 
     @abstractmethod
     def log_shift_total(self, edges: Tensor) -> Tensor:
-        """``sum_t s_t * edges[b, t-1]`` for the edge mask ``edges [B, T-1]`` (float): ``[B]``."""
+        """``sum_t s_t * edges[b, t-1]`` for the edge mask ``edges [B, T-1]`` (float; float64 edges give a
+        float64 total, as ``log Z`` is accumulated): ``[B]``."""
 
     @abstractmethod
     def all_positive(self) -> bool:
