@@ -18,9 +18,9 @@ with ``f``, ``g`` residual MLPs.  ``log p(x)`` is exact: the model builds a
 :class:`~latentnlp.transitions.DenseTransition` or
 :class:`~latentnlp.transitions.LowRankTransition` and asks
 :class:`~latentnlp.structures.ChainPosterior` (scaled forward algorithm, log space for the
-rows where it underflows); the low-rank chain never builds a ``K x K`` matrix.  *State dropout* (training only) keeps a
-random subset of the states for each batch, which both regularises and
-shrinks the dynamic program.
+rows where it underflows); the low-rank chain never builds a ``K x K`` matrix.
+*State dropout* (training only) keeps a random subset of the states for each batch, which
+both regularises and shrinks the dynamic program.
 
 On a BPTT stream (``batch["stream"]``) the model carries the last filtering
 distribution ``p(z_{L-1} | x_{<=L-1})`` into the next chunk, whose initial
@@ -191,11 +191,11 @@ class HMMLanguageModel(LatentModel):
         states = self._kept_states()
         params = self.log_parameters(states)
         init = self._initial(params, states, targets.shape[0], stream)
-        chain = ChainPosterior(init, self.transition(params), self._emissions(params, targets), lengths)
+        posterior = ChainPosterior(init, self.transition(params), self._emissions(params, targets), lengths)
         if stream:
-            self._carried_filter = chain.final_filter
+            self._carried_filter = posterior.final_filter
             self._carried_states = states
-        return chain.log_partition
+        return posterior.log_partition
 
     def posterior(self, batch: Batch) -> ChainPosterior:
         """The exact posterior over state sequences ``p(z | x)`` (all ``K`` states, no dropout)."""
