@@ -1,7 +1,9 @@
 """latentnlp: latent-variable models of natural language with exact dynamic programming."""
 
 from .semirings import LogSemiring, MaxSemiring
-from .structures import ChainPosterior
+from .structures import ChainPosterior, cross_entropy
+from .transitions import DenseTransition, LowRankTransition, Transition
 
-__all__ = ["ChainPosterior", "LogSemiring", "MaxSemiring"]
+__all__ = ["ChainPosterior", "DenseTransition", "LogSemiring", "LowRankTransition", "MaxSemiring", "Transition",
+           "cross_entropy"]
 __version__ = "0.1.0"

@@ -10,27 +10,24 @@ A chain of length ``T`` over ``K`` states scores a state sequence
 
 and the kernels here compute ``log Z = log sum_z exp s(z)`` and friends.
 
-Shapes (batch first, :doc:`DESIGN`): ``init [B, K]``, ``emit [B, T, K]``,
-``lengths [B]`` and ``trans`` one of ``[K, K]`` (shared), ``[B, K, K]`` or
-``[B, T-1, K, K]`` where ``trans[:, t-1]`` scores the edge into position
-``t``.  Rows are the previous state, columns the next one.  Callers
-(:class:`latentnlp.structures.ChainPosterior`) validate inputs and zero the
-padding; kernels assume both.
+Shapes (batch first, :doc:`DESIGN`): ``init [B, K]``, ``emit [B, T, K]``, ``lengths [B]`` and
+the transition a :class:`~latentnlp.transitions.Transition` (dense ``[K, K]``, ``[B, K, K]``,
+``[B, T-1, K, K]``, or low rank); the kernels only use its operations, so every algorithm
+below that does not say "dense" runs through a low-rank transition's factors.  Callers
+(:class:`latentnlp.structures.ChainPosterior`) validate inputs and zero the padding; kernels
+assume both.
 
 Algorithms:
 
-* :func:`scaled_log_partition` -- probability space with per-step
-  renormalisation, one BLAS matmul per step; its gradient is the classic
-  backward recursion written by hand (an ``autograd.Function``), so no graph
-  is kept over ``T`` and memory is ``O(B T K)``.
-* :func:`log_space_forward` -- the same recursion in a :mod:`semiring
-  <latentnlp.semirings>` (log or max), autograd through it.
-* :func:`scan_log_partition` -- parallel prefix: a balanced tree of
-  log-space ``K x K`` products, depth ``log T``.
-* :func:`low_rank_log_partition` -- scaled forward for transitions
-  ``P = U V`` of rank ``r``, ``O(T K r)`` per sequence.
-* :func:`viterbi`, :func:`kbest_viterbi`, :func:`forward_filter`,
-  :func:`backward_sample`, :func:`chain_entropy`, :func:`path_score`.
+* :func:`scaled_log_partition` -- probability space with per-step renormalisation, one BLAS
+  call per step (``O(B K^2)``, or ``O(B K r)`` through a rank); its gradient is the classic
+  backward recursion written by hand (an ``autograd.Function``), so no graph is kept over
+  ``T`` and memory is ``O(B T K)``.  Underflow is reported by a flag, never by a NaN.
+* :func:`log_space_forward` -- the same recursion in the log semiring, autograd through it.
+* :func:`scan_log_partition` -- parallel prefix: a balanced tree of log-space ``K x K``
+  products, depth ``log T`` (dense).
+* :func:`viterbi`, :func:`kbest_viterbi` (dense), :func:`forward_filter`,
+  :func:`backward_sample`, :func:`chain_entropy` (dense), :func:`path_score`.
 """
 
 from __future__ import annotations
@@ -38,21 +35,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .gumbel import gumbel_argmax
+from .masks import lengths_to_mask
 from .semirings import LogSemiring, MaxSemiring, finite_max, safe_log
+from .transitions import Transition, TransitionProbabilities, shifted_exp
 
 
-# ----------------------------------------------------------------------------------------------
-# shapes
-# ----------------------------------------------------------------------------------------------
-def transition_at(trans, t: int):
-    """The transition (scores, or probabilities) into position ``t >= 1`` of a shared ``[K, K]``,
-    batched ``[B, K, K]`` or time-varying ``[B, T-1, K, K]`` one: ``[K, K]`` or ``[B, K, K]``."""
+def _dense_at(trans: Tensor, t: int) -> Tensor:
+    """The dense log matrix into position ``t >= 1`` of ``[K, K]``, ``[B, K, K]`` or ``[B, T-1, K, K]``."""
     return trans[:, t - 1] if trans.dim() == 4 else trans
-
-
-def step_mask(lengths: Tensor, num_steps: int) -> Tensor:
-    """``mask[b, t] = t < lengths[b]``: ``[B, T]`` bool."""
-    return torch.arange(num_steps, device=lengths.device) < lengths.unsqueeze(-1)
 
 
 def _vector_times_matrix(vector: Tensor, matrix: Tensor) -> Tensor:
@@ -60,23 +51,6 @@ def _vector_times_matrix(vector: Tensor, matrix: Tensor) -> Tensor:
     if matrix.dim() == 2:
         return vector @ matrix
     return torch.bmm(vector.unsqueeze(1), matrix).squeeze(1)
-
-
-def _exp_shifted(trans: Tensor) -> tuple[Tensor, Tensor]:
-    """``P = exp(trans - s)`` with ``s`` the max of each ``K x K`` matrix (``-inf`` matrices: ``s = 0``).
-
-    Returns ``P`` (same shape as ``trans``) and ``s`` of shape ``trans.shape[:-2]``.
-    """
-    shift = finite_max(trans.flatten(-2), -1).squeeze(-1)
-    return torch.exp(trans - shift[..., None, None]), shift
-
-
-def _edge_shift_total(shift: Tensor, trans_dim: int, mask: Tensor) -> Tensor:
-    """``sum_{1 <= t < L} s_t`` for the transition shifts of :func:`_exp_shifted`: ``[B]``."""
-    edges = mask[:, 1:].to(shift.dtype)
-    if trans_dim == 4:
-        return (shift * edges).sum(-1)
-    return shift * edges.sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,43 +76,20 @@ def underflow_threshold(dtype: torch.dtype) -> float:
     return info.tiny / info.eps
 
 
-def _all_reachable(init: Tensor, probs) -> bool:
-    """True when every state has positive mass at every step (no ``-inf`` in ``init`` or ``P``)."""
-    if not bool(torch.isfinite(init).all()):
-        return False
-    if isinstance(probs, _FactoredProbs):
-        return bool((probs.left > 0).all()) and bool((probs.right > 0).all())
-    return bool((probs > 0).all())
+def _underflowed(scale: Tensor, mask: Tensor) -> Tensor:
+    """``[B]`` bool: some step's normaliser fell below :func:`underflow_threshold` (NaN is not below)."""
+    return ((scale.T < underflow_threshold(scale.dtype)) & mask).any(-1)
 
 
-def _propagate(vector: Tensor, probs, t: int, out: Tensor) -> Tensor:
-    """``out = vector @ P_t`` (one BLAS call; ``out`` is written in place)."""
-    matrix = transition_at(probs, t)
-    if isinstance(matrix, _FactoredProbs):
-        return torch.mm(vector @ matrix.left, matrix.right, out=out)
-    if matrix.dim() == 2:
-        return torch.mm(vector, matrix, out=out)
-    return torch.bmm(vector.unsqueeze(1), matrix, out=out.unsqueeze(1)).squeeze(1)
-
-
-def _propagate_back(vector: Tensor, probs, t: int, out: Tensor) -> Tensor:
-    """``out = P_t @ vector`` (row ``b``: ``P_t[b] @ vector[b]``), written in place."""
-    matrix = transition_at(probs, t)
-    if isinstance(matrix, _FactoredProbs):
-        return torch.mm(vector @ matrix.right.transpose(0, 1), matrix.left.transpose(0, 1), out=out)
-    if matrix.dim() == 2:
-        return torch.mm(vector, matrix.transpose(0, 1), out=out)
-    return torch.bmm(matrix, vector.unsqueeze(-1), out=out.unsqueeze(-1)).squeeze(-1)
-
-
-def _scaled_forward(init: Tensor, probs, emit: Tensor, mask: Tensor):
+def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, mask: Tensor):
     r"""Scaled forward recursion, stored time-major.
 
     ``a_0 = exp(init + emit_0 - m_0)``; ``a_t = (alpha_{t-1} P_t) * e_t``; ``c_t = sum a_t``;
     ``alpha_t = a_t / c_t`` with ``e_t = exp(emit_t - m_t)``.  The shift ``m_t`` is the largest
     emission score of step ``t`` when every state is reachable (computed once for all steps),
     else the largest among the states reachable at ``t`` (see :func:`_reachable_shift`).
-    Padding steps (``t >= L``) keep ``alpha`` and set ``c_t = 1``.
+    Deciding which costs one synchronisation (``init`` finite and ``P > 0``): an algorithm
+    choice, made once per call.  Padding steps (``t >= L``) keep ``alpha`` and set ``c_t = 1``.
     Returns ``alpha [T, B, K]`` (each row a filtering distribution), ``scale [T, B]`` (the
     ``c_t``), ``emit_probs [T, B, K]`` (the ``e_t``) and ``log_shift [B]`` (``sum_{t<L} m_t``),
     so that ``log Z = sum_t log c_t + log_shift + transition shifts``.
@@ -146,7 +97,7 @@ def _scaled_forward(init: Tensor, probs, emit: Tensor, mask: Tensor):
     batch, steps, k = emit.shape
     alpha = emit.new_empty(steps, batch, k)
     scale = emit.new_ones(steps, batch)
-    reachable = _all_reachable(init, probs)
+    reachable = bool(torch.isfinite(init).all()) and probs.all_positive()
     if reachable:
         shift = finite_max(emit, -1)
         emit_probs = torch.exp(emit - shift).transpose(0, 1).contiguous()
@@ -160,12 +111,13 @@ def _scaled_forward(init: Tensor, probs, emit: Tensor, mask: Tensor):
         a, shifts[0] = _reachable_shift(torch.isfinite(init).to(emit.dtype), init + emit[:, 0])
     # per-step views taken once: indexing inside the loop costs more than the small matmuls
     alpha_t, scale_t, emit_probs_t = alpha.unbind(0), scale.unsqueeze(-1).unbind(0), emit_probs.unbind(0)
+    propagate = probs.forward
     torch.sum(a, -1, keepdim=True, out=scale_t[0])
     torch.div(a, scale_t[0], out=alpha_t[0])
     all_valid_until = int(mask.sum(-1).min())  # steps before this need no padding logic
     for t in range(1, steps):
         current, c = alpha_t[t], scale_t[t]
-        _propagate(alpha_t[t - 1], probs, t, out=current)  # reach = alpha_{t-1} P_t
+        propagate(alpha_t[t - 1], t, current)  # reach = alpha_{t-1} P_t
         if reachable:
             current.mul_(emit_probs_t[t])
         else:
@@ -182,7 +134,8 @@ def _scaled_forward(init: Tensor, probs, emit: Tensor, mask: Tensor):
     return alpha, scale, emit_probs, shifts.sum(0)
 
 
-def _scaled_backward(alpha: Tensor, probs, emit_probs: Tensor, scale: Tensor, mask: Tensor):
+def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, emit_probs: Tensor, scale: Tensor,
+                     mask: Tensor):
     r"""Backward recursion of the scaled algorithm (time-major), fused with the gradient.
 
     ``beta_{L-1} = 1``; ``beta_{t-1} = P_t u_t`` with ``u_t = e_t * beta_t / c_t``.  Posterior
@@ -196,10 +149,11 @@ def _scaled_backward(alpha: Tensor, probs, emit_probs: Tensor, scale: Tensor, ma
     beta[steps - 1] = 1.0
     u = torch.zeros_like(alpha)
     beta_t, u_t = beta.unbind(0), u.unbind(0)
+    propagate_back = probs.backward
     all_valid_until = int(mask.sum(-1).min())
     for t in range(steps - 1, 0, -1):
         torch.mul(weights[t], beta_t[t], out=u_t[t])
-        _propagate_back(u_t[t], probs, t, out=beta_t[t - 1])
+        propagate_back(u_t[t], t, beta_t[t - 1])
         if t >= all_valid_until:
             valid = mask[:, t].unsqueeze(-1)
             u_t[t].copy_(torch.where(valid, u_t[t], torch.zeros_like(u_t[t])))
@@ -207,173 +161,92 @@ def _scaled_backward(alpha: Tensor, probs, emit_probs: Tensor, scale: Tensor, ma
     return alpha * beta, u
 
 
-def _flag_underflow(log_z: Tensor, scale: Tensor, mask: Tensor) -> Tensor:
-    """NaN where some step's normaliser fell below :func:`underflow_threshold` (lost precision)."""
-    lost = ((scale.T < underflow_threshold(scale.dtype)) & mask).any(-1)
-    return torch.where(lost, torch.full_like(log_z, float("nan")), log_z)
-
-
 class _ScaledLogPartition(torch.autograd.Function):
-    """``log Z`` by the scaled forward algorithm, gradient by the scaled backward algorithm."""
+    """``log Z`` by the scaled forward algorithm, gradient by the scaled backward algorithm.
+
+    ``apply(init, emit, lengths, transition, *transition.parameters)``: the transition's
+    tensors are passed so that autograd routes their gradients, which the backward asks the
+    transition's probability-space form for (:meth:`TransitionProbabilities.parameter_gradients`).
+    """
 
     @staticmethod
-    def forward(ctx, init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
-        mask = step_mask(lengths, emit.shape[1])
-        probs, trans_shift = _exp_shifted(trans)
+    def forward(ctx, init: Tensor, emit: Tensor, lengths: Tensor, transition: Transition, *parameters: Tensor):
+        mask = lengths_to_mask(lengths, emit.shape[1])
+        probs = transition.probabilities()
         alpha, scale, emit_probs, log_shift = _scaled_forward(init, probs, emit, mask)
         # accumulate in float64: T terms of magnitude |log c| lose precision in float32
         log_z = (torch.log(scale).double().sum(0) + log_shift.double()
-                 + _edge_shift_total(trans_shift.double(), trans.dim(), mask))
-        log_z = _flag_underflow(log_z, scale, mask)
-        ctx.save_for_backward(alpha, scale, emit_probs, probs, mask)
-        ctx.trans_dim = trans.dim()
+                 + probs.log_shift_total(mask[:, 1:].double()))
+        underflowed = _underflowed(scale, mask)
+        ctx.save_for_backward(alpha, scale, emit_probs, mask)
+        ctx.probs = probs
         final_filter = alpha[-1]  # frozen past the length: p(z_{L-1} | x)
-        ctx.mark_non_differentiable(final_filter)
-        return log_z.to(emit.dtype), final_filter
+        ctx.mark_non_differentiable(final_filter, underflowed)
+        return log_z.to(emit.dtype), final_filter, underflowed
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor, _grad_final_filter: Tensor):
-        alpha, scale, emit_probs, probs, mask = ctx.saved_tensors
+    def backward(ctx, grad: Tensor, _grad_final_filter: Tensor, _grad_underflowed: Tensor):
+        alpha, scale, emit_probs, mask = ctx.saved_tensors
+        probs = ctx.probs
         gamma, u = _scaled_backward(alpha, probs, emit_probs, scale, mask)
         g = grad.unsqueeze(-1)  # [B, 1]
         grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
         grad_init = gamma[0] * g
-        weighted_alpha = alpha[:-1] * g  # [T-1, B, K]
-        if ctx.trans_dim == 2:
-            k = alpha.shape[-1]
-            grad_trans = probs * (weighted_alpha.reshape(-1, k).transpose(0, 1) @ u[1:].reshape(-1, k))
-        elif ctx.trans_dim == 3:
-            grad_trans = probs * torch.bmm(weighted_alpha.permute(1, 2, 0), u[1:].transpose(0, 1))
-        else:
-            grad_trans = probs * (weighted_alpha.unsqueeze(-1) * u[1:].unsqueeze(-2)).transpose(0, 1)
-        return grad_init, grad_trans, grad_emit, None
+        grad_parameters = probs.parameter_gradients(alpha[:-1] * g, u[1:])
+        return (grad_init, grad_emit, None, None) + tuple(grad_parameters)
 
 
-def scaled_log_partition(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor,
-                         return_filter: bool = False):
+def scaled_log_partition(init: Tensor, transition: Transition, emit: Tensor,
+                         lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``log Z [B]`` by the scaled forward algorithm (first-order differentiable).
 
-    With ``return_filter`` also the last filtering distribution ``p(z_{L-1} | x) [B, K]``
-    (not differentiable), which is what a stream carries into its next chunk.
-    Returns NaN for chains where a step's surviving mass fell below
+    Returns ``(log_z [B], final_filter [B, K], underflowed [B] bool)``: the last filtering
+    distribution ``p(z_{L-1} | x)`` (not differentiable), which is what a stream carries into
+    its next chunk, and a flag for chains where a step's surviving mass fell below
     :func:`underflow_threshold` (probability space lost precision, or the chain admits no
-    path); :class:`ChainPosterior` then falls back to :func:`log_space_forward`.
+    path), whose ``log_z`` should be recomputed by :func:`log_space_forward`.  A NaN in the
+    inputs gives a NaN ``log_z`` and no flag.
     """
-    log_z, final_filter = _ScaledLogPartition.apply(init, trans, emit, lengths)
-    return (log_z, final_filter) if return_filter else log_z
+    return _ScaledLogPartition.apply(init, emit, lengths, transition, *transition.parameters)
 
 
 # ----------------------------------------------------------------------------------------------
-# low-rank transitions
+# log space
 # ----------------------------------------------------------------------------------------------
-class _LowRankLogPartition(torch.autograd.Function):
-    r"""``log Z`` for a shared transition matrix of rank ``r``: ``P = U V``.
+def log_space_forward(init: Tensor, transition: Transition, emit: Tensor,
+                      lengths: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``log Z [B]`` by the forward recursion in the log semiring, autograd through it (any order).
 
-    ``U = exp(log_left) [K, r]``, ``V = exp(log_right) [r, K]`` (e.g. rows of each a
-    distribution, so ``P`` is row-stochastic).  Each step is ``alpha_{t-1} U V``:
-    ``O(B K r)`` instead of ``O(B K^2)``; gradients
-    ``dU = sum_t alpha_{t-1}^T (u_t V^T)``, ``dV = sum_t (alpha_{t-1} U)^T u_t``.
+    ``a_0 = init + emit_0``; ``a_t = logsumexp_i(a_{t-1}[i] + trans_t[i, :]) + emit_t``; result
+    ``logsumexp_k a_{L-1}[k]``.  Each step is the transition's
+    :meth:`~latentnlp.transitions.Transition.log_propagator` (through the factors of a low-rank
+    one).  Also returns the last filtering distribution ``p(z_{L-1} | x) [B, K]`` (detached),
+    as :func:`scaled_log_partition` does.
     """
-
-    @staticmethod
-    def forward(ctx, init, log_left, log_right, emit, lengths):
-        mask = step_mask(lengths, emit.shape[1])
-        left, left_shift = _exp_shifted(log_left)
-        right, right_shift = _exp_shifted(log_right)
-        factored = _FactoredProbs(left, right)
-        alpha, scale, emit_probs, log_shift = _scaled_forward(init, factored, emit, mask)
-        log_z = (torch.log(scale).double().sum(0) + log_shift.double()
-                 + (mask[:, 1:].sum(-1) * (left_shift + right_shift)).double())
-        log_z = _flag_underflow(log_z, scale, mask)
-        ctx.save_for_backward(alpha, scale, emit_probs, left, right, mask)
-        final_filter = alpha[-1]
-        ctx.mark_non_differentiable(final_filter)
-        return log_z.to(emit.dtype), final_filter
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad, _grad_final_filter):
-        alpha, scale, emit_probs, left, right, mask = ctx.saved_tensors
-        gamma, u = _scaled_backward(alpha, _FactoredProbs(left, right), emit_probs, scale, mask)
-        g = grad.unsqueeze(-1)
-        k, rank = left.shape
-        weighted_alpha = (alpha[:-1] * g).reshape(-1, k)
-        u_next = u[1:].reshape(-1, k)
-        grad_left = left * (weighted_alpha.transpose(0, 1) @ (u_next @ right.transpose(0, 1)))
-        grad_right = right * ((weighted_alpha @ left).transpose(0, 1) @ u_next)
-        grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
-        return gamma[0] * g, grad_left, grad_right, grad_emit, None
-
-
-class _FactoredProbs:
-    """A shared ``K x K`` probability-space matrix held as the product ``U V`` of its factors."""
-
-    def __init__(self, left: Tensor, right: Tensor):
-        self.left, self.right = left, right
-
-    def dim(self) -> int:
-        return 2
-
-
-def low_rank_log_partition(init: Tensor, log_left: Tensor, log_right: Tensor, emit: Tensor,
-                           lengths: Tensor, return_filter: bool = False):
-    """``log Z [B]`` of a chain whose transition matrix is ``exp(log_left) @ exp(log_right)``.
-
-    ``init [B, K]``, ``log_left [K, r]``, ``log_right [r, K]``, ``emit [B, T, K]``,
-    ``lengths [B]``.  Memory and time ``O(B T (K + r))`` and ``O(B T K r)``.
-    ``return_filter`` as in :func:`scaled_log_partition`.
-    """
-    log_z, final_filter = _LowRankLogPartition.apply(init, log_left, log_right, emit, lengths)
-    return (log_z, final_filter) if return_filter else log_z
-
-
-# ----------------------------------------------------------------------------------------------
-# log space and semiring forward
-# ----------------------------------------------------------------------------------------------
-def log_space_forward(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor,
-                      semiring=LogSemiring, return_filter: bool = False):
-    r"""``plus_z s(z)`` in a semiring by the forward recursion, autograd through it.
-
-    ``a_0 = init + emit_0``; ``a_t = (a_{t-1} (x) trans_t) + emit_t``; result
-    ``plus_k a_{L-1}[k]``: the log partition (:class:`LogSemiring`) or the Viterbi
-    score (:class:`MaxSemiring`).  For the log semiring the shared transition's
-    ``exp`` is taken once, outside the loop.  With ``return_filter`` (log semiring) also the
-    last filtering distribution ``p(z_{L-1} | x) [B, K]`` (detached), as
-    :func:`scaled_log_partition` gives it.
-    """
-    mask = step_mask(lengths, emit.shape[1])
+    mask = lengths_to_mask(lengths, emit.shape[1])
+    step = transition.log_propagator()
     a = init + emit[:, 0]
-    shared_probs = None
-    if semiring is LogSemiring and trans.dim() == 2:
-        trans_shift = finite_max(trans, -2)
-        shared_probs = torch.exp(trans - trans_shift)
     for t in range(1, emit.shape[1]):
-        if shared_probs is not None:
-            a_shift = finite_max(a, -1)
-            step = safe_log(torch.exp(a - a_shift) @ shared_probs) + a_shift + trans_shift
-        else:
-            step = semiring.matmul(a.unsqueeze(-2), transition_at(trans, t)).squeeze(-2)
-        a = torch.where(mask[:, t].unsqueeze(-1), step + emit[:, t], a)
-    total = semiring.plus(a, -1)
-    if return_filter:
-        return total, torch.exp(a.detach() - total.detach().unsqueeze(-1))
-    return total
+        a = torch.where(mask[:, t].unsqueeze(-1), step(a, t) + emit[:, t], a)
+    total = LogSemiring.plus(a, -1)
+    return total, torch.exp(a.detach() - total.detach().unsqueeze(-1))
 
 
-def scan_log_partition(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
-    r"""``log Z [B]`` by a parallel prefix (tree) product of transfer matrices.
+def scan_log_partition(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor) -> Tensor:
+    r"""``log Z [B]`` by a parallel prefix (tree) product of transfer matrices (dense).
 
     ``M_t[i, j] = trans_t[i, j] + emit_t[j]`` for ``1 <= t < L`` (the log-space identity
     past the length); ``log Z = logsumexp_{i,j} (init_i + emit_0[i] + (M_1 ... M_{T-1})[i, j])``
     with the product taken pairwise in ``ceil(log2 T)`` rounds of batched log-matmuls.
-    Work ``O(T K^3)``, depth ``O(log T)``: for long chains with few states.
+    Work ``O(T K^3)``, depth ``O(log T)``, memory ``O(B T K^2)``: for long chains with few states.
     """
     batch, steps, k = emit.shape
     start = init + emit[:, 0]
     if steps == 1:
         return torch.logsumexp(start, -1)
-    mask = step_mask(lengths, steps)[:, 1:]
+    trans = transition.dense()
+    mask = lengths_to_mask(lengths, steps)[:, 1:]
     if trans.dim() == 4:
         trans_all = trans
     else:
@@ -392,18 +265,21 @@ def scan_log_partition(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tenso
 # Viterbi and k-best
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def viterbi(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
+def viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor) -> Tensor:
     r"""The highest-scoring path ``argmax_z s(z)``: ``[B, T]`` long, padding filled with 0.
 
     Max-plus forward ``a_t[j] = max_i (a_{t-1}[i] + trans_t[i, j]) + emit_t[j]`` with
     back-pointers ``bp_t[j] = argmax_i``, then backtracking from ``argmax_j a_{L-1}[j]``.
+    Dense: a max over a sum of factors has no factored form, so a low-rank transition is
+    densified (:meth:`~latentnlp.transitions.Transition.dense`).
     """
+    trans = transition.dense()
     batch, steps, _ = emit.shape
-    mask = step_mask(lengths, steps)
+    mask = lengths_to_mask(lengths, steps)
     a = init + emit[:, 0]
     pointers = []
     for t in range(1, steps):
-        best, pointer = MaxSemiring.matmul_with_argmax(a.unsqueeze(-2), transition_at(trans, t))
+        best, pointer = MaxSemiring.matmul_with_argmax(a.unsqueeze(-2), _dense_at(trans, t))
         a = torch.where(mask[:, t].unsqueeze(-1), best.squeeze(-2) + emit[:, t], a)
         pointers.append(pointer.squeeze(-2))
     path = torch.zeros(batch, steps, dtype=torch.long, device=emit.device)
@@ -417,21 +293,22 @@ def viterbi(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tenso
 
 
 @torch.no_grad()
-def kbest_viterbi(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def kbest_viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor,
+                  k: int) -> tuple[Tensor, Tensor]:
     r"""The ``k`` highest-scoring paths: ``(paths [k, B, T], scores [k, B])``, best first.
 
     Each state keeps its ``k`` best partial paths: ``a_t[j, r]`` = the ``r``-th best of
     ``a_{t-1}[i, r'] + trans_t[i, j]`` over ``(i, r')``, plus ``emit_t[j]``.  If fewer than
-    ``k`` paths exist the extra scores are ``-inf``.
+    ``k`` paths exist the extra scores are ``-inf``.  Dense, as :func:`viterbi`.
     """
+    trans = transition.dense()
     batch, steps, num_states = emit.shape
-    mask = step_mask(lengths, steps)
+    mask = lengths_to_mask(lengths, steps)
     a = torch.full((batch, num_states, k), float("-inf"), dtype=emit.dtype, device=emit.device)
     a[:, :, 0] = init + emit[:, 0]
     pointers = []
     for t in range(1, steps):
-        trans_t = transition_at(trans, t)
-        candidates = a.unsqueeze(-1) + trans_t.unsqueeze(-2)  # [B, K_prev, k, K_next]
+        candidates = a.unsqueeze(-1) + _dense_at(trans, t).unsqueeze(-2)  # [B, K_prev, k, K_next]
         best, pointer = candidates.reshape(batch, num_states * k, num_states).topk(k, dim=1)
         step = best.transpose(1, 2) + emit[:, t].unsqueeze(-1)
         a = torch.where(mask[:, t, None, None], step, a)
@@ -453,54 +330,46 @@ def kbest_viterbi(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor, k:
 # filtering and forward-filter backward-sample
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def forward_filter(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
+def forward_filter(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor) -> Tensor:
     r"""Log filtering distributions ``log p(z_t | x_{0..t})``: ``[B, T, K]`` (frozen past the length).
 
-    Scaled recursion; steps whose scaling underflows are redone in log space.
+    Scaled recursion; if some chain's scaling underflows, the batch is redone in log space
+    (the transition's log propagation, through the factors of a low-rank one).
     """
-    mask = step_mask(lengths, emit.shape[1])
-    probs, _ = _exp_shifted(trans)
-    alpha, scale, _, _ = _scaled_forward(init, probs, emit, mask)
-    if torch.isfinite(alpha).all() and not ((scale.T < underflow_threshold(scale.dtype)) & mask).any():
+    mask = lengths_to_mask(lengths, emit.shape[1])
+    alpha, scale, _, _ = _scaled_forward(init, transition.probabilities(), emit, mask)
+    if torch.isfinite(alpha).all() and not _underflowed(scale, mask).any():
         return safe_log(alpha.transpose(0, 1))
+    step = transition.log_propagator()
     log_alpha = torch.empty_like(emit)
     a = init + emit[:, 0]
     log_alpha[:, 0] = a - torch.logsumexp(a, -1, keepdim=True)
     for t in range(1, emit.shape[1]):
-        step = LogSemiring.matmul(log_alpha[:, t - 1].unsqueeze(-2), transition_at(trans, t)).squeeze(-2)
-        step = step + emit[:, t]
-        step = step - torch.logsumexp(step, -1, keepdim=True)
-        log_alpha[:, t] = torch.where(mask[:, t].unsqueeze(-1), step, log_alpha[:, t - 1])
+        a = step(log_alpha[:, t - 1], t) + emit[:, t]
+        a = a - torch.logsumexp(a, -1, keepdim=True)
+        log_alpha[:, t] = torch.where(mask[:, t].unsqueeze(-1), a, log_alpha[:, t - 1])
     return log_alpha
 
 
-def _gumbel_argmax(logits: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One draw from ``Categorical(logits=logits)`` per row by the Gumbel-max trick."""
-    uniform = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device, generator=generator)
-    tiny = torch.finfo(logits.dtype).tiny
-    return (logits - torch.log(-torch.log(uniform.clamp(tiny, 1.0 - 1e-7)))).argmax(-1)
-
-
 @torch.no_grad()
-def backward_sample(log_filter: Tensor, trans: Tensor, lengths: Tensor, num_samples: int,
+def backward_sample(log_filter: Tensor, transition: Transition, lengths: Tensor, num_samples: int,
                     generator: torch.Generator | None = None) -> Tensor:
     r"""Exact posterior samples by backward sampling: ``[S, B, T]`` long, padding 0.
 
     ``z_{L-1} ~ p(z_{L-1} | x)`` (the last filtering distribution) and
-    ``p(z_{t-1} = i | z_t = j, x) \propto alpha_{t-1}(i) exp(trans_t[i, j])``.
+    ``p(z_{t-1} = i | z_t = j, x) \propto alpha_{t-1}(i) exp(trans_t[i, j])``
+    (:meth:`~latentnlp.transitions.Transition.sample_previous`; through the rank for a
+    low-rank transition, ``O(S B (K + r))`` a step).
     """
     batch, steps, k = log_filter.shape
-    mask = step_mask(lengths, steps)
-    rows = torch.arange(batch, device=log_filter.device)
+    mask = lengths_to_mask(lengths, steps)
     path = torch.zeros(num_samples, batch, steps, dtype=torch.long, device=log_filter.device)
     last = log_filter.gather(1, (lengths - 1).view(batch, 1, 1).expand(batch, 1, k)).squeeze(1)
-    current = _gumbel_argmax(last.expand(num_samples, batch, k), generator)
+    current = gumbel_argmax(last.expand(num_samples, batch, k), generator)
     for t in range(steps - 1, 0, -1):
         valid = mask[:, t]
         path[:, :, t] = torch.where(valid, current, torch.zeros_like(current))
-        into = transition_at(trans, t).transpose(-1, -2)  # [(B,) K_next, K_prev]
-        columns = into[current] if into.dim() == 2 else into[rows, current]  # [S, B, K_prev]
-        previous = _gumbel_argmax(log_filter[:, t - 1] + columns, generator)
+        previous = transition.sample_previous(log_filter[:, t - 1], current, t, generator)
         current = torch.where(valid, previous, current)
     path[:, :, 0] = current
     return path
@@ -509,7 +378,7 @@ def backward_sample(log_filter: Tensor, trans: Tensor, lengths: Tensor, num_samp
 # ----------------------------------------------------------------------------------------------
 # entropy and path scores
 # ----------------------------------------------------------------------------------------------
-def chain_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
+def chain_entropy(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor) -> Tensor:
     r"""Entropy of the chain distribution ``p(z) = exp(s(z) - log Z)``: ``[B]``, differentiable.
 
     Uses the backward factorisation ``p(z) = p(z_{L-1}) prod_t p(z_{t-1} | z_t, x_{<t})`` with
@@ -520,16 +389,18 @@ def chain_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) ->
 
     and ``H = sum_j alpha_{L-1}(j) (H_{L-1}(j) - log alpha_{L-1}(j))``: two matmuls a step.
     (The formula is invariant to rescaling ``P_t``, so shifted exponentials are used.)
+    Dense: ``P log P`` of a low-rank ``P`` does not factor, so a low-rank transition is
+    densified (``O(K^2)`` memory, ``O(B K^2)`` a step).
     """
-    mask = step_mask(lengths, emit.shape[1])
-    probs, _ = _exp_shifted(trans)
+    mask = lengths_to_mask(lengths, emit.shape[1])
+    probs, _ = shifted_exp(transition.dense(), 2)
     log_probs = safe_log(probs)
     probs_log_probs = probs * torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))
     a, _ = _reachable_shift(torch.isfinite(init).to(emit.dtype), init + emit[:, 0])
     alpha = a / a.sum(-1, keepdim=True)
     entropy_to = torch.zeros_like(alpha)
     for t in range(1, emit.shape[1]):
-        probs_t, plogp_t = transition_at(probs, t), transition_at(probs_log_probs, t)
+        probs_t, plogp_t = _dense_at(probs, t), _dense_at(probs_log_probs, t)
         log_alpha = safe_log(alpha)
         finite_log_alpha = torch.where(alpha > 0, log_alpha, torch.zeros_like(log_alpha))
         reach = _vector_times_matrix(alpha, probs_t)  # c'_t [B, K]
@@ -550,24 +421,19 @@ def chain_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) ->
     return (alpha * (entropy_to - finite_log_alpha)).sum(-1)
 
 
-def path_score(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor, path: Tensor) -> Tensor:
-    r"""``s(z)`` for paths ``z [*, B, T]`` (entries past the length ignored): ``[*, B]``."""
+def path_score(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor, path: Tensor) -> Tensor:
+    r"""``s(z)`` for paths ``z [*, B, T]`` (entries past the length ignored): ``[*, B]``.
+
+    The edge scores are the transition's :meth:`~latentnlp.transitions.Transition.edge_scores`
+    of the path's pairs only (``O(T r)`` for a low-rank transition, never ``K x K``).
+    """
     batch, steps, k = emit.shape
-    mask = step_mask(lengths, steps)
+    mask = lengths_to_mask(lengths, steps)
     z = torch.where(mask, path, torch.zeros_like(path))
     lead = z.shape[:-2]
     score = init.expand(*lead, batch, k).gather(-1, z[..., :1]).squeeze(-1)
     score = score + (emit.expand(*lead, batch, steps, k).gather(-1, z.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
     if steps > 1:
-        previous, following = z[..., :-1], z[..., 1:]
-        if trans.dim() == 2:
-            edge = trans[previous, following]
-        elif trans.dim() == 3:
-            rows = torch.arange(batch, device=emit.device).view(batch, 1)
-            edge = trans[rows, previous, following]
-        else:
-            rows = torch.arange(batch, device=emit.device).view(batch, 1)
-            times = torch.arange(steps - 1, device=emit.device).view(1, steps - 1)
-            edge = trans[rows, times, previous, following]
+        edge = transition.edge_scores(z[..., :-1], z[..., 1:])
         score = score + torch.where(mask[:, 1:], edge, torch.zeros_like(edge)).sum(-1)
     return score

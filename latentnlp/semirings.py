@@ -1,15 +1,19 @@
-"""The semirings the chain kernels need, as small stateless objects.
+"""The semirings of the chain kernels, and the safe log-space reductions they are built from.
 
 A semiring supplies ``plus`` (a reduction over a dimension) and ``matmul``
-(``C_ij = plus_k A_ik (x) B_kj``).  The dynamic program in
-:mod:`latentnlp.chain` is written once against this interface and run in
+(``C_ij = plus_k A_ik (x) B_kj``):
 
-- :class:`LogSemiring` (``plus = logsumexp``, ``times = +``): log partition;
-- :class:`MaxSemiring` (``plus = max``, ``times = +``): Viterbi scores.
+- :class:`LogSemiring` (``plus = logsumexp``, ``times = +``): the log-space propagation of
+  every transition (:meth:`latentnlp.transitions.Transition.log_propagator`, hence the
+  log-space forward, the log-space filter and a stream's carried belief), the parallel-prefix
+  products of :func:`latentnlp.chain.scan_log_partition`, low-rank densification and
+  backward sampling through a rank;
+- :class:`MaxSemiring` (``plus = max``, ``times = +``): the Viterbi recursion (its product with
+  the maximising index, for the back-pointers).
 
-The probability-space ("scaled") kernel and the entropy recursion do not go
-through a semiring object: they are plain matrix products with per-step
-renormalisation, written out in :mod:`latentnlp.chain`.
+The probability-space ("scaled") kernel and the entropy recursion do not go through a
+semiring object: they are plain matrix products with per-step renormalisation, written out
+in :mod:`latentnlp.chain` and :mod:`latentnlp.transitions`.
 """
 
 from __future__ import annotations
@@ -19,10 +23,9 @@ from torch import Tensor
 
 
 def safe_log(x: Tensor) -> Tensor:
-    """``log x`` with ``log 0 = -inf`` and a zero (not NaN) gradient where ``x = 0``."""
-    positive = x > 0
-    return torch.where(positive, torch.log(torch.where(positive, x, torch.ones_like(x))),
-                       torch.full_like(x, float("-inf")))
+    """``log x`` with ``log 0 = -inf`` and a zero (not NaN) gradient where ``x = 0``; NaN stays NaN."""
+    zero = x == 0
+    return torch.where(zero, torch.full_like(x, float("-inf")), torch.log(torch.where(zero, torch.ones_like(x), x)))
 
 
 def logsumexp(x: Tensor, dim: int) -> Tensor:
@@ -41,9 +44,6 @@ def finite_max(x: Tensor, dim: int) -> Tensor:
 class LogSemiring:
     """``(logsumexp, +)``: sums over paths of exponentiated scores, in log space."""
 
-    zero = float("-inf")
-    one = 0.0
-
     @staticmethod
     def plus(x: Tensor, dim: int) -> Tensor:
         return torch.logsumexp(x, dim)
@@ -56,28 +56,27 @@ class LogSemiring:
         shifted by their max and columns of ``b`` by theirs, so the product is
         one BLAS call on numbers in ``[0, 1]``; memory is that of the operands.
         """
-        a_shift = finite_max(a, -1)
+        return LogSemiring.matmul_exponentiated(a, *LogSemiring.exponentiate(b))
+
+    @staticmethod
+    def exponentiate(b: Tensor) -> tuple[Tensor, Tensor]:
+        """The right operand of :meth:`matmul` in probability space: ``(exp(b - s), s)`` with ``s``
+        the max of each column (``[..., 1, N]``).  A matrix used by many products is exponentiated once."""
         b_shift = finite_max(b, -2)
-        product = torch.matmul(torch.exp(a - a_shift), torch.exp(b - b_shift))
-        return safe_log(product) + a_shift + b_shift
+        return torch.exp(b - b_shift), b_shift
+
+    @staticmethod
+    def matmul_exponentiated(a: Tensor, b_probs: Tensor, b_shift: Tensor) -> Tensor:
+        """:meth:`matmul` of ``a`` and the matrix ``b`` given as :meth:`exponentiate` returns it."""
+        a_shift = finite_max(a, -1)
+        return safe_log(torch.matmul(torch.exp(a - a_shift), b_probs)) + a_shift + b_shift
 
 
 class MaxSemiring:
     """``(max, +)``: the best path score (Viterbi)."""
 
-    zero = float("-inf")
-    one = 0.0
-
-    @staticmethod
-    def plus(x: Tensor, dim: int) -> Tensor:
-        return x.amax(dim)
-
-    @staticmethod
-    def matmul(a: Tensor, b: Tensor) -> Tensor:
-        """``C_ij = max_k a_ik + b_kj``; ``a [..., M, K]``, ``b [..., K, N]`` -> ``[..., M, N]``."""
-        return (a.unsqueeze(-1) + b.unsqueeze(-3)).amax(-2)
-
     @staticmethod
     def matmul_with_argmax(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        """Like :meth:`matmul`, also returning the maximising ``k`` for each ``(i, j)``."""
+        """``C_ij = max_k a_ik + b_kj`` and the maximising ``k``: ``a [..., M, K]``, ``b [..., K, N]``
+        -> two ``[..., M, N]`` tensors (values, long indices)."""
         return (a.unsqueeze(-1) + b.unsqueeze(-3)).max(-2)

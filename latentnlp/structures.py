@@ -20,6 +20,13 @@ the posterior ``p(z | x)``::
 For a linear-chain CRF the same class takes arbitrary scores, e.g.
 ``emit = features @ weights`` and ``trans`` a learned ``[K, K]`` matrix, and
 ``-posterior.log_prob(tags)`` is the CRF's negative log-likelihood.
+
+``trans`` is a tensor or a :class:`~latentnlp.transitions.Transition`, e.g. a
+:class:`~latentnlp.transitions.LowRankTransition` ``P = exp(log_left) @ exp(log_right)``:
+every member then runs through the factors, except those whose docstring says it densifies.
+
+Between two chains over the same states and lengths, :func:`cross_entropy` and the KL
+divergence (``torch.distributions.kl_divergence(p, q)``) are exact, by dynamic programming.
 """
 
 from __future__ import annotations
@@ -27,10 +34,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.distributions import Distribution, constraints
+from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
 from . import chain
-from .semirings import LogSemiring
+from .masks import lengths_to_mask
+from .precision import computation_dtype
+from .transitions import DenseTransition, Transition
+from .validation import is_validating
+
+__all__ = ["ChainPosterior", "cross_entropy"]
 
 METHODS = ("auto", "scaled", "log", "scan")
 
@@ -44,32 +57,42 @@ class ChainPosterior(Distribution):
 
     Args:
         init: ``[K]`` or ``[B, K]``, ``init[..., k]`` = score of ``z_0 = k``.
-        trans: ``[K, K]``, ``[B, K, K]`` or ``[B, T-1, K, K]``; ``trans[..., i, j]`` is the
-            score of ``z_{t-1} = i -> z_t = j`` (row = from, column = to); in the time-varying
-            form ``trans[:, t-1]`` scores the edge into position ``t``.
+        trans: a :class:`~latentnlp.transitions.Transition`, or a tensor ``[K, K]``,
+            ``[B, K, K]`` or ``[B, T-1, K, K]`` (wrapped in a
+            :class:`~latentnlp.transitions.DenseTransition`); ``trans[..., i, j]`` is the score
+            of ``z_{t-1} = i -> z_t = j`` (row = from, column = to); in the time-varying form
+            ``trans[:, t-1]`` scores the edge into position ``t``.
         emit: ``[B, T, K]``, score of observation ``t`` under state ``k``.
         lengths: ``[B]`` long in ``1..T`` (default: all ``T``).  Positions at or past a length
             never change a value or a gradient.
         method: ``"scaled"`` (probability space, hand-written backward; first-order
-            gradients only), ``"log"`` (log space, autograd; any order), ``"scan"``
-            (parallel prefix, for long chains with few states) or ``"auto"`` (scaled, falling
-            back to log space if scaling underflows).
+            gradients only; rows where scaling underflowed keep the probability-space value),
+            ``"log"`` (log space, autograd; any order), ``"scan"`` (parallel prefix, for long
+            chains with few states; dense) or ``"auto"`` (scaled, with the rows the scaled
+            kernel flags as underflowed redone in log space).
+        validate_args: torch's switch (``None``: the global default,
+            :func:`latentnlp.validation.is_validating`).  When validating, the checks that
+            synchronise with the device run: lengths in ``1..T``, no NaN or ``+inf`` score,
+            states of :meth:`log_prob`'s paths in range.  Shape checks always run.
 
-    Scores may be ``-inf`` (structural zeros); NaN and ``+inf`` are rejected.  Half precision
-    is computed in float32.  Everything is in log space except :attr:`marginals`.
+    Scores may be ``-inf`` (structural zeros); NaN and ``+inf`` are rejected when validating
+    (unvalidated, a NaN propagates into the results).  Half precision is computed in float32.
+    Everything is in log space except :attr:`marginals`, :attr:`edge_marginals` and
+    :attr:`final_filter`.  The scaled kernel itself synchronises once a call, to choose its
+    shift (every state reachable or not), and ``"auto"`` once more, to find underflowed rows.
     """
 
     arg_constraints: dict = {}
     has_rsample = False
 
-    def __init__(self, init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor | None = None,
+    def __init__(self, init: Tensor, trans: Tensor | Transition, emit: Tensor, lengths: Tensor | None = None,
                  method: str = "auto", validate_args: bool | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
-        init, trans, emit, lengths = self._canonical(init, trans, emit, lengths)
-        self.init, self.trans, self.emit, self.lengths = init, trans, emit, lengths
-        batch, steps, _ = emit.shape
+        validating = is_validating(validate_args)
+        self.init, self.transition, self.emit, self.lengths = self._canonical(init, trans, emit, lengths, validating)
+        batch, steps, _ = self.emit.shape
         super().__init__(batch_shape=torch.Size([batch]), event_shape=torch.Size([steps]),
                          validate_args=validate_args)
         if self._validate_args:
@@ -77,11 +100,12 @@ class ChainPosterior(Distribution):
 
     # ---- input handling ---------------------------------------------------------------------
     @staticmethod
-    def _canonical(init, trans, emit, lengths):
-        for name, x in (("init", init), ("trans", trans), ("emit", emit)):
+    def _canonical(init, trans, emit, lengths, validating: bool):
+        for name, x in (("init", init), ("emit", emit)):
             if not isinstance(x, Tensor) or not x.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor, got {type(x).__name__}"
                                  + (f" of dtype {x.dtype}" if isinstance(x, Tensor) else ""))
+        transition = trans if isinstance(trans, Transition) else DenseTransition(trans)
         if emit.dim() != 3:
             raise ValueError(f"emit must have shape [B, T, K], got {_describe(emit)}")
         batch, steps, k = emit.shape
@@ -90,43 +114,40 @@ class ChainPosterior(Distribution):
         if init.dim() not in (1, 2) or init.shape[-1] != k or (init.dim() == 2 and init.shape[0] != batch):
             raise ValueError(f"init must have shape [K] or [B, K] = [{k}] or [{batch}, {k}] to match emit "
                              f"{_describe(emit)}, got {_describe(init)}")
-        expected = {2: (k, k), 3: (batch, k, k), 4: (batch, steps - 1, k, k)}
-        if trans.dim() not in expected or tuple(trans.shape) != expected[trans.dim()]:
-            raise ValueError(f"trans must have shape [K, K], [B, K, K] or [B, T-1, K, K] with B={batch}, "
-                             f"T={steps}, K={k} (from emit {_describe(emit)}), got {_describe(trans)}")
+        transition.check_shape(batch, steps, k)
         if lengths is None:
             lengths = torch.full((batch,), steps, dtype=torch.long, device=emit.device)
         if not isinstance(lengths, Tensor) or lengths.shape != (batch,) or lengths.is_floating_point():
             raise ValueError(f"lengths must be an integer tensor of shape [B] = [{batch}], got "
                              + (_describe(lengths) if isinstance(lengths, Tensor) else type(lengths).__name__))
         lengths = lengths.to(device=emit.device, dtype=torch.long)
-        if batch and (lengths.min() < 1 or lengths.max() > steps):
-            raise ValueError(f"lengths must lie in 1..T = 1..{steps}, got values from {int(lengths.min())} "
-                             f"to {int(lengths.max())}")
-        dtype = torch.promote_types(torch.promote_types(init.dtype, trans.dtype), emit.dtype)
-        if dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
-        init, trans, emit = init.to(dtype), trans.to(dtype), emit.to(dtype)
+        full = False
+        if validating and batch:
+            low, high = torch.stack([lengths.min(), lengths.max()]).tolist()
+            if low < 1 or high > steps:
+                raise ValueError(f"lengths must lie in 1..T = 1..{steps}, got values from {low} to {high}")
+            full = low == steps
+        dtype = computation_dtype(init.dtype, transition.dtype, emit.dtype)
+        init, transition, emit = init.to(dtype), transition.to(dtype), emit.to(dtype)
         if init.dim() == 1:
             init = init.expand(batch, k)
-        if batch and int(lengths.min()) == steps:
-            return init, trans, emit, lengths
+        if full or not batch:
+            return init, transition, emit, lengths
         # padding never reaches the kernels: zero it (this also zeroes its gradient)
-        mask = chain.step_mask(lengths, steps)
+        mask = lengths_to_mask(lengths, steps)
         emit = torch.where(mask.unsqueeze(-1), emit, torch.zeros((), dtype=dtype, device=emit.device))
-        if trans.dim() == 4:
-            trans = torch.where(mask[:, 1:, None, None], trans, torch.zeros((), dtype=dtype, device=emit.device))
-        return init, trans, emit, lengths
+        return init, transition.without_padding(mask[:, 1:]), emit, lengths
 
     def _check_finite(self) -> None:
-        for name, x in (("init", self.init), ("trans", self.trans), ("emit", self.emit)):
-            bad = torch.isnan(x) | (x == float("inf"))
-            if bad.any():
+        for name, x in (("init", self.init), ("emit", self.emit)):
+            if not bool((x < float("inf")).all()):  # one pass: False for NaN and +inf
+                bad = ~(x < float("inf"))
                 raise ValueError(f"{name} ({_describe(x)}) contains NaN or +inf at "
                                  f"{int(bad.sum())} positions; scores must be finite or -inf")
+        self.transition.check_finite()
 
     @classmethod
-    def from_edges(cls, edges: Tensor, lengths: Tensor | None = None, **kwargs) -> "ChainPosterior":
+    def from_edges(cls, edges: Tensor, lengths: Tensor | None = None, **kwargs) -> ChainPosterior:
         r"""A chain from torch-struct ``LinearChainCRF`` edge potentials.
 
         ``edges [B, N-1, C, C]`` with torch-struct's index convention
@@ -136,7 +157,7 @@ class ChainPosterior(Distribution):
         (row = from, column = to).
         """
         if not isinstance(edges, Tensor) or edges.dim() != 4 or edges.shape[-1] != edges.shape[-2]:
-            raise ValueError(f"edges must have shape [B, N-1, C, C], got "
+            raise ValueError("edges must have shape [B, N-1, C, C], got "
                              + (_describe(edges) if isinstance(edges, Tensor) else type(edges).__name__))
         batch, num_edges, k, _ = edges.shape
         zeros = edges.new_zeros(batch, num_edges + 1, k)
@@ -144,76 +165,135 @@ class ChainPosterior(Distribution):
         return cls(edges.new_zeros(batch, k), edges.transpose(-1, -2).clone(), zeros, lengths, **kwargs)
 
     # ---- sums -------------------------------------------------------------------------------
-    def _log_partition_of(self, init, trans, emit) -> Tensor:
-        method = self.method
+    def _forward(self, init: Tensor, transition: Transition, emit: Tensor, method: str | None = None):
+        """``(log Z [B], final filter [B, K] or None)`` by ``method`` (default :attr:`method`)."""
+        method = method or self.method
         if method == "log":
-            return chain.log_space_forward(init, trans, emit, self.lengths, LogSemiring)
+            return chain.log_space_forward(init, transition, emit, self.lengths)
         if method == "scan":
-            return chain.scan_log_partition(init, trans, emit, self.lengths)
-        log_z = chain.scaled_log_partition(init, trans, emit, self.lengths)
-        if method == "auto" and not torch.isfinite(log_z).all():
-            # scaling underflowed (or some chains admit no path): redo in log space
-            return chain.log_space_forward(init, trans, emit, self.lengths, LogSemiring)
-        return log_z
+            return chain.scan_log_partition(init, transition, emit, self.lengths), None
+        log_z, final_filter, underflowed = chain.scaled_log_partition(init, transition, emit, self.lengths)
+        if method == "auto" and bool(underflowed.any()):
+            return self._redo_underflowed(init, transition, emit, log_z, final_filter, underflowed)
+        return log_z, final_filter
+
+    def _redo_underflowed(self, init, transition, emit, log_z, final_filter, underflowed):
+        """``log Z`` with the flagged rows recomputed in log space.  When gradients are needed the
+        other rows are recomputed by the scaled kernel alone, so that no gradient passes through the
+        flagged rows' probability-space pass (whose lost precision may hold ``0 * inf``)."""
+        flagged = underflowed.nonzero().squeeze(-1)
+        redone, redone_filter = chain.log_space_forward(init[flagged], transition.select_rows(flagged),
+                                                        emit[flagged], self.lengths[flagged])
+        if log_z.requires_grad:
+            kept = (~underflowed).nonzero().squeeze(-1)
+            log_z = log_z.detach()
+            if kept.numel():
+                kept_log_z, _, _ = chain.scaled_log_partition(init[kept], transition.select_rows(kept), emit[kept],
+                                                              self.lengths[kept])
+                log_z = log_z.index_put((kept,), kept_log_z)
+        log_z = log_z.index_put((flagged,), redone)
+        return log_z, final_filter.index_put((flagged,), redone_filter)
+
+    @lazy_property
+    def _forward_result(self):
+        return self._forward(self.init, self.transition, self.emit)
 
     @lazy_property
     def log_partition(self) -> Tensor:
-        """``log sum_z exp s(z)`` (``= log p(x)`` for an HMM): ``[B]``."""
-        return self._log_partition_of(self.init, self.trans, self.emit)
+        """``log sum_z exp s(z)`` (``= log p(x)`` for an HMM): ``[B]``.  Through the factors of a
+        low-rank transition (``"scan"`` densifies)."""
+        return self._forward_result[0]
 
-    def _gradients_of_log_partition(self, wrt_trans: Tensor | None = None):
-        """Gradients of ``sum_b log Z_b`` w.r.t. ``emit`` (and ``wrt_trans`` if given)."""
-        differentiable = torch.is_grad_enabled() and any(
-            x.requires_grad for x in (self.init, self.trans, self.emit))
-        emit = self.emit if differentiable and self.emit.requires_grad else self.emit.detach().requires_grad_()
-        init = self.init if differentiable else self.init.detach()
-        trans = wrt_trans if wrt_trans is not None else (self.trans if differentiable else self.trans.detach())
+    @lazy_property
+    def final_filter(self) -> Tensor:
+        r"""The last filtering distribution ``p(z_{L-1} = k | x_{\le L-1})``: ``[B, K]``, not differentiable.
+
+        What a stream carries into its next chunk: pushed through one transition it is the next
+        chunk's initial distribution.  A by-product of :attr:`log_partition` (no extra pass,
+        except for ``method="scan"``, which runs the log-space forward for it); never densifies.
+        """
+        final_filter = self._forward_result[1]
+        if final_filter is None:
+            _, final_filter = chain.log_space_forward(self.init.detach(), self.transition.detach(),
+                                                      self.emit.detach(), self.lengths)
+        return final_filter.detach()
+
+    def _requires_grad(self) -> bool:
+        return torch.is_grad_enabled() and (self.init.requires_grad or self.emit.requires_grad
+                                            or self.transition.requires_grad)
+
+    def _gradients_of_log_partition(self, wrt_trans: Tensor | None = None, method: str | None = None):
+        """Gradients of ``sum_b log Z_b`` w.r.t. ``init [B, K]``, ``emit`` (and the dense ``wrt_trans``,
+        if given, standing in for the transition); the graph is kept when the parameters require grad."""
+        differentiable = self._requires_grad()
+
+        def leaf(x: Tensor) -> Tensor:
+            x = x if differentiable else x.detach()
+            return x if x.requires_grad else x.detach().clone().requires_grad_()
+
+        init, emit = leaf(self.init), leaf(self.emit)
+        if wrt_trans is None:
+            transition = self.transition if differentiable else self.transition.detach()
+        else:
+            transition = DenseTransition(wrt_trans)
         with torch.enable_grad():
-            log_z = self._log_partition_of(init, trans, emit)
-            inputs = (emit,) if wrt_trans is None else (emit, wrt_trans)
+            log_z, _ = self._forward(init, transition, emit, method)
+            inputs = (init, emit) if wrt_trans is None else (init, emit, wrt_trans)
             return torch.autograd.grad(log_z.sum(), inputs, create_graph=differentiable, allow_unused=True)
 
     @lazy_property
     def marginals(self) -> Tensor:
         """Posterior marginals ``p(z_t = k)``: ``[B, T, K]``, zero at padding.
 
-        The gradient of :attr:`log_partition` w.r.t. ``emit``.  Differentiable again when the
-        parameters require grad and ``method`` is ``"log"`` or ``"scan"``.
+        The gradient of :attr:`log_partition` w.r.t. ``emit`` (through the factors of a low-rank
+        transition).  Differentiable again when the parameters require grad and ``method`` is
+        ``"log"`` or ``"scan"``.
         """
-        (grad_emit,) = self._gradients_of_log_partition()
+        _, grad_emit = self._gradients_of_log_partition()
         return grad_emit
+
+    def _dense_pairs(self, time_varying: bool) -> Tensor:
+        """The dense log transition laid out per row, ``[B, K, K]`` or ``[B, T-1, K, K]``, to be
+        differentiated: its gradient is the edge marginals (summed over ``t`` in ``[B, K, K]``)."""
+        batch, steps, k = self.emit.shape
+        trans = self.transition.dense() if self._requires_grad() else self.transition.dense().detach()
+        if time_varying:
+            if trans.dim() != 4:
+                source = trans if trans.dim() == 2 else trans.unsqueeze(1)
+                trans = source.expand(batch, steps - 1, k, k)
+        elif trans.dim() == 2:
+            trans = trans.expand(batch, k, k)
+        return trans if trans.requires_grad else trans.detach().clone().requires_grad_()
 
     @lazy_property
     def edge_marginals(self) -> Tensor:
-        """Pairwise marginals ``p(z_t = i, z_{t+1} = j)``: ``[B, T-1, K, K]`` (dense: only on request).
-
-        Zero where ``t + 1`` is at or past the length.
+        """Pairwise marginals ``p(z_t = i, z_{t+1} = j)``: ``[B, T-1, K, K]`` (dense: only on request;
+        a low-rank transition is densified).  Zero where ``t + 1`` is at or past the length.
         """
         batch, steps, k = self.emit.shape
         if steps == 1:
             return self.emit.new_zeros(batch, 0, k, k)
-        if self.trans.dim() == 4:
-            expanded = self.trans
-        else:
-            source = self.trans if self.trans.dim() == 2 else self.trans.unsqueeze(1)
-            expanded = source.expand(batch, steps - 1, k, k)
-        expanded = expanded.detach().clone().requires_grad_() if not expanded.requires_grad else expanded
-        _, grad_trans = self._gradients_of_log_partition(wrt_trans=expanded)
-        return grad_trans if grad_trans is not None else torch.zeros_like(expanded)
+        pairs = self._dense_pairs(time_varying=True)
+        _, _, grad_trans = self._gradients_of_log_partition(wrt_trans=pairs)
+        return grad_trans if grad_trans is not None else torch.zeros_like(pairs)
 
     def entropy(self) -> Tensor:
-        """Exact entropy ``-sum_z p(z) log p(z)`` by a forward recursion: ``[B]`` (differentiable)."""
-        return chain.chain_entropy(self.init, self.trans, self.emit, self.lengths)
+        """Exact entropy ``-sum_z p(z) log p(z)`` by a forward recursion: ``[B]`` (differentiable).
+
+        Densifies a low-rank transition (``P log P`` does not factor): ``O(K^2)`` memory.
+        """
+        return chain.chain_entropy(self.init, self.transition, self.emit, self.lengths)
 
     # ---- maxima -----------------------------------------------------------------------------
     @lazy_property
     def argmax(self) -> Tensor:
-        """The Viterbi path ``argmax_z s(z)``: ``[B, T]`` long, padding 0."""
-        return chain.viterbi(self.init, self.trans, self.emit, self.lengths)
+        """The Viterbi path ``argmax_z s(z)``: ``[B, T]`` long, padding 0 (densifies a low-rank transition)."""
+        return chain.viterbi(self.init, self.transition, self.emit, self.lengths)
 
     @lazy_property
     def max(self) -> Tensor:
-        """``max_z s(z)``, the score of :attr:`argmax`: ``[B]`` (differentiable: a subgradient)."""
+        """``max_z s(z)``, the score of :attr:`argmax`: ``[B]`` (differentiable: a subgradient; densifies a
+        low-rank transition, for the Viterbi path)."""
         return self.score(self.argmax)
 
     @property
@@ -221,25 +301,31 @@ class ChainPosterior(Distribution):
         return self.argmax
 
     def kbest(self, k: int) -> tuple[Tensor, Tensor]:
-        """The ``k`` best paths and their scores: ``([k, B, T], [k, B])``, best first."""
+        """The ``k`` best paths and their scores: ``([k, B, T], [k, B])``, best first (densifies a
+        low-rank transition)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        return chain.kbest_viterbi(self.init, self.trans, self.emit, self.lengths, k)
+        return chain.kbest_viterbi(self.init, self.transition, self.emit, self.lengths, k)
 
     # ---- samples and scores -----------------------------------------------------------------
     def sample(self, sample_shape=torch.Size(), generator: torch.Generator | None = None) -> Tensor:
-        """Exact samples by forward filtering, backward sampling: ``sample_shape + [B, T]`` long."""
+        """Exact samples by forward filtering, backward sampling: ``sample_shape + [B, T]`` long.
+
+        Through the rank of a low-rank transition (no ``K x K`` matrix).
+        """
         sample_shape = torch.Size(sample_shape)
-        log_filter = chain.forward_filter(self.init.detach(), self.trans.detach(), self.emit.detach(),
-                                          self.lengths)
-        paths = chain.backward_sample(log_filter, self.trans.detach(), self.lengths,
-                                      max(sample_shape.numel(), 1), generator)
+        transition = self.transition.detach()
+        log_filter = chain.forward_filter(self.init.detach(), transition, self.emit.detach(), self.lengths)
+        paths = chain.backward_sample(log_filter, transition, self.lengths, max(sample_shape.numel(), 1), generator)
         return paths.reshape(sample_shape + paths.shape[1:])
 
     def score(self, value: Tensor) -> Tensor:
-        """``s(z)`` of paths ``value [*, B, T]`` (entries past the length ignored): ``[*, B]``."""
+        """``s(z)`` of paths ``value [*, B, T]`` (entries past the length ignored): ``[*, B]``.
+
+        Only the path's own edges are scored (``O(T r)`` for a low-rank transition).
+        """
         self._check_path(value)
-        return chain.path_score(self.init, self.trans, self.emit, self.lengths, value)
+        return chain.path_score(self.init, self.transition, self.emit, self.lengths, value)
 
     def log_prob(self, value: Tensor) -> Tensor:
         """``log p(z) = s(z) - log Z`` for ``value [*, B, T]``: ``[*, B]``."""
@@ -250,10 +336,16 @@ class ChainPosterior(Distribution):
         if value.dim() < 2 or tuple(value.shape[-2:]) != (batch, steps) or value.is_floating_point():
             raise ValueError(f"value must be an integer tensor of shape [*, B, T] = [*, {batch}, {steps}], "
                              f"got {value.dtype} {_describe(value)}")
-        mask = chain.step_mask(self.lengths, steps)
-        inside = value[..., mask] if value.numel() else value
+        if not self._validate_args or not value.numel():
+            return
+        inside = value[..., lengths_to_mask(self.lengths, steps)]
         if inside.numel() and (inside.min() < 0 or inside.max() >= k):
             raise ValueError(f"value holds states outside 0..K-1 = 0..{k - 1}")
+
+    # ---- divergences ------------------------------------------------------------------------
+    def cross_entropy(self, other: ChainPosterior) -> Tensor:
+        """``-E_p[log q(z)]`` with ``p = self``, ``q = other``: ``[B]``.  See :func:`cross_entropy`."""
+        return cross_entropy(self, other)
 
     @property
     def support(self):
@@ -261,4 +353,61 @@ class ChainPosterior(Distribution):
 
     def __repr__(self) -> str:
         batch, steps, k = self.emit.shape
-        return f"ChainPosterior(B={batch}, T={steps}, K={k}, trans={tuple(self.trans.shape)}, method={self.method!r})"
+        shapes = ", ".join(str(tuple(p.shape)) for p in self.transition.parameters)
+        return (f"ChainPosterior(B={batch}, T={steps}, K={k}, trans={type(self.transition).__name__}({shapes}), "
+                f"method={self.method!r})")
+
+
+def _expectation(weights: Tensor, scores: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``sum weights * scores`` over ``dims``, with ``0 * (-inf) = 0`` (no mass on a structural zero)."""
+    product = weights * scores
+    return torch.where(weights == 0, torch.zeros_like(product), product).sum(dims)
+
+
+def _check_comparable(p: ChainPosterior, q: ChainPosterior) -> None:
+    if not isinstance(p, ChainPosterior) or not isinstance(q, ChainPosterior):
+        raise ValueError(f"p and q must be ChainPosteriors, got {type(p).__name__} and {type(q).__name__}")
+    if p.emit.shape != q.emit.shape:
+        raise ValueError(f"p and q must have the same [B, T, K], got emit shapes {tuple(p.emit.shape)} "
+                         f"and {tuple(q.emit.shape)}")
+    if p._validate_args and not torch.equal(p.lengths, q.lengths.to(p.lengths.device)):
+        raise ValueError(f"p and q must have equal lengths, got {p.lengths.tolist()} and {q.lengths.tolist()}")
+
+
+def cross_entropy(p: ChainPosterior, q: ChainPosterior) -> Tensor:
+    r"""``H(p, q) = -E_p[log q(z)] = log Z_q - E_p[s_q(z)]`` for two chains over the same states: ``[B]``.
+
+    By dynamic programming, no enumeration:
+
+    .. math:: E_p[s_q(z)] = \sum_k p(z_0 = k)\, \mathrm{init}_q[k] + \sum_{t,k} p(z_t = k)\, \mathrm{emit}_q[t, k]
+              + \sum_{t,i,j} \xi^p_t(i, j)\, \mathrm{trans}_{q,t}[i, j]
+
+    with ``p``'s marginals and edge marginals ``xi^p`` as gradients of ``log Z_p``.  When neither
+    transition is time-varying only ``sum_t xi^p_t`` is needed: the gradient of ``log Z_p``
+    w.r.t. ``p``'s transition laid out per row (``[B, K, K]``), never the ``[B, T-1, K, K]``
+    edge tensor.  A low-rank transition on either side is densified (``log q`` of a product
+    of factors does not factor): ``O(B K^2)`` memory.  Differentiable in both chains (the
+    gradient through ``p`` uses its log-space forward, which is twice differentiable).
+    ``B``, ``T`` and ``K`` must match, and (when ``p`` validates) the lengths.
+    """
+    _check_comparable(p, q)
+    q_trans = q.transition.dense()
+    time_varying = p.transition.time_varying or q.transition.time_varying
+    method = "log" if p._requires_grad() else None
+    if p.emit.shape[1] == 1:
+        first, states = p._gradients_of_log_partition(method=method)
+        pair_term = torch.zeros_like(q.log_partition)
+    else:
+        pairs = p._dense_pairs(time_varying)
+        first, states, edges = p._gradients_of_log_partition(wrt_trans=pairs, method=method)
+        if time_varying and q_trans.dim() == 3:
+            q_trans = q_trans.unsqueeze(1)
+        pair_term = _expectation(edges, q_trans, tuple(range(1, edges.dim())))
+    expected_score = _expectation(first, q.init, (-1,)) + _expectation(states, q.emit, (-2, -1)) + pair_term
+    return q.log_partition - expected_score
+
+
+@register_kl(ChainPosterior, ChainPosterior)
+def _kl_chain_chain(p: ChainPosterior, q: ChainPosterior) -> Tensor:
+    """``KL(p || q) = H(p, q) - H(p)``: :func:`cross_entropy` minus :meth:`ChainPosterior.entropy`, ``[B]``."""
+    return cross_entropy(p, q) - p.entropy()

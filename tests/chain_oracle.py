@@ -267,3 +267,35 @@ def random_chain(
 def padding_mask(lengths, T):
     """Bool ``[B, T]``: True at padding positions ``t >= length``."""
     return torch.arange(T)[None, :] >= lengths[:, None]
+
+
+# --------------------------------------------------------------------------- low rank and divergences
+
+
+def random_low_rank(gen, K, r, *, zeros=False, dtype=F64):
+    """Log factors ``log_left [K, r]``, ``log_right [r, K]`` of random non-negative scores (not
+    normalised: a CRF's).  With ``zeros`` some entries are ``-inf`` but pseudo-state 0 keeps
+    every row of ``log_left`` and every column of ``log_right`` finite, so every pair stays possible."""
+    log_left = torch.randn(K, r, generator=gen, dtype=F64)
+    log_right = torch.randn(r, K, generator=gen, dtype=F64)
+    if zeros and r > 1:
+        log_left = log_left.masked_fill(torch.rand(K, r, generator=gen) < 0.4, float("-inf"))
+        log_right = log_right.masked_fill(torch.rand(r, K, generator=gen) < 0.4, float("-inf"))
+        log_left[:, 0] = 0.0
+        log_right[0] = 0.0
+    return log_left.to(dtype), log_right.to(dtype)
+
+
+def low_rank_dense(log_left, log_right):
+    """``trans[i, j] = log sum_c exp(log_left[i, c] + log_right[c, j])``: ``[K, K]`` (brute force)."""
+    return torch.logsumexp(log_left.unsqueeze(-1) + log_right.unsqueeze(0), 1)
+
+
+def enumerated_cross_entropy(p, q):
+    """``-sum_z p(z) log q(z)`` of two :class:`Enumeration` s over the same states and lengths: ``[B]``."""
+    out = []
+    for b in range(p.B):
+        prob = p.probs(b)
+        log_q = q.scores[b] - torch.logsumexp(q.scores[b], 0)
+        out.append(-(torch.where(prob > 0, prob * log_q, torch.zeros_like(prob))).sum())
+    return torch.stack(out)

@@ -797,3 +797,54 @@ def test_every_input_layout_against_expand_params():
     for other in (b, c):
         assert_close(other.log_partition, a.log_partition, rtol=1e-12, atol=1e-12)
         assert_close(other.marginals, a.marginals, rtol=1e-12, atol=1e-12)
+
+
+# =========================================================================== underflow flag and the validation switch
+
+
+def test_scaled_kernel_flags_underflow_instead_of_returning_nan():
+    """A peaked float32 chain whose probability-space steps underflow: the kernel flags the row,
+    "auto" redoes only that row in log space and matches float64."""
+    from latentnlp.chain import scaled_log_partition
+    from latentnlp.transitions import DenseTransition
+
+    init = torch.tensor([0.0, 0.0])
+    trans = torch.tensor([[0.0, -100.0], [0.0, -100.0]])
+    emit = torch.tensor([[[0.0, 0.0], [0.0, 100.0]], [[0.0, 0.0], [0.0, 0.0]]])  # row 1 is benign
+    log_z, final_filter, underflowed = scaled_log_partition(init.expand(2, 2), DenseTransition(trans), emit,
+                                                            torch.tensor([2, 2]))
+    assert underflowed.tolist() == [True, False]
+    assert not torch.isnan(log_z).any() and final_filter.shape == (2, 2)
+    ref = Enumeration(init.double(), trans.double(), emit.double())
+    auto = ChainPosterior(init, trans, emit)
+    assert_close(auto.log_partition, ref.log_partition, rtol=1e-6, atol=1e-5)
+    assert_close(auto.final_filter, ref.marginals[:, -1], rtol=0, atol=1e-5)
+    assert torch.equal(auto.log_partition[1], log_z[1])  # the benign row keeps its scaled value
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nan_propagates_when_not_validating(method):
+    kw = good()
+    kw["emit"][1, 1, 0] = float("nan")  # inside row 1 (length 2)
+    d = ChainPosterior(**kw, method=method, validate_args=False)
+    assert torch.isnan(d.log_partition[1]), "a NaN score must not be swallowed by the log-space fallback"
+    assert torch.isfinite(d.log_partition[0])
+    with pytest.raises(ValueError, match="emit"):
+        ChainPosterior(**kw, method=method, validate_args=True)
+
+
+def test_synchronising_checks_follow_validate_args():
+    kw = bad("lengths", torch.tensor([T0, 0]))
+    with pytest.raises(ValueError, match="lengths"):
+        ChainPosterior(**kw, validate_args=True)
+    ChainPosterior(**kw, validate_args=False)  # no check, no synchronisation
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        ChainPosterior(**kw)  # validate_args=None follows torch's global default
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)
+    with pytest.raises(ValueError, match="states outside"):
+        ChainPosterior(**good()).log_prob(torch.full((B0, T0), K0 + 5))
+    with pytest.raises(ValueError, match="value"):  # shapes are always checked
+        ChainPosterior(**good(), validate_args=False).log_prob(torch.zeros(B0, T0 + 1, dtype=torch.long))

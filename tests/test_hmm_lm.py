@@ -112,7 +112,7 @@ def test_log_space_fallback_when_probability_space_underflows():
 
     class FixedTables(HMMLanguageModel):
         def log_parameters(self, states=None):
-            nearly_one = -torch.expm1(torch.tensor(-100.0)).log()
+            nearly_one = (-torch.expm1(torch.tensor(-100.0))).log()  # log(1 - e^-100), not NaN
             return {"init": torch.tensor([0.0, float("-inf")]),
                     "trans": torch.tensor([[nearly_one, -100.0], [nearly_one, -100.0]]),
                     "emission": torch.tensor([[0.0, -200.0], [float("-inf"), 0.0]])}
@@ -121,6 +121,50 @@ def test_log_space_fallback_when_probability_space_underflows():
     batch = {"targets": torch.tensor([[0, 1]]), "lengths": torch.tensor([2])}
     # log p(x) = log(e^-200 + e^-100) = -100 (+ e^-100), out of reach of float32 probabilities
     torch.testing.assert_close(model.log_marginal(batch), torch.tensor([-100.0]))
+
+
+def test_validation_catches_zero_length_rows_and_out_of_range_targets():
+    model = HMMLanguageModel(vocab_size=10, num_states=4, embedding_size=8).eval()
+    targets = torch.randint(10, (2, 5))
+    with pytest.raises(ValueError, match="lengths"):
+        model.log_marginal({"targets": targets, "lengths": torch.tensor([5, 0])})
+    with pytest.raises(ValueError, match="lengths"):
+        model.log_marginal({"targets": targets, "lengths": torch.tensor([6, 5])})
+    with pytest.raises(ValueError, match="targets"):
+        model.log_marginal({"targets": torch.full((2, 5), 10), "lengths": torch.tensor([5, 5])})
+    # ids past a row's length are padding: never looked at, whatever they hold
+    padded = targets.clone()
+    padded[1, 3:] = -7
+    torch.testing.assert_close(model.log_marginal({"targets": padded, "lengths": torch.tensor([5, 3])}),
+                               model.log_marginal({"targets": targets, "lengths": torch.tensor([5, 3])}))
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:  # validation off: no check (and no synchronisation for one)
+        model.log_marginal({"targets": targets, "lengths": torch.tensor([5, 0])})
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)
+
+
+def test_low_rank_model_never_builds_the_dense_transition(monkeypatch):
+    from latentnlp.transitions import LowRankTransition
+
+    def refuse(self):
+        raise AssertionError("LowRankTransition.dense called")
+
+    monkeypatch.setattr(LowRankTransition, "dense", refuse)
+    torch.manual_seed(5)
+    model = HMMLanguageModel(vocab_size=9, num_states=6, embedding_size=8, transition_rank=2).double().eval()
+    batch = {"targets": torch.randint(9, (3, 5)), "lengths": torch.tensor([5, 2, 4])}
+    assert torch.isfinite(model.log_marginal(batch)).all()
+    for start, end in [(0, 2), (2, 5)]:
+        chunk = {"targets": batch["targets"][:, start:end], "lengths": torch.tensor([end - start] * 3),
+                 "stream": True}
+        assert torch.isfinite(model.log_marginal(chunk)).all()
+    posterior = model.posterior(batch)
+    assert posterior.marginals.shape == (3, 5, 6)
+    samples = posterior.sample((4,), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(posterior.log_prob(samples)).all()
+    assert model.generate(num_samples=2, length=4, generator=torch.Generator().manual_seed(1)).shape == (2, 4)
 
 
 from contract import CHECKS, ModelCase, lm_batch  # noqa: E402

@@ -14,10 +14,13 @@ whose parameters are *computed* from embeddings, so their number is
 * ``p(x_t = w | z_t = k) = softmax_w(g(u_k) . e_w)``,
 * ``p(z_0 = k) = softmax_k(f(s) . v_k)``,
 
-with ``f``, ``g`` residual MLPs.  ``log p(x)`` is exact, by the scaled forward
-algorithm of :mod:`latentnlp.chain`.  *State dropout* (training only) keeps a
-random subset of the states for each batch, which both regularises and
-shrinks the dynamic program.
+with ``f``, ``g`` residual MLPs.  ``log p(x)`` is exact: the model builds a
+:class:`~latentnlp.transitions.DenseTransition` or
+:class:`~latentnlp.transitions.LowRankTransition` and asks
+:class:`~latentnlp.structures.ChainPosterior` (scaled forward algorithm, log space for the
+rows where it underflows); the low-rank chain never builds a ``K x K`` matrix.
+*State dropout* (training only) keeps a random subset of the states for each batch, which
+both regularises and shrinks the dynamic program.
 
 On a BPTT stream (``batch["stream"]``) the model carries the last filtering
 distribution ``p(z_{L-1} | x_{<=L-1})`` into the next chunk, whose initial
@@ -30,8 +33,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import chain
+from ..masks import lengths_to_mask
 from ..structures import ChainPosterior
+from ..transitions import DenseTransition, LowRankTransition, Transition
+from ..validation import is_validating
 from .base import Batch, LatentModel
 
 
@@ -116,11 +121,18 @@ class HMMLanguageModel(LatentModel):
         return {"left": torch.log_softmax(source @ self.rank_in.T, -1),
                 "right": torch.log_softmax(self.transition_mlp(self.rank_out) @ following.T, -1)}
 
-    def dense_transition(self, params: dict[str, Tensor]) -> Tensor:
-        """``log p(z_t | z_{t-1})`` as a ``[K, K]`` matrix (``logsumexp`` of the factors if low-rank)."""
+    @staticmethod
+    def transition(params: dict[str, Tensor]) -> Transition:
+        """The transition object of :meth:`log_parameters` (or :meth:`_transition`) output:
+        dense from ``"trans"``, low rank from ``"left"`` and ``"right"``."""
         if "trans" in params:
-            return params["trans"]
-        return torch.logsumexp(params["left"].unsqueeze(-1) + params["right"].unsqueeze(0), 1)
+            return DenseTransition(params["trans"])
+        return LowRankTransition(params["left"], params["right"])
+
+    def dense_transition(self, params: dict[str, Tensor]) -> Tensor:
+        """``log p(z_t | z_{t-1})`` as a ``[K, K]`` matrix, for inspection and plots: the transition's
+        :meth:`~latentnlp.transitions.Transition.dense` (``O(K^2)`` memory; the model never needs it)."""
+        return self.transition(params).dense()
 
     # ---- the LatentModel contract -----------------------------------------------------------
     def _emissions(self, params: dict[str, Tensor], targets: Tensor) -> Tensor:
@@ -128,22 +140,36 @@ class HMMLanguageModel(LatentModel):
         return params["emission"].T[targets]
 
     def _validate(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """``(targets [B, T], lengths [B])`` on the targets' device, padding ids set to 0.
+
+        Shapes are always checked; when validating (:func:`latentnlp.validation.is_validating`)
+        also, in one synchronisation, lengths in ``1..T`` and ids in ``0..V-1``.
+        """
         targets, lengths = batch["targets"], batch["lengths"]
-        if not isinstance(targets, Tensor) or targets.dim() != 2:
-            raise ValueError(f"batch['targets'] must have shape [B, T], got {getattr(targets, 'shape', targets)}")
-        if not isinstance(lengths, Tensor) or lengths.shape != targets.shape[:1]:
-            raise ValueError(f"batch['lengths'] must have shape [B] = [{targets.shape[0]}], got "
+        if not isinstance(targets, Tensor) or targets.dim() != 2 or targets.is_floating_point():
+            raise ValueError(f"batch['targets'] must be an integer tensor of shape [B, T], got "
+                             f"{getattr(targets, 'shape', targets)}")
+        if not isinstance(lengths, Tensor) or lengths.shape != targets.shape[:1] or lengths.is_floating_point():
+            raise ValueError(f"batch['lengths'] must be an integer tensor of shape [B] = [{targets.shape[0]}], got "
                              f"{getattr(lengths, 'shape', lengths)}")
+        steps = targets.shape[1]
+        lengths = lengths.to(targets.device, torch.long)
+        targets = targets.masked_fill(~lengths_to_mask(lengths, steps), 0)
+        if is_validating() and targets.numel():
+            low_len, high_len, low_id, high_id = torch.stack(
+                [lengths.min(), lengths.max(), targets.min(), targets.max()]).tolist()
+            if low_len < 1 or high_len > steps:
+                raise ValueError(f"batch['lengths'] must lie in 1..T = 1..{steps}, got {low_len}..{high_len}")
+            if low_id < 0 or high_id >= self.vocab_size:
+                raise ValueError(f"batch['targets'] must lie in 0..V-1 = 0..{self.vocab_size - 1}, "
+                                 f"got {low_id}..{high_id}")
         return targets, lengths
 
-    @staticmethod
-    def _predict(log_filter: Tensor, transition: dict[str, Tensor]) -> Tensor:
+    def _predict(self, log_filter: Tensor, transition: dict[str, Tensor]) -> Tensor:
         """``log sum_i p(z = i) p(z' = j | z = i)`` for a belief ``log_filter [B, K_from]`` and a
-        transition of :meth:`_transition`: ``[B, K_to]``; low rank goes through the rank, ``O(B K r)``."""
-        if "trans" in transition:
-            return torch.logsumexp(log_filter.unsqueeze(-1) + transition["trans"], 1)
-        through_rank = torch.logsumexp(log_filter.unsqueeze(-1) + transition["left"], 1)
-        return torch.logsumexp(through_rank.unsqueeze(-1) + transition["right"], 1)
+        transition of :meth:`_transition`: ``[B, K_to]``, the transition's log-space propagation
+        (through the rank if low rank, ``O(B K r)``)."""
+        return self.transition(transition).log_propagator()(log_filter, 1)
 
     def _initial(self, params: dict[str, Tensor], states: Tensor | None, batch_size: int,
                  stream: bool) -> Tensor:
@@ -164,43 +190,34 @@ class HMMLanguageModel(LatentModel):
         stream = bool(batch.get("stream", False))
         states = self._kept_states()
         params = self.log_parameters(states)
-        emit = self._emissions(params, targets)
         init = self._initial(params, states, targets.shape[0], stream)
-        lengths = lengths.to(targets.device)
-        if "trans" in params:
-            log_px, final_filter = chain.scaled_log_partition(init, params["trans"], emit, lengths,
-                                                              return_filter=True)
-        else:
-            log_px, final_filter = chain.low_rank_log_partition(init, params["left"], params["right"], emit,
-                                                                lengths, return_filter=True)
-        if not torch.isfinite(log_px).all():
-            # probability space lost precision on some row: redo the batch in log space
-            log_px, final_filter = chain.log_space_forward(init, self.dense_transition(params), emit, lengths,
-                                                           return_filter=True)
+        posterior = ChainPosterior(init, self.transition(params), self._emissions(params, targets), lengths)
         if stream:
-            self._carried_filter = final_filter.detach()
+            self._carried_filter = posterior.final_filter
             self._carried_states = states
-        return log_px
+        return posterior.log_partition
 
     def posterior(self, batch: Batch) -> ChainPosterior:
         """The exact posterior over state sequences ``p(z | x)`` (all ``K`` states, no dropout)."""
         targets, lengths = self._validate(batch)
         params = self.log_parameters()
-        return ChainPosterior(params["init"], self.dense_transition(params), self._emissions(params, targets),
-                              lengths)
+        return ChainPosterior(params["init"], self.transition(params), self._emissions(params, targets), lengths)
 
     @torch.no_grad()
     def generate(self, batch: Batch | None = None, *, num_samples: int = 1, length: int = 20,
                  generator: torch.Generator | None = None) -> Tensor:
-        """Ancestral samples ``x ~ p(x)``: ``[num_samples, length]`` word ids."""
+        """Ancestral samples ``x ~ p(x)``: ``[num_samples, length]`` word ids.
+
+        The next state is drawn through the transition (low rank: a pseudo-state ``c ~ U[z]``,
+        then ``z' ~ V[c]``; no ``K x K`` matrix)."""
         params = self.log_parameters()
-        trans = self.dense_transition(params).exp()
+        transition = self.transition(params)
         emission = params["emission"].exp()
         state = torch.multinomial(params["init"].exp().expand(num_samples, -1), 1, generator=generator).squeeze(-1)
         words = []
         for _ in range(length):
             words.append(torch.multinomial(emission[state], 1, generator=generator).squeeze(-1))
-            state = torch.multinomial(trans[state], 1, generator=generator).squeeze(-1)
+            state = transition.sample_next(state, generator)
         return torch.stack(words, -1)
 
     @torch.no_grad()
