@@ -178,7 +178,7 @@ def plot_hmm_states(model: HMMLanguageModel, vocab, stream: BPTTStream, out: Pat
     top = params["emission"][states].topk(num_words, -1)
     words = [[(vocab.itos[w], math.exp(p)) for w, p in zip(ids, logp)]
              for ids, logp in zip(top.indices.tolist(), top.values.tolist())]
-    trans = model.dense_transition(params)[states][:, states].exp()
+    trans = model.transition(params).dense()[states][:, states].exp()
     plots.hmm_states(states.tolist(), words, trans, out / "hmm_states.png",
                      title=f"{name}: top words of the {len(states)} most used states")
 

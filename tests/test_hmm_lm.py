@@ -11,7 +11,7 @@ from latentnlp.models.hmm_lm import HMMLanguageModel
 def enumerate_log_marginal(model: HMMLanguageModel, words: list[int]) -> torch.Tensor:
     """log p(x) = log sum_z p(z_0) prod p(z_t | z_{t-1}) prod p(x_t | z_t), by brute force."""
     params = model.log_parameters()
-    trans = model.dense_transition(params)
+    trans = model.transition(params).dense()
     terms = []
     for z in itertools.product(range(model.num_states), repeat=len(words)):
         score = params["init"][z[0]] + sum(params["emission"][z[t], w] for t, w in enumerate(words))

@@ -120,6 +120,8 @@ class LatentModel(nn.Module):
     def constructor(self) -> dict[str, Any] | None:
         """``{"class": "module.QualName", "args": [...], "kwargs": {...}}``: how this model was built.
 
+        A model built by a factory classmethod marked with :func:`records_construction` (such as
+        ``LatentAlignmentSeq2Seq.from_mode``) records that call instead, with ``"factory"`` naming it.
         None when an argument is not plain data (bool, int, float, str, None, and lists, tuples
         and string-keyed dicts of them), which a checkpoint could not hold.
         """
@@ -137,7 +139,8 @@ class LatentModel(nn.Module):
             target = getattr(target, part)
         if not (isinstance(target, type) and issubclass(target, LatentModel)):
             raise TypeError(f"{record['class']} is not a LatentModel")
-        return target(*record["args"], **record["kwargs"])
+        build = getattr(target, record["factory"]) if "factory" in record else target
+        return build(*record["args"], **record["kwargs"])
 
     # ---- quantities -------------------------------------------------------------------------
     def log_marginal(self, batch: Batch) -> Tensor:
@@ -219,6 +222,26 @@ class LatentModel(nn.Module):
 
     def forward(self, batch: Batch, objective: str = "marginal", **kwargs) -> Loss:
         return self.loss(batch, objective, **kwargs)
+
+
+def records_construction(factory: Any) -> classmethod:
+    """Mark a factory classmethod of a :class:`LatentModel` as the call its models record.
+
+    Use it in place of ``@classmethod`` on a factory whose arguments are plain data while the
+    constructor's are not (modules, say): the built model's :attr:`LatentModel.constructor` then
+    names the factory and its arguments, so a checkpoint can rebuild the model.
+    """
+
+    @functools.wraps(factory)
+    def build(cls, *args, **kwargs):
+        model = factory(cls, *args, **kwargs)
+        record = _record(cls, factory, cls, args, kwargs)
+        if record is not None:
+            record["factory"] = factory.__name__
+        object.__setattr__(model, "_constructor", record)
+        return model
+
+    return classmethod(build)
 
 
 def _is_plain(value: Any) -> bool:

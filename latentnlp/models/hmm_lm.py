@@ -129,11 +129,6 @@ class HMMLanguageModel(LatentModel):
             return DenseTransition(params["trans"])
         return LowRankTransition(params["left"], params["right"])
 
-    def dense_transition(self, params: dict[str, Tensor]) -> Tensor:
-        """``log p(z_t | z_{t-1})`` as a ``[K, K]`` matrix, for inspection and plots: the transition's
-        :meth:`~latentnlp.transitions.Transition.dense` (``O(K^2)`` memory; the model never needs it)."""
-        return self.transition(params).dense()
-
     # ---- the LatentModel contract -----------------------------------------------------------
     def _emissions(self, params: dict[str, Tensor], targets: Tensor) -> Tensor:
         """``emit[b, t, k] = log p(x_t = targets[b, t] | z_t = k)``: ``[B, T, K]``."""

@@ -41,7 +41,7 @@ from latentnlp import decoding
 from latentnlp.families import MaskedCategorical
 from latentnlp.layers.copy_generator import CopyGenerator
 from latentnlp.layers.latent_attention import DEFAULT_MAX_CHUNK_ELEMENTS
-from latentnlp.models.base import ELBO, Batch, LatentModel
+from latentnlp.models.base import ELBO, Batch, LatentModel, records_construction
 from latentnlp.models.seq2seq import (AlignmentELBO, AttentionalEncoderDecoder, CopyHead, DecoderOutput,
                                       DecoderState, LatentAttentionHead, Marginal, Seq2SeqHead,
                                       SoftAttentionHead)
@@ -80,7 +80,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
         self.core, self.head, self.objective = core, head, objective
         self.bos_id, self.eos_id = bos_id, eos_id
 
-    @classmethod
+    @records_construction
     def from_mode(cls, mode: str, src_vocab_size: int, tgt_vocab_size: int, *, embedding_dim: int = 256,
                   hidden_size: int = 256, num_layers: int = 1, attention: str = "mlp", dropout: float = 0.0,
                   tau: float = 1.0, bos_id: int | None = None, eos_id: int | None = None,
