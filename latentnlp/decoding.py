@@ -23,8 +23,9 @@ With ``beam_size = 1`` beam search is exactly greedy decoding.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor

@@ -26,8 +26,8 @@ Randomness comes from the global seed or an explicit ``generator``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

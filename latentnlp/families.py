@@ -94,7 +94,7 @@ class MaskedCategorical(Categorical):
         super().__init__(logits=logits.masked_fill(~mask, -math.inf), validate_args=validate_args)
 
     @classmethod
-    def from_lengths(cls, logits: Tensor, lengths: Tensor, **kwargs) -> "MaskedCategorical":
+    def from_lengths(cls, logits: Tensor, lengths: Tensor, **kwargs) -> MaskedCategorical:
         """Categorical over the first ``lengths[b]`` of ``K`` positions.
 
         ``logits`` is ``[B, ..., K]``, ``lengths`` ``[B]``: the mask is broadcast
@@ -170,7 +170,7 @@ class DiagonalGaussian(Independent):
         super().__init__(Normal(loc, scale, validate_args=validate_args), 1, validate_args=validate_args)
 
     @classmethod
-    def from_params(cls, params: Tensor, min_scale: float = 0.0, **kwargs) -> "DiagonalGaussian":
+    def from_params(cls, params: Tensor, min_scale: float = 0.0, **kwargs) -> DiagonalGaussian:
         """From an encoder output ``[*batch, 2D]``: ``loc, raw = params.chunk(2)``,
         ``scale = softplus(raw) + min_scale``."""
         if params.shape[-1] % 2:
@@ -179,12 +179,12 @@ class DiagonalGaussian(Independent):
         return cls(loc, F.softplus(raw) + min_scale, **kwargs)
 
     @classmethod
-    def from_logvar(cls, loc: Tensor, logvar: Tensor, **kwargs) -> "DiagonalGaussian":
+    def from_logvar(cls, loc: Tensor, logvar: Tensor, **kwargs) -> DiagonalGaussian:
         """``scale = exp(logvar / 2)`` (the usual VAE parameterisation); ``loc``, ``logvar`` ``[*batch, D]``."""
         return cls(loc, torch.exp(0.5 * logvar), **kwargs)
 
     @classmethod
-    def standard(cls, batch_shape, dim: int, *, dtype=None, device=None) -> "DiagonalGaussian":
+    def standard(cls, batch_shape, dim: int, *, dtype=None, device=None) -> DiagonalGaussian:
         """The prior ``N(0, I_D)`` with the given batch shape."""
         shape = torch.Size(batch_shape) + (dim,)
         return cls(torch.zeros(shape, dtype=dtype, device=device),
@@ -203,7 +203,7 @@ class DiagonalGaussian(Independent):
         """``log scale``, ``[*batch, D]``."""
         return self.scale.log()
 
-    def expand(self, batch_shape, _instance=None) -> "DiagonalGaussian":
+    def expand(self, batch_shape, _instance=None) -> DiagonalGaussian:
         new = self._get_checked_instance(DiagonalGaussian, _instance)
         return super().expand(batch_shape, _instance=new)
 
@@ -253,7 +253,7 @@ class MeanFieldBernoulli(Independent):
     def probs(self) -> Tensor:
         return self.base_dist.probs
 
-    def expand(self, batch_shape, _instance=None) -> "MeanFieldBernoulli":
+    def expand(self, batch_shape, _instance=None) -> MeanFieldBernoulli:
         new = self._get_checked_instance(MeanFieldBernoulli, _instance)
         return super().expand(batch_shape, _instance=new)
 

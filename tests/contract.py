@@ -26,9 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentnlp.models.base import (ELBO, OBJECTIVES, IntractableError, LatentModel,
-                                   UnsupportedObjectiveError)
-
+from latentnlp.models.base import ELBO, OBJECTIVES, IntractableError, LatentModel, UnsupportedObjectiveError
 
 # ---- the toy model -------------------------------------------------------------------------------
 

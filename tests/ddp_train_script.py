@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from contract import NaiveBayesMixture, StreamingUnigram, ToyCorpus, mixture_batches
+
 from latentnlp.training import TrainConfig, Trainer
 
 torch.set_num_threads(1)

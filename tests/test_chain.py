@@ -20,9 +20,6 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from chain_oracle import (
     F64,
     INIT_KINDS,
@@ -33,6 +30,9 @@ from chain_oracle import (
     padding_mask,
     random_chain,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from latentnlp import ChainPosterior
 
 METHODS = ("scaled", "log", "scan", "auto")
@@ -59,7 +59,7 @@ def seed_of(*key) -> int:
     return sum((i + 1) * ord(c) for i, c in enumerate(repr(key))) % (2**31)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def grid_case(trans_kind, zeros, shape_index):
     """Inputs and their enumeration for one cell of the layout grid (cached across tests).
 

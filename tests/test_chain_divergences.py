@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributions import kl_divergence
-
 from chain_oracle import (
     F64,
     Enumeration,
@@ -20,6 +18,8 @@ from chain_oracle import (
     random_chain,
     random_low_rank,
 )
+from torch.distributions import kl_divergence
+
 from latentnlp import ChainPosterior, LowRankTransition, cross_entropy
 
 KINDS = ("shared", "batched", "time", "low-rank")

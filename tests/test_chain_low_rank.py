@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from chain_oracle import F64, Enumeration, low_rank_dense, padding_mask, random_chain, random_low_rank
+
 from latentnlp import ChainPosterior, LowRankTransition
 
 METHODS = ("scaled", "log", "auto")  # "scan" is dense by design

@@ -19,8 +19,8 @@ import itertools
 
 import pytest
 import torch
-
 from chain_oracle import F64, padding_mask, random_lengths
+
 from latentnlp import ChainPosterior
 
 torch_struct = pytest.importorskip("torch_struct")

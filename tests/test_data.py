@@ -348,7 +348,7 @@ def test_read_parallel_gzip_and_alignment(tmp_path):
 
 
 def test_read_lines_newlines_compression_and_missing_files(tmp_path):
-    (tmp_path / "crlf.txt").write_bytes("a b\r\n\r\nc\rd \n  e".encode())
+    (tmp_path / "crlf.txt").write_bytes(b"a b\r\n\r\nc\rd \n  e")
     for ext, opener in ((".bz2", bz2.open), (".xz", lzma.open)):
         with opener(tmp_path / f"z.txt{ext}", "wt", encoding="utf-8") as f:
             f.write("eins\nzwei\u00e4\n")

@@ -17,3 +17,11 @@ def test_core_modules_import_no_optional_package():
             f"print(sorted(m for m in {OPTIONAL!r} if m in sys.modules and m not in before))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_training_package_exports_every_lazily_imported_name():
+    import latentnlp.training as training
+
+    assert sorted(training.__all__) == sorted(training._HOMES)
+    for name in training.__all__:
+        assert getattr(training, name) is not None

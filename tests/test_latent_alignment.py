@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from contract import CHECKS, ModelCase
+
 from latentnlp.families import MaskedCategorical
 from latentnlp.masks import lengths_to_mask
 from latentnlp.models.base import UnsupportedObjectiveError

@@ -1,7 +1,6 @@
 """Every model in contract.MODEL_CASES keeps the LatentModel contract (see tests/contract.py)."""
 
 import pytest
-
 from contract import CHECKS, MODEL_CASES
 
 
@@ -14,11 +13,18 @@ def test_contract(case, check):
 # ---- the checks catch broken models --------------------------------------------------------------
 
 import torch  # noqa: E402
-
-from contract import (ModelCase, NaiveBayesMixture, StreamingUnigram,  # noqa: E402
-                      check_constructor_record, check_gradients, check_marginal_loss,
-                      check_padding_invariance, check_reset_state, check_unsupported_objectives,
-                      lm_batch)
+from contract import (  # noqa: E402
+    ModelCase,
+    NaiveBayesMixture,
+    StreamingUnigram,
+    check_constructor_record,
+    check_gradients,
+    check_marginal_loss,
+    check_padding_invariance,
+    check_reset_state,
+    check_unsupported_objectives,
+    lm_batch,
+)
 
 
 class _LeaksPadding(NaiveBayesMixture):

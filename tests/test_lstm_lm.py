@@ -4,8 +4,8 @@ import io
 
 import pytest
 import torch
-
 from contract import CHECKS, ModelCase, lm_batch
+
 from latentnlp.models.base import UnsupportedObjectiveError
 from latentnlp.models.lstm_lm import LSTMLanguageModel
 

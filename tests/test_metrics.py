@@ -7,8 +7,17 @@ import torch
 from torch.distributions import kl_divergence
 
 from latentnlp.families import DiagonalGaussian
-from latentnlp.metrics import (MetricSums, active_units, average_kl, corpus_bleu, corpus_summary,
-                               gaussian_kl, mutual_information, perplexity, tokenized_bleu)
+from latentnlp.metrics import (
+    MetricSums,
+    active_units,
+    average_kl,
+    corpus_bleu,
+    corpus_summary,
+    gaussian_kl,
+    mutual_information,
+    perplexity,
+    tokenized_bleu,
+)
 
 
 def test_perplexity_from_sums():

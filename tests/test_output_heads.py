@@ -3,15 +3,21 @@ compositions whose pieces agree with enumeration."""
 
 import pytest
 import torch
+from test_latent_alignment import BOS, EOS, UNK, V, make_batch
 from torch.distributions import Distribution
 
 from latentnlp import estimators
 from latentnlp.layers import CopyGenerator, LatentAttention, MixtureOfSoftmaxes, OutputHead, SoftmaxOutput
 from latentnlp.models.latent_alignment import MODES, LatentAlignmentSeq2Seq
-from latentnlp.models.seq2seq import (AlignmentELBO, AttentionalEncoderDecoder, CopyHead, LatentAttentionHead,
-                                      Marginal, SoftAttentionHead)
+from latentnlp.models.seq2seq import (
+    AlignmentELBO,
+    AttentionalEncoderDecoder,
+    CopyHead,
+    LatentAttentionHead,
+    Marginal,
+    SoftAttentionHead,
+)
 from latentnlp.models.seq2seq.objectives import enumerate_alignments, relax_alignments, sample_alignments
-from test_latent_alignment import BOS, EOS, UNK, V, make_batch
 
 pytestmark = pytest.mark.usefixtures("float64")
 

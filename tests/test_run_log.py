@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from contract import NaiveBayesMixture, ToyCorpus, mixture_batches
+
 from latentnlp.training import TrainConfig, Trainer
 from latentnlp.training.run_log import FIELDS, METRICS, REQUIRED, RunLog, read_metrics, series, training_speed
 

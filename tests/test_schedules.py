@@ -5,8 +5,7 @@ import math
 
 import pytest
 
-from latentnlp.schedules import (Constant, CosineDecay, Cyclical, LinearDecay, LinearWarmup, Schedule,
-                                 Warmup)
+from latentnlp.schedules import Constant, CosineDecay, Cyclical, LinearDecay, LinearWarmup, Schedule, Warmup
 
 ALL = [Constant(0.3), LinearWarmup(0.1, 1.0, 10), Cyclical(period=8, ratio=0.25, cycles=2),
        Warmup(3), LinearDecay(total=10, warmup=2, floor=0.1), CosineDecay(total=10)]

@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
+from chain_oracle import F64, low_rank_dense, random_low_rank
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chain_oracle import F64, low_rank_dense, random_low_rank
 from latentnlp.transitions import DenseTransition, LowRankTransition
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize="CI" in os.environ,

@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, Union
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
     from .subword import SentencePieceTokenizer
     from .vocabulary import Vocabulary
 
-    Tokenizer = Union[Vocabulary, SentencePieceTokenizer]
+    Tokenizer = Vocabulary | SentencePieceTokenizer
 
 Batch = dict[str, object]
 
@@ -103,7 +104,7 @@ class Batches(ABC):
 # ---------------------------------------------------------------------------------------------
 # BPTT streams
 # ---------------------------------------------------------------------------------------------
-def lm_stream(sentences: Iterable[Sequence[str] | str], vocab: "Vocabulary", *,
+def lm_stream(sentences: Iterable[Sequence[str] | str], vocab: Vocabulary, *,
               prepend_eos: bool = False) -> Tensor:
     """The corpus as one LongTensor of ids: each sentence followed by ``<eos>``.
 
@@ -149,9 +150,9 @@ class BPTTStream(Batches):
         self.targets = ids[1:batch_size * length + 1].view(batch_size, length).to(device)
 
     @classmethod
-    def from_sentences(cls, sentences: Iterable[Sequence[str] | str], vocab: "Vocabulary",
+    def from_sentences(cls, sentences: Iterable[Sequence[str] | str], vocab: Vocabulary,
                        batch_size: int, bptt: int, *, prepend_eos: bool = False,
-                       **kwargs) -> "BPTTStream":
+                       **kwargs) -> BPTTStream:
         """Stream of ``sentences`` (see :func:`lm_stream`) in ``batch_size`` rows."""
         return cls(lm_stream(sentences, vocab, prepend_eos=prepend_eos), batch_size, bptt,
                    **kwargs)
@@ -268,7 +269,7 @@ class _Bucketed(Batches):
             yield self.collate(idx)
 
 
-def _encode_all(tok: "Tokenizer", texts: Sequence[Sequence[str] | str]) -> list[list[int]]:
+def _encode_all(tok: Tokenizer, texts: Sequence[Sequence[str] | str]) -> list[list[int]]:
     from .subword import SentencePieceTokenizer
 
     if isinstance(tok, SentencePieceTokenizer):
@@ -299,8 +300,8 @@ class SentenceBatches(_Bucketed):
                     seed, sort)
 
     @classmethod
-    def from_sentences(cls, sentences: Sequence[Sequence[str] | str], vocab: "Tokenizer",
-                       **kwargs) -> "SentenceBatches":
+    def from_sentences(cls, sentences: Sequence[Sequence[str] | str], vocab: Tokenizer,
+                       **kwargs) -> SentenceBatches:
         """Encode ``sentences`` with ``vocab`` and take its bos/eos/pad ids."""
         return cls(_encode_all(vocab, sentences), bos_id=vocab.bos_id, eos_id=vocab.eos_id,
                    pad_id=vocab.pad_id, **kwargs)
@@ -347,8 +348,8 @@ class ParallelBatches(_Bucketed):
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[tuple[Sequence[str] | str, Sequence[str] | str]],
-                   tokenizer: "Tokenizer", tgt_tokenizer: "Tokenizer | None" = None, *,
-                   src_eos: bool = False, **kwargs) -> "ParallelBatches":
+                   tokenizer: Tokenizer, tgt_tokenizer: Tokenizer | None = None, *,
+                   src_eos: bool = False, **kwargs) -> ParallelBatches:
         """Encode (source, target) text pairs; ``tokenizer`` for both sides unless
         ``tgt_tokenizer`` is given.  ``src_eos`` appends the source ``<eos>``."""
         tgt_tok = tokenizer if tgt_tokenizer is None else tgt_tokenizer

@@ -27,9 +27,10 @@ import gzip
 import lzma
 import os
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
+from typing import IO, TYPE_CHECKING
 
 from .sources import HubSpec, MissingSplitError, Source, load_hub, locate
 
@@ -142,7 +143,7 @@ class LMCorpus(_SplitAccess):
 
     def vocabulary(self, *, eos: str | None = "<eos>", pad: str | None = None,
                    bos: str | None = None, max_size: int | None = None,
-                   min_freq: int = 1) -> "Vocabulary":
+                   min_freq: int = 1) -> Vocabulary:
         """The word vocabulary of this corpus.
 
         Built from the training split (:meth:`Vocabulary.build`, with this corpus's

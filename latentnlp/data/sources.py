@@ -24,9 +24,9 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 from urllib.parse import urlparse
 
 DATA_ENV = "LATENTNLP_DATA"

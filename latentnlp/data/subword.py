@@ -28,8 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>"}
@@ -70,11 +70,11 @@ class SentencePieceTokenizer:
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
+    def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
         return cls(path)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, **kwargs) -> "SentencePieceTokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int, **kwargs) -> SentencePieceTokenizer:
         """Same as :func:`train_sentencepiece`."""
         return train_sentencepiece(texts, vocab_size, **kwargs)
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 _ROLES = ("pad", "bos", "eos", "unk")
 _FORMAT = "latentnlp.Vocabulary"
@@ -63,7 +63,7 @@ class Vocabulary:
     @classmethod
     def build(cls, sentences: Iterable[Sequence[str] | str], *, max_size: int | None = None,
               min_freq: int = 1, pad: str | None = None, bos: str | None = None,
-              eos: str | None = "<eos>", unk: str | None = "<unk>") -> "Vocabulary":
+              eos: str | None = "<eos>", unk: str | None = "<unk>") -> Vocabulary:
         """Count the types of ``sentences`` (token lists or strings) and keep the frequent ones.
 
         ``max_size`` bounds the total size, specials included; ``min_freq`` drops
@@ -93,7 +93,7 @@ class Vocabulary:
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, pad: str | None = None,
                   bos: str | None = None, eos: str | None = "<eos>",
-                  unk: str | None = "<unk>") -> "Vocabulary":
+                  unk: str | None = "<unk>") -> Vocabulary:
         """Read a vocabulary file: one token a line, or ``token<TAB>index`` lines.
 
         With indices the tokens are placed at them (they must be 0..n-1).  A special
@@ -225,7 +225,7 @@ class Vocabulary:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Vocabulary":
+    def from_dict(cls, d: dict) -> Vocabulary:
         if d.get("format") != _FORMAT:
             raise ValueError(f"not a saved Vocabulary (format={d.get('format')!r})")
         return cls(d["itos"], counts=d.get("counts"), **d["specials"])
@@ -239,6 +239,6 @@ class Vocabulary:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Vocabulary":
+    def load(cls, path: str | os.PathLike) -> Vocabulary:
         """Read a vocabulary written by :meth:`save`."""
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

@@ -25,7 +25,8 @@ vocabulary, with context ``log_alpha``, ``src_ext`` (and ``extended_size``).
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -42,9 +42,17 @@ from latentnlp.families import MaskedCategorical
 from latentnlp.layers.copy_generator import CopyGenerator
 from latentnlp.layers.latent_attention import DEFAULT_MAX_CHUNK_ELEMENTS
 from latentnlp.models.base import ELBO, Batch, LatentModel, records_construction
-from latentnlp.models.seq2seq import (AlignmentELBO, AttentionalEncoderDecoder, CopyHead, DecoderOutput,
-                                      DecoderState, LatentAttentionHead, Marginal, Seq2SeqHead,
-                                      SoftAttentionHead)
+from latentnlp.models.seq2seq import (
+    AlignmentELBO,
+    AttentionalEncoderDecoder,
+    CopyHead,
+    DecoderOutput,
+    DecoderState,
+    LatentAttentionHead,
+    Marginal,
+    Seq2SeqHead,
+    SoftAttentionHead,
+)
 from latentnlp.models.seq2seq.core import masked_sum
 
 __all__ = ["LatentAlignmentSeq2Seq", "MODES"]
@@ -85,7 +93,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
                   hidden_size: int = 256, num_layers: int = 1, attention: str = "mlp", dropout: float = 0.0,
                   tau: float = 1.0, bos_id: int | None = None, eos_id: int | None = None,
                   unk_id: int | None = None,
-                  max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> "LatentAlignmentSeq2Seq":
+                  max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> LatentAlignmentSeq2Seq:
         """The model of one of :data:`MODES` (see the module docstring).
 
         Sizes and ``attention``, ``dropout``, ``max_chunk_elements`` go to the core; ``tau`` is the

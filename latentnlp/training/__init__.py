@@ -40,7 +40,10 @@ _HOMES = {
     "FinishedRunError": "run_dir", "read_metrics": "run_log", "training_speed": "run_log",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "OPTIMIZERS", "SCHEDULES", "SELECTION_METRICS", "CorruptCheckpointError", "DataSource", "FinishedRunError",
+    "TrainConfig", "Trainer", "evaluate", "load_model", "read_metrics", "training_speed",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -46,7 +46,7 @@ class DecoderState:
     memory_mask: Tensor
     context: dict[str, object] = field(default_factory=dict)
 
-    def index_select(self, index: Tensor) -> "DecoderState":
+    def index_select(self, index: Tensor) -> DecoderState:
         def pick(x: Tensor) -> Tensor:
             return x.index_select(0, index)
 

@@ -18,8 +18,9 @@ Each takes ``(head, run, targets, q, *, num_samples, baseline)`` and returns an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
