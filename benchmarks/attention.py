@@ -71,8 +71,7 @@ def cases(quick: bool) -> list[dict]:
     for vocab in grid["vocab"]:
         for source in grid["source"]:
             for layer in LAYERS:
-                params = {"layer": layer, "B": grid["B"], "T": grid["T"], "H": grid["H"], "V": vocab,
-                          "S": source}
+                params = {"layer": layer, "B": grid["B"], "T": grid["T"], "H": grid["H"], "V": vocab, "S": source}
                 out.append({"name": f"{layer}/V={vocab}/S={source}", "params": params})
     return out
 
@@ -90,7 +89,7 @@ def build_step(p: dict, device):
     B, T, H, V, S = p["B"], p["T"], p["H"], p["V"], p["S"]
     layer_name = p["layer"]
     # chunked: the layer's default block; otherwise one block (or nothing chunked: soft, copy)
-    chunking = {} if layer_name == "exact-chunked" else {"max_chunk_elements": 2 ** 62}
+    chunking = {} if layer_name == "exact-chunked" else {"max_chunk_elements": 2**62}
     mode = "exact" if layer_name.startswith("exact") else "soft"
     layer = LatentAttention(H, H, V, mode=mode, **chunking).to(device)
     modules = [layer]
@@ -132,8 +131,15 @@ def worker(spec: dict) -> dict:
     out: dict[str, Any] = {"name": spec["name"], "params": spec["params"]}
     # the measured step follows a warm-up step of the same size: the heap's free pages are
     # handed back first, so that they do not hide the measured step's peak
-    out.update(time_step(lambda: build_step(spec["params"], device), device, budget_s=spec["budget_s"],
-                         max_repeats=spec["max_repeats"], trim_heap_first=True))
+    out.update(
+        time_step(
+            lambda: build_step(spec["params"], device),
+            device,
+            budget_s=spec["budget_s"],
+            max_repeats=spec["max_repeats"],
+            trim_heap_first=True,
+        )
+    )
     return out
 
 
@@ -141,11 +147,24 @@ def worker(spec: dict) -> dict:
 # driver side
 # ==============================================================================================
 def measure(case: dict, args) -> dict:
-    spec = dict(name=case["name"], params=case["params"], device=args.device, threads=args.threads,
-                mem_cap_gb=args.mem_cap_gb, budget_s=args.budget, max_repeats=args.max_repeats)
+    spec = dict(
+        name=case["name"],
+        params=case["params"],
+        device=args.device,
+        threads=args.threads,
+        mem_cap_gb=args.mem_cap_gb,
+        budget_s=args.budget,
+        max_repeats=args.max_repeats,
+    )
     # a fixed mmap threshold: large tensors are mapped and unmapped, not kept in the heap
-    return run_case(__file__, spec, identity=dict(name=case["name"], params=case["params"]),
-                    threads=args.threads, timeout=args.timeout, fixed_mmap_threshold=True)
+    return run_case(
+        __file__,
+        spec,
+        identity=dict(name=case["name"], params=case["params"]),
+        threads=args.threads,
+        timeout=args.timeout,
+        fixed_mmap_threshold=True,
+    )
 
 
 def _ok(r: dict | None) -> bool:
@@ -165,12 +184,21 @@ def chunking(results: list[dict]) -> list[dict]:
         p = r["params"]
         other = by_name.get(f"exact-unchunked/V={p['V']}/S={p['S']}")
         chunk_rows = LatentAttention.block_rows(p["V"])
-        row = {"V": p["V"], "S": p["S"], "chunk": chunk_rows, "chunks": -(-p["B"] * p["T"] * p["S"] // chunk_rows),
-               "chunked": r.get("status"), "unchunked": other.get("status") if other else None}
+        row = {
+            "V": p["V"],
+            "S": p["S"],
+            "chunk": chunk_rows,
+            "chunks": -(-p["B"] * p["T"] * p["S"] // chunk_rows),
+            "chunked": r.get("status"),
+            "unchunked": other.get("status") if other else None,
+        }
         if _ok(r) and _ok(other):
             ratio = r["time_s"] / other["time_s"]
-            row.update(time_ratio=ratio, memory_ratio=r["peak_mb"] / max(other["peak_mb"], 1e-9),
-                       not_slower=ratio <= SLOWER_TOLERANCE)
+            row.update(
+                time_ratio=ratio,
+                memory_ratio=r["peak_mb"] / max(other["peak_mb"], 1e-9),
+                not_slower=ratio <= SLOWER_TOLERANCE,
+            )
         rows.append(row)
     return rows
 
@@ -184,8 +212,11 @@ def table(results: list[dict]) -> str:
     for r in results:
         if _ok(r):
             t = r["time_s"]
-            cells = [f"{r['tokens_per_s']:,.0f}", f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s",
-                     f"{r['peak_mb']:,.1f}"]
+            cells = [
+                f"{r['tokens_per_s']:,.0f}",
+                f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s",
+                f"{r['peak_mb']:,.1f}",
+            ]
         else:
             cells = [r.get("status", "?"), "-", "-"]
         rows.append(f"| {r['params']['layer']} | {_sizes(r['params'])} | " + " | ".join(cells) + " |")
@@ -193,8 +224,11 @@ def table(results: list[dict]) -> str:
 
 
 def chunk_table(rows: list[dict]) -> str:
-    lines = ["| V | S | chunk (rows) | blocks | time chunked / unchunked | memory chunked / unchunked "
-             f"| chunked not slower (<= {SLOWER_TOLERANCE}) |", "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| V | S | chunk (rows) | blocks | time chunked / unchunked | memory chunked / unchunked "
+        f"| chunked not slower (<= {SLOWER_TOLERANCE}) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in rows:
         if "time_ratio" in r:
             cells = [f"{r['time_ratio']:.2f}", f"{r['memory_ratio']:.2f}", "pass" if r["not_slower"] else "FAIL"]
@@ -222,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     for case in selected:
         r = measure(case, args)
         results.append(r)
-        rate = f"{r['tokens_per_s']:,.0f} tokens/s, {r['peak_mb']:,.1f} MB" if _ok(r) \
+        rate = (
+            f"{r['tokens_per_s']:,.0f} tokens/s, {r['peak_mb']:,.1f} MB"
+            if _ok(r)
             else f"{r['status']}: {r.get('error', '')}"
+        )
         print(f"{case['name']}: {rate}", file=sys.stderr, flush=True)
     compared = chunking(results)
     print(table(results))
@@ -235,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         out = RESULTS / "attention.json"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(run_metadata(args.device, args.threads, args.quick),
-                    grid=GRID["quick" if args.quick else "full"], load_average=os.getloadavg())
+        meta = dict(
+            run_metadata(args.device, args.threads, args.quick),
+            grid=GRID["quick" if args.quick else "full"],
+            load_average=os.getloadavg(),
+        )
         out.write_text(json.dumps({"meta": meta, "results": results, "chunking": compared}, indent=2) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     return 0 if all(_ok(r) for r in results) else 1

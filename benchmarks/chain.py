@@ -77,8 +77,7 @@ METHODS = {
     "naive": ("scaled forward in plain torch ops, autograd backward", True, lambda B, T, K: True),
     "torch-struct": ("torch-struct LinearChainCRF on [B,T-1,K,K] edges", True, lambda B, T, K: True),
     "pyro": ("Pyro DiscreteHMM.log_prob", True, lambda B, T, K: True),
-    "hmmlearn-fwd": ("hmmlearn _hmmc.forward_scaling x B, float64, forward only", False,
-                     lambda B, T, K: True),
+    "hmmlearn-fwd": ("hmmlearn _hmmc.forward_scaling x B, float64, forward only", False, lambda B, T, K: True),
     "matmul-3T": ("3T torch.mm (B,K)x(K,K): the BLAS limit", True, lambda B, T, K: True),
 }
 PEERS = ["naive", "torch-struct", "pyro"]
@@ -234,8 +233,7 @@ def worker(spec: dict) -> dict:
                 t0 = time.perf_counter()
                 run()
                 times.append(time.perf_counter() - t0)
-        out.update(status="ok", time_s=statistics.median(times), min_s=min(times), times_s=times,
-                   warmup_s=first)
+        out.update(status="ok", time_s=statistics.median(times), min_s=min(times), times_s=times, warmup_s=first)
     except Exception as e:  # a peer's failure is a result, not a crash of the benchmark
         out.update(failure(e))
     return out
@@ -245,10 +243,20 @@ def worker(spec: dict) -> dict:
 # driver side
 # ==============================================================================================
 def measure(method, B, T, K, args) -> dict:
-    spec = dict(method=method, B=B, T=T, K=K, mem_cap_gb=args.mem_cap_gb, budget_s=args.budget,
-                max_repeats=args.max_repeats, timeout_s=args.timeout, threads=args.threads)
-    return run_case(__file__, spec, identity=dict(method=method, B=B, T=T, K=K), threads=args.threads,
-                    timeout=args.timeout)
+    spec = dict(
+        method=method,
+        B=B,
+        T=T,
+        K=K,
+        mem_cap_gb=args.mem_cap_gb,
+        budget_s=args.budget,
+        max_repeats=args.max_repeats,
+        timeout_s=args.timeout,
+        threads=args.threads,
+    )
+    return run_case(
+        __file__, spec, identity=dict(method=method, B=B, T=T, K=K), threads=args.threads, timeout=args.timeout
+    )
 
 
 def _ok(r):
@@ -284,24 +292,22 @@ def targets(results: list) -> list:
         if r is None:
             return dict(target=name, size=None, status="n/a", why=f"no size with K={k} run")
         size = (r["B"], r["T"], r["K"])
-        val = r["ratios"].get(key) if key != "peak_mb" else (
-            r["methods"].get("latentnlp", {}).get("peak_mb"))
+        val = r["ratios"].get(key) if key != "peak_mb" else (r["methods"].get("latentnlp", {}).get("peak_mb"))
         if val is None:
-            why = [f"{m}: {r['methods'][m].get('status')}" for m in ("latentnlp", peer)
-                   if m in r["methods"] and not _ok(r["methods"][m])]
+            why = [
+                f"{m}: {r['methods'][m].get('status')}"
+                for m in ("latentnlp", peer)
+                if m in r["methods"] and not _ok(r["methods"][m])
+            ]
             return dict(target=name, size=list(size), status="n/a", why=", ".join(why) or "not run")
         ok = val >= bound if op == ">=" else (val <= bound if op == "<=" else val < bound)
-        return dict(target=name, size=list(size), value=val, bound=bound, op=op,
-                    status="pass" if ok else "FAIL")
+        return dict(target=name, size=list(size), value=val, bound=bound, op=op, status="pass" if ok else "FAIL")
 
     return [
-        goal(">= 1000x faster than torch-struct at K=64", 64, "speedup_vs_torch-struct", ">=", 1000,
-             "torch-struct"),
+        goal(">= 1000x faster than torch-struct at K=64", 64, "speedup_vs_torch-struct", ">=", 1000, "torch-struct"),
         goal(">= 100x faster than Pyro at K=128", 128, "speedup_vs_pyro", ">=", 100, "pyro"),
-        goal(">= 1.5x faster than naive autograd at K=512", 512, "speedup_vs_naive", ">=", 1.5,
-             "naive"),
-        goal("fwd+bwd <= 1.43x the 3T matmul time at K=512", 512, "time_over_3T_matmul", "<=", 1.43,
-             "matmul-3T"),
+        goal(">= 1.5x faster than naive autograd at K=512", 512, "speedup_vs_naive", ">=", 1.5, "naive"),
+        goal("fwd+bwd <= 1.43x the 3T matmul time at K=512", 512, "time_over_3T_matmul", "<=", 1.43, "matmul-3T"),
         goal("fwd+bwd peak memory < 1 GB at K=2048 (B=8, T=256)", 2048, "peak_mb", "<", 1024),
     ]
 
@@ -332,13 +338,19 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
         rows.append([f"{r['B']},{r['T']},{r['K']}"] + [_cell_time(r["methods"].get(m)) for m in methods])
     mem_rows = []
     for r in results:
-        mem_rows.append([f"{r['B']},{r['T']},{r['K']}"] + [
-            (_fmt_mb(r["methods"][m]["peak_mb"]) if _ok(r["methods"].get(m)) else "-")
-            for m in methods])
-    rkeys = ["speedup_vs_naive", "speedup_vs_torch-struct", "speedup_vs_pyro",
-             "fwd_speedup_vs_hmmlearn", "limit_fraction", "time_over_3T_matmul"]
-    ratio_rows = [[f"{r['B']},{r['T']},{r['K']}"] + [_fmt_ratio(r["ratios"].get(k)) for k in rkeys]
-                  for r in results]
+        mem_rows.append(
+            [f"{r['B']},{r['T']},{r['K']}"]
+            + [(_fmt_mb(r["methods"][m]["peak_mb"]) if _ok(r["methods"].get(m)) else "-") for m in methods]
+        )
+    rkeys = [
+        "speedup_vs_naive",
+        "speedup_vs_torch-struct",
+        "speedup_vs_pyro",
+        "fwd_speedup_vs_hmmlearn",
+        "limit_fraction",
+        "time_over_3T_matmul",
+    ]
+    ratio_rows = [[f"{r['B']},{r['T']},{r['K']}"] + [_fmt_ratio(r["ratios"].get(k)) for k in rkeys] for r in results]
 
     def plain(head, rows):
         w = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
@@ -355,19 +367,29 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
         at = f" (at B,T,K = {','.join(map(str, g['size']))})" if g["size"] else ""
         goal_lines.append(f"[{g['status']:>4}] {g['target']}: {vs}{at}")
 
-    console = "\n\n".join([
-        "fwd+bwd time, median (hmmlearn-fwd and latentnlp-fwd: forward only)",
-        plain(head, rows),
-        "peak memory above baseline, MB",
-        plain(head, mem_rows),
-        "ratios (speed-up = peer time / latentnlp time; limit_fraction = 3T-matmul time / latentnlp time)",
-        plain(["B,T,K"] + rkeys, ratio_rows),
-        "targets\n" + "\n".join(goal_lines),
-    ])
+    console = "\n\n".join(
+        [
+            "fwd+bwd time, median (hmmlearn-fwd and latentnlp-fwd: forward only)",
+            plain(head, rows),
+            "peak memory above baseline, MB",
+            plain(head, mem_rows),
+            "ratios (speed-up = peer time / latentnlp time; limit_fraction = 3T-matmul time / latentnlp time)",
+            plain(["B,T,K"] + rkeys, ratio_rows),
+            "targets\n" + "\n".join(goal_lines),
+        ]
+    )
 
     # Markdown: one row per size, peers as "time (speed-up)"
-    md_head = ["B, T, K", "latentnlp fwd+bwd", "peak mem", "3T matmuls (limit)", "naive autograd",
-               "torch-struct", "Pyro", "latentnlp fwd / hmmlearn fwd"]
+    md_head = [
+        "B, T, K",
+        "latentnlp fwd+bwd",
+        "peak mem",
+        "3T matmuls (limit)",
+        "naive autograd",
+        "torch-struct",
+        "Pyro",
+        "latentnlp fwd / hmmlearn fwd",
+    ]
     md = ["| " + " | ".join(md_head) + " |", "|" + "---|" * len(md_head)]
     for r in results:
         m, q = r["methods"], r["ratios"]
@@ -377,24 +399,32 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
             return c + (f" ({_fmt_ratio(q[key])})" if key in q else "")
 
         ours = m.get("latentnlp")
-        md.append("| " + " | ".join([
-            f"{r['B']}, {r['T']}, {r['K']}",
-            _cell_time(ours),
-            _fmt_mb(ours["peak_mb"]) + " MB" if _ok(ours) else "-",
-            _cell_time(m.get("matmul-3T")) + (
-                f" ({q['time_over_3T_matmul']:.2f}x)" if "time_over_3T_matmul" in q else ""),
-            peer("naive", "speedup_vs_naive"),
-            peer("torch-struct", "speedup_vs_torch-struct"),
-            peer("pyro", "speedup_vs_pyro"),
-            _cell_time(m.get("latentnlp-fwd")) + " / " + peer("hmmlearn-fwd", "fwd_speedup_vs_hmmlearn"),
-        ]) + " |")
+        md.append(
+            "| "
+            + " | ".join(
+                [
+                    f"{r['B']}, {r['T']}, {r['K']}",
+                    _cell_time(ours),
+                    _fmt_mb(ours["peak_mb"]) + " MB" if _ok(ours) else "-",
+                    _cell_time(m.get("matmul-3T"))
+                    + (f" ({q['time_over_3T_matmul']:.2f}x)" if "time_over_3T_matmul" in q else ""),
+                    peer("naive", "speedup_vs_naive"),
+                    peer("torch-struct", "speedup_vs_torch-struct"),
+                    peer("pyro", "speedup_vs_pyro"),
+                    _cell_time(m.get("latentnlp-fwd")) + " / " + peer("hmmlearn-fwd", "fwd_speedup_vs_hmmlearn"),
+                ]
+            )
+            + " |"
+        )
     md.append("")
-    md.append(f"Median time of forward + backward of `log_partition.sum()` w.r.t. emit and trans "
-              f"(float32, {info['cpu_model']}, {info['threads']} thread(s), torch "
-              f"{info['versions']['torch']}); (Nx) = speed-up of latentnlp over the peer; the limit "
-              f"column is the time of 3T (B,K)x(K,K) matmuls with (latentnlp time / that time); "
-              f"hmmlearn (float64 C++) is forward only, so is the latentnlp time beside it; OOM = over "
-              f"the {info['mem_cap_gb']:g} GB per-process memory cap.")
+    md.append(
+        f"Median time of forward + backward of `log_partition.sum()` w.r.t. emit and trans "
+        f"(float32, {info['cpu_model']}, {info['threads']} thread(s), torch "
+        f"{info['versions']['torch']}); (Nx) = speed-up of latentnlp over the peer; the limit "
+        f"column is the time of 3T (B,K)x(K,K) matmuls with (latentnlp time / that time); "
+        f"hmmlearn (float64 C++) is forward only, so is the latentnlp time beside it; OOM = over "
+        f"the {info['mem_cap_gb']:g} GB per-process memory cap."
+    )
     return console, "\n".join(md)
 
 
@@ -415,24 +445,32 @@ def machine_info(args) -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     try:
-        git = lambda *cmd: subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True,
-                                          text=True).stdout.strip()
+        git = lambda *cmd: subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True).stdout.strip()
         commit = git("rev-parse", "HEAD") or None
         dirty = bool(git("status", "--porcelain", "--", "latentnlp"))
     except OSError:
         commit, dirty = None, None
     return {
-        "platform": platform.platform(), "python": platform.python_version(), "cpu_model": cpu,
-        "cpu_count": os.cpu_count(), "threads": args.threads, "versions": versions,
-        "mem_cap_gb": args.mem_cap_gb, "load_average_start": list(os.getloadavg()),
-        "git_commit": commit, "latentnlp_uncommitted_changes": dirty,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "versions": versions,
+        "mem_cap_gb": args.mem_cap_gb,
+        "load_average_start": list(os.getloadavg()),
+        "git_commit": commit,
+        "latentnlp_uncommitted_changes": dirty,
     }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="sanity run: short chains (same K), one repeat, nothing written unless --out")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="sanity run: short chains (same K), one repeat, nothing written unless --out",
+    )
     p.add_argument("--sizes", help="comma list of BxTxK (default: the five published sizes)")
     p.add_argument("--methods", help=f"comma list out of {', '.join(METHODS)}")
     p.add_argument("--budget", type=float, help="seconds of repeats per measurement (default 3; quick 0)")
@@ -440,8 +478,11 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, help="seconds per measurement process (default 150; quick 30)")
     p.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads (default 2)")
     p.add_argument("--mem-cap-gb", type=float, default=8.0, help="RLIMIT_AS of each process")
-    p.add_argument("--out", type=Path, help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)}; "
-                   "--quick writes none unless given)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)}; --quick writes none unless given)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -456,17 +497,23 @@ def main(argv=None):
     if args.quick:
         args.max_repeats = 1
     out = args.out if args.out or args.quick else DEFAULT_OUT
-    sizes = (QUICK_SIZES if args.quick else SIZES) if not args.sizes else [tuple(int(v) for v in s.lower().split("x"))
-                                          for s in args.sizes.split(",")]
+    sizes = (
+        (QUICK_SIZES if args.quick else SIZES)
+        if not args.sizes
+        else [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
+    )
     methods = list(METHODS) if not args.methods else args.methods.split(",")
     for m in methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
 
     info = machine_info(args)
-    print(f"# {info['cpu_model']}, {info['cpu_count']} CPUs, torch {info['versions']['torch']}, "
-          f"{args.threads} thread(s), memory cap {args.mem_cap_gb:g} GB per process, "
-          f"load average {info['load_average_start'][0]:.2f}", flush=True)
+    print(
+        f"# {info['cpu_model']}, {info['cpu_count']} CPUs, torch {info['versions']['torch']}, "
+        f"{args.threads} thread(s), memory cap {args.mem_cap_gb:g} GB per process, "
+        f"load average {info['load_average_start'][0]:.2f}",
+        flush=True,
+    )
     t_start = time.perf_counter()
     results = []
     for B, T, K in sizes:
@@ -476,8 +523,11 @@ def main(argv=None):
                 continue
             r = measure(m, B, T, K, args)
             res[m] = r
-            what = (f"{r['time_s'] * 1e3:10.3f} ms  ({len(r['times_s'])} rep)  peak {r['peak_mb']:.0f} MB"
-                    if _ok(r) else f"{r['status']}: {r.get('error', '')[:120]}")
+            what = (
+                f"{r['time_s'] * 1e3:10.3f} ms  ({len(r['times_s'])} rep)  peak {r['peak_mb']:.0f} MB"
+                if _ok(r)
+                else f"{r['status']}: {r.get('error', '')[:120]}"
+            )
             print(f"  B={B:<3} T={T:<5} K={K:<5} {m:<17} {what}", flush=True)
         # the values must agree (hmmlearn: float64, forward only) -- a wrong peer is no peer
         ref = next((res[m] for m in ("latentnlp-log", "latentnlp", "naive") if _ok(res.get(m))), None)
@@ -501,11 +551,18 @@ def main(argv=None):
             "benchmark": "linear-chain log_partition, forward + backward",
             "date": utc_now(),
             "machine": info,
-            "settings": {"quick": args.quick, "budget_s": args.budget, "max_repeats": args.max_repeats,
-                         "timeout_s": args.timeout, "dtype": "float32", "seed": SEED,
-                         "trans": "shared [K, K]", "statistic": "median after one warm-up call",
-                         "memory": "peak RSS of the first (warm-up) call above the RSS before it "
-                                   "(VmHWM reset via /proc/self/clear_refs), MB"},
+            "settings": {
+                "quick": args.quick,
+                "budget_s": args.budget,
+                "max_repeats": args.max_repeats,
+                "timeout_s": args.timeout,
+                "dtype": "float32",
+                "seed": SEED,
+                "trans": "shared [K, K]",
+                "statistic": "median after one warm-up call",
+                "memory": "peak RSS of the first (warm-up) call above the RSS before it "
+                "(VmHWM reset via /proc/self/clear_refs), MB",
+            },
             "methods": {m: METHODS[m][0] for m in methods},
             "results": results,
             "targets": goals,

@@ -39,9 +39,10 @@ import argparse
 import json
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -105,12 +106,24 @@ def _lstm_lm_step(p: dict, device):
     g = torch.Generator().manual_seed(SEED)
     torch.manual_seed(SEED)
     mos = p["experts"] > 0
-    model = LSTMLanguageModel(p["V"], p["d"], p["H"], p["layers"], output="mos" if mos else "softmax",
-                              softmax_input_size=p["d"], num_experts=p["experts"] if mos else None,
-                              tie_weights=True, chunk_size=p.get("chunk")).to(device)
+    model = LSTMLanguageModel(
+        p["V"],
+        p["d"],
+        p["H"],
+        p["layers"],
+        output="mos" if mos else "softmax",
+        softmax_input_size=p["d"],
+        num_experts=p["experts"] if mos else None,
+        tie_weights=True,
+        chunk_size=p.get("chunk"),
+    ).to(device)
     tokens = torch.randint(0, p["V"], (p["B"], p["T"] + 1), generator=g).to(device)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-             "lengths": torch.full((p["B"],), p["T"], device=device), "stream": True}
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "lengths": torch.full((p["B"],), p["T"], device=device),
+        "stream": True,
+    }
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -125,19 +138,23 @@ def _output_cases() -> list[Case]:
         full = dict(N=840, H=620, d=280, V=V)
         quick = dict(N=128, H=64, d=32, V=V // 10)
         for label, extra, quick_extra in (
-                ("softmax", dict(experts=0), dict(experts=0)),
-                ("mos15", dict(experts=15), dict(experts=15)),
-                ("mos15-chunk2048", dict(experts=15, chunk=2048), dict(experts=15, chunk=256))):
-            cases.append(Case(f"output/{label}/{vocab_name}", _output_layer_step,
-                              {**full, **extra}, {**quick, **quick_extra}))
+            ("softmax", dict(experts=0), dict(experts=0)),
+            ("mos15", dict(experts=15), dict(experts=15)),
+            ("mos15-chunk2048", dict(experts=15, chunk=2048), dict(experts=15, chunk=256)),
+        ):
+            cases.append(
+                Case(f"output/{label}/{vocab_name}", _output_layer_step, {**full, **extra}, {**quick, **quick_extra})
+            )
     return cases
 
 
 def _lstm_lm_cases() -> list[Case]:
     base = dict(B=12, T=70, H=620, d=280, layers=2, V=10_000)
     quick = dict(B=4, T=16, H=64, d=32, layers=2, V=1000)
-    return [Case(f"lstm-lm/{label}/V10k", _lstm_lm_step, {**base, **extra}, {**quick, **extra})
-            for label, extra in (("softmax", dict(experts=0)), ("mos15", dict(experts=15)))]
+    return [
+        Case(f"lstm-lm/{label}/V10k", _lstm_lm_step, {**base, **extra}, {**quick, **extra})
+        for label, extra in (("softmax", dict(experts=0)), ("mos15", dict(experts=15)))
+    ]
 
 
 def _hmm_lm_step(p: dict, device):
@@ -164,11 +181,16 @@ def _hmm_lm_cases() -> list[Case]:
     quick = dict(B=4, T=16, d=32, V=1000)
     cases = []
     for states in (128, 256, 512, 1024, 2048, 4096):
-        cases.append(Case(f"hmm-lm/dense/K{states}", _hmm_lm_step, {**base, "K": states},
-                          {**quick, "K": states // 16}))
+        cases.append(Case(f"hmm-lm/dense/K{states}", _hmm_lm_step, {**base, "K": states}, {**quick, "K": states // 16}))
     for states, rank in ((1024, 128), (2048, 256), (4096, 256)):
-        cases.append(Case(f"hmm-lm/rank{rank}/K{states}", _hmm_lm_step, {**base, "K": states, "rank": rank},
-                          {**quick, "K": states // 16, "rank": rank // 16}))
+        cases.append(
+            Case(
+                f"hmm-lm/rank{rank}/K{states}",
+                _hmm_lm_step,
+                {**base, "K": states, "rank": rank},
+                {**quick, "K": states // 16, "rank": rank // 16},
+            )
+        )
     return cases
 
 
@@ -190,8 +212,15 @@ def worker(spec: dict) -> dict:
     out: dict[str, Any] = {"name": case.name, "section": case.section, "params": params}
     # the measured step follows a warm-up step of the same size: the heap's free pages are
     # handed back first, so that they do not hide the measured step's peak
-    out.update(time_step(lambda: case.build(params, device), device, budget_s=spec["budget_s"],
-                         max_repeats=spec["max_repeats"], trim_heap_first=True))
+    out.update(
+        time_step(
+            lambda: case.build(params, device),
+            device,
+            budget_s=spec["budget_s"],
+            max_repeats=spec["max_repeats"],
+            trim_heap_first=True,
+        )
+    )
     return out
 
 
@@ -199,12 +228,25 @@ def worker(spec: dict) -> dict:
 # driver side
 # ==============================================================================================
 def measure(case: Case, args) -> dict:
-    spec = dict(name=case.name, quick=args.quick, device=args.device, threads=args.threads,
-                mem_cap_gb=args.mem_cap_gb, budget_s=args.budget, max_repeats=args.max_repeats)
+    spec = dict(
+        name=case.name,
+        quick=args.quick,
+        device=args.device,
+        threads=args.threads,
+        mem_cap_gb=args.mem_cap_gb,
+        budget_s=args.budget,
+        max_repeats=args.max_repeats,
+    )
     params = case.quick if args.quick else case.params
     # a fixed mmap threshold: large tensors are mapped and unmapped, not kept in the heap
-    return run_case(__file__, spec, identity=dict(name=case.name, section=case.section, params=params),
-                    threads=args.threads, timeout=args.timeout, fixed_mmap_threshold=True)
+    return run_case(
+        __file__,
+        spec,
+        identity=dict(name=case.name, section=case.section, params=params),
+        threads=args.threads,
+        timeout=args.timeout,
+        fixed_mmap_threshold=True,
+    )
 
 
 def _sizes(params: dict) -> str:
@@ -213,13 +255,15 @@ def _sizes(params: dict) -> str:
 
 def table(results: list[dict]) -> str:
     """A Markdown table: one row per case."""
-    rows = ["| case | sizes | tokens/s | step time | peak memory (MB) |",
-            "| --- | --- | ---: | ---: | ---: |"]
+    rows = ["| case | sizes | tokens/s | step time | peak memory (MB) |", "| --- | --- | ---: | ---: | ---: |"]
     for r in results:
         if r.get("status") == "ok":
             t = r["time_s"]
-            cells = [f"{r['tokens_per_s']:,.0f}", f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s",
-                     f"{r['peak_mb']:,.0f}"]
+            cells = [
+                f"{r['tokens_per_s']:,.0f}",
+                f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s",
+                f"{r['peak_mb']:,.0f}",
+            ]
         else:
             cells = [r.get("status", "?"), "-", "-"]
         rows.append(f"| {r['name']} | {_sizes(r['params'])} | " + " | ".join(cells) + " |")
@@ -244,8 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         r = measure(case, args)
         results.append(r)
-        rate = f"{r['tokens_per_s']:,.0f} tokens/s, {r['peak_mb']:,.0f} MB" if r["status"] == "ok" \
+        rate = (
+            f"{r['tokens_per_s']:,.0f} tokens/s, {r['peak_mb']:,.0f} MB"
+            if r["status"] == "ok"
             else f"{r['status']}: {r.get('error', '')}"
+        )
         print(f"{case.name}: {rate}", file=sys.stderr, flush=True)
     print(table(results))
     out = args.out
@@ -253,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         out = RESULTS / f"lm-{args.device.split(':')[0]}.json"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(run_metadata(args.device, args.threads, args.quick),
-                    processor=platform.processor() or platform.machine())
+        meta = dict(
+            run_metadata(args.device, args.threads, args.quick), processor=platform.processor() or platform.machine()
+        )
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     return 0 if all(r["status"] == "ok" for r in results) else 1

@@ -34,8 +34,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: environment variables that fix the thread pools of the worker's numerical libraries
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -95,8 +96,7 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_memory(call: Callable[[], Any], device=None, *,
-                trim_heap_first: bool = False) -> tuple[Any, float, str]:
+def peak_memory(call: Callable[[], Any], device=None, *, trim_heap_first: bool = False) -> tuple[Any, float, str]:
     """Run ``call()`` once and measure its working memory.
 
     Returns ``(call's result, peak MB, how the peak was measured)``: on a CUDA ``device`` the peak
@@ -133,13 +133,22 @@ def failure(exc: BaseException) -> dict:
     """``status`` and ``error`` of a case that raised ``exc``: ``"oom"`` for an allocation failure
     (``MemoryError``, torch's ``OutOfMemoryError``, a ``RuntimeError`` saying so), else ``"error"``."""
     msg = str(exc)
-    oom = (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
-           or (isinstance(exc, RuntimeError) and any(s in msg for s in OOM_MESSAGES)))
+    oom = (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or (isinstance(exc, RuntimeError) and any(s in msg for s in OOM_MESSAGES))
+    )
     return {"status": "oom" if oom else "error", "error": f"{type(exc).__name__}: {msg}"[:300]}
 
 
-def time_step(build: Callable[[], tuple[Callable[[], object], int]], device, *, budget_s: float,
-              max_repeats: int, trim_heap_first: bool = False) -> dict:
+def time_step(
+    build: Callable[[], tuple[Callable[[], object], int]],
+    device,
+    *,
+    budget_s: float,
+    max_repeats: int,
+    trim_heap_first: bool = False,
+) -> dict:
     """Time a training step and measure its working memory; ``build()`` returns ``(step, tokens)``.
 
     One warm-up step, then the measured steps: the first of them under :func:`peak_memory`, then
@@ -163,13 +172,15 @@ def time_step(build: Callable[[], tuple[Callable[[], object], int]], device, *, 
     try:
         step, tokens = build()
         warmup = timed(step)
-        first, out["peak_mb"], out["peak_method"] = peak_memory(lambda: timed(step), device,
-                                                                trim_heap_first=trim_heap_first)
+        first, out["peak_mb"], out["peak_method"] = peak_memory(
+            lambda: timed(step), device, trim_heap_first=trim_heap_first
+        )
         times = [first]
         times += [timed(step) for _ in range(repeat_count(first, budget_s, max_repeats) - 1)]
         median = statistics.median(times)
-        out.update(status="ok", tokens=tokens, time_s=median, times_s=times, warmup_s=warmup,
-                   tokens_per_s=tokens / median)
+        out.update(
+            status="ok", tokens=tokens, time_s=median, times_s=times, warmup_s=warmup, tokens_per_s=tokens / median
+        )
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         out.update(failure(e))
     return out
@@ -178,8 +189,9 @@ def time_step(build: Callable[[], tuple[Callable[[], object], int]], device, *, 
 # ==============================================================================================
 # driver side
 # ==============================================================================================
-def run_case(script: str | Path, spec: dict, *, identity: dict, threads: int, timeout: float,
-             fixed_mmap_threshold: bool = False) -> dict:
+def run_case(
+    script: str | Path, spec: dict, *, identity: dict, threads: int, timeout: float, fixed_mmap_threshold: bool = False
+) -> dict:
     """Run ``python script --worker <spec>`` in a fresh process and return its result.
 
     The worker prints its result as a JSON line (the last line starting with ``{`` is read).  It
@@ -195,8 +207,13 @@ def run_case(script: str | Path, spec: dict, *, identity: dict, threads: int, ti
     if fixed_mmap_threshold:
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     try:
-        proc = subprocess.run([sys.executable, str(script), "--worker", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            [sys.executable, str(script), "--worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         return dict(identity, status="timeout", error=f"no result within {timeout:.0f} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -207,8 +224,7 @@ def run_case(script: str | Path, spec: dict, *, identity: dict, threads: int, ti
     return dict(identity, status=status, error=f"exit {proc.returncode}: " + " | ".join(tail)[:300])
 
 
-def add_step_arguments(parser: argparse.ArgumentParser, *, budget: float, timeout: float,
-                       out_default: str) -> None:
+def add_step_arguments(parser: argparse.ArgumentParser, *, budget: float, timeout: float, out_default: str) -> None:
     """The command line of a step benchmark (``lm.py``, ``attention.py``): ``--worker`` (hidden),
     ``--device``, ``--quick``, ``--cases``, ``--threads``, ``--budget`` (default ``budget``
     seconds), ``--max-repeats``, ``--timeout`` (default ``timeout`` seconds), ``--mem-cap-gb``,
@@ -222,8 +238,9 @@ def add_step_arguments(parser: argparse.ArgumentParser, *, budget: float, timeou
     parser.add_argument("--max-repeats", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=timeout, help="seconds per case")
     parser.add_argument("--mem-cap-gb", type=float, default=16.0, help="CPU address-space cap, 0 = none")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"JSON output (default {out_default}; none with --quick)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"JSON output (default {out_default}; none with --quick)"
+    )
     parser.add_argument("--list", action="store_true", help="print the case names and exit")
 
 
@@ -237,6 +254,14 @@ def run_metadata(device: str, threads: int, quick: bool) -> dict:
     and Python versions, the machine, its CPU count and the GPU's name (``None`` on the CPU)."""
     import torch
 
-    return dict(date=utc_now(), device=device, threads=threads, quick=quick, torch=torch.__version__,
-                python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
-                gpu=torch.cuda.get_device_name(device) if device.startswith("cuda") else None)
+    return dict(
+        date=utc_now(),
+        device=device,
+        threads=threads,
+        quick=quick,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        machine=platform.machine(),
+        cpu_count=os.cpu_count(),
+        gpu=torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+    )

@@ -4,6 +4,13 @@ from .semirings import LogSemiring, MaxSemiring
 from .structures import ChainPosterior, cross_entropy
 from .transitions import DenseTransition, LowRankTransition, Transition
 
-__all__ = ["ChainPosterior", "DenseTransition", "LogSemiring", "LowRankTransition", "MaxSemiring", "Transition",
-           "cross_entropy"]
+__all__ = [
+    "ChainPosterior",
+    "DenseTransition",
+    "LogSemiring",
+    "LowRankTransition",
+    "MaxSemiring",
+    "Transition",
+    "cross_entropy",
+]
 __version__ = "0.1.0"

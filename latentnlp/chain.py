@@ -134,8 +134,7 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     return alpha, scale, emit_probs, shifts.sum(0)
 
 
-def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, emit_probs: Tensor, scale: Tensor,
-                     mask: Tensor):
+def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, emit_probs: Tensor, scale: Tensor, mask: Tensor):
     r"""Backward recursion of the scaled algorithm (time-major), fused with the gradient.
 
     ``beta_{L-1} = 1``; ``beta_{t-1} = P_t u_t`` with ``u_t = e_t * beta_t / c_t``.  Posterior
@@ -175,8 +174,7 @@ class _ScaledLogPartition(torch.autograd.Function):
         probs = transition.probabilities()
         alpha, scale, emit_probs, log_shift = _scaled_forward(init, probs, emit, mask)
         # accumulate in float64: T terms of magnitude |log c| lose precision in float32
-        log_z = (torch.log(scale).double().sum(0) + log_shift.double()
-                 + probs.log_shift_total(mask[:, 1:].double()))
+        log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
         underflowed = _underflowed(scale, mask)
         ctx.save_for_backward(alpha, scale, emit_probs, mask)
         ctx.probs = probs
@@ -197,8 +195,9 @@ class _ScaledLogPartition(torch.autograd.Function):
         return (grad_init, grad_emit, None, None) + tuple(grad_parameters)
 
 
-def scaled_log_partition(init: Tensor, transition: Transition, emit: Tensor,
-                         lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def scaled_log_partition(
+    init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """``log Z [B]`` by the scaled forward algorithm (first-order differentiable).
 
     Returns ``(log_z [B], final_filter [B, K], underflowed [B] bool)``: the last filtering
@@ -214,8 +213,7 @@ def scaled_log_partition(init: Tensor, transition: Transition, emit: Tensor,
 # ----------------------------------------------------------------------------------------------
 # log space
 # ----------------------------------------------------------------------------------------------
-def log_space_forward(init: Tensor, transition: Transition, emit: Tensor,
-                      lengths: Tensor) -> tuple[Tensor, Tensor]:
+def log_space_forward(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     r"""``log Z [B]`` by the forward recursion in the log semiring, autograd through it (any order).
 
     ``a_0 = init + emit_0``; ``a_t = logsumexp_i(a_{t-1}[i] + trans_t[i, :]) + emit_t``; result
@@ -293,8 +291,7 @@ def viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor)
 
 
 @torch.no_grad()
-def kbest_viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor,
-                  k: int) -> tuple[Tensor, Tensor]:
+def kbest_viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
     r"""The ``k`` highest-scoring paths: ``(paths [k, B, T], scores [k, B])``, best first.
 
     Each state keeps its ``k`` best partial paths: ``a_t[j, r]`` = the ``r``-th best of
@@ -352,8 +349,13 @@ def forward_filter(init: Tensor, transition: Transition, emit: Tensor, lengths: 
 
 
 @torch.no_grad()
-def backward_sample(log_filter: Tensor, transition: Transition, lengths: Tensor, num_samples: int,
-                    generator: torch.Generator | None = None) -> Tensor:
+def backward_sample(
+    log_filter: Tensor,
+    transition: Transition,
+    lengths: Tensor,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     r"""Exact posterior samples by backward sampling: ``[S, B, T]`` long, padding 0.
 
     ``z_{L-1} ~ p(z_{L-1} | x)`` (the last filtering distribution) and
@@ -408,8 +410,7 @@ def chain_entropy(init: Tensor, transition: Transition, emit: Tensor, lengths: T
         safe_reach = torch.where(reachable, reach, torch.ones_like(reach))
         carried = _vector_times_matrix(alpha * (entropy_to - finite_log_alpha), probs_t)
         carried = carried - _vector_times_matrix(alpha, plogp_t)
-        new_entropy = torch.where(reachable, carried / safe_reach + torch.log(safe_reach),
-                                  torch.zeros_like(reach))
+        new_entropy = torch.where(reachable, carried / safe_reach + torch.log(safe_reach), torch.zeros_like(reach))
         e_t, _ = _reachable_shift(reach, emit[:, t])
         a = reach * e_t
         new_alpha = a / a.sum(-1, keepdim=True)

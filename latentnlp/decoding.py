@@ -63,8 +63,9 @@ def _check(max_len: int, beam_size: int = 1) -> None:
 
 
 @torch.no_grad()
-def greedy(model: StepDecoder, batch: Mapping[str, Any], *, bos_id: int, eos_id: int, max_len: int,
-           pad_id: int | None = None) -> Hypotheses:
+def greedy(
+    model: StepDecoder, batch: Mapping[str, Any], *, bos_id: int, eos_id: int, max_len: int, pad_id: int | None = None
+) -> Hypotheses:
     """Pick the most probable token at every step, for the whole batch at once.
 
     Only the sequences still running are stepped: the decoder state keeps their rows alone.
@@ -73,7 +74,7 @@ def greedy(model: StepDecoder, batch: Mapping[str, Any], *, bos_id: int, eos_id:
     pad_id = eos_id if pad_id is None else pad_id
     state, size = model.decoder_start(batch)
     device = _device(batch)
-    running = torch.arange(size, device=device)     # the examples the state's rows belong to
+    running = torch.arange(size, device=device)  # the examples the state's rows belong to
     tokens = torch.full((size,), bos_id, dtype=torch.long, device=device)
     lengths = torch.full((size,), max_len, dtype=torch.long, device=device)
     scores = torch.zeros(size, dtype=torch.float64, device=device)
@@ -96,9 +97,17 @@ def greedy(model: StepDecoder, batch: Mapping[str, Any], *, bos_id: int, eos_id:
 
 
 @torch.no_grad()
-def beam_search(model: StepDecoder, batch: Mapping[str, Any], *, beam_size: int, bos_id: int,
-                eos_id: int, max_len: int, length_penalty: float = 0.0,
-                pad_id: int | None = None) -> Hypotheses:
+def beam_search(
+    model: StepDecoder,
+    batch: Mapping[str, Any],
+    *,
+    beam_size: int,
+    bos_id: int,
+    eos_id: int,
+    max_len: int,
+    length_penalty: float = 0.0,
+    pad_id: int | None = None,
+) -> Hypotheses:
     """Batched beam search (see the module docstring for the rules).
 
     An example stops early, with the same answer, once no running hypothesis can overtake
@@ -122,7 +131,7 @@ def beam_search(model: StepDecoder, batch: Mapping[str, Any], *, beam_size: int,
     lengths = torch.zeros(size, k, dtype=torch.long, device=device)
     seqs = torch.zeros(size, k, 0, dtype=torch.long, device=device)
     same_beam = torch.arange(k, device=device).expand(size, k)
-    stepped = torch.ones(size * k, dtype=torch.bool, device=device)   # the hypotheses the state holds
+    stepped = torch.ones(size * k, dtype=torch.bool, device=device)  # the hypotheses the state holds
     for _ in range(max_len):
         step_log_probs, state = model.decoder_step(state, tokens)
         vocab = step_log_probs.shape[-1]
@@ -131,7 +140,7 @@ def beam_search(model: StepDecoder, batch: Mapping[str, Any], *, beam_size: int,
         log_probs[:, eos_id] = 0.0
         log_probs[stepped] = step_log_probs.to(torch.float64)
         candidates, flat = (scores[..., None] + log_probs.view(size, k, vocab)).view(size, -1).topk(k, dim=-1)
-        frozen = settled[:, None]                     # a settled example keeps its beam as it is
+        frozen = settled[:, None]  # a settled example keeps its beam as it is
         beam = torch.where(frozen, same_beam, flat // vocab)
         word = flat % vocab
         scores = torch.where(frozen, scores, candidates)
@@ -139,8 +148,7 @@ def beam_search(model: StepDecoder, batch: Mapping[str, Any], *, beam_size: int,
         lengths = lengths.gather(1, beam) + (~was_finished & ~frozen).long()
         finished = torch.where(frozen, finished, was_finished | (word == eos_id))
         word = torch.where(was_finished | frozen, pad_id, word)
-        seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, seqs.shape[-1])),
-                          word[..., None]], dim=-1)
+        seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, seqs.shape[-1])), word[..., None]], dim=-1)
         settled |= _cannot_improve(scores, lengths, finished, length_penalty, max_len)
         parent = (stepped.long().cumsum(0) - 1)[(beam + rows[:, None] * k).view(-1)]  # its state row
         stepped = (~finished & ~settled[:, None]).view(-1)
@@ -162,8 +170,9 @@ def _cannot_improve(scores: Tensor, lengths: Tensor, finished: Tensor, alpha: fl
     """
     normalised = scores / gnmt_length_penalty(lengths, alpha)
     best_finished = torch.where(finished, normalised, float("-inf")).amax(-1)
-    largest_lp = torch.maximum(gnmt_length_penalty(lengths + 1, alpha),
-                               gnmt_length_penalty(torch.full_like(lengths, max_len), alpha))
+    largest_lp = torch.maximum(
+        gnmt_length_penalty(lengths + 1, alpha), gnmt_length_penalty(torch.full_like(lengths, max_len), alpha)
+    )
     best_running = torch.where(finished, float("-inf"), scores / largest_lp).amax(-1)
     return (best_finished > float("-inf")) & (best_running <= best_finished)
 

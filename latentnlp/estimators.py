@@ -86,8 +86,7 @@ def exact(f: Function | Tensor, q: Distribution) -> Estimate:
         if not isinstance(q, Categorical):
             raise ValueError(f"a tensor of values needs a Categorical q, got {type(q).__name__}")
         if f.shape[-1] != q.probs.shape[-1]:
-            raise ValueError(f"values of shape {tuple(f.shape)} do not match q with "
-                             f"{q.probs.shape[-1]} categories")
+            raise ValueError(f"values of shape {tuple(f.shape)} do not match q with {q.probs.shape[-1]} categories")
         weights, values = q.probs, f
         dim = -1
     else:
@@ -95,15 +94,16 @@ def exact(f: Function | Tensor, q: Distribution) -> Estimate:
         values = f(support)
         weights = q.log_prob(support).exp()
         if values.shape != weights.shape:
-            raise ValueError(f"f(support) has shape {tuple(values.shape)}, expected "
-                             f"{tuple(weights.shape)} (one value per support point and batch element)")
+            raise ValueError(
+                f"f(support) has shape {tuple(values.shape)}, expected "
+                f"{tuple(weights.shape)} (one value per support point and batch element)"
+            )
         dim = 0
     values = values.masked_fill(weights == 0, 0.0)
     return Estimate((weights * values).sum(dim))
 
 
-def reparam(f: Function, q: Distribution, num_samples: int = 1,
-            generator: torch.Generator | None = None) -> Estimate:
+def reparam(f: Function, q: Distribution, num_samples: int = 1, generator: torch.Generator | None = None) -> Estimate:
     """``1/S sum_s f(z_s)`` with ``z_s = q.rsample()`` (pathwise gradient)."""
     if not q.has_rsample:
         raise ValueError(f"{type(q).__name__} has no reparameterised sampler (rsample)")
@@ -111,9 +111,15 @@ def reparam(f: Function, q: Distribution, num_samples: int = 1,
     return Estimate(f(z).mean(0))
 
 
-def score_function(f: Function, q: Distribution, *, baseline: Tensor | str | None = None,
-                   control_variate: tuple[Function, Tensor] | None = None, num_samples: int = 1,
-                   generator: torch.Generator | None = None) -> Estimate:
+def score_function(
+    f: Function,
+    q: Distribution,
+    *,
+    baseline: Tensor | str | None = None,
+    control_variate: tuple[Function, Tensor] | None = None,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Estimate:
     """REINFORCE estimate of ``E_q[f(z)]`` from ``num_samples`` samples.
 
     Args:
@@ -139,8 +145,10 @@ def score_function(f: Function, q: Distribution, *, baseline: Tensor | str | Non
     log_q = q.log_prob(z)
     fz = f(z)
     if fz.shape != log_q.shape:
-        raise ValueError(f"f(z) has shape {tuple(fz.shape)} but q.log_prob(z) has shape "
-                         f"{tuple(log_q.shape)}; f must give one value per factor of q")
+        raise ValueError(
+            f"f(z) has shape {tuple(fz.shape)} but q.log_prob(z) has shape "
+            f"{tuple(log_q.shape)}; f must give one value per factor of q"
+        )
     signal = fz.detach()
     baseline_loss = None
     if isinstance(baseline, str):
@@ -161,9 +169,15 @@ def score_function(f: Function, q: Distribution, *, baseline: Tensor | str | Non
     return Estimate(surrogate.mean(0) + extra, baseline_loss)
 
 
-def gumbel_softmax(logits: Tensor, tau: float = 1.0, hard: bool = False, *,
-                   mask: Tensor | None = None, dim: int = -1,
-                   generator: torch.Generator | None = None) -> Tensor:
+def gumbel_softmax(
+    logits: Tensor,
+    tau: float = 1.0,
+    hard: bool = False,
+    *,
+    mask: Tensor | None = None,
+    dim: int = -1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """A Gumbel-softmax sample ``softmax((logits + g) / tau)``, ``g ~ Gumbel(0, 1)``.
 
     With ``hard=True`` the value is the one-hot ``argmax`` (an exact sample of
@@ -183,8 +197,16 @@ def gumbel_softmax(logits: Tensor, tau: float = 1.0, hard: bool = False, *,
     return y_hard - y_soft.detach() + y_soft
 
 
-def relaxed(f: Function, logits: Tensor, tau: float = 1.0, *, hard: bool = True, num_samples: int = 1,
-            mask: Tensor | None = None, generator: torch.Generator | None = None) -> Estimate:
+def relaxed(
+    f: Function,
+    logits: Tensor,
+    tau: float = 1.0,
+    *,
+    hard: bool = True,
+    num_samples: int = 1,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Estimate:
     """Gumbel-softmax estimate of ``E_{Categorical(logits)}[f(z)]`` for one-hot ``z``.
 
     ``z_s = gumbel_softmax(logits, tau, hard, mask=mask)`` over the last dimension of

@@ -73,11 +73,9 @@ class MaskedCategorical(Categorical):
     holds exact zeros there; ``sample`` never returns a masked category.
     """
 
-    def __init__(self, logits: Tensor, mask: Tensor | None = None,
-                 validate_args: bool | None = None) -> None:
+    def __init__(self, logits: Tensor, mask: Tensor | None = None, validate_args: bool | None = None) -> None:
         if not isinstance(logits, Tensor) or logits.dim() < 1:
-            raise ValueError(f"logits must be a tensor [*batch, K], got "
-                             f"{getattr(logits, 'shape', type(logits))}")
+            raise ValueError(f"logits must be a tensor [*batch, K], got {getattr(logits, 'shape', type(logits))}")
         if mask is None:
             mask = torch.ones((), dtype=torch.bool, device=logits.device)
         if mask.dtype != torch.bool:
@@ -85,11 +83,14 @@ class MaskedCategorical(Categorical):
         try:
             mask = mask.expand(logits.shape)
         except RuntimeError:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to logits "
-                             f"of shape {tuple(logits.shape)}") from None
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to logits of shape {tuple(logits.shape)}"
+            ) from None
         if is_validating(validate_args) and not bool(mask.any(-1).all()):
-            raise ValueError("mask allows no category in some row: every row needs one "
-                             f"(logits {tuple(logits.shape)}, mask {tuple(mask.shape)})")
+            raise ValueError(
+                "mask allows no category in some row: every row needs one "
+                f"(logits {tuple(logits.shape)}, mask {tuple(mask.shape)})"
+            )
         self.mask = mask
         super().__init__(logits=logits.masked_fill(~mask, -math.inf), validate_args=validate_args)
 
@@ -165,8 +166,9 @@ class DiagonalGaussian(Independent):
         try:
             loc, scale = torch.broadcast_tensors(loc, scale)
         except RuntimeError:
-            raise ValueError(f"scale of shape {tuple(scale.shape)} does not broadcast with loc "
-                             f"of shape {tuple(loc.shape)}") from None
+            raise ValueError(
+                f"scale of shape {tuple(scale.shape)} does not broadcast with loc of shape {tuple(loc.shape)}"
+            ) from None
         super().__init__(Normal(loc, scale, validate_args=validate_args), 1, validate_args=validate_args)
 
     @classmethod
@@ -187,8 +189,7 @@ class DiagonalGaussian(Independent):
     def standard(cls, batch_shape, dim: int, *, dtype=None, device=None) -> DiagonalGaussian:
         """The prior ``N(0, I_D)`` with the given batch shape."""
         shape = torch.Size(batch_shape) + (dim,)
-        return cls(torch.zeros(shape, dtype=dtype, device=device),
-                   torch.ones(shape, dtype=dtype, device=device))
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.ones(shape, dtype=dtype, device=device))
 
     @property
     def loc(self) -> Tensor:
@@ -261,8 +262,7 @@ class MeanFieldBernoulli(Independent):
         """Bit vectors ``sample_shape + [*batch, D]`` in the dtype of ``logits``."""
         shape = self._extended_shape(torch.Size(sample_shape))
         with torch.no_grad():
-            u = torch.rand(shape, dtype=self.logits.dtype, device=self.logits.device,
-                           generator=generator)
+            u = torch.rand(shape, dtype=self.logits.dtype, device=self.logits.device, generator=generator)
             return (u < self.probs).to(self.logits.dtype)
 
     def log_prob(self, value: Tensor) -> Tensor:
@@ -273,8 +273,9 @@ class MeanFieldBernoulli(Independent):
         d = self.event_shape[0]
         if d > 20:
             raise ValueError(f"enumerate_support lists 2^D vectors; D = {d} is too large")
-        values = torch.tensor(list(product((0.0, 1.0), repeat=d)), dtype=self.logits.dtype,
-                              device=self.logits.device)  # [2^D, D]
+        values = torch.tensor(
+            list(product((0.0, 1.0), repeat=d)), dtype=self.logits.dtype, device=self.logits.device
+        )  # [2^D, D]
         values = values.view((values.shape[0],) + (1,) * len(self.batch_shape) + (d,))
         if expand:
             values = values.expand((values.shape[0],) + self.batch_shape + (d,))
@@ -290,5 +291,6 @@ def _kl_mean_field_bernoulli(q: MeanFieldBernoulli, p: MeanFieldBernoulli) -> Te
     with ``log sigmoid`` of the logits every term stays finite.
     """
     a, b = q.logits, p.logits
-    return (q.probs * (F.logsigmoid(a) - F.logsigmoid(b))
-            + torch.sigmoid(-a) * (F.logsigmoid(-a) - F.logsigmoid(-b))).sum(-1)
+    return (
+        q.probs * (F.logsigmoid(a) - F.logsigmoid(b)) + torch.sigmoid(-a) * (F.logsigmoid(-a) - F.logsigmoid(-b))
+    ).sum(-1)

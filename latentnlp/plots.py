@@ -28,9 +28,15 @@ def _pyplot():
     return plt
 
 
-def training_curves(runs: Mapping[str, str | Path], path: str | Path, *,
-                    loss_label: str = "training NLL per token", loss_title: str = "training loss",
-                    ppl_title: str = "validation perplexity", dpi: int = 120) -> Path:
+def training_curves(
+    runs: Mapping[str, str | Path],
+    path: str | Path,
+    *,
+    loss_label: str = "training NLL per token",
+    loss_title: str = "training loss",
+    ppl_title: str = "validation perplexity",
+    dpi: int = 120,
+) -> Path:
     """Training loss and validation perplexity against the update, one line per run.
 
     ``runs`` maps a legend label to a run directory; the curves are read from its run log
@@ -60,9 +66,15 @@ def training_curves(runs: Mapping[str, str | Path], path: str | Path, *,
     return Path(path)
 
 
-def alignment_heatmaps(panels: Sequence[tuple[str, Tensor]], sources: Sequence[Sequence[str]],
-                       targets: Sequence[Sequence[str]], path: str | Path, *, title: str = "",
-                       dpi: int = 110) -> Path:
+def alignment_heatmaps(
+    panels: Sequence[tuple[str, Tensor]],
+    sources: Sequence[Sequence[str]],
+    targets: Sequence[Sequence[str]],
+    path: str | Path,
+    *,
+    title: str = "",
+    dpi: int = 110,
+) -> Path:
     """Alignment distributions as heat maps: a row of panels per sentence, a panel per distribution.
 
     ``panels`` are ``(title, probs)`` with ``probs[n, t, s]`` the probability that target
@@ -72,8 +84,7 @@ def alignment_heatmaps(panels: Sequence[tuple[str, Tensor]], sources: Sequence[S
     ``title`` heads the figure.  Returns ``path``.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(len(sources), len(panels), figsize=(4.2 * len(panels), 3.6 * len(sources)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(sources), len(panels), figsize=(4.2 * len(panels), 3.6 * len(sources)), squeeze=False)
     for row, (src, tgt) in enumerate(zip(sources, targets)):
         s, t = len(src), len(tgt)
         for col, (name, probs) in enumerate(panels):
@@ -91,8 +102,15 @@ def alignment_heatmaps(panels: Sequence[tuple[str, Tensor]], sources: Sequence[S
     return Path(path)
 
 
-def hmm_states(states: Sequence[int], top_words: Sequence[Sequence[tuple[str, float]]], transitions: Tensor,
-               path: str | Path, *, title: str = "", dpi: int = 120) -> Path:
+def hmm_states(
+    states: Sequence[int],
+    top_words: Sequence[Sequence[tuple[str, float]]],
+    transitions: Tensor,
+    path: str | Path,
+    *,
+    title: str = "",
+    dpi: int = 120,
+) -> Path:
     """A few states of an HMM: each one's most probable words, and the transitions among them.
 
     ``states`` are the states' ids, ``top_words[i]`` the ``(word, probability)`` pairs of state
@@ -106,8 +124,7 @@ def hmm_states(states: Sequence[int], top_words: Sequence[Sequence[tuple[str, fl
     axes[0].axis("off")
     for row, (state, words) in enumerate(zip(states, top_words)):
         text = "  ".join(f"{word} ({p:.2f})" for word, p in words)
-        axes[0].text(0, 1 - (row + 0.5) / n, f"state {state:>4}: {text}", fontsize=8, family="monospace",
-                     va="center")
+        axes[0].text(0, 1 - (row + 0.5) / n, f"state {state:>4}: {text}", fontsize=8, family="monospace", va="center")
     axes[0].set_title(title)
     image = axes[1].imshow(torch.as_tensor(transitions).float().cpu(), cmap="viridis")
     axes[1].set_xticks(range(n), list(states), rotation=90, fontsize=6)

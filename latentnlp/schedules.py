@@ -70,6 +70,7 @@ def _check_steps(name: str, steps: int) -> None:
 
 # ---- loss weights --------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Constant(Schedule):
     """``value`` at every step."""
@@ -137,6 +138,7 @@ class Cyclical(Schedule):
 
 
 # ---- learning-rate multipliers ---------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Warmup(Schedule):

@@ -85,16 +85,22 @@ class ChainPosterior(Distribution):
     arg_constraints: dict = {}
     has_rsample = False
 
-    def __init__(self, init: Tensor, trans: Tensor | Transition, emit: Tensor, lengths: Tensor | None = None,
-                 method: str = "auto", validate_args: bool | None = None):
+    def __init__(
+        self,
+        init: Tensor,
+        trans: Tensor | Transition,
+        emit: Tensor,
+        lengths: Tensor | None = None,
+        method: str = "auto",
+        validate_args: bool | None = None,
+    ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
         validating = is_validating(validate_args)
         self.init, self.transition, self.emit, self.lengths = self._canonical(init, trans, emit, lengths, validating)
         batch, steps, _ = self.emit.shape
-        super().__init__(batch_shape=torch.Size([batch]), event_shape=torch.Size([steps]),
-                         validate_args=validate_args)
+        super().__init__(batch_shape=torch.Size([batch]), event_shape=torch.Size([steps]), validate_args=validate_args)
         if self._validate_args:
             self._check_finite()
 
@@ -103,8 +109,10 @@ class ChainPosterior(Distribution):
     def _canonical(init, trans, emit, lengths, validating: bool):
         for name, x in (("init", init), ("emit", emit)):
             if not isinstance(x, Tensor) or not x.is_floating_point():
-                raise ValueError(f"{name} must be a floating-point tensor, got {type(x).__name__}"
-                                 + (f" of dtype {x.dtype}" if isinstance(x, Tensor) else ""))
+                raise ValueError(
+                    f"{name} must be a floating-point tensor, got {type(x).__name__}"
+                    + (f" of dtype {x.dtype}" if isinstance(x, Tensor) else "")
+                )
         transition = trans if isinstance(trans, Transition) else DenseTransition(trans)
         if emit.dim() != 3:
             raise ValueError(f"emit must have shape [B, T, K], got {_describe(emit)}")
@@ -112,14 +120,18 @@ class ChainPosterior(Distribution):
         if steps < 1 or k < 1:
             raise ValueError(f"emit must have T >= 1 and K >= 1, got {_describe(emit)}")
         if init.dim() not in (1, 2) or init.shape[-1] != k or (init.dim() == 2 and init.shape[0] != batch):
-            raise ValueError(f"init must have shape [K] or [B, K] = [{k}] or [{batch}, {k}] to match emit "
-                             f"{_describe(emit)}, got {_describe(init)}")
+            raise ValueError(
+                f"init must have shape [K] or [B, K] = [{k}] or [{batch}, {k}] to match emit "
+                f"{_describe(emit)}, got {_describe(init)}"
+            )
         transition.check_shape(batch, steps, k)
         if lengths is None:
             lengths = torch.full((batch,), steps, dtype=torch.long, device=emit.device)
         if not isinstance(lengths, Tensor) or lengths.shape != (batch,) or lengths.is_floating_point():
-            raise ValueError(f"lengths must be an integer tensor of shape [B] = [{batch}], got "
-                             + (_describe(lengths) if isinstance(lengths, Tensor) else type(lengths).__name__))
+            raise ValueError(
+                f"lengths must be an integer tensor of shape [B] = [{batch}], got "
+                + (_describe(lengths) if isinstance(lengths, Tensor) else type(lengths).__name__)
+            )
         lengths = lengths.to(device=emit.device, dtype=torch.long)
         full = False
         if validating and batch:
@@ -142,8 +154,10 @@ class ChainPosterior(Distribution):
         for name, x in (("init", self.init), ("emit", self.emit)):
             if not bool((x < float("inf")).all()):  # one pass: False for NaN and +inf
                 bad = ~(x < float("inf"))
-                raise ValueError(f"{name} ({_describe(x)}) contains NaN or +inf at "
-                                 f"{int(bad.sum())} positions; scores must be finite or -inf")
+                raise ValueError(
+                    f"{name} ({_describe(x)}) contains NaN or +inf at "
+                    f"{int(bad.sum())} positions; scores must be finite or -inf"
+                )
         self.transition.check_finite()
 
     @classmethod
@@ -157,8 +171,10 @@ class ChainPosterior(Distribution):
         (row = from, column = to).
         """
         if not isinstance(edges, Tensor) or edges.dim() != 4 or edges.shape[-1] != edges.shape[-2]:
-            raise ValueError("edges must have shape [B, N-1, C, C], got "
-                             + (_describe(edges) if isinstance(edges, Tensor) else type(edges).__name__))
+            raise ValueError(
+                "edges must have shape [B, N-1, C, C], got "
+                + (_describe(edges) if isinstance(edges, Tensor) else type(edges).__name__)
+            )
         batch, num_edges, k, _ = edges.shape
         zeros = edges.new_zeros(batch, num_edges + 1, k)
         # a copy, not a view: the chain must not change if the caller's tensor is later modified
@@ -182,14 +198,16 @@ class ChainPosterior(Distribution):
         other rows are recomputed by the scaled kernel alone, so that no gradient passes through the
         flagged rows' probability-space pass (whose lost precision may hold ``0 * inf``)."""
         flagged = underflowed.nonzero().squeeze(-1)
-        redone, redone_filter = chain.log_space_forward(init[flagged], transition.select_rows(flagged),
-                                                        emit[flagged], self.lengths[flagged])
+        redone, redone_filter = chain.log_space_forward(
+            init[flagged], transition.select_rows(flagged), emit[flagged], self.lengths[flagged]
+        )
         if log_z.requires_grad:
             kept = (~underflowed).nonzero().squeeze(-1)
             log_z = log_z.detach()
             if kept.numel():
-                kept_log_z, _, _ = chain.scaled_log_partition(init[kept], transition.select_rows(kept), emit[kept],
-                                                              self.lengths[kept])
+                kept_log_z, _, _ = chain.scaled_log_partition(
+                    init[kept], transition.select_rows(kept), emit[kept], self.lengths[kept]
+                )
                 log_z = log_z.index_put((kept,), kept_log_z)
         log_z = log_z.index_put((flagged,), redone)
         return log_z, final_filter.index_put((flagged,), redone_filter)
@@ -214,13 +232,15 @@ class ChainPosterior(Distribution):
         """
         final_filter = self._forward_result[1]
         if final_filter is None:
-            _, final_filter = chain.log_space_forward(self.init.detach(), self.transition.detach(),
-                                                      self.emit.detach(), self.lengths)
+            _, final_filter = chain.log_space_forward(
+                self.init.detach(), self.transition.detach(), self.emit.detach(), self.lengths
+            )
         return final_filter.detach()
 
     def _requires_grad(self) -> bool:
-        return torch.is_grad_enabled() and (self.init.requires_grad or self.emit.requires_grad
-                                            or self.transition.requires_grad)
+        return torch.is_grad_enabled() and (
+            self.init.requires_grad or self.emit.requires_grad or self.transition.requires_grad
+        )
 
     def _gradients_of_log_partition(self, wrt_trans: Tensor | None = None, method: str | None = None):
         """Gradients of ``sum_b log Z_b`` w.r.t. ``init [B, K]``, ``emit`` (and the dense ``wrt_trans``,
@@ -334,8 +354,10 @@ class ChainPosterior(Distribution):
     def _check_path(self, value: Tensor) -> None:
         batch, steps, k = self.emit.shape
         if value.dim() < 2 or tuple(value.shape[-2:]) != (batch, steps) or value.is_floating_point():
-            raise ValueError(f"value must be an integer tensor of shape [*, B, T] = [*, {batch}, {steps}], "
-                             f"got {value.dtype} {_describe(value)}")
+            raise ValueError(
+                f"value must be an integer tensor of shape [*, B, T] = [*, {batch}, {steps}], "
+                f"got {value.dtype} {_describe(value)}"
+            )
         if not self._validate_args or not value.numel():
             return
         inside = value[..., lengths_to_mask(self.lengths, steps)]
@@ -354,8 +376,10 @@ class ChainPosterior(Distribution):
     def __repr__(self) -> str:
         batch, steps, k = self.emit.shape
         shapes = ", ".join(str(tuple(p.shape)) for p in self.transition.parameters)
-        return (f"ChainPosterior(B={batch}, T={steps}, K={k}, trans={type(self.transition).__name__}({shapes}), "
-                f"method={self.method!r})")
+        return (
+            f"ChainPosterior(B={batch}, T={steps}, K={k}, trans={type(self.transition).__name__}({shapes}), "
+            f"method={self.method!r})"
+        )
 
 
 def _expectation(weights: Tensor, scores: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -368,8 +392,9 @@ def _check_comparable(p: ChainPosterior, q: ChainPosterior) -> None:
     if not isinstance(p, ChainPosterior) or not isinstance(q, ChainPosterior):
         raise ValueError(f"p and q must be ChainPosteriors, got {type(p).__name__} and {type(q).__name__}")
     if p.emit.shape != q.emit.shape:
-        raise ValueError(f"p and q must have the same [B, T, K], got emit shapes {tuple(p.emit.shape)} "
-                         f"and {tuple(q.emit.shape)}")
+        raise ValueError(
+            f"p and q must have the same [B, T, K], got emit shapes {tuple(p.emit.shape)} and {tuple(q.emit.shape)}"
+        )
     if p._validate_args and not torch.equal(p.lengths, q.lengths.to(p.lengths.device)):
         raise ValueError(f"p and q must have equal lengths, got {p.lengths.tolist()} and {q.lengths.tolist()}")
 

@@ -158,8 +158,10 @@ class Transition(ABC):
         for name, x in zip(self.parameter_names, self.parameters):
             if not bool((x < float("inf")).all()):  # one pass: False for NaN and +inf
                 bad = ~(x < float("inf"))
-                raise ValueError(f"trans: {name} (shape {tuple(x.shape)}) contains NaN or +inf at "
-                                 f"{int(bad.sum())} positions; scores must be finite or -inf")
+                raise ValueError(
+                    f"trans: {name} (shape {tuple(x.shape)}) contains NaN or +inf at "
+                    f"{int(bad.sum())} positions; scores must be finite or -inf"
+                )
 
     def without_padding(self, edges: Tensor) -> Transition:
         """The transition with edges past each length (``edges [B, T-1]`` False) set to 0.
@@ -190,8 +192,9 @@ class Transition(ABC):
         """``trans_{t+1}[previous[..., b, t], following[..., b, t]]`` for ``[*, B, T-1]`` states."""
 
     @abstractmethod
-    def sample_previous(self, log_alpha: Tensor, following: Tensor, t: int,
-                        generator: torch.Generator | None = None) -> Tensor:
+    def sample_previous(
+        self, log_alpha: Tensor, following: Tensor, t: int, generator: torch.Generator | None = None
+    ) -> Tensor:
         r"""``z_{t-1} ~ p(z_{t-1} = i | z_t = j) \propto alpha_{t-1}(i) P_t(i, j)``.
 
         ``log_alpha [B, K]`` (``log alpha_{t-1}``), ``following [S, B]`` (``j``): ``[S, B]``.
@@ -219,11 +222,12 @@ class DenseTransition(Transition):
 
     def __init__(self, log: Tensor):
         if not isinstance(log, Tensor) or not log.is_floating_point():
-            raise ValueError(f"trans must be a floating-point tensor, got {type(log).__name__}"
-                             + (f" of dtype {log.dtype}" if isinstance(log, Tensor) else ""))
+            raise ValueError(
+                f"trans must be a floating-point tensor, got {type(log).__name__}"
+                + (f" of dtype {log.dtype}" if isinstance(log, Tensor) else "")
+            )
         if log.dim() not in (2, 3, 4):
-            raise ValueError(f"trans must have shape [K, K], [B, K, K] or [B, T-1, K, K], "
-                             f"got shape {tuple(log.shape)}")
+            raise ValueError(f"trans must have shape [K, K], [B, K, K] or [B, T-1, K, K], got shape {tuple(log.shape)}")
         self.log = log
 
     @property
@@ -257,15 +261,18 @@ class DenseTransition(Transition):
         k = num_states
         expected = {2: (k, k), 3: (batch, k, k), 4: (batch, steps - 1, k, k)}
         if tuple(self.log.shape) != expected[self.log.dim()]:
-            raise ValueError(f"trans must have shape [K, K], [B, K, K] or [B, T-1, K, K] with B={batch}, "
-                             f"T={steps}, K={k} (from emit shape ({batch}, {steps}, {k})), "
-                             f"got shape {tuple(self.log.shape)}")
+            raise ValueError(
+                f"trans must have shape [K, K], [B, K, K] or [B, T-1, K, K] with B={batch}, "
+                f"T={steps}, K={k} (from emit shape ({batch}, {steps}, {k})), "
+                f"got shape {tuple(self.log.shape)}"
+            )
 
     def without_padding(self, edges: Tensor) -> DenseTransition:
         if self.log.dim() != 4:
             return self
-        return DenseTransition(torch.where(edges[:, :, None, None], self.log, torch.zeros((), dtype=self.dtype,
-                                                                                            device=self.device)))
+        return DenseTransition(
+            torch.where(edges[:, :, None, None], self.log, torch.zeros((), dtype=self.dtype, device=self.device))
+        )
 
     def select_rows(self, rows: Tensor) -> DenseTransition:
         return self if self.log.dim() == 2 else DenseTransition(self.log[rows])
@@ -301,8 +308,9 @@ class DenseTransition(Transition):
         times = torch.arange(previous.shape[-1], device=previous.device).view(1, -1)
         return self.log[rows, times, previous, following]
 
-    def sample_previous(self, log_alpha: Tensor, following: Tensor, t: int,
-                        generator: torch.Generator | None = None) -> Tensor:
+    def sample_previous(
+        self, log_alpha: Tensor, following: Tensor, t: int, generator: torch.Generator | None = None
+    ) -> Tensor:
         into = self.at(t).transpose(-1, -2)  # [(B,) K_next, K_prev]
         if into.dim() == 2:
             columns = into[following]
@@ -396,12 +404,15 @@ class LowRankTransition(Transition):
     def __init__(self, log_left: Tensor, log_right: Tensor):
         for name, x in (("log_left", log_left), ("log_right", log_right)):
             if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 2:
-                raise ValueError(f"trans: {name} must be a 2-D floating-point tensor, got "
-                                 + (f"{x.dtype} shape {tuple(x.shape)}" if isinstance(x, Tensor)
-                                    else type(x).__name__))
+                raise ValueError(
+                    f"trans: {name} must be a 2-D floating-point tensor, got "
+                    + (f"{x.dtype} shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__)
+                )
         if log_left.shape[1] != log_right.shape[0]:
-            raise ValueError(f"trans: log_left [K, r] and log_right [r, K] must share r, got shapes "
-                             f"{tuple(log_left.shape)} and {tuple(log_right.shape)}")
+            raise ValueError(
+                f"trans: log_left [K, r] and log_right [r, K] must share r, got shapes "
+                f"{tuple(log_left.shape)} and {tuple(log_right.shape)}"
+            )
         self.log_left, self.log_right = log_left, log_right
 
     @property
@@ -425,9 +436,11 @@ class LowRankTransition(Transition):
 
     def check_shape(self, batch: int, steps: int, num_states: int) -> None:
         if self.log_left.shape[0] != num_states or self.log_right.shape[1] != num_states:
-            raise ValueError(f"trans: log_left must have shape [K, r] and log_right [r, K] with K={num_states} "
-                             f"(from emit), got shapes {tuple(self.log_left.shape)} and "
-                             f"{tuple(self.log_right.shape)}")
+            raise ValueError(
+                f"trans: log_left must have shape [K, r] and log_right [r, K] with K={num_states} "
+                f"(from emit), got shapes {tuple(self.log_left.shape)} and "
+                f"{tuple(self.log_right.shape)}"
+            )
 
     def select_rows(self, rows: Tensor) -> LowRankTransition:
         return self
@@ -451,8 +464,9 @@ class LowRankTransition(Transition):
         """``logsumexp_c(log_left[i, c] + log_right[c, j])`` for the pairs only: ``O(r)`` a pair."""
         return logsumexp(self.log_left[previous] + self.log_right.T[following], -1)
 
-    def sample_previous(self, log_alpha: Tensor, following: Tensor, t: int,
-                        generator: torch.Generator | None = None) -> Tensor:
+    def sample_previous(
+        self, log_alpha: Tensor, following: Tensor, t: int, generator: torch.Generator | None = None
+    ) -> Tensor:
         r"""Through the rank: ``p(i, c | j) \propto alpha(i) U[i, c] V[c, j]``, so first
         ``c ~ (alpha U)[c] V[c, j]``, then ``i ~ alpha(i) U[i, c]``: ``O(S B (K + r))``."""
         through_rank = LogSemiring.matmul(log_alpha, self.log_left)  # log (alpha U) [B, r]

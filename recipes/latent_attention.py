@@ -70,14 +70,19 @@ from latentnlp.data import (  # noqa: E402
 )
 from latentnlp.metrics import corpus_bleu, tokenized_bleu  # noqa: E402
 from latentnlp.models.latent_alignment import MODES, LatentAlignmentSeq2Seq  # noqa: E402
-from latentnlp.training import Trainer, TrainConfig, read_metrics, training_speed  # noqa: E402
+from latentnlp.training import TrainConfig, Trainer, read_metrics, training_speed  # noqa: E402
 
 # Deng et al. 2018, "Latent Alignment and Variational Attention", IWSLT14 de-en (test PPL, BLEU).
 PUBLISHED = [
     ("soft attention", "soft", 7.03, 32.31, ""),
     ("exact marginal likelihood (latent alignment)", "exact", 6.33, 33.08, ""),
-    ("variational attention (ELBO)", "elbo", 6.13, 33.09,
-     "PPL is the upper bound exp(-ELBO / tokens), not the exact marginal"),
+    (
+        "variational attention (ELBO)",
+        "elbo",
+        6.13,
+        33.09,
+        "PPL is the upper bound exp(-ELBO / tokens), not the exact marginal",
+    ),
 ]
 PAPER = "Deng et al. 2018, Table 1 (IWSLT14 de-en, tokenised lowercase BLEU, beam 10)"
 ELBO_MODES = ("elbo-enum", "elbo-sample", "elbo-gumbel")
@@ -88,28 +93,31 @@ ALIGNMENT_MODES = ("exact",) + ELBO_MODES
 class Preset:
     """How one preset reads data, builds the models, trains and decodes them."""
 
-    data: str                          # "synthetic", "multi30k" or "iwslt14"
-    subword: int | None                # joint BPE size; None: a word vocabulary over both sides
-    model: dict                        # LatentAlignmentSeq2Seq keyword arguments
-    batch_size: int                    # sentences per training batch
-    train: dict                        # TrainConfig fields shared by the modes
-    modes: list[str]                   # the default --mode list
-    mode_train: dict = field(default_factory=dict)   # per-mode TrainConfig overrides
+    data: str  # "synthetic", "multi30k" or "iwslt14"
+    subword: int | None  # joint BPE size; None: a word vocabulary over both sides
+    model: dict  # LatentAlignmentSeq2Seq keyword arguments
+    batch_size: int  # sentences per training batch
+    train: dict  # TrainConfig fields shared by the modes
+    modes: list[str]  # the default --mode list
+    mode_train: dict = field(default_factory=dict)  # per-mode TrainConfig overrides
     beam_size: int = 5
-    decode_limit: int | None = None    # decode at most this many sentences of each test set
-    ood_limit: int | None = None       # evaluate at most this many out-of-domain sentence pairs
+    decode_limit: int | None = None  # decode at most this many sentences of each test set
+    ood_limit: int | None = None  # evaluate at most this many out-of-domain sentence pairs
     max_train_length: int | None = None  # drop training pairs with a longer side (subword pieces)
-    heatmaps: int = 3                  # test sentences drawn as alignment heat maps
+    heatmaps: int = 3  # test sentences drawn as alignment heat maps
 
 
 PRESETS = {
     # seconds: toy model, word vocabulary, generated language pair
     "smoke": Preset(
-        data="synthetic", subword=None,
+        data="synthetic",
+        subword=None,
         model={"embedding_dim": 32, "hidden_size": 64, "num_layers": 1, "dropout": 0.0},
         batch_size=32,
         train={"max_epochs": 2, "lr": 1e-2, "grad_clip": 5.0, "log_every": 20},
-        modes=list(MODES), beam_size=5),
+        modes=list(MODES),
+        beam_size=5,
+    ),
     # at most about 40 minutes a mode on 2 CPU cores.  Soft attention trains for about nine
     # epochs (0.26 s an update); an exact-marginal or ELBO update scores every source position
     # against the whole vocabulary (about S times the soft read-out, 1.7-1.8 s an update), so
@@ -119,25 +127,51 @@ PRESETS = {
     # running to the length cap), so the out-of-domain set is cut to 100 pairs.  eval_every
     # divides every mode's max_steps, so the modes are compared at equal updates.
     "cpu": Preset(
-        data="multi30k", subword=8000,
+        data="multi30k",
+        subword=8000,
         model={"embedding_dim": 256, "hidden_size": 256, "num_layers": 1, "dropout": 0.3},
         batch_size=32,
-        train={"max_epochs": 12, "max_steps": 8400, "lr": 1e-3, "grad_clip": 5.0, "log_every": 50,
-               "eval_every": 300, "checkpoint_every": 300, "schedule": "plateau", "decay_factor": 0.5,
-               "patience": 4},
+        train={
+            "max_epochs": 12,
+            "max_steps": 8400,
+            "lr": 1e-3,
+            "grad_clip": 5.0,
+            "log_every": 50,
+            "eval_every": 300,
+            "checkpoint_every": 300,
+            "schedule": "plateau",
+            "decay_factor": 0.5,
+            "patience": 4,
+        },
         mode_train={"exact": {"max_steps": 1200}, "elbo-enum": {"max_steps": 1200}},
-        modes=["soft", "exact", "elbo-enum"], beam_size=5, decode_limit=500, ood_limit=100,
-        max_train_length=50),
+        modes=["soft", "exact", "elbo-enum"],
+        beam_size=5,
+        decode_limit=500,
+        ood_limit=100,
+        max_train_length=50,
+    ),
     # the paper's setting (GPU).  One hidden size serves the encoder (two directions of
     # hidden_size / 2) and the decoder: 768 is the paper's decoder; its encoder is 2 x 512.
     "full": Preset(
-        data="iwslt14", subword=14000,
+        data="iwslt14",
+        subword=14000,
         model={"embedding_dim": 512, "hidden_size": 768, "num_layers": 2, "dropout": 0.3},
         batch_size=6,
-        train={"max_epochs": 30, "lr": 3e-4, "grad_clip": 5.0, "log_every": 500, "eval_every": 10000,
-               "checkpoint_every": 2000, "schedule": "plateau", "decay_factor": 0.5, "patience": 6},
-        modes=["soft", "exact", "elbo-enum", "elbo-sample"], beam_size=10,
-        max_train_length=100),
+        train={
+            "max_epochs": 30,
+            "lr": 3e-4,
+            "grad_clip": 5.0,
+            "log_every": 500,
+            "eval_every": 10000,
+            "checkpoint_every": 2000,
+            "schedule": "plateau",
+            "decay_factor": 0.5,
+            "patience": 6,
+        },
+        modes=["soft", "exact", "elbo-enum", "elbo-sample"],
+        beam_size=10,
+        max_train_length=100,
+    ),
 }
 
 
@@ -209,8 +243,11 @@ def synthetic_corpus(folder: Path, seed: int) -> ParallelCorpus:
 
 def synthetic_oracle_ppl(pairs: list[tuple[str, str]]) -> float:
     """Perplexity of the generating process itself on ``pairs``: only the noun synonyms are uncertain."""
-    nll = sum(-math.log(0.7) if re.fullmatch(r"N\d+", w) else -math.log(0.3) if re.fullmatch(r"M\d+", w)
-              else 0.0 for _, t in pairs for w in t.split())
+    nll = sum(
+        -math.log(0.7) if re.fullmatch(r"N\d+", w) else -math.log(0.3) if re.fullmatch(r"M\d+", w) else 0.0
+        for _, t in pairs
+        for w in t.split()
+    )
     return math.exp(nll / sum(len(t.split()) + 1 for _, t in pairs))
 
 
@@ -218,18 +255,17 @@ def synthetic_oracle_ppl(pairs: list[tuple[str, str]]) -> float:
 class Data:
     """Everything the modes share: the tokenizer, the batches and the raw test text."""
 
-    tokenizer: object                  # Vocabulary (word level) or SentencePieceTokenizer
+    tokenizer: object  # Vocabulary (word level) or SentencePieceTokenizer
     train: ParallelBatches
     valid: ParallelBatches
-    tests: dict                        # name -> (ParallelBatches of all pairs, pairs)
+    tests: dict  # name -> (ParallelBatches of all pairs, pairs)
     note: str
-    ood: str | None = None             # the test set that is out of domain, if any
+    ood: str | None = None  # the test set that is out of domain, if any
     notes: list[str] = field(default_factory=list)
 
 
 def _batches(pairs, tokenizer, batch_size, *, shuffle=False, seed=0) -> ParallelBatches:
-    return ParallelBatches.from_pairs(pairs, tokenizer, src_eos=True, batch_size=batch_size,
-                                      shuffle=shuffle, seed=seed)
+    return ParallelBatches.from_pairs(pairs, tokenizer, src_eos=True, batch_size=batch_size, shuffle=shuffle, seed=seed)
 
 
 def _pieces(tokenizer, text: str) -> int:
@@ -241,35 +277,42 @@ def load_data(preset: Preset, args, out: Path, seed: int) -> Data:
     ood = None
     if preset.data == "synthetic":
         corpus = synthetic_corpus(out / "data", seed)
-        tokenizer = Vocabulary.build(corpus.texts("train"), pad="<pad>", bos="<bos>", eos="<eos>",
-                                     unk="<unk>")
-        note = (f"a synthetic language pair written to {out / 'data'} (substitution with noun "
-                "synonyms, adjective-noun swap, copied names); word vocabulary of "
-                f"{len(tokenizer)} types shared by both sides")
+        tokenizer = Vocabulary.build(corpus.texts("train"), pad="<pad>", bos="<bos>", eos="<eos>", unk="<unk>")
+        note = (
+            f"a synthetic language pair written to {out / 'data'} (substitution with noun "
+            "synonyms, adjective-noun swap, copied names); word vocabulary of "
+            f"{len(tokenizer)} types shared by both sides"
+        )
         tests = {"test": corpus.test}
-        notes.append(f"The generating process itself has a test perplexity of "
-                     f"{synthetic_oracle_ppl(corpus.test):.3f} (the noun synonyms), the floor for every mode; "
-                     "a decoder that always picks the likelier synonym scores BLEU well below 100.")
+        notes.append(
+            f"The generating process itself has a test perplexity of "
+            f"{synthetic_oracle_ppl(corpus.test):.3f} (the noun synonyms), the floor for every mode; "
+            "a decoder that always picks the likelier synonym scores BLEU well below 100."
+        )
     elif preset.data == "multi30k":
         corpus = read_multi30k(args.data)
         tokenizer = train_sentencepiece(corpus.texts("train"), preset.subword)
-        note = (f"Multi30k task 1 de-en (lowercased, tokenised; {len(corpus.train):,} training pairs) "
-                f"from {corpus.source.describe()}; joint BPE of {len(tokenizer):,} pieces learned on "
-                "its training text")
+        note = (
+            f"Multi30k task 1 de-en (lowercased, tokenised; {len(corpus.train):,} training pairs) "
+            f"from {corpus.source.describe()}; joint BPE of {len(tokenizer):,} pieces learned on "
+            "its training text"
+        )
         tests = {"multi30k test_2016_flickr": corpus.test}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", MissingSplitWarning)  # IWSLT14 train is not needed here
                 iwslt = read_iwslt14(args.data)
             short = [p for p in iwslt.test if 0 < len(p[0].split()) <= 50 and len(p[1].split()) <= 50]
-            ood_pairs = short[:preset.ood_limit] if preset.ood_limit else short
+            ood_pairs = short[: preset.ood_limit] if preset.ood_limit else short
             tests["iwslt14 test"] = ood_pairs
             ood = "iwslt14 test"
-            notes.append("IWSLT14 test (TED talks) is **out of domain** for these models, trained on "
-                         "Multi30k image captions: the IWSLT14 training split is not available on this "
-                         "machine, so its numbers are not comparable with the published ones. For time, "
-                         f"PPL and BLEU use the first {len(ood_pairs):,} of its {len(iwslt.test):,} "
-                         "sentence pairs with at most 50 words on each side.")
+            notes.append(
+                "IWSLT14 test (TED talks) is **out of domain** for these models, trained on "
+                "Multi30k image captions: the IWSLT14 training split is not available on this "
+                "machine, so its numbers are not comparable with the published ones. For time, "
+                f"PPL and BLEU use the first {len(ood_pairs):,} of its {len(iwslt.test):,} "
+                "sentence pairs with at most 50 words on each side."
+            )
         except Exception as exc:  # noqa: BLE001 - the out-of-domain test is optional
             notes.append(f"IWSLT14 test was not evaluated: {exc}")
     elif preset.data == "iwslt14":
@@ -281,43 +324,59 @@ def load_data(preset: Preset, args, out: Path, seed: int) -> Data:
         except MissingSplitError as exc:
             raise SystemExit(
                 f"error: the full preset trains on IWSLT14 and needs train.de / train.en (160,239 pairs "
-                f"of fairseq's prepare-iwslt14.sh) in the IWSLT14 folder. {exc}") from None
+                f"of fairseq's prepare-iwslt14.sh) in the IWSLT14 folder. {exc}"
+            ) from None
         tokenizer = train_sentencepiece(corpus.texts("train"), preset.subword)
-        note = (f"IWSLT14 de-en, fairseq split ({len(train):,} training pairs) from "
-                f"{corpus.source.describe()}; joint BPE of {len(tokenizer):,} pieces")
+        note = (
+            f"IWSLT14 de-en, fairseq split ({len(train):,} training pairs) from "
+            f"{corpus.source.describe()}; joint BPE of {len(tokenizer):,} pieces"
+        )
         tests = {"iwslt14 test": corpus.test}
     else:  # pragma: no cover - presets are data
         raise ValueError(f"unknown data {preset.data!r}")
 
     train_pairs = corpus.train
     if preset.max_train_length:
-        keep = [p for p in train_pairs if p[0].strip() and p[1].strip()
-                and max(_pieces(tokenizer, p[0]), _pieces(tokenizer, p[1])) <= preset.max_train_length]
+        keep = [
+            p
+            for p in train_pairs
+            if p[0].strip()
+            and p[1].strip()
+            and max(_pieces(tokenizer, p[0]), _pieces(tokenizer, p[1])) <= preset.max_train_length
+        ]
         if len(keep) < len(train_pairs):
-            notes.append(f"Training pairs with an empty side or more than {preset.max_train_length} "
-                         f"pieces on a side were dropped: {len(train_pairs) - len(keep):,} of "
-                         f"{len(train_pairs):,}.")
+            notes.append(
+                f"Training pairs with an empty side or more than {preset.max_train_length} "
+                f"pieces on a side were dropped: {len(train_pairs) - len(keep):,} of "
+                f"{len(train_pairs):,}."
+            )
         train_pairs = keep
     eval_size = max(preset.batch_size, 64)
-    return Data(tokenizer=tokenizer,
-                train=_batches(train_pairs, tokenizer, preset.batch_size, shuffle=True, seed=seed),
-                valid=_batches(corpus.valid, tokenizer, eval_size),
-                tests={name: (_batches(pairs, tokenizer, eval_size), pairs) for name, pairs in tests.items()},
-                note=note, ood=ood, notes=notes)
+    return Data(
+        tokenizer=tokenizer,
+        train=_batches(train_pairs, tokenizer, preset.batch_size, shuffle=True, seed=seed),
+        valid=_batches(corpus.valid, tokenizer, eval_size),
+        tests={name: (_batches(pairs, tokenizer, eval_size), pairs) for name, pairs in tests.items()},
+        note=note,
+        ood=ood,
+        notes=notes,
+    )
 
 
 # ---- model --------------------------------------------------------------------------------------
 def build_model(mode: str, preset: Preset, tokenizer) -> LatentAlignmentSeq2Seq:
     size = len(tokenizer)
-    return LatentAlignmentSeq2Seq.from_mode(mode, size, size, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                                            unk_id=tokenizer.unk_id, **preset.model)
+    return LatentAlignmentSeq2Seq.from_mode(
+        mode, size, size, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, unk_id=tokenizer.unk_id, **preset.model
+    )
 
 
 def train_config(mode: str, preset: Preset, args, run_dir: Path, seed: int) -> TrainConfig:
     objective = "elbo" if mode in ELBO_MODES else "marginal"
     config = TrainConfig(**{**preset.train, **preset.mode_train.get(mode, {})})
-    config = replace(config, objective=objective, eval_objective="marginal", eval_kwargs={},
-                     seed=seed, output_dir=str(run_dir))
+    config = replace(
+        config, objective=objective, eval_objective="marginal", eval_kwargs={}, seed=seed, output_dir=str(run_dir)
+    )
     return config.with_arguments(args)
 
 
@@ -365,8 +424,7 @@ def piece_labels(tokenizer, ids) -> list[str]:
 
 
 @torch.no_grad()
-def translate(model, batches: ParallelBatches, tokenizer, *, beam_size: int, limit: int | None,
-              device) -> list[str]:
+def translate(model, batches: ParallelBatches, tokenizer, *, beam_size: int, limit: int | None, device) -> list[str]:
     """Beam-search translations of the first ``limit`` examples of ``batches`` (in corpus order)."""
     model.eval()
     keep = set(range(limit)) if limit is not None else None
@@ -378,20 +436,31 @@ def translate(model, batches: ParallelBatches, tokenizer, *, beam_size: int, lim
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batches.collate(indices).items()}
         hyps = model.generate(batch, method="beam", beam_size=beam_size)
         for row, index in enumerate(indices):
-            out[index] = to_text(tokenizer, hyps.tokens[row, :int(hyps.lengths[row])].tolist())
+            out[index] = to_text(tokenizer, hyps.tokens[row, : int(hyps.lengths[row])].tolist())
     return [out[i] for i in sorted(out)]
 
 
 def bleu_scores(hypotheses: list[str], references: list[str]) -> dict:
     tok = tokenized_bleu(hypotheses, references, lowercase=True)
     detok = corpus_bleu([detokenize(h) for h in hypotheses], [detokenize(r) for r in references])
-    return {"bleu_tok": tok.score, "bleu_tok_signature": "tokenize=none, lowercase, no smoothing "
-            "(multi-bleu.perl -lc)", "bleu_detok": detok.score,
-            "bleu_detok_signature": "13a, case-sensitive, exp smoothing, on detokenised text"}
+    return {
+        "bleu_tok": tok.score,
+        "bleu_tok_signature": "tokenize=none, lowercase, no smoothing (multi-bleu.perl -lc)",
+        "bleu_detok": detok.score,
+        "bleu_detok_signature": "13a, case-sensitive, exp smoothing, on detokenised text",
+    }
 
 
-def evaluate_run(model, trainer: Trainer, data: Data, mode: str, run_dir: Path,
-                 beam_size: int, limit: int | None, previous: dict | None = None) -> dict:
+def evaluate_run(
+    model,
+    trainer: Trainer,
+    data: Data,
+    mode: str,
+    run_dir: Path,
+    beam_size: int,
+    limit: int | None,
+    previous: dict | None = None,
+) -> dict:
     """Test perplexities (exact marginal; the ELBO bound too) and BLEU of every test set.
 
     ``previous`` holds this trained model's earlier results under the same beam size and decoding
@@ -429,20 +498,34 @@ def checks(rows: list[dict], main_test: str, preset: str) -> list[tuple[str, boo
     if "soft" in by_mode and "exact" in by_mode:
         if runs["soft"]["steps"] == runs["exact"]["steps"]:
             soft, exact = by_mode["soft"]["ppl"], by_mode["exact"]["ppl"]
-            found.append(("exact-marginal PPL below soft-attention PPL", exact < soft,
-                          f"exact {exact:.2f} vs soft {soft:.2f} (test, equal updates)"))
+            found.append(
+                (
+                    "exact-marginal PPL below soft-attention PPL",
+                    exact < soft,
+                    f"exact {exact:.2f} vs soft {soft:.2f} (test, equal updates)",
+                )
+            )
         else:  # the soft run trained longer: compare validation perplexities at equal updates
             step, exact = max(runs["exact"]["valid_curve"].items())
             soft = runs["soft"]["valid_curve"].get(step)
             if soft is not None:
-                found.append(("exact-marginal PPL below soft-attention PPL at equal updates",
-                              exact < soft, f"exact {exact:.2f} vs soft {soft:.2f} (validation, "
-                              f"both after {step:,} updates)"))
+                found.append(
+                    (
+                        "exact-marginal PPL below soft-attention PPL at equal updates",
+                        exact < soft,
+                        f"exact {exact:.2f} vs soft {soft:.2f} (validation, both after {step:,} updates)",
+                    )
+                )
     for mode in ELBO_MODES:
         if mode in by_mode:
             r = by_mode[mode]
-            found.append((f"{mode}: ELBO perplexity bound >= exact-marginal PPL",
-                          r["elbo_ppl"] >= r["ppl"] * (1 - 1e-6), f"{r['elbo_ppl']:.2f} >= {r['ppl']:.2f}"))
+            found.append(
+                (
+                    f"{mode}: ELBO perplexity bound >= exact-marginal PPL",
+                    r["elbo_ppl"] >= r["ppl"] * (1 - 1e-6),
+                    f"{r['elbo_ppl']:.2f} >= {r['ppl']:.2f}",
+                )
+            )
     if preset == "smoke":
         for mode in ("soft", "exact"):
             if mode in by_mode:
@@ -453,26 +536,33 @@ def checks(rows: list[dict], main_test: str, preset: str) -> list[tuple[str, boo
 
 def valid_curve(run_dir: Path) -> dict[int, float]:
     """Validation perplexity (exact marginal) after each evaluated number of updates."""
-    return {e["step"]: e["ppl"] for e in read_metrics(run_dir)
-            if e.get("split") == "valid" and e.get("event") == "eval"}
+    return {
+        e["step"]: e["ppl"] for e in read_metrics(run_dir) if e.get("split") == "valid" and e.get("event") == "eval"
+    }
 
 
 def _fmt(x, digits=2) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def write_results(rows: list[dict], preset_name: str, preset: Preset, data: Data, out: Path,
-                  beam_size: int, figures: list[str]) -> None:
+def write_results(
+    rows: list[dict], preset_name: str, preset: Preset, data: Data, out: Path, beam_size: int, figures: list[str]
+) -> None:
     main_test = next(iter(data.tests))
-    lines = [f"# Latent alignment and variational attention: preset `{preset_name}`", "",
-             f"Data: {data.note}.", "",
-             "PPL = exp(total NLL / target tokens), `<eos>` counted, NLL the exact marginal "
-             "-log p(y | x) with the alignment summed out under the prior (soft and copy: their own "
-             "likelihood). ELBO PPL = exp(-ELBO / tokens), the upper bound that variational training "
-             "optimises (expectation under q enumerated exactly). BLEU (tok) is sacreBLEU on the "
-             "tokenised lowercased text with `tokenize=none`, no smoothing, as `multi-bleu.perl -lc`; "
-             "sacreBLEU (detok) is its default (`13a`, case-sensitive) on detokenised hypotheses and "
-             f"references. Translations: beam search, beam {beam_size}, under the exact marginal.", ""]
+    lines = [
+        f"# Latent alignment and variational attention: preset `{preset_name}`",
+        "",
+        f"Data: {data.note}.",
+        "",
+        "PPL = exp(total NLL / target tokens), `<eos>` counted, NLL the exact marginal "
+        "-log p(y | x) with the alignment summed out under the prior (soft and copy: their own "
+        "likelihood). ELBO PPL = exp(-ELBO / tokens), the upper bound that variational training "
+        "optimises (expectation under q enumerated exactly). BLEU (tok) is sacreBLEU on the "
+        "tokenised lowercased text with `tokenize=none`, no smoothing, as `multi-bleu.perl -lc`; "
+        "sacreBLEU (detok) is its default (`13a`, case-sensitive) on detokenised hypotheses and "
+        f"references. Translations: beam search, beam {beam_size}, under the exact marginal.",
+        "",
+    ]
     if data.notes:
         lines += [*(f"- {n}" for n in data.notes), ""]
     for name in data.tests:
@@ -481,19 +571,32 @@ def write_results(rows: list[dict], preset_name: str, preset: Preset, data: Data
         ood = " (out of domain)" if name == data.ood else ""
         lines += [f"## Measured: {name}{ood}", ""]
         if decoded != total:
-            lines += [f"BLEU on the first {min(decoded):,} of {max(total):,} sentences (decoding capped "
-                      "for time); PPL on all of them.", ""]
-        lines += ["| mode | PPL | ELBO PPL (bound) | BLEU (tok, lc) | sacreBLEU (detok) | parameters | "
-                  "train tokens | train tokens/s | train time (s) | beam search time (s) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            lines += [
+                f"BLEU on the first {min(decoded):,} of {max(total):,} sentences (decoding capped "
+                "for time); PPL on all of them.",
+                "",
+            ]
+        lines += [
+            "| mode | PPL | ELBO PPL (bound) | BLEU (tok, lc) | sacreBLEU (detok) | parameters | "
+            "train tokens | train tokens/s | train time (s) | beam search time (s) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in rows:
             t = r["test"][name]
-            lines.append(f"| {r['mode']} | {_fmt(t['ppl'])} | {_fmt(t.get('elbo_ppl'))} | {_fmt(t['bleu_tok'])} | "
-                         f"{_fmt(t['bleu_detok'])} | {r['parameters']:,} | {r['train_tokens']:,} | "
-                         f"{_fmt(r['tokens_per_s'], 0)} | {r['wall_time']:.0f} | {_fmt(t['decode_time'], 0)} |")
+            lines.append(
+                f"| {r['mode']} | {_fmt(t['ppl'])} | {_fmt(t.get('elbo_ppl'))} | {_fmt(t['bleu_tok'])} | "
+                f"{_fmt(t['bleu_detok'])} | {r['parameters']:,} | {r['train_tokens']:,} | "
+                f"{_fmt(r['tokens_per_s'], 0)} | {r['wall_time']:.0f} | {_fmt(t['decode_time'], 0)} |"
+            )
         lines.append("")
-    lines += ["## Published", "", f"{PAPER}.", "",
-              "| model | test PPL | BLEU | modes here | note |", "|---|---:|---:|---|---|"]
+    lines += [
+        "## Published",
+        "",
+        f"{PAPER}.",
+        "",
+        "| model | test PPL | BLEU | modes here | note |",
+        "|---|---:|---:|---|---|",
+    ]
     for name, key, ppl, bleu, note in PUBLISHED:
         modes = "elbo-enum, elbo-sample, elbo-gumbel" if key == "elbo" else key
         lines.append(f"| {name} | {ppl} | {bleu} | {modes} | {note} |")
@@ -501,16 +604,22 @@ def write_results(rows: list[dict], preset_name: str, preset: Preset, data: Data
     for name, passed, detail in checks(rows, main_test, preset_name):
         lines.append(f"| {name} | {'pass' if passed else 'FAIL'} | {detail} |")
     if preset_name == "smoke":
-        lines += ["", "The smoke data is generated, so its numbers say only that every mode trains, "
-                  "evaluates and decodes; they are not comparable with the published ones."]
+        lines += [
+            "",
+            "The smoke data is generated, so its numbers say only that every mode trains, "
+            "evaluates and decodes; they are not comparable with the published ones.",
+        ]
     elif preset_name == "cpu":
         steps = ", ".join(f"{r['mode']} {r['steps']:,}" for r in rows)
-        lines += ["", "The cpu models are smaller and trained far less than the published ones (see train "
-                  "tokens), on a different corpus (Multi30k), so only the comparisons between modes of "
-                  f"this run carry meaning. Updates made: {steps}. An exact-marginal or ELBO update "
-                  "scores every source position against the whole vocabulary (about S times the "
-                  "soft read-out), so within a similar time budget those modes make fewer updates; "
-                  "the soft/exact check then compares validation perplexities after equal updates."]
+        lines += [
+            "",
+            "The cpu models are smaller and trained far less than the published ones (see train "
+            "tokens), on a different corpus (Multi30k), so only the comparisons between modes of "
+            f"this run carry meaning. Updates made: {steps}. An exact-marginal or ELBO update "
+            "scores every source position against the whole vocabulary (about S times the "
+            "soft read-out), so within a similar time budget those modes make fewer updates; "
+            "the soft/exact check then compares validation perplexities after equal updates.",
+        ]
     lines += ["", "Plots: " + "; ".join(f"`{p}`" for p in figures) + ".", ""]
     (out / "results.md").write_text("\n".join(lines))
 
@@ -522,7 +631,7 @@ def plot_alignments(model, mode: str, data: Data, preset: Preset, out: Path) -> 
         return None
     batches, pairs = next(iter(data.tests.values()))
     lengths = [(max(len(batches.src[i]), len(batches.tgt[i])), i) for i in range(len(pairs))]
-    chosen = [i for n, i in lengths if 4 <= n <= 20][:preset.heatmaps] or [i for _, i in lengths[:preset.heatmaps]]
+    chosen = [i for n, i in lengths if 4 <= n <= 20][: preset.heatmaps] or [i for _, i in lengths[: preset.heatmaps]]
     model.eval()
     device = next(model.parameters()).device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batches.collate(chosen).items()}
@@ -530,13 +639,21 @@ def plot_alignments(model, mode: str, data: Data, preset: Preset, out: Path) -> 
     panels = [("prior alpha", prior), ("exact posterior p(z | x, y)", model.posterior(batch).probs)]
     if mode in ELBO_MODES:
         panels.append(("inference network q(z | x, y)", model.approximate_posterior(batch).probs))
-    sources = [piece_labels(data.tokenizer, batch["src"][row, :int(n)].tolist())
-               for row, n in enumerate(batch["src_lengths"])]
-    targets = [piece_labels(data.tokenizer, batch["tgt_out"][row, :int(n)].tolist())
-               for row, n in enumerate(batch["tgt_lengths"])]
+    sources = [
+        piece_labels(data.tokenizer, batch["src"][row, : int(n)].tolist()) for row, n in enumerate(batch["src_lengths"])
+    ]
+    targets = [
+        piece_labels(data.tokenizer, batch["tgt_out"][row, : int(n)].tolist())
+        for row, n in enumerate(batch["tgt_lengths"])
+    ]
     name = f"alignments-{mode}.png"
-    plots.alignment_heatmaps(panels, sources, targets, out / name,
-                             title=f"{mode}: alignments on test sentences (rows: target, columns: source)")
+    plots.alignment_heatmaps(
+        panels,
+        sources,
+        targets,
+        out / name,
+        title=f"{mode}: alignments on test sentences (rows: target, columns: source)",
+    )
     return name
 
 
@@ -544,13 +661,21 @@ def plot_alignments(model, mode: str, data: Data, preset: Preset, out: Path) -> 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--mode", action="append", choices=tuple(MODES),
-                        help="train and evaluate only these modes (repeatable); default: the preset's list")
+    parser.add_argument(
+        "--mode",
+        action="append",
+        choices=tuple(MODES),
+        help="train and evaluate only these modes (repeatable); default: the preset's list",
+    )
     parser.add_argument("--data", help="folder holding the corpora (else $LATENTNLP_DATA, the hub)")
     parser.add_argument("--out", help="output folder (default runs/latent-attention-<preset>)")
     parser.add_argument("--beam-size", type=int, default=None, help="beam size (default: the preset's)")
-    parser.add_argument("--decode-limit", type=int, default=None,
-                        help="decode at most this many sentences of each test set (default: the preset's)")
+    parser.add_argument(
+        "--decode-limit",
+        type=int,
+        default=None,
+        help="decode at most this many sentences of each test set (default: the preset's)",
+    )
     TrainConfig.add_arguments(parser)
     args = parser.parse_args(argv)
 
@@ -563,12 +688,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     seed = args.seed if args.seed is not None else 0
     torch.manual_seed(seed)
     data = load_data(preset, args, out, seed)
-    (out / "config.json").write_text(json.dumps({
-        "preset": args.preset, "seed": seed, "modes": modes, "vocab_size": len(data.tokenizer),
-        "tokenizer": str(getattr(data.tokenizer, "model_path", None) or "word vocabulary"),
-        "model": preset.model, "batch_size": preset.batch_size, "train": preset.train,
-        "mode_train": preset.mode_train, "beam_size": beam_size, "decode_limit": limit,
-        "data": data.note, "train_batches": len(data.train)}, indent=2))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "seed": seed,
+                "modes": modes,
+                "vocab_size": len(data.tokenizer),
+                "tokenizer": str(getattr(data.tokenizer, "model_path", None) or "word vocabulary"),
+                "model": preset.model,
+                "batch_size": preset.batch_size,
+                "train": preset.train,
+                "mode_train": preset.mode_train,
+                "beam_size": beam_size,
+                "decode_limit": limit,
+                "data": data.note,
+                "train_batches": len(data.train),
+            },
+            indent=2,
+        )
+    )
 
     tokens_per_batch = sum(len(t) + 1 for t in data.train.tgt) / len(data.train)
     rows, figures = [], []
@@ -585,37 +724,64 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             print(f"[{mode}] training {parameters:,} parameters")
             evaluated.unlink(missing_ok=True)
-            summary = Trainer(model, config, data.train, data.valid,
-                              run_info={"recipe": "latent_attention", "preset": args.preset, "mode": mode,
-                                        "model": preset.model}).fit()
+            summary = Trainer(
+                model,
+                config,
+                data.train,
+                data.valid,
+                run_info={"recipe": "latent_attention", "preset": args.preset, "mode": mode, "model": preset.model},
+            ).fit()
         model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)["model"])
         evaluator = Trainer(model, replace(config, output_dir=None, overwrite=False), data.train, data.valid)
         cached = json.loads(evaluated.read_text()) if evaluated.exists() else {}
         same_decoding = cached.get("beam_size") == beam_size and cached.get("decode_limit") == limit
-        test = evaluate_run(model, evaluator, data, mode, run_dir, beam_size, limit,
-                            previous=cached.get("test") if same_decoding else None)
+        test = evaluate_run(
+            model,
+            evaluator,
+            data,
+            mode,
+            run_dir,
+            beam_size,
+            limit,
+            previous=cached.get("test") if same_decoding else None,
+        )
         if test != cached.get("test"):
-            evaluated.write_text(json.dumps({"beam_size": beam_size, "decode_limit": limit, "test": test},
-                                            indent=2))
+            evaluated.write_text(json.dumps({"beam_size": beam_size, "decode_limit": limit, "test": test}, indent=2))
         model.cpu()
         train_tokens = summary["steps"] * tokens_per_batch
-        rows.append({"mode": mode, "dir": str(run_dir), "parameters": parameters, "steps": summary["steps"],
-                     "train_tokens": int(train_tokens), "tokens_per_s": training_speed(run_dir),
-                     "wall_time": summary["wall_time"], "valid_ppl": summary["best_valid_ppl"],
-                     "skipped": summary["skipped"], "test": test, "valid_curve": valid_curve(run_dir)})
+        rows.append(
+            {
+                "mode": mode,
+                "dir": str(run_dir),
+                "parameters": parameters,
+                "steps": summary["steps"],
+                "train_tokens": int(train_tokens),
+                "tokens_per_s": training_speed(run_dir),
+                "wall_time": summary["wall_time"],
+                "valid_ppl": summary["best_valid_ppl"],
+                "skipped": summary["skipped"],
+                "test": test,
+                "valid_curve": valid_curve(run_dir),
+            }
+        )
         plot = plot_alignments(model, mode, data, preset, out)
         if plot:
             figures.append(plot)
         first = next(iter(test.values()))
-        print(f"[{mode}] test ppl {first['ppl']:.2f}, BLEU {first['bleu_tok']:.2f} (tok) / "
-              f"{first['bleu_detok']:.2f} (detok) ({time.time() - start:.0f}s)")
+        print(
+            f"[{mode}] test ppl {first['ppl']:.2f}, BLEU {first['bleu_tok']:.2f} (tok) / "
+            f"{first['bleu_detok']:.2f} (detok) ({time.time() - start:.0f}s)"
+        )
     with open(out / "metrics.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    plots.training_curves({row["mode"]: row["dir"] for row in rows}, out / "curves.png",
-                          loss_label="training loss per token",
-                          loss_title="training objective (NLL or -ELBO)",
-                          ppl_title="validation perplexity (exact marginal)")
+    plots.training_curves(
+        {row["mode"]: row["dir"] for row in rows},
+        out / "curves.png",
+        loss_label="training loss per token",
+        loss_title="training objective (NLL or -ELBO)",
+        ppl_title="validation perplexity (exact marginal)",
+    )
     figures.insert(0, "curves.png")
     write_results(rows, args.preset, preset, data, out, beam_size, figures)
     print((out / "results.md").read_text())

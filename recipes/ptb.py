@@ -31,17 +31,20 @@ from latentnlp import plots  # noqa: E402
 from latentnlp.data import BPTTStream, read_ptb  # noqa: E402
 from latentnlp.models.hmm_lm import HMMLanguageModel  # noqa: E402
 from latentnlp.models.lstm_lm import LSTMLanguageModel  # noqa: E402
-from latentnlp.training import Trainer, TrainConfig, training_speed  # noqa: E402
+from latentnlp.training import TrainConfig, Trainer, training_speed  # noqa: E402
 
 # Published PTB perplexities (Mikolov's 10k-vocabulary version), with their sources.
 PUBLISHED = [
-    ("KN 5-gram (Mikolov & Zweig 2012)", None, 141.2,
-     "as listed in Inan et al. 2017, Table 2"),
+    ("KN 5-gram (Mikolov & Zweig 2012)", None, 141.2, "as listed in Inan et al. 2017, Table 2"),
     ("AWD-LSTM (Merity et al. 2018)", 60.0, 57.3, "Yang et al. 2018, Table 1 (finetuned)"),
     ("AWD-LSTM-MoS, 15 experts (Yang et al. 2018)", 56.54, 54.44, "Yang et al. 2018, Table 1 (finetuned)"),
     ("AWD-LSTM-MoS without finetuning (Yang et al. 2018)", 58.08, 55.97, "Yang et al. 2018, Table 1"),
-    ("Neural HMM, 2^15 states (Chiu & Rush 2020)", 125.0, None,
-     "Chiu & Rush 2020, arXiv 2011.04640 (about 125 validation perplexity)"),
+    (
+        "Neural HMM, 2^15 states (Chiu & Rush 2020)",
+        125.0,
+        None,
+        "Chiu & Rush 2020, arXiv 2011.04640 (about 125 validation perplexity)",
+    ),
 ]
 
 
@@ -50,9 +53,9 @@ class Run:
     """One model of a preset: how to build it and how long to train it."""
 
     name: str
-    kind: str                      # "hmm" or "lstm"
+    kind: str  # "hmm" or "lstm"
     model: dict
-    group: str                     # "hmm" (state-count series) or "softmax" (bottleneck comparison)
+    group: str  # "hmm" (state-count series) or "softmax" (bottleneck comparison)
     train: dict = field(default_factory=dict)
 
 
@@ -66,47 +69,109 @@ class Preset:
 
 def hmm_run(states: int, size: int, rank: int | None = None, **train) -> Run:
     name = f"hmm-{states}" + (f"-rank{rank}" if rank else "")
-    return Run(name, "hmm", {"num_states": states, "embedding_size": size, "transition_rank": rank,
-                             "state_dropout": 0.5 if states >= 128 else 0.0, "dropout": 0.1}, "hmm", train)
+    return Run(
+        name,
+        "hmm",
+        {
+            "num_states": states,
+            "embedding_size": size,
+            "transition_rank": rank,
+            "state_dropout": 0.5 if states >= 128 else 0.0,
+            "dropout": 0.1,
+        },
+        "hmm",
+        train,
+    )
 
 
-def lstm_run(name: str, output: str, d: int, experts: int | None, embed: int, hidden: int, layers: int = 1,
-             dropout: float = 0.3, activation: str = "tanh", **train) -> Run:
-    return Run(name, "lstm", {"embedding_size": embed, "hidden_size": hidden, "num_layers": layers,
-                              "output": output, "softmax_input_size": d, "num_experts": experts,
-                              "dropout": dropout, "output_activation": activation}, "softmax", train)
+def lstm_run(
+    name: str,
+    output: str,
+    d: int,
+    experts: int | None,
+    embed: int,
+    hidden: int,
+    layers: int = 1,
+    dropout: float = 0.3,
+    activation: str = "tanh",
+    **train,
+) -> Run:
+    return Run(
+        name,
+        "lstm",
+        {
+            "embedding_size": embed,
+            "hidden_size": hidden,
+            "num_layers": layers,
+            "output": output,
+            "softmax_input_size": d,
+            "num_experts": experts,
+            "dropout": dropout,
+            "output_activation": activation,
+        },
+        "softmax",
+        train,
+    )
 
 
 PRESETS = {
     # seconds: every model family at toy size on generated text
-    "smoke": Preset(batch_size=8, bptt=16, train={"max_epochs": 2, "lr": 1e-2, "log_every": 10}, runs=[
-        hmm_run(4, 16), hmm_run(16, 16), hmm_run(16, 16, rank=4),
-        lstm_run("lstm-softmax-d4", "softmax", 4, None, 16, 32),
-        lstm_run("lstm-mos3-d4", "mos", 4, 3, 16, 32),
-        lstm_run("lstm-softmax-d12", "softmax", 12, None, 16, 32),
-    ]),
+    "smoke": Preset(
+        batch_size=8,
+        bptt=16,
+        train={"max_epochs": 2, "lr": 1e-2, "log_every": 10},
+        runs=[
+            hmm_run(4, 16),
+            hmm_run(16, 16),
+            hmm_run(16, 16, rank=4),
+            lstm_run("lstm-softmax-d4", "softmax", 4, None, 16, 32),
+            lstm_run("lstm-mos3-d4", "mos", 4, 3, 16, 32),
+            lstm_run("lstm-softmax-d12", "softmax", 12, None, 16, 32),
+        ],
+    ),
     # about an hour on 2 CPU cores: two epochs of PTB for every model (equal token budgets)
-    "cpu": Preset(batch_size=32, bptt=64, train={"max_epochs": 2, "lr": 3e-3, "grad_clip": 5.0,
-                                                 "log_every": 20}, runs=[
-        hmm_run(128, 256), hmm_run(256, 256), hmm_run(512, 256), hmm_run(1024, 256),
-        hmm_run(1024, 256, rank=128),
-        # identity output projections: under Adam at 3e-3 a tanh projection saturates within
-        # 25 steps (95% of units beyond |2.5|) and the d=128 control stalled at the unigram
-        # distribution (805 valid PPL); a linear map has the same rank bound d + 1
-        lstm_run("lstm-softmax-d32", "softmax", 32, None, 128, 256, activation="identity"),
-        lstm_run("lstm-mos4-d32", "mos", 32, 4, 128, 256, activation="identity"),
-        lstm_run("lstm-softmax-d128", "softmax", 128, None, 128, 256, activation="identity"),
-    ]),
+    "cpu": Preset(
+        batch_size=32,
+        bptt=64,
+        train={"max_epochs": 2, "lr": 3e-3, "grad_clip": 5.0, "log_every": 20},
+        runs=[
+            hmm_run(128, 256),
+            hmm_run(256, 256),
+            hmm_run(512, 256),
+            hmm_run(1024, 256),
+            hmm_run(1024, 256, rank=128),
+            # identity output projections: under Adam at 3e-3 a tanh projection saturates within
+            # 25 steps (95% of units beyond |2.5|) and the d=128 control stalled at the unigram
+            # distribution (805 valid PPL); a linear map has the same rank bound d + 1
+            lstm_run("lstm-softmax-d32", "softmax", 32, None, 128, 256, activation="identity"),
+            lstm_run("lstm-mos4-d32", "mos", 32, 4, 128, 256, activation="identity"),
+            lstm_run("lstm-softmax-d128", "softmax", 128, None, 128, 256, activation="identity"),
+        ],
+    ),
     # the published settings (GPU): MoS of Yang et al. (3 layers, 960 hidden, 280-d experts x 15),
     # its one-softmax AWD-LSTM-sized control, and a 2^15-state HMM with state dropout
-    "full": Preset(batch_size=12, bptt=70, train={"max_epochs": 100, "lr": 1e-3, "grad_clip": 0.25,
-                                                  "schedule": "plateau", "patience": 10}, runs=[
-        lstm_run("mos", "mos", 280, 15, 280, 960, layers=3, dropout=0.4),
-        lstm_run("softmax", "softmax", 400, None, 400, 1150, layers=3, dropout=0.4),
-        Run("hmm-32768", "hmm", {"num_states": 2 ** 15, "embedding_size": 256, "transition_rank": None,
-                                 "state_dropout": 0.5, "dropout": 0.1}, "hmm",
-            {"max_epochs": 30, "lr": 1e-2, "grad_clip": 5.0}),
-    ]),
+    "full": Preset(
+        batch_size=12,
+        bptt=70,
+        train={"max_epochs": 100, "lr": 1e-3, "grad_clip": 0.25, "schedule": "plateau", "patience": 10},
+        runs=[
+            lstm_run("mos", "mos", 280, 15, 280, 960, layers=3, dropout=0.4),
+            lstm_run("softmax", "softmax", 400, None, 400, 1150, layers=3, dropout=0.4),
+            Run(
+                "hmm-32768",
+                "hmm",
+                {
+                    "num_states": 2**15,
+                    "embedding_size": 256,
+                    "transition_rank": None,
+                    "state_dropout": 0.5,
+                    "dropout": 0.1,
+                },
+                "hmm",
+                {"max_epochs": 30, "lr": 1e-2, "grad_clip": 5.0},
+            ),
+        ],
+    ),
 }
 
 
@@ -142,32 +207,51 @@ def build_model(run: Run, vocab_size: int):
 def checks(rows: list[dict]) -> list[tuple[str, bool, str]]:
     """The orderings the recipe expects, evaluated on the measured validation perplexities."""
     found = []
-    dense = sorted((r for r in rows if r["kind"] == "hmm" and not r["model"]["transition_rank"]),
-                   key=lambda r: r["model"]["num_states"])
+    dense = sorted(
+        (r for r in rows if r["kind"] == "hmm" and not r["model"]["transition_rank"]),
+        key=lambda r: r["model"]["num_states"],
+    )
     if len(dense) >= 2:
         ppls = [r["valid_ppl"] for r in dense]
-        found.append(("HMM perplexity falls as K grows", all(a > b for a, b in zip(ppls, ppls[1:])),
-                      ", ".join(f"K={r['model']['num_states']}: {r['valid_ppl']:.1f}" for r in dense)))
+        found.append(
+            (
+                "HMM perplexity falls as K grows",
+                all(a > b for a, b in zip(ppls, ppls[1:])),
+                ", ".join(f"K={r['model']['num_states']}: {r['valid_ppl']:.1f}" for r in dense),
+            )
+        )
     for low in (r for r in rows if r["kind"] == "hmm" and r["model"]["transition_rank"]):
         twin = [r for r in dense if r["model"]["num_states"] == low["model"]["num_states"]]
         if twin:
             gap = low["valid_ppl"] / twin[0]["valid_ppl"] - 1
             faster = low["tokens_per_s"] / twin[0]["tokens_per_s"]
-            found.append((f"low rank ({low['name']}) within 5% of dense and faster", gap <= 0.05 and faster > 1,
-                          f"perplexity {100 * gap:+.1f}%, speed x{faster:.2f}"))
-    softmax = {r["model"]["softmax_input_size"]: r for r in rows
-               if r["kind"] == "lstm" and r["model"]["output"] == "softmax"}
+            found.append(
+                (
+                    f"low rank ({low['name']}) within 5% of dense and faster",
+                    gap <= 0.05 and faster > 1,
+                    f"perplexity {100 * gap:+.1f}%, speed x{faster:.2f}",
+                )
+            )
+    softmax = {
+        r["model"]["softmax_input_size"]: r for r in rows if r["kind"] == "lstm" and r["model"]["output"] == "softmax"
+    }
     for mos in (r for r in rows if r["kind"] == "lstm" and r["model"]["output"] == "mos"):
         d = mos["model"]["softmax_input_size"]
         if d in softmax:
-            found.append((f"MoS beats one softmax at d={d}", mos["valid_ppl"] < softmax[d]["valid_ppl"],
-                          f"{mos['valid_ppl']:.1f} vs {softmax[d]['valid_ppl']:.1f}"))
+            found.append(
+                (
+                    f"MoS beats one softmax at d={d}",
+                    mos["valid_ppl"] < softmax[d]["valid_ppl"],
+                    f"{mos['valid_ppl']:.1f} vs {softmax[d]['valid_ppl']:.1f}",
+                )
+            )
     return found
 
 
 @torch.no_grad()
-def plot_hmm_states(model: HMMLanguageModel, vocab, stream: BPTTStream, out: Path, name: str,
-                    num_states: int = 16, num_words: int = 8) -> None:
+def plot_hmm_states(
+    model: HMMLanguageModel, vocab, stream: BPTTStream, out: Path, name: str, num_states: int = 16, num_words: int = 8
+) -> None:
     """The most used states (posterior mass on a validation stretch), their top words and transitions."""
     model.eval()
     model.reset_state()
@@ -176,38 +260,65 @@ def plot_hmm_states(model: HMMLanguageModel, vocab, stream: BPTTStream, out: Pat
     states = usage.topk(min(num_states, model.num_states)).indices
     params = model.log_parameters()
     top = params["emission"][states].topk(num_words, -1)
-    words = [[(vocab.itos[w], math.exp(p)) for w, p in zip(ids, logp)]
-             for ids, logp in zip(top.indices.tolist(), top.values.tolist())]
+    words = [
+        [(vocab.itos[w], math.exp(p)) for w, p in zip(ids, logp)]
+        for ids, logp in zip(top.indices.tolist(), top.values.tolist())
+    ]
     trans = model.transition(params).dense()[states][:, states].exp()
-    plots.hmm_states(states.tolist(), words, trans, out / "hmm_states.png",
-                     title=f"{name}: top words of the {len(states)} most used states")
+    plots.hmm_states(
+        states.tolist(),
+        words,
+        trans,
+        out / "hmm_states.png",
+        title=f"{name}: top words of the {len(states)} most used states",
+    )
 
 
 def write_results(rows: list[dict], preset: str, data_note: str, out: Path) -> None:
-    lines = [f"# PTB language models: preset `{preset}`", "",
-             f"Data: {data_note}. Perplexity = exp(total NLL / target tokens), `<eos>` counted; "
-             "all models evaluated by their exact marginal likelihood on the full split.", "",
-             "## Measured", "",
-             "| model | valid PPL | test PPL | parameters | train tokens | train tokens/s | wall time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# PTB language models: preset `{preset}`",
+        "",
+        f"Data: {data_note}. Perplexity = exp(total NLL / target tokens), `<eos>` counted; "
+        "all models evaluated by their exact marginal likelihood on the full split.",
+        "",
+        "## Measured",
+        "",
+        "| model | valid PPL | test PPL | parameters | train tokens | train tokens/s | wall time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {r['parameters']:,} | "
-                     f"{r['train_tokens']:,} | {r['tokens_per_s']:.0f} | {r['wall_time']:.0f} |")
-    lines += ["", "## Published (full training, for comparison)", "",
-              "| model | valid PPL | test PPL | source |", "|---|---:|---:|---|"]
+        lines.append(
+            f"| {r['name']} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {r['parameters']:,} | "
+            f"{r['train_tokens']:,} | {r['tokens_per_s']:.0f} | {r['wall_time']:.0f} |"
+        )
+    lines += [
+        "",
+        "## Published (full training, for comparison)",
+        "",
+        "| model | valid PPL | test PPL | source |",
+        "|---|---:|---:|---|",
+    ]
     for name, valid, test, source in PUBLISHED:
-        lines.append(f"| {name} | {valid if valid is not None else '-'} | {test if test is not None else '-'} "
-                     f"| {source} |")
+        lines.append(
+            f"| {name} | {valid if valid is not None else '-'} | {test if test is not None else '-'} | {source} |"
+        )
     lines += ["", "## Checks", "", "| expectation | result | measured |", "|---|---|---|"]
     for name, passed, detail in checks(rows):
         lines.append(f"| {name} | {'pass' if passed else 'FAIL'} | {detail} |")
     if preset != "full":
-        lines += ["", "The measured models are far smaller and trained on a fraction of the published "
-                  "budget (see train tokens), so their perplexities are not comparable with the "
-                  "published ones; the checks compare models of this run with each other at equal "
-                  "token budgets."]
-    lines += ["", "Plots: `curves.png` (training loss, validation perplexity); `hmm_states.png` "
-              "(top words and transitions of the most used states of the largest dense HMM).", ""]
+        lines += [
+            "",
+            "The measured models are far smaller and trained on a fraction of the published "
+            "budget (see train tokens), so their perplexities are not comparable with the "
+            "published ones; the checks compare models of this run with each other at equal "
+            "token budgets.",
+        ]
+    lines += [
+        "",
+        "Plots: `curves.png` (training loss, validation perplexity); `hmm_states.png` "
+        "(top words and transitions of the most used states of the largest dense HMM).",
+        "",
+    ]
     (out / "results.md").write_text("\n".join(lines))
 
 
@@ -235,14 +346,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.preset != "smoke":
         data_note = f"Penn Treebank (Mikolov), from {corpus.source.describe()}"
     vocab = corpus.vocabulary()
-    streams = {split: BPTTStream.from_sentences(getattr(corpus, split), vocab, preset.batch_size, preset.bptt)
-               for split in ("train", "valid", "test")}
+    streams = {
+        split: BPTTStream.from_sentences(getattr(corpus, split), vocab, preset.batch_size, preset.bptt)
+        for split in ("train", "valid", "test")
+    }
     runs = [r for r in preset.runs if not args.model or r.name in args.model]
     if not runs:
         parser.error(f"--model must name runs of preset {args.preset}: {[r.name for r in preset.runs]}")
-    (out / "config.json").write_text(json.dumps({"preset": args.preset, "seed": seed, "vocab_size": len(vocab),
-                                                 "batch_size": preset.batch_size, "bptt": preset.bptt,
-                                                 "runs": [r.__dict__ for r in runs]}, indent=2))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "seed": seed,
+                "vocab_size": len(vocab),
+                "batch_size": preset.batch_size,
+                "bptt": preset.bptt,
+                "runs": [r.__dict__ for r in runs],
+            },
+            indent=2,
+        )
+    )
     for run in runs:
         run_dir = out / run.name
         config = replace(TrainConfig(**{**preset.train, **run.train}), seed=seed, output_dir=str(run_dir))
@@ -253,10 +376,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             continue
         model = build_model(run, len(vocab))
         print(f"[{run.name}] training {sum(p.numel() for p in model.parameters()):,} parameters")
-        summary = Trainer(model, config, streams["train"], streams["valid"], streams["test"],
-                          run_info={"recipe": "ptb", "preset": args.preset, "run": run.__dict__}).fit()
-        print(f"[{run.name}] valid ppl {summary['best_valid_ppl']:.2f}, test ppl {summary['test']['ppl']:.2f} "
-              f"({time.time() - start:.0f}s)")
+        summary = Trainer(
+            model,
+            config,
+            streams["train"],
+            streams["valid"],
+            streams["test"],
+            run_info={"recipe": "ptb", "preset": args.preset, "run": run.__dict__},
+        ).fit()
+        print(
+            f"[{run.name}] valid ppl {summary['best_valid_ppl']:.2f}, test ppl {summary['test']['ppl']:.2f} "
+            f"({time.time() - start:.0f}s)"
+        )
     # the report covers every finished run of the preset in this folder, so a preset can be run in parts
     rows = []
     for run in preset.runs:
@@ -264,19 +395,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not finished.exists():
             continue
         summary = json.loads(finished.read_text())
-        rows.append({"name": run.name, "kind": run.kind, "model": run.model, "dir": str(out / run.name),
-                     "valid_ppl": summary["best_valid_ppl"], "test_ppl": summary["test"]["ppl"],
-                     "parameters": sum(p.numel() for p in build_model(run, len(vocab)).parameters()),
-                     "train_tokens": summary["steps"] * preset.batch_size * preset.bptt,
-                     "tokens_per_s": training_speed(out / run.name), "wall_time": summary["wall_time"],
-                     "steps": summary["steps"], "skipped": summary["skipped"]})
+        rows.append(
+            {
+                "name": run.name,
+                "kind": run.kind,
+                "model": run.model,
+                "dir": str(out / run.name),
+                "valid_ppl": summary["best_valid_ppl"],
+                "test_ppl": summary["test"]["ppl"],
+                "parameters": sum(p.numel() for p in build_model(run, len(vocab)).parameters()),
+                "train_tokens": summary["steps"] * preset.batch_size * preset.bptt,
+                "tokens_per_s": training_speed(out / run.name),
+                "wall_time": summary["wall_time"],
+                "steps": summary["steps"],
+                "skipped": summary["skipped"],
+            }
+        )
     with open(out / "metrics.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     plots.training_curves({row["name"]: row["dir"] for row in rows}, out / "curves.png")
     reported = {row["name"] for row in rows}
-    dense_hmms = [r for r in preset.runs if r.kind == "hmm" and not r.model["transition_rank"]
-                  and r.name in reported]
+    dense_hmms = [r for r in preset.runs if r.kind == "hmm" and not r.model["transition_rank"] and r.name in reported]
     if dense_hmms:
         largest = max(dense_hmms, key=lambda r: r.model["num_states"])
         model = build_model(largest, len(vocab))

@@ -30,6 +30,7 @@ from latentnlp.models.base import ELBO, OBJECTIVES, IntractableError, LatentMode
 
 # ---- the toy model -------------------------------------------------------------------------------
 
+
 class NaiveBayesMixture(LatentModel):
     """Categorical "naive Bayes" mixture over the target tokens of each example.
 
@@ -59,7 +60,7 @@ class NaiveBayesMixture(LatentModel):
     def log_likelihoods(self, batch: Mapping[str, Any]) -> Tensor:
         """``log p(x | z = k)`` for every ``k``: ``[B, K]``."""
         targets, mask = self._mask(batch)
-        log_phi = F.log_softmax(self.emit_logits, dim=-1)            # [K, V]
+        log_phi = F.log_softmax(self.emit_logits, dim=-1)  # [K, V]
         per_token = log_phi.t()[targets.clamp(0, self.vocab_size - 1)]  # [B, T, K]
         return torch.where(mask.unsqueeze(-1), per_token, 0.0).sum(1)
 
@@ -76,8 +77,7 @@ class NaiveBayesMixture(LatentModel):
     def log_marginal(self, batch: Mapping[str, Any]) -> Tensor:
         return torch.logsumexp(self.log_prior() + self.log_likelihoods(batch), dim=-1)
 
-    def elbo(self, batch, *, estimator: str | None = None, num_samples: int = 1,
-             kl_weight: float = 1.0) -> ELBO:
+    def elbo(self, batch, *, estimator: str | None = None, num_samples: int = 1, kl_weight: float = 1.0) -> ELBO:
         log_lik, log_prior, log_q = self.log_likelihoods(batch), self.log_prior(), self.log_q(batch)
         q = log_q.exp()
         kl = (q * (log_q - log_prior)).sum(-1)
@@ -86,15 +86,14 @@ class NaiveBayesMixture(LatentModel):
             surrogate_recon = recon
         elif estimator == "sample":
             z = torch.multinomial(q.detach(), num_samples, replacement=True).t()  # [S, B]
-            lp = log_lik.gather(1, z.t()).t()                                    # [S, B]
+            lp = log_lik.gather(1, z.t()).t()  # [S, B]
             lq = log_q.gather(1, z.t()).t()
             recon = lp.mean(0)
             baseline = lp.detach().mean(0) if num_samples > 1 else 0.0
             surrogate_recon = recon + ((lp.detach() - baseline) * (lq - lq.detach())).mean(0)
         else:
             raise ValueError(f"estimator must be 'exact' or 'sample', got {estimator!r}")
-        return ELBO(value=recon - kl, reconstruction=recon, kl=kl,
-                    surrogate=surrogate_recon - kl_weight * kl)
+        return ELBO(value=recon - kl, reconstruction=recon, kl=kl, surrogate=surrogate_recon - kl_weight * kl)
 
     def iwae(self, batch, num_samples: int) -> Tensor:
         log_lik, log_prior, log_q = self.log_likelihoods(batch), self.log_prior(), self.log_q(batch)
@@ -157,21 +156,29 @@ class StreamingUnigram(LatentModel):
 
 # ---- toy data ------------------------------------------------------------------------------------
 
-def lm_batch(generator: torch.Generator, *, batch_size: int = 5, max_len: int = 7,
-             vocab_size: int = 12) -> dict[str, Tensor]:
+
+def lm_batch(
+    generator: torch.Generator, *, batch_size: int = 5, max_len: int = 7, vocab_size: int = 12
+) -> dict[str, Tensor]:
     """A random padded language-model batch (``inputs``, ``targets``, ``lengths``)."""
     lengths = torch.randint(1, max_len + 1, (batch_size,), generator=generator)
     lengths[0] = max_len
     targets = torch.randint(0, vocab_size, (batch_size, max_len), generator=generator)
     inputs = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long), targets[:, :-1]], 1)
     pad = torch.arange(max_len) >= lengths.unsqueeze(1)
-    return {"inputs": inputs.masked_fill(pad, 0), "targets": targets.masked_fill(pad, 0),
-            "lengths": lengths}
+    return {"inputs": inputs.masked_fill(pad, 0), "targets": targets.masked_fill(pad, 0), "lengths": lengths}
 
 
-def mixture_batches(num_batches: int, *, batch_size: int = 8, max_len: int = 6,
-                    vocab_size: int = 12, num_classes: int = 3, seed: int = 0,
-                    mixture_seed: int = 0) -> list[dict]:
+def mixture_batches(
+    num_batches: int,
+    *,
+    batch_size: int = 8,
+    max_len: int = 6,
+    vocab_size: int = 12,
+    num_classes: int = 3,
+    seed: int = 0,
+    mixture_seed: int = 0,
+) -> list[dict]:
     """Batches sampled (with ``seed``) from a well-separated naive Bayes mixture drawn with
     ``mixture_seed``: training and validation sets share ``mixture_seed``, not ``seed``.
 
@@ -188,8 +195,7 @@ def mixture_batches(num_batches: int, *, batch_size: int = 8, max_len: int = 6,
         pad = torch.arange(max_len) >= lengths.unsqueeze(1)
         targets = targets.masked_fill(pad, 0)
         inputs = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long), targets[:, :-1]], 1)
-        batches.append({"inputs": inputs, "targets": targets, "lengths": lengths,
-                        "batch_id": i})
+        batches.append({"inputs": inputs, "targets": targets, "lengths": lengths, "batch_id": i})
     return batches
 
 
@@ -261,8 +267,7 @@ class ModelCase:
     make_model: Callable[[], LatentModel]
     make_batch: Callable[[torch.Generator], dict]
     objective_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    padded: Mapping[str, str] = field(
-        default_factory=lambda: {"inputs": "lengths", "targets": "lengths"})
+    padded: Mapping[str, str] = field(default_factory=lambda: {"inputs": "lengths", "targets": "lengths"})
     elbo_kwargs: Mapping[str, Any] = field(default_factory=dict)
     iwae_samples: int = 32
     atol: float = 1e-5
@@ -275,8 +280,7 @@ class ModelCase:
         return self.make_batch(torch.Generator().manual_seed(seed))
 
     def kwargs(self, objective: str) -> dict[str, Any]:
-        return {**DEFAULT_OBJECTIVE_KWARGS.get(objective, {}),
-                **self.objective_kwargs.get(objective, {})}
+        return {**DEFAULT_OBJECTIVE_KWARGS.get(objective, {}), **self.objective_kwargs.get(objective, {})}
 
 
 def _seeded(fn: Callable[[], Any], seed: int = 0, model: LatentModel | None = None) -> Any:
@@ -354,8 +358,7 @@ def check_marginal_loss(case: ModelCase) -> None:
     loss = _seeded(lambda: model.loss(batch, "marginal", **case.kwargs("marginal")), model=model)
     tokens = loss.metrics["tokens"].sum()
     expected = -log_px.sum() / tokens
-    assert torch.allclose(loss.value.double(), expected.double(), atol=case.atol), \
-        (loss.value, expected)
+    assert torch.allclose(loss.value.double(), expected.double(), atol=case.atol), (loss.value, expected)
     assert torch.allclose(loss.metrics["nll"].double(), -log_px.detach().double(), atol=case.atol)
 
 
@@ -380,12 +383,14 @@ def check_iwae_bounds_elbo(case: ModelCase) -> None:
     """On average ``iwae(S) >= elbo`` (both lower-bound ``log p(x)``, the IWAE more tightly)."""
     model, batch = case.model(), case.batch()
     try:
-        elbos = _seeded(lambda: torch.stack([model.elbo(batch, **case.elbo_kwargs).value.detach()
-                                             for _ in range(8)]), model=model)
+        elbos = _seeded(
+            lambda: torch.stack([model.elbo(batch, **case.elbo_kwargs).value.detach() for _ in range(8)]), model=model
+        )
     except UnsupportedObjectiveError:
         return
-    iwaes = _seeded(lambda: torch.stack([model.iwae(batch, case.iwae_samples).detach()
-                                         for _ in range(8)]), seed=1, model=model)
+    iwaes = _seeded(
+        lambda: torch.stack([model.iwae(batch, case.iwae_samples).detach() for _ in range(8)]), seed=1, model=model
+    )
     elbo, iwae = elbos.mean(0).sum(), iwaes.mean(0).sum()
     noise = (elbos.std(0).pow(2).sum() + iwaes.std(0).pow(2).sum()).sqrt() / math.sqrt(8)
     assert iwae >= elbo - 3 * noise - 1e-4, (float(iwae), float(elbo), float(noise))
@@ -473,12 +478,19 @@ CHECKS: list[Callable[[ModelCase], None]] = [
 ]
 
 MODEL_CASES: list[ModelCase] = [
-    ModelCase("naive-bayes-mixture", make_model=lambda: NaiveBayesMixture(12, 3),
-              make_batch=lambda g: lm_batch(g, vocab_size=12)),
-    ModelCase("naive-bayes-mixture/sampled-elbo", make_model=lambda: NaiveBayesMixture(12, 3),
-              make_batch=lambda g: lm_batch(g, vocab_size=12),
-              objective_kwargs={"elbo": {"estimator": "sample", "num_samples": 4}},
-              elbo_kwargs={"estimator": "sample", "num_samples": 1}),
-    ModelCase("streaming-unigram", make_model=lambda: StreamingUnigram(12),
-              make_batch=lambda g: lm_batch(g, vocab_size=12)),
+    ModelCase(
+        "naive-bayes-mixture",
+        make_model=lambda: NaiveBayesMixture(12, 3),
+        make_batch=lambda g: lm_batch(g, vocab_size=12),
+    ),
+    ModelCase(
+        "naive-bayes-mixture/sampled-elbo",
+        make_model=lambda: NaiveBayesMixture(12, 3),
+        make_batch=lambda g: lm_batch(g, vocab_size=12),
+        objective_kwargs={"elbo": {"estimator": "sample", "num_samples": 4}},
+        elbo_kwargs={"estimator": "sample", "num_samples": 1},
+    ),
+    ModelCase(
+        "streaming-unigram", make_model=lambda: StreamingUnigram(12), make_batch=lambda g: lm_batch(g, vocab_size=12)
+    ),
 ]

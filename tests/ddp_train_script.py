@@ -64,8 +64,7 @@ class CrashingCorpus(ToyCorpus):
 
 def untimed(value):
     if isinstance(value, dict):
-        return {k: untimed(v) for k, v in value.items()
-                if k not in ("wall_time", "tokens_per_s")}
+        return {k: untimed(v) for k, v in value.items() if k not in ("wall_time", "tokens_per_s")}
     return value
 
 
@@ -82,8 +81,13 @@ def main(out: Path) -> None:
     rank = trainer.rank
     assert trainer.world_size == 2 and dist.get_backend() == "gloo"
     summary = trainer.fit()
-    result = {"iid": {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                      "seen": [model.seen[:4], model.seen[4:]], "summary": untimed(summary)}}
+    result = {
+        "iid": {
+            "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "seen": [model.seen[:4], model.seen[4:]],
+            "summary": untimed(summary),
+        }
+    }
 
     # the same run, killed in epoch 1 (after the checkpoint at position 2), then resumed
     resume_cfg = TrainConfig(output_dir=str(out / "resume"), **cfg)
@@ -98,8 +102,10 @@ def main(out: Path) -> None:
     model = Recording()
     model.poison = poison
     summary = Trainer(model, resume_cfg, train, valid).fit()
-    result["resumed"] = {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                         "summary": untimed(summary)}
+    result["resumed"] = {
+        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "summary": untimed(summary),
+    }
 
     stream_batches = mixture_batches(3, seed=4)
     for b in stream_batches:
@@ -109,8 +115,11 @@ def main(out: Path) -> None:
     model = RecordingStream()
     trainer = Trainer(model, TrainConfig(output_dir=str(out / "stream"), **cfg), stream, stream)
     summary = trainer.fit()
-    result["stream"] = {"params": {k: v.detach().clone() for k, v in model.named_parameters()},
-                        "rows": model.rows, "summary": untimed(summary)}
+    result["stream"] = {
+        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+        "rows": model.rows,
+        "summary": untimed(summary),
+    }
     torch.save(result, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -70,7 +70,14 @@ def grid_case(trans_kind, zeros, shape_index):
     init_kind = INIT_KINDS[(shape_index + TRANS_KINDS.index(trans_kind)) % 2]
     gen = torch.Generator().manual_seed(seed_of(trans_kind, init_kind, zeros, shape_index))
     init, trans, emit, lengths = random_chain(
-        gen, B, T, K, trans_kind=trans_kind, init_kind=init_kind, zeros=zeros, scale=2.0,
+        gen,
+        B,
+        T,
+        K,
+        trans_kind=trans_kind,
+        init_kind=init_kind,
+        zeros=zeros,
+        scale=2.0,
         reach_T=shape_index % 2 == 0,
     )
     return (init, trans, emit, lengths), Enumeration(init, trans, emit, lengths)
@@ -370,11 +377,15 @@ FLOAT32_SUBNORMAL_CASES = {
 
 @pytest.mark.parametrize(
     "method,case",
-    [(m, c) for c in FLOAT32_SUBNORMAL_CASES for m in METHODS
-     # explicit "scaled" keeps exp(trans) in float32, so a -100 transition that matters is
-     # beyond it by design; the other two cases only need the step's shift taken after the
-     # product with the forward vector, not from the emissions alone
-     if not (m == "scaled" and c == "compensated transition")],
+    [
+        (m, c)
+        for c in FLOAT32_SUBNORMAL_CASES
+        for m in METHODS
+        # explicit "scaled" keeps exp(trans) in float32, so a -100 transition that matters is
+        # beyond it by design; the other two cases only need the step's shift taken after the
+        # product with the forward vector, not from the emissions alone
+        if not (m == "scaled" and c == "compensated transition")
+    ],
 )
 def test_float32_scores_a_hundred_nats_apart(method, case):
     """float32 scores ~100 apart, where probability space lands on subnormal numbers.
@@ -443,8 +454,9 @@ def test_gradients_are_marginals(method, zeros):
         assert_close(ge, d.marginals, msg=trans_kind)
         assert_close(gi, ref.marginals[:, 0], msg=trans_kind)
         edges = ref.edge_marginals
-        assert_close(gt, {"shared": edges.sum((0, 1)), "batched": edges.sum(1), "time": edges}[trans_kind],
-                     msg=trans_kind)
+        assert_close(
+            gt, {"shared": edges.sum((0, 1)), "batched": edges.sum(1), "time": edges}[trans_kind], msg=trans_kind
+        )
 
 
 def with_junk_padding(args, junk, gen):
@@ -677,9 +689,7 @@ def test_long_sequence_marginals(long_chain):
 
 
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(
-    "method,T,K", [(m, 5, 4) for m in METHODS] + [("auto", 100, 8), ("scaled", 100, 8)]
-)
+@pytest.mark.parametrize("method,T,K", [(m, 5, 4) for m in METHODS] + [("auto", 100, 8), ("scaled", 100, 8)])
 def test_half_precision_inputs_are_upcast(half, method, T, K):
     gen = torch.Generator().manual_seed(17)
     init, trans, emit, lengths = random_chain(gen, 3, T, K, trans_kind="batched", init_kind="batched", scale=3.0)
@@ -811,8 +821,9 @@ def test_scaled_kernel_flags_underflow_instead_of_returning_nan():
     init = torch.tensor([0.0, 0.0])
     trans = torch.tensor([[0.0, -100.0], [0.0, -100.0]])
     emit = torch.tensor([[[0.0, 0.0], [0.0, 100.0]], [[0.0, 0.0], [0.0, 0.0]]])  # row 1 is benign
-    log_z, final_filter, underflowed = scaled_log_partition(init.expand(2, 2), DenseTransition(trans), emit,
-                                                            torch.tensor([2, 2]))
+    log_z, final_filter, underflowed = scaled_log_partition(
+        init.expand(2, 2), DenseTransition(trans), emit, torch.tensor([2, 2])
+    )
     assert underflowed.tolist() == [True, False]
     assert not torch.isnan(log_z).any() and final_filter.shape == (2, 2)
     ref = Enumeration(init.double(), trans.double(), emit.double())

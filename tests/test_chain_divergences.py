@@ -73,8 +73,11 @@ def test_kl_of_a_chain_with_itself_is_zero(kind):
 def test_kl_gradients_match_enumeration(p_kind, q_kind):
     def leaves(params):
         init, trans, emit = params
-        trans = tuple(x.clone().requires_grad_() for x in trans) if isinstance(trans, tuple) else \
-            trans.clone().requires_grad_()
+        trans = (
+            tuple(x.clone().requires_grad_() for x in trans)
+            if isinstance(trans, tuple)
+            else trans.clone().requires_grad_()
+        )
         return init.clone().requires_grad_(), trans, emit.clone().requires_grad_()
 
     def flat(params):

@@ -74,7 +74,8 @@ def test_low_rank_gradients_match_the_dense_chain(method):
         torch.testing.assert_close(g, e)
     assert torch.autograd.gradcheck(
         lambda a, b, c, e: ChainPosterior(a, LowRankTransition(b, c), e, lengths, method=method).log_partition,
-        [p.clone().requires_grad_() for p in (init, log_left, log_right, emit)])
+        [p.clone().requires_grad_() for p in (init, log_left, log_right, emit)],
+    )
 
 
 def test_low_rank_samples_match_enumeration(no_densify):

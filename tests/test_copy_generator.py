@@ -134,6 +134,7 @@ def test_extended_size_is_trusted_when_validation_is_off(monkeypatch):
     previous = Distribution._validate_args
     Distribution.set_default_validate_args(False)
     try:
+
         def no_read(self):
             raise AssertionError("read back from the device for a check")
 

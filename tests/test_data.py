@@ -97,8 +97,7 @@ def test_vocabulary_from_file(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # BPTT streams
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n,batch_size,bptt",
-                         [(1000, 4, 7), (101, 10, 5), (50, 1, 49), (23, 2, 100)])
+@pytest.mark.parametrize("n,batch_size,bptt", [(1000, 4, 7), (101, 10, 5), (50, 1, 49), (23, 2, 100)])
 def test_bptt_stream_continuity(n, batch_size, bptt):
     ids = torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n))
     stream = BPTTStream(ids, batch_size, bptt)
@@ -114,8 +113,8 @@ def test_bptt_stream_continuity(n, batch_size, bptt):
     inputs = torch.cat([b["inputs"] for b in batches], dim=1)
     targets = torch.cat([b["targets"] for b in batches], dim=1)
     for r in range(batch_size):  # each row continues across batches and tiles the stream
-        assert torch.equal(inputs[r], ids[r * L:(r + 1) * L])
-        assert torch.equal(targets[r], ids[r * L + 1:(r + 1) * L + 1])
+        assert torch.equal(inputs[r], ids[r * L : (r + 1) * L])
+        assert torch.equal(targets[r], ids[r * L + 1 : (r + 1) * L + 1])
     assert stream.num_tokens == batch_size * L
     # resuming mid-epoch gives the rest of the same epoch
     k = len(batches) // 2
@@ -147,8 +146,7 @@ def _random_sentences(n, seed=0, max_len=30):
     return [[rng.randrange(4, 100) for _ in range(rng.randrange(0, max_len))] for _ in range(n)]
 
 
-@pytest.mark.parametrize("limits", [dict(batch_size=16), dict(max_tokens=200),
-                                    dict(batch_size=8, max_tokens=150)])
+@pytest.mark.parametrize("limits", [dict(batch_size=16), dict(max_tokens=200), dict(batch_size=8, max_tokens=150)])
 def test_sentence_batches_cover_once_and_pad(limits):
     ex = _random_sentences(300)
     sb = SentenceBatches(ex, bos_id=1, eos_id=2, pad_id=0, shuffle=True, seed=7, **limits)
@@ -200,8 +198,9 @@ def test_parallel_batches_layout_and_resume():
     src = _random_sentences(200, seed=2)
     src = [s or [5] for s in src]
     tgt = _random_sentences(200, seed=3)
-    pb = ParallelBatches(list(zip(src, tgt)), bos_id=2, eos_id=3, pad_id=0, src_eos_id=3,
-                         max_tokens=256, shuffle=True, seed=11)
+    pb = ParallelBatches(
+        list(zip(src, tgt)), bos_id=2, eos_id=3, pad_id=0, src_eos_id=3, max_tokens=256, shuffle=True, seed=11
+    )
     batches = list(pb.iterate(epoch=2))
     seen = []
     for b in batches:
@@ -231,8 +230,14 @@ def test_parallel_batches_layout_and_resume():
 # ---------------------------------------------------------------------------------------------
 # sentencepiece
 # ---------------------------------------------------------------------------------------------
-TINY = ["the cat sat on the mat", "a dog ate the food of the cat", "der hund frisst das futter",
-        "die katze sitzt auf der matte", "the mat is red", "die matte ist rot"] * 5
+TINY = [
+    "the cat sat on the mat",
+    "a dog ate the food of the cat",
+    "der hund frisst das futter",
+    "die katze sitzt auf der matte",
+    "the mat is red",
+    "die matte ist rot",
+] * 5
 
 
 def test_sentencepiece_train_and_cache(tmp_path):
@@ -292,10 +297,12 @@ def test_resolution_order_error_lists_every_place(tmp_path, monkeypatch):
         read_ptb(given)
     assert time.perf_counter() - t0 < 5  # offline fails fast
     msg = str(err.value)
-    order = [f"--data: {given / 'ptb'}: no such directory",
-             f"--data: {given}: missing ptb.train.txt, ptb.valid.txt, ptb.test.txt",
-             f"${DATA_ENV}: {env / 'ptb'}: missing ptb.valid.txt, ptb.test.txt",
-             "Hugging Face hub 'ptb-text-only/ptb_text_only': skipped, offline (HF_HUB_OFFLINE=1)"]
+    order = [
+        f"--data: {given / 'ptb'}: no such directory",
+        f"--data: {given}: missing ptb.train.txt, ptb.valid.txt, ptb.test.txt",
+        f"${DATA_ENV}: {env / 'ptb'}: missing ptb.valid.txt, ptb.test.txt",
+        "Hugging Face hub 'ptb-text-only/ptb_text_only': skipped, offline (HF_HUB_OFFLINE=1)",
+    ]
     pos = [msg.find(o) for o in order]
     assert all(p >= 0 for p in pos), msg
     assert pos == sorted(pos)
@@ -346,16 +353,13 @@ def test_read_parallel_gzip_and_alignment(tmp_path):
         read_parallel(tmp_path / "a.en", tmp_path / "b.en")
 
 
-
 def test_read_lines_newlines_compression_and_missing_files(tmp_path):
     (tmp_path / "crlf.txt").write_bytes(b"a b\r\n\r\nc\rd \n  e")
     for ext, opener in ((".bz2", bz2.open), (".xz", lzma.open)):
         with opener(tmp_path / f"z.txt{ext}", "wt", encoding="utf-8") as f:
             f.write("eins\nzwei\u00e4\n")
-    lines = read_lines({"crlf": tmp_path / "crlf.txt", "bz2": tmp_path / "z.txt.bz2",
-                        "xz": tmp_path / "z.txt.xz"})
-    assert lines == {"crlf": ["a b", "", "c", "d ", "  e"], "bz2": ["eins", "zwei\u00e4"],
-                     "xz": ["eins", "zwei\u00e4"]}
+    lines = read_lines({"crlf": tmp_path / "crlf.txt", "bz2": tmp_path / "z.txt.bz2", "xz": tmp_path / "z.txt.xz"})
+    assert lines == {"crlf": ["a b", "", "c", "d ", "  e"], "bz2": ["eins", "zwei\u00e4"], "xz": ["eins", "zwei\u00e4"]}
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         read_lines({"x": tmp_path / "nope.txt"})
 
@@ -367,8 +371,13 @@ def isolated_caches(tmp_path, monkeypatch):
     roots = {name: tmp_path / name for name in ("home", "xdg", "hf", "hf-datasets", "latentnlp")}
     for root in roots.values():
         root.mkdir()
-    for var, name in (("HOME", "home"), ("XDG_CACHE_HOME", "xdg"), ("HF_HOME", "hf"),
-                      ("HF_DATASETS_CACHE", "hf-datasets"), ("LATENTNLP_CACHE", "latentnlp")):
+    for var, name in (
+        ("HOME", "home"),
+        ("XDG_CACHE_HOME", "xdg"),
+        ("HF_HOME", "hf"),
+        ("HF_DATASETS_CACHE", "hf-datasets"),
+        ("LATENTNLP_CACHE", "latentnlp"),
+    ):
         monkeypatch.setenv(var, str(roots[name]))
     return roots
 
@@ -397,7 +406,8 @@ def test_local_corpora_are_read_quietly_and_cache_nothing(tmp_path, isolated_cac
         assert not any(root.rglob("*")), f"{name} cache written: {sorted(root.rglob('*'))}"
     assert sorted(p.name for p in data.rglob("*") if p.is_file()) == sorted(
         [f"ptb.{s}.txt" for s in ("train", "valid", "test")]
-        + [f"{s}.{lang}.gz" for s in ("train", "val", "test_2016_flickr") for lang in ("de", "en")])
+        + [f"{s}.{lang}.gz" for s in ("train", "val", "test_2016_flickr") for lang in ("de", "en")]
+    )
 
 
 @needs_data
@@ -446,7 +456,11 @@ def test_ptb_vocabulary_and_token_counts():
 def test_multi30k_and_iwslt_line_counts():
     m = read_multi30k(extra_splits=["test_2017_mscoco"])
     assert {k: len(v) for k, v in m.splits.items()} == {
-        "train": 29_000, "valid": 1_014, "test": 1_000, "test_2017_mscoco": 461}
+        "train": 29_000,
+        "valid": 1_014,
+        "test": 1_000,
+        "test_2017_mscoco": 461,
+    }
     assert sum(len(s.split()) for s, _ in m.train) == 360_706  # de
     assert sum(len(t.split()) for _, t in m.train) == 377_534  # en
     raw = read_multi30k(variant="raw", src="en", tgt="de")

@@ -52,8 +52,7 @@ BATCH = {"src": torch.zeros(B, 1, dtype=torch.long)}
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_wide_beam_is_exact_search(alpha):
     model, max_len = MarkovDecoder(), 4
-    out = beam_search(model, BATCH, beam_size=V ** max_len, bos_id=BOS, eos_id=EOS, max_len=max_len,
-                      length_penalty=alpha)
+    out = beam_search(model, BATCH, beam_size=V**max_len, bos_id=BOS, eos_id=EOS, max_len=max_len, length_penalty=alpha)
     for b in range(B):
         n = int(out.lengths[b])
         tokens = out.tokens[b, :n].tolist()
@@ -88,15 +87,15 @@ def _plain_beam_search(model, beam_size, max_len, alpha):
     for _ in range(max_len):
         log_probs, state = model.decoder_step(state, tokens)
         log_probs = log_probs.view(size, k, V).clone()
-        log_probs[finished] = torch.tensor([0.0 if v == EOS else -float("inf") for v in range(V)],
-                                           dtype=torch.float64)
+        log_probs[finished] = torch.tensor([0.0 if v == EOS else -float("inf") for v in range(V)], dtype=torch.float64)
         scores, flat = (scores[..., None] + log_probs).view(size, -1).topk(k, dim=-1)
         beam, word = flat // V, flat % V
         was = finished.gather(1, beam)
         lengths = lengths.gather(1, beam) + (~was).long()
         finished = was | (word == EOS)
-        seqs = [[seqs[b][int(beam[b, j])] + ([] if was[b, j] else [int(word[b, j])]) for j in range(k)]
-                for b in range(size)]
+        seqs = [
+            [seqs[b][int(beam[b, j])] + ([] if was[b, j] else [int(word[b, j])]) for j in range(k)] for b in range(size)
+        ]
         state = model.reorder_state(state, (beam + torch.arange(size)[:, None] * k).view(-1))
         tokens = torch.where(was, EOS, word).view(-1)
         if finished.all():
@@ -122,8 +121,7 @@ class CountingDecoder(MarkovDecoder):
 def test_early_stopping_keeps_the_answer(seed, beam_size, alpha):
     """Settled examples and finished hypotheses are not stepped, and the answer is unchanged."""
     model, max_len = CountingDecoder(seed), 9
-    out = beam_search(model, BATCH, beam_size=beam_size, bos_id=BOS, eos_id=EOS, max_len=max_len,
-                      length_penalty=alpha)
+    out = beam_search(model, BATCH, beam_size=beam_size, bos_id=BOS, eos_id=EOS, max_len=max_len, length_penalty=alpha)
     expected, expected_scores = _plain_beam_search(MarkovDecoder(seed), beam_size, max_len, alpha)
     for b in range(B):
         n = int(out.lengths[b])
@@ -147,7 +145,7 @@ def test_pad_id_and_argument_checks():
     model = MarkovDecoder()
     g = greedy(model, BATCH, bos_id=BOS, eos_id=EOS, max_len=6, pad_id=-1)
     for row in range(B):
-        assert (g.tokens[row, int(g.lengths[row]):] == -1).all()
+        assert (g.tokens[row, int(g.lengths[row]) :] == -1).all()
     with pytest.raises(ValueError, match="max_len"):
         greedy(model, BATCH, bos_id=BOS, eos_id=EOS, max_len=0)
     with pytest.raises(ValueError, match="beam_size"):

@@ -16,7 +16,7 @@ def test_rows_are_encoded_alone(bidirectional):
     out, (h, c) = encode_packed(lstm, x, lengths)
     assert out.shape == (3, 5, 8 if bidirectional else 4)
     for b, n in enumerate(lengths.tolist()):
-        alone, (h_b, c_b) = lstm(x[b:b + 1, :n])
+        alone, (h_b, c_b) = lstm(x[b : b + 1, :n])
         torch.testing.assert_close(out[b, :n], alone[0])
         assert (out[b, n:] == 0).all()
         torch.testing.assert_close(h[:, b], h_b[:, 0])

@@ -59,10 +59,10 @@ def test_score_function_unbiased():
     value, g_theta, g_w = _exact_gradients()
     n = 40000
     est, rows, g_w_mc = _per_sample_gradients(n)
-    mean, se = rows.mean(0), rows.std(0) / n ** 0.5
+    mean, se = rows.mean(0), rows.std(0) / n**0.5
     assert ((mean - g_theta).abs() <= 4 * se + 1e-12).all(), (mean, g_theta, se)
     # value: the mean of f(z); pathwise part: w's gradient is the empirical frequency
-    assert abs(est.value.mean() - value) <= 4 * est.value.std() / n ** 0.5
+    assert abs(est.value.mean() - value) <= 4 * est.value.std() / n**0.5
     torch.testing.assert_close(g_w_mc, g_w, atol=0.02, rtol=0)
 
 
@@ -85,7 +85,7 @@ def test_learned_baseline_trains_and_reduces_variance():
     _, plain, _ = _per_sample_gradients(n, seed=1)
     _, based, _ = _per_sample_gradients(n, baseline=b.detach().expand(n), seed=1)
     assert based.var(0).sum() < 0.2 * plain.var(0).sum()  # total variance (trace)
-    se = based.std(0) / n ** 0.5
+    se = based.std(0) / n**0.5
     assert ((based.mean(0) - g_theta).abs() <= 4 * se + 1e-12).all()
 
 
@@ -112,11 +112,15 @@ def test_leave_one_out_and_control_variate_unbiased():
             est = score_function(lambda z: VALUES[z], q, baseline="leave-one-out", num_samples=n_per)
         else:
             c_values = 0.9 * VALUES  # a control variate correlated with f, known mean
-            est = score_function(lambda z: VALUES[z], q, num_samples=n_per,
-                                 control_variate=(lambda z: c_values[z], (q.probs * c_values).sum(-1)))
+            est = score_function(
+                lambda z: VALUES[z],
+                q,
+                num_samples=n_per,
+                control_variate=(lambda z: c_values[z], (q.probs * c_values).sum(-1)),
+            )
         est.surrogate.sum().backward()
         rows = theta.grad
-        se = rows.std(0) / reps ** 0.5
+        se = rows.std(0) / reps**0.5
         assert ((rows.mean(0) - g_theta).abs() <= 4 * se + 1e-12).all(), kind
 
 
@@ -135,10 +139,9 @@ def test_reparam_unbiased_gaussian():
     loc = torch.tensor([0.5, -1.0], requires_grad=True)
     scale = torch.tensor([1.5, 0.3], requires_grad=True)
     q = DiagonalGaussian(loc, scale)
-    est = reparam(lambda z: z.pow(2).sum(-1), q, num_samples=100000,
-                  generator=torch.Generator().manual_seed(0))
+    est = reparam(lambda z: z.pow(2).sum(-1), q, num_samples=100000, generator=torch.Generator().manual_seed(0))
     est.surrogate.backward()
-    exact_value = (loc ** 2 + scale ** 2).sum()
+    exact_value = (loc**2 + scale**2).sum()
     assert est.value.item() == pytest.approx(exact_value.item(), rel=0.02)
     torch.testing.assert_close(loc.grad, 2 * loc.detach(), atol=0.03, rtol=0)
     torch.testing.assert_close(scale.grad, 2 * scale.detach(), atol=0.03, rtol=0)
@@ -150,8 +153,7 @@ def test_gumbel_softmax_argmax_frequencies_match_categorical():
     logits = torch.tensor([0.5, -0.3, 1.2, 0.0, -2.0])
     mask = torch.tensor([True, True, True, True, False])
     n = 50000
-    y = gumbel_softmax(logits.expand(n, 5), tau=0.7, hard=True, mask=mask,
-                       generator=torch.Generator().manual_seed(0))
+    y = gumbel_softmax(logits.expand(n, 5), tau=0.7, hard=True, mask=mask, generator=torch.Generator().manual_seed(0))
     assert ((y == 0) | (y == 1)).all() and (y.sum(-1) == 1).all()
     freq = y.mean(0)
     p = MaskedCategorical(logits, mask).probs

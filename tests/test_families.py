@@ -107,8 +107,7 @@ def test_diagonal_gaussian_closed_forms():
     torch.testing.assert_close(q.log_prob(x), ref_q.log_prob(x).sum(-1))
     torch.testing.assert_close(q.entropy(), ref_q.entropy().sum(-1))
     prior = DiagonalGaussian.standard((4,), 3)
-    torch.testing.assert_close(kl_divergence(q, prior),
-                               kl_divergence(ref_q, Normal(0.0, 1.0)).sum(-1))
+    torch.testing.assert_close(kl_divergence(q, prior), kl_divergence(ref_q, Normal(0.0, 1.0)).sum(-1))
 
 
 def test_diagonal_gaussian_rsample_and_parameterisations():
@@ -122,7 +121,8 @@ def test_diagonal_gaussian_rsample_and_parameterisations():
     torch.testing.assert_close(DiagonalGaussian.from_logvar(loc, logvar).variance, logvar.exp())
     # Monte-Carlo mean / variance
     s = DiagonalGaussian(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])).sample(
-        (200000,), generator=torch.Generator().manual_seed(1))
+        (200000,), generator=torch.Generator().manual_seed(1)
+    )
     torch.testing.assert_close(s.mean(0), torch.tensor([1.0, -2.0]), atol=0.02, rtol=0)
     torch.testing.assert_close(s.std(0), torch.tensor([0.5, 2.0]), atol=0.02, rtol=0)
     e = DiagonalGaussian(torch.zeros(3), torch.ones(3)).expand((4,))
@@ -142,8 +142,7 @@ def test_mean_field_bernoulli_enumeration():
     torch.testing.assert_close(q.entropy(), -(lq.exp() * lq).sum(0))
     torch.testing.assert_close(kl_divergence(q, p), (lq.exp() * (lq - lp)).sum(0))
     ref = Bernoulli(logits=q.logits)
-    torch.testing.assert_close(kl_divergence(q, p),
-                               kl_divergence(ref, Bernoulli(logits=p.logits)).sum(-1))
+    torch.testing.assert_close(kl_divergence(q, p), kl_divergence(ref, Bernoulli(logits=p.logits)).sum(-1))
     s = q.sample((50000,), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(s.mean(0), q.probs, atol=0.015, rtol=0)
 
@@ -158,10 +157,11 @@ def test_mean_field_bernoulli_extreme_logits_stay_finite():
 
 # ---- the families are torch's Independent(Normal) / Independent(Bernoulli) -----------------------
 
+
 def _mc_kl_bound(q, p, n, seed):
     """Monte Carlo ``KL(q || p) = E_q[log q(z) - log p(z)]`` and 5 standard errors of the mean."""
     z = q.sample((n,), generator=torch.Generator().manual_seed(seed))
-    f = q.log_prob(z) - p.log_prob(z)                     # [n, *batch]
+    f = q.log_prob(z) - p.log_prob(z)  # [n, *batch]
     return f.mean(0), 5 * f.std(0) / math.sqrt(n)
 
 
@@ -208,7 +208,7 @@ def test_diagonal_gaussian_kl_is_torchs_closed_form_and_matches_monte_carlo():
         kl = kl_divergence(q, p)
     # the closed form of the module docstring, by hand
     m_q, s_q, m_p, s_p = q.loc, q.scale, p.loc, p.scale
-    by_hand = (torch.log(s_p / s_q) + (s_q ** 2 + (m_q - m_p) ** 2) / (2 * s_p ** 2) - 0.5).sum(-1)
+    by_hand = (torch.log(s_p / s_q) + (s_q**2 + (m_q - m_p) ** 2) / (2 * s_p**2) - 0.5).sum(-1)
     torch.testing.assert_close(kl, by_hand)
     # mixed with a plain Independent(Normal) prior
     torch.testing.assert_close(kl_divergence(q, Independent(Normal(p.loc, p.scale), 1)), kl)
@@ -247,8 +247,9 @@ def test_mean_field_bernoulli_kl_matches_torch_and_monte_carlo():
     q = MeanFieldBernoulli(torch.randn(3, 4, generator=g))
     p = MeanFieldBernoulli(torch.randn(3, 4, generator=g))
     kl = kl_divergence(q, p)
-    torch.testing.assert_close(kl, kl_divergence(Independent(Bernoulli(logits=q.logits), 1),
-                                                 Independent(Bernoulli(logits=p.logits), 1)))
+    torch.testing.assert_close(
+        kl, kl_divergence(Independent(Bernoulli(logits=q.logits), 1), Independent(Bernoulli(logits=p.logits), 1))
+    )
     estimate, tolerance = _mc_kl_bound(q, p, 20000, seed=10)
     assert ((estimate - kl).abs() < tolerance).all(), (estimate, kl, tolerance)
 
@@ -257,6 +258,7 @@ def test_mean_field_bernoulli_kl_finite_against_a_saturated_prior():
     # sigmoid(20.) rounds to 1 in float32: torch's Bernoulli KL says +inf, the exact value is finite
     q = MeanFieldBernoulli(torch.zeros(1, 1, dtype=torch.float32))
     p = MeanFieldBernoulli(torch.full((1, 1), 20.0, dtype=torch.float32))
-    exact = 0.5 * (math.log(0.5) - F.logsigmoid(torch.tensor(20.0, dtype=torch.float64)).item()) \
-        + 0.5 * (math.log(0.5) - F.logsigmoid(torch.tensor(-20.0, dtype=torch.float64)).item())
+    exact = 0.5 * (math.log(0.5) - F.logsigmoid(torch.tensor(20.0, dtype=torch.float64)).item()) + 0.5 * (
+        math.log(0.5) - F.logsigmoid(torch.tensor(-20.0, dtype=torch.float64)).item()
+    )
     assert kl_divergence(q, p).item() == pytest.approx(exact, rel=1e-5)

@@ -50,8 +50,10 @@ def test_stream_chunks_add_up_to_the_whole(rank):
     targets = torch.randint(9, (2, 10))
     whole = model.log_marginal({"targets": targets, "lengths": torch.tensor([10, 10])})
     model.reset_state()
-    parts = sum(model.log_marginal({"targets": targets[:, s:e], "lengths": torch.tensor([e - s] * 2),
-                                    "stream": True}) for s, e in [(0, 3), (3, 7), (7, 10)])
+    parts = sum(
+        model.log_marginal({"targets": targets[:, s:e], "lengths": torch.tensor([e - s] * 2), "stream": True})
+        for s, e in [(0, 3), (3, 7), (7, 10)]
+    )
     torch.testing.assert_close(parts, whole)
     # the carried state is part of the state dict, so a restored model continues the stream
     model.reset_state()
@@ -113,9 +115,11 @@ def test_log_space_fallback_when_probability_space_underflows():
     class FixedTables(HMMLanguageModel):
         def log_parameters(self, states=None):
             nearly_one = (-torch.expm1(torch.tensor(-100.0))).log()  # log(1 - e^-100), not NaN
-            return {"init": torch.tensor([0.0, float("-inf")]),
-                    "trans": torch.tensor([[nearly_one, -100.0], [nearly_one, -100.0]]),
-                    "emission": torch.tensor([[0.0, -200.0], [float("-inf"), 0.0]])}
+            return {
+                "init": torch.tensor([0.0, float("-inf")]),
+                "trans": torch.tensor([[nearly_one, -100.0], [nearly_one, -100.0]]),
+                "emission": torch.tensor([[0.0, -200.0], [float("-inf"), 0.0]]),
+            }
 
     model = FixedTables(vocab_size=2, num_states=2, embedding_size=4).eval()
     batch = {"targets": torch.tensor([[0, 1]]), "lengths": torch.tensor([2])}
@@ -135,8 +139,10 @@ def test_validation_catches_zero_length_rows_and_out_of_range_targets():
     # ids past a row's length are padding: never looked at, whatever they hold
     padded = targets.clone()
     padded[1, 3:] = -7
-    torch.testing.assert_close(model.log_marginal({"targets": padded, "lengths": torch.tensor([5, 3])}),
-                               model.log_marginal({"targets": targets, "lengths": torch.tensor([5, 3])}))
+    torch.testing.assert_close(
+        model.log_marginal({"targets": padded, "lengths": torch.tensor([5, 3])}),
+        model.log_marginal({"targets": targets, "lengths": torch.tensor([5, 3])}),
+    )
     previous = torch.distributions.Distribution._validate_args
     torch.distributions.Distribution.set_default_validate_args(False)
     try:  # validation off: no check (and no synchronisation for one)
@@ -157,8 +163,7 @@ def test_low_rank_model_never_builds_the_dense_transition(monkeypatch):
     batch = {"targets": torch.randint(9, (3, 5)), "lengths": torch.tensor([5, 2, 4])}
     assert torch.isfinite(model.log_marginal(batch)).all()
     for start, end in [(0, 2), (2, 5)]:
-        chunk = {"targets": batch["targets"][:, start:end], "lengths": torch.tensor([end - start] * 3),
-                 "stream": True}
+        chunk = {"targets": batch["targets"][:, start:end], "lengths": torch.tensor([end - start] * 3), "stream": True}
         assert torch.isfinite(model.log_marginal(chunk)).all()
     posterior = model.posterior(batch)
     assert posterior.marginals.shape == (3, 5, 6)
@@ -170,10 +175,14 @@ def test_low_rank_model_never_builds_the_dense_transition(monkeypatch):
 from contract import CHECKS, ModelCase, lm_batch  # noqa: E402
 
 CONTRACT_CASES = [
-    ModelCase("hmm-lm/dense", make_model=lambda: HMMLanguageModel(12, 5, 8),
-              make_batch=lambda g: lm_batch(g, vocab_size=12)),
-    ModelCase("hmm-lm/low-rank", make_model=lambda: HMMLanguageModel(12, 6, 8, transition_rank=2, dropout=0.1),
-              make_batch=lambda g: lm_batch(g, vocab_size=12)),
+    ModelCase(
+        "hmm-lm/dense", make_model=lambda: HMMLanguageModel(12, 5, 8), make_batch=lambda g: lm_batch(g, vocab_size=12)
+    ),
+    ModelCase(
+        "hmm-lm/low-rank",
+        make_model=lambda: HMMLanguageModel(12, 6, 8, transition_rank=2, dropout=0.1),
+        make_batch=lambda g: lm_batch(g, vocab_size=12),
+    ),
 ]
 
 

@@ -8,13 +8,15 @@ OPTIONAL = ("sacrebleu", "sentencepiece", "datasets", "matplotlib", "tqdm")
 
 def test_core_modules_import_no_optional_package():
     # torch itself may load some of them (torch.hub loads tqdm): count only what latentnlp adds
-    code = ("import sys\n"
-            "import torch\n"
-            f"before = {{m for m in {OPTIONAL!r} if m in sys.modules}}\n"
-            "import latentnlp, latentnlp.families, latentnlp.metrics, latentnlp.data, latentnlp.models\n"
-            "import latentnlp.layers, latentnlp.training, latentnlp.plots\n"
-            "from latentnlp.training import Trainer, evaluate\n"
-            f"print(sorted(m for m in {OPTIONAL!r} if m in sys.modules and m not in before))\n")
+    code = (
+        "import sys\n"
+        "import torch\n"
+        f"before = {{m for m in {OPTIONAL!r} if m in sys.modules}}\n"
+        "import latentnlp, latentnlp.families, latentnlp.metrics, latentnlp.data, latentnlp.models\n"
+        "import latentnlp.layers, latentnlp.training, latentnlp.plots\n"
+        "from latentnlp.training import Trainer, evaluate\n"
+        f"print(sorted(m for m in {OPTIONAL!r} if m in sys.modules and m not in before))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 

@@ -29,9 +29,14 @@ def make_batch(g, *, size=4, src_len=6, tgt_len=5, extended=False):
     tgt_in = torch.cat([torch.full((size, 1), BOS), words[:, :-1]], 1)
     src_pad = torch.arange(src_len) >= src_lengths[:, None]
     tgt_pad = torch.arange(tgt_len) >= tgt_lengths[:, None]
-    batch = {"src": src.masked_fill(src_pad, EOS), "src_lengths": src_lengths,
-             "tgt_in": tgt_in.masked_fill(tgt_pad, EOS), "tgt_out": tgt_out.masked_fill(tgt_pad, EOS),
-             "tgt_lengths": tgt_lengths, "lengths": tgt_lengths}
+    batch = {
+        "src": src.masked_fill(src_pad, EOS),
+        "src_lengths": src_lengths,
+        "tgt_in": tgt_in.masked_fill(tgt_pad, EOS),
+        "tgt_out": tgt_out.masked_fill(tgt_pad, EOS),
+        "tgt_lengths": tgt_lengths,
+        "lengths": tgt_lengths,
+    }
     if extended:  # word V (source-only) at source position 0, copied as the first target word
         src_ext = batch["src"].clone()
         src_ext[:, 0] = V
@@ -48,12 +53,23 @@ def make_model(mode, **kw):
     return LatentAlignmentSeq2Seq.from_mode(mode, V, V, **kw)
 
 
-PADDED = {"src": "src_lengths", "tgt_in": "tgt_lengths", "tgt_out": "tgt_lengths",
-          "src_ext": "src_lengths", "tgt_out_ext": "tgt_lengths"}
-CASES = [ModelCase(mode, make_model=lambda mode=mode: make_model(mode),
-                   make_batch=lambda g, mode=mode: make_batch(g, extended=mode == "copy"),
-                   padded=PADDED, objective_kwargs={"elbo": {"num_samples": 2}})
-         for mode in MODES]
+PADDED = {
+    "src": "src_lengths",
+    "tgt_in": "tgt_lengths",
+    "tgt_out": "tgt_lengths",
+    "src_ext": "src_lengths",
+    "tgt_out_ext": "tgt_lengths",
+}
+CASES = [
+    ModelCase(
+        mode,
+        make_model=lambda mode=mode: make_model(mode),
+        make_batch=lambda g, mode=mode: make_batch(g, extended=mode == "copy"),
+        padded=PADDED,
+        objective_kwargs={"elbo": {"num_samples": 2}},
+    )
+    for mode in MODES
+]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
@@ -114,7 +130,7 @@ def test_training_marginal_equals_stepwise_decoder(mode):
             log_probs, state = model.decoder_step(state, batch["tgt_in"][:, t])
             assert log_probs.shape == (size, V + 1 if extended else V)
             torch.testing.assert_close(log_probs.logsumexp(-1), torch.zeros(size, dtype=torch.float64))
-            step = log_probs.gather(1, targets[:, t:t + 1]).squeeze(1)
+            step = log_probs.gather(1, targets[:, t : t + 1]).squeeze(1)
             total += torch.where(t < batch["tgt_lengths"], step, 0.0)
         torch.testing.assert_close(total, model.log_marginal(batch))
 
@@ -138,7 +154,7 @@ def test_padding_invariance_against_single_examples(mode):
     bound = model.elbo(batch).value if mode == "elbo-enum" else None
     for b in range(batch["src"].shape[0]):
         s, t = int(batch["src_lengths"][b]), int(batch["tgt_lengths"][b])
-        single = {k: v[b:b + 1] for k, v in batch.items()}
+        single = {k: v[b : b + 1] for k, v in batch.items()}
         for key in ("src", "src_ext"):
             if key in single:
                 single[key] = single[key][:, :s]
@@ -154,8 +170,7 @@ def test_reinforce_gradient_is_unbiased():
     """Mean of score-function gradients (w.r.t. q's logits and a decoder weight) = enumerated gradient."""
     model, batch = _double("elbo-sample"), _batch(5, size=2, src_len=3, tgt_len=3)
     mask = lengths_to_mask(batch["src_lengths"], 3)[:, None, :]
-    logits = torch.randn(2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
-                         requires_grad=True)
+    logits = torch.randn(2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     weight = model.core.attention.readout.weight
 
     def gradients(estimator, **kw):

@@ -88,7 +88,7 @@ def test_soft_mode_is_context_inside_softmax():
 def test_chunking_gives_identical_values_and_gradients():
     query, memory, mask, targets = _inputs()
     results = []
-    for max_elements in (2 ** 24, B * T * V * 2, 1):  # one chunk, chunks of 2, chunks of 1
+    for max_elements in (2**24, B * T * V * 2, 1):  # one chunk, chunks of 2, chunks of 1
         layer = _layer(max_chunk_elements=max_elements).train()  # dropout 0: train == eval
         q = query.clone().requires_grad_()
         mem = memory.clone().requires_grad_()

@@ -67,14 +67,18 @@ def _case(make_model):
     return ModelCase("broken", make_model=make_model, make_batch=lambda g: lm_batch(g))
 
 
-@pytest.mark.parametrize("make_model, check", [
-    (_LeaksPadding, check_padding_invariance),
-    (_WrongLoss, check_marginal_loss),
-    (_DeadParameter, check_gradients),
-    (_NoReset, check_reset_state),
-    (_AcceptsAnything, check_unsupported_objectives),
-    (lambda: _HoldsATensor(torch.zeros(2)), check_constructor_record),
-], ids=["padding", "marginal-loss", "gradients", "reset-state", "unsupported", "constructor"])
+@pytest.mark.parametrize(
+    "make_model, check",
+    [
+        (_LeaksPadding, check_padding_invariance),
+        (_WrongLoss, check_marginal_loss),
+        (_DeadParameter, check_gradients),
+        (_NoReset, check_reset_state),
+        (_AcceptsAnything, check_unsupported_objectives),
+        (lambda: _HoldsATensor(torch.zeros(2)), check_constructor_record),
+    ],
+    ids=["padding", "marginal-loss", "gradients", "reset-state", "unsupported", "constructor"],
+)
 def test_checks_reject_broken_models(make_model, check):
     with pytest.raises(AssertionError):
         check(_case(make_model))

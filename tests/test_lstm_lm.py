@@ -10,8 +10,11 @@ from latentnlp.models.base import UnsupportedObjectiveError
 from latentnlp.models.lstm_lm import LSTMLanguageModel
 
 V, E, H = 11, 5, 7
-OUTPUTS = [dict(output="softmax"), dict(output="softmax", softmax_input_size=E, tie_weights=True),
-           dict(output="mos", num_experts=3, softmax_input_size=4)]
+OUTPUTS = [
+    dict(output="softmax"),
+    dict(output="softmax", softmax_input_size=E, tie_weights=True),
+    dict(output="mos", num_experts=3, softmax_input_size=4),
+]
 
 
 def _model(seed=0, num_layers=2, **kw):
@@ -21,9 +24,11 @@ def _model(seed=0, num_layers=2, **kw):
 
 def _batch(B=3, T=6, lengths=None, seed=1, stream=None):
     g = torch.Generator().manual_seed(seed)
-    batch = {"inputs": torch.randint(0, V, (B, T), generator=g),
-             "targets": torch.randint(0, V, (B, T), generator=g),
-             "lengths": torch.full((B,), T) if lengths is None else torch.tensor(lengths)}
+    batch = {
+        "inputs": torch.randint(0, V, (B, T), generator=g),
+        "targets": torch.randint(0, V, (B, T), generator=g),
+        "lengths": torch.full((B,), T) if lengths is None else torch.tensor(lengths),
+    }
     if stream is not None:
         batch["stream"] = stream
     return batch
@@ -62,7 +67,7 @@ def test_padding_never_changes_results_or_gradients(kw):
     g = torch.Generator().manual_seed(5)
     valid = torch.arange(9) < short["lengths"][:, None]
     padded = {"lengths": short["lengths"]}
-    for key in ("inputs", "targets"):                       # garbage padding, out-of-range ids too
+    for key in ("inputs", "targets"):  # garbage padding, out-of-range ids too
         garbage = torch.randint(-3, 3 * V, (3, 9), generator=g)
         padded[key] = torch.where(valid, torch.cat([short[key], garbage[:, 4:]], 1), garbage)
 
@@ -79,9 +84,9 @@ def test_padding_never_changes_results_or_gradients(kw):
         torch.testing.assert_close(ga, gb, rtol=0, atol=1e-12)
     # each row scored alone gives the same number
     for row in range(3):
-        alone = {k: v[row:row + 1, :int(short["lengths"][row])] for k, v in short.items() if k != "lengths"}
-        alone["lengths"] = short["lengths"][row:row + 1]
-        torch.testing.assert_close(model.log_marginal(alone), a[row:row + 1], rtol=1e-12, atol=1e-12)
+        alone = {k: v[row : row + 1, : int(short["lengths"][row])] for k, v in short.items() if k != "lengths"}
+        alone["lengths"] = short["lengths"][row : row + 1]
+        torch.testing.assert_close(model.log_marginal(alone), a[row : row + 1], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kw", OUTPUTS)
@@ -90,8 +95,15 @@ def test_stream_state_two_halves_equal_one_chunk(kw):
     full = _batch(T=8, stream=True)
     whole = model.log_marginal(full)
     model.reset_state()
-    halves = [{"inputs": full["inputs"][:, s], "targets": full["targets"][:, s],
-               "lengths": torch.full((3,), 4), "stream": True} for s in (slice(0, 4), slice(4, 8))]
+    halves = [
+        {
+            "inputs": full["inputs"][:, s],
+            "targets": full["targets"][:, s],
+            "lengths": torch.full((3,), 4),
+            "stream": True,
+        }
+        for s in (slice(0, 4), slice(4, 8))
+    ]
     total = model.log_marginal(halves[0]) + model.log_marginal(halves[1])
     torch.testing.assert_close(total, whole, rtol=1e-12, atol=1e-12)
     # a ragged last chunk continues from the carried state too (rows sorted by length differ)
@@ -103,14 +115,14 @@ def test_stream_state_two_halves_equal_one_chunk(kw):
     # after a reset the second half starts from zero again, as does any non-stream batch
     model.reset_state()
     fresh = model.log_marginal(halves[1])
-    assert not torch.allclose(fresh, model.log_marginal(halves[1]))      # state was carried
+    assert not torch.allclose(fresh, model.log_marginal(halves[1]))  # state was carried
     no_stream = {k: v for k, v in halves[1].items() if k != "stream"}
     torch.testing.assert_close(model.log_marginal(no_stream), fresh, rtol=0, atol=0)
 
 
 def test_carried_state_is_detached_and_taken_at_each_row_length():
     model = _model(output="mos", num_experts=2)
-    for seed in (1, 2):                        # a backward per batch: no graph reaches back
+    for seed in (1, 2):  # a backward per batch: no graph reaches back
         model.log_marginal(_batch(seed=seed, stream=True)).sum().backward()
     assert not model._state[0].requires_grad
     model.reset_state()
@@ -118,7 +130,7 @@ def test_carried_state_is_detached_and_taken_at_each_row_length():
     h_padded, c_padded = model._state
     for row, length in enumerate([6, 3, 5]):
         model.reset_state()
-        prefix = {k: v[row:row + 1, :length] for k, v in _batch(T=6).items() if k != "lengths"}
+        prefix = {k: v[row : row + 1, :length] for k, v in _batch(T=6).items() if k != "lengths"}
         model.log_marginal({**prefix, "lengths": torch.tensor([length]), "stream": True})
         torch.testing.assert_close(model._state[0][:, 0], h_padded[:, row], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(model._state[1][:, 0], c_padded[:, row], rtol=1e-12, atol=1e-12)
@@ -177,8 +189,7 @@ def test_generate_samples_from_the_model():
     tokens = model.generate(prefix, max_length=6, generator=gen)
     assert tokens.shape == (2, 6) and tokens.dtype == torch.long
     assert tokens.min() >= 0 and tokens.max() < V
-    assert torch.equal(tokens, model.generate(prefix, max_length=6,
-                                              generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(tokens, model.generate(prefix, max_length=6, generator=torch.Generator().manual_seed(0)))
     # greedy = argmax of the next-token distribution, step by step
     greedy = model.generate(prefix, max_length=3, temperature=0)
     for row, length in enumerate([3, 1]):
@@ -197,17 +208,16 @@ def test_generate_samples_from_the_model():
     probs = model.output_layer(h[0, -1]).exp().detach()
     assert (freq - probs).abs().max() < 4 * (probs * (1 - probs) / n).sqrt().max() + 1e-3
     # temperature 0.5 sharpens: p^2 renormalised
-    first = model.generate(many, max_length=1, temperature=0.5,
-                           generator=torch.Generator().manual_seed(2))[:, 0]
+    first = model.generate(many, max_length=1, temperature=0.5, generator=torch.Generator().manual_seed(2))[:, 0]
     freq = torch.bincount(first, minlength=V).double() / n
-    sharp = probs ** 2 / (probs ** 2).sum()
+    sharp = probs**2 / (probs**2).sum()
     assert (freq - sharp).abs().max() < 4 * (sharp * (1 - sharp) / n).sqrt().max() + 1e-3
 
 
 def test_generate_stops_at_eos():
     model = _model().eval()
     with torch.no_grad():
-        model.output_layer.decoder.bias[3] = 50.0          # eos = 3 almost surely at every step
+        model.output_layer.decoder.bias[3] = 50.0  # eos = 3 almost surely at every step
     prefix = {"inputs": torch.tensor([[1, 2]]), "lengths": torch.tensor([2])}
     tokens = model.generate(prefix, max_length=4, eos_index=3, generator=torch.Generator().manual_seed(0))
     assert tokens.tolist() == [[3, 3, 3, 3]]
@@ -217,7 +227,7 @@ def test_constructor_and_batch_errors():
     with pytest.raises(ValueError, match="output"):
         LSTMLanguageModel(V, E, H, output="sparsemax")
     with pytest.raises(ValueError, match="tie_weights"):
-        LSTMLanguageModel(V, E, H, tie_weights=True)                     # d = H != E
+        LSTMLanguageModel(V, E, H, tie_weights=True)  # d = H != E
     with pytest.raises(ValueError, match="num_experts"):
         LSTMLanguageModel(V, E, H, num_experts=4)
     model = _model()
@@ -243,11 +253,18 @@ def test_chunked_output_layer_gives_the_same_model():
 
 
 CONTRACT_CASES = [
-    ModelCase("lstm-lm/softmax", make_model=lambda: LSTMLanguageModel(12, 6, 8, 2),
-              make_batch=lambda g: lm_batch(g, vocab_size=12)),
-    ModelCase("lstm-lm/mos", make_model=lambda: LSTMLanguageModel(
-        12, 6, 8, 2, output="mos", num_experts=3, softmax_input_size=6, tie_weights=True,
-        dropout=0.2, chunk_size=5), make_batch=lambda g: lm_batch(g, vocab_size=12)),
+    ModelCase(
+        "lstm-lm/softmax",
+        make_model=lambda: LSTMLanguageModel(12, 6, 8, 2),
+        make_batch=lambda g: lm_batch(g, vocab_size=12),
+    ),
+    ModelCase(
+        "lstm-lm/mos",
+        make_model=lambda: LSTMLanguageModel(
+            12, 6, 8, 2, output="mos", num_experts=3, softmax_input_size=6, tie_weights=True, dropout=0.2, chunk_size=5
+        ),
+        make_batch=lambda g: lm_batch(g, vocab_size=12),
+    ),
 ]
 
 
@@ -264,8 +281,11 @@ def test_mixture_of_softmaxes_lm_is_the_mos_lstm():
     mos = MixtureOfSoftmaxesLM(12, 6, 8, 2, num_experts=3, softmax_input_size=4)
     torch.manual_seed(0)
     reference = LSTMLanguageModel(12, 6, 8, 2, output="mos", num_experts=3, softmax_input_size=4)
-    batch = {"inputs": torch.randint(12, (3, 5)), "targets": torch.randint(12, (3, 5)),
-             "lengths": torch.tensor([5, 2, 4])}
+    batch = {
+        "inputs": torch.randint(12, (3, 5)),
+        "targets": torch.randint(12, (3, 5)),
+        "lengths": torch.tensor([5, 2, 4]),
+    }
     torch.testing.assert_close(mos.log_marginal(batch), reference.log_marginal(batch))
 
 
@@ -281,6 +301,7 @@ def test_value_checks_follow_the_validation_switch(monkeypatch):
     previous = Distribution._validate_args
     Distribution.set_default_validate_args(False)
     try:
+
         def no_read(self):
             raise AssertionError("read back from the device for a check")
 

@@ -31,13 +31,12 @@ def test_perplexity_from_sums():
 
 def test_metric_sums_and_corpus_summary():
     sums = MetricSums()
-    sums.add({"nll": torch.tensor([3.0, 1.0]), "tokens": torch.tensor([2.0, 1.0]),
-              "kl": torch.tensor([0.5, 0.5])})
+    sums.add({"nll": torch.tensor([3.0, 1.0]), "tokens": torch.tensor([2.0, 1.0]), "kl": torch.tensor([0.5, 0.5])})
     sums.add({"nll": torch.tensor([5.0]), "tokens": torch.tensor([3.0]), "kl": torch.tensor([2.0])})
     totals = sums.totals()
     assert totals == {"nll": 9.0, "tokens": 6.0, "kl": 3.0, "examples": 3.0}
     out = corpus_summary(totals)
-    assert out["nll"] == pytest.approx(9 / 6)           # per target token, not per batch
+    assert out["nll"] == pytest.approx(9 / 6)  # per target token, not per batch
     assert out["ppl"] == pytest.approx(math.exp(9 / 6))
     assert out["kl"] == pytest.approx(3 / 6)
     assert out["kl_per_example"] == pytest.approx(1.0)
@@ -50,8 +49,7 @@ def test_metric_sums_and_corpus_summary():
 
 def test_corpus_summary_of_the_negative_elbo_is_a_perplexity_bound():
     sums = MetricSums()
-    sums.add({"neg_elbo": torch.tensor([4.0, 2.0]), "kl": torch.tensor([1.0, 0.5]),
-              "tokens": torch.tensor([2.0, 2.0])})
+    sums.add({"neg_elbo": torch.tensor([4.0, 2.0]), "kl": torch.tensor([1.0, 0.5]), "tokens": torch.tensor([2.0, 2.0])})
     out = corpus_summary(sums.totals())
     assert out["neg_elbo"] == pytest.approx(6 / 4)
     assert out["neg_elbo_per_example"] == pytest.approx(3.0)
@@ -62,7 +60,12 @@ def test_corpus_summary_of_the_negative_elbo_is_a_perplexity_bound():
     assert both["ppl"] == pytest.approx(math.exp(5 / 4)) and both["nll"] == pytest.approx(5 / 4)
     assert both["ppl_bound"] == pytest.approx(math.exp(6 / 4)) and both["ppl_bound"] >= both["ppl"]
     assert corpus_summary({"nll": 5.0, "tokens": 4.0, "examples": 2.0}).keys() == {
-        "tokens", "examples", "nll", "nll_per_example", "ppl"}
+        "tokens",
+        "examples",
+        "nll",
+        "nll_per_example",
+        "ppl",
+    }
 
 
 # BLEU by hand.  Sentence 1: hyp "the cat sat on the mat", ref "the cat sat on a mat":
@@ -118,14 +121,14 @@ def test_gaussian_kl_is_the_family_kl():
     g = torch.Generator().manual_seed(0)
     mu, logvar = torch.randn(5, 3, generator=g), 2 * torch.randn(5, 3, generator=g)
     q = DiagonalGaussian.from_logvar(mu, logvar)
-    torch.testing.assert_close(gaussian_kl(mu, logvar),
-                               kl_divergence(q, DiagonalGaussian.standard((5,), 3)))
+    torch.testing.assert_close(gaussian_kl(mu, logvar), kl_divergence(q, DiagonalGaussian.standard((5,), 3)))
     closed = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
     torch.testing.assert_close(gaussian_kl(mu, logvar), closed)
     # float32 down to logvar = -87 (a normal-float variance) keeps the closed form
     narrow = torch.tensor([[0.0, -87.0, 40.0]])
     assert gaussian_kl(torch.zeros(1, 3), narrow).item() == pytest.approx(
-        0.5 * float((narrow.double().exp() - 1 - narrow.double()).sum()), rel=1e-6)
+        0.5 * float((narrow.double().exp() - 1 - narrow.double()).sum()), rel=1e-6
+    )
 
 
 def _normal_pdf(z, m, var):
@@ -137,10 +140,8 @@ def test_mutual_information_hand_computation():
     logvar = torch.tensor([[0.0], [math.log(4.0)]], dtype=torch.float64)
     z = torch.tensor([[0.5], [-0.2]], dtype=torch.float64)
     # E_x[-H(q(z|x))] with H = 1/2 log(2 pi e var)
-    neg_entropy = -0.5 * (0.5 * math.log(2 * math.pi * math.e * 1.0)
-                          + 0.5 * math.log(2 * math.pi * math.e * 4.0))
-    log_qz = [math.log(0.5 * (_normal_pdf(v, -1.0, 1.0) + _normal_pdf(v, 1.0, 4.0)))
-              for v in (0.5, -0.2)]
+    neg_entropy = -0.5 * (0.5 * math.log(2 * math.pi * math.e * 1.0) + 0.5 * math.log(2 * math.pi * math.e * 4.0))
+    log_qz = [math.log(0.5 * (_normal_pdf(v, -1.0, 1.0) + _normal_pdf(v, 1.0, 4.0))) for v in (0.5, -0.2)]
     expected = neg_entropy - sum(log_qz) / 2
     assert mutual_information(mu, logvar, z) == pytest.approx(expected, rel=1e-10)
     # [S, N, D] samples are pooled
@@ -148,8 +149,9 @@ def test_mutual_information_hand_computation():
     assert mutual_information(mu, logvar, z2) == pytest.approx(expected, rel=1e-10)
     # sampled z are the family's draws from the generator
     drawn = DiagonalGaussian.from_logvar(mu, logvar).sample((3,), generator=torch.Generator().manual_seed(2))
-    assert mutual_information(mu, logvar, num_samples=3, generator=torch.Generator().manual_seed(2)) == \
-        pytest.approx(mutual_information(mu, logvar, drawn), rel=1e-12)
+    assert mutual_information(mu, logvar, num_samples=3, generator=torch.Generator().manual_seed(2)) == pytest.approx(
+        mutual_information(mu, logvar, drawn), rel=1e-12
+    )
 
 
 def test_mutual_information_limits():
@@ -165,9 +167,7 @@ def test_mutual_information_limits():
 
 
 def test_active_units_hand_computation():
-    mu = torch.tensor([[0.000, 1.0, 0.0000],
-                       [0.125, -1.0, 0.0625],
-                       [0.250, 0.0, 0.1250]])
+    mu = torch.tensor([[0.000, 1.0, 0.0000], [0.125, -1.0, 0.0625], [0.250, 0.0, 0.1250]])
     # unbiased variances over rows: 0.015625, 1.0, 0.00390625
     assert active_units(mu) == 2
     assert active_units(mu, threshold=0.02) == 1

@@ -15,7 +15,7 @@ H, V, K, D = 6, 13, 4, 3
 def _mos(num_experts=K, **kw):
     torch.manual_seed(0)
     layer = MixtureOfSoftmaxes(H, V, num_experts, D, **kw).double()
-    with torch.no_grad():                     # non-trivial bias so chunks see different offsets
+    with torch.no_grad():  # non-trivial bias so chunks see different offsets
         layer.decoder.bias.normal_()
     return layer
 
@@ -33,8 +33,7 @@ def test_mos_is_normalised(shape):
     hidden, _ = _data(shape)
     log_p = layer(hidden)
     assert log_p.shape == (*shape, V)
-    torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(shape, dtype=torch.float64),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(shape, dtype=torch.float64), rtol=0, atol=1e-12)
     torch.testing.assert_close(layer(hidden, chunk_size=1), log_p, rtol=0, atol=1e-12)
 
 
@@ -52,7 +51,7 @@ def test_mos_log_space_survives_tiny_probabilities():
     layer = _mos()
     hidden, targets = _data()
     with torch.no_grad():
-        layer.decoder.weight.mul_(1e4)       # expert softmaxes below float64's smallest p
+        layer.decoder.weight.mul_(1e4)  # expert softmaxes below float64's smallest p
     log_p = layer.log_prob(hidden, targets)
     assert torch.isfinite(log_p).all() and log_p.min() < -750
     torch.testing.assert_close(layer.log_prob(hidden, targets, chunk_size=4), log_p)
@@ -110,7 +109,7 @@ def _gradcheck(layer, method, hidden, *args, **kwargs):
 
 def test_mos_gradcheck():
     torch.manual_seed(0)
-    layer = MixtureOfSoftmaxes(3, 5, 2, 2).double()          # tiny: gradcheck is O(#parameters)
+    layer = MixtureOfSoftmaxes(3, 5, 2, 2).double()  # tiny: gradcheck is O(#parameters)
     hidden = torch.randn(3, 3, dtype=torch.float64)
     targets = torch.tensor([0, 4, 2])
     assert _gradcheck(layer, "forward", hidden)
@@ -128,8 +127,7 @@ def test_one_expert_equals_softmax_with_the_same_parameters(activation):
     softmax.decoder.load_state_dict(mos.decoder.state_dict())
     hidden, targets = _data()
     torch.testing.assert_close(mos(hidden), softmax(hidden), rtol=0, atol=1e-12)
-    torch.testing.assert_close(mos.log_prob(hidden, targets), softmax.log_prob(hidden, targets),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(mos.log_prob(hidden, targets), softmax.log_prob(hidden, targets), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("projection_size", [None, D])
@@ -161,8 +159,9 @@ def test_weight_tying(cls):
 @pytest.mark.parametrize("cls", [SoftmaxOutput, MixtureOfSoftmaxes])
 def test_identity_activation_is_a_linear_projection(cls):
     torch.manual_seed(0)
-    layer = (cls(H, V, 2, D, activation="identity") if cls is MixtureOfSoftmaxes
-             else cls(H, V, D, activation="identity")).double()
+    layer = (
+        cls(H, V, 2, D, activation="identity") if cls is MixtureOfSoftmaxes else cls(H, V, D, activation="identity")
+    ).double()
     hidden, targets = _data()
     g = layer.features(hidden)
     torch.testing.assert_close(g.flatten(-2) if cls is MixtureOfSoftmaxes else g, layer.projection(hidden))
@@ -197,7 +196,7 @@ def test_mos_breaks_the_softmax_bottleneck():
     fit it, a mixture of softmaxes with the same d can (Yang et al. 2018)."""
     C, d, experts, hidden_size, steps = 64, 4, 16, 32, 400
     g = torch.Generator().manual_seed(0)
-    true_log_p = torch.log_softmax(2.0 * torch.randn(C, C, generator=g), -1)   # V = C
+    true_log_p = torch.log_softmax(2.0 * torch.randn(C, C, generator=g), -1)  # V = C
     assert torch.linalg.matrix_rank(true_log_p) > 8 * d
     p = true_log_p.exp()
     entropy = -(p * true_log_p).sum() / C
@@ -208,9 +207,12 @@ def test_mos_breaks_the_softmax_bottleneck():
     try:
         for name in ("softmax", "mos"):
             torch.manual_seed(0)
-            output = (SoftmaxOutput(hidden_size, C, d) if name == "softmax"
-                      else MixtureOfSoftmaxes(hidden_size, C, experts, d))
-            model = nn.Sequential(nn.Embedding(C, hidden_size), output)   # contexts as input ids
+            output = (
+                SoftmaxOutput(hidden_size, C, d)
+                if name == "softmax"
+                else MixtureOfSoftmaxes(hidden_size, C, experts, d)
+            )
+            model = nn.Sequential(nn.Embedding(C, hidden_size), output)  # contexts as input ids
             opt = torch.optim.Adam(model.parameters(), lr=0.02)
             for _ in range(steps):
                 cross_entropy = -(p * model(contexts)).sum() / C
@@ -226,8 +228,13 @@ def test_mos_breaks_the_softmax_bottleneck():
     assert kl["softmax"] - kl["mos"] > 0.25, kl
 
 
-@given(rows=st.integers(1, 9), vocab=st.integers(1, 7), chunk=st.integers(1, 10), bias=st.booleans(),
-       scale=st.sampled_from([0.1, 1.0, 30.0]))
+@given(
+    rows=st.integers(1, 9),
+    vocab=st.integers(1, 7),
+    chunk=st.integers(1, 10),
+    bias=st.booleans(),
+    scale=st.sampled_from([0.1, 1.0, 30.0]),
+)
 def test_row_chunked_log_softmax_linear_matches_autograd(rows, vocab, chunk, bias, scale):
     g = torch.Generator().manual_seed(rows * 100 + vocab * 10 + chunk)
     x = (scale * torch.randn(rows, 3, generator=g, dtype=torch.float64)).requires_grad_()

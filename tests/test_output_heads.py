@@ -32,9 +32,14 @@ def _context(seed=0):
     memory = torch.randn(B, S, H, generator=g)
     mask = torch.arange(S) < LENGTHS[:, None]
     log_alpha = torch.log_softmax(torch.randn(B, T, S, generator=g).masked_fill(~mask[:, None], -torch.inf), -1)
-    context = {"memory": memory, "memory_mask": mask, "log_alpha": log_alpha,
-               "attentional": torch.tanh(torch.randn(B, T, H, generator=g)),
-               "src_ext": torch.randint(0, V + 2, (B, S), generator=g), "extended_size": V + 2}
+    context = {
+        "memory": memory,
+        "memory_mask": mask,
+        "log_alpha": log_alpha,
+        "attentional": torch.tanh(torch.randn(B, T, H, generator=g)),
+        "src_ext": torch.randint(0, V + 2, (B, S), generator=g),
+        "extended_size": V + 2,
+    }
     return hidden, context
 
 
@@ -97,8 +102,11 @@ def test_soft_and_latent_heads_agree_on_a_one_word_source():
 
 def _model(mode, seed=0):
     torch.manual_seed(seed)
-    return LatentAlignmentSeq2Seq.from_mode(mode, V, V, embedding_dim=6, hidden_size=8, bos_id=BOS, eos_id=EOS,
-                                            unk_id=UNK).double().eval()
+    return (
+        LatentAlignmentSeq2Seq.from_mode(mode, V, V, embedding_dim=6, hidden_size=8, bos_id=BOS, eos_id=EOS, unk_id=UNK)
+        .double()
+        .eval()
+    )
 
 
 HEADS = {"soft": SoftAttentionHead, "exact": LatentAttentionHead, "copy": CopyHead}
@@ -166,8 +174,12 @@ def test_relaxed_estimate_is_the_hard_gumbel_sample_average():
     z = estimators.gumbel_softmax(logits.expand(4, 2, 3), 0.5, True, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(estimate.surrogate, f(z).mean(0))
     many = estimators.relaxed(f, logits, 0.5, num_samples=20000, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(many.value, estimators.exact(values.expand(2, 3), torch.distributions.Categorical(
-        logits=logits)).value, atol=0.05, rtol=0)
+    torch.testing.assert_close(
+        many.value,
+        estimators.exact(values.expand(2, 3), torch.distributions.Categorical(logits=logits)).value,
+        atol=0.05,
+        rtol=0,
+    )
 
 
 def test_validation_switch_governs_the_length_checks():

@@ -39,12 +39,19 @@ def smoke_run(recipe, tmp_path_factory):
 def test_smoke_writes_every_file(smoke_run):
     out, rows = smoke_run
     assert [r["mode"] for r in rows] == MODES
-    for name in ("results.md", "metrics.jsonl", "config.json", "curves.png", "alignments-exact.png",
-                 "alignments-elbo-enum.png", "data/train.src", "data/test.tgt"):
+    for name in (
+        "results.md",
+        "metrics.jsonl",
+        "config.json",
+        "curves.png",
+        "alignments-exact.png",
+        "alignments-elbo-enum.png",
+        "data/train.src",
+        "data/test.tgt",
+    ):
         assert (out / name).is_file(), name
     for mode in MODES:
-        for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "finished.json", "eval.json",
-                     "test.hyp"):
+        for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "finished.json", "eval.json", "test.hyp"):
             assert (out / mode / name).is_file(), f"{mode}/{name}"
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["mode"] for line in lines] == MODES
@@ -130,13 +137,21 @@ def _row(mode, steps, test_ppl, curve):
 
 
 def test_soft_exact_check_uses_equal_updates(recipe):
-    equal = recipe.checks([_row("soft", 600, 30.0, {300: 40.0, 600: 30.0}),
-                           _row("exact", 600, 28.0, {300: 41.0, 600: 29.0})], "t", "cpu")
-    assert equal == [("exact-marginal PPL below soft-attention PPL", True,
-                      "exact 28.00 vs soft 30.00 (test, equal updates)")]
+    equal = recipe.checks(
+        [_row("soft", 600, 30.0, {300: 40.0, 600: 30.0}), _row("exact", 600, 28.0, {300: 41.0, 600: 29.0})], "t", "cpu"
+    )
+    assert equal == [
+        ("exact-marginal PPL below soft-attention PPL", True, "exact 28.00 vs soft 30.00 (test, equal updates)")
+    ]
     # soft trained longer: its test perplexity is not comparable, its validation one at 600 is
-    longer = recipe.checks([_row("soft", 1200, 20.0, {300: 40.0, 600: 30.0, 900: 25.0, 1200: 20.0}),
-                            _row("exact", 600, 28.0, {300: 41.0, 600: 32.0})], "t", "cpu")
-    (name, passed, detail), = longer
+    longer = recipe.checks(
+        [
+            _row("soft", 1200, 20.0, {300: 40.0, 600: 30.0, 900: 25.0, 1200: 20.0}),
+            _row("exact", 600, 28.0, {300: 41.0, 600: 32.0}),
+        ],
+        "t",
+        "cpu",
+    )
+    ((name, passed, detail),) = longer
     assert "equal updates" in name and not passed
     assert detail == "exact 32.00 vs soft 30.00 (validation, both after 600 updates)"

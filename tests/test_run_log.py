@@ -20,8 +20,7 @@ def _run(tmp_path, **kw):
     torch.manual_seed(0)
     train = ToyCorpus(mixture_batches(6, seed=1), seed=5)
     valid = ToyCorpus(mixture_batches(2, seed=2), shuffle=False)
-    cfg = TrainConfig(lr=0.05, max_epochs=2, log_every=2, progress=False, device="cpu",
-                      output_dir=str(tmp_path), **kw)
+    cfg = TrainConfig(lr=0.05, max_epochs=2, log_every=2, progress=False, device="cpu", output_dir=str(tmp_path), **kw)
     return Trainer(NaiveBayesMixture(12, 3), cfg, train, valid, test_data=valid).fit()
 
 
@@ -71,9 +70,17 @@ def test_training_curves_read_the_run_log(tmp_path):
 
 
 def test_reading_the_run_log_does_not_import_the_trainer():
-    code = ("import sys, latentnlp.plots, latentnlp.training.run_log; "
-            "print(sorted(m for m in sys.modules if m.startswith('latentnlp.training')))")
+    code = (
+        "import sys, latentnlp.plots, latentnlp.training.run_log; "
+        "print(sorted(m for m in sys.modules if m.startswith('latentnlp.training')))"
+    )
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
-                         env={**os.environ, "PYTHONPATH": str(root)}).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    ).stdout
     assert out.strip() == "['latentnlp.training', 'latentnlp.training.run_log']"

@@ -7,8 +7,14 @@ import pytest
 
 from latentnlp.schedules import Constant, CosineDecay, Cyclical, LinearDecay, LinearWarmup, Schedule, Warmup
 
-ALL = [Constant(0.3), LinearWarmup(0.1, 1.0, 10), Cyclical(period=8, ratio=0.25, cycles=2),
-       Warmup(3), LinearDecay(total=10, warmup=2, floor=0.1), CosineDecay(total=10)]
+ALL = [
+    Constant(0.3),
+    LinearWarmup(0.1, 1.0, 10),
+    Cyclical(period=8, ratio=0.25, cycles=2),
+    Warmup(3),
+    LinearDecay(total=10, warmup=2, floor=0.1),
+    CosineDecay(total=10),
+]
 
 
 def test_constant():
@@ -56,7 +62,11 @@ def test_unknown_names_and_bad_parameters():
     with pytest.raises(ValueError, match="unknown schedule 'exp'"):
         Schedule.from_dict({"schedule": "exp"})
     assert not Schedule.is_serialised({"schedule": "exp"})
-    for bad in (lambda: LinearWarmup(0, 1, 0), lambda: Cyclical(period=0), lambda: Cyclical(4, ratio=0),
-                lambda: Warmup(0)):
+    for bad in (
+        lambda: LinearWarmup(0, 1, 0),
+        lambda: Cyclical(period=0),
+        lambda: Cyclical(4, ratio=0),
+        lambda: Warmup(0),
+    ):
         with pytest.raises(ValueError):
             bad()

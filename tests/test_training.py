@@ -55,8 +55,7 @@ def make_data(train=12, valid=3, stream=False):
     if stream:
         for b in train_batches + valid_batches:
             b["stream"] = True
-    return (ToyCorpus(train_batches, seed=5, shuffle=not stream),
-            ToyCorpus(valid_batches, shuffle=False))
+    return (ToyCorpus(train_batches, seed=5, shuffle=not stream), ToyCorpus(valid_batches, shuffle=False))
 
 
 def make_model(seed=0, cls=NaiveBayesMixture):
@@ -82,6 +81,7 @@ def test_toy_corpus_keeps_the_data_protocol():
 
 
 # ---- evaluation --------------------------------------------------------------------------------
+
 
 class CountingResets(NaiveBayesMixture):
     resets = 0
@@ -125,19 +125,22 @@ def test_evaluate_needs_no_trainer():
     before = torch.get_rng_state()
     alone = evaluate(model, valid, objective="marginal")
     assert torch.equal(torch.get_rng_state(), before)
-    assert {k: v for k, v in alone.items() if k != "tokens_per_s"} == \
-        {k: v for k, v in trainer_result.items() if k != "tokens_per_s"}
+    assert {k: v for k, v in alone.items() if k != "tokens_per_s"} == {
+        k: v for k, v in trainer_result.items() if k != "tokens_per_s"
+    }
     sampled = [evaluate(model, valid, objective="iwae", num_samples=2, seed=s)["nll"] for s in (0, 0, 1)]
     assert sampled[0] == sampled[1] != sampled[2]  # its own seeded RNG: a function of the seed
 
 
 # ---- a full run --------------------------------------------------------------------------------
 
+
 def test_fit_learns_and_writes_its_files(tmp_path, capsys):
     train, valid = make_data()
     model = make_model()
-    trainer = Trainer(model, config(tmp_path, max_epochs=3, progress=True), train, valid,
-                      test_data=valid, run_info={"recipe": "toy"})
+    trainer = Trainer(
+        model, config(tmp_path, max_epochs=3, progress=True), train, valid, test_data=valid, run_info={"recipe": "toy"}
+    )
     initial = trainer.evaluate(valid)["nll"]
     summary = trainer.fit()
     assert "epoch" not in capsys.readouterr().err  # no bars when stderr is not a terminal
@@ -147,7 +150,12 @@ def test_fit_learns_and_writes_its_files(tmp_path, capsys):
     assert summary["test"]["nll"] == pytest.approx(summary["best_valid_nll"])  # best restored
     assert not summary["stopped_early"] and summary["skipped"] == 0 and not summary["resumed"]
     assert {p.name for p in tmp_path.iterdir()} == {
-        "config.json", "metrics.jsonl", "last.pt", "best.pt", "finished.json"}
+        "config.json",
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "finished.json",
+    }
     info = json.loads((tmp_path / "config.json").read_text())
     assert info["trainer"]["lr"] == 0.05 and info["run"] == {"recipe": "toy"}
     assert info["model"] == "NaiveBayesMixture"
@@ -178,14 +186,22 @@ def test_objective_kwargs_may_follow_the_step():
             return super().elbo(batch, **kw)
 
     train, valid = make_data()
-    cfg = config(objective="elbo", max_epochs=1, eval_objective="marginal",
-                 objective_kwargs={"kl_weight": LinearWarmup(0.0, 2.0, 20), "estimator": "exact"})
+    cfg = config(
+        objective="elbo",
+        max_epochs=1,
+        eval_objective="marginal",
+        objective_kwargs={"kl_weight": LinearWarmup(0.0, 2.0, 20), "estimator": "exact"},
+    )
     Trainer(make_model(cls=Recording), cfg, train, valid).fit()
     assert [w for w, _, _ in seen] == pytest.approx([s / 10 for s in range(len(train))])
     assert sorted(i for _, i, _ in seen) == list(range(len(train)))  # non-tensor values kept
     assert {d for _, _, d in seen} == {"cpu"}
-    assert cfg.to_dict()["objective_kwargs"]["kl_weight"] == {"schedule": "linear_warmup", "start": 0.0,
-                                                             "end": 2.0, "steps": 20}
+    assert cfg.to_dict()["objective_kwargs"]["kl_weight"] == {
+        "schedule": "linear_warmup",
+        "start": 0.0,
+        "end": 2.0,
+        "steps": 20,
+    }
 
 
 def test_objective_kwargs_refuse_other_callables():
@@ -196,10 +212,19 @@ def test_objective_kwargs_refuse_other_callables():
 
 
 def test_config_round_trips_through_json():
-    cfg = TrainConfig(objective="elbo", betas=(0.8, 0.9), schedule=CosineDecay(total=100, warmup=5, floor=0.1),
-                      objective_kwargs={"kl_weight": Cyclical(period=50, ratio=0.5, cycles=4),
-                                        "estimator": "sample", "num_samples": 2},
-                      eval_kwargs={"kl_weight": Constant(1.0)}, select_on="neg_elbo", max_steps=7)
+    cfg = TrainConfig(
+        objective="elbo",
+        betas=(0.8, 0.9),
+        schedule=CosineDecay(total=100, warmup=5, floor=0.1),
+        objective_kwargs={
+            "kl_weight": Cyclical(period=50, ratio=0.5, cycles=4),
+            "estimator": "sample",
+            "num_samples": 2,
+        },
+        eval_kwargs={"kl_weight": Constant(1.0)},
+        select_on="neg_elbo",
+        max_steps=7,
+    )
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert TrainConfig.from_dict(json.loads(json.dumps(TrainConfig().to_dict()))) == TrainConfig()
@@ -207,8 +232,13 @@ def test_config_round_trips_through_json():
 
 def test_resuming_an_unchanged_run_with_a_schedule_records_no_change(tmp_path):
     train, valid = make_data()
-    cfg = dict(objective="elbo", eval_objective="marginal", max_steps=5, max_epochs=1,
-               objective_kwargs={"kl_weight": LinearWarmup(0.1, 1.0, 8), "estimator": "exact"})
+    cfg = dict(
+        objective="elbo",
+        eval_objective="marginal",
+        max_steps=5,
+        max_epochs=1,
+        objective_kwargs={"kl_weight": LinearWarmup(0.1, 1.0, 8), "estimator": "exact"},
+    )
     Trainer(make_model(), config(tmp_path, **cfg), train, valid).fit()
     (tmp_path / "finished.json").unlink()
     written = json.loads((tmp_path / "config.json").read_text())
@@ -219,6 +249,7 @@ def test_resuming_an_unchanged_run_with_a_schedule_records_no_change(tmp_path):
 
 
 # ---- checkpoint and resume ---------------------------------------------------------------------
+
 
 class Crash(RuntimeError):
     pass
@@ -246,13 +277,20 @@ def _comparable(log):
 
 
 RESUME_SETTINGS = {
-    "adam-cosine-marginal": dict(schedule="cosine", warmup_steps=3, checkpoint_every=5,
-                                 grad_clip=0.5),
-    "sgd-plateau-sampled-elbo": dict(optimizer="sgd", momentum=0.9, lr=0.2, schedule="plateau",
-                                     objective="elbo", eval_every=4, checkpoint_every=3,
-                                     objective_kwargs={"estimator": "sample", "num_samples": 2}),
-    "adamw-linear-stream": dict(optimizer="adamw", weight_decay=0.1, schedule="linear",
-                                eval_every=5, checkpoint_every=4, model=StreamingUnigram),
+    "adam-cosine-marginal": dict(schedule="cosine", warmup_steps=3, checkpoint_every=5, grad_clip=0.5),
+    "sgd-plateau-sampled-elbo": dict(
+        optimizer="sgd",
+        momentum=0.9,
+        lr=0.2,
+        schedule="plateau",
+        objective="elbo",
+        eval_every=4,
+        checkpoint_every=3,
+        objective_kwargs={"estimator": "sample", "num_samples": 2},
+    ),
+    "adamw-linear-stream": dict(
+        optimizer="adamw", weight_decay=0.1, schedule="linear", eval_every=5, checkpoint_every=4, model=StreamingUnigram
+    ),
 }
 
 
@@ -268,8 +306,13 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, name):
 
     crashed = make_model(cls=cls)
     with pytest.raises(Crash):  # dies in the middle of epoch 1, past a checkpoint
-        Trainer(crashed, config(tmp_path / "b", **cfg),
-                CrashingCorpus(train, epoch=1, position=len(train) // 2 + 1), valid, valid).fit()
+        Trainer(
+            crashed,
+            config(tmp_path / "b", **cfg),
+            CrashingCorpus(train, epoch=1, position=len(train) // 2 + 1),
+            valid,
+            valid,
+        ).fit()
     assert (tmp_path / "b" / "last.pt").exists() and not (tmp_path / "b" / "finished.json").exists()
     resumed = make_model(seed=1, cls=cls)  # a fresh process: other initial parameters
     again = Trainer(resumed, config(tmp_path / "b", **cfg), train, valid, valid).fit()
@@ -312,8 +355,7 @@ def test_resume_with_the_library_stream_and_hmm_language_model(tmp_path):
     straight = model(0)
     Trainer(straight, config(tmp_path / "a", **cfg), train, valid).fit()
     with pytest.raises(Crash):
-        Trainer(model(0), config(tmp_path / "b", **cfg), CrashingCorpus(train, 1, 10),
-                valid).fit()
+        Trainer(model(0), config(tmp_path / "b", **cfg), CrashingCorpus(train, 1, 10), valid).fit()
     resumed = model(1)
     Trainer(resumed, config(tmp_path / "b", **cfg), train, valid).fit()
     for a, b in zip(straight.parameters(), resumed.parameters()):
@@ -324,8 +366,7 @@ def test_resume_continues_an_unfinished_run(tmp_path):
     train, valid = make_data()
     Trainer(make_model(), config(tmp_path, max_steps=5, max_epochs=1), train, valid).fit()
     (tmp_path / "finished.json").unlink()  # as if killed after the last checkpoint
-    summary = Trainer(make_model(), config(tmp_path, max_steps=5, max_epochs=1), train,
-                      valid).fit()
+    summary = Trainer(make_model(), config(tmp_path, max_steps=5, max_epochs=1), train, valid).fit()
     assert summary["resumed"] and summary["steps"] == 5
 
 
@@ -333,14 +374,17 @@ def test_extending_a_run_equals_training_it_longer_and_is_recorded(tmp_path):
     """A finished run resumed with a larger max_steps ends where a straight run ends."""
     train, valid = make_data()
     straight = make_model()
-    Trainer(straight, config(tmp_path / "a", max_steps=8, max_epochs=2, eval_every=4,
-                             schedule="plateau"), train, valid).fit()
-    Trainer(make_model(), config(tmp_path / "b", max_steps=4, max_epochs=2, eval_every=4,
-                                 schedule="plateau"), train, valid).fit()
+    Trainer(
+        straight, config(tmp_path / "a", max_steps=8, max_epochs=2, eval_every=4, schedule="plateau"), train, valid
+    ).fit()
+    Trainer(
+        make_model(), config(tmp_path / "b", max_steps=4, max_epochs=2, eval_every=4, schedule="plateau"), train, valid
+    ).fit()
     (tmp_path / "b" / "finished.json").unlink()
     extended = make_model(seed=1)
-    summary = Trainer(extended, config(tmp_path / "b", max_steps=8, max_epochs=2, eval_every=4,
-                                       schedule="plateau"), train, valid).fit()
+    summary = Trainer(
+        extended, config(tmp_path / "b", max_steps=8, max_epochs=2, eval_every=4, schedule="plateau"), train, valid
+    ).fit()
     assert summary["resumed"] and summary["steps"] == 8
     for a, b in zip(straight.parameters(), extended.parameters()):
         assert torch.equal(a, b)
@@ -356,8 +400,7 @@ def test_finished_run_is_refused_unless_overwrite(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FinishedRunError, match="overwrite"):
         Trainer(make_model(), config(tmp_path, max_epochs=1), train, valid).fit()
-    second = Trainer(make_model(), config(tmp_path, max_epochs=1, overwrite=True), train,
-                     valid).fit()
+    second = Trainer(make_model(), config(tmp_path, max_epochs=1, overwrite=True), train, valid).fit()
     assert not second["resumed"] and second["best_valid_nll"] == first["best_valid_nll"]
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only the trainer's files go
     assert len([e for e in events(tmp_path) if e["split"] == "valid"]) == 1
@@ -366,8 +409,7 @@ def test_finished_run_is_refused_unless_overwrite(tmp_path):
 def test_command_line_flags():
     parser = argparse.ArgumentParser()
     TrainConfig.add_arguments(parser)
-    args = parser.parse_args(["--overwrite", "--max-steps", "7", "--device", "cpu",
-                              "--no-progress"])
+    args = parser.parse_args(["--overwrite", "--max-steps", "7", "--device", "cpu", "--no-progress"])
     cfg = TrainConfig(lr=0.3).with_arguments(args)
     assert cfg.overwrite and cfg.max_steps == 7 and cfg.device == "cpu" and not cfg.progress
     assert cfg.lr == 0.3 and cfg.seed == 0
@@ -375,15 +417,22 @@ def test_command_line_flags():
 
 
 def test_config_validation():
-    for bad in (dict(optimizer="adagrad"), dict(schedule="exp"), dict(objective="mle"),
-                dict(max_steps=0), dict(schedule="plateau", warmup_steps=2),
-                dict(decay_factor=1.5), dict(select_on="ppl"),
-                dict(schedule=LinearDecay(total=10), warmup_steps=2)):
+    for bad in (
+        dict(optimizer="adagrad"),
+        dict(schedule="exp"),
+        dict(objective="mle"),
+        dict(max_steps=0),
+        dict(schedule="plateau", warmup_steps=2),
+        dict(decay_factor=1.5),
+        dict(select_on="ppl"),
+        dict(schedule=LinearDecay(total=10), warmup_steps=2),
+    ):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 
 
 # ---- non-finite batches ------------------------------------------------------------------------
+
 
 class Poisoned(NaiveBayesMixture):
     """NaN loss (``mode="loss"``) or NaN gradients (``mode="grad"``) on chosen batches."""
@@ -418,8 +467,7 @@ def test_nonfinite_batches_are_skipped(tmp_path, mode):
     poisoned = make_model(cls=Poisoned)
     poisoned.poison, poisoned.mode = frozenset({2, 5}), mode
     cfg = dict(max_epochs=2, max_steps=12, schedule="linear", log_every=1)
-    summary = Trainer(poisoned, config(tmp_path, **cfg), ToyCorpus(batches, shuffle=False),
-                      valid).fit()
+    summary = Trainer(poisoned, config(tmp_path, **cfg), ToyCorpus(batches, shuffle=False), valid).fit()
     assert summary["skipped"] == 4 and summary["steps"] == 12
     skips = [e for e in events(tmp_path) if e.get("event") == "skip"]
     assert [e["position"] for e in skips] == [3, 6, 3, 6]
@@ -433,6 +481,7 @@ def test_nonfinite_batches_are_skipped(tmp_path, mode):
 
 
 # ---- model selection, early stopping, schedules ------------------------------------------------
+
 
 class Scripted(LatentModel):
     """Training loss pulls ``w`` towards 1; validation NLL per token follows ``script``."""
@@ -462,8 +511,7 @@ class Scripted(LatentModel):
 def test_best_model_and_early_stopping(tmp_path):
     train, valid = make_data(train=4)
     model = Scripted([5.0, 4.0, 4.5, 4.6, 3.0, 2.0])
-    summary = Trainer(model, config(tmp_path, optimizer="sgd", lr=0.1, max_epochs=10,
-                                    patience=2), train, valid).fit()
+    summary = Trainer(model, config(tmp_path, optimizer="sgd", lr=0.1, max_epochs=10, patience=2), train, valid).fit()
     assert summary["stopped_early"] and summary["epochs"] == 4 and summary["steps"] == 16
     assert summary["best_epoch"] == 1 and summary["best_step"] == 8
     assert summary["best_valid_nll"] == 4.0
@@ -473,9 +521,12 @@ def test_best_model_and_early_stopping(tmp_path):
 
 def test_plateau_schedule_decays_on_no_improvement():
     train, valid = make_data(train=2)
-    trainer = Trainer(Scripted([5.0, 4.0, 4.5, 4.6, 3.0]),
-                      config(optimizer="sgd", lr=1.0, schedule="plateau", max_epochs=5),
-                      train, valid)
+    trainer = Trainer(
+        Scripted([5.0, 4.0, 4.5, 4.6, 3.0]),
+        config(optimizer="sgd", lr=1.0, schedule="plateau", max_epochs=5),
+        train,
+        valid,
+    )
     lrs = []
     original = trainer._validate
 
@@ -491,8 +542,9 @@ def test_plateau_schedule_decays_on_no_improvement():
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "none"])
 def test_warmup_and_decay_schedules(schedule):
     train, valid = make_data(train=4)
-    trainer = Trainer(make_model(), config(lr=1.0, schedule=schedule, warmup_steps=2,
-                                           min_lr=0.1, max_epochs=2), train, valid)
+    trainer = Trainer(
+        make_model(), config(lr=1.0, schedule=schedule, warmup_steps=2, min_lr=0.1, max_epochs=2), train, valid
+    )
     lrs = [trainer.optimizer.param_groups[0]["lr"]]
     original = trainer._train_step
 
@@ -516,8 +568,7 @@ def test_warmup_and_decay_schedules(schedule):
 
 def test_max_steps_stops_mid_epoch_and_validates(tmp_path):
     train, valid = make_data()
-    summary = Trainer(make_model(), config(tmp_path, max_steps=5, max_epochs=5), train,
-                      valid).fit()
+    summary = Trainer(make_model(), config(tmp_path, max_steps=5, max_epochs=5), train, valid).fit()
     assert summary["steps"] == 5 and summary["epochs"] == 0
     evals = [e for e in events(tmp_path) if e["split"] == "valid"]
     assert [e["step"] for e in evals] == [5]
@@ -525,12 +576,20 @@ def test_max_steps_stops_mid_epoch_and_validates(tmp_path):
 
 # ---- distributed ---------------------------------------------------------------------------------
 
+
 def test_two_process_ddp_training(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-               OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "ddp_train_script.py"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests" / "ddp_train_script.py"),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -554,8 +613,7 @@ def test_two_process_ddp_training(tmp_path):
             assert torch.equal(value, ranks[r]["resumed"]["params"][name]), name
         assert ranks[r]["resumed"]["summary"]["resumed"]
     log = events(tmp_path / "iid")  # only rank 0 writes
-    assert [e["step"] for e in log if e["split"] == "train" and e["event"] == "log"] == \
-        list(range(1, 7))
+    assert [e["step"] for e in log if e["split"] == "train" and e["event"] == "log"] == list(range(1, 7))
     assert (tmp_path / "iid" / "finished.json").exists()
 
 
@@ -583,8 +641,7 @@ def test_log_lines_when_stderr_is_not_a_terminal(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="latentnlp.training")
     Trainer(make_model(), config(tmp_path, max_epochs=1, progress=True, log_every=4), train, valid).fit()
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("latentnlp.training")]
-    assert [line.split(",")[1] for line in lines if line.startswith("train log")] == \
-        [" step 4", " step 8", " step 12"]
+    assert [line.split(",")[1] for line in lines if line.startswith("train log")] == [" step 4", " step 8", " step 12"]
     assert all("loss " in line and "tok/s" in line for line in lines if line.startswith("train log"))
     assert any(line.startswith("valid eval, step 12") and "ppl " in line for line in lines)
     caplog.clear()
@@ -607,10 +664,15 @@ def test_log_lines_reach_stderr_when_logging_is_unconfigured(monkeypatch):
 
 # ---- model selection on a named metric -----------------------------------------------------------
 
+
 def test_elbo_validation_selects_on_neg_elbo_and_says_so(tmp_path):
     train, valid = make_data()
-    summary = Trainer(make_model(), config(tmp_path, objective="elbo", max_epochs=2,
-                                           objective_kwargs={"estimator": "exact"}), train, valid).fit()
+    summary = Trainer(
+        make_model(),
+        config(tmp_path, objective="elbo", max_epochs=2, objective_kwargs={"estimator": "exact"}),
+        train,
+        valid,
+    ).fit()
     assert summary["select_on"] == "neg_elbo"
     assert math.isnan(summary["best_valid_nll"]) and summary["valid"]["neg_elbo"] > 0
     evals = [e for e in events(tmp_path) if e["split"] == "valid"]
@@ -631,9 +693,17 @@ def test_a_schedule_object_as_learning_rate_schedule():
     train, valid = make_data(train=4)
     lrs = {}
     for name, schedule in (("string", "linear"), ("object", LinearDecay(total=8, warmup=2, floor=0.1))):
-        trainer = Trainer(make_model(), config(lr=1.0, schedule=schedule, max_epochs=2,
-                                               **({"warmup_steps": 2, "min_lr": 0.1} if name == "string" else {})),
-                          train, valid)
+        trainer = Trainer(
+            make_model(),
+            config(
+                lr=1.0,
+                schedule=schedule,
+                max_epochs=2,
+                **({"warmup_steps": 2, "min_lr": 0.1} if name == "string" else {}),
+            ),
+            train,
+            valid,
+        )
         seen = lrs.setdefault(name, [])
         original = trainer._train_step
 
@@ -647,6 +717,7 @@ def test_a_schedule_object_as_learning_rate_schedule():
 
 
 # ---- rebuilding a model, damaged checkpoints -----------------------------------------------------
+
 
 def test_load_model_rebuilds_the_model_from_its_run_directory(tmp_path):
     from latentnlp.models.hmm_lm import HMMLanguageModel

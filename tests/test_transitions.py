@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from latentnlp.transitions import DenseTransition, LowRankTransition
 
-SETTINGS = settings(max_examples=25, deadline=None, derandomize="CI" in os.environ,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=25, deadline=None, derandomize="CI" in os.environ, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @st.composite
@@ -36,8 +37,11 @@ def transitions(draw):
     log = torch.randn(shape, generator=gen, dtype=F64)
     if zeros:
         log = log.masked_fill(torch.rand(shape, generator=gen) < 0.3, float("-inf"))
-    reference = {"shared": lambda x: x.expand(B, T - 1, K, K), "batched": lambda x: x[:, None].expand(B, T - 1, K, K),
-                 "time": lambda x: x}[kind](log)
+    reference = {
+        "shared": lambda x: x.expand(B, T - 1, K, K),
+        "batched": lambda x: x[:, None].expand(B, T - 1, K, K),
+        "time": lambda x: x,
+    }[kind](log)
     return DenseTransition(log), reference, B, T, K
 
 
@@ -81,8 +85,9 @@ def test_log_propagation_edge_scores_and_dense(case):
     torch.testing.assert_close(transition.edge_scores(previous, following), expected)
     layout = transition.dense()
     assert layout.dim() in (2, 3, 4)
-    full = {2: lambda x: x.expand(B, T - 1, K, K), 3: lambda x: x[:, None].expand(B, T - 1, K, K),
-            4: lambda x: x}[layout.dim()](layout)
+    full = {2: lambda x: x.expand(B, T - 1, K, K), 3: lambda x: x[:, None].expand(B, T - 1, K, K), 4: lambda x: x}[
+        layout.dim()
+    ](layout)
     torch.testing.assert_close(full, dense)
     assert transition.num_states == K and transition.rank >= 1
 
@@ -100,8 +105,10 @@ def test_parameter_gradients_are_the_gradient_of_the_log_space_forward(case):
     u = torch.rand(T - 1, B, K, generator=gen, dtype=F64)
     got = probs.parameter_gradients(alpha, u)
     # autograd of sum_t alpha_{t-1} P_t u_t through the same shifted probabilities
-    total = sum((_differentiable_forward(transition.with_parameters(*params), alpha[t - 1], t) * u[t - 1]).sum()
-                for t in range(1, T))
+    total = sum(
+        (_differentiable_forward(transition.with_parameters(*params), alpha[t - 1], t) * u[t - 1]).sum()
+        for t in range(1, T)
+    )
     expected = torch.autograd.grad(total, params)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)

@@ -82,8 +82,7 @@ class Batches(ABC):
         """Batches per epoch."""
 
     @abstractmethod
-    def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
-        ...
+    def _batches(self, epoch: int, start: int) -> Iterator[Batch]: ...
 
     def iterate(self, epoch: int | None = None, start: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` (default: the current one), from index ``start`` on."""
@@ -104,8 +103,7 @@ class Batches(ABC):
 # ---------------------------------------------------------------------------------------------
 # BPTT streams
 # ---------------------------------------------------------------------------------------------
-def lm_stream(sentences: Iterable[Sequence[str] | str], vocab: Vocabulary, *,
-              prepend_eos: bool = False) -> Tensor:
+def lm_stream(sentences: Iterable[Sequence[str] | str], vocab: Vocabulary, *, prepend_eos: bool = False) -> Tensor:
     """The corpus as one LongTensor of ids: each sentence followed by ``<eos>``.
 
     ``prepend_eos`` puts one more ``<eos>`` in front, as the context of the first
@@ -135,8 +133,9 @@ class BPTTStream(Batches):
 
     stream = True
 
-    def __init__(self, ids: Tensor | Sequence[int], batch_size: int, bptt: int, *,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, ids: Tensor | Sequence[int], batch_size: int, bptt: int, *, device: torch.device | str | None = None
+    ) -> None:
         if batch_size < 1 or bptt < 1:
             raise ValueError(f"batch_size and bptt must be >= 1, got {batch_size}, {bptt}")
         ids = torch.as_tensor(ids, dtype=torch.long)
@@ -146,16 +145,22 @@ class BPTTStream(Batches):
         if length < 1:
             raise ValueError(f"a stream of {ids.numel()} ids is too short for {batch_size} rows")
         self.batch_size, self.bptt, self.row_length = batch_size, bptt, length
-        self.inputs = ids[:batch_size * length].view(batch_size, length).to(device)
-        self.targets = ids[1:batch_size * length + 1].view(batch_size, length).to(device)
+        self.inputs = ids[: batch_size * length].view(batch_size, length).to(device)
+        self.targets = ids[1 : batch_size * length + 1].view(batch_size, length).to(device)
 
     @classmethod
-    def from_sentences(cls, sentences: Iterable[Sequence[str] | str], vocab: Vocabulary,
-                       batch_size: int, bptt: int, *, prepend_eos: bool = False,
-                       **kwargs) -> BPTTStream:
+    def from_sentences(
+        cls,
+        sentences: Iterable[Sequence[str] | str],
+        vocab: Vocabulary,
+        batch_size: int,
+        bptt: int,
+        *,
+        prepend_eos: bool = False,
+        **kwargs,
+    ) -> BPTTStream:
         """Stream of ``sentences`` (see :func:`lm_stream`) in ``batch_size`` rows."""
-        return cls(lm_stream(sentences, vocab, prepend_eos=prepend_eos), batch_size, bptt,
-                   **kwargs)
+        return cls(lm_stream(sentences, vocab, prepend_eos=prepend_eos), batch_size, bptt, **kwargs)
 
     def __len__(self) -> int:
         return -(-self.row_length // self.bptt)
@@ -169,20 +174,26 @@ class BPTTStream(Batches):
         for i in range(start, len(self)):
             lo = i * self.bptt
             hi = min(lo + self.bptt, self.row_length)
-            yield {"inputs": self.inputs[:, lo:hi].contiguous(),
-                   "targets": self.targets[:, lo:hi].contiguous(),
-                   "lengths": torch.full((self.batch_size,), hi - lo, dtype=torch.long,
-                                         device=self.inputs.device),
-                   "stream": True}
+            yield {
+                "inputs": self.inputs[:, lo:hi].contiguous(),
+                "targets": self.targets[:, lo:hi].contiguous(),
+                "lengths": torch.full((self.batch_size,), hi - lo, dtype=torch.long, device=self.inputs.device),
+                "stream": True,
+            }
 
 
 # ---------------------------------------------------------------------------------------------
 # length bucketing
 # ---------------------------------------------------------------------------------------------
-def bucket_batches(lengths: Sequence[int | tuple[int, ...]], *, batch_size: int | None = None,
-                   max_tokens: int | None = None, shuffle: bool = False,
-                   generator: torch.Generator | None = None, sort: bool = True
-                   ) -> list[list[int]]:
+def bucket_batches(
+    lengths: Sequence[int | tuple[int, ...]],
+    *,
+    batch_size: int | None = None,
+    max_tokens: int | None = None,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    sort: bool = True,
+) -> list[list[int]]:
     """Group example indices into batches of similar length.
 
     ``lengths[i]``: the padded length of example ``i``, or a tuple of them
@@ -221,8 +232,10 @@ def bucket_batches(lengths: Sequence[int | tuple[int, ...]], *, batch_size: int 
     for i in order:
         size = sizes[i]
         new_max = max(cur_max, size)
-        if cur and ((batch_size is not None and len(cur) >= batch_size)
-                    or (max_tokens is not None and new_max * (len(cur) + 1) > max_tokens)):
+        if cur and (
+            (batch_size is not None and len(cur) >= batch_size)
+            or (max_tokens is not None and new_max * (len(cur) + 1) > max_tokens)
+        ):
             batches.append(cur)
             cur, new_max = [], size
         cur.append(i)
@@ -242,8 +255,15 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> Tensor:
 class _Bucketed(Batches):
     """Shared plumbing of the bucketed batch iterables."""
 
-    def _setup(self, keys: list[tuple[int, ...]], batch_size: int | None,
-               max_tokens: int | None, shuffle: bool, seed: int, sort: bool) -> None:
+    def _setup(
+        self,
+        keys: list[tuple[int, ...]],
+        batch_size: int | None,
+        max_tokens: int | None,
+        shuffle: bool,
+        seed: int,
+        sort: bool,
+    ) -> None:
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.shuffle, self.seed, self.sort = shuffle, int(seed), sort
         self._keys = keys
@@ -253,9 +273,14 @@ class _Bucketed(Batches):
     def plan(self, epoch: int) -> list[list[int]]:
         """Example indices of each batch of ``epoch``, in order."""
         gen = epoch_generator(self.seed, epoch) if self.shuffle else None
-        return bucket_batches(self._keys, batch_size=self.batch_size,
-                              max_tokens=self.max_tokens, shuffle=self.shuffle,
-                              generator=gen, sort=self.sort)
+        return bucket_batches(
+            self._keys,
+            batch_size=self.batch_size,
+            max_tokens=self.max_tokens,
+            shuffle=self.shuffle,
+            generator=gen,
+            sort=self.sort,
+        )
 
     def __len__(self) -> int:
         return self._num_batches
@@ -286,32 +311,41 @@ class SentenceBatches(_Bucketed):
     ``max_tokens`` (padded tokens).  ``shuffle`` with ``seed``: see module doc.
     """
 
-    def __init__(self, examples: Sequence[Sequence[int]], *, bos_id: int, eos_id: int,
-                 pad_id: int | None = None, batch_size: int | None = None,
-                 max_tokens: int | None = None, shuffle: bool = False, seed: int = 0,
-                 sort: bool = True) -> None:
+    def __init__(
+        self,
+        examples: Sequence[Sequence[int]],
+        *,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int | None = None,
+        batch_size: int | None = None,
+        max_tokens: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        sort: bool = True,
+    ) -> None:
         if bos_id is None or eos_id is None:
-            raise ValueError("SentenceBatches needs bos_id and eos_id (build the vocabulary "
-                             "with bos='<bos>')")
+            raise ValueError("SentenceBatches needs bos_id and eos_id (build the vocabulary with bos='<bos>')")
         self.examples = [list(e) for e in examples]
         self.bos_id, self.eos_id = int(bos_id), int(eos_id)
         self.pad_id = self.eos_id if pad_id is None else int(pad_id)
-        self._setup([(len(e) + 1,) for e in self.examples], batch_size, max_tokens, shuffle,
-                    seed, sort)
+        self._setup([(len(e) + 1,) for e in self.examples], batch_size, max_tokens, shuffle, seed, sort)
 
     @classmethod
-    def from_sentences(cls, sentences: Sequence[Sequence[str] | str], vocab: Tokenizer,
-                       **kwargs) -> SentenceBatches:
+    def from_sentences(cls, sentences: Sequence[Sequence[str] | str], vocab: Tokenizer, **kwargs) -> SentenceBatches:
         """Encode ``sentences`` with ``vocab`` and take its bos/eos/pad ids."""
-        return cls(_encode_all(vocab, sentences), bos_id=vocab.bos_id, eos_id=vocab.eos_id,
-                   pad_id=vocab.pad_id, **kwargs)
+        return cls(
+            _encode_all(vocab, sentences), bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id, **kwargs
+        )
 
     def collate(self, indices: Sequence[int]) -> Batch:
         ex = [self.examples[i] for i in indices]
-        return {"inputs": _pad([[self.bos_id] + e for e in ex], self.pad_id),
-                "targets": _pad([e + [self.eos_id] for e in ex], self.pad_id),
-                "lengths": torch.tensor([len(e) + 1 for e in ex], dtype=torch.long),
-                "indices": torch.tensor(list(indices), dtype=torch.long)}
+        return {
+            "inputs": _pad([[self.bos_id] + e for e in ex], self.pad_id),
+            "targets": _pad([e + [self.eos_id] for e in ex], self.pad_id),
+            "lengths": torch.tensor([len(e) + 1 for e in ex], dtype=torch.long),
+            "indices": torch.tensor(list(indices), dtype=torch.long),
+        }
 
 
 class ParallelBatches(_Bucketed):
@@ -325,11 +359,21 @@ class ParallelBatches(_Bucketed):
     (target, source) length; ``max_tokens`` bounds ``rows x max(S, T)``.
     """
 
-    def __init__(self, examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, bos_id: int,
-                 eos_id: int, pad_id: int | None = None, src_pad_id: int | None = None,
-                 src_eos_id: int | None = None, batch_size: int | None = None,
-                 max_tokens: int | None = None, shuffle: bool = False, seed: int = 0,
-                 sort: bool = True) -> None:
+    def __init__(
+        self,
+        examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+        *,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int | None = None,
+        src_pad_id: int | None = None,
+        src_eos_id: int | None = None,
+        batch_size: int | None = None,
+        max_tokens: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        sort: bool = True,
+    ) -> None:
         if bos_id is None or eos_id is None:
             raise ValueError("ParallelBatches needs bos_id and eos_id for the target side")
         self.src = [list(s) for s, _ in examples]
@@ -341,23 +385,37 @@ class ParallelBatches(_Bucketed):
         extra = 0 if self.src_eos_id is None else 1
         empty = [i for i, s in enumerate(self.src) if len(s) + extra == 0]
         if empty:
-            raise ValueError(f"examples: {len(empty)} empty source sentence(s) (first at index "
-                             f"{empty[0]}); filter them out or pass src_eos_id")
+            raise ValueError(
+                f"examples: {len(empty)} empty source sentence(s) (first at index "
+                f"{empty[0]}); filter them out or pass src_eos_id"
+            )
         keys = [(len(t) + 1, len(s) + extra) for s, t in zip(self.src, self.tgt)]
         self._setup(keys, batch_size, max_tokens, shuffle, seed, sort)
 
     @classmethod
-    def from_pairs(cls, pairs: Sequence[tuple[Sequence[str] | str, Sequence[str] | str]],
-                   tokenizer: Tokenizer, tgt_tokenizer: Tokenizer | None = None, *,
-                   src_eos: bool = False, **kwargs) -> ParallelBatches:
+    def from_pairs(
+        cls,
+        pairs: Sequence[tuple[Sequence[str] | str, Sequence[str] | str]],
+        tokenizer: Tokenizer,
+        tgt_tokenizer: Tokenizer | None = None,
+        *,
+        src_eos: bool = False,
+        **kwargs,
+    ) -> ParallelBatches:
         """Encode (source, target) text pairs; ``tokenizer`` for both sides unless
         ``tgt_tokenizer`` is given.  ``src_eos`` appends the source ``<eos>``."""
         tgt_tok = tokenizer if tgt_tokenizer is None else tgt_tokenizer
         src_ids = _encode_all(tokenizer, [s for s, _ in pairs])
         tgt_ids = _encode_all(tgt_tok, [t for _, t in pairs])
-        return cls(list(zip(src_ids, tgt_ids)), bos_id=tgt_tok.bos_id, eos_id=tgt_tok.eos_id,
-                   pad_id=tgt_tok.pad_id, src_pad_id=tokenizer.pad_id,
-                   src_eos_id=tokenizer.eos_id if src_eos else None, **kwargs)
+        return cls(
+            list(zip(src_ids, tgt_ids)),
+            bos_id=tgt_tok.bos_id,
+            eos_id=tgt_tok.eos_id,
+            pad_id=tgt_tok.pad_id,
+            src_pad_id=tokenizer.pad_id,
+            src_eos_id=tokenizer.eos_id if src_eos else None,
+            **kwargs,
+        )
 
     def collate(self, indices: Sequence[int]) -> Batch:
         src = [self.src[i] for i in indices]
@@ -365,10 +423,12 @@ class ParallelBatches(_Bucketed):
             src = [s + [self.src_eos_id] for s in src]
         tgt = [self.tgt[i] for i in indices]
         tgt_lengths = torch.tensor([len(t) + 1 for t in tgt], dtype=torch.long)
-        return {"src": _pad(src, self.src_pad_id),
-                "src_lengths": torch.tensor([len(s) for s in src], dtype=torch.long),
-                "tgt_in": _pad([[self.bos_id] + t for t in tgt], self.pad_id),
-                "tgt_out": _pad([t + [self.eos_id] for t in tgt], self.pad_id),
-                "tgt_lengths": tgt_lengths,
-                "lengths": tgt_lengths.clone(),
-                "indices": torch.tensor(list(indices), dtype=torch.long)}
+        return {
+            "src": _pad(src, self.src_pad_id),
+            "src_lengths": torch.tensor([len(s) for s in src], dtype=torch.long),
+            "tgt_in": _pad([[self.bos_id] + t for t in tgt], self.pad_id),
+            "tgt_out": _pad([t + [self.eos_id] for t in tgt], self.pad_id),
+            "tgt_lengths": tgt_lengths,
+            "lengths": tgt_lengths.clone(),
+            "indices": torch.tensor(list(indices), dtype=torch.long),
+        }

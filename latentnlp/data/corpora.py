@@ -42,10 +42,10 @@ PathLike = str | os.PathLike
 SPLITS = ("train", "valid", "test")
 
 #: Hub copies tried when no local copy exists (``datasets.load_dataset`` names).
-PTB_HUB = HubSpec("ptb-text-only/ptb_text_only", text="sentence",
-                  note="Mikolov's PTB, one sentence per row")
-MULTI30K_HUB = HubSpec("bentrevett/multi30k", languages={"de": "de", "en": "en"},
-                       note="Multi30k task 1; raw (cased, untokenised) text")
+PTB_HUB = HubSpec("ptb-text-only/ptb_text_only", text="sentence", note="Mikolov's PTB, one sentence per row")
+MULTI30K_HUB = HubSpec(
+    "bentrevett/multi30k", languages={"de": "de", "en": "en"}, note="Multi30k task 1; raw (cased, untokenised) text"
+)
 
 
 class MissingSplitWarning(UserWarning):
@@ -141,9 +141,15 @@ class LMCorpus(_SplitAccess):
         lines = self[split]
         return sum(len(t) for t in lines) + (len(lines) if eos else 0)
 
-    def vocabulary(self, *, eos: str | None = "<eos>", pad: str | None = None,
-                   bos: str | None = None, max_size: int | None = None,
-                   min_freq: int = 1) -> Vocabulary:
+    def vocabulary(
+        self,
+        *,
+        eos: str | None = "<eos>",
+        pad: str | None = None,
+        bos: str | None = None,
+        max_size: int | None = None,
+        min_freq: int = 1,
+    ) -> Vocabulary:
         """The word vocabulary of this corpus.
 
         Built from the training split (:meth:`Vocabulary.build`, with this corpus's
@@ -155,13 +161,12 @@ class LMCorpus(_SplitAccess):
         from .vocabulary import Vocabulary
 
         if "train" in self.splits:
-            return Vocabulary.build(self.splits["train"], unk=self.unk, eos=eos, pad=pad,
-                                    bos=bos, max_size=max_size, min_freq=min_freq)
+            return Vocabulary.build(
+                self.splits["train"], unk=self.unk, eos=eos, pad=pad, bos=bos, max_size=max_size, min_freq=min_freq
+            )
         if self.vocab_file is not None:
-            return Vocabulary.from_file(self.vocab_file, unk=self.unk, eos=eos,
-                                        pad=pad or "<pad>", bos=bos or "<bos>")
-        raise MissingSplitError(self.missing.get(
-            "train", f"{self.name}: no training split to build a vocabulary from"))
+            return Vocabulary.from_file(self.vocab_file, unk=self.unk, eos=eos, pad=pad or "<pad>", bos=bos or "<bos>")
+        raise MissingSplitError(self.missing.get("train", f"{self.name}: no training split to build a vocabulary from"))
 
 
 @dataclass
@@ -194,11 +199,9 @@ class ParallelCorpus(_SplitAccess):
 # ---------------------------------------------------------------------------------------------
 # plain parallel text
 # ---------------------------------------------------------------------------------------------
-def _pair_up(src: list[str], tgt: list[str], src_path: object, tgt_path: object
-             ) -> list[tuple[str, str]]:
+def _pair_up(src: list[str], tgt: list[str], src_path: object, tgt_path: object) -> list[tuple[str, str]]:
     if len(src) != len(tgt):
-        raise ValueError(f"parallel files are not aligned: {src_path} has {len(src)} lines, "
-                         f"{tgt_path} has {len(tgt)}")
+        raise ValueError(f"parallel files are not aligned: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}")
     return [(s.strip(), t.strip()) for s, t in zip(src, tgt)]
 
 
@@ -208,24 +211,28 @@ def read_parallel(src_path: PathLike, tgt_path: PathLike) -> list[tuple[str, str
     return _pair_up(lines["src"], lines["tgt"], src_path, tgt_path)
 
 
-def read_parallel_corpus(files: Mapping[str, tuple[PathLike, PathLike]], *,
-                         name: str = "parallel", src_lang: str = "src", tgt_lang: str = "tgt"
-                         ) -> ParallelCorpus:
+def read_parallel_corpus(
+    files: Mapping[str, tuple[PathLike, PathLike]],
+    *,
+    name: str = "parallel",
+    src_lang: str = "src",
+    tgt_lang: str = "tgt",
+) -> ParallelCorpus:
     """A :class:`ParallelCorpus` from local files, ``{split: (src_path, tgt_path)}``."""
     flat: dict[str, PathLike] = {}
     for split, (s, t) in files.items():
         flat[f"{split}\0src"], flat[f"{split}\0tgt"] = s, t
     lines = read_lines(flat)
-    splits = {split: _pair_up(lines[f"{split}\0src"], lines[f"{split}\0tgt"], s, t)
-              for split, (s, t) in files.items()}
+    splits = {split: _pair_up(lines[f"{split}\0src"], lines[f"{split}\0tgt"], s, t) for split, (s, t) in files.items()}
     return ParallelCorpus(name=name, src_lang=src_lang, tgt_lang=tgt_lang, splits=splits)
 
 
 # ---------------------------------------------------------------------------------------------
 # language-model corpora
 # ---------------------------------------------------------------------------------------------
-def _lm_from_source(name: str, source: Source, names: Mapping[str, str],
-                    cache_dir: PathLike | None) -> tuple[dict[str, list[list[str]]], list[str]]:
+def _lm_from_source(
+    name: str, source: Source, names: Mapping[str, str], cache_dir: PathLike | None
+) -> tuple[dict[str, list[list[str]]], list[str]]:
     """Token lists per split from a local or hub source; also the splits not found."""
     if source.is_local:
         present = {split: source.files[f] for split, f in names.items() if f in source.files}
@@ -239,8 +246,7 @@ def _lm_from_source(name: str, source: Source, names: Mapping[str, str],
     return splits, [s for s in names if s not in splits]
 
 
-def read_ptb(data: PathLike | None = None, *, cache_dir: PathLike | None = None,
-             use_hub: bool = True) -> LMCorpus:
+def read_ptb(data: PathLike | None = None, *, cache_dir: PathLike | None = None, use_hub: bool = True) -> LMCorpus:
     """Penn Treebank, Mikolov's version: ``ptb.{train,valid,test}.txt``, one sentence a line.
 
     The files already contain ``<unk>`` and ``N``; train has 9,999 types, so
@@ -248,8 +254,7 @@ def read_ptb(data: PathLike | None = None, *, cache_dir: PathLike | None = None,
     ``datasets`` cache used only for the hub copy (default: ``datasets``' own).
     """
     names = {s: f"ptb.{s}.txt" for s in SPLITS}
-    source = locate("ptb", list(names.values()), subdirs=("ptb",),
-                    data=data, hub=PTB_HUB, use_hub=use_hub)
+    source = locate("ptb", list(names.values()), subdirs=("ptb",), data=data, hub=PTB_HUB, use_hub=use_hub)
     splits, absent = _lm_from_source("ptb", source, names, cache_dir)
     missing = _missing("ptb", absent, lambda s: f"not in {source.describe()}")
     return LMCorpus("ptb", splits, source=source, missing=missing, unk="<unk>")
@@ -266,27 +271,36 @@ def read_yahoo(data: PathLike | None = None) -> LMCorpus:
     """
     names = {s: f"yahoo.{s}.txt" for s in SPLITS}
     vocab_files = ("vocab.freq_indexed.tsv", "vocab.txt")
-    source = locate("yahoo", [names["valid"], names["test"]],
-                    optional=[names["train"], *vocab_files], subdirs=("yahoo",), data=data,
-                    hub=None)
+    source = locate(
+        "yahoo",
+        [names["valid"], names["test"]],
+        optional=[names["train"], *vocab_files],
+        subdirs=("yahoo",),
+        data=data,
+        hub=None,
+    )
     splits, absent = _lm_from_source("yahoo", source, names, cache_dir=None)
-    missing = _missing("yahoo", absent, lambda s: (
-        f"{source.describe()} has no {names[s]} (the shared copy has valid and test only; "
-        "see its README)"))
+    missing = _missing(
+        "yahoo",
+        absent,
+        lambda s: f"{source.describe()} has no {names[s]} (the shared copy has valid and test only; see its README)",
+    )
     vocab_file = next((source.files[f] for f in vocab_files if f in source.files), None)
-    return LMCorpus("yahoo", splits, source=source, missing=missing, unk="_UNK",
-                    vocab_file=vocab_file)
+    return LMCorpus("yahoo", splits, source=source, missing=missing, unk="_UNK", vocab_file=vocab_file)
 
 
 # ---------------------------------------------------------------------------------------------
 # parallel corpora
 # ---------------------------------------------------------------------------------------------
-def _parallel_from_source(name: str, source: Source, names: Mapping[str, tuple[str, str]],
-                          src: str, tgt: str, cache_dir: PathLike | None
-                          ) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
+def _parallel_from_source(
+    name: str, source: Source, names: Mapping[str, tuple[str, str]], src: str, tgt: str, cache_dir: PathLike | None
+) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
     if source.is_local:
-        present = {split: (source.files[s], source.files[t]) for split, (s, t) in names.items()
-                   if s in source.files and t in source.files}
+        present = {
+            split: (source.files[s], source.files[t])
+            for split, (s, t) in names.items()
+            if s in source.files and t in source.files
+        }
         corpus = read_parallel_corpus(present)
         splits = corpus.splits
     else:
@@ -301,8 +315,9 @@ def _parallel_from_source(name: str, source: Source, names: Mapping[str, tuple[s
                 splits[split] = [(r[src].strip(), r[tgt].strip()) for r in rows]
             else:
                 assert spec.languages is not None
-                splits[split] = list(zip((x.strip() for x in ds[spec.languages[src]]),
-                                         (x.strip() for x in ds[spec.languages[tgt]])))
+                splits[split] = list(
+                    zip((x.strip() for x in ds[spec.languages[src]]), (x.strip() for x in ds[spec.languages[tgt]]))
+                )
     return splits, [s for s in names if s not in splits]
 
 
@@ -315,21 +330,38 @@ def read_iwslt14(data: PathLike | None = None, *, src: str = "de", tgt: str = "e
     """
     names = {s: (f"{s}.{src}", f"{s}.{tgt}") for s in SPLITS}
     required = [*names["valid"], *names["test"]]
-    source = locate("iwslt14", required, optional=list(names["train"]),
-                    subdirs=("iwslt14", "iwslt14.tokenized.de-en"),
-                    data=data, hub=None)
+    source = locate(
+        "iwslt14",
+        required,
+        optional=list(names["train"]),
+        subdirs=("iwslt14", "iwslt14.tokenized.de-en"),
+        data=data,
+        hub=None,
+    )
     splits, absent = _parallel_from_source("iwslt14", source, names, src, tgt, cache_dir=None)
-    missing = _missing("iwslt14", absent, lambda s: (
-        f"{source.describe()} has no {names[s][0]} / {names[s][1]}. The shared copy has valid "
-        "and test only (160,239 training pairs in fairseq's split are not available); "
-        "train on Multi30k (read_multi30k) or add fairseq's prepare-iwslt14.sh output there"))
+    missing = _missing(
+        "iwslt14",
+        absent,
+        lambda s: (
+            f"{source.describe()} has no {names[s][0]} / {names[s][1]}. The shared copy has valid "
+            "and test only (160,239 training pairs in fairseq's split are not available); "
+            "train on Multi30k (read_multi30k) or add fairseq's prepare-iwslt14.sh output there"
+        ),
+    )
     return ParallelCorpus("iwslt14", src, tgt, splits, source=source, missing=missing)
 
 
-def read_multi30k(data: PathLike | None = None, *, src: str = "de", tgt: str = "en",
-                  variant: str = "tok", test: str = "test_2016_flickr",
-                  extra_splits: Iterable[str] = (), cache_dir: PathLike | None = None,
-                  use_hub: bool = True) -> ParallelCorpus:
+def read_multi30k(
+    data: PathLike | None = None,
+    *,
+    src: str = "de",
+    tgt: str = "en",
+    variant: str = "tok",
+    test: str = "test_2016_flickr",
+    extra_splits: Iterable[str] = (),
+    cache_dir: PathLike | None = None,
+    use_hub: bool = True,
+) -> ParallelCorpus:
     """Multi30k task 1 (Elliott et al. 2016), English-German.
 
     ``variant="tok"``: ``tok/{split}.lc.norm.tok.{lang}`` (lowercased, normalised,
@@ -342,9 +374,11 @@ def read_multi30k(data: PathLike | None = None, *, src: str = "de", tgt: str = "
     the ``datasets`` cache used only for it (default: ``datasets``' own).
     """
     if variant == "tok":
+
         def fname(split: str, lang: str) -> str:
             return f"tok/{split}.lc.norm.tok.{lang}"
     elif variant == "raw":
+
         def fname(split: str, lang: str) -> str:
             return f"raw/{split}.{lang}.gz"
     else:
@@ -353,8 +387,7 @@ def read_multi30k(data: PathLike | None = None, *, src: str = "de", tgt: str = "
     files.update({x: x for x in extra_splits})
     names = {ours: (fname(theirs, src), fname(theirs, tgt)) for ours, theirs in files.items()}
     required = [f for pair in names.values() for f in pair]
-    source = locate("multi30k", required, subdirs=("multi30k",), data=data,
-                    hub=MULTI30K_HUB, use_hub=use_hub)
+    source = locate("multi30k", required, subdirs=("multi30k",), data=data, hub=MULTI30K_HUB, use_hub=use_hub)
     splits, absent = _parallel_from_source("multi30k", source, names, src, tgt, cache_dir)
     missing = _missing("multi30k", absent, lambda s: f"not in {source.describe()}")
     return ParallelCorpus("multi30k", src, tgt, splits, source=source, missing=missing)

@@ -62,8 +62,7 @@ class HubSpec:
 
     path: str
     name: str | None = None
-    splits: Mapping[str, str] = field(
-        default_factory=lambda: {"train": "train", "valid": "validation", "test": "test"})
+    splits: Mapping[str, str] = field(default_factory=lambda: {"train": "train", "valid": "validation", "test": "test"})
     text: str | None = None
     languages: Mapping[str, str] | None = None
     nested: str | None = None
@@ -112,9 +111,14 @@ def data_roots(data: str | os.PathLike | None = None) -> list[tuple[str, Path | 
     return roots
 
 
-def find_local(name: str, required: Sequence[str], *, optional: Sequence[str] = (),
-               subdirs: Sequence[str] = (), data: str | os.PathLike | None = None
-               ) -> tuple[Source | None, list[str]]:
+def find_local(
+    name: str,
+    required: Sequence[str],
+    *,
+    optional: Sequence[str] = (),
+    subdirs: Sequence[str] = (),
+    data: str | os.PathLike | None = None,
+) -> tuple[Source | None, list[str]]:
     """Search ``data`` then ``$LATENTNLP_DATA`` for a directory holding all ``required`` files.
 
     Returns ``(source, tried)``: ``source`` is ``None`` when no candidate matched;
@@ -179,9 +183,16 @@ def hub_status(timeout: float = 3.0) -> tuple[bool, str]:
     return (not result[0]), result[0]
 
 
-def locate(name: str, required: Sequence[str], *, optional: Sequence[str] = (),
-           subdirs: Sequence[str] = (), data: str | os.PathLike | None = None,
-           hub: HubSpec | None = None, use_hub: bool = True) -> Source:
+def locate(
+    name: str,
+    required: Sequence[str],
+    *,
+    optional: Sequence[str] = (),
+    subdirs: Sequence[str] = (),
+    data: str | os.PathLike | None = None,
+    hub: HubSpec | None = None,
+    use_hub: bool = True,
+) -> Source:
     """Find corpus ``name``: local directories first, then its hub copy (see module docstring).
 
     Raises :class:`CorpusNotFoundError` listing every place tried.  A hub
@@ -208,13 +219,11 @@ def not_found(name: str, required: Sequence[str], tried: Sequence[str]) -> Corpu
     needs = f" (needs {', '.join(required)})" if required else ""
     lines = [f"Could not find corpus {name!r}{needs}. Tried, in order:"]
     lines += [f"  {i}. {t}" for i, t in enumerate(tried, 1)]
-    lines.append(f"Pass --data DIR (a folder holding {name}/ or the files themselves) "
-                 f"or set {DATA_ENV}.")
+    lines.append(f"Pass --data DIR (a folder holding {name}/ or the files themselves) or set {DATA_ENV}.")
     return CorpusNotFoundError("\n".join(lines), tried)
 
 
-def load_hub(source: Source, *, cache_dir: str | os.PathLike | None = None
-             ) -> dict[str, object]:
+def load_hub(source: Source, *, cache_dir: str | os.PathLike | None = None) -> dict[str, object]:
     """Load a hub :class:`Source` with ``datasets.load_dataset``: ``{our split: Dataset}``.
 
     Any failure becomes a :class:`CorpusNotFoundError` that still lists the local
@@ -225,8 +234,7 @@ def load_hub(source: Source, *, cache_dir: str | os.PathLike | None = None
     spec = source.hub
     assert spec is not None
     try:
-        dd = datasets.load_dataset(spec.path, spec.name,
-                                   cache_dir=None if cache_dir is None else str(cache_dir))
+        dd = datasets.load_dataset(spec.path, spec.name, cache_dir=None if cache_dir is None else str(cache_dir))
     except Exception as exc:  # network, missing repo, format: all mean "not found here"
         tried = source.tried + [f"Hugging Face hub {spec.path!r}: {type(exc).__name__}: {exc}"]
         raise not_found(source.name, [], tried) from exc

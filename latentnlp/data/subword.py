@@ -57,8 +57,9 @@ class SentencePieceTokenizer:
     Build with :func:`train_sentencepiece` (or :meth:`train`) or :meth:`load`.
     """
 
-    def __init__(self, model_file: str | os.PathLike | None = None, *,
-                 model_proto: bytes | None = None, from_cache: bool = False) -> None:
+    def __init__(
+        self, model_file: str | os.PathLike | None = None, *, model_proto: bytes | None = None, from_cache: bool = False
+    ) -> None:
         if (model_file is None) == (model_proto is None):
             raise ValueError("give exactly one of model_file and model_proto")
         self.model_path = None if model_file is None else Path(model_file)
@@ -122,18 +123,19 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer(size={len(self)}{where})"
 
     # ---- encoding ---------------------------------------------------------------------------
-    def encode(self, text: str | Sequence[str], *, add_bos: bool = False,
-               add_eos: bool = False) -> list[int] | list[list[int]]:
+    def encode(
+        self, text: str | Sequence[str], *, add_bos: bool = False, add_eos: bool = False
+    ) -> list[int] | list[list[int]]:
         """Ids of ``text``; a list of strings gives a list of id lists (encoded in parallel)."""
-        return self.sp.encode(text if isinstance(text, str) else list(text), out_type=int,
-                              add_bos=add_bos, add_eos=add_eos)
+        return self.sp.encode(
+            text if isinstance(text, str) else list(text), out_type=int, add_bos=add_bos, add_eos=add_eos
+        )
 
     def encode_pieces(self, text: str | Sequence[str]) -> list[str] | list[list[str]]:
         """Pieces of ``text`` (``"▁"`` marks a word start)."""
         return self.sp.encode(text if isinstance(text, str) else list(text), out_type=str)
 
-    def decode(self, ids: Iterable[int] | Iterable[Iterable[int]], *,
-               skip_special: bool = True) -> str | list[str]:
+    def decode(self, ids: Iterable[int] | Iterable[Iterable[int]], *, skip_special: bool = True) -> str | list[str]:
         """Text of ``ids`` (a list, a 1-D tensor, or a list of lists / 2-D tensor).
 
         ``skip_special`` (default) drops pad, bos and eos ids first.
@@ -163,10 +165,17 @@ def cache_key(texts: Sequence[str], settings: dict) -> str:
     return h.hexdigest()
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: str = "bpe",
-                        cache_dir: str | os.PathLike | None = None,
-                        character_coverage: float = 1.0, num_threads: int | None = None,
-                        verbose: bool = False, **options) -> SentencePieceTokenizer:
+def train_sentencepiece(
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    model_type: str = "bpe",
+    cache_dir: str | os.PathLike | None = None,
+    character_coverage: float = 1.0,
+    num_threads: int | None = None,
+    verbose: bool = False,
+    **options,
+) -> SentencePieceTokenizer:
     """Train (or load from the cache) a sentencepiece model of ``vocab_size`` pieces.
 
     ``texts``: the training lines (both languages for a joint model).
@@ -182,17 +191,23 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: st
     if model_type not in ("bpe", "unigram", "char", "word"):
         raise ValueError(f"model_type must be bpe, unigram, char or word, got {model_type!r}")
     if vocab_size < len(SPECIAL_PIECES) + 1:
-        raise ValueError(f"vocab_size must exceed the {len(SPECIAL_PIECES)} specials, "
-                         f"got {vocab_size}")
+        raise ValueError(f"vocab_size must exceed the {len(SPECIAL_PIECES)} specials, got {vocab_size}")
     spm = _sentencepiece()
     texts = [t for t in texts]
     if not any(t.strip() for t in texts):
         raise ValueError("texts: no non-empty line to train sentencepiece on")
-    settings = {"vocab_size": int(vocab_size), "model_type": model_type,
-                "character_coverage": float(character_coverage),
-                "pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID,
-                **{f"{k}_piece": v for k, v in SPECIAL_PIECES.items()},
-                "sentencepiece": spm.__version__, **options}
+    settings = {
+        "vocab_size": int(vocab_size),
+        "model_type": model_type,
+        "character_coverage": float(character_coverage),
+        "pad_id": PAD_ID,
+        "unk_id": UNK_ID,
+        "bos_id": BOS_ID,
+        "eos_id": EOS_ID,
+        **{f"{k}_piece": v for k, v in SPECIAL_PIECES.items()},
+        "sentencepiece": spm.__version__,
+        **options,
+    }
     key = cache_key(texts, settings)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = root / f"spm-{model_type}-{vocab_size}-{key[:16]}.model"
@@ -203,13 +218,17 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: st
     train_args = {k: v for k, v in settings.items() if k != "sentencepiece"}
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_prefix=str(tmp_prefix),
+            sentence_iterator=iter(texts),
+            model_prefix=str(tmp_prefix),
             num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=0 if verbose else 2, **train_args)
+            minloglevel=0 if verbose else 2,
+            **train_args,
+        )
     except RuntimeError as exc:
         if "Vocabulary size too high" in str(exc):
-            raise ValueError(f"vocab_size={vocab_size} is too large for these texts ({exc}); "
-                             "lower it or pass hard_vocab_limit=False") from exc
+            raise ValueError(
+                f"vocab_size={vocab_size} is too large for these texts ({exc}); lower it or pass hard_vocab_limit=False"
+            ) from exc
         raise
     else:
         os.replace(f"{tmp_prefix}.vocab", path.with_suffix(".vocab"))

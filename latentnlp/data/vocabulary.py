@@ -43,15 +43,21 @@ class Vocabulary:
     keeps the training frequencies.
     """
 
-    def __init__(self, itos: Sequence[str], *, pad: str | None = None, bos: str | None = None,
-                 eos: str | None = "<eos>", unk: str | None = "<unk>",
-                 counts: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        itos: Sequence[str],
+        *,
+        pad: str | None = None,
+        bos: str | None = None,
+        eos: str | None = "<eos>",
+        unk: str | None = "<unk>",
+        counts: dict[str, int] | None = None,
+    ) -> None:
         self.itos: list[str] = list(itos)
         self.stoi: dict[str, int] = {}
         for i, tok in enumerate(self.itos):
             if tok in self.stoi:
-                raise ValueError(f"itos: token {tok!r} appears twice "
-                                 f"(ids {self.stoi[tok]} and {i})")
+                raise ValueError(f"itos: token {tok!r} appears twice (ids {self.stoi[tok]} and {i})")
             self.stoi[tok] = i
         self.specials: dict[str, str | None] = {"pad": pad, "bos": bos, "eos": eos, "unk": unk}
         for role, tok in self.specials.items():
@@ -61,9 +67,17 @@ class Vocabulary:
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def build(cls, sentences: Iterable[Sequence[str] | str], *, max_size: int | None = None,
-              min_freq: int = 1, pad: str | None = None, bos: str | None = None,
-              eos: str | None = "<eos>", unk: str | None = "<unk>") -> Vocabulary:
+    def build(
+        cls,
+        sentences: Iterable[Sequence[str] | str],
+        *,
+        max_size: int | None = None,
+        min_freq: int = 1,
+        pad: str | None = None,
+        bos: str | None = None,
+        eos: str | None = "<eos>",
+        unk: str | None = "<unk>",
+    ) -> Vocabulary:
         """Count the types of ``sentences`` (token lists or strings) and keep the frequent ones.
 
         ``max_size`` bounds the total size, specials included; ``min_freq`` drops
@@ -81,19 +95,25 @@ class Vocabulary:
         if max_size is not None and max_size < len(specials):
             raise ValueError(f"max_size={max_size} is smaller than the {len(specials)} specials")
         # Counter preserves first-insertion order, and sorted() is stable: ties by first appearance
-        words = [w for w, c in sorted(counts.items(), key=lambda wc: -wc[1])
-                 if c >= min_freq and w not in specials]
+        words = [w for w, c in sorted(counts.items(), key=lambda wc: -wc[1]) if c >= min_freq and w not in specials]
         if max_size is not None:
-            words = words[:max_size - len(specials)]
+            words = words[: max_size - len(specials)]
         if unk is None and len(words) < sum(1 for w in counts if w not in specials):
-            raise ValueError("max_size/min_freq drop types but unk=None: dropped words could "
-                             "not be encoded; give an unk token")
+            raise ValueError(
+                "max_size/min_freq drop types but unk=None: dropped words could not be encoded; give an unk token"
+            )
         return cls(specials + words, pad=pad, bos=bos, eos=eos, unk=unk, counts=dict(counts))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, *, pad: str | None = None,
-                  bos: str | None = None, eos: str | None = "<eos>",
-                  unk: str | None = "<unk>") -> Vocabulary:
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        *,
+        pad: str | None = None,
+        bos: str | None = None,
+        eos: str | None = "<eos>",
+        unk: str | None = "<unk>",
+    ) -> Vocabulary:
         """Read a vocabulary file: one token a line, or ``token<TAB>index`` lines.
 
         With indices the tokens are placed at them (they must be 0..n-1).  A special
@@ -117,8 +137,7 @@ class Vocabulary:
         present = set(itos)
         if unk is not None and unk not in present:
             raise ValueError(f"{path}: unk token {unk!r} not in the file")
-        keep = {k: (v if v in present else None) for k, v in
-                {"pad": pad, "bos": bos, "eos": eos}.items()}
+        keep = {k: (v if v in present else None) for k, v in {"pad": pad, "bos": bos, "eos": eos}.items()}
         return cls(itos, unk=unk, **keep)
 
     # ---- special ids ------------------------------------------------------------------------
@@ -176,15 +195,13 @@ class Vocabulary:
         return unk
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Vocabulary) and self.itos == other.itos
-                and self.specials == other.specials)
+        return isinstance(other, Vocabulary) and self.itos == other.itos and self.specials == other.specials
 
     def __repr__(self) -> str:
         sp = ", ".join(f"{k}={v!r}" for k, v in self.specials.items() if v is not None)
         return f"Vocabulary(size={len(self)}, {sp})"
 
-    def encode(self, tokens: Sequence[str] | str, *, add_bos: bool = False,
-               add_eos: bool = False) -> list[int]:
+    def encode(self, tokens: Sequence[str] | str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Ids of ``tokens`` (a string is split on whitespace), optionally framed by bos/eos."""
         if isinstance(tokens, str):
             tokens = tokens.split()

@@ -9,5 +9,13 @@ from latentnlp.layers.mixture_of_softmaxes import MixtureOfSoftmaxes
 from latentnlp.layers.output_head import OutputHead
 from latentnlp.layers.softmax_output import SoftmaxOutput
 
-__all__ = ["CopyGenerator", "CopyOutput", "LatentAttention", "LatentAttentionOutput", "MixtureOfSoftmaxes",
-           "OutputHead", "SoftmaxOutput", "encode_packed"]
+__all__ = [
+    "CopyGenerator",
+    "CopyOutput",
+    "LatentAttention",
+    "LatentAttentionOutput",
+    "MixtureOfSoftmaxes",
+    "OutputHead",
+    "SoftmaxOutput",
+    "encode_packed",
+]

@@ -16,15 +16,16 @@ def check_activation(layer: str, activation: str, choices) -> None:
         raise ValueError(f"{layer}: activation must be one of {sorted(choices)}, got {activation!r}")
 
 
-def check_hidden(layer: nn.Module, hidden: Tensor, input_size: int,
-                 targets: Tensor | None = None) -> None:
+def check_hidden(layer: nn.Module, hidden: Tensor, input_size: int, targets: Tensor | None = None) -> None:
     """ValueError naming the argument and the shapes seen when ``hidden``/``targets`` do not fit."""
     name = type(layer).__name__
     if hidden.dim() < 1 or hidden.shape[-1] != input_size:
         raise ValueError(f"{name}: hidden must be [..., {input_size}], got {tuple(hidden.shape)}")
     if targets is not None:
         if targets.shape != hidden.shape[:-1]:
-            raise ValueError(f"{name}: targets must be hidden.shape[:-1] = {tuple(hidden.shape[:-1])},"
-                             f" got targets {tuple(targets.shape)}")
+            raise ValueError(
+                f"{name}: targets must be hidden.shape[:-1] = {tuple(hidden.shape[:-1])},"
+                f" got targets {tuple(targets.shape)}"
+            )
         if targets.dtype != torch.long:
             raise ValueError(f"{name}: targets must be a LongTensor, got {targets.dtype}")

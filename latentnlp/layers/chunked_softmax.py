@@ -29,8 +29,7 @@ def _logsumexp_chunk(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.logsumexp(upcast(F.linear(x, weight, bias)), dim=-1)
 
 
-def logsumexp_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                     chunk_size: int | None = None) -> Tensor:
+def logsumexp_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
     """``log sum_v exp(weight[v] . x + bias[v])``: ``x [..., d]``, ``weight [V, d]`` -> ``[...]``.
 
     With ``chunk_size`` the vocabulary is scored ``chunk_size`` rows of ``weight``
@@ -40,15 +39,13 @@ def logsumexp_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     vocab = weight.shape[0]
     if chunk_size is None or chunk_size >= vocab:
         return _logsumexp_chunk(x, weight, bias)
-    recompute = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
+    recompute = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     parts = []
     for start in range(0, vocab, chunk_size):
-        w = weight[start:start + chunk_size]
-        b = None if bias is None else bias[start:start + chunk_size]
+        w = weight[start : start + chunk_size]
+        b = None if bias is None else bias[start : start + chunk_size]
         if recompute:
-            parts.append(checkpoint(_logsumexp_chunk, x, w, b,
-                                    use_reentrant=False, preserve_rng_state=False))
+            parts.append(checkpoint(_logsumexp_chunk, x, w, b, use_reentrant=False, preserve_rng_state=False))
         else:
             parts.append(_logsumexp_chunk(x, w, b))
     return torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
@@ -63,18 +60,16 @@ class _ChunkedLogSoftmaxLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                chunk_rows: int) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
             return _ChunkedLogSoftmaxLinear._forward(ctx, x, weight, bias, targets, chunk_rows)
 
     @staticmethod
-    def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                 chunk_rows: int) -> Tensor:
+    def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int) -> Tensor:
         lse = torch.empty(x.shape[0], dtype=computation_dtype(x.dtype), device=x.device)
         for start in range(0, x.shape[0], chunk_rows):
-            scores = upcast(F.linear(x[start:start + chunk_rows], weight, bias))
-            torch.logsumexp(scores, dim=-1, out=lse[start:start + chunk_rows])
+            scores = upcast(F.linear(x[start : start + chunk_rows], weight, bias))
+            torch.logsumexp(scores, dim=-1, out=lse[start : start + chunk_rows])
         ctx.chunk_rows = chunk_rows
         ctx.save_for_backward(x, weight, bias, targets, lse)
         return target_logits(x, weight, bias, targets) - lse
@@ -95,8 +90,8 @@ class _ChunkedLogSoftmaxLinear(torch.autograd.Function):
         for start in range(0, x.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             g = grad[rows].to(lse.dtype)
-            block = upcast(F.linear(x[rows], weight, bias))             # [n, V] scores
-            block.sub_(lse[rows, None]).exp_().mul_(-g[:, None])         # -g softmax
+            block = upcast(F.linear(x[rows], weight, bias))  # [n, V] scores
+            block.sub_(lse[rows, None]).exp_().mul_(-g[:, None])  # -g softmax
             block[torch.arange(block.shape[0], device=block.device), targets[rows]] += g
             block = block.to(weight.dtype)
             if need_x:
@@ -108,8 +103,9 @@ class _ChunkedLogSoftmaxLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def log_softmax_linear(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                       chunk_rows: int | None = None) -> Tensor:
+def log_softmax_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int | None = None
+) -> Tensor:
     """``log softmax(weight x + bias)[y]``: ``x [N, d]``, ``weight [V, d]``, ``targets [N]`` -> ``[N]``.
 
     Without ``chunk_rows`` (or with ``chunk_rows >= N``) the ``[N, V]`` scores are built
@@ -120,8 +116,10 @@ def log_softmax_linear(x: Tensor, weight: Tensor, bias: Tensor | None, targets: 
     and read back).  First-order gradients only.
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or targets.shape != x.shape[:1]:
-        raise ValueError(f"log_softmax_linear: needs x [N, d], weight [V, d], targets [N]; got x "
-                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}")
+        raise ValueError(
+            f"log_softmax_linear: needs x [N, d], weight [V, d], targets [N]; got x "
+            f"{tuple(x.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}"
+        )
     if chunk_rows is None or chunk_rows >= x.shape[0]:
         scores = upcast(F.linear(x, weight, bias))
         return scores.gather(-1, targets[:, None]).squeeze(-1) - scores.logsumexp(-1)
@@ -136,10 +134,10 @@ def target_logits(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     ``x [..., d]`` or ``[..., K, d]`` (one row per expert) with ``targets [...]``;
     returns ``[...]`` or ``[..., K]``.  Never builds ``[..., V]``.
     """
-    w_y = weight[targets]                                   # [..., d]
+    w_y = weight[targets]  # [..., d]
     if x.dim() == targets.dim() + 1:
         scores = (x * w_y).sum(-1)
-    else:                                                   # experts: [..., K, d] . [..., d]
+    else:  # experts: [..., K, d] . [..., d]
         scores = torch.matmul(x, w_y.unsqueeze(-1)).squeeze(-1)
     if bias is not None:
         b_y = bias[targets]

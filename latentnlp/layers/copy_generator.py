@@ -54,7 +54,8 @@ def _scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
     """
     shape = values.shape[:-1] + (size,)
     peak = values.new_full(shape, -math.inf).scatter_reduce(
-        -1, index, values.detach(), reduce="amax", include_self=True)
+        -1, index, values.detach(), reduce="amax", include_self=True
+    )
     peak = peak.masked_fill(~torch.isfinite(peak), 0.0)
     weights = (values - peak.gather(-1, index)).exp()
     total = values.new_zeros(shape).scatter_add(-1, index, weights)
@@ -72,19 +73,29 @@ class CopyGenerator(nn.Module):
             vocabulary projection of an attention layer); default: a new one.
     """
 
-    def __init__(self, input_dim: int, vocab_size: int, *, switch_dim: int | None = None,
-                 readout: nn.Linear | None = None) -> None:
+    def __init__(
+        self, input_dim: int, vocab_size: int, *, switch_dim: int | None = None, readout: nn.Linear | None = None
+    ) -> None:
         super().__init__()
         if readout is not None and (readout.in_features, readout.out_features) != (input_dim, vocab_size):
-            raise ValueError(f"readout must map {input_dim} -> {vocab_size}, got "
-                             f"{readout.in_features} -> {readout.out_features}")
+            raise ValueError(
+                f"readout must map {input_dim} -> {vocab_size}, got {readout.in_features} -> {readout.out_features}"
+            )
         self.vocab_size = vocab_size
         self.readout = nn.Linear(input_dim, vocab_size) if readout is None else readout
         self.switch = nn.Linear(switch_dim or input_dim, 1)
 
-    def forward(self, hidden: Tensor, log_alpha: Tensor, src_ext: Tensor, targets: Tensor | None = None,
-                *, extended_size: int | None = None, full: bool = False,
-                switch_input: Tensor | None = None) -> CopyOutput:
+    def forward(
+        self,
+        hidden: Tensor,
+        log_alpha: Tensor,
+        src_ext: Tensor,
+        targets: Tensor | None = None,
+        *,
+        extended_size: int | None = None,
+        full: bool = False,
+        switch_input: Tensor | None = None,
+    ) -> CopyOutput:
         """Log-probabilities with the switch and the copied position summed out.
 
         Args:
@@ -116,8 +127,16 @@ class CopyGenerator(nn.Module):
             log_probs = logsumexp(torch.stack([log_gen[..., None] + gen, log_copy[..., None] + copy], -1), -1)
         return CopyOutput(log_prob, log_probs, log_copy)
 
-    def log_prob(self, hidden: Tensor, targets: Tensor, *, log_alpha: Tensor, src_ext: Tensor,
-                 switch_input: Tensor | None = None, **context) -> Tensor:
+    def log_prob(
+        self,
+        hidden: Tensor,
+        targets: Tensor,
+        *,
+        log_alpha: Tensor,
+        src_ext: Tensor,
+        switch_input: Tensor | None = None,
+        **context,
+    ) -> Tensor:
         """:class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(targets)`` ``[B, T]``.
 
         ``hidden [B, T, D]``, extended-id ``targets [B, T]``; context ``log_alpha [B, T, S]`` (``-inf``
@@ -125,19 +144,29 @@ class CopyGenerator(nn.Module):
         """
         return self(hidden, log_alpha, src_ext, targets, switch_input=switch_input).log_prob
 
-    def log_probs(self, hidden: Tensor, *, log_alpha: Tensor, src_ext: Tensor, extended_size: int | None = None,
-                  switch_input: Tensor | None = None, **context) -> Tensor:
+    def log_probs(
+        self,
+        hidden: Tensor,
+        *,
+        log_alpha: Tensor,
+        src_ext: Tensor,
+        extended_size: int | None = None,
+        switch_input: Tensor | None = None,
+        **context,
+    ) -> Tensor:
         """:class:`~latentnlp.layers.output_head.OutputHead` method: ``[B, T, V_ext]`` log-probabilities."""
-        return self(hidden, log_alpha, src_ext, extended_size=extended_size, full=True,
-                    switch_input=switch_input).log_probs
+        return self(
+            hidden, log_alpha, src_ext, extended_size=extended_size, full=True, switch_input=switch_input
+        ).log_probs
 
-    def _extended_size(self, src_ext: Tensor, targets: Tensor | None, valid: Tensor,
-                       extended_size: int | None) -> int:
+    def _extended_size(self, src_ext: Tensor, targets: Tensor | None, valid: Tensor, extended_size: int | None) -> int:
         if extended_size is not None and not is_validating():  # trusted: no read from the device
             return extended_size
         used = src_ext[valid.any(1)] if valid.any() else src_ext.new_zeros(0)
-        largest = max([self.vocab_size - 1, int(used.max()) if used.numel() else 0]
-                      + ([int(targets.max())] if targets is not None and targets.numel() else []))
+        largest = max(
+            [self.vocab_size - 1, int(used.max()) if used.numel() else 0]
+            + ([int(targets.max())] if targets is not None and targets.numel() else [])
+        )
         if extended_size is None:
             return largest + 1
         if extended_size <= largest:
@@ -157,8 +186,9 @@ class CopyGenerator(nn.Module):
 
 
 # ---- extended vocabulary ------------------------------------------------------------------------
-def source_extended_ids(tokens: Sequence[str], vocab: Mapping[str, int],
-                        vocab_size: int | None = None) -> tuple[list[int], list[str]]:
+def source_extended_ids(
+    tokens: Sequence[str], vocab: Mapping[str, int], vocab_size: int | None = None
+) -> tuple[list[int], list[str]]:
     """Ids of a source sentence in the extended vocabulary, and its source-only words.
 
     A token in ``vocab`` (anything with ``in`` and ``[]``, e.g. a dict or a
@@ -178,8 +208,9 @@ def source_extended_ids(tokens: Sequence[str], vocab: Mapping[str, int],
     return ids, oovs
 
 
-def target_extended_ids(tokens: Sequence[str], vocab: Mapping[str, int], oovs: Sequence[str],
-                        unk_id: int, vocab_size: int | None = None) -> list[int]:
+def target_extended_ids(
+    tokens: Sequence[str], vocab: Mapping[str, int], oovs: Sequence[str], unk_id: int, vocab_size: int | None = None
+) -> list[int]:
     """Ids of a target sentence: vocabulary ids, else the source-only id from ``oovs``, else ``unk_id``."""
     size = len(vocab) if vocab_size is None else vocab_size
     position = {w: size + k for k, w in enumerate(oovs)}

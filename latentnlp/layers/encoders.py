@@ -18,8 +18,9 @@ __all__ = ["encode_packed"]
 LSTMState = tuple[Tensor, Tensor]
 
 
-def encode_packed(lstm: nn.LSTM, x: Tensor, lengths: Tensor, state: LSTMState | None = None, *,
-                  always_pack: bool = False) -> tuple[Tensor, LSTMState]:
+def encode_packed(
+    lstm: nn.LSTM, x: Tensor, lengths: Tensor, state: LSTMState | None = None, *, always_pack: bool = False
+) -> tuple[Tensor, LSTMState]:
     """``lstm`` over ``x [B, T, D]`` (``batch_first``), row ``b`` up to ``lengths[b]``.
 
     Returns the outputs ``[B, T, directions * H]`` (zero at padding) and the final ``(h, c)``,

@@ -53,7 +53,7 @@ from latentnlp.precision import upcast
 __all__ = ["LatentAttention", "LatentAttentionOutput"]
 
 #: vocabulary scores built at once in exact mode (8 Mi: 32 MB in float32)
-DEFAULT_MAX_CHUNK_ELEMENTS = 2 ** 23
+DEFAULT_MAX_CHUNK_ELEMENTS = 2**23
 
 MODES = ("exact", "soft")
 SCORES = ("mlp", "bilinear", "dot")
@@ -96,9 +96,19 @@ class LatentAttention(nn.Module):
             unchunked computation (``benchmarks/attention.py``).
     """
 
-    def __init__(self, query_dim: int, memory_dim: int, vocab_size: int, *, mode: str = "exact",
-                 score: str = "mlp", attn_dim: int | None = None, output_dim: int | None = None,
-                 dropout: float = 0.0, max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
+    def __init__(
+        self,
+        query_dim: int,
+        memory_dim: int,
+        vocab_size: int,
+        *,
+        mode: str = "exact",
+        score: str = "mlp",
+        attn_dim: int | None = None,
+        output_dim: int | None = None,
+        dropout: float = 0.0,
+        max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -151,8 +161,7 @@ class LatentAttention(nn.Module):
         """``o = tanh(W_h h + W_c c + b)`` with dropout; shapes broadcast over leading dims."""
         return self.dropout(torch.tanh(self.out_query(query) + self.out_context(context)))
 
-    def log_prob_given_context(self, query: Tensor, context: Tensor,
-                               targets: Tensor | None = None) -> Tensor:
+    def log_prob_given_context(self, query: Tensor, context: Tensor, targets: Tensor | None = None) -> Tensor:
         """``log p(y | h, c)``: ``[..., T]`` for ``targets [..., T]``, else ``[..., T, V]``.
 
         ``query [..., T, H]``, ``context [..., T, H_s]`` and ``targets`` broadcast
@@ -170,18 +179,24 @@ class LatentAttention(nn.Module):
         context = memory[rows, index]  # [..., B, T, H_s]
         return self.log_prob_given_context(query, context, targets)
 
-    def emission_log_probs(self, query: Tensor, memory: Tensor, targets: Tensor,
-                           memory_mask: Tensor | None = None) -> Tensor:
+    def emission_log_probs(
+        self, query: Tensor, memory: Tensor, targets: Tensor, memory_mask: Tensor | None = None
+    ) -> Tensor:
         """``log p(y_t | h_t, s_m)`` for every source position: ``[B, T, S]``.
 
         ``-inf`` where ``memory_mask [B, S]`` is False (padding; True at real positions).
         """
         self._check(query, memory, memory_mask, targets)
-        o = self.attentional_hidden(query[:, :, None, :], memory[:, None, :, :])   # [B, T, S, D]
+        o = self.attentional_hidden(query[:, :, None, :], memory[:, None, :, :])  # [B, T, S, D]
         B, T, S, D = o.shape
         rows = self.block_rows(self.vocab_size, self.max_chunk_elements)
-        out = log_softmax_linear(o.reshape(-1, D), self.readout.weight, self.readout.bias,
-                                 targets[:, :, None].expand(B, T, S).reshape(-1), rows).view(B, T, S)
+        out = log_softmax_linear(
+            o.reshape(-1, D),
+            self.readout.weight,
+            self.readout.bias,
+            targets[:, :, None].expand(B, T, S).reshape(-1),
+            rows,
+        ).view(B, T, S)
         if memory_mask is not None:
             out = out.masked_fill(~memory_mask[:, None, :], float("-inf"))
         return out
@@ -199,9 +214,16 @@ class LatentAttention(nn.Module):
         return out
 
     # ---- the layer ---------------------------------------------------------------------------
-    def forward(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None = None,
-                targets: Tensor | None = None, *, full: bool = False,
-                log_alpha: Tensor | None = None) -> LatentAttentionOutput:
+    def forward(
+        self,
+        query: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None = None,
+        targets: Tensor | None = None,
+        *,
+        full: bool = False,
+        log_alpha: Tensor | None = None,
+    ) -> LatentAttentionOutput:
         """Marginal log-probabilities of ``targets [B, T]`` (and of the whole vocabulary if ``full``).
 
         ``memory_mask [B, S]`` is True at real source positions (``None``: all real).
@@ -228,8 +250,16 @@ class LatentAttention(nn.Module):
                 log_probs = self.marginal_log_probs(query, memory, log_alpha)
         return LatentAttentionOutput(log_prob, log_probs, log_alpha, log_emission, context)
 
-    def log_prob(self, query: Tensor, targets: Tensor, *, memory: Tensor, memory_mask: Tensor | None = None,
-                 log_alpha: Tensor | None = None, **context) -> Tensor:
+    def log_prob(
+        self,
+        query: Tensor,
+        targets: Tensor,
+        *,
+        memory: Tensor,
+        memory_mask: Tensor | None = None,
+        log_alpha: Tensor | None = None,
+        **context,
+    ) -> Tensor:
         """:class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(targets | ...)`` ``[B, T]``.
 
         ``query [B, T, H]``, ``targets [B, T]``, ``memory [B, S, H_s]``, ``memory_mask [B, S]`` (True at
@@ -237,8 +267,15 @@ class LatentAttention(nn.Module):
         """
         return self(query, memory, memory_mask, targets, log_alpha=log_alpha).log_prob
 
-    def log_probs(self, query: Tensor, *, memory: Tensor, memory_mask: Tensor | None = None,
-                  log_alpha: Tensor | None = None, **context) -> Tensor:
+    def log_probs(
+        self,
+        query: Tensor,
+        *,
+        memory: Tensor,
+        memory_mask: Tensor | None = None,
+        log_alpha: Tensor | None = None,
+        **context,
+    ) -> Tensor:
         """:class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(. | ...)`` ``[B, T, V]``.
 
         Arguments as in :meth:`log_prob` (``memory_mask`` True at real source positions).
@@ -267,11 +304,10 @@ class LatentAttention(nn.Module):
         size = max(1, self.max_chunk_elements // max(1, b * t * self.vocab_size))
         if size >= s:
             return [fn(hq, hk, log_alpha)]
-        recompute = torch.is_grad_enabled() and (hq.requires_grad or hk.requires_grad
-                                                 or log_alpha.requires_grad)
+        recompute = torch.is_grad_enabled() and (hq.requires_grad or hk.requires_grad or log_alpha.requires_grad)
         parts = []
         for start in range(0, s, size):
-            hk_c = hk[:, start:start + size]
+            hk_c = hk[:, start : start + size]
             alpha_c = log_alpha.narrow(2, start, hk_c.shape[1])
             if recompute:
                 parts.append(checkpoint(fn, hq, hk_c, alpha_c, use_reentrant=False))
@@ -279,16 +315,15 @@ class LatentAttention(nn.Module):
                 parts.append(fn(hq, hk_c, alpha_c))
         return parts
 
-    def _check(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None,
-               targets: Tensor | None = None) -> None:
+    def _check(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None, targets: Tensor | None = None) -> None:
         if query.dim() != 3 or query.shape[-1] != self.query_dim:
             raise ValueError(f"query must be [B, T, {self.query_dim}], got {tuple(query.shape)}")
         if memory.dim() != 3 or memory.shape[-1] != self.memory_dim or memory.shape[0] != query.shape[0]:
-            raise ValueError(f"memory must be [B={query.shape[0]}, S, {self.memory_dim}], "
-                             f"got {tuple(memory.shape)}")
-        if memory_mask is not None and (memory_mask.dtype != torch.bool
-                                        or memory_mask.shape != memory.shape[:2]):
-            raise ValueError(f"memory_mask must be bool [B, S] = {tuple(memory.shape[:2])}, got "
-                             f"{memory_mask.dtype} {tuple(memory_mask.shape)}")
+            raise ValueError(f"memory must be [B={query.shape[0]}, S, {self.memory_dim}], got {tuple(memory.shape)}")
+        if memory_mask is not None and (memory_mask.dtype != torch.bool or memory_mask.shape != memory.shape[:2]):
+            raise ValueError(
+                f"memory_mask must be bool [B, S] = {tuple(memory.shape[:2])}, got "
+                f"{memory_mask.dtype} {tuple(memory_mask.shape)}"
+            )
         if targets is not None and targets.shape != query.shape[:2]:
             raise ValueError(f"targets must be [B, T] = {tuple(query.shape[:2])}, got {tuple(targets.shape)}")

@@ -49,15 +49,27 @@ class MixtureOfSoftmaxes(nn.Module):
     same ``projection``/``decoder`` parameters and activation.
     """
 
-    def __init__(self, input_size: int, vocab_size: int, num_experts: int,
-                 softmax_input_size: int | None = None, *, bias: bool = True,
-                 dropout: float = 0.0, chunk_size: int | None = None,
-                 activation: str = "tanh") -> None:
+    def __init__(
+        self,
+        input_size: int,
+        vocab_size: int,
+        num_experts: int,
+        softmax_input_size: int | None = None,
+        *,
+        bias: bool = True,
+        dropout: float = 0.0,
+        chunk_size: int | None = None,
+        activation: str = "tanh",
+    ) -> None:
         super().__init__()
         check_activation("MixtureOfSoftmaxes", activation, ACTIVATIONS)
         d = input_size if softmax_input_size is None else softmax_input_size
-        for arg, value in (("input_size", input_size), ("vocab_size", vocab_size),
-                           ("num_experts", num_experts), ("softmax_input_size", d)):
+        for arg, value in (
+            ("input_size", input_size),
+            ("vocab_size", vocab_size),
+            ("num_experts", num_experts),
+            ("softmax_input_size", d),
+        ):
             if value < 1:
                 raise ValueError(f"MixtureOfSoftmaxes: {arg} must be >= 1, got {value}")
         if chunk_size is not None and chunk_size < 1:
@@ -76,9 +88,11 @@ class MixtureOfSoftmaxes(nn.Module):
     def tie_weights(self, embedding: nn.Embedding) -> None:
         """Use ``embedding.weight`` ``[V, d]`` as the output embedding ``W``."""
         if tuple(embedding.weight.shape) != tuple(self.decoder.weight.shape):
-            raise ValueError(f"MixtureOfSoftmaxes.tie_weights: embedding.weight must be "
-                             f"{tuple(self.decoder.weight.shape)} = [vocab_size, softmax_input_size],"
-                             f" got {tuple(embedding.weight.shape)}")
+            raise ValueError(
+                f"MixtureOfSoftmaxes.tie_weights: embedding.weight must be "
+                f"{tuple(self.decoder.weight.shape)} = [vocab_size, softmax_input_size],"
+                f" got {tuple(embedding.weight.shape)}"
+            )
         self.decoder.weight = embedding.weight
 
     # ---- pieces ---------------------------------------------------------------------------
@@ -103,10 +117,10 @@ class MixtureOfSoftmaxes(nn.Module):
 
         The :class:`~latentnlp.layers.output_head.OutputHead` method (``context`` is unused).
         """
-        log_pi = self.expert_log_weights(hidden)                       # [..., K]
+        log_pi = self.expert_log_weights(hidden)  # [..., K]
         chunk = self.chunk_size if chunk_size is None else chunk_size
         if chunk is None:
-            log_experts = self.expert_log_probs(hidden)                # [..., K, V]
+            log_experts = self.expert_log_probs(hidden)  # [..., K, V]
             return torch.logsumexp(log_pi.unsqueeze(-1) + log_experts, dim=-2)
         g = self.features(hidden)
         out = None
@@ -127,13 +141,15 @@ class MixtureOfSoftmaxes(nn.Module):
         """
         check_hidden(self, hidden, self.input_size, targets)
         chunk = self.chunk_size if chunk_size is None else chunk_size
-        log_pi = self.expert_log_weights(hidden)                       # [..., K]
-        g = self.features(hidden)                                      # [..., K, d]
+        log_pi = self.expert_log_weights(hidden)  # [..., K]
+        g = self.features(hidden)  # [..., K, d]
         weight, bias = self.decoder.weight, self.decoder.bias
         log_expert_y = target_logits(g, weight, bias, targets) - logsumexp_linear(g, weight, bias, chunk)
         return torch.logsumexp(log_pi + log_expert_y, dim=-1)
 
     def extra_repr(self) -> str:
-        return (f"input_size={self.input_size}, vocab_size={self.vocab_size}, "
-                f"num_experts={self.num_experts}, softmax_input_size={self.softmax_input_size}, "
-                f"chunk_size={self.chunk_size}, activation={self.activation!r}")
+        return (
+            f"input_size={self.input_size}, vocab_size={self.vocab_size}, "
+            f"num_experts={self.num_experts}, softmax_input_size={self.softmax_input_size}, "
+            f"chunk_size={self.chunk_size}, activation={self.activation!r}"
+        )

@@ -51,9 +51,17 @@ class SoftmaxOutput(nn.Module):
       (its dimension must be ``d``).
     """
 
-    def __init__(self, input_size: int, vocab_size: int, projection_size: int | None = None, *,
-                 bias: bool = True, dropout: float = 0.0, chunk_size: int | None = None,
-                 activation: str = "tanh") -> None:
+    def __init__(
+        self,
+        input_size: int,
+        vocab_size: int,
+        projection_size: int | None = None,
+        *,
+        bias: bool = True,
+        dropout: float = 0.0,
+        chunk_size: int | None = None,
+        activation: str = "tanh",
+    ) -> None:
         super().__init__()
         check_activation("SoftmaxOutput", activation, ACTIVATIONS)
         for arg, value in (("input_size", input_size), ("vocab_size", vocab_size)):
@@ -75,9 +83,11 @@ class SoftmaxOutput(nn.Module):
     def tie_weights(self, embedding: nn.Embedding) -> None:
         """Use ``embedding.weight`` ``[V, d]`` as the output embedding (Press & Wolf 2017)."""
         if tuple(embedding.weight.shape) != tuple(self.decoder.weight.shape):
-            raise ValueError(f"{type(self).__name__}.tie_weights: embedding.weight must be "
-                             f"{tuple(self.decoder.weight.shape)} = [vocab_size, softmax_input_size],"
-                             f" got {tuple(embedding.weight.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}.tie_weights: embedding.weight must be "
+                f"{tuple(self.decoder.weight.shape)} = [vocab_size, softmax_input_size],"
+                f" got {tuple(embedding.weight.shape)}"
+            )
         self.decoder.weight = embedding.weight
 
     def features(self, hidden: Tensor) -> Tensor:
@@ -103,6 +113,8 @@ class SoftmaxOutput(nn.Module):
         return target_logits(g, weight, bias, targets) - logsumexp_linear(g, weight, bias, chunk)
 
     def extra_repr(self) -> str:
-        return (f"input_size={self.input_size}, vocab_size={self.vocab_size}, "
-                f"softmax_input_size={self.softmax_input_size}, chunk_size={self.chunk_size}, "
-                f"activation={self.activation!r}")
+        return (
+            f"input_size={self.input_size}, vocab_size={self.vocab_size}, "
+            f"softmax_input_size={self.softmax_input_size}, chunk_size={self.chunk_size}, "
+            f"activation={self.activation!r}"
+        )

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 __all__ = ["corpus_bleu", "tokenized_bleu"]
 
 
-def _reference_streams(hypotheses: Sequence[str],
-                       references: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
+def _reference_streams(
+    hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]
+) -> list[list[str]]:
     """sacreBLEU's reference streams (each one sentence per hypothesis) from either layout."""
     if isinstance(hypotheses, str):
         raise TypeError("hypotheses must be a sequence of sentences, not one string")
@@ -24,14 +25,22 @@ def _reference_streams(hypotheses: Sequence[str],
         streams = [list(stream) for stream in references]
     for stream in streams:
         if len(stream) != len(hypotheses):
-            raise ValueError(f"each reference stream must have one sentence per hypothesis: "
-                             f"{len(stream)} references for {len(hypotheses)} hypotheses")
+            raise ValueError(
+                f"each reference stream must have one sentence per hypothesis: "
+                f"{len(stream)} references for {len(hypotheses)} hypotheses"
+            )
     return streams
 
 
-def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]],
-                *, tokenize: str = "13a", lowercase: bool = False, smooth_method: str = "exp",
-                force: bool = False):
+def corpus_bleu(
+    hypotheses: Sequence[str],
+    references: Sequence[str] | Sequence[Sequence[str]],
+    *,
+    tokenize: str = "13a",
+    lowercase: bool = False,
+    smooth_method: str = "exp",
+    force: bool = False,
+):
     """Corpus BLEU by sacreBLEU; returns its ``BLEUScore`` (``.score`` in 0..100).
 
     The default is the standard sacreBLEU setting for *detokenized* text (``tokenize='13a'``,
@@ -48,13 +57,13 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[
     return bleu.corpus_score(list(hypotheses), streams)
 
 
-def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]],
-                   *, lowercase: bool = True):
+def tokenized_bleu(
+    hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]], *, lowercase: bool = True
+):
     """BLEU of already tokenized text, as ``multi-bleu.perl [-lc]`` computes it.
 
     Splits on whitespace only (sacreBLEU ``tokenize='none'``), lowercases by default (the
     ``-lc`` flag used for lowercased corpora such as IWSLT'14 de-en) and applies no smoothing,
     so a corpus with no matching 4-gram scores 0 as in multi-bleu.
     """
-    return corpus_bleu(hypotheses, references, tokenize="none", lowercase=lowercase,
-                       smooth_method="none", force=True)
+    return corpus_bleu(hypotheses, references, tokenize="none", lowercase=lowercase, smooth_method="none", force=True)

@@ -65,8 +65,7 @@ class MetricSums:
     def from_totals(cls, totals: Mapping[str, float]) -> MetricSums:
         """Rebuild running sums from :meth:`totals` (e.g. out of a checkpoint)."""
         sums = cls()
-        sums._sums = {k: torch.tensor(float(v), dtype=torch.float64)
-                      for k, v in totals.items() if k != "examples"}
+        sums._sums = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in totals.items() if k != "examples"}
         sums._examples = int(totals.get("examples", 0))
         return sums
 

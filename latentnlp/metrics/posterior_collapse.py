@@ -27,8 +27,7 @@ __all__ = ["gaussian_kl", "average_kl", "mutual_information", "active_units"]
 
 def _check_gaussian(mu: Tensor, logvar: Tensor) -> None:
     if mu.dim() != 2 or mu.shape != logvar.shape:
-        raise ValueError(f"mu and logvar must both be [N, D]; got mu {tuple(mu.shape)}, "
-                         f"logvar {tuple(logvar.shape)}")
+        raise ValueError(f"mu and logvar must both be [N, D]; got mu {tuple(mu.shape)}, logvar {tuple(logvar.shape)}")
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -50,8 +49,14 @@ def average_kl(mu: Tensor, logvar: Tensor) -> float:
     return float(gaussian_kl(mu, logvar).mean())
 
 
-def mutual_information(mu: Tensor, logvar: Tensor, z: Tensor | None = None, *,
-                       num_samples: int = 1, generator: torch.Generator | None = None) -> float:
+def mutual_information(
+    mu: Tensor,
+    logvar: Tensor,
+    z: Tensor | None = None,
+    *,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> float:
     """Estimate of ``I_q(x; z)`` under the aggregate posterior of the ``N`` rows given.
 
     Hoffman & Johnson's decomposition, estimated as in He et al. (2019), "Lagging inference
@@ -75,7 +80,7 @@ def mutual_information(mu: Tensor, logvar: Tensor, z: Tensor | None = None, *,
     _check_gaussian(mu, logvar)
     mu, logvar = mu.detach().double(), logvar.detach().double()
     n, d = mu.shape
-    q = DiagonalGaussian.from_logvar(mu, logvar)        # batch [N], event [D]
+    q = DiagonalGaussian.from_logvar(mu, logvar)  # batch [N], event [D]
     if z is None:
         z = q.sample((num_samples,), generator=generator)
     else:
@@ -83,14 +88,13 @@ def mutual_information(mu: Tensor, logvar: Tensor, z: Tensor | None = None, *,
         if z.dim() == 2:
             z = z.unsqueeze(0)
         if z.dim() != 3 or z.shape[1:] != mu.shape:
-            raise ValueError(f"z must be [N, D] or [S, N, D] with [N, D] = {tuple(mu.shape)}, "
-                             f"got {tuple(z.shape)}")
+            raise ValueError(f"z must be [N, D] or [S, N, D] with [N, D] = {tuple(mu.shape)}, got {tuple(z.shape)}")
     neg_entropy = -q.entropy().mean()
-    flat = z.reshape(-1, d)                             # [S*N, D]
+    flat = z.reshape(-1, d)  # [S*N, D]
     chunk = max(1, int(4e6 // max(1, n * d)))
     log_qz = []
-    for part in flat.split(chunk):                      # [c, D] against all N components
-        log_density = q.log_prob(part.unsqueeze(1))     # [c, N]
+    for part in flat.split(chunk):  # [c, D] against all N components
+        log_density = q.log_prob(part.unsqueeze(1))  # [c, N]
         log_qz.append(torch.logsumexp(log_density, dim=1) - math.log(n))
     return float(neg_entropy - torch.cat(log_qz).mean())
 

@@ -5,5 +5,15 @@ from .hmm_lm import HMMLanguageModel
 from .latent_alignment import LatentAlignmentSeq2Seq
 from .lstm_lm import LSTMLanguageModel, MixtureOfSoftmaxesLM
 
-__all__ = ["ELBO", "OBJECTIVES", "IntractableError", "LatentModel", "Loss", "UnsupportedObjectiveError",
-           "HMMLanguageModel", "LatentAlignmentSeq2Seq", "LSTMLanguageModel", "MixtureOfSoftmaxesLM"]
+__all__ = [
+    "ELBO",
+    "OBJECTIVES",
+    "IntractableError",
+    "LatentModel",
+    "Loss",
+    "UnsupportedObjectiveError",
+    "HMMLanguageModel",
+    "LatentAlignmentSeq2Seq",
+    "LSTMLanguageModel",
+    "MixtureOfSoftmaxesLM",
+]

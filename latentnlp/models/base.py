@@ -131,8 +131,9 @@ class LatentModel(nn.Module):
     def from_constructor(record: Mapping[str, Any]) -> LatentModel:
         """A new model built as :attr:`constructor` records it (freshly initialised parameters)."""
         if "<locals>" in record["class"]:
-            raise ValueError(f"{record['class']} is defined inside a function and cannot be imported; "
-                             f"build the model yourself")
+            raise ValueError(
+                f"{record['class']} is defined inside a function and cannot be imported; build the model yourself"
+            )
         module_name, qualname = _split_class_path(record["class"])
         target: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
@@ -147,8 +148,7 @@ class LatentModel(nn.Module):
         """Exact ``log p(x | c)`` summed over the target tokens of each example: ``[B]``."""
         raise IntractableError(f"{type(self).__name__} has no exact log marginal")
 
-    def elbo(self, batch: Batch, *, estimator: str | None = None, num_samples: int = 1,
-             kl_weight: float = 1.0) -> ELBO:
+    def elbo(self, batch: Batch, *, estimator: str | None = None, num_samples: int = 1, kl_weight: float = 1.0) -> ELBO:
         """Evidence lower bound per example (see :class:`ELBO`)."""
         raise UnsupportedObjectiveError(f"{type(self).__name__} has no variational posterior")
 
@@ -199,7 +199,8 @@ class LatentModel(nn.Module):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if objective not in self.objectives:
             raise UnsupportedObjectiveError(
-                f"{type(self).__name__} supports objectives {self.objectives}, not {objective!r}")
+                f"{type(self).__name__} supports objectives {self.objectives}, not {objective!r}"
+            )
         if objective == "wake-sleep":
             return self.wake_sleep(batch, **kwargs)
         tokens = self.num_tokens(batch).to(torch.float64)

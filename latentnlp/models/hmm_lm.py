@@ -68,8 +68,15 @@ class HMMLanguageModel(LatentModel):
 
     objectives = ("marginal",)
 
-    def __init__(self, vocab_size: int, num_states: int, embedding_size: int = 256,
-                 transition_rank: int | None = None, state_dropout: float = 0.0, dropout: float = 0.0):
+    def __init__(
+        self,
+        vocab_size: int,
+        num_states: int,
+        embedding_size: int = 256,
+        transition_rank: int | None = None,
+        state_dropout: float = 0.0,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if num_states < 1 or vocab_size < 1:
             raise ValueError(f"num_states and vocab_size must be >= 1, got {num_states}, {vocab_size}")
@@ -79,7 +86,7 @@ class HMMLanguageModel(LatentModel):
             raise ValueError(f"transition_rank must be None or >= 1, got {transition_rank}")
         self.vocab_size, self.num_states = vocab_size, num_states
         self.transition_rank, self.state_dropout = transition_rank, state_dropout
-        scale = embedding_size ** -0.5
+        scale = embedding_size**-0.5
         self.state_embedding = nn.Parameter(torch.randn(num_states, embedding_size) * scale)
         self.next_state_embedding = nn.Parameter(torch.randn(num_states, embedding_size) * scale)
         self.start_embedding = nn.Parameter(torch.randn(embedding_size) * scale)
@@ -104,8 +111,10 @@ class HMMLanguageModel(LatentModel):
         and emission ``[K', V]`` probabilities over the states ``states`` (default: all ``K``)."""
         state = self.state_embedding if states is None else self.state_embedding[states]
         following = self.next_state_embedding if states is None else self.next_state_embedding[states]
-        params = {"init": torch.log_softmax(self.transition_mlp(self.start_embedding) @ following.T, -1),
-                  "emission": torch.log_softmax(self.emission_mlp(state) @ self.word_embedding.T, -1)}
+        params = {
+            "init": torch.log_softmax(self.transition_mlp(self.start_embedding) @ following.T, -1),
+            "emission": torch.log_softmax(self.emission_mlp(state) @ self.word_embedding.T, -1),
+        }
         params.update(self._transition(states, states))
         return params
 
@@ -118,8 +127,10 @@ class HMMLanguageModel(LatentModel):
         source = self.transition_mlp(state)
         if self.transition_rank is None:
             return {"trans": torch.log_softmax(source @ following.T, -1)}
-        return {"left": torch.log_softmax(source @ self.rank_in.T, -1),
-                "right": torch.log_softmax(self.transition_mlp(self.rank_out) @ following.T, -1)}
+        return {
+            "left": torch.log_softmax(source @ self.rank_in.T, -1),
+            "right": torch.log_softmax(self.transition_mlp(self.rank_out) @ following.T, -1),
+        }
 
     @staticmethod
     def transition(params: dict[str, Tensor]) -> Transition:
@@ -142,22 +153,27 @@ class HMMLanguageModel(LatentModel):
         """
         targets, lengths = batch["targets"], batch["lengths"]
         if not isinstance(targets, Tensor) or targets.dim() != 2 or targets.is_floating_point():
-            raise ValueError(f"batch['targets'] must be an integer tensor of shape [B, T], got "
-                             f"{getattr(targets, 'shape', targets)}")
+            raise ValueError(
+                f"batch['targets'] must be an integer tensor of shape [B, T], got {getattr(targets, 'shape', targets)}"
+            )
         if not isinstance(lengths, Tensor) or lengths.shape != targets.shape[:1] or lengths.is_floating_point():
-            raise ValueError(f"batch['lengths'] must be an integer tensor of shape [B] = [{targets.shape[0]}], got "
-                             f"{getattr(lengths, 'shape', lengths)}")
+            raise ValueError(
+                f"batch['lengths'] must be an integer tensor of shape [B] = [{targets.shape[0]}], got "
+                f"{getattr(lengths, 'shape', lengths)}"
+            )
         steps = targets.shape[1]
         lengths = lengths.to(targets.device, torch.long)
         targets = targets.masked_fill(~lengths_to_mask(lengths, steps), 0)
         if is_validating() and targets.numel():
             low_len, high_len, low_id, high_id = torch.stack(
-                [lengths.min(), lengths.max(), targets.min(), targets.max()]).tolist()
+                [lengths.min(), lengths.max(), targets.min(), targets.max()]
+            ).tolist()
             if low_len < 1 or high_len > steps:
                 raise ValueError(f"batch['lengths'] must lie in 1..T = 1..{steps}, got {low_len}..{high_len}")
             if low_id < 0 or high_id >= self.vocab_size:
-                raise ValueError(f"batch['targets'] must lie in 0..V-1 = 0..{self.vocab_size - 1}, "
-                                 f"got {low_id}..{high_id}")
+                raise ValueError(
+                    f"batch['targets'] must lie in 0..V-1 = 0..{self.vocab_size - 1}, got {low_id}..{high_id}"
+                )
         return targets, lengths
 
     def _predict(self, log_filter: Tensor, transition: dict[str, Tensor]) -> Tensor:
@@ -166,8 +182,7 @@ class HMMLanguageModel(LatentModel):
         (through the rank if low rank, ``O(B K r)``)."""
         return self.transition(transition).log_propagator()(log_filter, 1)
 
-    def _initial(self, params: dict[str, Tensor], states: Tensor | None, batch_size: int,
-                 stream: bool) -> Tensor:
+    def _initial(self, params: dict[str, Tensor], states: Tensor | None, batch_size: int, stream: bool) -> Tensor:
         """``log p(z_0)`` for each row ``[B, K']``: the learned start, or on a stream the carried
         belief pushed through one transition, ``log sum_i p(z_{L-1} = i | ...) p(z_0 = j | z_{L-1} = i)``
         (from the states kept before to those kept now, if state dropout changed them)."""
@@ -199,8 +214,14 @@ class HMMLanguageModel(LatentModel):
         return ChainPosterior(params["init"], self.transition(params), self._emissions(params, targets), lengths)
 
     @torch.no_grad()
-    def generate(self, batch: Batch | None = None, *, num_samples: int = 1, length: int = 20,
-                 generator: torch.Generator | None = None) -> Tensor:
+    def generate(
+        self,
+        batch: Batch | None = None,
+        *,
+        num_samples: int = 1,
+        length: int = 20,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Ancestral samples ``x ~ p(x)``: ``[num_samples, length]`` word ids.
 
         The next state is drawn through the transition (low rank: a pseudo-state ``c ~ U[z]``,

@@ -59,9 +59,13 @@ __all__ = ["LatentAlignmentSeq2Seq", "MODES"]
 
 #: mode -> (head, ELBO estimator or None for the marginal objective)
 MODES: dict[str, tuple[str, str | None]] = {
-    "soft": ("soft", None), "exact": ("latent", None), "elbo-enum": ("latent", "exact"),
-    "elbo-sample": ("latent", "score_function"), "elbo-gumbel": ("latent", "gumbel_softmax"),
-    "copy": ("copy", None)}
+    "soft": ("soft", None),
+    "exact": ("latent", None),
+    "elbo-enum": ("latent", "exact"),
+    "elbo-sample": ("latent", "score_function"),
+    "elbo-gumbel": ("latent", "gumbel_softmax"),
+    "copy": ("copy", None),
+}
 
 
 class LatentAlignmentSeq2Seq(LatentModel):
@@ -78,22 +82,42 @@ class LatentAlignmentSeq2Seq(LatentModel):
     :attr:`objectives` are the objective's.  :meth:`from_mode` builds the published combinations.
     """
 
-    def __init__(self, core: AttentionalEncoderDecoder, head: Seq2SeqHead, objective: nn.Module | None = None,
-                 *, bos_id: int | None = None, eos_id: int | None = None) -> None:
+    def __init__(
+        self,
+        core: AttentionalEncoderDecoder,
+        head: Seq2SeqHead,
+        objective: nn.Module | None = None,
+        *,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+    ) -> None:
         super().__init__()
         objective = Marginal() if objective is None else objective
         if isinstance(objective, AlignmentELBO) and not head.latent_alignment:
-            raise ValueError(f"an ELBO over alignments needs a head whose alignment is latent, got "
-                             f"{type(head).__name__}")
+            raise ValueError(
+                f"an ELBO over alignments needs a head whose alignment is latent, got {type(head).__name__}"
+            )
         self.core, self.head, self.objective = core, head, objective
         self.bos_id, self.eos_id = bos_id, eos_id
 
     @records_construction
-    def from_mode(cls, mode: str, src_vocab_size: int, tgt_vocab_size: int, *, embedding_dim: int = 256,
-                  hidden_size: int = 256, num_layers: int = 1, attention: str = "mlp", dropout: float = 0.0,
-                  tau: float = 1.0, bos_id: int | None = None, eos_id: int | None = None,
-                  unk_id: int | None = None,
-                  max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> LatentAlignmentSeq2Seq:
+    def from_mode(
+        cls,
+        mode: str,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        *,
+        embedding_dim: int = 256,
+        hidden_size: int = 256,
+        num_layers: int = 1,
+        attention: str = "mlp",
+        dropout: float = 0.0,
+        tau: float = 1.0,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        unk_id: int | None = None,
+        max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+    ) -> LatentAlignmentSeq2Seq:
         """The model of one of :data:`MODES` (see the module docstring).
 
         Sizes and ``attention``, ``dropout``, ``max_chunk_elements`` go to the core; ``tau`` is the
@@ -103,13 +127,25 @@ class LatentAlignmentSeq2Seq(LatentModel):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
         head_name, estimator = MODES[mode]
-        core = AttentionalEncoderDecoder(src_vocab_size, tgt_vocab_size, embedding_dim=embedding_dim,
-                                         hidden_size=hidden_size, num_layers=num_layers, attention=attention,
-                                         dropout=dropout, max_chunk_elements=max_chunk_elements)
-        heads = {"soft": lambda: SoftAttentionHead(core.attention),
-                 "latent": lambda: LatentAttentionHead(core.attention),
-                 "copy": lambda: CopyHead(CopyGenerator(hidden_size, tgt_vocab_size, readout=core.attention.readout),
-                                          shared_vocabulary=src_vocab_size == tgt_vocab_size, unk_id=unk_id)}
+        core = AttentionalEncoderDecoder(
+            src_vocab_size,
+            tgt_vocab_size,
+            embedding_dim=embedding_dim,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            attention=attention,
+            dropout=dropout,
+            max_chunk_elements=max_chunk_elements,
+        )
+        heads = {
+            "soft": lambda: SoftAttentionHead(core.attention),
+            "latent": lambda: LatentAttentionHead(core.attention),
+            "copy": lambda: CopyHead(
+                CopyGenerator(hidden_size, tgt_vocab_size, readout=core.attention.readout),
+                shared_vocabulary=src_vocab_size == tgt_vocab_size,
+                unk_id=unk_id,
+            ),
+        }
         head = heads[head_name]()
         objective = None if estimator is None else AlignmentELBO(embedding_dim, hidden_size, estimator, tau=tau)
         return cls(core, head, objective, bos_id=bos_id, eos_id=eos_id)
@@ -134,16 +170,24 @@ class LatentAlignmentSeq2Seq(LatentModel):
         per_token = self.head.log_prob(run.hidden, self.head.batch_targets(batch), **context)
         return masked_sum(per_token, run.target_mask)
 
-    def elbo(self, batch: Batch, *, estimator: str | None = None, num_samples: int = 1,
-             kl_weight: float = 1.0, q: MaskedCategorical | None = None) -> ELBO:
+    def elbo(
+        self,
+        batch: Batch,
+        *,
+        estimator: str | None = None,
+        num_samples: int = 1,
+        kl_weight: float = 1.0,
+        q: MaskedCategorical | None = None,
+    ) -> ELBO:
         """``sum_t E_q[log p(y_t | h_t, s_{z_t})] - KL(q(z_t) || alpha_t)`` per example (an ELBO objective).
 
         ``estimator`` names another estimator for this call (``"exact"``, ``"score_function"``,
         ``"gumbel_softmax"``); default: the objective's.  ``q`` replaces the inference network
         (e.g. ``q = posterior(batch)`` makes the bound tight).  The KL is exact.
         """
-        return self.objective.elbo(self.core, self.head, batch, estimator=estimator, num_samples=num_samples,
-                                   kl_weight=kl_weight, q=q)
+        return self.objective.elbo(
+            self.core, self.head, batch, estimator=estimator, num_samples=num_samples, kl_weight=kl_weight, q=q
+        )
 
     def prior(self, batch: Batch) -> MaskedCategorical:
         """The attention prior ``alpha_t = p(z_t | x, y_<t)`` of the teacher-forced decoder, batch ``[B, T]``."""
@@ -162,8 +206,15 @@ class LatentAlignmentSeq2Seq(LatentModel):
         """The inference network's ``q(z_t | x, y)``, batch shape ``[B, T]`` (ELBO objectives)."""
         return self.objective.approximate_posterior(self.core, batch)[0]
 
-    def generate(self, batch: Batch, *, method: str = "beam", beam_size: int = 5,
-                 max_len: int | None = None, length_penalty: float = 0.0) -> decoding.Hypotheses:
+    def generate(
+        self,
+        batch: Batch,
+        *,
+        method: str = "beam",
+        beam_size: int = 5,
+        max_len: int | None = None,
+        length_penalty: float = 0.0,
+    ) -> decoding.Hypotheses:
         """Greedy or beam-search translations of ``batch["src"]`` under the head's distribution.
 
         ``max_len`` defaults to ``2 * longest source + 10``.  Output ids are target ids
@@ -177,8 +228,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
         if method == "greedy":
             return decoding.greedy(self, batch, **common)
         if method == "beam":
-            return decoding.beam_search(self, batch, beam_size=beam_size, length_penalty=length_penalty,
-                                        **common)
+            return decoding.beam_search(self, batch, beam_size=beam_size, length_penalty=length_penalty, **common)
         raise ValueError(f"method must be 'greedy' or 'beam', got {method!r}")
 
     # ---- step-wise decoding (decoding.StepDecoder) -----------------------------------------------
@@ -190,8 +240,9 @@ class LatentAlignmentSeq2Seq(LatentModel):
     def decoder_step(self, state: DecoderState, tokens: Tensor) -> tuple[Tensor, DecoderState]:
         """Log-probabilities ``[N, V]`` (``[N, V_ext]`` with the copy head) of the next token."""
         top, log_alpha, o, next_state = self.core.step(state, self.head.decoder_input(tokens))
-        log_probs = self.head.log_probs(top, memory=state.memory, memory_mask=state.memory_mask,
-                                        log_alpha=log_alpha, attentional=o, **state.context)
+        log_probs = self.head.log_probs(
+            top, memory=state.memory, memory_mask=state.memory_mask, log_alpha=log_alpha, attentional=o, **state.context
+        )
         return log_probs[:, 0], next_state
 
     def reorder_state(self, state: DecoderState, index: Tensor) -> DecoderState:

@@ -57,14 +57,28 @@ class LSTMLanguageModel(LatentModel):
 
     objectives = ("marginal",)
 
-    def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, num_layers: int = 1,
-                 *, output: Literal["softmax", "mos"] = "softmax",
-                 softmax_input_size: int | None = None, num_experts: int | None = None,
-                 dropout: float = 0.0, tie_weights: bool = False,
-                 chunk_size: int | None = None, output_activation: str = "tanh") -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        *,
+        output: Literal["softmax", "mos"] = "softmax",
+        softmax_input_size: int | None = None,
+        num_experts: int | None = None,
+        dropout: float = 0.0,
+        tie_weights: bool = False,
+        chunk_size: int | None = None,
+        output_activation: str = "tanh",
+    ) -> None:
         super().__init__()
-        for arg, value in (("vocab_size", vocab_size), ("embedding_size", embedding_size),
-                           ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        for arg, value in (
+            ("vocab_size", vocab_size),
+            ("embedding_size", embedding_size),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+        ):
             if value < 1:
                 raise ValueError(f"LSTMLanguageModel: {arg} must be >= 1, got {value}")
         if not 0.0 <= dropout < 1.0:
@@ -73,28 +87,40 @@ class LSTMLanguageModel(LatentModel):
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, embedding_size)
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-        self.lstm = nn.LSTM(embedding_size, hidden_size, num_layers, batch_first=True,
-                            dropout=dropout if num_layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            embedding_size, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+        )
         self.dropout = nn.Dropout(dropout)
         if output == "softmax":
             if num_experts is not None:
                 raise ValueError(f"LSTMLanguageModel: num_experts={num_experts} needs output='mos'")
             self.output_layer: SoftmaxOutput | MixtureOfSoftmaxes = SoftmaxOutput(
-                hidden_size, vocab_size, softmax_input_size,
-                dropout=0.0 if softmax_input_size is None else dropout, chunk_size=chunk_size,
-                activation=output_activation)
+                hidden_size,
+                vocab_size,
+                softmax_input_size,
+                dropout=0.0 if softmax_input_size is None else dropout,
+                chunk_size=chunk_size,
+                activation=output_activation,
+            )
         elif output == "mos":
             self.output_layer = MixtureOfSoftmaxes(
-                hidden_size, vocab_size, 15 if num_experts is None else num_experts,
-                softmax_input_size, dropout=dropout, chunk_size=chunk_size,
-                activation=output_activation)
+                hidden_size,
+                vocab_size,
+                15 if num_experts is None else num_experts,
+                softmax_input_size,
+                dropout=dropout,
+                chunk_size=chunk_size,
+                activation=output_activation,
+            )
         else:
             raise ValueError(f"LSTMLanguageModel: output must be 'softmax' or 'mos', got {output!r}")
         if tie_weights:
             d = self.output_layer.softmax_input_size
             if d != embedding_size:
-                raise ValueError(f"LSTMLanguageModel: tie_weights needs softmax_input_size == "
-                                 f"embedding_size, got {d} and {embedding_size}")
+                raise ValueError(
+                    f"LSTMLanguageModel: tie_weights needs softmax_input_size == "
+                    f"embedding_size, got {d} and {embedding_size}"
+                )
             self.output_layer.tie_weights(self.embedding)
         self._state: LSTMState | None = None
 
@@ -115,9 +141,11 @@ class LSTMLanguageModel(LatentModel):
             return None
         h, c = self._state
         if h.shape[1] != like.shape[0]:
-            raise ValueError(f"LSTMLanguageModel: the carried stream state has batch size {h.shape[1]},"
-                             f" the batch has inputs {tuple(like.shape)}; call reset_state() between"
-                             " streams of different batch sizes")
+            raise ValueError(
+                f"LSTMLanguageModel: the carried stream state has batch size {h.shape[1]},"
+                f" the batch has inputs {tuple(like.shape)}; call reset_state() between"
+                " streams of different batch sizes"
+            )
         return h.to(like.device), c.to(like.device)
 
     # ---- the network ------------------------------------------------------------------------
@@ -130,15 +158,21 @@ class LSTMLanguageModel(LatentModel):
         inputs, lengths = batch["inputs"], batch["lengths"]
         targets = batch["targets"] if with_targets else None
         if inputs.dim() != 2 or inputs.dtype != torch.long or 0 in inputs.shape:
-            raise ValueError(f"LSTMLanguageModel: inputs must be a non-empty LongTensor [B, T], "
-                             f"got {inputs.dtype} {tuple(inputs.shape)}")
+            raise ValueError(
+                f"LSTMLanguageModel: inputs must be a non-empty LongTensor [B, T], "
+                f"got {inputs.dtype} {tuple(inputs.shape)}"
+            )
         if targets is not None and (targets.shape != inputs.shape or targets.dtype != torch.long):
-            raise ValueError(f"LSTMLanguageModel: targets must be a LongTensor of the shape of inputs "
-                             f"{tuple(inputs.shape)}, got {targets.dtype} {tuple(targets.shape)}")
+            raise ValueError(
+                f"LSTMLanguageModel: targets must be a LongTensor of the shape of inputs "
+                f"{tuple(inputs.shape)}, got {targets.dtype} {tuple(targets.shape)}"
+            )
         B, T = inputs.shape
         if lengths.shape != (B,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-            raise ValueError(f"LSTMLanguageModel: lengths must be an integer tensor [B] = [{B}], "
-                             f"got {lengths.dtype} {tuple(lengths.shape)}")
+            raise ValueError(
+                f"LSTMLanguageModel: lengths must be an integer tensor [B] = [{B}], "
+                f"got {lengths.dtype} {tuple(lengths.shape)}"
+            )
         lengths = lengths.to(inputs.device, torch.long)
         mask = torch.arange(T, device=inputs.device) < lengths[:, None]
         inputs = inputs.masked_fill(~mask, 0)
@@ -148,18 +182,20 @@ class LSTMLanguageModel(LatentModel):
             ids.append(targets)
         if is_validating():  # value ranges: one read from the device
             low_len, high_len, *bounds = torch.stack(
-                [lengths.min(), lengths.max()] + [x.min() for x in ids] + [x.max() for x in ids]).tolist()
-            low_id, high_id = min(bounds[:len(ids)]), max(bounds[len(ids):])
+                [lengths.min(), lengths.max()] + [x.min() for x in ids] + [x.max() for x in ids]
+            ).tolist()
+            low_id, high_id = min(bounds[: len(ids)]), max(bounds[len(ids) :])
             if low_len < 1 or high_len > T:
-                raise ValueError(f"LSTMLanguageModel: lengths must lie in 1..T = 1..{T}, "
-                                 f"got min {low_len} max {high_len}")
+                raise ValueError(
+                    f"LSTMLanguageModel: lengths must lie in 1..T = 1..{T}, got min {low_len} max {high_len}"
+                )
             if low_id < 0 or high_id >= self.vocab_size:
-                raise ValueError(f"LSTMLanguageModel: token ids must lie in 0..{self.vocab_size - 1}, "
-                                 f"got {low_id}..{high_id}")
+                raise ValueError(
+                    f"LSTMLanguageModel: token ids must lie in 0..{self.vocab_size - 1}, got {low_id}..{high_id}"
+                )
         return inputs, targets, lengths, mask
 
-    def _encode(self, inputs: Tensor, lengths: Tensor,
-                state: LSTMState | None) -> tuple[Tensor, LSTMState]:
+    def _encode(self, inputs: Tensor, lengths: Tensor, state: LSTMState | None) -> tuple[Tensor, LSTMState]:
         """LSTM outputs ``[B, T, H]`` and the state after the last valid position of each row."""
         out, final = encode_packed(self.lstm, self.dropout(self.embedding(inputs)), lengths, state)
         return self.dropout(out), final
@@ -177,8 +213,14 @@ class LSTMLanguageModel(LatentModel):
         return per_token.sum(-1)
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_length: int = 20, temperature: float = 1.0,
-                 generator: torch.Generator | None = None, eos_index: int | None = None) -> Tensor:
+    def generate(
+        self,
+        batch: Batch,
+        max_length: int = 20,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        eos_index: int | None = None,
+    ) -> Tensor:
         """Sample continuations of the prefixes ``inputs [B, T]`` (``lengths [B]``): ``[B, max_length]``.
 
         Each token is drawn from ``p(y | prefix)^(1/temperature)`` renormalised;
@@ -188,8 +230,10 @@ class LSTMLanguageModel(LatentModel):
         changed).  Call ``model.eval()`` first unless dropout is wanted.
         """
         if max_length < 0 or temperature < 0:
-            raise ValueError(f"LSTMLanguageModel.generate: max_length and temperature must be >= 0, "
-                             f"got {max_length} and {temperature}")
+            raise ValueError(
+                f"LSTMLanguageModel.generate: max_length and temperature must be >= 0, "
+                f"got {max_length} and {temperature}"
+            )
         inputs, _, lengths, _ = self._check_batch(batch, with_targets=False)
         B = inputs.shape[0]
         hidden, state = self._encode(inputs, lengths, None)
@@ -197,7 +241,7 @@ class LSTMLanguageModel(LatentModel):
         tokens = inputs.new_full((B, max_length), 0 if eos_index is None else eos_index)
         finished = torch.zeros(B, dtype=torch.bool, device=inputs.device)
         for step in range(max_length):
-            log_p = self.output_layer(last)                                  # [B, V]
+            log_p = self.output_layer(last)  # [B, V]
             if temperature == 0:
                 y = log_p.argmax(-1)
             else:
@@ -220,7 +264,16 @@ class MixtureOfSoftmaxesLM(LSTMLanguageModel):
     ``softmax_input_size`` dimensions.  Its one-softmax baseline is
     ``LSTMLanguageModel(..., output="softmax")``."""
 
-    def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, num_layers: int = 1, *,
-                 num_experts: int = 15, **kwargs) -> None:
-        super().__init__(vocab_size, embedding_size, hidden_size, num_layers, output="mos",
-                         num_experts=num_experts, **kwargs)
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        *,
+        num_experts: int = 15,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            vocab_size, embedding_size, hidden_size, num_layers, output="mos", num_experts=num_experts, **kwargs
+        )

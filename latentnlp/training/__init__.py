@@ -34,15 +34,33 @@ if TYPE_CHECKING:
     from latentnlp.training.run_log import read_metrics, training_speed
 
 _HOMES = {
-    "CorruptCheckpointError": "checkpoint", "load_model": "checkpoint",
-    "OPTIMIZERS": "config", "SCHEDULES": "config", "SELECTION_METRICS": "config", "TrainConfig": "config",
-    "DataSource": "distributed", "evaluate": "evaluation", "Trainer": "loop",
-    "FinishedRunError": "run_dir", "read_metrics": "run_log", "training_speed": "run_log",
+    "CorruptCheckpointError": "checkpoint",
+    "load_model": "checkpoint",
+    "OPTIMIZERS": "config",
+    "SCHEDULES": "config",
+    "SELECTION_METRICS": "config",
+    "TrainConfig": "config",
+    "DataSource": "distributed",
+    "evaluate": "evaluation",
+    "Trainer": "loop",
+    "FinishedRunError": "run_dir",
+    "read_metrics": "run_log",
+    "training_speed": "run_log",
 }
 
 __all__ = [
-    "OPTIMIZERS", "SCHEDULES", "SELECTION_METRICS", "CorruptCheckpointError", "DataSource", "FinishedRunError",
-    "TrainConfig", "Trainer", "evaluate", "load_model", "read_metrics", "training_speed",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "SELECTION_METRICS",
+    "CorruptCheckpointError",
+    "DataSource",
+    "FinishedRunError",
+    "TrainConfig",
+    "Trainer",
+    "evaluate",
+    "load_model",
+    "read_metrics",
+    "training_speed",
 ]
 
 

@@ -54,16 +54,18 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             f"{path} is truncated or corrupt and cannot be loaded ({type(error).__name__}: {error}). "
             f"Delete it to go on without it: a run without last.pt restarts from the beginning "
             f"(pass overwrite=True or delete the run directory), and the run's other checkpoint "
-            f"(best.pt or last.pt) may still load.") from error
+            f"(best.pt or last.pt) may still load."
+        ) from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{path}: checkpoint format {found!r}, this version of latentnlp reads "
-                         f"format {CHECKPOINT_FORMAT}; retrain, or load it with the version that wrote it")
+        raise ValueError(
+            f"{path}: checkpoint format {found!r}, this version of latentnlp reads "
+            f"format {CHECKPOINT_FORMAT}; retrain, or load it with the version that wrote it"
+        )
     return payload
 
 
-def load_model(source: str | os.PathLike, model: nn.Module | None = None, *,
-               map_location: Any = "cpu") -> nn.Module:
+def load_model(source: str | os.PathLike, model: nn.Module | None = None, *, map_location: Any = "cpu") -> nn.Module:
     """The model saved at ``source``: a run directory (its ``best.pt``, else ``last.pt``) or a file.
 
     With ``model`` given, its parameters are replaced by the saved ones; without, the model is
@@ -76,8 +78,10 @@ def load_model(source: str | os.PathLike, model: nn.Module | None = None, *,
     payload = read_checkpoint(path, map_location)
     if model is None:
         if payload.get("constructor") is None:
-            raise ValueError(f"{path} does not record how its model was built (its constructor arguments "
-                             f"are not plain data); build the model yourself and pass it as model=")
+            raise ValueError(
+                f"{path} does not record how its model was built (its constructor arguments "
+                f"are not plain data); build the model yourself and pass it as model="
+            )
         model = LatentModel.from_constructor(payload["constructor"])
     model.load_state_dict(payload["model"])
     return model

@@ -103,8 +103,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not isinstance(self.schedule, Schedule) and self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES} or a latentnlp.schedules.Schedule, "
-                             f"got {self.schedule!r}")
+            raise ValueError(
+                f"schedule must be one of {SCHEDULES} or a latentnlp.schedules.Schedule, got {self.schedule!r}"
+            )
         for name in ("objective", "eval_objective"):
             value = getattr(self, name)
             if value is not None and value not in OBJECTIVES:
@@ -112,19 +113,25 @@ class TrainConfig:
         if self.select_on is not None and self.select_on not in SELECTION_METRICS:
             raise ValueError(f"select_on must be None or one of {SELECTION_METRICS}, got {self.select_on!r}")
         evaluated = self.eval_objective or self.objective
-        if (self.select_on == "nll" and evaluated == "elbo") or \
-                (self.select_on == "neg_elbo" and evaluated in ("marginal", "iwae")):
-            raise ValueError(f"select_on={self.select_on!r}, but the validation objective {evaluated!r} gives "
-                             f"{'neg_elbo' if evaluated == 'elbo' else 'nll'}")
+        if (self.select_on == "nll" and evaluated == "elbo") or (
+            self.select_on == "neg_elbo" and evaluated in ("marginal", "iwae")
+        ):
+            raise ValueError(
+                f"select_on={self.select_on!r}, but the validation objective {evaluated!r} gives "
+                f"{'neg_elbo' if evaluated == 'elbo' else 'nll'}"
+            )
         for name in ("objective_kwargs", "eval_kwargs"):
             for key, value in (getattr(self, name) or {}).items():
                 if callable(value) and not isinstance(value, Schedule):
                     raise ValueError(
                         f"{name}[{key!r}] is a callable ({value!r}), which config.json cannot record; "
-                        f"use a schedule object from latentnlp.schedules, e.g. LinearWarmup(0.0, 1.0, 10000)")
+                        f"use a schedule object from latentnlp.schedules, e.g. LinearWarmup(0.0, 1.0, 10000)"
+                    )
         if isinstance(self.schedule, Schedule) and (self.warmup_steps or self.min_lr):
-            raise ValueError("warmup_steps and min_lr apply to the named schedules; a Schedule object "
-                             "holds its own warmup and floor (e.g. LinearDecay(total, warmup, floor))")
+            raise ValueError(
+                "warmup_steps and min_lr apply to the named schedules; a Schedule object "
+                "holds its own warmup and floor (e.g. LinearDecay(total, warmup, floor))"
+            )
         if self.schedule == "plateau" and self.warmup_steps:
             raise ValueError("warmup_steps is not supported with schedule='plateau'")
         for name in ("max_steps", "eval_every", "checkpoint_every", "patience"):
@@ -161,8 +168,9 @@ class TrainConfig:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         """Add the run-control flags recipes share (``--overwrite``, ``--device``, ...)."""
         group = parser.add_argument_group("training")
-        group.add_argument("--overwrite", action="store_true",
-                           help="start afresh in an output dir that holds a finished run")
+        group.add_argument(
+            "--overwrite", action="store_true", help="start afresh in an output dir that holds a finished run"
+        )
         group.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
         group.add_argument("--seed", type=int, default=None)
         group.add_argument("--max-epochs", type=int, default=None)

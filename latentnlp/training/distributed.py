@@ -88,8 +88,9 @@ class Ranks:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, output_device=device if ids else None,
-                                       find_unused_parameters=find_unused_parameters)
+        return DistributedDataParallel(
+            model, device_ids=ids, output_device=device if ids else None, find_unused_parameters=find_unused_parameters
+        )
 
     # ---- data -----------------------------------------------------------------------------------
     def num_batches(self, data: DataSource, *, train: bool, stream: bool) -> int:
@@ -107,14 +108,15 @@ class Ranks:
         else:
             size = next(v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim())
         if size < self.world_size:
-            raise ValueError(f"a stream batch of {size} rows cannot be split over "
-                             f"{self.world_size} ranks")
-        return {k: v.tensor_split(self.world_size)[self.rank]
-                if isinstance(v, Tensor) and v.dim() and v.shape[0] == size else v
-                for k, v in batch.items()}
+            raise ValueError(f"a stream batch of {size} rows cannot be split over {self.world_size} ranks")
+        return {
+            k: v.tensor_split(self.world_size)[self.rank]
+            if isinstance(v, Tensor) and v.dim() and v.shape[0] == size
+            else v
+            for k, v in batch.items()
+        }
 
-    def batches(self, data: DataSource, epoch: int, start: int,
-                train: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+    def batches(self, data: DataSource, epoch: int, start: int, train: bool) -> Iterator[tuple[int, dict[str, Any]]]:
         """Yield ``(position after this batch, this rank's batch)`` from position ``start``.
 
         Positions count batches of the epoch's order consumed by all ranks together, so they

@@ -27,9 +27,18 @@ EVAL_SEED_STRIDE = 7919
 
 
 @torch.no_grad()
-def evaluate(model: LatentModel, data: DataSource, *, objective: str = "marginal",
-             device: torch.device | str | None = None, seed: int = 0, ranks: Ranks | None = None,
-             progress: bool = False, desc: str = "eval", **kwargs: Any) -> dict[str, float]:
+def evaluate(
+    model: LatentModel,
+    data: DataSource,
+    *,
+    objective: str = "marginal",
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    ranks: Ranks | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+    **kwargs: Any,
+) -> dict[str, float]:
     """Corpus-level numbers of ``model`` on ``data`` under ``objective`` (``kwargs`` go to the loss).
 
     Returns, from :func:`~latentnlp.metrics.corpus_summary`: ``tokens``, ``examples``, every
@@ -53,8 +62,9 @@ def evaluate(model: LatentModel, data: DataSource, *, objective: str = "marginal
     model.reset_state()
     sums = MetricSums()
     start = time.time()
-    bar = progress_bar(progress, total=ranks.num_batches(data, train=False, stream=stream), desc=desc,
-                       leave=False, dynamic_ncols=True)
+    bar = progress_bar(
+        progress, total=ranks.num_batches(data, train=False, stream=stream), desc=desc, leave=False, dynamic_ncols=True
+    )
     try:
         with isolated_rng(seed + EVAL_SEED_STRIDE * (ranks.rank + 1), device):
             for _, batch in ranks.batches(data, 0, 0, train=False):
@@ -69,7 +79,8 @@ def evaluate(model: LatentModel, data: DataSource, *, objective: str = "marginal
     elif "neg_elbo" in result:
         result["loss"] = result["neg_elbo"]
     else:
-        raise ValueError(f"the model's Loss.metrics under {objective!r} must contain 'nll' or 'neg_elbo', "
-                         f"got {sorted(result)}")
+        raise ValueError(
+            f"the model's Loss.metrics under {objective!r} must contain 'nll' or 'neg_elbo', got {sorted(result)}"
+        )
     result["tokens_per_s"] = result["tokens"] / max(time.time() - start, 1e-9)
     return result

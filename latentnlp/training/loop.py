@@ -45,18 +45,18 @@ log = logging.getLogger(__name__)
 class _State:
     """Counters of a run; saved in every checkpoint."""
 
-    epoch: int = 0                # current epoch (0-based)
-    position: int = 0             # batches of this epoch's order already consumed (all ranks)
-    step: int = 0                 # optimiser updates made
-    skipped: int = 0              # batches skipped for a non-finite loss or gradient
+    epoch: int = 0  # current epoch (0-based)
+    position: int = 0  # batches of this epoch's order already consumed (all ranks)
+    step: int = 0  # optimiser updates made
+    skipped: int = 0  # batches skipped for a non-finite loss or gradient
     best_value: float = math.inf  # best validation value of the selection metric (per token)
     best_step: int = -1
     best_epoch: int = -1
     best_valid: dict[str, float] = field(default_factory=dict)
-    bad_evals: int = 0            # evaluations since the last improvement
+    bad_evals: int = 0  # evaluations since the last improvement
     last_eval_step: int = -1
     stopped_early: bool = False
-    elapsed: float = 0.0          # wall seconds spent in earlier sessions
+    elapsed: float = 0.0  # wall seconds spent in earlier sessions
 
 
 def _has_extra_state(module: torch.nn.Module) -> bool:
@@ -104,9 +104,16 @@ class Trainer:
     together to decide on skipping and to log), none otherwise between log windows.
     """
 
-    def __init__(self, model: LatentModel, config: TrainConfig, train_data: DataSource,
-                 valid_data: DataSource, test_data: DataSource | None = None, *,
-                 run_info: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: LatentModel,
+        config: TrainConfig,
+        train_data: DataSource,
+        valid_data: DataSource,
+        test_data: DataSource | None = None,
+        *,
+        run_info: Mapping[str, Any] | None = None,
+    ) -> None:
         self.config = config
         self.train_data, self.valid_data, self.test_data = train_data, valid_data, test_data
         self.run_info = dict(run_info or {})
@@ -121,8 +128,7 @@ class Trainer:
         self._train_stream = self.world_size > 1 and is_stream(train_data)
         self.steps_per_epoch = self.ranks.num_batches(train_data, train=True, stream=self._train_stream)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"train_data has {len(train_data)} batches, fewer than the "
-                             f"{self.world_size} ranks")
+            raise ValueError(f"train_data has {len(train_data)} batches, fewer than the {self.world_size} ranks")
         self.optimizer = make_optimizer(self.model, config)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scheduler = make_scheduler(self.optimizer, config, self.total_steps())
@@ -201,8 +207,14 @@ class Trainer:
         if self.out is None or self._counters() == self._saved:
             return
         self._saved = self._counters()
-        ranks = self.ranks.gather({"rng": get_rng_state(self.device), "window": self._window.totals(),
-                                   "window_loss": self._window_loss, "window_time": self._window_time})
+        ranks = self.ranks.gather(
+            {
+                "rng": get_rng_state(self.device),
+                "window": self._window.totals(),
+                "window_loss": self._window_loss,
+                "window_time": self._window_time,
+            }
+        )
         self.state.elapsed = self._wall()
         self._session_start = time.time()
         if self._log_file is not None:
@@ -230,8 +242,9 @@ class Trainer:
         self._saved = self._counters()
         ranks = payload["ranks"]
         if len(ranks) != self.world_size:
-            log.warning("checkpoint was written by %d ranks, resuming on %d: RNG streams differ",
-                        len(ranks), self.world_size)
+            log.warning(
+                "checkpoint was written by %d ranks, resuming on %d: RNG streams differ", len(ranks), self.world_size
+            )
         mine = ranks[self.rank % len(ranks)]
         set_rng_state(mine["rng"], self.device)
         self._window = MetricSums.from_totals(mine["window"])
@@ -240,22 +253,34 @@ class Trainer:
         if changed:
             log.warning("resuming %s with a changed config: %s", self.out, ", ".join(changed))
             if self.is_main:
-                run_dir.write_config(self.out, self._config_info(), step=self.state.step,
-                                     changed_on_resume=changed)
+                run_dir.write_config(self.out, self._config_info(), step=self.state.step, changed_on_resume=changed)
         if self._log_file is not None:  # drop events logged after the checkpoint: they are replayed
             self._log_file.truncate(payload["log_offset"])
         self.ranks.barrier()
-        log.info("resumed %s at epoch %d, position %d, step %d", self.out, self.state.epoch,
-                 self.state.position, self.state.step)
+        log.info(
+            "resumed %s at epoch %d, position %d, step %d",
+            self.out,
+            self.state.epoch,
+            self.state.position,
+            self.state.step,
+        )
 
     def _keep_best(self) -> None:
         if self.out is None:
             self._best_state = copy.deepcopy(self.model.state_dict())
         elif self.is_main:
-            atomic_save({"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
-                         "constructor": self._constructor(), "step": self.state.step,
-                         "epoch": self.state.epoch, "valid": self.state.best_valid,
-                         "select_on": self.select_on}, self.out / run_dir.BEST)
+            atomic_save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "model": self.model.state_dict(),
+                    "constructor": self._constructor(),
+                    "step": self.state.step,
+                    "epoch": self.state.epoch,
+                    "valid": self.state.best_valid,
+                    "select_on": self.select_on,
+                },
+                self.out / run_dir.BEST,
+            )
 
     def _restore_best(self) -> None:
         self.ranks.barrier()
@@ -266,8 +291,9 @@ class Trainer:
             self.model.load_state_dict(self._best_state)
 
     # ---- evaluation -----------------------------------------------------------------------
-    def evaluate(self, data: DataSource, *, objective: str | None = None,
-                 split: str | None = None, **kwargs: Any) -> dict[str, float]:
+    def evaluate(
+        self, data: DataSource, *, objective: str | None = None, split: str | None = None, **kwargs: Any
+    ) -> dict[str, float]:
         """Corpus-level numbers of the model on ``data`` (every rank gets the same dict).
 
         :func:`~latentnlp.training.evaluate` on this trainer's device and ranks, under the
@@ -281,28 +307,50 @@ class Trainer:
             objective = cfg.eval_objective or cfg.objective
             if not kwargs:
                 kwargs = dict(cfg.objective_kwargs if cfg.eval_kwargs is None else cfg.eval_kwargs)
-        result = evaluate(self.model, data, objective=objective, device=self.device, seed=cfg.seed,
-                          ranks=self.ranks, progress=self._bars, desc=split or "eval", **self._kwargs(kwargs))
+        result = evaluate(
+            self.model,
+            data,
+            objective=objective,
+            device=self.device,
+            seed=cfg.seed,
+            ranks=self.ranks,
+            progress=self._bars,
+            desc=split or "eval",
+            **self._kwargs(kwargs),
+        )
         if split is not None:
             selection = {"select_on": self.select_on} if split == "valid" else {}
-            self._log({"split": split, "event": "eval", "step": self.state.step,
-                       "epoch": self.state.epoch, **result, **selection, "lr": self._lr(),
-                       "skipped": self.state.skipped, "wall_time": self._wall()})
+            self._log(
+                {
+                    "split": split,
+                    "event": "eval",
+                    "step": self.state.step,
+                    "epoch": self.state.epoch,
+                    **result,
+                    **selection,
+                    "lr": self._lr(),
+                    "skipped": self.state.skipped,
+                    "wall_time": self._wall(),
+                }
+            )
         return result
 
     def _validate(self) -> None:
         """Evaluate on valid, keep the best model, count toward early stopping and plateau."""
         st, cfg = self.state, self.config
-        stream_states = {name: copy.deepcopy(m.get_extra_state())
-                         for name, m in self.model.named_modules() if _has_extra_state(m)}
+        stream_states = {
+            name: copy.deepcopy(m.get_extra_state()) for name, m in self.model.named_modules() if _has_extra_state(m)
+        }
         result = self.evaluate(self.valid_data, split="valid")
         for name, m in self.model.named_modules():  # training streams continue where they were
             if name in stream_states:
                 m.set_extra_state(stream_states[name])
         st.last_eval_step = st.step
         if self.select_on not in result:
-            raise ValueError(f"select_on={self.select_on!r}, but the validation objective gives "
-                             f"{sorted(k for k in result if k in ('nll', 'neg_elbo'))}")
+            raise ValueError(
+                f"select_on={self.select_on!r}, but the validation objective gives "
+                f"{sorted(k for k in result if k in ('nll', 'neg_elbo'))}"
+            )
         value = result[self.select_on]
         if value < st.best_value:
             st.best_value, st.best_step, st.best_epoch, st.bad_evals = value, st.step, st.epoch, 0
@@ -312,8 +360,12 @@ class Trainer:
             st.bad_evals += 1
             if cfg.patience is not None and st.bad_evals >= cfg.patience:
                 st.stopped_early = True
-                log.info("early stopping at step %d: no improvement of valid %s in %d evaluations",
-                         st.step, self.select_on, st.bad_evals)
+                log.info(
+                    "early stopping at step %d: no improvement of valid %s in %d evaluations",
+                    st.step,
+                    self.select_on,
+                    st.bad_evals,
+                )
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(value)
 
@@ -325,28 +377,36 @@ class Trainer:
         """One update; returns (update made, loss value, tokens).  Skips non-finite batches."""
         cfg, st = self.config, self.state
         tic = time.time()
-        loss = self._net(to_device(batch, self.device), objective=cfg.objective,
-                         **self._kwargs(cfg.objective_kwargs))
+        loss = self._net(to_device(batch, self.device), objective=cfg.objective, **self._kwargs(cfg.objective_kwargs))
         self.optimizer.zero_grad(set_to_none=True)
         loss.value.backward()
-        norm = torch.nn.utils.clip_grad_norm_(
-            self._params, max_norm=cfg.grad_clip if cfg.grad_clip else math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm=cfg.grad_clip if cfg.grad_clip else math.inf)
         value = loss.value.detach().to(torch.float64)
         bad = self.ranks.maximum((~torch.isfinite(value)).to(torch.float64))  # all ranks skip together
         tokens = loss.metrics["tokens"].detach().to(torch.float64).sum()
         value, norm_, tokens_, bad = torch.stack(  # the one device sync of the update
-            [value, norm.detach().to(torch.float64), tokens, bad]).tolist()
+            [value, norm.detach().to(torch.float64), tokens, bad]
+        ).tolist()
         if bad or not math.isfinite(norm_):
             self.optimizer.zero_grad(set_to_none=True)
             st.skipped += 1
             reason = "loss" if bad else "gradient"
             if self.is_main:
-                log.warning("skipping batch at position %d of epoch %d: non-finite %s",
-                            position, st.epoch, reason)
-            self._log({"split": "train", "event": "skip", "step": st.step, "epoch": st.epoch,
-                       "position": position, "reason": f"non-finite {reason}",
-                       "loss": value if math.isfinite(value) else repr(value),
-                       "skipped": st.skipped, "lr": self._lr(), "wall_time": self._wall()})
+                log.warning("skipping batch at position %d of epoch %d: non-finite %s", position, st.epoch, reason)
+            self._log(
+                {
+                    "split": "train",
+                    "event": "skip",
+                    "step": st.step,
+                    "epoch": st.epoch,
+                    "position": position,
+                    "reason": f"non-finite {reason}",
+                    "loss": value if math.isfinite(value) else repr(value),
+                    "skipped": st.skipped,
+                    "lr": self._lr(),
+                    "wall_time": self._wall(),
+                }
+            )
             return False, value, tokens_
         self.optimizer.step()
         if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
@@ -361,16 +421,26 @@ class Trainer:
 
     def _log_train(self) -> None:
         st = self.state
-        totals = self.ranks.sum({**self._window.totals(), "loss_sum": self._window_loss,
-                                 "seconds": self._window_time})
+        totals = self.ranks.sum({**self._window.totals(), "loss_sum": self._window_loss, "seconds": self._window_time})
         tokens = totals.get("tokens", 0.0)
         if tokens > 0:
             summary = corpus_summary({k: v for k, v in totals.items() if k not in ("loss_sum", "seconds")})
             seconds = totals["seconds"] / self.world_size
-            self._log({"split": "train", "event": "log", "step": st.step, "epoch": st.epoch,
-                       "position": st.position, **summary, "loss": totals["loss_sum"] / tokens,
-                       "tokens_per_s": tokens / max(seconds, 1e-9), "lr": self._lr(),
-                       "skipped": st.skipped, "wall_time": self._wall()})
+            self._log(
+                {
+                    "split": "train",
+                    "event": "log",
+                    "step": st.step,
+                    "epoch": st.epoch,
+                    "position": st.position,
+                    **summary,
+                    "loss": totals["loss_sum"] / tokens,
+                    "tokens_per_s": tokens / max(seconds, 1e-9),
+                    "lr": self._lr(),
+                    "skipped": st.skipped,
+                    "wall_time": self._wall(),
+                }
+            )
         self._window, self._window_loss, self._window_time = MetricSums(), 0.0, 0.0
 
     def _train_epoch(self) -> None:
@@ -381,10 +451,18 @@ class Trainer:
             self.model.reset_state()
         sharded = self.world_size > 1 and not self._train_stream
         done = st.position // self.world_size if sharded else st.position
-        end = (len(self.train_data) // self.world_size) * self.world_size if sharded \
-            else len(self.train_data)  # training drops the remainder a rank share leaves
-        bar = progress.bar(self._bars, total=self.steps_per_epoch, initial=done, unit="batch", leave=False,
-                           desc=f"epoch {st.epoch + 1}/{cfg.max_epochs}", dynamic_ncols=True)
+        end = (
+            (len(self.train_data) // self.world_size) * self.world_size if sharded else len(self.train_data)
+        )  # training drops the remainder a rank share leaves
+        bar = progress.bar(
+            self._bars,
+            total=self.steps_per_epoch,
+            initial=done,
+            unit="batch",
+            leave=False,
+            desc=f"epoch {st.epoch + 1}/{cfg.max_epochs}",
+            dynamic_ncols=True,
+        )
         tokens_seen, tic = 0.0, time.time()
         try:
             for position, batch in self.ranks.batches(self.train_data, st.epoch, st.position, True):
@@ -392,9 +470,9 @@ class Trainer:
                 updated, value, tokens = self._train_step(batch, position)
                 if not bar.disable:
                     tokens_seen += tokens
-                    bar.set_postfix(loss=f"{value:.4f}",
-                                    tok_s=f"{tokens_seen / max(time.time() - tic, 1e-9):.0f}",
-                                    refresh=False)
+                    bar.set_postfix(
+                        loss=f"{value:.4f}", tok_s=f"{tokens_seen / max(time.time() - tic, 1e-9):.0f}", refresh=False
+                    )
                 bar.update()
                 if not updated:
                     continue
@@ -455,12 +533,20 @@ class Trainer:
             test = self.evaluate(self.test_data, split="test")
         best_nll = st.best_valid.get("nll", math.nan)
         summary = {
-            "steps": st.step, "epochs": st.epoch, "skipped": st.skipped,
-            "stopped_early": st.stopped_early, "select_on": self.select_on, "best_step": st.best_step,
-            "best_epoch": st.best_epoch, "best_valid_nll": best_nll,
+            "steps": st.step,
+            "epochs": st.epoch,
+            "skipped": st.skipped,
+            "stopped_early": st.stopped_early,
+            "select_on": self.select_on,
+            "best_step": st.best_step,
+            "best_epoch": st.best_epoch,
+            "best_valid_nll": best_nll,
             "best_valid_ppl": perplexity(best_nll, 1.0) if math.isfinite(best_nll) else best_nll,
-            "valid": st.best_valid, "test": test, "resumed": resumed,
-            "wall_time": self._wall(), "output_dir": str(self.out) if self.out else None,
+            "valid": st.best_valid,
+            "test": test,
+            "resumed": resumed,
+            "wall_time": self._wall(),
+            "output_dir": str(self.out) if self.out else None,
         }
         if self.out is not None and self.is_main:
             run_dir.write_finished(self.out, summary)

@@ -46,8 +46,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
     plateau scheduler after every validation."""
     if config.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=config.decay_factor, patience=config.decay_patience,
-            threshold=0.0, min_lr=config.min_lr)
+            optimizer,
+            mode="min",
+            factor=config.decay_factor,
+            patience=config.decay_patience,
+            threshold=0.0,
+            min_lr=config.min_lr,
+        )
     schedule = lr_schedule(config, total_steps)
     if schedule is None:
         return None

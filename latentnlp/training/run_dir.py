@@ -47,7 +47,8 @@ def prepare(out: Path, overwrite: bool, is_main: bool) -> None:
     if (out / FINISHED).exists() and not overwrite:
         raise FinishedRunError(
             f"{out} holds a finished run ({FINISHED}); pass overwrite=True (--overwrite) to start "
-            f"afresh there, or delete {FINISHED} and raise max_steps / max_epochs to continue it")
+            f"afresh there, or delete {FINISHED} and raise max_steps / max_epochs to continue it"
+        )
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
@@ -58,12 +59,16 @@ def prepare(out: Path, overwrite: bool, is_main: bool) -> None:
 def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``{field: {"checkpoint": old, "now": new}}`` for the fields (of ``TrainConfig.to_dict``)
     that differ, leaving out those that do not change a result (device, progress, overwrite)."""
-    return {k: {"checkpoint": saved.get(k), "now": v} for k, v in sorted(now.items())
-            if k not in _UNRECORDED and saved.get(k) != v}
+    return {
+        k: {"checkpoint": saved.get(k), "now": v}
+        for k, v in sorted(now.items())
+        if k not in _UNRECORDED and saved.get(k) != v
+    }
 
 
-def write_config(out: Path, info: Mapping[str, Any], *, step: int,
-                 changed_on_resume: Mapping[str, Any] | None = None) -> None:
+def write_config(
+    out: Path, info: Mapping[str, Any], *, step: int, changed_on_resume: Mapping[str, Any] | None = None
+) -> None:
     """Write ``config.json``; a resume under a changed config appends ``{"step", "changes"}`` to
     the ``changed_on_resume`` list of the file it replaces."""
     info = dict(info)

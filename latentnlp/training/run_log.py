@@ -33,8 +33,8 @@ FIELDS: dict[str, str] = {
     "epoch": "the current epoch (0-based)",
     "position": "train: batches of the epoch's order consumed by all ranks",
     "loss": "per target token: log, the training objective's loss over the window; eval, the "
-            "evaluation's nll or neg_elbo (see select_on); skip, the skipped batch's loss "
-            "(its repr when not finite)",
+    "evaluation's nll or neg_elbo (see select_on); skip, the skipped batch's loss "
+    "(its repr when not finite)",
     "nll": "negative log-likelihood (exact or importance-weighted) per target token",
     "neg_elbo": "negative evidence lower bound per target token (bounds nll from above)",
     "ppl": "exp(nll): perplexity, when the objective gives an nll",
@@ -48,17 +48,26 @@ FIELDS: dict[str, str] = {
     "reason": "skip: 'non-finite loss' or 'non-finite gradient'",
     "select_on": "valid eval: the metric that selects best.pt",
     "*": "any other per-example metric m of the model, as m per token and m_per_example "
-         "(e.g. kl, kl_per_example, reconstruction)",
+    "(e.g. kl, kl_per_example, reconstruction)",
 }
 
 #: the fields every event of a kind carries
 REQUIRED: dict[str, tuple[str, ...]] = {
-    "log": ("split", "event", "step", "epoch", "position", "loss", "tokens", "tokens_per_s", "lr",
-            "skipped", "wall_time"),
-    "eval": ("split", "event", "step", "epoch", "loss", "tokens", "tokens_per_s", "lr", "skipped",
-             "wall_time"),
-    "skip": ("split", "event", "step", "epoch", "position", "reason", "loss", "lr", "skipped",
-             "wall_time"),
+    "log": (
+        "split",
+        "event",
+        "step",
+        "epoch",
+        "position",
+        "loss",
+        "tokens",
+        "tokens_per_s",
+        "lr",
+        "skipped",
+        "wall_time",
+    ),
+    "eval": ("split", "event", "step", "epoch", "loss", "tokens", "tokens_per_s", "lr", "skipped", "wall_time"),
+    "skip": ("split", "event", "step", "epoch", "position", "reason", "loss", "lr", "skipped", "wall_time"),
 }
 
 
@@ -103,8 +112,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def series(events: Iterable[Mapping[str, Any]], split: str, event: str, key: str) -> list[tuple[int, float]]:
     """``(step, event[key])`` of the events of that split and kind that carry ``key``, in order."""
-    return [(e["step"], e[key]) for e in events
-            if e.get("split") == split and e.get("event") == event and key in e]
+    return [(e["step"], e[key]) for e in events if e.get("split") == split and e.get("event") == event and key in e]
 
 
 def training_speed(run_dir: str | os.PathLike) -> float:

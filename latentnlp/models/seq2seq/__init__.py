@@ -5,5 +5,15 @@ from latentnlp.models.seq2seq.core import AttentionalEncoderDecoder, DecoderOutp
 from latentnlp.models.seq2seq.heads import CopyHead, LatentAttentionHead, Seq2SeqHead, SoftAttentionHead
 from latentnlp.models.seq2seq.objectives import AlignmentELBO, InferenceNetwork, Marginal
 
-__all__ = ["AlignmentELBO", "AttentionalEncoderDecoder", "CopyHead", "DecoderOutput", "DecoderState",
-           "InferenceNetwork", "LatentAttentionHead", "Marginal", "Seq2SeqHead", "SoftAttentionHead"]
+__all__ = [
+    "AlignmentELBO",
+    "AttentionalEncoderDecoder",
+    "CopyHead",
+    "DecoderOutput",
+    "DecoderState",
+    "InferenceNetwork",
+    "LatentAttentionHead",
+    "Marginal",
+    "Seq2SeqHead",
+    "SoftAttentionHead",
+]

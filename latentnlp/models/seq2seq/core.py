@@ -51,26 +51,37 @@ class DecoderState:
             return x.index_select(0, index)
 
         context = {k: pick(v) if isinstance(v, Tensor) else v for k, v in self.context.items()}
-        return replace(self, h=tuple(map(pick, self.h)), c=tuple(map(pick, self.c)), feed=pick(self.feed),
-                       memory=pick(self.memory), memory_mask=pick(self.memory_mask), context=context)
+        return replace(
+            self,
+            h=tuple(map(pick, self.h)),
+            c=tuple(map(pick, self.c)),
+            feed=pick(self.feed),
+            memory=pick(self.memory),
+            memory_mask=pick(self.memory_mask),
+            context=context,
+        )
 
 
 @dataclass
 class DecoderOutput:
     """Teacher-forced decoder outputs for a batch (see the module docstring)."""
 
-    memory: Tensor        # [B, S, H]
-    memory_mask: Tensor   # [B, S]     True at real source positions
-    hidden: Tensor        # [B, T, H]  decoder states h_t
-    log_alpha: Tensor     # [B, T, S]  prior alignments, -inf at padded sources
-    attentional: Tensor   # [B, T, H]  o_t (soft context), the fed vectors
-    target_mask: Tensor   # [B, T]     True at real target positions
+    memory: Tensor  # [B, S, H]
+    memory_mask: Tensor  # [B, S]     True at real source positions
+    hidden: Tensor  # [B, T, H]  decoder states h_t
+    log_alpha: Tensor  # [B, T, S]  prior alignments, -inf at padded sources
+    attentional: Tensor  # [B, T, H]  o_t (soft context), the fed vectors
+    target_mask: Tensor  # [B, T]     True at real target positions
 
     @property
     def context(self) -> dict[str, Tensor]:
         """The output heads' context: ``memory``, ``memory_mask``, ``log_alpha``, ``attentional``."""
-        return {"memory": self.memory, "memory_mask": self.memory_mask, "log_alpha": self.log_alpha,
-                "attentional": self.attentional}
+        return {
+            "memory": self.memory,
+            "memory_mask": self.memory_mask,
+            "log_alpha": self.log_alpha,
+            "attentional": self.attentional,
+        }
 
 
 class AttentionalEncoderDecoder(nn.Module):
@@ -88,9 +99,18 @@ class AttentionalEncoderDecoder(nn.Module):
     layer) and ``attention`` (score, ``o_t`` and the vocabulary read-out the heads use).
     """
 
-    def __init__(self, src_vocab_size: int, tgt_vocab_size: int, *, embedding_dim: int = 256,
-                 hidden_size: int = 256, num_layers: int = 1, attention: str = "mlp", dropout: float = 0.0,
-                 max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        *,
+        embedding_dim: int = 256,
+        hidden_size: int = 256,
+        num_layers: int = 1,
+        attention: str = "mlp",
+        dropout: float = 0.0,
+        max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+    ) -> None:
         super().__init__()
         if hidden_size % 2:
             raise ValueError(f"hidden_size must be even (two encoder directions), got {hidden_size}")
@@ -99,13 +119,25 @@ class AttentionalEncoderDecoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.src_embedding = nn.Embedding(src_vocab_size, embedding_dim)
         self.tgt_embedding = nn.Embedding(tgt_vocab_size, embedding_dim)
-        self.encoder = nn.LSTM(embedding_dim, hidden_size // 2, num_layers=num_layers, batch_first=True,
-                               bidirectional=True, dropout=dropout if num_layers > 1 else 0.0)
+        self.encoder = nn.LSTM(
+            embedding_dim,
+            hidden_size // 2,
+            num_layers=num_layers,
+            batch_first=True,
+            bidirectional=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
         self.decoder = nn.ModuleList(
-            nn.LSTMCell(embedding_dim + hidden_size if i == 0 else hidden_size, hidden_size)
-            for i in range(num_layers))
-        self.attention = LatentAttention(hidden_size, hidden_size, tgt_vocab_size, score=attention,
-                                         dropout=dropout, max_chunk_elements=max_chunk_elements)
+            nn.LSTMCell(embedding_dim + hidden_size if i == 0 else hidden_size, hidden_size) for i in range(num_layers)
+        )
+        self.attention = LatentAttention(
+            hidden_size,
+            hidden_size,
+            tgt_vocab_size,
+            score=attention,
+            dropout=dropout,
+            max_chunk_elements=max_chunk_elements,
+        )
 
     # ---- pieces ---------------------------------------------------------------------------------
     def embed_source(self, src: Tensor) -> Tensor:
@@ -119,8 +151,9 @@ class AttentionalEncoderDecoder(nn.Module):
     def encode(self, src: Tensor, src_lengths: Tensor) -> tuple[Tensor, Tensor, DecoderState]:
         """``memory [B, S, H]``, ``memory_mask [B, S]`` (True at real positions) and the first decoder state."""
         if src.dim() != 2 or src_lengths.shape != src.shape[:1]:
-            raise ValueError(f"src must be [B, S] with src_lengths [B], got {tuple(src.shape)} and "
-                             f"{tuple(src_lengths.shape)}")
+            raise ValueError(
+                f"src must be [B, S] with src_lengths [B], got {tuple(src.shape)} and {tuple(src_lengths.shape)}"
+            )
         if is_validating() and (bool((src_lengths < 1).any()) or bool((src_lengths > src.shape[1]).any())):
             raise ValueError(f"src_lengths must lie in 1..{src.shape[1]}, got {src_lengths.tolist()}")
         memory, (h, c) = encode_packed(self.encoder, self.embed_source(src), src_lengths, always_pack=True)
@@ -158,8 +191,9 @@ class AttentionalEncoderDecoder(nn.Module):
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, tgt_lengths: Tensor) -> DecoderOutput:
         """Teacher-forced decoding of ``tgt_in [B, T]`` (``<bos> y``) given ``src [B, S]``."""
         if tgt_in.dim() != 2 or tgt_lengths.shape != tgt_in.shape[:1]:
-            raise ValueError(f"tgt_in must be [B, T] with tgt_lengths [B], got {tuple(tgt_in.shape)} and "
-                             f"{tuple(tgt_lengths.shape)}")
+            raise ValueError(
+                f"tgt_in must be [B, T] with tgt_lengths [B], got {tuple(tgt_in.shape)} and {tuple(tgt_lengths.shape)}"
+            )
         if is_validating() and (bool((tgt_lengths < 1).any()) or bool((tgt_lengths > tgt_in.shape[1]).any())):
             raise ValueError(f"tgt_lengths must lie in 1..{tgt_in.shape[1]}, got {tgt_lengths.tolist()}")
         memory, mask, state = self.encode(src, src_lengths)
@@ -170,8 +204,14 @@ class AttentionalEncoderDecoder(nn.Module):
             hidden.append(top)
             log_alpha.append(la)
             attentional.append(o)
-        return DecoderOutput(memory, mask, torch.cat(hidden, 1), torch.cat(log_alpha, 1),
-                             torch.cat(attentional, 1), lengths_to_mask(tgt_lengths, tgt_in.shape[1]))
+        return DecoderOutput(
+            memory,
+            mask,
+            torch.cat(hidden, 1),
+            torch.cat(log_alpha, 1),
+            torch.cat(attentional, 1),
+            lengths_to_mask(tgt_lengths, tgt_in.shape[1]),
+        )
 
 
 def masked_sum(per_token: Tensor, mask: Tensor) -> Tensor:

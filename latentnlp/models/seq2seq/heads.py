@@ -72,8 +72,7 @@ class SoftAttentionHead(Seq2SeqHead):
         super().__init__()
         self.attention = attention
 
-    def log_prob(self, hidden: Tensor, targets: Tensor, *, memory: Tensor, log_alpha: Tensor,
-                 **context) -> Tensor:
+    def log_prob(self, hidden: Tensor, targets: Tensor, *, memory: Tensor, log_alpha: Tensor, **context) -> Tensor:
         """``[B, T]``; ``memory [B, S, H]``, ``log_alpha [B, T, S]`` (``-inf`` at padded sources)."""
         return self.attention.log_prob_given_context(hidden, torch.bmm(log_alpha.exp(), memory), targets)
 
@@ -91,8 +90,9 @@ class LatentAttentionHead(Seq2SeqHead):
         super().__init__()
         self.attention = attention
 
-    def log_prob(self, hidden: Tensor, targets: Tensor, *, memory: Tensor, memory_mask: Tensor,
-                 log_alpha: Tensor, **context) -> Tensor:
+    def log_prob(
+        self, hidden: Tensor, targets: Tensor, *, memory: Tensor, memory_mask: Tensor, log_alpha: Tensor, **context
+    ) -> Tensor:
         """``[B, T]``; ``memory [B, S, H]``, ``memory_mask [B, S]`` (True at real positions), ``log_alpha``."""
         return torch.logsumexp(log_alpha + self.emission_log_probs(hidden, targets, memory, memory_mask), -1)
 
@@ -124,8 +124,9 @@ class CopyHead(Seq2SeqHead):
         self.generator = generator
         self.shared_vocabulary, self.unk_id = shared_vocabulary, unk_id
 
-    def log_prob(self, hidden: Tensor, targets: Tensor, *, attentional: Tensor, log_alpha: Tensor,
-                 src_ext: Tensor, **context) -> Tensor:
+    def log_prob(
+        self, hidden: Tensor, targets: Tensor, *, attentional: Tensor, log_alpha: Tensor, src_ext: Tensor, **context
+    ) -> Tensor:
         """``[B, T]`` of extended-id ``targets``.
 
         ``attentional [B, T, H]`` (``o_t``), ``log_alpha [B, T, S]`` (``-inf`` at padded sources),
@@ -133,19 +134,28 @@ class CopyHead(Seq2SeqHead):
         """
         return self.generator.log_prob(attentional, targets, log_alpha=log_alpha, src_ext=src_ext)
 
-    def log_probs(self, hidden: Tensor, *, attentional: Tensor, log_alpha: Tensor, src_ext: Tensor,
-                  extended_size: int | None = None, **context) -> Tensor:
+    def log_probs(
+        self,
+        hidden: Tensor,
+        *,
+        attentional: Tensor,
+        log_alpha: Tensor,
+        src_ext: Tensor,
+        extended_size: int | None = None,
+        **context,
+    ) -> Tensor:
         """``[B, T, V_ext]``; arguments as in :meth:`log_prob`, ``extended_size`` = ``V_ext``."""
-        return self.generator.log_probs(attentional, log_alpha=log_alpha, src_ext=src_ext,
-                                        extended_size=extended_size)
+        return self.generator.log_probs(attentional, log_alpha=log_alpha, src_ext=src_ext, extended_size=extended_size)
 
     def batch_context(self, batch: Batch) -> dict[str, Tensor]:
         if "src_ext" in batch:
             return {"src_ext": batch["src_ext"]}
         if self.shared_vocabulary:
             return {"src_ext": batch["src"]}
-        raise ValueError("the copy head needs batch['src_ext'] (source tokens as target ids) when the "
-                         "source and target vocabularies differ")
+        raise ValueError(
+            "the copy head needs batch['src_ext'] (source tokens as target ids) when the "
+            "source and target vocabularies differ"
+        )
 
     def batch_targets(self, batch: Batch) -> Tensor:
         return batch.get("tgt_out_ext", batch["tgt_out"])
@@ -153,8 +163,10 @@ class CopyHead(Seq2SeqHead):
     def decoding_context(self, batch: Batch, memory_mask: Tensor) -> dict[str, object]:
         """``src_ext`` and one extended vocabulary size for the whole batch."""
         src_ext = self.batch_context(batch)["src_ext"]
-        return {"src_ext": src_ext,
-                "extended_size": max(self.generator.vocab_size, int(src_ext[memory_mask].max()) + 1)}
+        return {
+            "src_ext": src_ext,
+            "extended_size": max(self.generator.vocab_size, int(src_ext[memory_mask].max()) + 1),
+        }
 
     def decoder_input(self, tokens: Tensor) -> Tensor:
         """Source-only ids (``>= V``) become ``unk_id``."""

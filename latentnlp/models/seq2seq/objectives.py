@@ -34,34 +34,68 @@ from latentnlp.models.base import ELBO, Batch, UnsupportedObjectiveError
 from latentnlp.models.seq2seq.core import AttentionalEncoderDecoder, DecoderOutput, masked_sum
 from latentnlp.models.seq2seq.heads import LatentAttentionHead, Seq2SeqHead
 
-__all__ = ["AlignmentELBO", "InferenceNetwork", "Marginal", "enumerate_alignments", "relax_alignments",
-           "sample_alignments"]
+__all__ = [
+    "AlignmentELBO",
+    "InferenceNetwork",
+    "Marginal",
+    "enumerate_alignments",
+    "relax_alignments",
+    "sample_alignments",
+]
 
 AlignmentEstimator = Callable[..., estimators.Estimate]
 
 
-def enumerate_alignments(head: LatentAttentionHead, run: DecoderOutput, targets: Tensor, q: MaskedCategorical,
-                         *, num_samples: int = 1, baseline: Tensor | None = None) -> estimators.Estimate:
+def enumerate_alignments(
+    head: LatentAttentionHead,
+    run: DecoderOutput,
+    targets: Tensor,
+    q: MaskedCategorical,
+    *,
+    num_samples: int = 1,
+    baseline: Tensor | None = None,
+) -> estimators.Estimate:
     """``sum_m q(z_t = m) log p(y_t | h_t, s_m)``: :func:`latentnlp.estimators.exact` over the ``S`` positions."""
     emission = head.emission_log_probs(run.hidden, targets, run.memory, run.memory_mask)
     return estimators.exact(emission, q)
 
 
-def sample_alignments(head: LatentAttentionHead, run: DecoderOutput, targets: Tensor, q: MaskedCategorical,
-                      *, num_samples: int = 1, baseline: Tensor | None = None) -> estimators.Estimate:
+def sample_alignments(
+    head: LatentAttentionHead,
+    run: DecoderOutput,
+    targets: Tensor,
+    q: MaskedCategorical,
+    *,
+    num_samples: int = 1,
+    baseline: Tensor | None = None,
+) -> estimators.Estimate:
     """:func:`latentnlp.estimators.score_function` with ``f(z) = log p(y_t | h_t, s_{z_t})``, ``baseline [B, T]``."""
     return estimators.score_function(
-        lambda z: head.attention.log_prob_at(run.hidden, run.memory, z, targets), q,
-        baseline=baseline, num_samples=num_samples)
+        lambda z: head.attention.log_prob_at(run.hidden, run.memory, z, targets),
+        q,
+        baseline=baseline,
+        num_samples=num_samples,
+    )
 
 
-def relax_alignments(head: LatentAttentionHead, run: DecoderOutput, targets: Tensor, q: MaskedCategorical,
-                     *, num_samples: int = 1, baseline: Tensor | None = None,
-                     tau: float = 1.0) -> estimators.Estimate:
+def relax_alignments(
+    head: LatentAttentionHead,
+    run: DecoderOutput,
+    targets: Tensor,
+    q: MaskedCategorical,
+    *,
+    num_samples: int = 1,
+    baseline: Tensor | None = None,
+    tau: float = 1.0,
+) -> estimators.Estimate:
     """:func:`latentnlp.estimators.relaxed` (straight-through) with ``f(z) = log p(y_t | h_t, z_t^T s)``."""
     return estimators.relaxed(
         lambda z: head.attention.log_prob_given_context(run.hidden, torch.matmul(z, run.memory), targets),
-        q.logits, tau, hard=True, num_samples=num_samples)
+        q.logits,
+        tau,
+        hard=True,
+        num_samples=num_samples,
+    )
 
 
 class Marginal(nn.Module):
@@ -91,10 +125,12 @@ class InferenceNetwork(nn.Module):
 
     def forward(self, core: AttentionalEncoderDecoder, batch: Batch) -> tuple[MaskedCategorical, Tensor]:
         """``q`` with batch shape ``[B, T]`` and the target-side states ``g [B, T, H]`` it was computed from."""
-        src_states, _ = encode_packed(self.src_encoder, core.embed_source(batch["src"]), batch["src_lengths"],
-                                      always_pack=True)
-        tgt_states, _ = encode_packed(self.tgt_encoder, core.embed_target(batch["tgt_out"]), batch["tgt_lengths"],
-                                      always_pack=True)
+        src_states, _ = encode_packed(
+            self.src_encoder, core.embed_source(batch["src"]), batch["src_lengths"], always_pack=True
+        )
+        tgt_states, _ = encode_packed(
+            self.tgt_encoder, core.embed_target(batch["tgt_out"]), batch["tgt_lengths"], always_pack=True
+        )
         scores = torch.bmm(self.score(tgt_states), src_states.transpose(1, 2))
         mask = lengths_to_mask(batch["src_lengths"], batch["src"].shape[1])
         return MaskedCategorical(scores, mask[:, None, :], validate_args=False), tgt_states
@@ -122,19 +158,28 @@ class AlignmentELBO(nn.Module):
         self.inference = InferenceNetwork(embedding_dim, hidden_size)
         self.baseline = None
         if estimator == "score_function":
-            self.baseline = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.Tanh(),
-                                          nn.Linear(hidden_size, 1))
+            self.baseline = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, 1))
         self._estimators: dict[str, AlignmentEstimator] = {
-            "exact": enumerate_alignments, "score_function": sample_alignments,
-            "gumbel_softmax": partial(relax_alignments, tau=tau)}
+            "exact": enumerate_alignments,
+            "score_function": sample_alignments,
+            "gumbel_softmax": partial(relax_alignments, tau=tau),
+        }
         self.estimator = self._estimators[estimator]
 
     def approximate_posterior(self, core: AttentionalEncoderDecoder, batch: Batch) -> tuple[MaskedCategorical, Tensor]:
         return self.inference(core, batch)
 
-    def elbo(self, core: AttentionalEncoderDecoder, head: LatentAttentionHead, batch: Batch, *,
-             estimator: str | None = None, num_samples: int = 1, kl_weight: float = 1.0,
-             q: MaskedCategorical | None = None) -> ELBO:
+    def elbo(
+        self,
+        core: AttentionalEncoderDecoder,
+        head: LatentAttentionHead,
+        batch: Batch,
+        *,
+        estimator: str | None = None,
+        num_samples: int = 1,
+        kl_weight: float = 1.0,
+        q: MaskedCategorical | None = None,
+    ) -> ELBO:
         """Per-example ELBO; ``estimator`` names another of :attr:`ESTIMATORS` for this call, ``q`` replaces
         the inference network (then no baseline).  ``surrogate = estimate - kl_weight * KL``."""
         if estimator is None:
@@ -156,5 +201,6 @@ class AlignmentELBO(nn.Module):
         estimate = estimate_fn(head, run, targets, q, num_samples=num_samples, baseline=baseline)
         reconstruction = masked_sum(estimate.surrogate, run.target_mask)
         surrogate = masked_sum(estimate.objective, run.target_mask)
-        return ELBO(value=reconstruction - kl, reconstruction=reconstruction, kl=kl,
-                    surrogate=surrogate - kl_weight * kl)
+        return ELBO(
+            value=reconstruction - kl, reconstruction=reconstruction, kl=kl, surrogate=surrogate - kl_weight * kl
+        )
