@@ -412,7 +412,11 @@ def _bad_calls():
     empty = torch.tensor([[True, True, False, False], [False, False, False, False]])
     ignored_first = torch.tensor([[0, 0, 0, 0], [0, -100, 1, -100]])
     all_ignored = torch.tensor([[0, 0, 0, 0], [-100, -100, -100, -100]])
+    diverged = ChainCRF(3)
+    with torch.no_grad():
+        diverged.transitions[1, 2] = float("nan")
     return [
+        (lambda: diverged.loss(x, tags), r"transitions must be finite, got 1 NaN or inf entries"),
         (lambda: crf.loss(x[0], tags), r"emissions must have shape \[B, T, K\].*got shape \(4, 3\)"),
         (lambda: crf.decode(torch.randn(2, 4, 5)), r"emissions .*K = num_tags = 3, got shape \(2, 4, 5\)"),
         (lambda: crf.marginals(x.long()), r"emissions must be a floating-point tensor, got torch.int64"),

@@ -144,12 +144,10 @@ class ChainCRF(nn.Module):
         mask = self._real_mask(emissions, lengths_or_mask)
         if ignore_index is not None:
             mask = self._drop_ignored(mask, tags, ignore_index)
-        if self._validating():
+        if self._validating() and (mask & ((tags < 0) | (tags >= self.num_tags))).any():
             real = tags[mask]
-            if real.numel() and (real.min() < 0 or real.max() >= self.num_tags):
-                raise ValueError(f"tags must lie in 0..{self.num_tags - 1} at real positions (or equal "
-                                 f"ignore_index={ignore_index}), got values from {int(real.min())} to "
-                                 f"{int(real.max())}")
+            raise ValueError(f"tags must lie in 0..{self.num_tags - 1} at real positions (or equal "
+                             f"ignore_index={ignore_index}), got values from {int(real.min())} to {int(real.max())}")
         posterior = self._posterior(emissions, mask.sum(-1))
         tags = torch.where(mask, tags, torch.zeros_like(tags)).long()
         nll = -posterior.log_prob(tags)
@@ -208,7 +206,14 @@ class ChainCRF(nn.Module):
         rows = torch.arange(emissions.shape[0], device=emissions.device)
         last = lengths - 1
         emit = emissions.index_put((rows, last), emissions[rows, last] + end)  # out of place
-        return ChainPosterior(start, trans, emit, lengths, validate_args=self.validate_args)
+        if self._validating():
+            for name, p in (("transitions", self.transitions), ("start_transitions", self.start_transitions),
+                            ("end_transitions", self.end_transitions)):
+                if not bool(torch.isfinite(p).all()):
+                    raise ValueError(f"{name} must be finite, got {int((~torch.isfinite(p)).sum())} NaN or inf "
+                                     f"entries (a diverged training step?)")
+        # the emissions were checked above, the parameters here: the chain need not check them again
+        return ChainPosterior(start, trans, emit, lengths, validate_args=False)
 
     # ---- inputs ------------------------------------------------------------------------------
     def _validating(self) -> bool:
