@@ -268,6 +268,20 @@ def test_time_first_layout_agrees_with_batch_first():
     close(time_first.marginals(emissions.transpose(0, 1), mask.T), ours.marginals(emissions, mask).transpose(0, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_emissions_are_computed_in_float32(dtype):
+    B, T, K = 3, 5, 4
+    crf = make_crf(K, seed=6).float()
+    emissions, lengths, gen = make_inputs(B, T, K, seed=6)
+    tags = torch.randint(K, (B, T), generator=gen)
+    half = emissions.to(dtype).requires_grad_()
+    loss = crf.loss(half, tags, lengths, reduction="none")
+    loss.sum().backward()
+    assert loss.dtype == torch.float32 and half.grad.dtype == dtype
+    close(loss, crf.loss(half.detach().float(), tags, lengths, reduction="none"), tol=1e-5)
+    assert torch.equal(crf.decode(half, lengths), crf.decode(half.detach().float(), lengths))
+
+
 # ---------------------------------------------------------------------------------------- pytorch-crf
 torchcrf = pytest.importorskip("torchcrf")
 

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from latentnlp.precision import computation_dtype
 from latentnlp.structures import ChainPosterior
 from latentnlp.validation import is_validating
 
@@ -64,7 +65,8 @@ class ChainCRF(nn.Module):
     Every method takes ``lengths_or_mask``: ``None`` (every position real), ``lengths [B]``
     (integer, each in ``1..T``), or a bool mask (``[B, T]``, or ``[T, B]`` time first) that is
     True at real tokens and False at padding, and must be a prefix mask (each row's real tokens
-    come first).  Padding never changes a value or a gradient.
+    come first).  Padding never changes a value or a gradient.  Half-precision emissions are
+    computed in float32 (results in float32, gradients in the emissions' dtype).
     """
 
     def __init__(self, num_tags: int, constraints: Tensor | tuple | None = None, batch_first: bool = True,
@@ -203,9 +205,10 @@ class ChainCRF(nn.Module):
         trans = _allowed_or_impossible(self.transitions, self.allowed_transitions)
         start = _allowed_or_impossible(self.start_transitions, self.allowed_start)
         end = _allowed_or_impossible(self.end_transitions, self.allowed_end)
+        emissions = emissions.to(computation_dtype(emissions.dtype, trans.dtype))  # half: float32
         rows = torch.arange(emissions.shape[0], device=emissions.device)
         last = lengths - 1
-        emit = emissions.index_put((rows, last), emissions[rows, last] + end)  # out of place
+        emit = emissions.index_put((rows, last), emissions[rows, last] + end.to(emissions.dtype))  # out of place
         if self._validating():
             for name, p in (("transitions", self.transitions), ("start_transitions", self.start_transitions),
                             ("end_transitions", self.end_transitions)):
