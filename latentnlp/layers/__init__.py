@@ -3,6 +3,7 @@ latent variable (expert, alignment, copy switch) summed out exactly.  Each outpu
 :class:`OutputHead` (``log_prob`` / ``log_probs``); ``encode_packed`` runs an LSTM over a padded batch."""
 
 from latentnlp.layers.copy_generator import CopyGenerator, CopyOutput
+from latentnlp.layers.crf import ChainCRF, bio_constraints, bioes_constraints
 from latentnlp.layers.encoders import encode_packed
 from latentnlp.layers.latent_attention import LatentAttention, LatentAttentionOutput
 from latentnlp.layers.mixture_of_softmaxes import MixtureOfSoftmaxes
@@ -10,6 +11,7 @@ from latentnlp.layers.output_head import OutputHead
 from latentnlp.layers.softmax_output import SoftmaxOutput
 
 __all__ = [
+    "ChainCRF",
     "CopyGenerator",
     "CopyOutput",
     "LatentAttention",
@@ -17,5 +19,7 @@ __all__ = [
     "MixtureOfSoftmaxes",
     "OutputHead",
     "SoftmaxOutput",
+    "bio_constraints",
+    "bioes_constraints",
     "encode_packed",
 ]
