@@ -10,7 +10,7 @@ A chain of length ``T`` over ``K`` states scores a state sequence
 
 and the kernels here compute ``log Z = log sum_z exp s(z)`` and friends.
 
-Shapes (batch first, :doc:`DESIGN`): ``init [B, K]``, ``emit [B, T, K]``, ``lengths [B]`` and
+Shapes (batch first, :doc:`/design`): ``init [B, K]``, ``emit [B, T, K]``, ``lengths [B]`` and
 the transition a :class:`~latentnlp.transitions.Transition` (dense ``[K, K]``, ``[B, K, K]``,
 ``[B, T-1, K, K]``, or low rank); the kernels only use its operations, so every algorithm
 below that does not say "dense" runs through a low-rank transition's factors.  Callers
