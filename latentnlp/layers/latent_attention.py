@@ -47,6 +47,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from latentnlp.families import MaskedCategorical
+from latentnlp.layers.checks import (
+    IGNORE_INDEX,
+    check_finite,
+    check_log_alpha,
+    check_memory_mask,
+    check_target_range,
+    ignored_targets,
+    resolve_memory_mask,
+)
 from latentnlp.layers.chunked_softmax import log_softmax_linear
 from latentnlp.precision import upcast
 
@@ -142,12 +151,34 @@ class LatentAttention(nn.Module):
             memory = self.score_weight(memory)
         return torch.bmm(query, memory.transpose(1, 2))
 
-    def alignment(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None = None) -> MaskedCategorical:
-        """The prior ``p(z_t | h_t, s)``: a :class:`MaskedCategorical` with batch shape ``[B, T]``.
+    def alignment(
+        self,
+        query: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None = None,
+        *,
+        key_padding_mask: Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> MaskedCategorical:
+        """The prior ``p(z_t | h_t, s)``.
 
-        ``memory_mask [B, S]``: True at real source positions (``None``: all real).
+        Args:
+            query: ``[B, T, H]`` float decoder states.
+            memory: ``[B, S, H_s]`` float source states, ``S >= 1``.
+            memory_mask: ``[B, S]`` bool, **True at real positions** (``None``: all real).
+            key_padding_mask: ``[B, S]`` bool, True at padding (``nn.MultiheadAttention``'s polarity);
+                instead of ``memory_mask``, not with it.
+            validate_args: overrides the validation switch for the value checks (e.g. ``False`` in a
+                decoder loop that checked its source once).
+
+        Returns:
+            A :class:`MaskedCategorical` with batch shape ``[B, T]`` over ``S`` positions
+            (``.logits`` is ``log alpha [B, T, S]``, ``-inf`` at padding).
         """
-        self._check(query, memory, memory_mask)
+        memory_mask = self._check(query, memory, memory_mask, key_padding_mask, validate_args=validate_args)
+        return self._prior(query, memory, memory_mask)
+
+    def _prior(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None) -> MaskedCategorical:
         mask = None if memory_mask is None else memory_mask[:, None, :]
         return MaskedCategorical(self.scores(query, memory), mask, validate_args=False)
 
@@ -180,13 +211,29 @@ class LatentAttention(nn.Module):
         return self.log_prob_given_context(query, context, targets)
 
     def emission_log_probs(
-        self, query: Tensor, memory: Tensor, targets: Tensor, memory_mask: Tensor | None = None
+        self,
+        query: Tensor,
+        memory: Tensor,
+        targets: Tensor,
+        memory_mask: Tensor | None = None,
+        *,
+        key_padding_mask: Tensor | None = None,
     ) -> Tensor:
-        """``log p(y_t | h_t, s_m)`` for every source position: ``[B, T, S]``.
+        """``log p(y_t | h_t, s_m)`` for every source position.
 
-        ``-inf`` where ``memory_mask [B, S]`` is False (padding; True at real positions).
+        Args:
+            query: ``[B, T, H]`` float decoder states.
+            memory: ``[B, S, H_s]`` float source states.
+            targets: ``[B, T]`` long ids in ``0..V-1`` (ignored ids must be replaced first).
+            memory_mask: ``[B, S]`` bool, True at real positions; or ``key_padding_mask`` (True at padding).
+
+        Returns:
+            ``[B, T, S]`` float, ``-inf`` at padded source positions.
         """
-        self._check(query, memory, memory_mask, targets)
+        memory_mask = self._check(query, memory, memory_mask, key_padding_mask, targets)
+        return self._emission_log_probs(query, memory, targets, memory_mask)
+
+    def _emission_log_probs(self, query: Tensor, memory: Tensor, targets: Tensor, memory_mask: Tensor | None) -> Tensor:
         o = self.attentional_hidden(query[:, :, None, :], memory[:, None, :, :])  # [B, T, S, D]
         B, T, S, D = o.shape
         rows = self.block_rows(self.vocab_size, self.max_chunk_elements)
@@ -202,7 +249,16 @@ class LatentAttention(nn.Module):
         return out
 
     def marginal_log_probs(self, query: Tensor, memory: Tensor, log_alpha: Tensor) -> Tensor:
-        """Exact ``log p(y | h_t, s) = logsumexp_m (log alpha_tm + log p(y | h_t, s_m))``, ``[B, T, V]``."""
+        """Exact ``log p(y | h_t, s) = logsumexp_m (log alpha_tm + log p(y | h_t, s_m))``.
+
+        Args:
+            query: ``[B, T, H]`` float decoder states.
+            memory: ``[B, S, H_s]`` float source states.
+            log_alpha: ``[B, T, S]`` normalised alignment log-probabilities, ``-inf`` at padding.
+
+        Returns:
+            ``[B, T, V]`` float log-probabilities.
+        """
         hq = self.out_query(query)
         hk = self.out_context(memory)
         # finite stand-in for -inf: a chunk of padded positions must not give logsumexp(-inf...)
@@ -221,20 +277,37 @@ class LatentAttention(nn.Module):
         memory_mask: Tensor | None = None,
         targets: Tensor | None = None,
         *,
+        key_padding_mask: Tensor | None = None,
         full: bool = False,
         log_alpha: Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
     ) -> LatentAttentionOutput:
-        """Marginal log-probabilities of ``targets [B, T]`` (and of the whole vocabulary if ``full``).
+        """Marginal log-probabilities of ``targets`` (and of the whole vocabulary if ``full``).
 
-        ``memory_mask [B, S]`` is True at real source positions (``None``: all real).
-        ``log_alpha`` may pass in an alignment already computed (e.g. by a decoder loop that needed
-        it for input feeding); it must be ``alignment(query, memory, memory_mask).logits``.
+        Args:
+            query: ``[B, T, H]`` float decoder states (finite; checked when validating).
+            memory: ``[B, S, H_s]`` float source states, ``S >= 1`` (finite; checked when validating).
+            memory_mask: ``[B, S]`` bool, **True at real positions** (``None``: all real); every row
+                needs one real position (checked when validating).
+            targets: ``[B, T]`` long ids in ``0..V-1`` or ``ignore_index`` (optional).
+            key_padding_mask: ``[B, S]`` bool, True at padding (``nn.MultiheadAttention``'s polarity);
+                instead of ``memory_mask``, not with it.
+            full: also return the whole marginal ``[B, T, V]`` (always when ``targets`` is None).
+            log_alpha: ``[B, T, S]`` an alignment already computed (e.g. by a decoder loop that
+                needed it for input feeding): ``alignment(query, memory, memory_mask).logits``,
+                normalised over ``S`` and ``-inf`` at padding (checked when validating).
+            ignore_index: targets equal to it get log-probability 0 (and no gradient).
+
+        Returns:
+            A :class:`LatentAttentionOutput`; fields not asked for are ``None``.
         """
-        self._check(query, memory, memory_mask, targets)
+        memory_mask = self._check(query, memory, memory_mask, key_padding_mask, targets, ignore_index, log_alpha)
         if log_alpha is None:
-            log_alpha = self.alignment(query, memory, memory_mask).logits
+            log_alpha = self._prior(query, memory, memory_mask).logits
         context = torch.bmm(log_alpha.exp(), memory)
-        log_prob = log_probs = log_emission = None
+        log_prob = log_probs = log_emission = ignored = None
+        if targets is not None:
+            ignored, targets = ignored_targets(targets, ignore_index)
         if self.mode == "soft":
             if full or targets is None:
                 log_probs = self.log_prob_given_context(query, context)
@@ -244,10 +317,13 @@ class LatentAttention(nn.Module):
                 log_prob = self.log_prob_given_context(query, context, targets)
         else:
             if targets is not None:
-                log_emission = self.emission_log_probs(query, memory, targets, memory_mask)
+                log_emission = self._emission_log_probs(query, memory, targets, memory_mask)
+                log_emission = log_emission.masked_fill(ignored[..., None], 0.0)
                 log_prob = torch.logsumexp(log_alpha + log_emission, dim=-1)
             if full or targets is None:
                 log_probs = self.marginal_log_probs(query, memory, log_alpha)
+        if log_prob is not None:
+            log_prob = log_prob.masked_fill(ignored, 0.0)
         return LatentAttentionOutput(log_prob, log_probs, log_alpha, log_emission, context)
 
     def log_prob(
@@ -257,15 +333,34 @@ class LatentAttention(nn.Module):
         *,
         memory: Tensor,
         memory_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
         log_alpha: Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
         **context,
     ) -> Tensor:
-        """:class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(targets | ...)`` ``[B, T]``.
+        """The :class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(targets | ...)``.
 
-        ``query [B, T, H]``, ``targets [B, T]``, ``memory [B, S, H_s]``, ``memory_mask [B, S]`` (True at
-        real source positions), ``log_alpha [B, T, S]`` as in :meth:`forward`; ``context`` is unused.
+        Args:
+            query: ``[B, T, H]`` float decoder states.
+            targets: ``[B, T]`` long ids in ``0..V-1`` or ``ignore_index``.
+            memory: ``[B, S, H_s]`` float source states.
+            memory_mask: ``[B, S]`` bool, True at real positions; or ``key_padding_mask`` (True at padding).
+            log_alpha: ``[B, T, S]`` optional precomputed alignment, as in :meth:`forward`.
+            ignore_index: targets equal to it get log-probability 0 (and no gradient).
+            **context: unused.
+
+        Returns:
+            ``[B, T]`` float log-probabilities (0 where ignored).
         """
-        return self(query, memory, memory_mask, targets, log_alpha=log_alpha).log_prob
+        return self(
+            query,
+            memory,
+            memory_mask,
+            targets,
+            key_padding_mask=key_padding_mask,
+            log_alpha=log_alpha,
+            ignore_index=ignore_index,
+        ).log_prob
 
     def log_probs(
         self,
@@ -273,14 +368,21 @@ class LatentAttention(nn.Module):
         *,
         memory: Tensor,
         memory_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
         log_alpha: Tensor | None = None,
         **context,
     ) -> Tensor:
-        """:class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(. | ...)`` ``[B, T, V]``.
+        """The :class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(. | ...)``.
 
-        Arguments as in :meth:`log_prob` (``memory_mask`` True at real source positions).
+        Args:
+            As in :meth:`log_prob` (no targets).
+
+        Returns:
+            ``[B, T, V]`` float log-probabilities, ``logsumexp`` over the last dim 0.
         """
-        return self(query, memory, memory_mask, full=True, log_alpha=log_alpha).log_probs
+        return self(
+            query, memory, memory_mask, key_padding_mask=key_padding_mask, full=True, log_alpha=log_alpha
+        ).log_probs
 
     # ---- internals ---------------------------------------------------------------------------
     def _block(self, hq: Tensor, hk: Tensor) -> Tensor:
@@ -315,15 +417,35 @@ class LatentAttention(nn.Module):
                 parts.append(fn(hq, hk_c, alpha_c))
         return parts
 
-    def _check(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None, targets: Tensor | None = None) -> None:
+    def _check(
+        self,
+        query: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None,
+        key_padding_mask: Tensor | None = None,
+        targets: Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        log_alpha: Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> Tensor | None:
+        """Check the inputs (values only when validating); return the mask True at real positions."""
+        name = type(self).__name__
         if query.dim() != 3 or query.shape[-1] != self.query_dim:
-            raise ValueError(f"query must be [B, T, {self.query_dim}], got {tuple(query.shape)}")
+            raise ValueError(f"{name}: query must be [B, T, {self.query_dim}], got {tuple(query.shape)}")
         if memory.dim() != 3 or memory.shape[-1] != self.memory_dim or memory.shape[0] != query.shape[0]:
-            raise ValueError(f"memory must be [B={query.shape[0]}, S, {self.memory_dim}], got {tuple(memory.shape)}")
-        if memory_mask is not None and (memory_mask.dtype != torch.bool or memory_mask.shape != memory.shape[:2]):
             raise ValueError(
-                f"memory_mask must be bool [B, S] = {tuple(memory.shape[:2])}, got "
-                f"{memory_mask.dtype} {tuple(memory_mask.shape)}"
+                f"{name}: memory must be [B={query.shape[0]}, S, {self.memory_dim}], got {tuple(memory.shape)}"
             )
-        if targets is not None and targets.shape != query.shape[:2]:
-            raise ValueError(f"targets must be [B, T] = {tuple(query.shape[:2])}, got {tuple(targets.shape)}")
+        memory_mask = resolve_memory_mask(self, memory_mask, key_padding_mask)
+        check_memory_mask(self, memory_mask, tuple(memory.shape[:2]), validate_args)
+        if targets is not None:
+            if targets.shape != query.shape[:2] or targets.dtype != torch.long:
+                raise ValueError(
+                    f"{name}: targets must be a LongTensor [B, T] = {tuple(query.shape[:2])}, "
+                    f"got {targets.dtype} {tuple(targets.shape)}"
+                )
+            check_target_range(self, targets, self.vocab_size, ignore_index, validate_args=validate_args)
+        check_finite(self, validate_args, query=query, memory=memory)
+        if log_alpha is not None:
+            check_log_alpha(self, log_alpha, (query.shape[0], query.shape[1], memory.shape[1]), validate_args)
+        return memory_mask

@@ -17,7 +17,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from latentnlp.layers.checks import check_activation, check_hidden
+from latentnlp.layers.checks import (
+    IGNORE_INDEX,
+    check_activation,
+    check_finite,
+    check_hidden,
+    check_target_range,
+    ignored_targets,
+)
 from latentnlp.layers.chunked_softmax import logsumexp_linear, target_logits
 from latentnlp.layers.softmax_output import ACTIVATIONS
 from latentnlp.precision import upcast
@@ -113,10 +120,18 @@ class MixtureOfSoftmaxes(nn.Module):
 
     # ---- outputs --------------------------------------------------------------------------
     def log_probs(self, hidden: Tensor, chunk_size: int | None = None, **context) -> Tensor:
-        """``log p(. | h)`` ``[..., V]``; ``chunk_size`` (or the layer's) mixes experts one at a time.
+        """The :class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(. | h)``, expert summed out.
 
-        The :class:`~latentnlp.layers.output_head.OutputHead` method (``context`` is unused).
+        Args:
+            hidden: ``[..., H]`` float decoder states (finite; checked when validating).
+            chunk_size: overrides the layer's; when set the experts are mixed one at a time
+                (never more than ``[..., V]`` scores held).
+            **context: unused.
+
+        Returns:
+            ``[..., V]`` float log-probabilities, ``logsumexp`` over the last dim 0.
         """
+        check_finite(self, hidden=hidden)
         log_pi = self.expert_log_weights(hidden)  # [..., K]
         chunk = self.chunk_size if chunk_size is None else chunk_size
         if chunk is None:
@@ -130,22 +145,43 @@ class MixtureOfSoftmaxes(nn.Module):
         return out
 
     def forward(self, hidden: Tensor, chunk_size: int | None = None) -> Tensor:
-        """:meth:`log_probs`."""
+        """:meth:`log_probs`: ``hidden [..., H]`` -> ``[..., V]`` log-probabilities."""
         return self.log_probs(hidden, chunk_size)
 
-    def log_prob(self, hidden: Tensor, targets: Tensor, chunk_size: int | None = None, **context) -> Tensor:
-        """``log p(targets | hidden)`` ``[...]`` without building ``[..., V]`` log-probabilities.
+    def log_prob(
+        self,
+        hidden: Tensor,
+        targets: Tensor,
+        chunk_size: int | None = None,
+        *,
+        ignore_index: int = IGNORE_INDEX,
+        **context,
+    ) -> Tensor:
+        """``log p(targets | hidden)`` without building ``[..., V]`` log-probabilities.
 
         ``log p(y | h) = logsumexp_k(log pi_k + s_k(y) - logsumexp_v s_k(v))`` with
-        ``s_k(v) = w_v . g_k + b_v``; ``chunk_size`` overrides the layer's; ``context`` is unused.
+        ``s_k(v) = w_v . g_k + b_v``.
+
+        Args:
+            hidden: ``[..., H]`` float decoder states (finite; checked when validating).
+            targets: ``[...]`` long ids in ``0..V-1`` or ``ignore_index`` (range checked when validating).
+            chunk_size: overrides the layer's vocabulary chunk of each expert's normaliser.
+            ignore_index: targets equal to it get log-probability 0 and no gradient.
+            **context: unused.
+
+        Returns:
+            ``[...]`` float log-probabilities of the targets (0 where ignored).
         """
         check_hidden(self, hidden, self.input_size, targets)
+        check_finite(self, hidden=hidden)
+        check_target_range(self, targets, self.vocab_size, ignore_index)
+        ignored, targets = ignored_targets(targets, ignore_index)
         chunk = self.chunk_size if chunk_size is None else chunk_size
         log_pi = self.expert_log_weights(hidden)  # [..., K]
         g = self.features(hidden)  # [..., K, d]
         weight, bias = self.decoder.weight, self.decoder.bias
         log_expert_y = target_logits(g, weight, bias, targets) - logsumexp_linear(g, weight, bias, chunk)
-        return torch.logsumexp(log_pi + log_expert_y, dim=-1)
+        return torch.logsumexp(log_pi + log_expert_y, dim=-1).masked_fill(ignored, 0.0)
 
     def extra_repr(self) -> str:
         return (

@@ -20,7 +20,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from latentnlp.layers.checks import check_activation, check_hidden
+from latentnlp.layers.checks import (
+    IGNORE_INDEX,
+    check_activation,
+    check_finite,
+    check_hidden,
+    check_target_range,
+    ignored_targets,
+)
 from latentnlp.layers.chunked_softmax import logsumexp_linear, target_logits
 from latentnlp.precision import upcast
 
@@ -96,21 +103,53 @@ class SoftmaxOutput(nn.Module):
         return self.dropout(g)
 
     def log_probs(self, hidden: Tensor, **context) -> Tensor:
-        """``log p(. | h)`` ``[..., V]`` (the :class:`OutputHead` method; ``context`` is unused)."""
+        """The :class:`OutputHead` method: the whole distribution ``log p(. | h)``.
+
+        Args:
+            hidden: ``[..., H]`` float decoder states (finite; checked when validating).
+            **context: unused (a head without context).
+
+        Returns:
+            ``[..., V]`` float log-probabilities, ``logsumexp`` over the last dim 0.
+        """
         check_hidden(self, hidden, self.input_size)
+        check_finite(self, hidden=hidden)
         return torch.log_softmax(upcast(self.decoder(self.features(hidden))), dim=-1)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        """:meth:`log_probs`."""
+        """:meth:`log_probs`: ``hidden [..., H]`` -> ``[..., V]`` log-probabilities."""
         return self.log_probs(hidden)
 
-    def log_prob(self, hidden: Tensor, targets: Tensor, chunk_size: int | None = None, **context) -> Tensor:
-        """``log p(targets | hidden)`` ``[...]``; ``chunk_size`` overrides the layer's (``context`` is unused)."""
+    def log_prob(
+        self,
+        hidden: Tensor,
+        targets: Tensor,
+        chunk_size: int | None = None,
+        *,
+        ignore_index: int = IGNORE_INDEX,
+        **context,
+    ) -> Tensor:
+        """The :class:`OutputHead` method: ``log p(targets | hidden)`` without ``[..., V]`` log-probabilities.
+
+        Args:
+            hidden: ``[..., H]`` float decoder states (finite; checked when validating).
+            targets: ``[...]`` long ids in ``0..V-1`` or ``ignore_index`` (range checked when validating).
+            chunk_size: overrides the layer's vocabulary chunk of the normaliser.
+            ignore_index: targets equal to it get log-probability 0 and no gradient.
+            **context: unused.
+
+        Returns:
+            ``[...]`` float log-probabilities of the targets (0 where ignored).
+        """
         check_hidden(self, hidden, self.input_size, targets)
+        check_finite(self, hidden=hidden)
+        check_target_range(self, targets, self.vocab_size, ignore_index)
+        ignored, targets = ignored_targets(targets, ignore_index)
         chunk = self.chunk_size if chunk_size is None else chunk_size
         g = self.features(hidden)
         weight, bias = self.decoder.weight, self.decoder.bias
-        return target_logits(g, weight, bias, targets) - logsumexp_linear(g, weight, bias, chunk)
+        log_p = target_logits(g, weight, bias, targets) - logsumexp_linear(g, weight, bias, chunk)
+        return log_p.masked_fill(ignored, 0.0)
 
     def extra_repr(self) -> str:
         return (
