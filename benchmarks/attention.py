@@ -95,7 +95,7 @@ def build_step(p: dict, device):
     modules = [layer]
     copy = None
     if layer_name == "copy":
-        copy = CopyGenerator(H, V, readout=layer.readout).to(device)
+        copy = CopyGenerator(H, V, output_projection=layer.output_projection).to(device)
         modules.append(copy)
     g = torch.Generator(device="cpu").manual_seed(SEED)
     query = torch.randn(B, T, H, generator=g).to(device).requires_grad_()

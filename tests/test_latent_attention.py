@@ -23,7 +23,7 @@ def _inputs(seed=0, s=S):
 def _layer(seed=0, **kw):
     torch.manual_seed(seed)
     kw.setdefault("score", "mlp")
-    return LatentAttention(H, kw.pop("memory_dim", HS), V, **kw).eval()
+    return LatentAttention(H, kw.pop("memory_size", HS), V, **kw).eval()
 
 
 def _enumerate(layer, query, memory, mask, targets):
@@ -39,7 +39,7 @@ def _enumerate(layer, query, memory, mask, targets):
             terms, dists = [], []
             for m in range(n):
                 o = torch.tanh(layer.out_query(query[b, t]) + layer.out_context(memory[b, m]))
-                dist = torch.log_softmax(layer.readout(o), 0)
+                dist = torch.log_softmax(layer.output_projection(o), 0)
                 emission[b, t, m] = dist[targets[b, t]]
                 terms.append(log_alpha[m] + dist[targets[b, t]])
                 dists.append(log_alpha[m] + dist)
@@ -50,7 +50,7 @@ def _enumerate(layer, query, memory, mask, targets):
 
 @pytest.mark.parametrize("score", ["mlp", "bilinear", "dot"])
 def test_exact_marginal_equals_enumeration(score):
-    kw = {"memory_dim": H} if score == "dot" else {}
+    kw = {"memory_size": H} if score == "dot" else {}
     layer = _layer(score=score, **kw)
     query, memory, mask, targets = _inputs()
     if score == "dot":
@@ -73,7 +73,7 @@ def test_soft_mode_is_context_inside_softmax():
     alpha = out.log_alpha.exp()
     context = torch.einsum("bts,bsd->btd", alpha, memory)
     o = torch.tanh(layer.out_query(query) + layer.out_context(context))
-    ref = torch.log_softmax(layer.readout(o), -1)
+    ref = torch.log_softmax(layer.output_projection(o), -1)
     torch.testing.assert_close(out.log_probs, ref)
     torch.testing.assert_close(out.log_prob, ref.gather(-1, targets[..., None]).squeeze(-1))
     torch.testing.assert_close(out.context, context)

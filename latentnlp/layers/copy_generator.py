@@ -67,24 +67,32 @@ class CopyGenerator(nn.Module):
     """Output layer with an exactly marginalised copy switch.
 
     Args:
-        input_dim: size of the decoder feature ``h_t`` read out to the vocabulary.
+        input_size: size of the decoder feature ``h_t`` read out to the vocabulary.
         vocab_size: output vocabulary ``V``.
-        switch_dim: size of the switch input ``x_t`` (default: ``input_dim``; ``x_t = h_t``).
-        readout: an existing ``nn.Linear(input_dim, vocab_size)`` to share (e.g. the
+        switch_input_size: size of the switch input ``x_t`` (default: ``input_size``; ``x_t = h_t``).
+        output_projection: an existing ``nn.Linear(input_size, vocab_size)`` to share (e.g. the
             vocabulary projection of an attention layer); default: a new one.
     """
 
     def __init__(
-        self, input_dim: int, vocab_size: int, *, switch_dim: int | None = None, readout: nn.Linear | None = None
+        self,
+        input_size: int,
+        vocab_size: int,
+        *,
+        switch_input_size: int | None = None,
+        output_projection: nn.Linear | None = None,
     ) -> None:
         super().__init__()
-        if readout is not None and (readout.in_features, readout.out_features) != (input_dim, vocab_size):
-            raise ValueError(
-                f"readout must map {input_dim} -> {vocab_size}, got {readout.in_features} -> {readout.out_features}"
-            )
-        self.input_size, self.vocab_size = input_dim, vocab_size
-        self.readout = nn.Linear(input_dim, vocab_size) if readout is None else readout
-        self.switch = nn.Linear(switch_dim or input_dim, 1)
+        if output_projection is not None:
+            shape = (output_projection.in_features, output_projection.out_features)
+            if shape != (input_size, vocab_size):
+                raise ValueError(
+                    f"CopyGenerator: output_projection must map input_size {input_size} -> vocab_size "
+                    f"{vocab_size}, got {shape[0]} -> {shape[1]}"
+                )
+        self.input_size, self.vocab_size = input_size, vocab_size
+        self.output_projection = nn.Linear(input_size, vocab_size) if output_projection is None else output_projection
+        self.switch = nn.Linear(switch_input_size or input_size, 1)
 
     def forward(
         self,
@@ -120,7 +128,7 @@ class CopyGenerator(nn.Module):
             size = self._extended_size(src_ext, targets, log_alpha, extended_size, ignore_index)
         switch = self.switch(hidden if switch_input is None else switch_input).squeeze(-1)
         log_gen, log_copy = F.logsigmoid(switch), F.logsigmoid(-switch)
-        log_vocab = torch.log_softmax(self.readout(hidden), dim=-1)  # [B, T, V]
+        log_vocab = torch.log_softmax(self.output_projection(hidden), dim=-1)  # [B, T, V]
         # a NaN in a row's inputs makes every output of the row NaN, never a smaller total probability
         nan = torch.isnan(log_alpha)
         nan_row = nan.any(-1) | torch.isnan(log_vocab).any(-1) | torch.isnan(switch)

@@ -89,13 +89,13 @@ class LatentAttention(nn.Module):
     """Attention whose alignment is a categorical latent variable, summed out exactly.
 
     Args:
-        query_dim: decoder state size ``H``.
-        memory_dim: source state size ``H_s``.
+        input_size: decoder state size ``H``.
+        memory_size: source state size ``H_s``.
         vocab_size: output vocabulary ``V``.
         mode: ``"exact"`` (latent alignment) or ``"soft"`` (context inside the softmax).
         score: ``"mlp"`` (Bahdanau), ``"bilinear"`` (Luong general) or ``"dot"`` (``H == H_s``).
-        attn_dim: hidden size of the MLP scorer (default ``query_dim``).
-        output_dim: size of the attentional hidden ``o`` (default ``query_dim``).
+        attention_size: hidden size of the MLP scorer (default ``input_size``).
+        projection_size: size of the attentional hidden ``o`` (default ``input_size``).
         dropout: dropout on ``o`` before the vocabulary projection.
         max_chunk_elements: largest block of vocabulary scores built at once in exact mode
             (``[rows, V]`` for the targets' log-probabilities, ``[B, T, chunk, V]`` for the full
@@ -107,14 +107,14 @@ class LatentAttention(nn.Module):
 
     def __init__(
         self,
-        query_dim: int,
-        memory_dim: int,
+        input_size: int,
+        memory_size: int,
         vocab_size: int,
         *,
         mode: str = "exact",
         score: str = "mlp",
-        attn_dim: int | None = None,
-        output_dim: int | None = None,
+        attention_size: int | None = None,
+        projection_size: int | None = None,
         dropout: float = 0.0,
         max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
     ) -> None:
@@ -123,23 +123,23 @@ class LatentAttention(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if score == "dot" and query_dim != memory_dim:
-            raise ValueError(f"dot scoring needs query_dim == memory_dim, got {query_dim} and {memory_dim}")
+        if score == "dot" and input_size != memory_size:
+            raise ValueError(f"dot scoring needs input_size == memory_size, got {input_size} and {memory_size}")
         self.mode, self.score_type = mode, score
-        self.query_dim, self.memory_dim, self.vocab_size = query_dim, memory_dim, vocab_size
+        self.input_size, self.memory_size, self.vocab_size = input_size, memory_size, vocab_size
         self.max_chunk_elements = int(max_chunk_elements)
         if score == "mlp":
-            attn_dim = attn_dim or query_dim
-            self.score_query = nn.Linear(query_dim, attn_dim, bias=True)
-            self.score_memory = nn.Linear(memory_dim, attn_dim, bias=False)
-            self.score_v = nn.Linear(attn_dim, 1, bias=False)
+            attention_size = attention_size or input_size
+            self.score_query = nn.Linear(input_size, attention_size, bias=True)
+            self.score_memory = nn.Linear(memory_size, attention_size, bias=False)
+            self.score_v = nn.Linear(attention_size, 1, bias=False)
         elif score == "bilinear":
-            self.score_weight = nn.Linear(memory_dim, query_dim, bias=False)
-        output_dim = output_dim or query_dim
-        self.out_query = nn.Linear(query_dim, output_dim, bias=True)
-        self.out_context = nn.Linear(memory_dim, output_dim, bias=False)
+            self.score_weight = nn.Linear(memory_size, input_size, bias=False)
+        projection_size = projection_size or input_size
+        self.out_query = nn.Linear(input_size, projection_size, bias=True)
+        self.out_context = nn.Linear(memory_size, projection_size, bias=False)
         self.dropout = nn.Dropout(dropout)
-        self.readout = nn.Linear(output_dim, vocab_size)
+        self.output_projection = nn.Linear(projection_size, vocab_size)
 
     # ---- alignment prior ---------------------------------------------------------------------
     def scores(self, query: Tensor, memory: Tensor) -> Tensor:
@@ -198,7 +198,7 @@ class LatentAttention(nn.Module):
         ``query [..., T, H]``, ``context [..., T, H_s]`` and ``targets`` broadcast
         against each other (e.g. ``context [N, B, T, H_s]`` for ``N`` sampled alignments).
         """
-        log_probs = torch.log_softmax(self.readout(self.attentional_hidden(query, context)), dim=-1)
+        log_probs = torch.log_softmax(self.output_projection(self.attentional_hidden(query, context)), dim=-1)
         if targets is None:
             return log_probs
         targets = targets.expand(log_probs.shape[:-1])
@@ -236,13 +236,12 @@ class LatentAttention(nn.Module):
     def _emission_log_probs(self, query: Tensor, memory: Tensor, targets: Tensor, memory_mask: Tensor | None) -> Tensor:
         o = self.attentional_hidden(query[:, :, None, :], memory[:, None, :, :])  # [B, T, S, D]
         B, T, S, D = o.shape
-        rows = self.block_rows(self.vocab_size, self.max_chunk_elements)
         out = log_softmax_linear(
             o.reshape(-1, D),
-            self.readout.weight,
-            self.readout.bias,
+            self.output_projection.weight,
+            self.output_projection.bias,
             targets[:, :, None].expand(B, T, S).reshape(-1),
-            rows,
+            self.max_chunk_elements,
         ).view(B, T, S)
         if memory_mask is not None:
             out = out.masked_fill(~memory_mask[:, None, :], float("-inf"))
@@ -389,7 +388,7 @@ class LatentAttention(nn.Module):
         """Vocabulary scores ``[B, T, c, V]`` for the chunk ``hk [B, c, D]``."""
         o = self.dropout(torch.tanh(hq[:, :, None, :] + hk[:, None, :, :]))
         # half-precision scores are normalised in float32 (autocast leaves logsumexp in half)
-        return upcast(self.readout(o))
+        return upcast(self.output_projection(o))
 
     def _marginal_chunk(self, hq: Tensor, hk: Tensor, log_alpha: Tensor) -> Tensor:
         log_probs = torch.log_softmax(self._block(hq, hk), dim=-1)
@@ -430,11 +429,11 @@ class LatentAttention(nn.Module):
     ) -> Tensor | None:
         """Check the inputs (values only when validating); return the mask True at real positions."""
         name = type(self).__name__
-        if query.dim() != 3 or query.shape[-1] != self.query_dim:
-            raise ValueError(f"{name}: query must be [B, T, {self.query_dim}], got {tuple(query.shape)}")
-        if memory.dim() != 3 or memory.shape[-1] != self.memory_dim or memory.shape[0] != query.shape[0]:
+        if query.dim() != 3 or query.shape[-1] != self.input_size:
+            raise ValueError(f"{name}: query must be [B, T, {self.input_size}], got {tuple(query.shape)}")
+        if memory.dim() != 3 or memory.shape[-1] != self.memory_size or memory.shape[0] != query.shape[0]:
             raise ValueError(
-                f"{name}: memory must be [B={query.shape[0]}, S, {self.memory_dim}], got {tuple(memory.shape)}"
+                f"{name}: memory must be [B={query.shape[0]}, S, {self.memory_size}], got {tuple(memory.shape)}"
             )
         memory_mask = resolve_memory_mask(self, memory_mask, key_padding_mask)
         check_memory_mask(self, memory_mask, tuple(memory.shape[:2]), validate_args)

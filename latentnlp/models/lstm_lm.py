@@ -38,7 +38,7 @@ LSTMState = tuple[Tensor, Tensor]
 class LSTMLanguageModel(LatentModel):
     """``LSTMLanguageModel(vocab_size, embedding_size, hidden_size, num_layers=1, *,
     output="softmax"|"mos", softmax_input_size=None, num_experts=None, dropout=0.0,
-    tie_weights=False, chunk_size=None, output_activation="tanh", ignore_index=-100)``.
+    tie_weights=False, max_chunk_elements=None, output_activation="tanh", ignore_index=-100)``.
 
     * ``softmax_input_size`` (``d``): the size of the vectors the output embedding
       ``W [V, d]`` scores.  ``output="softmax"``: ``None`` scores the LSTM output
@@ -48,7 +48,8 @@ class LSTMLanguageModel(LatentModel):
     * ``dropout``: on the embeddings, between LSTM layers, on the LSTM output,
       and on the output layer's projection ``g`` when it has one.
     * ``tie_weights``: share ``W`` with the input embedding (needs ``d == embedding_size``).
-    * ``chunk_size``: vocabulary chunk of the output layer's ``log_prob`` (bounded memory).
+    * ``max_chunk_elements``: the most vocabulary scores the output layer builds at once
+      (``None``: all; see :class:`~latentnlp.layers.SoftmaxOutput`).
     * ``output_activation``: ``"tanh"`` or ``"identity"`` on the output layer's
       projection (MoS experts, or the softmax's ``P h``); see ``SoftmaxOutput``.
     * ``ignore_index``: a target equal to it (within ``lengths``) is not scored and does not count
@@ -72,7 +73,7 @@ class LSTMLanguageModel(LatentModel):
         num_experts: int | None = None,
         dropout: float = 0.0,
         tie_weights: bool = False,
-        chunk_size: int | None = None,
+        max_chunk_elements: int | None = None,
         output_activation: str = "tanh",
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
@@ -104,7 +105,7 @@ class LSTMLanguageModel(LatentModel):
                 vocab_size,
                 softmax_input_size,
                 dropout=0.0 if softmax_input_size is None else dropout,
-                chunk_size=chunk_size,
+                max_chunk_elements=max_chunk_elements,
                 activation=output_activation,
             )
         elif output == "mos":
@@ -114,13 +115,13 @@ class LSTMLanguageModel(LatentModel):
                 15 if num_experts is None else num_experts,
                 softmax_input_size,
                 dropout=dropout,
-                chunk_size=chunk_size,
+                max_chunk_elements=max_chunk_elements,
                 activation=output_activation,
             )
         else:
             raise ValueError(f"LSTMLanguageModel: output must be 'softmax' or 'mos', got {output!r}")
         if tie_weights:
-            d = self.output_layer.softmax_input_size
+            d = self.output_layer.projection_size
             if d != embedding_size:
                 raise ValueError(
                     f"LSTMLanguageModel: tie_weights needs softmax_input_size == "

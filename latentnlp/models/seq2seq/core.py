@@ -164,7 +164,7 @@ class AttentionalEncoderDecoder(nn.Module):
             return tuple(x.reshape(layers, x.shape[1], -1).unbind(0))
 
         mask = lengths_to_mask(src_lengths, src.shape[1])
-        feed = memory.new_zeros(memory.shape[0], self.attention.query_dim)
+        feed = memory.new_zeros(memory.shape[0], self.attention.input_size)
         return memory, mask, DecoderState(merge(h), merge(c), feed, memory, mask)
 
     def step(self, state: DecoderState, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, DecoderState]:
