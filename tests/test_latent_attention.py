@@ -152,3 +152,55 @@ def test_alignment_distribution_and_argument_checks():
         LatentAttention(H, HS, V, mode="hard")
     with pytest.raises(ValueError, match="dot"):
         LatentAttention(H, HS, V, score="dot")
+
+
+@pytest.mark.parametrize("mode", ["exact", "soft"])
+def test_step_wise_calls_equal_one_call_and_give_the_fed_vector(mode):
+    """T = 1 at a time (an input-feeding decoder) gives what one call over all T gives, and o_t."""
+    layer = _layer(mode=mode)
+    query, memory, mask, targets = _inputs()
+    whole = layer(query, memory, mask, targets, full=True)
+    steps = [layer(query[:, t : t + 1], memory, mask, targets[:, t : t + 1], full=True) for t in range(T)]
+    for name in ("log_prob", "log_probs", "log_alpha", "context", "attentional"):
+        torch.testing.assert_close(torch.cat([getattr(s, name) for s in steps], 1), getattr(whole, name))
+    context = torch.bmm(whole.log_alpha.exp(), memory)
+    expected = torch.tanh(layer.out_query(query) + layer.out_context(context))
+    torch.testing.assert_close(whole.attentional, expected)
+    assert whole.attentional.shape == (B, T, layer.projection_size)
+    if mode == "soft":  # soft attention reads out the fed vector itself
+        torch.testing.assert_close(whole.log_probs, torch.log_softmax(layer.output_projection(expected), -1))
+
+
+@pytest.mark.parametrize("name", ["SoftmaxOutput", "MixtureOfSoftmaxes", "LatentAttention", "CopyGenerator"])
+def test_every_layer_ties_its_output_projection(name):
+    import latentnlp.layers as layers
+
+    sizes = {"SoftmaxOutput": (H, V), "MixtureOfSoftmaxes": (H, V, 2), "LatentAttention": (H, HS, V)}
+    layer = getattr(layers, name)(*sizes.get(name, (H, V)))
+    embedding = torch.nn.Embedding(V, H)
+    layer.tie_weights(embedding)
+    assert layer.output_projection.weight is embedding.weight
+    with pytest.raises(ValueError, match=r"embedding.weight must be \(11, 6\)"):
+        layer.tie_weights(torch.nn.Embedding(V, H + 1))
+
+
+def test_forward_returns_log_prob_and_log_probs_first_in_every_layer():
+    from latentnlp.layers import CopyGenerator, MixtureOfSoftmaxes, SoftmaxOutput
+
+    query, memory, mask, targets = _inputs()
+    log_alpha = _layer().alignment(query, memory, mask).logits
+    src_ext = torch.randint(0, V, (B, S))
+    calls = {
+        "softmax": lambda **kw: SoftmaxOutput(H, V)(query, targets, **kw),
+        "mos": lambda **kw: MixtureOfSoftmaxes(H, V, 2)(query, targets, **kw),
+        "attention": lambda **kw: _layer()(query, memory, mask, targets, **kw),
+        "copy": lambda **kw: CopyGenerator(H, V)(query, log_alpha, src_ext, targets, **kw),
+    }
+    for name, call in calls.items():
+        torch.manual_seed(0)
+        out = call()
+        assert out._fields[:2] == ("log_prob", "log_probs"), name
+        assert out.log_prob.shape == (B, T) and out.log_probs is None, name
+        torch.manual_seed(0)
+        both = call(full=True)
+        torch.testing.assert_close(both.log_probs.gather(-1, targets[..., None])[..., 0], both.log_prob)

@@ -42,7 +42,7 @@ def _manual_log_marginal(model, batch):
         for t in range(int(batch["lengths"][b])):
             x = model.embedding(batch["inputs"][b, t].view(1, 1))
             h, state = model.lstm(x, state)
-            total = total + model.output_layer(h[0, 0])[batch["targets"][b, t]]
+            total = total + model.output_layer.log_probs(h[0, 0])[batch["targets"][b, t]]
         out.append(total)
     return torch.stack(out)
 
@@ -197,7 +197,7 @@ def test_generate_samples_from_the_model():
         for step in range(3):
             x = torch.tensor([seq])
             h, _ = model.lstm(model.embedding(x))
-            seq.append(int(model.output_layer(h[0, -1]).argmax()))
+            seq.append(int(model.output_layer.log_probs(h[0, -1]).argmax()))
         assert greedy[row].tolist() == seq[length:]
     # the first sampled token follows p(y | prefix)
     n = 20000
@@ -205,7 +205,7 @@ def test_generate_samples_from_the_model():
     first = model.generate(many, max_length=1, generator=torch.Generator().manual_seed(1))[:, 0]
     freq = torch.bincount(first, minlength=V).double() / n
     h, _ = model.lstm(model.embedding(torch.tensor([[1, 2, 3]])))
-    probs = model.output_layer(h[0, -1]).exp().detach()
+    probs = model.output_layer.log_probs(h[0, -1]).exp().detach()
     assert (freq - probs).abs().max() < 4 * (probs * (1 - probs) / n).sqrt().max() + 1e-3
     # temperature 0.5 sharpens: p^2 renormalised
     first = model.generate(many, max_length=1, temperature=0.5, generator=torch.Generator().manual_seed(2))[:, 0]

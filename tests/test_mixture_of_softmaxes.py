@@ -31,10 +31,12 @@ def _data(shape=(2, 5)):
 def test_mos_is_normalised(shape):
     layer = _mos()
     hidden, _ = _data(shape)
-    log_p = layer(hidden)
+    log_p = layer.log_probs(hidden)
     assert log_p.shape == (*shape, V)
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(shape, dtype=torch.float64), rtol=0, atol=1e-12)
-    torch.testing.assert_close(layer(hidden, max_chunk_elements=1), log_p, rtol=0, atol=1e-12)  # experts one at a time
+    torch.testing.assert_close(
+        layer.log_probs(hidden, max_chunk_elements=1), log_p, rtol=0, atol=1e-12
+    )  # experts one at a time
 
 
 def test_mos_forward_is_the_mixture_of_expert_softmaxes():
@@ -44,7 +46,7 @@ def test_mos_forward_is_the_mixture_of_expert_softmaxes():
     g = torch.tanh(layer.projection(hidden)).unflatten(-1, (K, D))
     experts = torch.softmax(g @ layer.output_projection.weight.T + layer.output_projection.bias, -1)
     p = (pi.unsqueeze(-1) * experts).sum(-2)
-    torch.testing.assert_close(layer(hidden), p.log(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.log_probs(hidden), p.log(), rtol=0, atol=1e-12)
 
 
 def test_mos_log_space_survives_tiny_probabilities():
@@ -55,7 +57,7 @@ def test_mos_log_space_survives_tiny_probabilities():
     log_p = layer.log_prob(hidden, targets)
     assert torch.isfinite(log_p).all() and log_p.min() < -750
     torch.testing.assert_close(layer.log_prob(hidden, targets, max_chunk_elements=4 * 10 * K), log_p)
-    torch.testing.assert_close(layer(hidden).gather(-1, targets[..., None])[..., 0], log_p)
+    torch.testing.assert_close(layer.log_probs(hidden).gather(-1, targets[..., None])[..., 0], log_p)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, V, 100])
@@ -79,7 +81,7 @@ def test_mos_chunked_equals_unchunked(chunk_size):
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-12)
     for a, b in zip(chunked_grads, full_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    gathered = layer(hidden).gather(-1, targets[..., None])[..., 0]
+    gathered = layer.log_probs(hidden).gather(-1, targets[..., None])[..., 0]
     torch.testing.assert_close(full, gathered.detach(), rtol=0, atol=1e-12)
     # the layer's own max_chunk_elements is the default
     layer.max_chunk_elements = elements
@@ -114,8 +116,8 @@ def test_mos_gradcheck():
     layer = MixtureOfSoftmaxes(3, 5, 2, 2).double()  # tiny: gradcheck is O(#parameters)
     hidden = torch.randn(3, 3, dtype=torch.float64)
     targets = torch.tensor([0, 4, 2])
-    assert _gradcheck(layer, "forward", hidden)
-    assert _gradcheck(layer, "forward", hidden, max_chunk_elements=1)
+    assert _gradcheck(layer, "log_probs", hidden)
+    assert _gradcheck(layer, "log_probs", hidden, max_chunk_elements=1)
     assert _gradcheck(layer, "log_prob", hidden, targets)
     assert _gradcheck(layer, "log_prob", hidden, targets, max_chunk_elements=2 * 3 * 2)
 
@@ -128,7 +130,7 @@ def test_one_expert_equals_softmax_with_the_same_parameters(activation):
     softmax.projection.load_state_dict(mos.projection.state_dict())
     softmax.output_projection.load_state_dict(mos.output_projection.state_dict())
     hidden, targets = _data()
-    torch.testing.assert_close(mos(hidden), softmax(hidden), rtol=0, atol=1e-12)
+    torch.testing.assert_close(mos.log_probs(hidden), softmax.log_probs(hidden), rtol=0, atol=1e-12)
     torch.testing.assert_close(mos.log_prob(hidden, targets), softmax.log_prob(hidden, targets), rtol=0, atol=1e-12)
 
 
@@ -137,7 +139,7 @@ def test_softmax_output(projection_size):
     torch.manual_seed(0)
     layer = SoftmaxOutput(H, V, projection_size).double()
     hidden, targets = _data()
-    log_p = layer(hidden)
+    log_p = layer.log_probs(hidden)
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(2, 5, dtype=torch.float64))
     full = layer.log_prob(hidden, targets)
     torch.testing.assert_close(full, log_p.gather(-1, targets[..., None])[..., 0], rtol=0, atol=1e-12)
@@ -167,7 +169,7 @@ def test_identity_activation_is_a_linear_projection(cls):
     hidden, targets = _data()
     g = layer.features(hidden)
     torch.testing.assert_close(g.flatten(-2) if cls is MixtureOfSoftmaxes else g, layer.projection(hidden))
-    torch.testing.assert_close(layer(hidden).exp().sum(-1), torch.ones(2, 5, dtype=torch.float64))
+    torch.testing.assert_close(layer.log_probs(hidden).exp().sum(-1), torch.ones(2, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="activation must be one of"):
         cls(H, V, 2, D, activation="relu") if cls is MixtureOfSoftmaxes else cls(H, V, D, activation="relu")
 
@@ -176,7 +178,7 @@ def test_bad_input_raises_value_error():
     layer = _mos()
     hidden, targets = _data()
     with pytest.raises(ValueError, match=r"hidden must be \[\.\.\., 6\]"):
-        layer(hidden[..., :-1])
+        layer.log_probs(hidden[..., :-1])
     with pytest.raises(ValueError, match="targets"):
         layer.log_prob(hidden, targets[:, :-1])
     with pytest.raises(ValueError, match="num_experts"):
@@ -190,7 +192,7 @@ def test_half_precision_is_normalised_in_float32():
     hidden, targets = _data()
     out = layer.log_prob(hidden.to(torch.bfloat16), targets, max_chunk_elements=4 * 10 * K)
     assert out.dtype == torch.float32
-    assert layer(hidden.to(torch.bfloat16)).dtype == torch.float32
+    assert layer.log_probs(hidden.to(torch.bfloat16)).dtype == torch.float32
 
 
 def test_mos_breaks_the_softmax_bottleneck():
@@ -217,12 +219,12 @@ def test_mos_breaks_the_softmax_bottleneck():
             model = nn.Sequential(nn.Embedding(C, hidden_size), output)  # contexts as input ids
             opt = torch.optim.Adam(model.parameters(), lr=0.02)
             for _ in range(steps):
-                cross_entropy = -(p * model(contexts)).sum() / C
+                cross_entropy = -(p * model(contexts).log_probs).sum() / C
                 opt.zero_grad()
                 cross_entropy.backward()
                 opt.step()
             with torch.no_grad():
-                kl[name] = (-(p * model(contexts)).sum() / C - entropy).item()
+                kl[name] = (-(p * model(contexts).log_probs).sum() / C - entropy).item()
     finally:
         torch.set_num_threads(threads)
     # measured (seed 0): softmax ~0.73 nats, MoS ~0.19 nats

@@ -6,12 +6,13 @@ from latentnlp.layers.copy_generator import CopyGenerator, CopyOutput
 from latentnlp.layers.encoders import encode_packed
 from latentnlp.layers.latent_attention import LatentAttention, LatentAttentionOutput
 from latentnlp.layers.mixture_of_softmaxes import MixtureOfSoftmaxes
-from latentnlp.layers.output_head import OutputHead
+from latentnlp.layers.output_head import HeadOutput, OutputHead
 from latentnlp.layers.softmax_output import SoftmaxOutput
 
 __all__ = [
     "CopyGenerator",
     "CopyOutput",
+    "HeadOutput",
     "LatentAttention",
     "LatentAttentionOutput",
     "MixtureOfSoftmaxes",

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentnlp.layers.checks import IGNORE_INDEX, check_finite, check_log_alpha, ignored_targets
+from latentnlp.layers.output_head import tie_projection
 from latentnlp.semirings import logsumexp, safe_log
 from latentnlp.validation import is_validating
 
@@ -71,7 +72,12 @@ class CopyGenerator(nn.Module):
         vocab_size: output vocabulary ``V``.
         switch_input_size: size of the switch input ``x_t`` (default: ``input_size``; ``x_t = h_t``).
         output_projection: an existing ``nn.Linear(input_size, vocab_size)`` to share (e.g. the
-            vocabulary projection of an attention layer); default: a new one.
+            ``output_projection`` of a :class:`~latentnlp.layers.LatentAttention`); default: a new one.
+
+    Attributes:
+        output_projection: the vocabulary projection ``p_vocab = softmax(W h + b)``; :meth:`tie_weights`
+            ties it to an input embedding.
+        switch: the switch ``nn.Linear(switch_input_size, 1)``.
     """
 
     def __init__(
@@ -93,6 +99,10 @@ class CopyGenerator(nn.Module):
         self.input_size, self.vocab_size = input_size, vocab_size
         self.output_projection = nn.Linear(input_size, vocab_size) if output_projection is None else output_projection
         self.switch = nn.Linear(switch_input_size or input_size, 1)
+
+    def tie_weights(self, embedding: nn.Embedding) -> None:
+        """Use ``embedding.weight [V, input_size]`` as ``output_projection.weight`` (Press & Wolf 2017)."""
+        tie_projection(self, self.output_projection, embedding)
 
     def forward(
         self,

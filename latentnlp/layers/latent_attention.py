@@ -57,6 +57,7 @@ from latentnlp.layers.checks import (
     resolve_memory_mask,
 )
 from latentnlp.layers.chunked_softmax import log_softmax_linear
+from latentnlp.layers.output_head import tie_projection
 from latentnlp.precision import upcast
 
 __all__ = ["LatentAttention", "LatentAttentionOutput"]
@@ -75,7 +76,9 @@ class LatentAttentionOutput(NamedTuple):
     log_probs     ``[B, T, V]``  the full marginal distribution over the vocabulary (``full=True``)
     log_alpha     ``[B, T, S]``  prior alignment log-probabilities, ``-inf`` at padded sources
     log_emission  ``[B, T, S]``  log p(y_t | h_t, s_m) (exact mode, targets given), ``-inf`` at padding
-    context       ``[B, T, H_s]`` the soft context ``sum_m alpha_tm s_m`` (e.g. for input feeding)
+    context       ``[B, T, H_s]`` the soft context ``c_t = sum_m alpha_tm s_m``
+    attentional   ``[B, T, D]``  ``o(h_t, c_t)``, the attentional vector an input-feeding decoder
+                                 feeds to its next step (both modes; soft mode reads it out)
     """
 
     log_prob: Tensor | None
@@ -83,6 +86,7 @@ class LatentAttentionOutput(NamedTuple):
     log_alpha: Tensor
     log_emission: Tensor | None
     context: Tensor
+    attentional: Tensor
 
 
 class LatentAttention(nn.Module):
@@ -103,6 +107,24 @@ class LatentAttention(nn.Module):
             a few hundred rows up to V = 32k: smaller blocks make each backward chunk re-read
             and accumulate the whole ``[V, D]`` weight gradient for few rows, and lose to the
             unchunked computation (``benchmarks/attention.py``).
+
+    Attributes:
+        output_projection: the vocabulary projection ``nn.Linear(D, V)`` (``W_o``, ``b_o``), to share
+            (e.g. with a :class:`~latentnlp.layers.CopyGenerator`) or tie (:meth:`tie_weights`).
+
+    Step-wise decoding (input feeding): call the layer with ``T = 1`` at each step; the
+    ``attentional`` field of the output is ``o_t``, which the decoder feeds to its next step, in
+    either mode.  Scores, log-probabilities and ``o_t`` equal those of one call over all ``T``
+    with the same decoder states::
+
+        attention = LatentAttention(H, H_s, V, mode="exact")
+        cell = nn.LSTMCell(E + attention.projection_size, H)
+        feed, state = memory.new_zeros(B, attention.projection_size), None
+        for t in range(T):
+            state = cell(torch.cat([embed(y_in[:, t]), feed], -1), state)
+            step = attention(state[0][:, None], memory, memory_mask, y_out[:, t : t + 1])
+            nll = nll - step.log_prob[:, 0]
+            feed = step.attentional[:, 0]
     """
 
     def __init__(
@@ -136,10 +158,15 @@ class LatentAttention(nn.Module):
         elif score == "bilinear":
             self.score_weight = nn.Linear(memory_size, input_size, bias=False)
         projection_size = projection_size or input_size
+        self.projection_size = projection_size
         self.out_query = nn.Linear(input_size, projection_size, bias=True)
         self.out_context = nn.Linear(memory_size, projection_size, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.output_projection = nn.Linear(projection_size, vocab_size)
+
+    def tie_weights(self, embedding: nn.Embedding) -> None:
+        """Use ``embedding.weight [V, D]`` as ``output_projection.weight`` (Press & Wolf 2017)."""
+        tie_projection(self, self.output_projection, embedding)
 
     # ---- alignment prior ---------------------------------------------------------------------
     def scores(self, query: Tensor, memory: Tensor) -> Tensor:
@@ -198,7 +225,11 @@ class LatentAttention(nn.Module):
         ``query [..., T, H]``, ``context [..., T, H_s]`` and ``targets`` broadcast
         against each other (e.g. ``context [N, B, T, H_s]`` for ``N`` sampled alignments).
         """
-        log_probs = torch.log_softmax(self.output_projection(self.attentional_hidden(query, context)), dim=-1)
+        return self._read_out(self.attentional_hidden(query, context), targets)
+
+    def _read_out(self, attentional: Tensor, targets: Tensor | None = None) -> Tensor:
+        """``log_softmax(W_o o + b_o)``: ``[..., V]``, or ``[...]`` gathered at ``targets``."""
+        log_probs = torch.log_softmax(self.output_projection(attentional), dim=-1)
         if targets is None:
             return log_probs
         targets = targets.expand(log_probs.shape[:-1])
@@ -304,16 +335,17 @@ class LatentAttention(nn.Module):
         if log_alpha is None:
             log_alpha = self._prior(query, memory, memory_mask).logits
         context = torch.bmm(log_alpha.exp(), memory)
+        attentional = self.attentional_hidden(query, context)
         log_prob = log_probs = log_emission = ignored = None
         if targets is not None:
             ignored, targets = ignored_targets(targets, ignore_index)
         if self.mode == "soft":
             if full or targets is None:
-                log_probs = self.log_prob_given_context(query, context)
+                log_probs = self._read_out(attentional)
                 if targets is not None:
                     log_prob = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             else:
-                log_prob = self.log_prob_given_context(query, context, targets)
+                log_prob = self._read_out(attentional, targets)
         else:
             if targets is not None:
                 log_emission = self._emission_log_probs(query, memory, targets, memory_mask)
@@ -323,7 +355,7 @@ class LatentAttention(nn.Module):
                 log_probs = self.marginal_log_probs(query, memory, log_alpha)
         if log_prob is not None:
             log_prob = log_prob.masked_fill(ignored, 0.0)
-        return LatentAttentionOutput(log_prob, log_probs, log_alpha, log_emission, context)
+        return LatentAttentionOutput(log_prob, log_probs, log_alpha, log_emission, context, attentional)
 
     def log_prob(
         self,

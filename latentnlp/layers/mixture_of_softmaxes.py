@@ -26,6 +26,7 @@ from latentnlp.layers.checks import (
     ignored_targets,
 )
 from latentnlp.layers.chunked_softmax import logsumexp_linear, target_logits
+from latentnlp.layers.output_head import HeadOutput, tie_projection
 from latentnlp.layers.softmax_output import ACTIVATIONS
 from latentnlp.precision import upcast
 
@@ -39,7 +40,7 @@ class MixtureOfSoftmaxes(nn.Module):
     ``activation`` ``a`` is the paper's ``"tanh"`` or ``"identity"`` (see
     :class:`~latentnlp.layers.SoftmaxOutput` on tanh saturation under Adam).
 
-    * ``log_probs(hidden [..., H]) -> [..., V]`` (also ``forward``) log-probabilities with the expert
+    * ``log_probs(hidden [..., H]) -> [..., V]`` log-probabilities with the expert
       summed out.  It builds ``[..., K, V]`` scores; when they exceed ``max_chunk_elements`` it
       mixes the experts one at a time and never holds more than ``[..., V]``.
     * ``log_prob(hidden [..., H], targets [...]) -> [...]`` ``log p(targets | h)``
@@ -48,6 +49,7 @@ class MixtureOfSoftmaxes(nn.Module):
       is ``O(max_chunk_elements)`` in both passes; without, ``O(... x K x V)``.
     * ``expert_log_weights(hidden) -> [..., K]`` ``log pi(h)``;
       ``expert_log_probs(hidden) -> [..., K, V]`` ``log softmax_k``.
+    * ``forward(hidden, targets=None, full=False)``: both as a ``HeadOutput``.
     * ``tie_weights(embedding)`` shares ``output_projection.weight [V, d]`` with an input embedding.
 
     Parameters: ``prior`` (Q, ``H -> K``), ``projection`` (P, ``H -> K*d``),
@@ -93,14 +95,8 @@ class MixtureOfSoftmaxes(nn.Module):
         self.output_projection = nn.Linear(d, vocab_size, bias=bias)
 
     def tie_weights(self, embedding: nn.Embedding) -> None:
-        """Use ``embedding.weight`` ``[V, d]`` as the output embedding ``W``."""
-        if tuple(embedding.weight.shape) != tuple(self.output_projection.weight.shape):
-            raise ValueError(
-                f"MixtureOfSoftmaxes.tie_weights: embedding.weight must be "
-                f"{tuple(self.output_projection.weight.shape)} = [vocab_size, projection_size],"
-                f" got {tuple(embedding.weight.shape)}"
-            )
-        self.output_projection.weight = embedding.weight
+        """Use ``embedding.weight [V, d]`` as the output embedding ``W`` (``output_projection.weight``)."""
+        tie_projection(self, self.output_projection, embedding)
 
     # ---- pieces ---------------------------------------------------------------------------
     def expert_log_weights(self, hidden: Tensor) -> Tensor:
@@ -144,9 +140,32 @@ class MixtureOfSoftmaxes(nn.Module):
             out = term if out is None else torch.logaddexp(out, term)
         return out
 
-    def forward(self, hidden: Tensor, max_chunk_elements: int | None = None) -> Tensor:
-        """:meth:`log_probs`: ``hidden [..., H]`` -> ``[..., V]`` log-probabilities."""
-        return self.log_probs(hidden, max_chunk_elements)
+    def forward(
+        self,
+        hidden: Tensor,
+        targets: Tensor | None = None,
+        *,
+        full: bool = False,
+        max_chunk_elements: int | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> HeadOutput:
+        """:meth:`log_prob` of ``targets`` and/or :meth:`log_probs` (``full`` or no targets).
+
+        Args:
+            hidden: ``[..., H]`` float decoder states.
+            targets: ``[...]`` long ids in ``0..V-1`` or ``ignore_index`` (optional).
+            full: also return the whole distribution when ``targets`` are given.
+            max_chunk_elements: overrides the layer's (see :meth:`log_prob`, :meth:`log_probs`).
+            ignore_index: targets equal to it get log-probability 0 and no gradient.
+
+        Returns:
+            :class:`~latentnlp.layers.output_head.HeadOutput` ``(log_prob [...], log_probs [..., V])``.
+        """
+        log_prob = None
+        if targets is not None:
+            log_prob = self.log_prob(hidden, targets, max_chunk_elements, ignore_index=ignore_index)
+        log_probs = self.log_probs(hidden, max_chunk_elements) if full or targets is None else None
+        return HeadOutput(log_prob, log_probs)
 
     def log_prob(
         self,

@@ -29,6 +29,7 @@ from latentnlp.layers.checks import (
     ignored_targets,
 )
 from latentnlp.layers.chunked_softmax import logsumexp_linear, target_logits
+from latentnlp.layers.output_head import HeadOutput, tie_projection
 from latentnlp.precision import upcast
 
 __all__ = ["ACTIVATIONS", "SoftmaxOutput"]
@@ -50,11 +51,12 @@ class SoftmaxOutput(nn.Module):
     gives the same rank bound without that failure.
 
     * ``log_probs(hidden [..., H]) -> [..., V]`` log-probabilities (they sum to one);
-      ``forward`` is the same.
+      ``forward(hidden, targets=None, full=False)`` returns both as a ``HeadOutput``.
     * ``log_prob(hidden [..., H], targets [...]) -> [...]`` the log-probability of
       the given targets only; with ``max_chunk_elements`` the normaliser is computed over
       vocabulary chunks of at most that many scores, so memory stays ``O(max_chunk_elements)``.
-    * ``tie_weights(embedding)`` shares ``output_projection.weight`` with an input embedding
+    * ``output_projection`` is the vocabulary projection ``W [V, d]``, ``b``;
+      ``tie_weights(embedding)`` shares ``output_projection.weight`` with an input embedding
       (its dimension must be ``d``).
     """
 
@@ -88,14 +90,8 @@ class SoftmaxOutput(nn.Module):
         self.output_projection = nn.Linear(self.projection_size, vocab_size, bias=bias)
 
     def tie_weights(self, embedding: nn.Embedding) -> None:
-        """Use ``embedding.weight`` ``[V, d]`` as the output embedding (Press & Wolf 2017)."""
-        if tuple(embedding.weight.shape) != tuple(self.output_projection.weight.shape):
-            raise ValueError(
-                f"{type(self).__name__}.tie_weights: embedding.weight must be "
-                f"{tuple(self.output_projection.weight.shape)} = [vocab_size, projection_size],"
-                f" got {tuple(embedding.weight.shape)}"
-            )
-        self.output_projection.weight = embedding.weight
+        """Use ``embedding.weight [V, d]`` as ``output_projection.weight`` (Press & Wolf 2017)."""
+        tie_projection(self, self.output_projection, embedding)
 
     def features(self, hidden: Tensor) -> Tensor:
         """``g(h)`` ``[..., d]``: the softmax input."""
@@ -116,9 +112,23 @@ class SoftmaxOutput(nn.Module):
         check_finite(self, hidden=hidden)
         return torch.log_softmax(upcast(self.output_projection(self.features(hidden))), dim=-1)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        """:meth:`log_probs`: ``hidden [..., H]`` -> ``[..., V]`` log-probabilities."""
-        return self.log_probs(hidden)
+    def forward(
+        self, hidden: Tensor, targets: Tensor | None = None, *, full: bool = False, ignore_index: int = IGNORE_INDEX
+    ) -> HeadOutput:
+        """:meth:`log_prob` of ``targets`` and/or :meth:`log_probs` (``full`` or no targets).
+
+        Args:
+            hidden: ``[..., H]`` float decoder states.
+            targets: ``[...]`` long ids in ``0..V-1`` or ``ignore_index`` (optional).
+            full: also return the whole distribution when ``targets`` are given.
+            ignore_index: targets equal to it get log-probability 0 and no gradient.
+
+        Returns:
+            :class:`~latentnlp.layers.output_head.HeadOutput` ``(log_prob [...], log_probs [..., V])``.
+        """
+        log_prob = None if targets is None else self.log_prob(hidden, targets, ignore_index=ignore_index)
+        log_probs = self.log_probs(hidden) if full or targets is None else None
+        return HeadOutput(log_prob, log_probs)
 
     def log_prob(
         self,

@@ -262,7 +262,7 @@ class LSTMLanguageModel(LatentModel):
         tokens = inputs.new_full((B, max_length), 0 if eos_index is None else eos_index)
         finished = torch.zeros(B, dtype=torch.bool, device=inputs.device)
         for step in range(max_length):
-            log_p = self.output_layer(last)  # [B, V]
+            log_p = self.output_layer.log_probs(last)  # [B, V]
             if temperature == 0:
                 y = log_p.argmax(-1)
             else:
