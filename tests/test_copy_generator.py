@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from latentnlp.layers.copy_generator import CopyGenerator, source_extended_ids, target_extended_ids
+from latentnlp.layers.copy_generator import CopyGenerator
+from latentnlp.layers.extended_vocabulary import source_extended_ids, target_extended_ids
 
 B, T, S, D, V = 3, 4, 5, 6, 7
 LENGTHS = torch.tensor([5, 3, 1])

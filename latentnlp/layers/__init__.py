@@ -4,6 +4,7 @@ latent variable (expert, alignment, copy switch) summed out exactly.  Each outpu
 
 from latentnlp.layers.copy_generator import CopyGenerator, CopyOutput
 from latentnlp.layers.encoders import encode_packed
+from latentnlp.layers.extended_vocabulary import ExtendedVocabulary
 from latentnlp.layers.latent_attention import LatentAttention, LatentAttentionOutput
 from latentnlp.layers.mixture_of_softmaxes import MixtureOfSoftmaxes
 from latentnlp.layers.output_head import HeadOutput, OutputHead
@@ -12,6 +13,7 @@ from latentnlp.layers.softmax_output import SoftmaxOutput
 __all__ = [
     "CopyGenerator",
     "CopyOutput",
+    "ExtendedVocabulary",
     "HeadOutput",
     "LatentAttention",
     "LatentAttentionOutput",

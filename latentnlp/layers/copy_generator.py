@@ -9,9 +9,9 @@ out::
     p(gen | h_t) = sigmoid(u . x_t + c),   p_vocab = softmax(W h_t + b)   (x_t = switch input, default h_t)
 
 over an *extended vocabulary*: ids ``0..V-1`` are the output vocabulary and
-``V..V_ext-1`` are source-only words of the batch (:func:`source_extended_ids`
-builds such ids).  A source-only word can only be copied; a vocabulary word can
-be generated and copied.
+``V..V_ext-1`` are source-only words of the batch
+(:class:`~latentnlp.layers.ExtendedVocabulary` builds such ids from token strings).
+A source-only word can only be copied; a vocabulary word can be generated and copied.
 
 Everything is computed in log space: ``log sigmoid`` for the switch,
 ``log_softmax`` for the vocabulary, and the copy sum as a log-space scatter
@@ -20,13 +20,16 @@ appears and impossible words get ``-inf`` with finite (zero) gradients.
 
 The layer is an :class:`~latentnlp.layers.output_head.OutputHead` over the extended
 vocabulary, with context ``log_alpha``, ``src_ext`` (and ``extended_size``).
+:meth:`CopyGenerator.attend` composes it with the soft attention of a
+:class:`~latentnlp.layers.LatentAttention` in one call (``alpha_t`` its prior, ``h_t`` its
+attentional vector ``o_t``), and :meth:`CopyGenerator.for_attention` builds the layer that shares
+that attention's vocabulary projection.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,16 +40,28 @@ from latentnlp.layers.output_head import tie_projection
 from latentnlp.semirings import logsumexp, safe_log
 from latentnlp.validation import is_validating
 
-__all__ = ["CopyGenerator", "CopyOutput", "source_extended_ids", "target_extended_ids"]
+if TYPE_CHECKING:
+    from latentnlp.layers.latent_attention import LatentAttention
+
+__all__ = ["CopyGenerator", "CopyOutput"]
 
 
 class CopyOutput(NamedTuple):
-    """log_prob ``[B, T]`` of the targets; log_probs ``[B, T, V_ext]`` (``full=True``);
-    log_p_copy ``[B, T]`` = log p(copy | h_t)."""
+    """What :meth:`CopyGenerator.forward` and :meth:`CopyGenerator.attend` return.
+
+    log_prob     ``[B, T]``        log p(y_t) of the targets (``None`` without targets)
+    log_probs    ``[B, T, V_ext]`` the whole extended distribution (``full=True``)
+    log_p_copy   ``[B, T]``        log p(copy | h_t)
+    log_alpha    ``[B, T, S]``     the copy attention (:meth:`~CopyGenerator.attend` only)
+    attentional  ``[B, T, D]``     ``o_t``, what was read out and an input-feeding decoder feeds
+                                   to its next step (:meth:`~CopyGenerator.attend` only)
+    """
 
     log_prob: Tensor | None
     log_probs: Tensor | None
     log_p_copy: Tensor
+    log_alpha: Tensor | None = None
+    attentional: Tensor | None = None
 
 
 def _scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
@@ -99,6 +114,74 @@ class CopyGenerator(nn.Module):
         self.input_size, self.vocab_size = input_size, vocab_size
         self.output_projection = nn.Linear(input_size, vocab_size) if output_projection is None else output_projection
         self.switch = nn.Linear(switch_input_size or input_size, 1)
+
+    @classmethod
+    def for_attention(cls, attention: LatentAttention, *, switch_input_size: int | None = None) -> CopyGenerator:
+        """The copy layer that reads out ``attention``'s ``o_t`` with its (shared) ``output_projection``."""
+        return cls(
+            attention.projection_size,
+            attention.vocab_size,
+            switch_input_size=switch_input_size,
+            output_projection=attention.output_projection,
+        )
+
+    def attend(
+        self,
+        attention: LatentAttention,
+        query: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None = None,
+        targets: Tensor | None = None,
+        *,
+        src_ext: Tensor,
+        key_padding_mask: Tensor | None = None,
+        extended_size: int | None = None,
+        full: bool = False,
+        switch_input: Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> CopyOutput:
+        """Soft attention composed with the copy switch, in one call.
+
+        ``alpha_t = attention.alignment(h_t, s)`` is the copy distribution and
+        ``o_t = tanh(W_h h_t + W_c sum_m alpha_tm s_m + b)`` (``attention``'s attentional vector)
+        the feature read out by this layer::
+
+            p(y_t = w) = p(gen | o_t) softmax(W o_t + b)_w + p(copy | o_t) sum_{m: src_m = w} alpha_tm
+
+        Works step-wise (``T = 1``) as well: ``attentional`` of the output is the vector to feed.
+
+        Args:
+            attention: the :class:`~latentnlp.layers.LatentAttention` that scores the source;
+                its ``projection_size`` must be this layer's ``input_size``.
+            query: ``[B, T, H]`` float decoder states.
+            memory: ``[B, S, H_s]`` float source states.
+            memory_mask: ``[B, S]`` bool, **True at real positions** (or ``key_padding_mask``,
+                True at padding; not both).
+            targets: ``[B, T]`` long extended ids, or ``ignore_index`` (optional).
+            src_ext: ``[B, S]`` long source as extended ids (e.g. ``ExtendedVocabulary.src_ext``).
+            extended_size, full, switch_input, ignore_index: as in :meth:`forward`.
+
+        Returns:
+            A :class:`CopyOutput` with ``log_alpha`` and ``attentional`` filled in.
+        """
+        if attention.projection_size != self.input_size:
+            raise ValueError(
+                f"CopyGenerator.attend: attention.projection_size {attention.projection_size} must be this "
+                f"layer's input_size {self.input_size}"
+            )
+        log_alpha = attention.alignment(query, memory, memory_mask, key_padding_mask=key_padding_mask).logits
+        attentional = attention.attentional_hidden(query, torch.bmm(log_alpha.exp(), memory))
+        out = self(
+            attentional,
+            log_alpha,
+            src_ext,
+            targets,
+            extended_size=extended_size,
+            full=full,
+            switch_input=switch_input,
+            ignore_index=ignore_index,
+        )
+        return out._replace(log_alpha=log_alpha, attentional=attentional)
 
     def tie_weights(self, embedding: nn.Embedding) -> None:
         """Use ``embedding.weight [V, input_size]`` as ``output_projection.weight`` (Press & Wolf 2017)."""
@@ -274,35 +357,3 @@ class CopyGenerator(nn.Module):
         if extended_size is not None and extended_size < self.vocab_size:
             raise ValueError(f"{name}: extended_size must be >= vocab_size = {self.vocab_size}, got {extended_size}")
         check_finite(self, hidden=hidden, switch_input=switch_input)
-
-
-# ---- extended vocabulary ------------------------------------------------------------------------
-def source_extended_ids(
-    tokens: Sequence[str], vocab: Mapping[str, int], vocab_size: int | None = None
-) -> tuple[list[int], list[str]]:
-    """Ids of a source sentence in the extended vocabulary, and its source-only words.
-
-    A token in ``vocab`` (anything with ``in`` and ``[]``, e.g. a dict or a
-    :class:`~latentnlp.data.vocabulary.Vocabulary`) keeps its id; the ``k``-th distinct
-    token not in it gets ``vocab_size + k`` (``vocab_size`` defaults to ``len(vocab)``).
-    """
-    size = len(vocab) if vocab_size is None else vocab_size
-    oovs: list[str] = []
-    ids = []
-    for token in tokens:
-        if token in vocab:
-            ids.append(int(vocab[token]))
-        else:
-            if token not in oovs:
-                oovs.append(token)
-            ids.append(size + oovs.index(token))
-    return ids, oovs
-
-
-def target_extended_ids(
-    tokens: Sequence[str], vocab: Mapping[str, int], oovs: Sequence[str], unk_id: int, vocab_size: int | None = None
-) -> list[int]:
-    """Ids of a target sentence: vocabulary ids, else the source-only id from ``oovs``, else ``unk_id``."""
-    size = len(vocab) if vocab_size is None else vocab_size
-    position = {w: size + k for k, w in enumerate(oovs)}
-    return [int(vocab[w]) if w in vocab else position.get(w, unk_id) for w in tokens]
