@@ -204,3 +204,37 @@ def test_forward_returns_log_prob_and_log_probs_first_in_every_layer():
         torch.manual_seed(0)
         both = call(full=True)
         torch.testing.assert_close(both.log_probs.gather(-1, targets[..., None])[..., 0], both.log_prob)
+
+
+def test_top_k_is_exact_when_k_covers_the_source():
+    query, memory, mask, targets = _inputs()
+    exact = _layer()(query, memory, mask, targets, full=True)
+    for k in (S, S + 3):
+        pruned = _layer(top_k=k)(query, memory, mask, targets, full=True)
+        torch.testing.assert_close(pruned.log_prob, exact.log_prob, rtol=0, atol=0)
+        torch.testing.assert_close(pruned.log_probs, exact.log_probs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_top_k_is_the_enumeration_over_the_kept_positions_and_a_lower_bound(k):
+    query, memory, mask, targets = _inputs()
+    exact = _layer()(query, memory, mask, targets)
+    layer = _layer(top_k=k)
+    q = query.clone().requires_grad_()
+    pruned = layer(q, memory, mask, targets, full=True)
+    kept = exact.log_alpha.topk(k, -1).indices
+    expected = torch.logsumexp(exact.log_alpha.gather(-1, kept) + exact.log_emission.gather(-1, kept), -1)
+    torch.testing.assert_close(pruned.log_prob, expected)
+    assert (pruned.log_prob <= exact.log_prob + 1e-12).all()
+    assert (pruned.log_prob < exact.log_prob - 1e-6).any()  # rows with more than k positions lose mass
+    short = LENGTHS <= k  # every real position kept: exact there
+    torch.testing.assert_close(pruned.log_prob[short], exact.log_prob[short])
+    dropped = torch.ones_like(mask[:, None, :].expand(B, T, S)).scatter(-1, kept, False)
+    assert torch.isneginf(pruned.log_emission[dropped]).all()
+    torch.testing.assert_close(pruned.log_probs.gather(-1, targets[..., None])[..., 0], pruned.log_prob)
+    pruned.log_prob.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    with pytest.raises(ValueError, match="top_k"):
+        _layer(mode="soft", top_k=2)
+    with pytest.raises(ValueError, match="top_k"):
+        _layer(top_k=0)

@@ -107,6 +107,15 @@ class LatentAttention(nn.Module):
             a few hundred rows up to V = 32k: smaller blocks make each backward chunk re-read
             and accumulate the whole ``[V, D]`` weight gradient for few rows, and lose to the
             unchunked computation (``benchmarks/attention.py``).
+        top_k: exact mode only: keep, for each target position, the ``k`` source positions of
+            highest prior ``alpha_tm`` (:meth:`pruned_alignment`) and sum over those alone::
+
+                log p_k(y_t | h_t, s) = logsumexp_{m in top_k(alpha_t)} (log alpha_tm + log p(y_t | h_t, s_m))
+
+            a lower bound on the exact marginal (terms are dropped, nothing is renormalised), equal
+            to it when ``k >= S``; the per-position read-out costs ``O(B T k)`` instead of
+            ``O(B T S)`` rows.  ``None`` (default): the exact marginal.  May be changed between
+            calls (e.g. ``layer.top_k = None`` to evaluate exactly).
 
     Attributes:
         output_projection: the vocabulary projection ``nn.Linear(D, V)`` (``W_o``, ``b_o``), to share
@@ -139,10 +148,13 @@ class LatentAttention(nn.Module):
         projection_size: int | None = None,
         dropout: float = 0.0,
         max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+        top_k: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if top_k is not None and (mode != "exact" or top_k < 1):
+            raise ValueError(f"top_k must be None or >= 1 and needs mode='exact', got top_k={top_k} mode={mode!r}")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         if score == "dot" and input_size != memory_size:
@@ -150,6 +162,7 @@ class LatentAttention(nn.Module):
         self.mode, self.score_type = mode, score
         self.input_size, self.memory_size, self.vocab_size = input_size, memory_size, vocab_size
         self.max_chunk_elements = int(max_chunk_elements)
+        self.top_k = top_k
         if score == "mlp":
             attention_size = attention_size or input_size
             self.score_query = nn.Linear(input_size, attention_size, bias=True)
@@ -278,6 +291,37 @@ class LatentAttention(nn.Module):
             out = out.masked_fill(~memory_mask[:, None, :], float("-inf"))
         return out
 
+    @staticmethod
+    def pruned_alignment(log_alpha: Tensor, k: int) -> Tensor:
+        """``log alpha [B, T, S]`` with all but the ``k`` largest entries of each row set to ``-inf``.
+
+        Not renormalised: ``logsumexp`` over ``S`` is ``<= 0``, the prior mass kept.
+        """
+        if k >= log_alpha.shape[-1]:
+            return log_alpha
+        index = log_alpha.detach().topk(k, dim=-1).indices
+        keep = torch.zeros_like(log_alpha, dtype=torch.bool).scatter(-1, index, True)
+        return log_alpha.masked_fill(~keep, float("-inf"))
+
+    def _pruned_emission_log_probs(
+        self, query: Tensor, memory: Tensor, targets: Tensor, log_alpha: Tensor, k: int
+    ) -> Tensor:
+        """``log p(y_t | h_t, s_m)`` ``[B, T, S]`` at the ``k`` positions of highest prior of each row,
+        ``-inf`` elsewhere (and at padding); only those ``B T k`` rows are read out."""
+        index = log_alpha.detach().topk(k, dim=-1).indices  # [B, T, k]
+        rows = torch.arange(memory.shape[0], device=memory.device)[:, None, None]
+        o = self.attentional_hidden(query[:, :, None, :], memory[rows, index])  # [B, T, k, D]
+        B, T, _, D = o.shape
+        kept = log_softmax_linear(
+            o.reshape(-1, D),
+            self.output_projection.weight,
+            self.output_projection.bias,
+            targets[:, :, None].expand(B, T, k).reshape(-1),
+            self.max_chunk_elements,
+        ).view(B, T, k)
+        kept = kept.masked_fill(torch.isneginf(log_alpha.gather(-1, index)), float("-inf"))
+        return torch.full_like(log_alpha, float("-inf")).scatter(-1, index, kept.to(log_alpha.dtype))
+
     def marginal_log_probs(self, query: Tensor, memory: Tensor, log_alpha: Tensor) -> Tensor:
         """Exact ``log p(y | h_t, s) = logsumexp_m (log alpha_tm + log p(y | h_t, s_m))``.
 
@@ -347,12 +391,17 @@ class LatentAttention(nn.Module):
             else:
                 log_prob = self._read_out(attentional, targets)
         else:
+            kept = None if self.top_k is None or self.top_k >= memory.shape[1] else self.top_k
             if targets is not None:
-                log_emission = self._emission_log_probs(query, memory, targets, memory_mask)
+                if kept is None:
+                    log_emission = self._emission_log_probs(query, memory, targets, memory_mask)
+                else:
+                    log_emission = self._pruned_emission_log_probs(query, memory, targets, log_alpha, kept)
                 log_emission = log_emission.masked_fill(ignored[..., None], 0.0)
                 log_prob = torch.logsumexp(log_alpha + log_emission, dim=-1)
             if full or targets is None:
-                log_probs = self.marginal_log_probs(query, memory, log_alpha)
+                prior = log_alpha if kept is None else self.pruned_alignment(log_alpha, kept)
+                log_probs = self.marginal_log_probs(query, memory, prior)
         if log_prob is not None:
             log_prob = log_prob.masked_fill(ignored, 0.0)
         return LatentAttentionOutput(log_prob, log_probs, log_alpha, log_emission, context, attentional)

@@ -103,7 +103,17 @@ class SoftAttentionHead(Seq2SeqHead):
         return self.attention.log_prob_given_context(hidden, context_vector, targets).masked_fill(ignored, 0.0)
 
     def log_probs(self, hidden: Tensor, *, memory: Tensor, log_alpha: Tensor, **context) -> Tensor:
-        """``[B, T, V]``; arguments as in :meth:`log_prob`."""
+        """``log p(. | h_t, c_t)``.
+
+        Args:
+            hidden: ``[B, T, H]`` float decoder states.
+            memory: ``[B, S, H]`` float source states.
+            log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
+            **context: unused.
+
+        Returns:
+            ``[B, T, V]`` float log-probabilities.
+        """
         return self.attention.log_prob_given_context(hidden, torch.bmm(log_alpha.exp(), memory))
 
 
@@ -147,7 +157,17 @@ class LatentAttentionHead(Seq2SeqHead):
         return log_p.masked_fill(ignored, 0.0)
 
     def log_probs(self, hidden: Tensor, *, memory: Tensor, log_alpha: Tensor, **context) -> Tensor:
-        """``[B, T, V]``, mixed over chunks of source positions (see ``LatentAttention``)."""
+        """``logsumexp_m (log alpha_tm + log p(. | h_t, s_m))``, mixed over chunks of source positions.
+
+        Args:
+            hidden: ``[B, T, H]`` float decoder states.
+            memory: ``[B, S, H]`` float source states.
+            log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
+            **context: unused (``memory_mask`` is already in ``log_alpha``).
+
+        Returns:
+            ``[B, T, V]`` float log-probabilities.
+        """
         return self.attention.marginal_log_probs(hidden, memory, log_alpha)
 
     def emission_log_probs(self, hidden: Tensor, targets: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
@@ -220,7 +240,19 @@ class CopyHead(Seq2SeqHead):
         extended_size: int | None = None,
         **context,
     ) -> Tensor:
-        """``[B, T, V_ext]``; arguments as in :meth:`log_prob`, ``extended_size`` = ``V_ext``."""
+        """The distribution over the extended vocabulary.
+
+        Args:
+            hidden: not read.
+            attentional: ``[B, T, H]`` float attentional vectors ``o_t``.
+            log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
+            src_ext: ``[B, S]`` long source as extended ids.
+            extended_size: ``V_ext`` (default: from the ids).
+            **context: unused.
+
+        Returns:
+            ``[B, T, V_ext]`` float log-probabilities.
+        """
         return self.generator.log_probs(attentional, log_alpha=log_alpha, src_ext=src_ext, extended_size=extended_size)
 
     def batch_context(self, batch: Batch) -> dict[str, Tensor]:
