@@ -352,3 +352,19 @@ def test_hmm_empty_batch_gives_empty_results(rank):
     loss = model.loss(batch)
     assert loss.value.item() == 0.0
     loss.value.backward()  # an empty batch is still part of the graph
+
+
+@pytest.mark.parametrize("name", ["soft-head", "latent-head", "copy-head"])
+def test_seq2seq_heads_nan_is_an_error_or_a_nan_loss(name, validating):
+    head, context, _ = _heads()[name]
+    hidden, *_ = _inputs()
+    key = "attentional" if name == "copy-head" else "hidden"
+    given = {"hidden": hidden.clone(), **context}
+    given[key] = given[key].clone()
+    given[key][0, 0, 0] = math.nan
+    targets = torch.zeros(B, T, dtype=torch.long)
+    if validating:
+        with pytest.raises(ValueError, match="(hidden|query)"):
+            head.log_prob(given.pop("hidden"), targets, **given)
+        return
+    assert torch.isnan(head.log_prob(given.pop("hidden"), targets, **given)[0, 0])
