@@ -368,3 +368,12 @@ def test_seq2seq_heads_nan_is_an_error_or_a_nan_loss(name, validating):
             head.log_prob(given.pop("hidden"), targets, **given)
         return
     assert torch.isnan(head.log_prob(given.pop("hidden"), targets, **given)[0, 0])
+
+
+def test_a_half_precision_alignment_counts_as_normalised():
+    layer = _copy().to(torch.bfloat16)
+    hidden, _, _, targets, src_ext = _inputs()
+    scores = torch.randn(B, T, S, dtype=torch.float32).masked_fill(~MASK[:, None], -math.inf)
+    log_alpha = torch.log_softmax(scores.to(torch.bfloat16), -1)
+    out = layer(hidden.to(torch.bfloat16), log_alpha, src_ext, targets)
+    assert torch.isfinite(out.log_prob).all()

@@ -30,7 +30,8 @@ __all__ = [
 #: ``torch.nn.functional.cross_entropy``
 IGNORE_INDEX = -100
 
-#: ``|logsumexp_m log_alpha_tm|`` above this is "not normalised" (float32 rounding stays far below)
+#: ``|logsumexp_m log_alpha_tm|`` above this is "not normalised" (float32 rounding stays far below;
+#: half precision is allowed ``16 eps`` of its dtype)
 NORMALISATION_TOLERANCE = 1e-3
 
 
@@ -127,7 +128,7 @@ def check_log_alpha(
 
     Expected: no NaN or ``+inf``, ``-inf`` only where a position is impossible (padding), at least
     one finite entry per row and ``logsumexp_m log_alpha_tm = 0`` (within
-    ``NORMALISATION_TOLERANCE``).
+    ``NORMALISATION_TOLERANCE``, or ``16 eps`` of a half-precision dtype).
     """
     name = _name(layer)
     if tuple(log_alpha.shape) != tuple(shape):
@@ -153,7 +154,7 @@ def check_log_alpha(
             f"{name}: log_alpha is -inf at every source position in {int(n_empty)} rows (first [b, t]: {rows}); "
             "every row needs one possible position"
         )
-    if worst > NORMALISATION_TOLERANCE:
+    if worst > max(NORMALISATION_TOLERANCE, 16 * torch.finfo(log_alpha.dtype).eps):
         raise ValueError(
             f"{name}: log_alpha must be normalised over S (logsumexp over the last dim = 0), "
             f"got |logsumexp| up to {worst:.3g}"
