@@ -95,7 +95,7 @@ def build_step(p: dict, device):
     modules = [layer]
     copy = None
     if layer_name == "copy":
-        copy = CopyGenerator(H, V, readout=layer.readout).to(device)
+        copy = CopyGenerator.for_attention(layer).to(device)
         modules.append(copy)
     g = torch.Generator(device="cpu").manual_seed(SEED)
     query = torch.randn(B, T, H, generator=g).to(device).requires_grad_()
@@ -114,9 +114,7 @@ def build_step(p: dict, device):
         if copy is None:
             log_prob = layer(query, memory, mask, targets).log_prob
         else:
-            alpha = layer.alignment(query, memory, mask).logits
-            hidden = layer.attentional_hidden(query, torch.bmm(alpha.exp(), memory))
-            log_prob = copy(hidden, alpha, src_ext, targets, extended_size=V + 4).log_prob
+            log_prob = copy.attend(layer, query, memory, mask, targets, src_ext=src_ext, extended_size=V + 4).log_prob
         (-log_prob.sum()).backward()
 
     return step, B * T

@@ -6,7 +6,8 @@ counts the target tokens it scores.  Sections (the first part of a case's name):
 * ``output`` -- the output layer alone: ``layer.log_prob(hidden [N, H], targets [N]).sum().backward()``
   (gradients w.r.t. the hidden states and every parameter), for ``SoftmaxOutput`` with a
   projection to ``d`` (the baseline), ``MixtureOfSoftmaxes`` with ``K`` experts and the same ``d``,
-  and the same MoS with ``chunk_size`` (vocabulary chunks recomputed in backward).
+  and the same MoS with ``max_chunk_elements`` (vocabulary chunks of ``chunk`` columns for each
+  of the ``N K`` expert contexts, recomputed in backward).
 * ``lstm-lm`` -- a whole ``LSTMLanguageModel`` step, ``model.loss(batch).value.backward()`` on a
   ``[B, T]`` stream batch, softmax vs MoS output.
 * ``hmm-lm`` -- a whole ``HMMLanguageModel`` step (parameters from the MLPs, emissions, the exact
@@ -75,6 +76,11 @@ class Case:
         return self.name.split("/", 1)[0]
 
 
+def _elements(p: dict, rows: int) -> int | None:
+    """``max_chunk_elements`` for vocabulary chunks of ``p["chunk"]`` columns over ``rows`` score rows."""
+    return None if p.get("chunk") is None else p["chunk"] * rows
+
+
 def _output_layer_step(p: dict, device):
     import torch
 
@@ -83,9 +89,10 @@ def _output_layer_step(p: dict, device):
     g = torch.Generator().manual_seed(SEED)
     torch.manual_seed(SEED)
     if p["experts"] == 0:
-        layer = SoftmaxOutput(p["H"], p["V"], p["d"], chunk_size=p.get("chunk"))
+        layer = SoftmaxOutput(p["H"], p["V"], p["d"], max_chunk_elements=_elements(p, p["N"]))
     else:
-        layer = MixtureOfSoftmaxes(p["H"], p["V"], p["experts"], p["d"], chunk_size=p.get("chunk"))
+        elements = _elements(p, p["N"] * p["experts"])
+        layer = MixtureOfSoftmaxes(p["H"], p["V"], p["experts"], p["d"], max_chunk_elements=elements)
     layer.to(device)
     hidden = torch.randn(p["N"], p["H"], generator=g).to(device).requires_grad_(True)
     targets = torch.randint(0, p["V"], (p["N"],), generator=g).to(device)
@@ -115,7 +122,7 @@ def _lstm_lm_step(p: dict, device):
         softmax_input_size=p["d"],
         num_experts=p["experts"] if mos else None,
         tie_weights=True,
-        chunk_size=p.get("chunk"),
+        max_chunk_elements=_elements(p, p["B"] * p["T"] * max(1, p["experts"])),
     ).to(device)
     tokens = torch.randint(0, p["V"], (p["B"], p["T"] + 1), generator=g).to(device)
     batch = {

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from latentnlp.layers.copy_generator import CopyGenerator, source_extended_ids, target_extended_ids
+from latentnlp.layers.copy_generator import CopyGenerator
+from latentnlp.layers.extended_vocabulary import source_extended_ids, target_extended_ids
 
 B, T, S, D, V = 3, 4, 5, 6, 7
 LENGTHS = torch.tensor([5, 3, 1])
@@ -31,7 +32,7 @@ def _layer(seed=0):
 
 def _brute(layer, hidden, log_alpha, src_ext, mask, size):
     p_gen = torch.sigmoid(layer.switch(hidden)).squeeze(-1)
-    p_vocab = torch.softmax(layer.readout(hidden), -1)
+    p_vocab = torch.softmax(layer.output_projection(hidden), -1)
     out = torch.zeros(B, T, size)
     for b in range(B):
         for t in range(T):
@@ -119,10 +120,10 @@ def test_argument_checks():
         layer(hidden, log_alpha, src_ext[:, :2])
     with pytest.raises(ValueError, match="targets"):
         layer(hidden, log_alpha, src_ext, src_ext)
-    with pytest.raises(ValueError, match="readout"):
-        CopyGenerator(D, V, readout=torch.nn.Linear(D, V + 1))
+    with pytest.raises(ValueError, match="output_projection"):
+        CopyGenerator(D, V, output_projection=torch.nn.Linear(D, V + 1))
     shared = torch.nn.Linear(D, V)
-    assert CopyGenerator(D, V, readout=shared).readout is shared
+    assert CopyGenerator(D, V, output_projection=shared).output_projection is shared
 
 
 def test_extended_size_is_trusted_when_validation_is_off(monkeypatch):

@@ -171,7 +171,7 @@ def test_reinforce_gradient_is_unbiased():
     model, batch = _double("elbo-sample"), _batch(5, size=2, src_len=3, tgt_len=3)
     mask = lengths_to_mask(batch["src_lengths"], 3)[:, None, :]
     logits = torch.randn(2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    weight = model.core.attention.readout.weight
+    weight = model.core.attention.output_projection.weight
 
     def gradients(estimator, **kw):
         bound = model.elbo(batch, estimator=estimator, q=MaskedCategorical(logits, mask), **kw)

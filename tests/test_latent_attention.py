@@ -23,7 +23,7 @@ def _inputs(seed=0, s=S):
 def _layer(seed=0, **kw):
     torch.manual_seed(seed)
     kw.setdefault("score", "mlp")
-    return LatentAttention(H, kw.pop("memory_dim", HS), V, **kw).eval()
+    return LatentAttention(H, kw.pop("memory_size", HS), V, **kw).eval()
 
 
 def _enumerate(layer, query, memory, mask, targets):
@@ -39,7 +39,7 @@ def _enumerate(layer, query, memory, mask, targets):
             terms, dists = [], []
             for m in range(n):
                 o = torch.tanh(layer.out_query(query[b, t]) + layer.out_context(memory[b, m]))
-                dist = torch.log_softmax(layer.readout(o), 0)
+                dist = torch.log_softmax(layer.output_projection(o), 0)
                 emission[b, t, m] = dist[targets[b, t]]
                 terms.append(log_alpha[m] + dist[targets[b, t]])
                 dists.append(log_alpha[m] + dist)
@@ -50,7 +50,7 @@ def _enumerate(layer, query, memory, mask, targets):
 
 @pytest.mark.parametrize("score", ["mlp", "bilinear", "dot"])
 def test_exact_marginal_equals_enumeration(score):
-    kw = {"memory_dim": H} if score == "dot" else {}
+    kw = {"memory_size": H} if score == "dot" else {}
     layer = _layer(score=score, **kw)
     query, memory, mask, targets = _inputs()
     if score == "dot":
@@ -73,7 +73,7 @@ def test_soft_mode_is_context_inside_softmax():
     alpha = out.log_alpha.exp()
     context = torch.einsum("bts,bsd->btd", alpha, memory)
     o = torch.tanh(layer.out_query(query) + layer.out_context(context))
-    ref = torch.log_softmax(layer.readout(o), -1)
+    ref = torch.log_softmax(layer.output_projection(o), -1)
     torch.testing.assert_close(out.log_probs, ref)
     torch.testing.assert_close(out.log_prob, ref.gather(-1, targets[..., None]).squeeze(-1))
     torch.testing.assert_close(out.context, context)
@@ -152,3 +152,89 @@ def test_alignment_distribution_and_argument_checks():
         LatentAttention(H, HS, V, mode="hard")
     with pytest.raises(ValueError, match="dot"):
         LatentAttention(H, HS, V, score="dot")
+
+
+@pytest.mark.parametrize("mode", ["exact", "soft"])
+def test_step_wise_calls_equal_one_call_and_give_the_fed_vector(mode):
+    """T = 1 at a time (an input-feeding decoder) gives what one call over all T gives, and o_t."""
+    layer = _layer(mode=mode)
+    query, memory, mask, targets = _inputs()
+    whole = layer(query, memory, mask, targets, full=True)
+    steps = [layer(query[:, t : t + 1], memory, mask, targets[:, t : t + 1], full=True) for t in range(T)]
+    for name in ("log_prob", "log_probs", "log_alpha", "context", "attentional"):
+        torch.testing.assert_close(torch.cat([getattr(s, name) for s in steps], 1), getattr(whole, name))
+    context = torch.bmm(whole.log_alpha.exp(), memory)
+    expected = torch.tanh(layer.out_query(query) + layer.out_context(context))
+    torch.testing.assert_close(whole.attentional, expected)
+    assert whole.attentional.shape == (B, T, layer.projection_size)
+    if mode == "soft":  # soft attention reads out the fed vector itself
+        torch.testing.assert_close(whole.log_probs, torch.log_softmax(layer.output_projection(expected), -1))
+
+
+@pytest.mark.parametrize("name", ["SoftmaxOutput", "MixtureOfSoftmaxes", "LatentAttention", "CopyGenerator"])
+def test_every_layer_ties_its_output_projection(name):
+    import latentnlp.layers as layers
+
+    sizes = {"SoftmaxOutput": (H, V), "MixtureOfSoftmaxes": (H, V, 2), "LatentAttention": (H, HS, V)}
+    layer = getattr(layers, name)(*sizes.get(name, (H, V)))
+    embedding = torch.nn.Embedding(V, H)
+    layer.tie_weights(embedding)
+    assert layer.output_projection.weight is embedding.weight
+    with pytest.raises(ValueError, match=r"embedding.weight must be \(11, 6\)"):
+        layer.tie_weights(torch.nn.Embedding(V, H + 1))
+
+
+def test_forward_returns_log_prob_and_log_probs_first_in_every_layer():
+    from latentnlp.layers import CopyGenerator, MixtureOfSoftmaxes, SoftmaxOutput
+
+    query, memory, mask, targets = _inputs()
+    log_alpha = _layer().alignment(query, memory, mask).logits
+    src_ext = torch.randint(0, V, (B, S))
+    calls = {
+        "softmax": lambda **kw: SoftmaxOutput(H, V)(query, targets, **kw),
+        "mos": lambda **kw: MixtureOfSoftmaxes(H, V, 2)(query, targets, **kw),
+        "attention": lambda **kw: _layer()(query, memory, mask, targets, **kw),
+        "copy": lambda **kw: CopyGenerator(H, V)(query, log_alpha, src_ext, targets, **kw),
+    }
+    for name, call in calls.items():
+        torch.manual_seed(0)
+        out = call()
+        assert out._fields[:2] == ("log_prob", "log_probs"), name
+        assert out.log_prob.shape == (B, T) and out.log_probs is None, name
+        torch.manual_seed(0)
+        both = call(full=True)
+        torch.testing.assert_close(both.log_probs.gather(-1, targets[..., None])[..., 0], both.log_prob)
+
+
+def test_top_k_is_exact_when_k_covers_the_source():
+    query, memory, mask, targets = _inputs()
+    exact = _layer()(query, memory, mask, targets, full=True)
+    for k in (S, S + 3):
+        pruned = _layer(top_k=k)(query, memory, mask, targets, full=True)
+        torch.testing.assert_close(pruned.log_prob, exact.log_prob, rtol=0, atol=0)
+        torch.testing.assert_close(pruned.log_probs, exact.log_probs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_top_k_is_the_enumeration_over_the_kept_positions_and_a_lower_bound(k):
+    query, memory, mask, targets = _inputs()
+    exact = _layer()(query, memory, mask, targets)
+    layer = _layer(top_k=k)
+    q = query.clone().requires_grad_()
+    pruned = layer(q, memory, mask, targets, full=True)
+    kept = exact.log_alpha.topk(k, -1).indices
+    expected = torch.logsumexp(exact.log_alpha.gather(-1, kept) + exact.log_emission.gather(-1, kept), -1)
+    torch.testing.assert_close(pruned.log_prob, expected)
+    assert (pruned.log_prob <= exact.log_prob + 1e-12).all()
+    assert (pruned.log_prob < exact.log_prob - 1e-6).any()  # rows with more than k positions lose mass
+    short = LENGTHS <= k  # every real position kept: exact there
+    torch.testing.assert_close(pruned.log_prob[short], exact.log_prob[short])
+    dropped = torch.ones_like(mask[:, None, :].expand(B, T, S)).scatter(-1, kept, False)
+    assert torch.isneginf(pruned.log_emission[dropped]).all()
+    torch.testing.assert_close(pruned.log_probs.gather(-1, targets[..., None])[..., 0], pruned.log_prob)
+    pruned.log_prob.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    with pytest.raises(ValueError, match="top_k"):
+        _layer(mode="soft", top_k=2)
+    with pytest.raises(ValueError, match="top_k"):
+        _layer(top_k=0)

@@ -42,7 +42,7 @@ def _manual_log_marginal(model, batch):
         for t in range(int(batch["lengths"][b])):
             x = model.embedding(batch["inputs"][b, t].view(1, 1))
             h, state = model.lstm(x, state)
-            total = total + model.output_layer(h[0, 0])[batch["targets"][b, t]]
+            total = total + model.output_layer.log_probs(h[0, 0])[batch["targets"][b, t]]
         out.append(total)
     return torch.stack(out)
 
@@ -197,7 +197,7 @@ def test_generate_samples_from_the_model():
         for step in range(3):
             x = torch.tensor([seq])
             h, _ = model.lstm(model.embedding(x))
-            seq.append(int(model.output_layer(h[0, -1]).argmax()))
+            seq.append(int(model.output_layer.log_probs(h[0, -1]).argmax()))
         assert greedy[row].tolist() == seq[length:]
     # the first sampled token follows p(y | prefix)
     n = 20000
@@ -205,7 +205,7 @@ def test_generate_samples_from_the_model():
     first = model.generate(many, max_length=1, generator=torch.Generator().manual_seed(1))[:, 0]
     freq = torch.bincount(first, minlength=V).double() / n
     h, _ = model.lstm(model.embedding(torch.tensor([[1, 2, 3]])))
-    probs = model.output_layer(h[0, -1]).exp().detach()
+    probs = model.output_layer.log_probs(h[0, -1]).exp().detach()
     assert (freq - probs).abs().max() < 4 * (probs * (1 - probs) / n).sqrt().max() + 1e-3
     # temperature 0.5 sharpens: p^2 renormalised
     first = model.generate(many, max_length=1, temperature=0.5, generator=torch.Generator().manual_seed(2))[:, 0]
@@ -217,7 +217,7 @@ def test_generate_samples_from_the_model():
 def test_generate_stops_at_eos():
     model = _model().eval()
     with torch.no_grad():
-        model.output_layer.decoder.bias[3] = 50.0  # eos = 3 almost surely at every step
+        model.output_layer.output_projection.bias[3] = 50.0  # eos = 3 almost surely at every step
     prefix = {"inputs": torch.tensor([[1, 2]]), "lengths": torch.tensor([2])}
     tokens = model.generate(prefix, max_length=4, eos_index=3, generator=torch.Generator().manual_seed(0))
     assert tokens.tolist() == [[3, 3, 3, 3]]
@@ -247,7 +247,7 @@ def test_constructor_and_batch_errors():
 
 def test_chunked_output_layer_gives_the_same_model():
     a = _model(output="mos", num_experts=3)
-    b = _model(output="mos", num_experts=3, chunk_size=4)
+    b = _model(output="mos", num_experts=3, max_chunk_elements=4)
     batch = _batch(lengths=[6, 2, 4])
     torch.testing.assert_close(a.log_marginal(batch), b.log_marginal(batch), rtol=1e-12, atol=1e-12)
 
@@ -261,7 +261,16 @@ CONTRACT_CASES = [
     ModelCase(
         "lstm-lm/mos",
         make_model=lambda: LSTMLanguageModel(
-            12, 6, 8, 2, output="mos", num_experts=3, softmax_input_size=6, tie_weights=True, dropout=0.2, chunk_size=5
+            12,
+            6,
+            8,
+            2,
+            output="mos",
+            num_experts=3,
+            softmax_input_size=6,
+            tie_weights=True,
+            dropout=0.2,
+            max_chunk_elements=5,
         ),
         make_batch=lambda g: lm_batch(g, vocab_size=12),
     ),

@@ -16,7 +16,7 @@ def _mos(num_experts=K, **kw):
     torch.manual_seed(0)
     layer = MixtureOfSoftmaxes(H, V, num_experts, D, **kw).double()
     with torch.no_grad():  # non-trivial bias so chunks see different offsets
-        layer.decoder.bias.normal_()
+        layer.output_projection.bias.normal_()
     return layer
 
 
@@ -31,10 +31,12 @@ def _data(shape=(2, 5)):
 def test_mos_is_normalised(shape):
     layer = _mos()
     hidden, _ = _data(shape)
-    log_p = layer(hidden)
+    log_p = layer.log_probs(hidden)
     assert log_p.shape == (*shape, V)
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(shape, dtype=torch.float64), rtol=0, atol=1e-12)
-    torch.testing.assert_close(layer(hidden, chunk_size=1), log_p, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        layer.log_probs(hidden, max_chunk_elements=1), log_p, rtol=0, atol=1e-12
+    )  # experts one at a time
 
 
 def test_mos_forward_is_the_mixture_of_expert_softmaxes():
@@ -42,24 +44,25 @@ def test_mos_forward_is_the_mixture_of_expert_softmaxes():
     hidden, _ = _data()
     pi = torch.softmax(hidden @ layer.prior.weight.T, -1)
     g = torch.tanh(layer.projection(hidden)).unflatten(-1, (K, D))
-    experts = torch.softmax(g @ layer.decoder.weight.T + layer.decoder.bias, -1)
+    experts = torch.softmax(g @ layer.output_projection.weight.T + layer.output_projection.bias, -1)
     p = (pi.unsqueeze(-1) * experts).sum(-2)
-    torch.testing.assert_close(layer(hidden), p.log(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.log_probs(hidden), p.log(), rtol=0, atol=1e-12)
 
 
 def test_mos_log_space_survives_tiny_probabilities():
     layer = _mos()
     hidden, targets = _data()
     with torch.no_grad():
-        layer.decoder.weight.mul_(1e4)  # expert softmaxes below float64's smallest p
+        layer.output_projection.weight.mul_(1e4)  # expert softmaxes below float64's smallest p
     log_p = layer.log_prob(hidden, targets)
     assert torch.isfinite(log_p).all() and log_p.min() < -750
-    torch.testing.assert_close(layer.log_prob(hidden, targets, chunk_size=4), log_p)
-    torch.testing.assert_close(layer(hidden).gather(-1, targets[..., None])[..., 0], log_p)
+    torch.testing.assert_close(layer.log_prob(hidden, targets, max_chunk_elements=4 * 10 * K), log_p)
+    torch.testing.assert_close(layer.log_probs(hidden).gather(-1, targets[..., None])[..., 0], log_p)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, V, 100])
 def test_mos_chunked_equals_unchunked(chunk_size):
+    """``chunk_size`` vocabulary columns per block: ``max_chunk_elements = chunk_size x rows``."""
     layer = _mos()
     hidden, targets = _data()
     hidden.requires_grad_(True)
@@ -67,20 +70,21 @@ def test_mos_chunked_equals_unchunked(chunk_size):
     def value_and_grads(chunk):
         layer.zero_grad()
         hidden.grad = None
-        out = layer.log_prob(hidden, targets, chunk_size=chunk)
+        out = layer.log_prob(hidden, targets, max_chunk_elements=chunk)
         (out * torch.linspace(-1, 2, out.numel()).view_as(out).double()).sum().backward()
         grads = [hidden.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
         return out.detach(), grads
 
     full, full_grads = value_and_grads(None)
-    chunked, chunked_grads = value_and_grads(chunk_size)
+    elements = chunk_size * targets.numel() * K
+    chunked, chunked_grads = value_and_grads(elements)
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-12)
     for a, b in zip(chunked_grads, full_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    gathered = layer(hidden).gather(-1, targets[..., None])[..., 0]
+    gathered = layer.log_probs(hidden).gather(-1, targets[..., None])[..., 0]
     torch.testing.assert_close(full, gathered.detach(), rtol=0, atol=1e-12)
-    # the layer's own chunk_size is the default
-    layer.chunk_size = chunk_size
+    # the layer's own max_chunk_elements is the default
+    layer.max_chunk_elements = elements
     torch.testing.assert_close(layer.log_prob(hidden, targets).detach(), full, rtol=0, atol=1e-12)
 
 
@@ -112,10 +116,10 @@ def test_mos_gradcheck():
     layer = MixtureOfSoftmaxes(3, 5, 2, 2).double()  # tiny: gradcheck is O(#parameters)
     hidden = torch.randn(3, 3, dtype=torch.float64)
     targets = torch.tensor([0, 4, 2])
-    assert _gradcheck(layer, "forward", hidden)
-    assert _gradcheck(layer, "forward", hidden, chunk_size=1)
+    assert _gradcheck(layer, "log_probs", hidden)
+    assert _gradcheck(layer, "log_probs", hidden, max_chunk_elements=1)
     assert _gradcheck(layer, "log_prob", hidden, targets)
-    assert _gradcheck(layer, "log_prob", hidden, targets, chunk_size=2)
+    assert _gradcheck(layer, "log_prob", hidden, targets, max_chunk_elements=2 * 3 * 2)
 
 
 @pytest.mark.parametrize("activation", ["tanh", "identity"])
@@ -124,9 +128,9 @@ def test_one_expert_equals_softmax_with_the_same_parameters(activation):
     mos.activation = activation
     softmax = SoftmaxOutput(H, V, projection_size=D, activation=activation).double()
     softmax.projection.load_state_dict(mos.projection.state_dict())
-    softmax.decoder.load_state_dict(mos.decoder.state_dict())
+    softmax.output_projection.load_state_dict(mos.output_projection.state_dict())
     hidden, targets = _data()
-    torch.testing.assert_close(mos(hidden), softmax(hidden), rtol=0, atol=1e-12)
+    torch.testing.assert_close(mos.log_probs(hidden), softmax.log_probs(hidden), rtol=0, atol=1e-12)
     torch.testing.assert_close(mos.log_prob(hidden, targets), softmax.log_prob(hidden, targets), rtol=0, atol=1e-12)
 
 
@@ -135,12 +139,12 @@ def test_softmax_output(projection_size):
     torch.manual_seed(0)
     layer = SoftmaxOutput(H, V, projection_size).double()
     hidden, targets = _data()
-    log_p = layer(hidden)
+    log_p = layer.log_probs(hidden)
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(2, 5, dtype=torch.float64))
     full = layer.log_prob(hidden, targets)
     torch.testing.assert_close(full, log_p.gather(-1, targets[..., None])[..., 0], rtol=0, atol=1e-12)
-    torch.testing.assert_close(layer.log_prob(hidden, targets, chunk_size=3), full, rtol=0, atol=1e-12)
-    assert _gradcheck(layer, "log_prob", hidden, targets, chunk_size=4)
+    torch.testing.assert_close(layer.log_prob(hidden, targets, max_chunk_elements=3 * 10), full, rtol=0, atol=1e-12)
+    assert _gradcheck(layer, "log_prob", hidden, targets, max_chunk_elements=4 * 10)
 
 
 @pytest.mark.parametrize("cls", [SoftmaxOutput, MixtureOfSoftmaxes])
@@ -148,9 +152,9 @@ def test_weight_tying(cls):
     embedding = nn.Embedding(V, D)
     layer = cls(H, V, 2, D) if cls is MixtureOfSoftmaxes else cls(H, V, D)
     layer.tie_weights(embedding)
-    assert layer.decoder.weight is embedding.weight
+    assert layer.output_projection.weight is embedding.weight
     hidden, targets = _data()
-    layer.log_prob(hidden.float(), targets, chunk_size=5).sum().backward()
+    layer.log_prob(hidden.float(), targets, max_chunk_elements=5).sum().backward()
     assert embedding.weight.grad is not None and embedding.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="embedding.weight"):
         layer.tie_weights(nn.Embedding(V, D + 1))
@@ -165,7 +169,7 @@ def test_identity_activation_is_a_linear_projection(cls):
     hidden, targets = _data()
     g = layer.features(hidden)
     torch.testing.assert_close(g.flatten(-2) if cls is MixtureOfSoftmaxes else g, layer.projection(hidden))
-    torch.testing.assert_close(layer(hidden).exp().sum(-1), torch.ones(2, 5, dtype=torch.float64))
+    torch.testing.assert_close(layer.log_probs(hidden).exp().sum(-1), torch.ones(2, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="activation must be one of"):
         cls(H, V, 2, D, activation="relu") if cls is MixtureOfSoftmaxes else cls(H, V, D, activation="relu")
 
@@ -174,21 +178,21 @@ def test_bad_input_raises_value_error():
     layer = _mos()
     hidden, targets = _data()
     with pytest.raises(ValueError, match=r"hidden must be \[\.\.\., 6\]"):
-        layer(hidden[..., :-1])
+        layer.log_probs(hidden[..., :-1])
     with pytest.raises(ValueError, match="targets"):
         layer.log_prob(hidden, targets[:, :-1])
     with pytest.raises(ValueError, match="num_experts"):
         MixtureOfSoftmaxes(H, V, 0)
-    with pytest.raises(ValueError, match="chunk_size"):
-        SoftmaxOutput(H, V, chunk_size=0)
+    with pytest.raises(ValueError, match="max_chunk_elements"):
+        SoftmaxOutput(H, V, max_chunk_elements=0)
 
 
 def test_half_precision_is_normalised_in_float32():
     layer = _mos().to(torch.bfloat16)
     hidden, targets = _data()
-    out = layer.log_prob(hidden.to(torch.bfloat16), targets, chunk_size=4)
+    out = layer.log_prob(hidden.to(torch.bfloat16), targets, max_chunk_elements=4 * 10 * K)
     assert out.dtype == torch.float32
-    assert layer(hidden.to(torch.bfloat16)).dtype == torch.float32
+    assert layer.log_probs(hidden.to(torch.bfloat16)).dtype == torch.float32
 
 
 def test_mos_breaks_the_softmax_bottleneck():
@@ -215,12 +219,12 @@ def test_mos_breaks_the_softmax_bottleneck():
             model = nn.Sequential(nn.Embedding(C, hidden_size), output)  # contexts as input ids
             opt = torch.optim.Adam(model.parameters(), lr=0.02)
             for _ in range(steps):
-                cross_entropy = -(p * model(contexts)).sum() / C
+                cross_entropy = -(p * model(contexts).log_probs).sum() / C
                 opt.zero_grad()
                 cross_entropy.backward()
                 opt.step()
             with torch.no_grad():
-                kl[name] = (-(p * model(contexts)).sum() / C - entropy).item()
+                kl[name] = (-(p * model(contexts).log_probs).sum() / C - entropy).item()
     finally:
         torch.set_num_threads(threads)
     # measured (seed 0): softmax ~0.73 nats, MoS ~0.19 nats
@@ -245,7 +249,7 @@ def test_row_chunked_log_softmax_linear_matches_autograd(rows, vocab, chunk, bia
     params = [x, w] + ([b] if bias else [])
     reference = torch.log_softmax(x @ w.T + (0 if b is None else b), -1).gather(-1, y[:, None])[:, 0]
     expected = torch.autograd.grad((reference * upstream).sum(), params)
-    chunked = log_softmax_linear(x, w, b, y, chunk)
+    chunked = log_softmax_linear(x, w, b, y, chunk * vocab)  # chunk rows at a time
     torch.testing.assert_close(chunked, reference, rtol=0, atol=1e-10)
     for got, want in zip(torch.autograd.grad((chunked * upstream).sum(), params), expected):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
@@ -257,8 +261,8 @@ def test_row_chunked_log_softmax_linear_gradcheck_and_errors():
     w = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 3, 1, 1, 2])
-    assert torch.autograd.gradcheck(lambda *a: log_softmax_linear(*a, y, 2), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: log_softmax_linear(*a, y, 2 * 4), (x, w, b))
     with pytest.raises(ValueError, match=r"x \[N, d\], weight \[V, d\], targets \[N\]; got x \(5, 3\)"):
-        log_softmax_linear(x, w, b, y[:4], 2)
-    with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
+        log_softmax_linear(x, w, b, y[:4], 2 * 4)
+    with pytest.raises(ValueError, match="max_chunk_elements must be >= 1"):
         log_softmax_linear(x, w, b, y, 0)

@@ -54,7 +54,9 @@ def _heads():
         "copy-generator": CopyGenerator(H, V),
         "soft-head": SoftAttentionHead(attention),
         "latent-head": LatentAttentionHead(attention),
-        "copy-head": CopyHead(CopyGenerator(H, V, readout=attention.readout), shared_vocabulary=True),
+        "copy-head": CopyHead(
+            CopyGenerator(H, V, output_projection=attention.output_projection), shared_vocabulary=True
+        ),
     }
 
 
@@ -86,7 +88,9 @@ def test_latent_head_is_the_enumerated_mixture():
             total = 0.0
             for m in range(int(mask[b].sum())):
                 o = torch.tanh(attention.out_query(hidden[b, t]) + attention.out_context(memory[b, m]))
-                total = total + log_alpha[b, t, m].exp() * torch.softmax(attention.readout(o), -1)[targets[b, t]]
+                total = (
+                    total + log_alpha[b, t, m].exp() * torch.softmax(attention.output_projection(o), -1)[targets[b, t]]
+                )
             expected[b, t] = total.log()
     torch.testing.assert_close(head.log_prob(hidden, targets, **context), expected)
 
@@ -135,7 +139,9 @@ def test_from_mode_is_the_hand_built_composition(mode):
     torch.manual_seed(0)
     core = AttentionalEncoderDecoder(V, V, embedding_dim=6, hidden_size=8)
     if mode == "copy":
-        head = CopyHead(CopyGenerator(8, V, readout=core.attention.readout), shared_vocabulary=True, unk_id=UNK)
+        head = CopyHead(
+            CopyGenerator(8, V, output_projection=core.attention.output_projection), shared_vocabulary=True, unk_id=UNK
+        )
     else:
         head = LatentAttentionHead(core.attention)
     objective = AlignmentELBO(6, 8, "score_function") if mode == "elbo-sample" else Marginal()

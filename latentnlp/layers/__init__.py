@@ -5,15 +5,18 @@ latent variable (expert, alignment, copy switch) summed out exactly.  Each outpu
 from latentnlp.layers.copy_generator import CopyGenerator, CopyOutput
 from latentnlp.layers.crf import ChainCRF, bio_constraints, bioes_constraints
 from latentnlp.layers.encoders import encode_packed
+from latentnlp.layers.extended_vocabulary import ExtendedVocabulary
 from latentnlp.layers.latent_attention import LatentAttention, LatentAttentionOutput
 from latentnlp.layers.mixture_of_softmaxes import MixtureOfSoftmaxes
-from latentnlp.layers.output_head import OutputHead
+from latentnlp.layers.output_head import HeadOutput, OutputHead
 from latentnlp.layers.softmax_output import SoftmaxOutput
 
 __all__ = [
     "ChainCRF",
     "CopyGenerator",
     "CopyOutput",
+    "ExtendedVocabulary",
+    "HeadOutput",
     "LatentAttention",
     "LatentAttentionOutput",
     "MixtureOfSoftmaxes",

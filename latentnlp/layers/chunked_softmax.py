@@ -6,7 +6,8 @@ For inputs ``x [..., d]`` and an output embedding ``weight [V, d]`` (bias ``[V]`
     target_logits(x, W, b, y)        = w_y . x + b_y                                [...]
     log_softmax_linear(x, W, b, y)   = w_y . x + b_y - log sum_v exp(w_v . x + b_v) [N]
 
-Each can bound its memory: the normaliser is computed over chunks of the vocabulary
+Each can bound its memory by ``max_chunk_elements``, the most scores built at once (the name
+the layers use too): the normaliser is computed over chunks of the vocabulary
 (``logsumexp_linear``) or of the rows (``log_softmax_linear``), recomputed in the backward
 pass, so ``[..., V]`` scores are never all held at once.  Half-precision scores are
 normalised in float32 (:mod:`latentnlp.precision`).
@@ -29,15 +30,23 @@ def _logsumexp_chunk(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.logsumexp(upcast(F.linear(x, weight, bias)), dim=-1)
 
 
-def logsumexp_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+def logsumexp_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, max_chunk_elements: int | None = None
+) -> Tensor:
     """``log sum_v exp(weight[v] . x + bias[v])``: ``x [..., d]``, ``weight [V, d]`` -> ``[...]``.
 
-    With ``chunk_size`` the vocabulary is scored ``chunk_size`` rows of ``weight``
-    at a time and each chunk is recomputed in the backward pass (activation
-    checkpointing), so neither pass holds more than ``[..., chunk_size]`` scores.
+    With ``max_chunk_elements`` the vocabulary is scored ``max(1, max_chunk_elements // rows)``
+    rows of ``weight`` at a time (``rows`` = the number of vectors in ``x``) and each chunk is
+    recomputed in the backward pass (activation checkpointing), so neither pass holds more than
+    about ``max_chunk_elements`` scores.
     """
     vocab = weight.shape[0]
-    if chunk_size is None or chunk_size >= vocab:
+    if max_chunk_elements is None:
+        return _logsumexp_chunk(x, weight, bias)
+    if max_chunk_elements < 1:
+        raise ValueError(f"logsumexp_linear: max_chunk_elements must be >= 1 or None, got {max_chunk_elements}")
+    chunk_size = max(1, max_chunk_elements // max(1, x.numel() // max(1, x.shape[-1])))
+    if chunk_size >= vocab:
         return _logsumexp_chunk(x, weight, bias)
     recompute = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     parts = []
@@ -104,28 +113,29 @@ class _ChunkedLogSoftmaxLinear(torch.autograd.Function):
 
 
 def log_softmax_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int | None = None
+    x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, max_chunk_elements: int | None = None
 ) -> Tensor:
     """``log softmax(weight x + bias)[y]``: ``x [N, d]``, ``weight [V, d]``, ``targets [N]`` -> ``[N]``.
 
-    Without ``chunk_rows`` (or with ``chunk_rows >= N``) the ``[N, V]`` scores are built
-    whole and differentiated by autograd.  With ``chunk_rows`` at most ``[chunk_rows, V]``
-    scores exist at a time in either pass: the forward keeps one normaliser per row and
-    the backward recomputes each chunk's scores and forms its gradient in place (one more
-    ``[n, d] x [d, V]`` product than autograd, but no ``[N, V]`` tensors written to memory
-    and read back).  First-order gradients only.
+    Without ``max_chunk_elements`` (or when ``N V`` fits in it) the ``[N, V]`` scores are built
+    whole and differentiated by autograd.  Otherwise at most ``[rows, V]`` scores,
+    ``rows = max(1, max_chunk_elements // V)``, exist at a time in either pass: the forward keeps
+    one normaliser per row and the backward recomputes each chunk's scores and forms its gradient
+    in place (one more ``[n, d] x [d, V]`` product than autograd, but no ``[N, V]`` tensors written
+    to memory and read back).  First-order gradients only.
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or targets.shape != x.shape[:1]:
         raise ValueError(
             f"log_softmax_linear: needs x [N, d], weight [V, d], targets [N]; got x "
             f"{tuple(x.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}"
         )
-    if chunk_rows is None or chunk_rows >= x.shape[0]:
+    if max_chunk_elements is not None and max_chunk_elements < 1:
+        raise ValueError(f"log_softmax_linear: max_chunk_elements must be >= 1 or None, got {max_chunk_elements}")
+    rows = None if max_chunk_elements is None else max(1, max_chunk_elements // weight.shape[0])
+    if rows is None or rows >= x.shape[0]:
         scores = upcast(F.linear(x, weight, bias))
         return scores.gather(-1, targets[:, None]).squeeze(-1) - scores.logsumexp(-1)
-    if chunk_rows < 1:
-        raise ValueError(f"log_softmax_linear: chunk_rows must be >= 1, got {chunk_rows}")
-    return _ChunkedLogSoftmaxLinear.apply(x.to(weight.dtype), weight, bias, targets, chunk_rows)
+    return _ChunkedLogSoftmaxLinear.apply(x.to(weight.dtype), weight, bias, targets, rows)
 
 
 def target_logits(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:

@@ -47,7 +47,17 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from latentnlp.families import MaskedCategorical
+from latentnlp.layers.checks import (
+    IGNORE_INDEX,
+    check_finite,
+    check_log_alpha,
+    check_memory_mask,
+    check_target_range,
+    ignored_targets,
+    resolve_memory_mask,
+)
 from latentnlp.layers.chunked_softmax import log_softmax_linear
+from latentnlp.layers.output_head import tie_projection
 from latentnlp.precision import upcast
 
 __all__ = ["LatentAttention", "LatentAttentionOutput"]
@@ -66,7 +76,9 @@ class LatentAttentionOutput(NamedTuple):
     log_probs     ``[B, T, V]``  the full marginal distribution over the vocabulary (``full=True``)
     log_alpha     ``[B, T, S]``  prior alignment log-probabilities, ``-inf`` at padded sources
     log_emission  ``[B, T, S]``  log p(y_t | h_t, s_m) (exact mode, targets given), ``-inf`` at padding
-    context       ``[B, T, H_s]`` the soft context ``sum_m alpha_tm s_m`` (e.g. for input feeding)
+    context       ``[B, T, H_s]`` the soft context ``c_t = sum_m alpha_tm s_m``
+    attentional   ``[B, T, D]``  ``o(h_t, c_t)``, the attentional vector an input-feeding decoder
+                                 feeds to its next step (both modes; soft mode reads it out)
     """
 
     log_prob: Tensor | None
@@ -74,19 +86,20 @@ class LatentAttentionOutput(NamedTuple):
     log_alpha: Tensor
     log_emission: Tensor | None
     context: Tensor
+    attentional: Tensor
 
 
 class LatentAttention(nn.Module):
     """Attention whose alignment is a categorical latent variable, summed out exactly.
 
     Args:
-        query_dim: decoder state size ``H``.
-        memory_dim: source state size ``H_s``.
+        input_size: decoder state size ``H``.
+        memory_size: source state size ``H_s``.
         vocab_size: output vocabulary ``V``.
         mode: ``"exact"`` (latent alignment) or ``"soft"`` (context inside the softmax).
         score: ``"mlp"`` (Bahdanau), ``"bilinear"`` (Luong general) or ``"dot"`` (``H == H_s``).
-        attn_dim: hidden size of the MLP scorer (default ``query_dim``).
-        output_dim: size of the attentional hidden ``o`` (default ``query_dim``).
+        attention_size: hidden size of the MLP scorer (default ``input_size``).
+        projection_size: size of the attentional hidden ``o`` (default ``input_size``).
         dropout: dropout on ``o`` before the vocabulary projection.
         max_chunk_elements: largest block of vocabulary scores built at once in exact mode
             (``[rows, V]`` for the targets' log-probabilities, ``[B, T, chunk, V]`` for the full
@@ -94,43 +107,79 @@ class LatentAttention(nn.Module):
             a few hundred rows up to V = 32k: smaller blocks make each backward chunk re-read
             and accumulate the whole ``[V, D]`` weight gradient for few rows, and lose to the
             unchunked computation (``benchmarks/attention.py``).
+        top_k: exact mode only: keep, for each target position, the ``k`` source positions of
+            highest prior ``alpha_tm`` (:meth:`pruned_alignment`) and sum over those alone::
+
+                log p_k(y_t | h_t, s) = logsumexp_{m in top_k(alpha_t)} (log alpha_tm + log p(y_t | h_t, s_m))
+
+            a lower bound on the exact marginal (terms are dropped, nothing is renormalised), equal
+            to it when ``k >= S``; the per-position read-out costs ``O(B T k)`` instead of
+            ``O(B T S)`` rows.  ``None`` (default): the exact marginal.  May be changed between
+            calls (e.g. ``layer.top_k = None`` to evaluate exactly).
+
+    Attributes:
+        output_projection: the vocabulary projection ``nn.Linear(D, V)`` (``W_o``, ``b_o``), to share
+            (e.g. with a :class:`~latentnlp.layers.CopyGenerator`) or tie (:meth:`tie_weights`).
+
+    Step-wise decoding (input feeding): call the layer with ``T = 1`` at each step; the
+    ``attentional`` field of the output is ``o_t``, which the decoder feeds to its next step, in
+    either mode.  Scores, log-probabilities and ``o_t`` equal those of one call over all ``T``
+    with the same decoder states::
+
+        attention = LatentAttention(H, H_s, V, mode="exact")
+        cell = nn.LSTMCell(E + attention.projection_size, H)
+        feed, state = memory.new_zeros(B, attention.projection_size), None
+        for t in range(T):
+            state = cell(torch.cat([embed(y_in[:, t]), feed], -1), state)
+            step = attention(state[0][:, None], memory, memory_mask, y_out[:, t : t + 1])
+            nll = nll - step.log_prob[:, 0]
+            feed = step.attentional[:, 0]
     """
 
     def __init__(
         self,
-        query_dim: int,
-        memory_dim: int,
+        input_size: int,
+        memory_size: int,
         vocab_size: int,
         *,
         mode: str = "exact",
         score: str = "mlp",
-        attn_dim: int | None = None,
-        output_dim: int | None = None,
+        attention_size: int | None = None,
+        projection_size: int | None = None,
         dropout: float = 0.0,
         max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+        top_k: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if top_k is not None and (mode != "exact" or top_k < 1):
+            raise ValueError(f"top_k must be None or >= 1 and needs mode='exact', got top_k={top_k} mode={mode!r}")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if score == "dot" and query_dim != memory_dim:
-            raise ValueError(f"dot scoring needs query_dim == memory_dim, got {query_dim} and {memory_dim}")
+        if score == "dot" and input_size != memory_size:
+            raise ValueError(f"dot scoring needs input_size == memory_size, got {input_size} and {memory_size}")
         self.mode, self.score_type = mode, score
-        self.query_dim, self.memory_dim, self.vocab_size = query_dim, memory_dim, vocab_size
+        self.input_size, self.memory_size, self.vocab_size = input_size, memory_size, vocab_size
         self.max_chunk_elements = int(max_chunk_elements)
+        self.top_k = top_k
         if score == "mlp":
-            attn_dim = attn_dim or query_dim
-            self.score_query = nn.Linear(query_dim, attn_dim, bias=True)
-            self.score_memory = nn.Linear(memory_dim, attn_dim, bias=False)
-            self.score_v = nn.Linear(attn_dim, 1, bias=False)
+            attention_size = attention_size or input_size
+            self.score_query = nn.Linear(input_size, attention_size, bias=True)
+            self.score_memory = nn.Linear(memory_size, attention_size, bias=False)
+            self.score_v = nn.Linear(attention_size, 1, bias=False)
         elif score == "bilinear":
-            self.score_weight = nn.Linear(memory_dim, query_dim, bias=False)
-        output_dim = output_dim or query_dim
-        self.out_query = nn.Linear(query_dim, output_dim, bias=True)
-        self.out_context = nn.Linear(memory_dim, output_dim, bias=False)
+            self.score_weight = nn.Linear(memory_size, input_size, bias=False)
+        projection_size = projection_size or input_size
+        self.projection_size = projection_size
+        self.out_query = nn.Linear(input_size, projection_size, bias=True)
+        self.out_context = nn.Linear(memory_size, projection_size, bias=False)
         self.dropout = nn.Dropout(dropout)
-        self.readout = nn.Linear(output_dim, vocab_size)
+        self.output_projection = nn.Linear(projection_size, vocab_size)
+
+    def tie_weights(self, embedding: nn.Embedding) -> None:
+        """Use ``embedding.weight [V, D]`` as ``output_projection.weight`` (Press & Wolf 2017)."""
+        tie_projection(self, self.output_projection, embedding)
 
     # ---- alignment prior ---------------------------------------------------------------------
     def scores(self, query: Tensor, memory: Tensor) -> Tensor:
@@ -142,12 +191,34 @@ class LatentAttention(nn.Module):
             memory = self.score_weight(memory)
         return torch.bmm(query, memory.transpose(1, 2))
 
-    def alignment(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None = None) -> MaskedCategorical:
-        """The prior ``p(z_t | h_t, s)``: a :class:`MaskedCategorical` with batch shape ``[B, T]``.
+    def alignment(
+        self,
+        query: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None = None,
+        *,
+        key_padding_mask: Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> MaskedCategorical:
+        """The prior ``p(z_t | h_t, s)``.
 
-        ``memory_mask [B, S]``: True at real source positions (``None``: all real).
+        Args:
+            query: ``[B, T, H]`` float decoder states.
+            memory: ``[B, S, H_s]`` float source states, ``S >= 1``.
+            memory_mask: ``[B, S]`` bool, **True at real positions** (``None``: all real).
+            key_padding_mask: ``[B, S]`` bool, True at padding (``nn.MultiheadAttention``'s polarity);
+                instead of ``memory_mask``, not with it.
+            validate_args: overrides the validation switch for the value checks (e.g. ``False`` in a
+                decoder loop that checked its source once).
+
+        Returns:
+            A :class:`MaskedCategorical` with batch shape ``[B, T]`` over ``S`` positions
+            (``.logits`` is ``log alpha [B, T, S]``, ``-inf`` at padding).
         """
-        self._check(query, memory, memory_mask)
+        memory_mask = self._check(query, memory, memory_mask, key_padding_mask, validate_args=validate_args)
+        return self._prior(query, memory, memory_mask)
+
+    def _prior(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None) -> MaskedCategorical:
         mask = None if memory_mask is None else memory_mask[:, None, :]
         return MaskedCategorical(self.scores(query, memory), mask, validate_args=False)
 
@@ -167,7 +238,11 @@ class LatentAttention(nn.Module):
         ``query [..., T, H]``, ``context [..., T, H_s]`` and ``targets`` broadcast
         against each other (e.g. ``context [N, B, T, H_s]`` for ``N`` sampled alignments).
         """
-        log_probs = torch.log_softmax(self.readout(self.attentional_hidden(query, context)), dim=-1)
+        return self._read_out(self.attentional_hidden(query, context), targets)
+
+    def _read_out(self, attentional: Tensor, targets: Tensor | None = None) -> Tensor:
+        """``log_softmax(W_o o + b_o)``: ``[..., V]``, or ``[...]`` gathered at ``targets``."""
+        log_probs = torch.log_softmax(self.output_projection(attentional), dim=-1)
         if targets is None:
             return log_probs
         targets = targets.expand(log_probs.shape[:-1])
@@ -180,29 +255,84 @@ class LatentAttention(nn.Module):
         return self.log_prob_given_context(query, context, targets)
 
     def emission_log_probs(
-        self, query: Tensor, memory: Tensor, targets: Tensor, memory_mask: Tensor | None = None
+        self,
+        query: Tensor,
+        memory: Tensor,
+        targets: Tensor,
+        memory_mask: Tensor | None = None,
+        *,
+        key_padding_mask: Tensor | None = None,
     ) -> Tensor:
-        """``log p(y_t | h_t, s_m)`` for every source position: ``[B, T, S]``.
+        """``log p(y_t | h_t, s_m)`` for every source position.
 
-        ``-inf`` where ``memory_mask [B, S]`` is False (padding; True at real positions).
+        Args:
+            query: ``[B, T, H]`` float decoder states.
+            memory: ``[B, S, H_s]`` float source states.
+            targets: ``[B, T]`` long ids in ``0..V-1`` (ignored ids must be replaced first).
+            memory_mask: ``[B, S]`` bool, True at real positions; or ``key_padding_mask`` (True at padding).
+
+        Returns:
+            ``[B, T, S]`` float, ``-inf`` at padded source positions.
         """
-        self._check(query, memory, memory_mask, targets)
+        memory_mask = self._check(query, memory, memory_mask, key_padding_mask, targets)
+        return self._emission_log_probs(query, memory, targets, memory_mask)
+
+    def _emission_log_probs(self, query: Tensor, memory: Tensor, targets: Tensor, memory_mask: Tensor | None) -> Tensor:
         o = self.attentional_hidden(query[:, :, None, :], memory[:, None, :, :])  # [B, T, S, D]
         B, T, S, D = o.shape
-        rows = self.block_rows(self.vocab_size, self.max_chunk_elements)
         out = log_softmax_linear(
             o.reshape(-1, D),
-            self.readout.weight,
-            self.readout.bias,
+            self.output_projection.weight,
+            self.output_projection.bias,
             targets[:, :, None].expand(B, T, S).reshape(-1),
-            rows,
+            self.max_chunk_elements,
         ).view(B, T, S)
         if memory_mask is not None:
             out = out.masked_fill(~memory_mask[:, None, :], float("-inf"))
         return out
 
+    @staticmethod
+    def pruned_alignment(log_alpha: Tensor, k: int) -> Tensor:
+        """``log alpha [B, T, S]`` with all but the ``k`` largest entries of each row set to ``-inf``.
+
+        Not renormalised: ``logsumexp`` over ``S`` is ``<= 0``, the prior mass kept.
+        """
+        if k >= log_alpha.shape[-1]:
+            return log_alpha
+        index = log_alpha.detach().topk(k, dim=-1).indices
+        keep = torch.zeros_like(log_alpha, dtype=torch.bool).scatter(-1, index, True)
+        return log_alpha.masked_fill(~keep, float("-inf"))
+
+    def _pruned_emission_log_probs(
+        self, query: Tensor, memory: Tensor, targets: Tensor, log_alpha: Tensor, k: int
+    ) -> Tensor:
+        """``log p(y_t | h_t, s_m)`` ``[B, T, S]`` at the ``k`` positions of highest prior of each row,
+        ``-inf`` elsewhere (and at padding); only those ``B T k`` rows are read out."""
+        index = log_alpha.detach().topk(k, dim=-1).indices  # [B, T, k]
+        rows = torch.arange(memory.shape[0], device=memory.device)[:, None, None]
+        o = self.attentional_hidden(query[:, :, None, :], memory[rows, index])  # [B, T, k, D]
+        B, T, _, D = o.shape
+        kept = log_softmax_linear(
+            o.reshape(-1, D),
+            self.output_projection.weight,
+            self.output_projection.bias,
+            targets[:, :, None].expand(B, T, k).reshape(-1),
+            self.max_chunk_elements,
+        ).view(B, T, k)
+        kept = kept.masked_fill(torch.isneginf(log_alpha.gather(-1, index)), float("-inf"))
+        return torch.full_like(log_alpha, float("-inf")).scatter(-1, index, kept.to(log_alpha.dtype))
+
     def marginal_log_probs(self, query: Tensor, memory: Tensor, log_alpha: Tensor) -> Tensor:
-        """Exact ``log p(y | h_t, s) = logsumexp_m (log alpha_tm + log p(y | h_t, s_m))``, ``[B, T, V]``."""
+        """Exact ``log p(y | h_t, s) = logsumexp_m (log alpha_tm + log p(y | h_t, s_m))``.
+
+        Args:
+            query: ``[B, T, H]`` float decoder states.
+            memory: ``[B, S, H_s]`` float source states.
+            log_alpha: ``[B, T, S]`` normalised alignment log-probabilities, ``-inf`` at padding.
+
+        Returns:
+            ``[B, T, V]`` float log-probabilities.
+        """
         hq = self.out_query(query)
         hk = self.out_context(memory)
         # finite stand-in for -inf: a chunk of padded positions must not give logsumexp(-inf...)
@@ -221,34 +351,60 @@ class LatentAttention(nn.Module):
         memory_mask: Tensor | None = None,
         targets: Tensor | None = None,
         *,
+        key_padding_mask: Tensor | None = None,
         full: bool = False,
         log_alpha: Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
     ) -> LatentAttentionOutput:
-        """Marginal log-probabilities of ``targets [B, T]`` (and of the whole vocabulary if ``full``).
+        """Marginal log-probabilities of ``targets`` (and of the whole vocabulary if ``full``).
 
-        ``memory_mask [B, S]`` is True at real source positions (``None``: all real).
-        ``log_alpha`` may pass in an alignment already computed (e.g. by a decoder loop that needed
-        it for input feeding); it must be ``alignment(query, memory, memory_mask).logits``.
+        Args:
+            query: ``[B, T, H]`` float decoder states (finite; checked when validating).
+            memory: ``[B, S, H_s]`` float source states, ``S >= 1`` (finite; checked when validating).
+            memory_mask: ``[B, S]`` bool, **True at real positions** (``None``: all real); every row
+                needs one real position (checked when validating).
+            targets: ``[B, T]`` long ids in ``0..V-1`` or ``ignore_index`` (optional).
+            key_padding_mask: ``[B, S]`` bool, True at padding (``nn.MultiheadAttention``'s polarity);
+                instead of ``memory_mask``, not with it.
+            full: also return the whole marginal ``[B, T, V]`` (always when ``targets`` is None).
+            log_alpha: ``[B, T, S]`` an alignment already computed (e.g. by a decoder loop that
+                needed it for input feeding): ``alignment(query, memory, memory_mask).logits``,
+                normalised over ``S`` and ``-inf`` at padding (checked when validating).
+            ignore_index: targets equal to it get log-probability 0 (and no gradient).
+
+        Returns:
+            A :class:`LatentAttentionOutput`; fields not asked for are ``None``.
         """
-        self._check(query, memory, memory_mask, targets)
+        memory_mask = self._check(query, memory, memory_mask, key_padding_mask, targets, ignore_index, log_alpha)
         if log_alpha is None:
-            log_alpha = self.alignment(query, memory, memory_mask).logits
+            log_alpha = self._prior(query, memory, memory_mask).logits
         context = torch.bmm(log_alpha.exp(), memory)
-        log_prob = log_probs = log_emission = None
+        attentional = self.attentional_hidden(query, context)
+        log_prob = log_probs = log_emission = ignored = None
+        if targets is not None:
+            ignored, targets = ignored_targets(targets, ignore_index)
         if self.mode == "soft":
             if full or targets is None:
-                log_probs = self.log_prob_given_context(query, context)
+                log_probs = self._read_out(attentional)
                 if targets is not None:
                     log_prob = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             else:
-                log_prob = self.log_prob_given_context(query, context, targets)
+                log_prob = self._read_out(attentional, targets)
         else:
+            kept = None if self.top_k is None or self.top_k >= memory.shape[1] else self.top_k
             if targets is not None:
-                log_emission = self.emission_log_probs(query, memory, targets, memory_mask)
+                if kept is None:
+                    log_emission = self._emission_log_probs(query, memory, targets, memory_mask)
+                else:
+                    log_emission = self._pruned_emission_log_probs(query, memory, targets, log_alpha, kept)
+                log_emission = log_emission.masked_fill(ignored[..., None], 0.0)
                 log_prob = torch.logsumexp(log_alpha + log_emission, dim=-1)
             if full or targets is None:
-                log_probs = self.marginal_log_probs(query, memory, log_alpha)
-        return LatentAttentionOutput(log_prob, log_probs, log_alpha, log_emission, context)
+                prior = log_alpha if kept is None else self.pruned_alignment(log_alpha, kept)
+                log_probs = self.marginal_log_probs(query, memory, prior)
+        if log_prob is not None:
+            log_prob = log_prob.masked_fill(ignored, 0.0)
+        return LatentAttentionOutput(log_prob, log_probs, log_alpha, log_emission, context, attentional)
 
     def log_prob(
         self,
@@ -257,15 +413,34 @@ class LatentAttention(nn.Module):
         *,
         memory: Tensor,
         memory_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
         log_alpha: Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
         **context,
     ) -> Tensor:
-        """:class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(targets | ...)`` ``[B, T]``.
+        """The :class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(targets | ...)``.
 
-        ``query [B, T, H]``, ``targets [B, T]``, ``memory [B, S, H_s]``, ``memory_mask [B, S]`` (True at
-        real source positions), ``log_alpha [B, T, S]`` as in :meth:`forward`; ``context`` is unused.
+        Args:
+            query: ``[B, T, H]`` float decoder states.
+            targets: ``[B, T]`` long ids in ``0..V-1`` or ``ignore_index``.
+            memory: ``[B, S, H_s]`` float source states.
+            memory_mask: ``[B, S]`` bool, True at real positions; or ``key_padding_mask`` (True at padding).
+            log_alpha: ``[B, T, S]`` optional precomputed alignment, as in :meth:`forward`.
+            ignore_index: targets equal to it get log-probability 0 (and no gradient).
+            **context: unused.
+
+        Returns:
+            ``[B, T]`` float log-probabilities (0 where ignored).
         """
-        return self(query, memory, memory_mask, targets, log_alpha=log_alpha).log_prob
+        return self(
+            query,
+            memory,
+            memory_mask,
+            targets,
+            key_padding_mask=key_padding_mask,
+            log_alpha=log_alpha,
+            ignore_index=ignore_index,
+        ).log_prob
 
     def log_probs(
         self,
@@ -273,21 +448,28 @@ class LatentAttention(nn.Module):
         *,
         memory: Tensor,
         memory_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
         log_alpha: Tensor | None = None,
         **context,
     ) -> Tensor:
-        """:class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(. | ...)`` ``[B, T, V]``.
+        """The :class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(. | ...)``.
 
-        Arguments as in :meth:`log_prob` (``memory_mask`` True at real source positions).
+        Args:
+            As in :meth:`log_prob` (no targets).
+
+        Returns:
+            ``[B, T, V]`` float log-probabilities, ``logsumexp`` over the last dim 0.
         """
-        return self(query, memory, memory_mask, full=True, log_alpha=log_alpha).log_probs
+        return self(
+            query, memory, memory_mask, key_padding_mask=key_padding_mask, full=True, log_alpha=log_alpha
+        ).log_probs
 
     # ---- internals ---------------------------------------------------------------------------
     def _block(self, hq: Tensor, hk: Tensor) -> Tensor:
         """Vocabulary scores ``[B, T, c, V]`` for the chunk ``hk [B, c, D]``."""
         o = self.dropout(torch.tanh(hq[:, :, None, :] + hk[:, None, :, :]))
         # half-precision scores are normalised in float32 (autocast leaves logsumexp in half)
-        return upcast(self.readout(o))
+        return upcast(self.output_projection(o))
 
     def _marginal_chunk(self, hq: Tensor, hk: Tensor, log_alpha: Tensor) -> Tensor:
         log_probs = torch.log_softmax(self._block(hq, hk), dim=-1)
@@ -315,15 +497,35 @@ class LatentAttention(nn.Module):
                 parts.append(fn(hq, hk_c, alpha_c))
         return parts
 
-    def _check(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None, targets: Tensor | None = None) -> None:
-        if query.dim() != 3 or query.shape[-1] != self.query_dim:
-            raise ValueError(f"query must be [B, T, {self.query_dim}], got {tuple(query.shape)}")
-        if memory.dim() != 3 or memory.shape[-1] != self.memory_dim or memory.shape[0] != query.shape[0]:
-            raise ValueError(f"memory must be [B={query.shape[0]}, S, {self.memory_dim}], got {tuple(memory.shape)}")
-        if memory_mask is not None and (memory_mask.dtype != torch.bool or memory_mask.shape != memory.shape[:2]):
+    def _check(
+        self,
+        query: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None,
+        key_padding_mask: Tensor | None = None,
+        targets: Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        log_alpha: Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> Tensor | None:
+        """Check the inputs (values only when validating); return the mask True at real positions."""
+        name = type(self).__name__
+        if query.dim() != 3 or query.shape[-1] != self.input_size:
+            raise ValueError(f"{name}: query must be [B, T, {self.input_size}], got {tuple(query.shape)}")
+        if memory.dim() != 3 or memory.shape[-1] != self.memory_size or memory.shape[0] != query.shape[0]:
             raise ValueError(
-                f"memory_mask must be bool [B, S] = {tuple(memory.shape[:2])}, got "
-                f"{memory_mask.dtype} {tuple(memory_mask.shape)}"
+                f"{name}: memory must be [B={query.shape[0]}, S, {self.memory_size}], got {tuple(memory.shape)}"
             )
-        if targets is not None and targets.shape != query.shape[:2]:
-            raise ValueError(f"targets must be [B, T] = {tuple(query.shape[:2])}, got {tuple(targets.shape)}")
+        memory_mask = resolve_memory_mask(self, memory_mask, key_padding_mask)
+        check_memory_mask(self, memory_mask, tuple(memory.shape[:2]), validate_args)
+        if targets is not None:
+            if targets.shape != query.shape[:2] or targets.dtype != torch.long:
+                raise ValueError(
+                    f"{name}: targets must be a LongTensor [B, T] = {tuple(query.shape[:2])}, "
+                    f"got {targets.dtype} {tuple(targets.shape)}"
+                )
+            check_target_range(self, targets, self.vocab_size, ignore_index, validate_args=validate_args)
+        check_finite(self, validate_args, query=query, memory=memory)
+        if log_alpha is not None:
+            check_log_alpha(self, log_alpha, (query.shape[0], query.shape[1], memory.shape[1]), validate_args)
+        return memory_mask

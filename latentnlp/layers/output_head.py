@@ -22,15 +22,50 @@ library:
 
 Heads without context: :class:`~latentnlp.layers.SoftmaxOutput`,
 :class:`~latentnlp.layers.MixtureOfSoftmaxes`.
+
+Every ``log_prob`` takes ``ignore_index`` (default ``-100``, as ``torch.nn.functional.cross_entropy``):
+a target equal to it gets log-probability 0 and no gradient.
+
+``forward`` of every layer returns a ``NamedTuple`` whose first two fields are ``log_prob``
+(``[B, T]`` of the targets, ``None`` without targets) and ``log_probs`` (``[B, T, V]``, given when
+``full=True`` or without targets, else ``None``): :class:`HeadOutput` for the heads without
+latent pieces, :class:`~latentnlp.layers.LatentAttentionOutput` and
+:class:`~latentnlp.layers.CopyOutput` (which add the alignment, the attentional vector, the
+copy switch).  ``log_prob``/``log_probs`` return the tensors themselves.
+
+The vocabulary projection of every layer is its ``output_projection`` (an ``nn.Linear`` with
+weight ``[V, d]``); ``tie_weights(embedding)`` shares its weight with an input embedding
+(Press & Wolf 2017).
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["OutputHead"]
+__all__ = ["HeadOutput", "OutputHead", "tie_projection"]
+
+
+class HeadOutput(NamedTuple):
+    """What ``forward`` of a head without latent pieces returns (``None`` where not asked).
+
+    log_prob   ``[...]``     log p(targets | hidden), 0 where ``targets == ignore_index``
+    log_probs  ``[..., V]``  log p(. | hidden) (``full=True`` or no targets)
+    """
+
+    log_prob: Tensor | None
+    log_probs: Tensor | None
+
+
+def tie_projection(layer: nn.Module, projection: nn.Linear, embedding: nn.Embedding) -> None:
+    """Share ``embedding.weight [V, d]`` as ``projection.weight``; ``ValueError`` unless the shapes agree."""
+    if tuple(embedding.weight.shape) != tuple(projection.weight.shape):
+        raise ValueError(
+            f"{type(layer).__name__}.tie_weights: embedding.weight must be {tuple(projection.weight.shape)} "
+            f"= [vocab_size, projection_size] of output_projection, got {tuple(embedding.weight.shape)}"
+        )
+    projection.weight = embedding.weight
 
 
 @runtime_checkable

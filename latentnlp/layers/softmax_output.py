@@ -3,7 +3,7 @@
 ``SoftmaxOutput`` maps a hidden state ``h [..., H]`` to log-probabilities over a
 vocabulary of ``V`` words::
 
-    g(h) = a(P h + c)             (only with a projection to d = softmax_input_size < H, say;
+    g(h) = a(P h + c)             (only with a projection to d = projection_size < H, say;
                                    a = tanh, or the identity for a linear bottleneck)
     g(h) = h                      (without a projection; d = H)
     log p(y | h) = w_y . g(h) + b_y - log sum_v exp(w_v . g(h) + b_v)
@@ -20,8 +20,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from latentnlp.layers.checks import check_activation, check_hidden
+from latentnlp.layers.checks import (
+    IGNORE_INDEX,
+    check_activation,
+    check_finite,
+    check_hidden,
+    check_target_range,
+    ignored_targets,
+)
 from latentnlp.layers.chunked_softmax import logsumexp_linear, target_logits
+from latentnlp.layers.output_head import HeadOutput, tie_projection
 from latentnlp.precision import upcast
 
 __all__ = ["ACTIVATIONS", "SoftmaxOutput"]
@@ -34,20 +42,21 @@ class SoftmaxOutput(nn.Module):
     """One softmax over the vocabulary, with an optional low-dimensional projection.
 
     ``SoftmaxOutput(input_size H, vocab_size V, projection_size=None, bias=True,
-    dropout=0.0, chunk_size=None, activation="tanh")``.  ``projection_size = d`` inserts
+    dropout=0.0, max_chunk_elements=None, activation="tanh")``.  ``projection_size = d`` inserts
     ``g(h) = a(P h + c)`` of size ``d`` before the output embedding
-    ``decoder.weight [V, d]``; ``dropout`` is applied to ``g``.  ``activation``
+    ``output_projection.weight [V, d]``; ``dropout`` is applied to ``g``.  ``activation``
     ``a`` is ``"tanh"`` or ``"identity"``.  Trained with Adam at learning rates
     around 1e-3, the tanh saturates within tens of steps (``|P h| >> 1`` for most
     units) and the layer can stall at the unigram distribution; the identity
     gives the same rank bound without that failure.
 
     * ``log_probs(hidden [..., H]) -> [..., V]`` log-probabilities (they sum to one);
-      ``forward`` is the same.
+      ``forward(hidden, targets=None, full=False)`` returns both as a ``HeadOutput``.
     * ``log_prob(hidden [..., H], targets [...]) -> [...]`` the log-probability of
-      the given targets only; with ``chunk_size`` the normaliser is computed over
-      vocabulary chunks so memory stays ``O(... x chunk_size)``.
-    * ``tie_weights(embedding)`` shares ``decoder.weight`` with an input embedding
+      the given targets only; with ``max_chunk_elements`` the normaliser is computed over
+      vocabulary chunks of at most that many scores, so memory stays ``O(max_chunk_elements)``.
+    * ``output_projection`` is the vocabulary projection ``W [V, d]``, ``b``;
+      ``tie_weights(embedding)`` shares ``output_projection.weight`` with an input embedding
       (its dimension must be ``d``).
     """
 
@@ -59,7 +68,7 @@ class SoftmaxOutput(nn.Module):
         *,
         bias: bool = True,
         dropout: float = 0.0,
-        chunk_size: int | None = None,
+        max_chunk_elements: int | None = None,
         activation: str = "tanh",
     ) -> None:
         super().__init__()
@@ -69,26 +78,20 @@ class SoftmaxOutput(nn.Module):
                 raise ValueError(f"SoftmaxOutput: {arg} must be >= 1, got {value}")
         if projection_size is not None and projection_size < 1:
             raise ValueError(f"SoftmaxOutput: projection_size must be >= 1 or None, got {projection_size}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"SoftmaxOutput: chunk_size must be >= 1 or None, got {chunk_size}")
+        if max_chunk_elements is not None and max_chunk_elements < 1:
+            raise ValueError(f"SoftmaxOutput: max_chunk_elements must be >= 1 or None, got {max_chunk_elements}")
         self.input_size = input_size
         self.vocab_size = vocab_size
-        self.softmax_input_size = input_size if projection_size is None else projection_size
-        self.chunk_size = chunk_size
+        self.projection_size = input_size if projection_size is None else projection_size
+        self.max_chunk_elements = max_chunk_elements
         self.activation = activation
         self.projection = None if projection_size is None else nn.Linear(input_size, projection_size)
         self.dropout = nn.Dropout(dropout)
-        self.decoder = nn.Linear(self.softmax_input_size, vocab_size, bias=bias)
+        self.output_projection = nn.Linear(self.projection_size, vocab_size, bias=bias)
 
     def tie_weights(self, embedding: nn.Embedding) -> None:
-        """Use ``embedding.weight`` ``[V, d]`` as the output embedding (Press & Wolf 2017)."""
-        if tuple(embedding.weight.shape) != tuple(self.decoder.weight.shape):
-            raise ValueError(
-                f"{type(self).__name__}.tie_weights: embedding.weight must be "
-                f"{tuple(self.decoder.weight.shape)} = [vocab_size, softmax_input_size],"
-                f" got {tuple(embedding.weight.shape)}"
-            )
-        self.decoder.weight = embedding.weight
+        """Use ``embedding.weight [V, d]`` as ``output_projection.weight`` (Press & Wolf 2017)."""
+        tie_projection(self, self.output_projection, embedding)
 
     def features(self, hidden: Tensor) -> Tensor:
         """``g(h)`` ``[..., d]``: the softmax input."""
@@ -96,25 +99,71 @@ class SoftmaxOutput(nn.Module):
         return self.dropout(g)
 
     def log_probs(self, hidden: Tensor, **context) -> Tensor:
-        """``log p(. | h)`` ``[..., V]`` (the :class:`OutputHead` method; ``context`` is unused)."""
+        """The :class:`OutputHead` method: the whole distribution ``log p(. | h)``.
+
+        Args:
+            hidden: ``[..., H]`` float decoder states (finite; checked when validating).
+            **context: unused (a head without context).
+
+        Returns:
+            ``[..., V]`` float log-probabilities, ``logsumexp`` over the last dim 0.
+        """
         check_hidden(self, hidden, self.input_size)
-        return torch.log_softmax(upcast(self.decoder(self.features(hidden))), dim=-1)
+        check_finite(self, hidden=hidden)
+        return torch.log_softmax(upcast(self.output_projection(self.features(hidden))), dim=-1)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        """:meth:`log_probs`."""
-        return self.log_probs(hidden)
+    def forward(
+        self, hidden: Tensor, targets: Tensor | None = None, *, full: bool = False, ignore_index: int = IGNORE_INDEX
+    ) -> HeadOutput:
+        """:meth:`log_prob` of ``targets`` and/or :meth:`log_probs` (``full`` or no targets).
 
-    def log_prob(self, hidden: Tensor, targets: Tensor, chunk_size: int | None = None, **context) -> Tensor:
-        """``log p(targets | hidden)`` ``[...]``; ``chunk_size`` overrides the layer's (``context`` is unused)."""
+        Args:
+            hidden: ``[..., H]`` float decoder states.
+            targets: ``[...]`` long ids in ``0..V-1`` or ``ignore_index`` (optional).
+            full: also return the whole distribution when ``targets`` are given.
+            ignore_index: targets equal to it get log-probability 0 and no gradient.
+
+        Returns:
+            :class:`~latentnlp.layers.output_head.HeadOutput` ``(log_prob [...], log_probs [..., V])``.
+        """
+        log_prob = None if targets is None else self.log_prob(hidden, targets, ignore_index=ignore_index)
+        log_probs = self.log_probs(hidden) if full or targets is None else None
+        return HeadOutput(log_prob, log_probs)
+
+    def log_prob(
+        self,
+        hidden: Tensor,
+        targets: Tensor,
+        max_chunk_elements: int | None = None,
+        *,
+        ignore_index: int = IGNORE_INDEX,
+        **context,
+    ) -> Tensor:
+        """The :class:`OutputHead` method: ``log p(targets | hidden)`` without ``[..., V]`` log-probabilities.
+
+        Args:
+            hidden: ``[..., H]`` float decoder states (finite; checked when validating).
+            targets: ``[...]`` long ids in ``0..V-1`` or ``ignore_index`` (range checked when validating).
+            max_chunk_elements: overrides the layer's bound on the scores of the normaliser built at once.
+            ignore_index: targets equal to it get log-probability 0 and no gradient.
+            **context: unused.
+
+        Returns:
+            ``[...]`` float log-probabilities of the targets (0 where ignored).
+        """
         check_hidden(self, hidden, self.input_size, targets)
-        chunk = self.chunk_size if chunk_size is None else chunk_size
+        check_finite(self, hidden=hidden)
+        check_target_range(self, targets, self.vocab_size, ignore_index)
+        ignored, targets = ignored_targets(targets, ignore_index)
+        chunk = self.max_chunk_elements if max_chunk_elements is None else max_chunk_elements
         g = self.features(hidden)
-        weight, bias = self.decoder.weight, self.decoder.bias
-        return target_logits(g, weight, bias, targets) - logsumexp_linear(g, weight, bias, chunk)
+        weight, bias = self.output_projection.weight, self.output_projection.bias
+        log_p = target_logits(g, weight, bias, targets) - logsumexp_linear(g, weight, bias, chunk)
+        return log_p.masked_fill(ignored, 0.0)
 
     def extra_repr(self) -> str:
         return (
             f"input_size={self.input_size}, vocab_size={self.vocab_size}, "
-            f"softmax_input_size={self.softmax_input_size}, chunk_size={self.chunk_size}, "
+            f"projection_size={self.projection_size}, max_chunk_elements={self.max_chunk_elements}, "
             f"activation={self.activation!r}"
         )

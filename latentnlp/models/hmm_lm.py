@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..layers.checks import IGNORE_INDEX
 from ..masks import lengths_to_mask
 from ..structures import ChainPosterior
 from ..transitions import DenseTransition, LowRankTransition, Transition
@@ -62,8 +63,11 @@ class HMMLanguageModel(LatentModel):
         transition_rank: ``None`` for a dense ``K x K`` transition, else the rank ``r``.
         state_dropout: fraction of states dropped for each training batch.
         dropout: dropout inside the MLPs.
+        ignore_index: a target equal to it (within ``lengths``) is unobserved: its emission is
+            summed out (``log p(x_t | z_t) = 0`` for every state) and it does not count as a token.
 
-    Batches: ``targets [B, T]`` (the observed words), ``lengths [B]``; ``inputs`` is ignored.
+    Batches: ``targets [B, T]`` (the observed words), ``lengths [B]``; ``inputs`` is ignored.  An
+    empty batch (``B = 0``) gives empty results.
     """
 
     objectives = ("marginal",)
@@ -76,6 +80,7 @@ class HMMLanguageModel(LatentModel):
         transition_rank: int | None = None,
         state_dropout: float = 0.0,
         dropout: float = 0.0,
+        ignore_index: int = IGNORE_INDEX,
     ):
         super().__init__()
         if num_states < 1 or vocab_size < 1:
@@ -85,6 +90,7 @@ class HMMLanguageModel(LatentModel):
         if transition_rank is not None and transition_rank < 1:
             raise ValueError(f"transition_rank must be None or >= 1, got {transition_rank}")
         self.vocab_size, self.num_states = vocab_size, num_states
+        self.ignore_index = ignore_index
         self.transition_rank, self.state_dropout = transition_rank, state_dropout
         scale = embedding_size**-0.5
         self.state_embedding = nn.Parameter(torch.randn(num_states, embedding_size) * scale)
@@ -141,15 +147,16 @@ class HMMLanguageModel(LatentModel):
         return LowRankTransition(params["left"], params["right"])
 
     # ---- the LatentModel contract -----------------------------------------------------------
-    def _emissions(self, params: dict[str, Tensor], targets: Tensor) -> Tensor:
-        """``emit[b, t, k] = log p(x_t = targets[b, t] | z_t = k)``: ``[B, T, K]``."""
-        return params["emission"].T[targets]
+    def _emissions(self, params: dict[str, Tensor], targets: Tensor, ignored: Tensor) -> Tensor:
+        """``emit[b, t, k] = log p(x_t = targets[b, t] | z_t = k)``: ``[B, T, K]``, 0 where ``ignored [B, T]``."""
+        return params["emission"].T[targets].masked_fill(ignored[..., None], 0.0)
 
-    def _validate(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """``(targets [B, T], lengths [B])`` on the targets' device, padding ids set to 0.
+    def _validate(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """``(targets [B, T], lengths [B], ignored [B, T])`` on the targets' device, padding and
+        ignored ids set to 0, ``ignored`` True where a real position holds ``ignore_index``.
 
         Shapes are always checked; when validating (:func:`latentnlp.validation.is_validating`)
-        also, in one synchronisation, lengths in ``1..T`` and ids in ``0..V-1``.
+        also, in one synchronisation, lengths in ``1..T`` and ids in ``0..V-1`` (or ``ignore_index``).
         """
         targets, lengths = batch["targets"], batch["lengths"]
         if not isinstance(targets, Tensor) or targets.dim() != 2 or targets.is_floating_point():
@@ -163,7 +170,9 @@ class HMMLanguageModel(LatentModel):
             )
         steps = targets.shape[1]
         lengths = lengths.to(targets.device, torch.long)
-        targets = targets.masked_fill(~lengths_to_mask(lengths, steps), 0)
+        real = lengths_to_mask(lengths, steps)
+        ignored = real & (targets == self.ignore_index)
+        targets = targets.masked_fill(~real | ignored, 0)
         if is_validating() and targets.numel():
             low_len, high_len, low_id, high_id = torch.stack(
                 [lengths.min(), lengths.max(), targets.min(), targets.max()]
@@ -172,9 +181,17 @@ class HMMLanguageModel(LatentModel):
                 raise ValueError(f"batch['lengths'] must lie in 1..T = 1..{steps}, got {low_len}..{high_len}")
             if low_id < 0 or high_id >= self.vocab_size:
                 raise ValueError(
-                    f"batch['targets'] must lie in 0..V-1 = 0..{self.vocab_size - 1}, got {low_id}..{high_id}"
+                    f"batch['targets'] must lie in 0..V-1 = 0..{self.vocab_size - 1} or be ignore_index = "
+                    f"{self.ignore_index}, got {low_id}..{high_id}"
                 )
-        return targets, lengths
+        return targets, lengths, ignored
+
+    def num_tokens(self, batch: Batch) -> Tensor:
+        """Target tokens of each row ``[B]``: positions within ``lengths`` not holding ``ignore_index``."""
+        targets, lengths = batch["targets"], batch["lengths"]
+        assert isinstance(targets, Tensor) and isinstance(lengths, Tensor)
+        real = lengths_to_mask(lengths.to(targets.device, torch.long), targets.shape[1])
+        return (real & (targets != self.ignore_index)).sum(-1)
 
     def _predict(self, log_filter: Tensor, transition: dict[str, Tensor]) -> Tensor:
         """``log sum_i p(z = i) p(z' = j | z = i)`` for a belief ``log_filter [B, K_from]`` and a
@@ -196,12 +213,14 @@ class HMMLanguageModel(LatentModel):
 
     def log_marginal(self, batch: Batch) -> Tensor:
         """Exact ``log p(x)`` of each row's targets (given the carried state on streams): ``[B]``."""
-        targets, lengths = self._validate(batch)
+        targets, lengths, ignored = self._validate(batch)
         stream = bool(batch.get("stream", False))
         states = self._kept_states()
         params = self.log_parameters(states)
         init = self._initial(params, states, targets.shape[0], stream)
-        posterior = ChainPosterior(init, self.transition(params), self._emissions(params, targets), lengths)
+        if targets.shape[0] == 0:  # an empty batch: nothing to sum, still part of the graph
+            return init[:, 0]
+        posterior = ChainPosterior(init, self.transition(params), self._emissions(params, targets, ignored), lengths)
         if stream:
             self._carried_filter = posterior.final_filter
             self._carried_states = states
@@ -209,9 +228,10 @@ class HMMLanguageModel(LatentModel):
 
     def posterior(self, batch: Batch) -> ChainPosterior:
         """The exact posterior over state sequences ``p(z | x)`` (all ``K`` states, no dropout)."""
-        targets, lengths = self._validate(batch)
+        targets, lengths, ignored = self._validate(batch)
         params = self.log_parameters()
-        return ChainPosterior(params["init"], self.transition(params), self._emissions(params, targets), lengths)
+        emissions = self._emissions(params, targets, ignored)
+        return ChainPosterior(params["init"], self.transition(params), emissions, lengths)
 
     @torch.no_grad()
     def generate(

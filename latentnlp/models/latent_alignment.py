@@ -141,7 +141,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
             "soft": lambda: SoftAttentionHead(core.attention),
             "latent": lambda: LatentAttentionHead(core.attention),
             "copy": lambda: CopyHead(
-                CopyGenerator(hidden_size, tgt_vocab_size, readout=core.attention.readout),
+                CopyGenerator(hidden_size, tgt_vocab_size, output_projection=core.attention.output_projection),
                 shared_vocabulary=src_vocab_size == tgt_vocab_size,
                 unk_id=unk_id,
             ),

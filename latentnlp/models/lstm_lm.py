@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from latentnlp.layers import MixtureOfSoftmaxes, SoftmaxOutput
+from latentnlp.layers.checks import IGNORE_INDEX
 from latentnlp.layers.encoders import encode_packed
 from latentnlp.models.base import Batch, LatentModel
 from latentnlp.validation import is_validating
@@ -37,7 +38,7 @@ LSTMState = tuple[Tensor, Tensor]
 class LSTMLanguageModel(LatentModel):
     """``LSTMLanguageModel(vocab_size, embedding_size, hidden_size, num_layers=1, *,
     output="softmax"|"mos", softmax_input_size=None, num_experts=None, dropout=0.0,
-    tie_weights=False, chunk_size=None, output_activation="tanh")``.
+    tie_weights=False, max_chunk_elements=None, output_activation="tanh", ignore_index=-100)``.
 
     * ``softmax_input_size`` (``d``): the size of the vectors the output embedding
       ``W [V, d]`` scores.  ``output="softmax"``: ``None`` scores the LSTM output
@@ -47,9 +48,12 @@ class LSTMLanguageModel(LatentModel):
     * ``dropout``: on the embeddings, between LSTM layers, on the LSTM output,
       and on the output layer's projection ``g`` when it has one.
     * ``tie_weights``: share ``W`` with the input embedding (needs ``d == embedding_size``).
-    * ``chunk_size``: vocabulary chunk of the output layer's ``log_prob`` (bounded memory).
+    * ``max_chunk_elements``: the most vocabulary scores the output layer builds at once
+      (``None``: all; see :class:`~latentnlp.layers.SoftmaxOutput`).
     * ``output_activation``: ``"tanh"`` or ``"identity"`` on the output layer's
       projection (MoS experts, or the softmax's ``P h``); see ``SoftmaxOutput``.
+    * ``ignore_index``: a target equal to it (within ``lengths``) is not scored and does not count
+      as a token (as in ``torch.nn.functional.cross_entropy``).
 
     Batches: ``inputs [B, T]``, ``targets [B, T]`` (long), ``lengths [B]``,
     optional ``stream`` (bool).
@@ -69,8 +73,9 @@ class LSTMLanguageModel(LatentModel):
         num_experts: int | None = None,
         dropout: float = 0.0,
         tie_weights: bool = False,
-        chunk_size: int | None = None,
+        max_chunk_elements: int | None = None,
         output_activation: str = "tanh",
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__()
         for arg, value in (
@@ -85,6 +90,7 @@ class LSTMLanguageModel(LatentModel):
             raise ValueError(f"LSTMLanguageModel: dropout must be in [0, 1), got {dropout}")
         self.output = output
         self.vocab_size = vocab_size
+        self.ignore_index = ignore_index
         self.embedding = nn.Embedding(vocab_size, embedding_size)
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         self.lstm = nn.LSTM(
@@ -99,7 +105,7 @@ class LSTMLanguageModel(LatentModel):
                 vocab_size,
                 softmax_input_size,
                 dropout=0.0 if softmax_input_size is None else dropout,
-                chunk_size=chunk_size,
+                max_chunk_elements=max_chunk_elements,
                 activation=output_activation,
             )
         elif output == "mos":
@@ -109,13 +115,13 @@ class LSTMLanguageModel(LatentModel):
                 15 if num_experts is None else num_experts,
                 softmax_input_size,
                 dropout=dropout,
-                chunk_size=chunk_size,
+                max_chunk_elements=max_chunk_elements,
                 activation=output_activation,
             )
         else:
             raise ValueError(f"LSTMLanguageModel: output must be 'softmax' or 'mos', got {output!r}")
         if tie_weights:
-            d = self.output_layer.softmax_input_size
+            d = self.output_layer.projection_size
             if d != embedding_size:
                 raise ValueError(
                     f"LSTMLanguageModel: tie_weights needs softmax_input_size == "
@@ -181,17 +187,25 @@ class LSTMLanguageModel(LatentModel):
             targets = targets.masked_fill(~mask, 0)
             ids.append(targets)
         if is_validating():  # value ranges: one read from the device
-            low_len, high_len, *bounds = torch.stack(
-                [lengths.min(), lengths.max()] + [x.min() for x in ids] + [x.max() for x in ids]
+            scored = [] if targets is None else [targets.masked_fill(targets == self.ignore_index, 0)]
+            low_len, high_len, low_in, high_in, *bounds = torch.stack(
+                [lengths.min(), lengths.max(), inputs.min(), inputs.max()]
+                + [x.min() for x in scored]
+                + [x.max() for x in scored]
             ).tolist()
-            low_id, high_id = min(bounds[: len(ids)]), max(bounds[len(ids) :])
             if low_len < 1 or high_len > T:
                 raise ValueError(
                     f"LSTMLanguageModel: lengths must lie in 1..T = 1..{T}, got min {low_len} max {high_len}"
                 )
-            if low_id < 0 or high_id >= self.vocab_size:
+            if low_in < 0 or high_in >= self.vocab_size:
                 raise ValueError(
-                    f"LSTMLanguageModel: token ids must lie in 0..{self.vocab_size - 1}, got {low_id}..{high_id}"
+                    f"LSTMLanguageModel: inputs (token ids) must lie in 0..{self.vocab_size - 1},"
+                    f" got {low_in}..{high_in}"
+                )
+            if bounds and (bounds[0] < 0 or bounds[1] >= self.vocab_size):
+                raise ValueError(
+                    f"LSTMLanguageModel: targets (token ids) must lie in 0..{self.vocab_size - 1} or be ignore_index = "
+                    f"{self.ignore_index}, got {bounds[0]}..{bounds[1]} (ignore_index left out)"
                 )
         return inputs, targets, lengths, mask
 
@@ -207,10 +221,17 @@ class LSTMLanguageModel(LatentModel):
         hidden, final = self._encode(inputs, lengths, self._initial_state(batch, inputs))
         if batch.get("stream", False):
             self._state = (final[0].detach(), final[1].detach())
-        log_p = self.output_layer.log_prob(hidden[mask], targets[mask])
+        log_p = self.output_layer.log_prob(hidden[mask], targets[mask], ignore_index=self.ignore_index)
         per_token = log_p.new_zeros(mask.shape)
         per_token[mask] = log_p
         return per_token.sum(-1)
+
+    def num_tokens(self, batch: Batch) -> Tensor:
+        """Target tokens of each row ``[B]``: positions within ``lengths`` whose target is not ``ignore_index``."""
+        targets, lengths = batch["targets"], batch["lengths"]
+        assert isinstance(targets, Tensor) and isinstance(lengths, Tensor)
+        mask = torch.arange(targets.shape[1], device=targets.device) < lengths.to(targets.device)[:, None]
+        return (mask & (targets != self.ignore_index)).sum(-1)
 
     @torch.no_grad()
     def generate(
@@ -241,7 +262,7 @@ class LSTMLanguageModel(LatentModel):
         tokens = inputs.new_full((B, max_length), 0 if eos_index is None else eos_index)
         finished = torch.zeros(B, dtype=torch.bool, device=inputs.device)
         for step in range(max_length):
-            log_p = self.output_layer(last)  # [B, V]
+            log_p = self.output_layer.log_probs(last)  # [B, V]
             if temperature == 0:
                 y = log_p.argmax(-1)
             else:

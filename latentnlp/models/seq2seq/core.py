@@ -164,7 +164,7 @@ class AttentionalEncoderDecoder(nn.Module):
             return tuple(x.reshape(layers, x.shape[1], -1).unbind(0))
 
         mask = lengths_to_mask(src_lengths, src.shape[1])
-        feed = memory.new_zeros(memory.shape[0], self.attention.query_dim)
+        feed = memory.new_zeros(memory.shape[0], self.attention.input_size)
         return memory, mask, DecoderState(merge(h), merge(c), feed, memory, mask)
 
     def step(self, state: DecoderState, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, DecoderState]:
@@ -183,7 +183,8 @@ class AttentionalEncoderDecoder(nn.Module):
             new_c.append(ci)
             x = self.dropout(hi)
         top = new_h[-1][:, None, :]
-        log_alpha = self.attention.alignment(top, state.memory, state.memory_mask).logits
+        # the source was checked by encode: no per-step reads from the device
+        log_alpha = self.attention.alignment(top, state.memory, state.memory_mask, validate_args=False).logits
         o = self.attention.attentional_hidden(top, torch.bmm(log_alpha.exp(), state.memory))
         return top, log_alpha, o, replace(state, h=tuple(new_h), c=tuple(new_c), feed=o[:, 0])
 

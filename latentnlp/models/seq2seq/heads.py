@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from latentnlp.layers.checks import IGNORE_INDEX, check_finite, check_target_range, ignored_targets
 from latentnlp.layers.copy_generator import CopyGenerator
 from latentnlp.layers.latent_attention import LatentAttention
 from latentnlp.models.base import Batch
@@ -72,12 +73,47 @@ class SoftAttentionHead(Seq2SeqHead):
         super().__init__()
         self.attention = attention
 
-    def log_prob(self, hidden: Tensor, targets: Tensor, *, memory: Tensor, log_alpha: Tensor, **context) -> Tensor:
-        """``[B, T]``; ``memory [B, S, H]``, ``log_alpha [B, T, S]`` (``-inf`` at padded sources)."""
-        return self.attention.log_prob_given_context(hidden, torch.bmm(log_alpha.exp(), memory), targets)
+    def log_prob(
+        self,
+        hidden: Tensor,
+        targets: Tensor,
+        *,
+        memory: Tensor,
+        log_alpha: Tensor,
+        ignore_index: int = IGNORE_INDEX,
+        **context,
+    ) -> Tensor:
+        """``log p(y_t | h_t, c_t)``.
+
+        Args:
+            hidden: ``[B, T, H]`` float decoder states.
+            targets: ``[B, T]`` long ids in ``0..V-1`` or ``ignore_index``.
+            memory: ``[B, S, H]`` float source states.
+            log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
+            ignore_index: targets equal to it get log-probability 0 (and no gradient).
+            **context: unused.
+
+        Returns:
+            ``[B, T]`` float log-probabilities (0 where ignored).
+        """
+        check_finite(self, hidden=hidden, memory=memory)
+        check_target_range(self, targets, self.attention.vocab_size, ignore_index)
+        ignored, targets = ignored_targets(targets, ignore_index)
+        context_vector = torch.bmm(log_alpha.exp(), memory)
+        return self.attention.log_prob_given_context(hidden, context_vector, targets).masked_fill(ignored, 0.0)
 
     def log_probs(self, hidden: Tensor, *, memory: Tensor, log_alpha: Tensor, **context) -> Tensor:
-        """``[B, T, V]``; arguments as in :meth:`log_prob`."""
+        """``log p(. | h_t, c_t)``.
+
+        Args:
+            hidden: ``[B, T, H]`` float decoder states.
+            memory: ``[B, S, H]`` float source states.
+            log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
+            **context: unused.
+
+        Returns:
+            ``[B, T, V]`` float log-probabilities.
+        """
         return self.attention.log_prob_given_context(hidden, torch.bmm(log_alpha.exp(), memory))
 
 
@@ -91,13 +127,47 @@ class LatentAttentionHead(Seq2SeqHead):
         self.attention = attention
 
     def log_prob(
-        self, hidden: Tensor, targets: Tensor, *, memory: Tensor, memory_mask: Tensor, log_alpha: Tensor, **context
+        self,
+        hidden: Tensor,
+        targets: Tensor,
+        *,
+        memory: Tensor,
+        memory_mask: Tensor,
+        log_alpha: Tensor,
+        ignore_index: int = IGNORE_INDEX,
+        **context,
     ) -> Tensor:
-        """``[B, T]``; ``memory [B, S, H]``, ``memory_mask [B, S]`` (True at real positions), ``log_alpha``."""
-        return torch.logsumexp(log_alpha + self.emission_log_probs(hidden, targets, memory, memory_mask), -1)
+        """``logsumexp_m (log alpha_tm + log p(y_t | h_t, s_m))``.
+
+        Args:
+            hidden: ``[B, T, H]`` float decoder states.
+            targets: ``[B, T]`` long ids in ``0..V-1`` or ``ignore_index``.
+            memory: ``[B, S, H]`` float source states.
+            memory_mask: ``[B, S]`` bool, True at real source positions.
+            log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
+            ignore_index: targets equal to it get log-probability 0 (and no gradient).
+            **context: unused.
+
+        Returns:
+            ``[B, T]`` float log-probabilities (0 where ignored).
+        """
+        check_target_range(self, targets, self.attention.vocab_size, ignore_index)
+        ignored, targets = ignored_targets(targets, ignore_index)
+        log_p = torch.logsumexp(log_alpha + self.emission_log_probs(hidden, targets, memory, memory_mask), -1)
+        return log_p.masked_fill(ignored, 0.0)
 
     def log_probs(self, hidden: Tensor, *, memory: Tensor, log_alpha: Tensor, **context) -> Tensor:
-        """``[B, T, V]``, mixed over chunks of source positions (see ``LatentAttention``)."""
+        """``logsumexp_m (log alpha_tm + log p(. | h_t, s_m))``, mixed over chunks of source positions.
+
+        Args:
+            hidden: ``[B, T, H]`` float decoder states.
+            memory: ``[B, S, H]`` float source states.
+            log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
+            **context: unused (``memory_mask`` is already in ``log_alpha``).
+
+        Returns:
+            ``[B, T, V]`` float log-probabilities.
+        """
         return self.attention.marginal_log_probs(hidden, memory, log_alpha)
 
     def emission_log_probs(self, hidden: Tensor, targets: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
@@ -125,14 +195,40 @@ class CopyHead(Seq2SeqHead):
         self.shared_vocabulary, self.unk_id = shared_vocabulary, unk_id
 
     def log_prob(
-        self, hidden: Tensor, targets: Tensor, *, attentional: Tensor, log_alpha: Tensor, src_ext: Tensor, **context
+        self,
+        hidden: Tensor,
+        targets: Tensor,
+        *,
+        attentional: Tensor,
+        log_alpha: Tensor,
+        src_ext: Tensor,
+        extended_size: int | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        **context,
     ) -> Tensor:
-        """``[B, T]`` of extended-id ``targets``.
+        """``log p(y_t)`` of extended-id targets.
 
-        ``attentional [B, T, H]`` (``o_t``), ``log_alpha [B, T, S]`` (``-inf`` at padded sources),
-        ``src_ext [B, S]`` (values at padded positions are ignored).
+        Args:
+            hidden: not read.
+            targets: ``[B, T]`` long extended ids, or ``ignore_index``.
+            attentional: ``[B, T, H]`` float attentional vectors ``o_t``.
+            log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
+            src_ext: ``[B, S]`` long source as extended ids (values at padded positions are ignored).
+            extended_size: ``V_ext`` (optional; ids past it are refused when validating).
+            ignore_index: targets equal to it get log-probability 0 (and no gradient).
+            **context: unused.
+
+        Returns:
+            ``[B, T]`` float log-probabilities (0 where ignored).
         """
-        return self.generator.log_prob(attentional, targets, log_alpha=log_alpha, src_ext=src_ext)
+        return self.generator.log_prob(
+            attentional,
+            targets,
+            log_alpha=log_alpha,
+            src_ext=src_ext,
+            extended_size=extended_size,
+            ignore_index=ignore_index,
+        )
 
     def log_probs(
         self,
@@ -144,7 +240,19 @@ class CopyHead(Seq2SeqHead):
         extended_size: int | None = None,
         **context,
     ) -> Tensor:
-        """``[B, T, V_ext]``; arguments as in :meth:`log_prob`, ``extended_size`` = ``V_ext``."""
+        """The distribution over the extended vocabulary.
+
+        Args:
+            hidden: not read.
+            attentional: ``[B, T, H]`` float attentional vectors ``o_t``.
+            log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
+            src_ext: ``[B, S]`` long source as extended ids.
+            extended_size: ``V_ext`` (default: from the ids).
+            **context: unused.
+
+        Returns:
+            ``[B, T, V_ext]`` float log-probabilities.
+        """
         return self.generator.log_probs(attentional, log_alpha=log_alpha, src_ext=src_ext, extended_size=extended_size)
 
     def batch_context(self, batch: Batch) -> dict[str, Tensor]:
