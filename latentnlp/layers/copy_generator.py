@@ -49,12 +49,12 @@ __all__ = ["CopyGenerator", "CopyOutput"]
 class CopyOutput(NamedTuple):
     """What :meth:`CopyGenerator.forward` and :meth:`CopyGenerator.attend` return.
 
-    log_prob     ``[B, T]``        log p(y_t) of the targets (``None`` without targets)
-    log_probs    ``[B, T, V_ext]`` the whole extended distribution (``full=True``)
-    log_p_copy   ``[B, T]``        log p(copy | h_t)
-    log_alpha    ``[B, T, S]``     the copy attention (:meth:`~CopyGenerator.attend` only)
-    attentional  ``[B, T, D]``     ``o_t``, what was read out and an input-feeding decoder feeds
-                                   to its next step (:meth:`~CopyGenerator.attend` only)
+    - ``log_prob [B, T]``: log p(y_t) of the targets (``None`` without targets)
+    - ``log_probs [B, T, V_ext]``: the whole extended distribution (``full=True``)
+    - ``log_p_copy [B, T]``: log p(copy | h_t)
+    - ``log_alpha [B, T, S]``: the copy attention (:meth:`~CopyGenerator.attend` only)
+    - ``attentional [B, T, D]``: ``o_t``, what was read out and an input-feeding decoder feeds
+      to its next step (:meth:`~CopyGenerator.attend` only)
     """
 
     log_prob: Tensor | None

@@ -72,13 +72,13 @@ SCORES = ("mlp", "bilinear", "dot")
 class LatentAttentionOutput(NamedTuple):
     """What :meth:`LatentAttention.forward` returns (``None`` where not asked or not defined).
 
-    log_prob      ``[B, T]``     log p(y_t | ...) of the given targets, alignment summed out
-    log_probs     ``[B, T, V]``  the full marginal distribution over the vocabulary (``full=True``)
-    log_alpha     ``[B, T, S]``  prior alignment log-probabilities, ``-inf`` at padded sources
-    log_emission  ``[B, T, S]``  log p(y_t | h_t, s_m) (exact mode, targets given), ``-inf`` at padding
-    context       ``[B, T, H_s]`` the soft context ``c_t = sum_m alpha_tm s_m``
-    attentional   ``[B, T, D]``  ``o(h_t, c_t)``, the attentional vector an input-feeding decoder
-                                 feeds to its next step (both modes; soft mode reads it out)
+    - ``log_prob [B, T]``: log p(y_t | ...) of the given targets, alignment summed out
+    - ``log_probs [B, T, V]``: the full marginal distribution over the vocabulary (``full=True``)
+    - ``log_alpha [B, T, S]``: prior alignment log-probabilities, ``-inf`` at padded sources
+    - ``log_emission [B, T, S]``: log p(y_t | h_t, s_m) (exact mode, targets given), ``-inf`` at padding
+    - ``context [B, T, H_s]``: the soft context ``c_t = sum_m alpha_tm s_m``
+    - ``attentional [B, T, D]``: ``o(h_t, c_t)``, the attentional vector an input-feeding decoder
+      feeds to its next step (both modes; soft mode reads it out)
     """
 
     log_prob: Tensor | None
