@@ -124,16 +124,16 @@ def test_carried_state_is_detached_and_taken_at_each_row_length():
     model = _model(output="mos", num_experts=2)
     for seed in (1, 2):  # a backward per batch: no graph reaches back
         model.log_marginal(_batch(seed=seed, stream=True)).sum().backward()
-    assert not model._state[0].requires_grad
+    assert not model.carried["hidden"].requires_grad
     model.reset_state()
     model.log_marginal(_batch(T=6, lengths=[6, 3, 5], stream=True))
-    h_padded, c_padded = model._state
+    h_padded, c_padded = model.carried["hidden"], model.carried["cell"]
     for row, length in enumerate([6, 3, 5]):
         model.reset_state()
         prefix = {k: v[row : row + 1, :length] for k, v in _batch(T=6).items() if k != "lengths"}
         model.log_marginal({**prefix, "lengths": torch.tensor([length]), "stream": True})
-        torch.testing.assert_close(model._state[0][:, 0], h_padded[:, row], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(model._state[1][:, 0], c_padded[:, row], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model.carried["hidden"][:, 0], h_padded[:, row], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model.carried["cell"][:, 0], c_padded[:, row], rtol=1e-12, atol=1e-12)
 
 
 def test_stream_batch_size_mismatch_is_a_value_error():
@@ -179,7 +179,7 @@ def test_resume_from_state_dict_is_bit_identical():
     model.reset_state()
     assert model.state_dict()["_extra_state"] == {"hidden": None, "cell": None}
     resumed.load_state_dict(model.state_dict())
-    assert resumed._state is None
+    assert resumed.carried == {"hidden": None, "cell": None}
 
 
 def test_generate_samples_from_the_model():

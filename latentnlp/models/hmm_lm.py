@@ -39,6 +39,7 @@ from ..structures import ChainPosterior
 from ..transitions import DenseTransition, LowRankTransition, Transition
 from ..validation import is_validating
 from .base import Batch, LatentModel
+from .stream_state import CarriesStreamState
 
 
 class ResidualMLP(nn.Module):
@@ -53,7 +54,7 @@ class ResidualMLP(nn.Module):
         return self.norm(x + self.inner(x))
 
 
-class HMMLanguageModel(LatentModel):
+class HMMLanguageModel(CarriesStreamState, LatentModel):
     """Neural HMM language model with exact marginal likelihood.
 
     Args:
@@ -71,6 +72,7 @@ class HMMLanguageModel(LatentModel):
     """
 
     objectives = ("marginal",)
+    carried_names = ("filter", "states")
 
     def __init__(
         self,
@@ -102,8 +104,7 @@ class HMMLanguageModel(LatentModel):
         if transition_rank is not None:
             self.rank_in = nn.Parameter(torch.randn(transition_rank, embedding_size) * scale)
             self.rank_out = nn.Parameter(torch.randn(transition_rank, embedding_size) * scale)
-        self._carried_filter: Tensor | None = None  # [B, K] filtering distribution, streams only
-        self._carried_states: Tensor | None = None
+        self.reset_state()
 
     # ---- parameters -------------------------------------------------------------------------
     def _kept_states(self) -> Tensor | None:
@@ -203,12 +204,12 @@ class HMMLanguageModel(LatentModel):
         """``log p(z_0)`` for each row ``[B, K']``: the learned start, or on a stream the carried
         belief pushed through one transition, ``log sum_i p(z_{L-1} = i | ...) p(z_0 = j | z_{L-1} = i)``
         (from the states kept before to those kept now, if state dropout changed them)."""
-        carried = self._carried_filter
+        carried, carried_states = self.carried["filter"], self.carried["states"]
         if not stream or carried is None or carried.shape[0] != batch_size:
             return params["init"].expand(batch_size, -1)
         log_filter = torch.log(carried.clamp_min(torch.finfo(carried.dtype).tiny))
-        same_states = self._carried_states is None and states is None
-        transition = params if same_states else self._transition(self._carried_states, states)
+        same_states = carried_states is None and states is None
+        transition = params if same_states else self._transition(carried_states, states)
         return self._predict(log_filter, transition)
 
     def log_marginal(self, batch: Batch) -> Tensor:
@@ -222,8 +223,7 @@ class HMMLanguageModel(LatentModel):
             return init[:, 0]
         posterior = ChainPosterior(init, self.transition(params), self._emissions(params, targets, ignored), lengths)
         if stream:
-            self._carried_filter = posterior.final_filter
-            self._carried_states = states
+            self.carried = {"filter": posterior.final_filter, "states": states}
         return posterior.log_partition
 
     def posterior(self, batch: Batch) -> ChainPosterior:
@@ -260,15 +260,3 @@ class HMMLanguageModel(LatentModel):
     def top_words(self, num_words: int = 10) -> Tensor:
         """The ``num_words`` most probable words of each state: ``[K, num_words]`` ids."""
         return self.log_parameters()["emission"].topk(num_words, -1).indices
-
-    # ---- carried stream state ---------------------------------------------------------------
-    def reset_state(self) -> None:
-        self._carried_filter = None
-        self._carried_states = None
-
-    def get_extra_state(self):
-        return {"carried_filter": self._carried_filter, "carried_states": self._carried_states}
-
-    def set_extra_state(self, state) -> None:
-        self._carried_filter = state["carried_filter"]
-        self._carried_states = state["carried_states"]

@@ -30,12 +30,13 @@ from latentnlp.layers import MixtureOfSoftmaxes, SoftmaxOutput
 from latentnlp.layers.checks import IGNORE_INDEX
 from latentnlp.layers.encoders import encode_packed
 from latentnlp.models.base import Batch, LatentModel
+from latentnlp.models.stream_state import CarriesStreamState
 from latentnlp.validation import is_validating
 
 LSTMState = tuple[Tensor, Tensor]
 
 
-class LSTMLanguageModel(LatentModel):
+class LSTMLanguageModel(CarriesStreamState, LatentModel):
     """``LSTMLanguageModel(vocab_size, embedding_size, hidden_size, num_layers=1, *,
     output="softmax"|"mos", softmax_input_size=None, num_experts=None, dropout=0.0,
     tie_weights=False, max_chunk_elements=None, output_activation="tanh", ignore_index=-100)``.
@@ -60,6 +61,7 @@ class LSTMLanguageModel(LatentModel):
     """
 
     objectives = ("marginal",)
+    carried_names = ("hidden", "cell")
 
     def __init__(
         self,
@@ -128,24 +130,13 @@ class LSTMLanguageModel(LatentModel):
                     f"embedding_size, got {d} and {embedding_size}"
                 )
             self.output_layer.tie_weights(self.embedding)
-        self._state: LSTMState | None = None
+        self.reset_state()
 
     # ---- carried state ----------------------------------------------------------------------
-    def reset_state(self) -> None:
-        self._state = None
-
-    def get_extra_state(self) -> dict[str, Tensor | None]:
-        h, c = (None, None) if self._state is None else self._state
-        return {"hidden": h, "cell": c}
-
-    def set_extra_state(self, state: dict[str, Tensor | None]) -> None:
-        h, c = state["hidden"], state["cell"]
-        self._state = None if h is None or c is None else (h, c)
-
     def _initial_state(self, batch: Batch, like: Tensor) -> LSTMState | None:
-        if not batch.get("stream", False) or self._state is None:
+        h, c = self.carried["hidden"], self.carried["cell"]
+        if not batch.get("stream", False) or h is None or c is None:
             return None
-        h, c = self._state
         if h.shape[1] != like.shape[0]:
             raise ValueError(
                 f"LSTMLanguageModel: the carried stream state has batch size {h.shape[1]},"
@@ -220,7 +211,7 @@ class LSTMLanguageModel(LatentModel):
         inputs, targets, lengths, mask = self._check_batch(batch)
         hidden, final = self._encode(inputs, lengths, self._initial_state(batch, inputs))
         if batch.get("stream", False):
-            self._state = (final[0].detach(), final[1].detach())
+            self.carried = {"hidden": final[0].detach(), "cell": final[1].detach()}
         log_p = self.output_layer.log_prob(hidden[mask], targets[mask], ignore_index=self.ignore_index)
         per_token = log_p.new_zeros(mask.shape)
         per_token[mask] = log_p
