@@ -1,0 +1,311 @@
+"""Factorial chains against float64 references (tests/factorial_oracle.py).
+
+Exact inference (``FactorialChainPosterior``) is compared with the enumeration of every joint
+path on tiny sizes, with the ``K^L``-state ``ChainPosterior`` built from the Kronecker-sum
+transition on larger ones (values and gradients), with ``ChainPosterior`` itself for one
+chain, and by ``gradcheck``; FFBS frequencies against path probabilities; the underflow
+fallback; every ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from factorial_oracle import FactorialEnumeration, kron_sum, product_chain
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from latentnlp import ChainPosterior, DenseTransition, FactorialChainPosterior, LowRankTransition
+from latentnlp.chain import scaled_log_partition
+from latentnlp.factorial import ProductTransition
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+RTOL, ATOL = 1e-7, 1e-9
+METHODS = ("auto", "scaled", "log")
+
+
+def close(actual, expected, rtol=RTOL, atol=ATOL):
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=rtol, atol=atol)
+
+
+def random_factorial(batch, steps, num_chains, k, init_kind="shared", trans_kind="shared", seed=0, zeros=False):
+    """``(init, trans, emit, lengths, oracle_trans)``: ``trans`` as the library takes it, ``oracle_trans``
+    a tensor ``[L, K, K] | [B, L, K, K] | [B, T-1, L, K, K]`` for the references."""
+    g = torch.Generator().manual_seed(seed)
+    init_shape = (num_chains, k) if init_kind == "shared" else (batch, num_chains, k)
+    init = torch.randn(init_shape, generator=g).log_softmax(-1)
+    lead = {"shared": (), "batched": (batch,), "time": (batch, max(steps - 1, 0))}[trans_kind]
+    oracle_trans = torch.randn(*lead, num_chains, k, k, generator=g).log_softmax(-1)
+    if zeros and k > 1:  # structural zeros: chain 0 never moves from state 0 to state 1
+        oracle_trans[..., 0, 0, 1] = float("-inf")
+    emit = torch.randn(batch, steps, *(k,) * num_chains, generator=g)
+    lengths = torch.randint(1, steps + 1, (batch,), generator=g)
+    lengths[0] = steps
+    if trans_kind == "time":
+        trans = [DenseTransition(oracle_trans[:, :, ell]) for ell in range(num_chains)]
+    else:
+        trans = oracle_trans
+    return init, trans, emit, lengths, oracle_trans
+
+
+def product_posterior(init, oracle_trans, emit, lengths, **kwargs):
+    """The same distribution as one ``ChainPosterior`` over ``K^L`` states (Kronecker-sum transition)."""
+    flat_init, flat_trans, flat_emit = product_chain(init, oracle_trans, emit)
+    return ChainPosterior(flat_init, flat_trans, flat_emit, lengths, **kwargs)
+
+
+# =========================================================================== enumeration
+# (L, K, T): two and three chains, two and three states; (K^L)^T paths at most 6561
+SIZES = ((2, 2, 4), (2, 3, 4), (3, 2, 3), (3, 3, 2), (1, 3, 4))
+LAYOUTS = (("shared", "shared"), ("batched", "batched"), ("shared", "time"))
+
+
+@pytest.mark.parametrize("num_chains,k,steps", SIZES)
+@pytest.mark.parametrize("init_kind,trans_kind", LAYOUTS)
+@pytest.mark.parametrize("method", METHODS)
+def test_members_equal_enumeration(num_chains, k, steps, init_kind, trans_kind, method):
+    init, trans, emit, lengths, oracle_trans = random_factorial(3, steps, num_chains, k, init_kind, trans_kind)
+    p = FactorialChainPosterior(init, trans, emit, lengths, method=method)
+    ref = FactorialEnumeration(init, oracle_trans, emit, lengths)
+    close(p.log_partition, ref.log_partition)
+    close(p.marginals, ref.marginals)
+    close(p.joint_marginals, ref.joint_marginals)
+    close(p.entropy(), ref.entropy())
+    assert torch.equal(p.argmax, ref.argmax)
+    close(p.max, ref.max)
+    paths = torch.randint(0, k, (5, 3, steps, num_chains), generator=torch.Generator().manual_seed(1))
+    close(p.log_prob(paths), ref.score(paths) - ref.log_partition)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_structural_zeros_equal_enumeration(method):
+    init, trans, emit, lengths, oracle_trans = random_factorial(3, 4, 2, 3, "batched", "batched", seed=3, zeros=True)
+    init[1, 1, 2] = float("-inf")
+    p = FactorialChainPosterior(init, trans, emit, lengths, method=method)
+    ref = FactorialEnumeration(init, oracle_trans, emit, lengths)
+    close(p.log_partition, ref.log_partition)
+    close(p.marginals, ref.marginals)
+    close(p.entropy(), ref.entropy())
+    assert torch.equal(p.argmax, ref.argmax)
+    assert torch.isfinite(p.max).all()
+
+
+# =========================================================================== the product-state chain
+@pytest.mark.parametrize("init_kind,trans_kind", LAYOUTS)
+def test_agrees_with_product_state_chain_values_and_gradients(init_kind, trans_kind):
+    batch, steps, num_chains, k = 4, 12, 3, 3
+    init, trans, emit, lengths, oracle_trans = random_factorial(batch, steps, num_chains, k, init_kind, trans_kind, 5)
+    leaves = [x.clone().requires_grad_() for x in (init, oracle_trans, emit)]
+    init_l, trans_l, emit_l = leaves
+    if trans_kind == "time":
+        ours = [DenseTransition(trans_l[:, :, ell]) for ell in range(num_chains)]
+    else:
+        ours = trans_l
+    weights = torch.randn(batch)
+    p = FactorialChainPosterior(init_l, ours, emit_l, lengths)
+    grads = torch.autograd.grad((p.log_partition * weights).sum(), leaves)
+    q = product_posterior(init_l, trans_l, emit_l, lengths, method="log")
+    expected = torch.autograd.grad((q.log_partition * weights).sum(), leaves)
+    close(p.log_partition, q.log_partition)
+    for grad, reference in zip(grads, expected):
+        close(grad, reference)
+    close(p.joint_marginals.reshape(batch, steps, -1), q.marginals)
+    assert torch.equal(p.argmax, torch.stack([(q.argmax // k ** (2 - ell)) % k for ell in range(3)], -1))
+    close(p.entropy(), q.entropy())
+
+
+def test_transition_objects_are_densified_per_chain():
+    init, _, emit, lengths, oracle_trans = random_factorial(2, 6, 2, 3, seed=7)
+    g = torch.Generator().manual_seed(7)
+    low_rank = LowRankTransition(torch.randn(3, 2, generator=g), torch.randn(2, 3, generator=g))
+    p = FactorialChainPosterior(init, [oracle_trans[0], low_rank], emit, lengths)
+    q = product_posterior(init, torch.stack([oracle_trans[0], low_rank.dense()]), emit, lengths)
+    close(p.log_partition, q.log_partition)
+    close(p.marginals.sum(-1), (torch.arange(6) < lengths[:, None]).double()[..., None].expand(2, 6, 2))
+
+
+def test_product_transition_dense_is_the_kronecker_sum():
+    g = torch.Generator().manual_seed(2)
+    shared, batched = torch.randn(3, 3, generator=g), torch.randn(4, 3, 3, generator=g)
+    timed = torch.randn(4, 5, 3, 3, generator=g)
+    close(ProductTransition([shared, shared.T]).dense(), kron_sum(torch.stack([shared, shared.T])))
+    close(ProductTransition([shared, batched]).dense(), kron_sum(torch.stack([shared.expand(4, 3, 3), batched], 1)))
+    expected = kron_sum(torch.stack([batched[:, None].expand(4, 5, 3, 3), timed, shared.expand(4, 5, 3, 3)], 2))
+    close(ProductTransition([batched, timed, shared]).dense(), expected)
+
+
+def test_one_chain_is_a_chain_posterior():
+    g = torch.Generator().manual_seed(4)
+    init, trans = torch.randn(2, 4, generator=g), torch.randn(2, 4, 4, generator=g)
+    emit, lengths = torch.randn(2, 6, 4, generator=g), torch.tensor([6, 3])
+    p = FactorialChainPosterior(init[:, None], trans[:, None], emit, lengths)
+    q = ChainPosterior(init, trans, emit, lengths)
+    close(p.log_partition, q.log_partition)
+    close(p.marginals[:, :, 0], q.marginals)
+    assert torch.equal(p.argmax[..., 0], q.argmax)
+    close(p.max, q.max)
+    close(p.entropy(), q.entropy())
+    paths = q.sample((3,), generator=torch.Generator().manual_seed(0))
+    close(p.log_prob(paths[..., None]), q.log_prob(paths))
+
+
+def test_entropy_and_marginals_are_differentiable():
+    init, trans, emit, lengths, oracle_trans = random_factorial(2, 3, 2, 2, "batched", "batched", seed=9)
+    emit = emit.requires_grad_()
+    p = FactorialChainPosterior(init, trans, emit, lengths)
+    (grad,) = torch.autograd.grad(p.entropy().sum(), emit)
+    (expected,) = torch.autograd.grad(FactorialEnumeration(init, oracle_trans, emit, lengths).entropy().sum(), emit)
+    close(grad, expected)
+    q = FactorialChainPosterior(init, trans, emit, lengths, method="log")
+    (grad,) = torch.autograd.grad(q.marginals[:, :, 0, 1].sum(), emit)
+    (expected,) = torch.autograd.grad(
+        FactorialEnumeration(init, oracle_trans, emit, lengths).marginals[:, :, 0, 1].sum(), emit
+    )
+    close(grad, expected)
+
+
+# =========================================================================== gradcheck
+@pytest.mark.parametrize("method", ("scaled", "log"))
+@pytest.mark.parametrize("trans_kind", ("shared", "batched", "time"))
+def test_gradcheck_log_partition(method, trans_kind):
+    init, _, emit, lengths, oracle_trans = random_factorial(2, 3, 2, 2, "batched", trans_kind, seed=11)
+    num_chains = 2
+
+    def log_partition(init, trans, emit):
+        chains = [DenseTransition(trans[:, :, ell]) for ell in range(num_chains)] if trans_kind == "time" else trans
+        return FactorialChainPosterior(init, chains, emit, lengths, method=method).log_partition
+
+    inputs = tuple(x.clone().requires_grad_() for x in (init, oracle_trans, emit))
+    assert torch.autograd.gradcheck(log_partition, inputs)
+
+
+def test_padding_never_changes_a_value_or_a_gradient():
+    init, trans, emit, lengths, _ = random_factorial(3, 5, 2, 3, seed=12)
+    emit = emit.requires_grad_()
+    p = FactorialChainPosterior(init, trans, emit, lengths)
+    (grad,) = torch.autograd.grad(p.log_partition.sum(), emit)
+    padding = ~(torch.arange(5) < lengths[:, None])
+    assert (grad[padding] == 0).all()
+    noisy = torch.where(padding[..., None, None], torch.full_like(emit, 1e6), emit.detach())
+    close(FactorialChainPosterior(init, trans, noisy, lengths).log_partition, p.log_partition)
+
+
+# =========================================================================== sampling
+def test_sample_frequencies_match_path_probabilities():
+    init, trans, emit, lengths, oracle_trans = random_factorial(2, 3, 2, 2, "batched", "batched", seed=13)
+    lengths = torch.tensor([3, 2])
+    p = FactorialChainPosterior(init, trans, emit, lengths)
+    ref = FactorialEnumeration(init, oracle_trans, emit, lengths)
+    draws = 20000
+    samples = p.sample((draws,), generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (draws, 2, 3, 2)
+    assert (samples[:, 1, 2] == 0).all()  # padding is 0
+    for b in range(2):
+        paths = ref.paths[b]
+        hits = (samples[:, b, None, : int(lengths[b])] == paths).flatten(2).all(-1)  # [draws, P]
+        frequency = hits.double().mean(0)
+        probability = ref.probs(b)
+        sigma = torch.sqrt(probability * (1 - probability) / draws)
+        assert (hits.sum(-1) == 1).all()
+        assert ((frequency - probability).abs() <= 5 * sigma + 1e-3).all()
+
+
+# =========================================================================== underflow
+def test_underflow_is_redone_in_log_space():
+    # chain 0 leaves state 0 with probability e^-700; then the emission all but rules state 0 out,
+    # so the scaled step keeps ~1e-304 of its mass: flagged, and "auto" recomputes that row
+    k = 2
+    init = torch.tensor([[0.0, -1e4], [0.0, 0.0]]).log_softmax(-1)
+    trans = torch.tensor([[[0.0, -700.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    emit = torch.zeros(2, 3, k, k)
+    emit[0, 1, 0] = -1e4  # row 0: chain 0 must be in state 1 at t = 1
+    lengths = torch.tensor([3, 3])
+    ref = FactorialEnumeration(init, trans, emit, lengths)
+    emit = emit.requires_grad_()
+    auto = FactorialChainPosterior(init, trans, emit, lengths)
+    flat = auto.chain
+    assert scaled_log_partition(flat.init, flat.transition, flat.emit, lengths)[2].tolist() == [True, False]
+    log = FactorialChainPosterior(init, trans, emit, lengths, method="log")
+    close(auto.log_partition, ref.log_partition)
+    close(log.log_partition, ref.log_partition)
+    (grad,) = torch.autograd.grad(auto.log_partition.sum(), emit)
+    assert torch.isfinite(grad).all()
+    close(grad.reshape(2, 3, k, k), ref.joint_marginals, atol=1e-6, rtol=1e-6)
+
+
+# =========================================================================== hypothesis
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize="CI" in os.environ,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    batch=st.integers(1, 3),
+    steps=st.integers(1, 6),
+    num_chains=st.integers(1, 3),
+    k=st.integers(1, 3),
+    init_kind=st.sampled_from(("shared", "batched")),
+    trans_kind=st.sampled_from(("shared", "batched", "time")),
+    seed=st.integers(0, 2**16),
+)
+def test_property_log_partition_equals_product_state_chain(batch, steps, num_chains, k, init_kind, trans_kind, seed):
+    torch.set_default_dtype(torch.float64)  # hypothesis reruns outside the fixture's scope
+    init, trans, emit, lengths, oracle_trans = random_factorial(
+        batch, steps, num_chains, k, init_kind, trans_kind, seed
+    )
+    p = FactorialChainPosterior(init, trans, emit, lengths)
+    q = product_posterior(init, oracle_trans, emit, lengths)
+    close(p.log_partition, q.log_partition)
+    close(p.joint_marginals.reshape(batch, steps, -1), q.marginals)
+
+
+# =========================================================================== bad input
+def test_value_errors_name_the_argument():
+    init, trans, emit, lengths, _ = random_factorial(2, 3, 2, 3, seed=40)
+    cases = [
+        (dict(emit=emit[..., 0, 0]), "emit"),
+        (dict(emit=emit[..., :2]), "emit"),
+        (dict(emit=emit.long()), "emit"),
+        (dict(init=init[:1]), "init"),
+        (dict(init=init[:, :2]), "init"),
+        (dict(init=init.expand(3, 2, 3)), "init"),
+        (dict(trans=trans[:1]), "trans"),
+        (dict(trans=trans[:, :2, :2]), "trans"),
+        (dict(trans=trans.expand(3, 2, 3, 3)), "trans"),
+        (dict(trans=[trans[0]]), "trans"),
+        (dict(trans=[trans[0], trans[1, :2, :2]]), r"trans\[1\]"),
+        (dict(trans=3), "trans"),
+        (dict(lengths=torch.tensor([0, 3])), "lengths"),
+        (dict(lengths=torch.tensor([4, 3])), "lengths"),
+        (dict(lengths=torch.tensor([3])), "lengths"),
+        (dict(lengths=torch.tensor([3.0, 3.0])), "lengths"),
+    ]
+    for change, name in cases:
+        arguments = dict(init=init, trans=trans, emit=emit, lengths=lengths) | change
+        with pytest.raises(ValueError, match=name):
+            FactorialChainPosterior(**arguments)
+    with pytest.raises(ValueError, match="method"):
+        FactorialChainPosterior(init, trans, emit, lengths, method="scan")
+
+
+@pytest.mark.parametrize("name", ("init", "trans", "emit"))
+def test_nan_is_a_value_error_when_validating(name):
+    arguments = dict(zip(("init", "trans", "emit"), random_factorial(2, 3, 2, 2, seed=41)[:3]))
+    arguments[name] = arguments[name].clone()
+    arguments[name].view(-1)[1] = float("nan")
+    with pytest.raises(ValueError, match=name):
+        FactorialChainPosterior(**arguments)
+    FactorialChainPosterior(**arguments, validate_args=False)  # unvalidated: no check reads the values
+
+
+def test_paths_are_checked():
+    init, trans, emit, lengths, _ = random_factorial(2, 3, 2, 2, seed=42)
+    p = FactorialChainPosterior(init, trans, emit, lengths)
+    with pytest.raises(ValueError, match="value"):
+        p.log_prob(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="value"):
+        p.log_prob(torch.full((2, 3, 2), 2, dtype=torch.long))
