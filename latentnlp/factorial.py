@@ -15,12 +15,18 @@ joint message ``[B, K, ..., K]`` is propagated by contracting one chain's axis a
 BLAS matmul per chain, ``O(B L K^(L+1))`` a step instead of ``O(B K^(2L))``), so the chain
 kernels of :mod:`latentnlp.chain` (scaled forward-backward with its hand-written backward and
 underflow flag, log-space forward, forward filtering and backward sampling) run on it unchanged.
+
+Where ``K^L`` is too large for exact inference, :func:`structured_mean_field` fits
+``q(z) = prod_l q_l(z^l)``, each ``q_l`` an exact :class:`~latentnlp.structures.ChainPosterior`,
+by coordinate ascent on the evidence lower bound, for an emission given as a joint tensor
+(:class:`JointEmission`) or as a Gaussian with additive means (:class:`GaussianEmission`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,7 +43,11 @@ from .validation import is_validating
 
 __all__ = [
     "FactorialChainPosterior",
+    "GaussianEmission",
+    "JointEmission",
+    "MeanField",
     "ProductTransition",
+    "structured_mean_field",
 ]
 
 METHODS = ("auto", "scaled", "log")
@@ -290,7 +300,7 @@ class _ProductProbabilities(TransitionProbabilities):
 
 
 # ==============================================================================================
-# input handling
+# input handling shared by the exact and the variational posterior
 # ==============================================================================================
 def _canonical_chains(init, trans, batch: int, steps: int, num_chains: int, num_states: int):
     """``init [B, L, K]`` and one :class:`Transition` per chain, checked against ``B, T, L, K``."""
@@ -588,3 +598,232 @@ def factorial_viterbi(init: Tensor, transition: ProductTransition, emit: Tensor,
         current = torch.where(valid, _joint_index(previous, k), current)
     path[:, 0] = current
     return path
+
+
+# ==============================================================================================
+# structured mean field
+# ==============================================================================================
+class JointEmission:
+    r"""An emission given as its joint log-score ``emit [B, T, K, ..., K]`` (``L`` state axes; small ``K^L``).
+
+    Update of chain ``l`` (the expectation over the other chains' current marginals ``q_m``):
+
+    .. math:: h^l_t(k) = \sum_{z: z^l = k} \prod_{m \ne l} q_m(z^m_t)\, \mathrm{emit}[t, z]
+
+    and ``E_q[emit_t] = sum_z prod_m q_m(z^m_t) emit[t, z]``; ``O(B T L K^L)`` per chain update.
+    """
+
+    def __init__(self, emit: Tensor):
+        if not isinstance(emit, Tensor) or not emit.is_floating_point() or emit.dim() < 3:
+            raise ValueError(f"emit must be a floating-point tensor [B, T, K, ..., K], got {_describe(emit)}")
+        if emit.shape[1] < 1 or any(size != emit.shape[2] for size in emit.shape[2:]):
+            raise ValueError(f"emit must have shape [B, T, K, ..., K] with equal state axes, got {_describe(emit)}")
+        self.emit = emit
+        self.batch, self.steps, self.num_states = emit.shape[:3]
+        self.num_chains = emit.dim() - 2
+        self.dtype = emit.dtype
+
+    def check_finite(self) -> None:
+        _check_finite("emit", self.emit)
+
+    def detach(self) -> JointEmission:
+        return JointEmission(self.emit.detach())
+
+    def _weights(self, marginals: Tensor, skip: int | None = None) -> Tensor:
+        """``prod_{m != skip} q_m(z^m_t)`` broadcast over the joint axes: ``[B, T, K | 1, ..., K | 1]``."""
+        weights = marginals.new_ones(())
+        for m in range(self.num_chains):
+            if m != skip:
+                weights = weights * _on_axis(marginals[:, :, m], m, self.num_chains)
+        return weights
+
+    def potentials(self, marginals: Tensor, chain: int) -> Tensor:
+        """``h^chain [B, T, K]`` from the current marginals ``[B, T, L, K]``."""
+        others = tuple(2 + m for m in range(self.num_chains) if m != chain)
+        weights = self._weights(marginals, chain).expand_as(self.emit)
+        return _expectation(weights, self.emit, others) if others else self.emit
+
+    def expected_log_likelihood(self, marginals: Tensor) -> Tensor:
+        """``E_q[emit_t]``: ``[B, T]`` (0 where the marginals are 0, e.g. at padding)."""
+        weights = self._weights(marginals).expand_as(self.emit)
+        return _expectation(weights, self.emit, tuple(range(2, 2 + self.num_chains)))
+
+
+class GaussianEmission:
+    r"""``x_t ~ N(sum_l W_l[z^l_t], diag(variance))``: ``observations [B, T, D]``, ``weights [L, K, D]``,
+    ``variance [D]`` (positive).  Never builds the ``K^L`` joint tensor.
+
+    With ``mu_m(t) = sum_k q_m(k) W_m[k]`` and ``v_m(t) = sum_k q_m(k) W_m[k]^2 - mu_m(t)^2`` (per
+    dimension), the update of chain ``l`` is (Ghahramani & Jordan 1997, the structured
+    approximation; ``r = x_t - sum_{m != l} mu_m(t)``)
+
+    .. math:: h^l_t(k) = -\tfrac12 \sum_d \Big[\log 2\pi\sigma^2_d
+              + \big((r_d - W_l[k, d])^2 + \sum_{m \ne l} v_{m,d}(t)\big) / \sigma^2_d\Big]
+
+    i.e. ``W_l[k] C^{-1} r - W_l[k] C^{-1} W_l[k] / 2`` plus terms constant in ``k``: ``O(B T K D)``
+    per chain update, ``O(T L K D)`` per sweep; and
+    ``E_q[log p(x_t | z_t)] = -1/2 sum_d [log 2 pi sigma^2_d + ((x_t - sum_m mu_m)^2 + sum_m v_m) / sigma^2_d]``.
+    """
+
+    def __init__(self, observations: Tensor, weights: Tensor, variance: Tensor):
+        for name, x in (("observations", observations), ("weights", weights), ("variance", variance)):
+            if not isinstance(x, Tensor) or not x.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor, got {_describe(x)}")
+        if observations.dim() != 3 or weights.dim() != 3 or weights.shape[-1] != observations.shape[-1]:
+            raise ValueError(
+                f"observations must have shape [B, T, D] and weights [L, K, D] with the same D, got "
+                f"{_describe(observations)} and {_describe(weights)}"
+            )
+        if variance.shape != observations.shape[-1:]:
+            raise ValueError(
+                f"variance must have shape [D] = [{observations.shape[-1]}] (from observations), "
+                f"got {_describe(variance)}"
+            )
+        self.observations, self.weights, self.variance = observations, weights, variance
+        self.batch, self.steps = observations.shape[:2]
+        self.num_chains, self.num_states = weights.shape[:2]
+        self.dtype = computation_dtype(observations.dtype, weights.dtype, variance.dtype)
+
+    def check_finite(self) -> None:
+        for name, x in (("observations", self.observations), ("weights", self.weights)):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name} ({_describe(x)}) must be finite")
+        if not bool((self.variance > 0).all()) or not bool(torch.isfinite(self.variance).all()):
+            raise ValueError(f"variance ({_describe(self.variance)}) must be positive and finite")
+
+    def detach(self) -> GaussianEmission:
+        return GaussianEmission(self.observations.detach(), self.weights.detach(), self.variance.detach())
+
+    def _moments(self, marginals: Tensor) -> tuple[Tensor, Tensor]:
+        """Per chain ``mu_m`` and ``v_m``: two ``[B, T, L, D]`` tensors."""
+        mean = torch.einsum("btlk,lkd->btld", marginals, self.weights)
+        second = torch.einsum("btlk,lkd->btld", marginals, self.weights.square())
+        return mean, second - mean.square()
+
+    def potentials(self, marginals: Tensor, chain: int) -> Tensor:
+        """``h^chain [B, T, K]`` from the current marginals ``[B, T, L, K]``."""
+        mean, spread = self._moments(marginals)
+        precision = self.variance.reciprocal()
+        residual = self.observations - (mean.sum(2) - mean[:, :, chain])  # [B, T, D]
+        others = (spread.sum(2) - spread[:, :, chain]) @ precision  # [B, T]
+        w = self.weights[chain]  # [K, D]
+        squares = (residual.square() @ precision).unsqueeze(-1) - 2 * residual @ (w * precision).T
+        squares = squares + (w.square() @ precision)
+        constant = torch.log(2 * math.pi * self.variance).sum()
+        return -0.5 * (constant + squares + others.unsqueeze(-1))
+
+    def expected_log_likelihood(self, marginals: Tensor) -> Tensor:
+        """``E_q[log p(x_t | z_t)]``: ``[B, T]`` (the caller masks padding)."""
+        mean, spread = self._moments(marginals)
+        precision = self.variance.reciprocal()
+        squares = ((self.observations - mean.sum(2)).square() + spread.sum(2)) @ precision
+        return -0.5 * (torch.log(2 * math.pi * self.variance).sum() + squares)
+
+
+Emission = JointEmission | GaussianEmission
+
+
+class MeanField(NamedTuple):
+    """The result of :func:`structured_mean_field`."""
+
+    elbo: Tensor
+    """``[B]``: the bound at the final ``q``, differentiable in the model's parameters (``q`` held fixed)."""
+    elbo_trace: Tensor
+    """``[sweeps run, B]``: the bound after each sweep (non-decreasing), detached."""
+    marginals: Tensor
+    """``[B, T, L, K]``: ``q_l(z^l_t = k)``, zero at padding, detached."""
+    chains: tuple[ChainPosterior, ...]
+    """``q_l`` for each chain: the model's ``init^l``, ``trans^l`` and the potentials ``h^l`` (detached)."""
+
+
+def _elbo(log_z: Sequence[Tensor], potentials: Tensor, marginals: Tensor, emission: Emission, mask: Tensor) -> Tensor:
+    r"""``sum_l (log Z_l - E_{q_l}[sum_t h^l_t]) + sum_t E_q[emit_t]``: ``[B]``.
+
+    For ``q_l`` the chain with potentials ``h^l``, ``H(q_l) + E_{q_l}[init^l + trans^l] =
+    log Z_l - E_{q_l}[sum_t h^l_t]``, so this is ``E_q[s(z)] + H(q)``.
+    """
+    bound = sum(log_z) - _expectation(marginals, potentials, (1, 2, 3))
+    expected = emission.expected_log_likelihood(marginals)
+    return bound + torch.where(mask, expected, torch.zeros_like(expected)).sum(-1)
+
+
+def structured_mean_field(
+    init: Tensor,
+    trans: Tensor | Sequence[Tensor | Transition],
+    emission: Tensor | Emission,
+    lengths: Tensor | None = None,
+    iterations: int = 10,
+    tol: float | None = None,
+    validate_args: bool | None = None,
+) -> MeanField:
+    r"""Ghahramani & Jordan's structured mean field for ``L`` chains with a joint emission.
+
+    ``q(z) = prod_l q_l(z^l)`` with ``q_l`` the chain of ``init^l``, ``trans^l`` and variational
+    emission potentials ``h^l [B, T, K]``.  Each sweep sets, for ``l = 0..L-1``, the ``q_l`` that
+    maximises the bound with the other chains fixed, ``h^l_t(k) = E_{q_{-l}}[log p(x_t | z^l_t = k,
+    z^{-l}_t)]`` (the emission's ``potentials``), so the bound
+
+    .. math:: \mathrm{ELBO}(q) = E_q[s(z)] + H(q) = \sum_l \big(\log Z_l - E_{q_l}[\textstyle\sum_t h^l_t]\big)
+              + \sum_t E_q[\mathrm{emit}_t] \le \log Z
+
+    never decreases.  The sweeps start from the prior chains (``h = 0``).
+
+    Args:
+        init, trans, lengths: as for :class:`FactorialChainPosterior` (transition objects are used
+            as they are, e.g. a low-rank one through its factors).
+        emission: a :class:`JointEmission`, a :class:`GaussianEmission`, or a joint tensor
+            ``[B, T, K, ..., K]`` (taken as a :class:`JointEmission`).
+        iterations: the most sweeps (``>= 1``).
+        tol: stop once a sweep raises no row's bound by more than ``tol`` (synchronises once a
+            sweep); ``None`` runs every sweep.
+        validate_args: as for :class:`FactorialChainPosterior`.
+
+    The sweeps run without a graph; the returned ``elbo`` is recomputed at the final ``q`` with
+    ``q`` held fixed, so its gradient w.r.t. the model's parameters is that of the bound.
+    """
+    emission = JointEmission(emission) if isinstance(emission, Tensor) else emission
+    if not isinstance(emission, (JointEmission, GaussianEmission)):
+        raise ValueError(f"emission must be a JointEmission, a GaussianEmission or a tensor, got {_describe(emission)}")
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be None or >= 0, got {tol!r}")
+    validating = is_validating(validate_args)
+    batch, steps, num_chains, k = emission.batch, emission.steps, emission.num_chains, emission.num_states
+    init, transitions = _canonical_chains(init, trans, batch, steps, num_chains, k)
+    lengths = _canonical_lengths(lengths, batch, steps, init.device, validating)
+    if validating:
+        _check_finite("init", init)
+        emission.check_finite()
+        _check_transitions_finite(transitions)
+    dtype = computation_dtype(init.dtype, emission.dtype, *(t.dtype for t in transitions))
+    mask = lengths_to_mask(lengths, steps)
+    potentials = init.new_zeros(batch, steps, num_chains, k, dtype=dtype)
+    marginals = torch.zeros_like(potentials)
+    log_z = [None] * num_chains
+    trace = []
+    with torch.no_grad():
+        fixed, fixed_transitions, fixed_emission = init.detach(), [t.detach() for t in transitions], emission.detach()
+
+        def fit(ell: int) -> None:
+            q = ChainPosterior(
+                fixed[:, ell], fixed_transitions[ell], potentials[:, :, ell], lengths, validate_args=False
+            )
+            marginals[:, :, ell], log_z[ell] = q.marginals, q.log_partition
+
+        for ell in range(num_chains):
+            fit(ell)
+        for _ in range(iterations):
+            for ell in range(num_chains):
+                h = fixed_emission.potentials(marginals, ell)
+                potentials[:, :, ell] = torch.where(mask.unsqueeze(-1), h, torch.zeros_like(h))
+                fit(ell)
+            trace.append(_elbo(log_z, potentials, marginals, fixed_emission, mask))
+            if tol is not None and len(trace) > 1 and not bool(((trace[-1] - trace[-2]) > tol).any()):
+                break
+    chains = tuple(
+        ChainPosterior(init[:, ell], transitions[ell], potentials[:, :, ell], lengths, validate_args=validate_args)
+        for ell in range(num_chains)
+    )
+    elbo = _elbo([q.log_partition for q in chains], potentials, marginals, emission, mask)
+    return MeanField(elbo, torch.stack(trace), marginals, chains)

@@ -4,11 +4,13 @@ Exact inference (``FactorialChainPosterior``) is compared with the enumeration o
 path on tiny sizes, with the ``K^L``-state ``ChainPosterior`` built from the Kronecker-sum
 transition on larger ones (values and gradients), with ``ChainPosterior`` itself for one
 chain, and by ``gradcheck``; FFBS frequencies against path probabilities; the underflow
-fallback; every ``ValueError``.
+fallback; then structured mean field (a bound, monotone, exact when the emission factorises,
+the Gaussian closed form against the joint-tensor update) and every ``ValueError``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 
 from latentnlp import ChainPosterior, DenseTransition, FactorialChainPosterior, LowRankTransition
 from latentnlp.chain import scaled_log_partition
-from latentnlp.factorial import ProductTransition
+from latentnlp.factorial import GaussianEmission, JointEmission, ProductTransition, structured_mean_field
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -263,6 +265,119 @@ def test_property_log_partition_equals_product_state_chain(batch, steps, num_cha
     close(p.joint_marginals.reshape(batch, steps, -1), q.marginals)
 
 
+# =========================================================================== mean field
+def gaussian_joint(observations, weights, variance):
+    """The Gaussian emission materialised: ``log N(x_t; sum_l W_l[z^l], diag variance)`` ``[B, T, K, ..., K]``."""
+    num_chains, k, dim = weights.shape
+    mean = 0
+    for ell in range(num_chains):
+        shape = [1] * num_chains
+        shape[ell] = k
+        mean = mean + weights[ell].reshape(*shape, dim)
+    x = observations.reshape(*observations.shape[:2], *(1,) * num_chains, dim)
+    return torch.distributions.Normal(mean, variance.sqrt()).log_prob(x).sum(-1)
+
+
+def random_gaussian(batch, steps, num_chains, k, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.randn(num_chains, k, dim, generator=g)
+    variance = torch.rand(dim, generator=g) + 0.5
+    observations = torch.randn(batch, steps, dim, generator=g) * 2
+    return observations, weights, variance
+
+
+def random_marginals(batch, steps, num_chains, k, seed):
+    return torch.rand(batch, steps, num_chains, k, generator=torch.Generator().manual_seed(seed)).softmax(-1)
+
+
+def test_mean_field_is_a_monotone_lower_bound():
+    init, trans, emit, lengths, _ = random_factorial(3, 5, 3, 2, "batched", "batched", seed=20)
+    emit = emit * 3
+    exact = FactorialChainPosterior(init, trans, emit, lengths).log_partition
+    result = structured_mean_field(init, trans, emit, lengths, iterations=8)
+    assert result.elbo_trace.shape == (8, 3)
+    assert (result.elbo_trace <= exact + 1e-9).all()
+    assert (result.elbo_trace[1:] >= result.elbo_trace[:-1] - 1e-9).all()
+    close(result.elbo, result.elbo_trace[-1])
+    assert (result.elbo < exact - 1e-3).any()  # a strict bound here: the chains are coupled
+    for ell, chain in enumerate(result.chains):
+        close(chain.marginals, result.marginals[:, :, ell])
+
+
+def test_mean_field_is_exact_when_the_emission_factorises():
+    batch, steps, num_chains, k = 3, 5, 3, 3
+    init, trans, _, lengths, _ = random_factorial(batch, steps, num_chains, k, seed=21)
+    parts = torch.randn(batch, steps, num_chains, k, generator=torch.Generator().manual_seed(21))
+    emit = sum(parts[:, :, ell].reshape(batch, steps, *[k if m == ell else 1 for m in range(3)]) for ell in range(3))
+    emit = emit.expand(batch, steps, k, k, k).clone().requires_grad_()
+    result = structured_mean_field(init, trans, emit, lengths, iterations=3)
+    p = FactorialChainPosterior(init, trans, emit, lengths)
+    close(result.elbo, p.log_partition)
+    close(result.elbo_trace, p.log_partition.detach().expand(3, batch))
+    close(result.marginals, p.marginals)
+    # at q = p the bound's gradient (q held fixed) is that of log Z
+    (grad,) = torch.autograd.grad(result.elbo.sum(), emit)
+    (expected,) = torch.autograd.grad(p.log_partition.sum(), emit)
+    close(grad, expected)
+
+
+def test_mean_field_of_one_chain_is_exact():
+    init, trans, emit, lengths, _ = random_factorial(3, 6, 1, 4, seed=22)
+    result = structured_mean_field(init, trans, emit, lengths, iterations=1)
+    p = FactorialChainPosterior(init, trans, emit, lengths)
+    close(result.elbo, p.log_partition)
+    close(result.marginals, p.marginals)
+
+
+def test_mean_field_takes_transition_objects_and_stops_at_tol():
+    init, trans, emit, lengths, _ = random_factorial(2, 5, 2, 3, seed=23)
+    g = torch.Generator().manual_seed(23)
+    low_rank = LowRankTransition(torch.randn(3, 2, generator=g), torch.randn(2, 3, generator=g))
+    chains = [DenseTransition(trans[0]), low_rank]
+    result = structured_mean_field(init, chains, emit, lengths, iterations=50, tol=1e-10)
+    assert 1 < result.elbo_trace.shape[0] < 50
+    dense = torch.stack([trans[0], low_rank.dense()])
+    assert (result.elbo <= FactorialChainPosterior(init, dense, emit, lengths).log_partition + 1e-9).all()
+
+
+@pytest.mark.parametrize("num_chains,k", ((1, 3), (2, 3), (3, 2)))
+def test_gaussian_closed_form_equals_the_joint_tensor_update(num_chains, k):
+    batch, steps, dim = 2, 4, 3
+    observations, weights, variance = random_gaussian(batch, steps, num_chains, k, dim, seed=30)
+    closed = GaussianEmission(observations, weights, variance)
+    joint = JointEmission(gaussian_joint(observations, weights, variance))
+    marginals = random_marginals(batch, steps, num_chains, k, seed=31)
+    for ell in range(num_chains):
+        close(closed.potentials(marginals, ell), joint.potentials(marginals, ell))
+    close(closed.expected_log_likelihood(marginals), joint.expected_log_likelihood(marginals))
+    init, trans, _, lengths, _ = random_factorial(batch, steps, num_chains, k, seed=32)
+    ours = structured_mean_field(init, trans, closed, lengths, iterations=4)
+    reference = structured_mean_field(init, trans, joint, lengths, iterations=4)
+    close(ours.elbo_trace, reference.elbo_trace)
+    close(ours.marginals, reference.marginals)
+    exact = FactorialChainPosterior(init, trans, joint.emit, lengths).log_partition
+    assert (ours.elbo_trace <= exact + 1e-9).all()
+    assert (ours.elbo_trace[1:] >= ours.elbo_trace[:-1] - 1e-9).all()
+
+
+def test_gaussian_bound_is_differentiable_in_the_emission_parameters():
+    observations, weights, variance = random_gaussian(2, 4, 2, 2, 3, seed=33)
+    weights.requires_grad_()
+    init, trans, _, lengths, _ = random_factorial(2, 4, 2, 2, seed=33)
+    result = structured_mean_field(init, trans, GaussianEmission(observations, weights, variance), lengths)
+    (grad,) = torch.autograd.grad(result.elbo.sum(), weights)
+    # q held fixed, the bound's gradient is that of E_q[log p(x | z)], checked by finite differences
+    step = 1e-6
+
+    def bound(w):
+        emission = GaussianEmission(observations, w, variance)
+        return (emission.expected_log_likelihood(result.marginals) * (torch.arange(4) < lengths[:, None])).sum()
+
+    direction = torch.randn_like(weights)
+    numeric = (bound(weights.detach() + step * direction) - bound(weights.detach() - step * direction)) / (2 * step)
+    assert math.isclose(float((grad * direction).sum()), float(numeric), rel_tol=1e-5, abs_tol=1e-6)
+
+
 # =========================================================================== bad input
 def test_value_errors_name_the_argument():
     init, trans, emit, lengths, _ = random_factorial(2, 3, 2, 3, seed=40)
@@ -288,6 +403,9 @@ def test_value_errors_name_the_argument():
         arguments = dict(init=init, trans=trans, emit=emit, lengths=lengths) | change
         with pytest.raises(ValueError, match=name):
             FactorialChainPosterior(**arguments)
+        if "emit" not in change:
+            with pytest.raises(ValueError, match=name):
+                structured_mean_field(**(arguments | dict(emission=arguments.pop("emit"))))
     with pytest.raises(ValueError, match="method"):
         FactorialChainPosterior(init, trans, emit, lengths, method="scan")
 
@@ -299,6 +417,8 @@ def test_nan_is_a_value_error_when_validating(name):
     arguments[name].view(-1)[1] = float("nan")
     with pytest.raises(ValueError, match=name):
         FactorialChainPosterior(**arguments)
+    with pytest.raises(ValueError, match=name):
+        structured_mean_field(arguments["init"], arguments["trans"], arguments["emit"])
     FactorialChainPosterior(**arguments, validate_args=False)  # unvalidated: no check reads the values
 
 
@@ -309,3 +429,26 @@ def test_paths_are_checked():
         p.log_prob(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="value"):
         p.log_prob(torch.full((2, 3, 2), 2, dtype=torch.long))
+
+
+def test_mean_field_value_errors():
+    init, trans, emit, lengths, _ = random_factorial(2, 3, 2, 2, seed=43)
+    observations, weights, variance = random_gaussian(2, 3, 2, 2, 4, seed=43)
+    with pytest.raises(ValueError, match="iterations"):
+        structured_mean_field(init, trans, emit, lengths, iterations=0)
+    with pytest.raises(ValueError, match="tol"):
+        structured_mean_field(init, trans, emit, lengths, tol=-1.0)
+    with pytest.raises(ValueError, match="emission"):
+        structured_mean_field(init, trans, "gaussian", lengths)
+    with pytest.raises(ValueError, match="weights"):
+        GaussianEmission(observations, weights[..., :3], variance)
+    with pytest.raises(ValueError, match="variance"):
+        GaussianEmission(observations, weights, variance[:3])
+    with pytest.raises(ValueError, match="variance"):
+        structured_mean_field(init, trans, GaussianEmission(observations, weights, -variance), lengths)
+    with pytest.raises(ValueError, match="init"):
+        structured_mean_field(init, trans, GaussianEmission(observations, weights[:1], variance), lengths)
+    with pytest.raises(ValueError, match="trans"):
+        ProductTransition([trans[0], trans[1, :1, :1]])
+    with pytest.raises(ValueError, match="emit"):
+        JointEmission(emit[..., :1])
