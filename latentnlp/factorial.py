@@ -93,9 +93,10 @@ class ProductTransition(Transition):
     chain's log matrix is ``[K, K]``, ``[B, K, K]`` or ``[B, T-1, K, K]`` (the layouts of
     :class:`~latentnlp.transitions.DenseTransition`; the chains may mix them).  A belief
     ``[B, K^L]`` is propagated as ``[B, K, ..., K]`` by contracting chain ``l``'s axis with
-    ``P^l``, for ``l = 0..L-1``: the axis being contracted is brought first, the product
-    ``[B, K^(L-1), K] @ P^l`` puts the result last, so after ``L`` contractions the axes are
-    back in order, with one copy and one matmul per chain (``O(B L K^(L+1))`` a step).  Only
+    ``P^l``, for ``l = 0..L-1``: the axis being contracted is first, the product
+    ``[B, K^(L-1), K] @ P^l`` (the message seen transposed, as BLAS takes it) puts the result
+    last, so after ``L`` contractions the axes are back in order, with one ``bmm`` per chain and
+    no copy of the message (``O(B L K^(L+1))`` a step).  Only
     :meth:`dense` builds the ``K^L x K^L`` matrix.
     """
 
@@ -226,9 +227,10 @@ class ProductTransition(Transition):
 class _ProductProbabilities(TransitionProbabilities):
     r"""The chains' shifted probabilities ``P^l_t = exp(trans^l_t - s^l_t)``, applied one axis at a time.
 
-    Forward: ``x <- [B, K^(L-1), K] (axis l first, moved last) @ P^l`` for ``l = 0..L-1``.  Backward
-    (``P u``): ``x <- ([B, K^(L-1), K] @ P^l^T)`` with the result moved first, for
-    ``l = L-1..0``.  Both rotate the axes once round, ending in the original order.
+    Forward: ``x <- [B, K^(L-1), K] (axis l first, seen transposed) @ P^l`` for ``l = 0..L-1``, one
+    ``bmm`` each (a shared ``P^l`` is expanded over the batch, not copied) on the rotating layout
+    of :class:`ProductTransition`, with no copy of the message.  Backward (``P u``) is the same
+    rotation with ``P^l^T``: the chains' products commute, so their order does not matter.
     """
 
     def __init__(self, shifted: Sequence[tuple[Tensor, Tensor]], num_states: int):
@@ -238,21 +240,23 @@ class _ProductProbabilities(TransitionProbabilities):
         # per-step views taken once: at[l][t] = P^l_t as [K, K] or [B, K, K]
         self.at = [(None,) + p.unbind(1) if p.dim() == 4 else None for p in self.probs]
 
-    def _step(self, ell: int, t: int) -> Tensor:
-        return self.probs[ell] if self.at[ell] is None else self.at[ell][t]
+    def _rotate(self, vector: Tensor, t: int, out: Tensor, transpose: bool) -> Tensor:
+        batch, k, x = vector.shape[0], self.k, vector
+        last = len(self.probs) - 1
+        for ell, p in enumerate(self.probs):
+            step = p if self.at[ell] is None else self.at[ell][t]
+            step = step.transpose(-1, -2) if transpose else step
+            step = step.expand(batch, k, k) if step.dim() == 2 else step
+            x = torch.bmm(
+                x.view(batch, k, -1).transpose(1, 2), step, out=out.view(batch, -1, k) if ell == last else None
+            )
+        return out
 
     def forward(self, vector, t, out):
-        batch, k, x = vector.shape[0], self.k, vector
-        for ell in range(len(self.probs)):
-            x = torch.matmul(x.reshape(batch, k, -1).transpose(1, 2), self._step(ell, t))
-        return out.copy_(x.reshape(out.shape))
+        return self._rotate(vector, t, out, transpose=False)
 
     def backward(self, vector, t, out):
-        batch, k, x = vector.shape[0], self.k, vector
-        for ell in reversed(range(len(self.probs))):
-            x = torch.matmul(x.reshape(batch, -1, k), self._step(ell, t).transpose(-1, -2)).transpose(1, 2)
-        out.view(batch, k, -1).copy_(x)
-        return out
+        return self._rotate(vector, t, out, transpose=True)
 
     def log_shift_total(self, edges):
         return sum((s * edges).sum(-1) if s.dim() == 2 else s * edges.sum(-1) for s in self.shifts)
