@@ -293,7 +293,7 @@ class _ProductProbabilities(TransitionProbabilities):
                 step_probs = laid[ell][span] if varying[ell] else laid[ell]
                 after = y.reshape(stop - start, batch, -1, k)
                 statistics = torch.matmul(before[ell], after)  # [n, B, K, K]
-                if self.probs[ell].dim() == 4:
+                if varying[ell]:
                     grads[ell][:, span] += statistics.transpose(0, 1)
                 elif self.probs[ell].dim() == 3:
                     grads[ell] += statistics.sum(0)

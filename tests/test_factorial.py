@@ -126,7 +126,20 @@ def test_transition_objects_are_densified_per_chain():
     p = FactorialChainPosterior(init, [oracle_trans[0], low_rank], emit, lengths)
     q = product_posterior(init, torch.stack([oracle_trans[0], low_rank.dense()]), emit, lengths)
     close(p.log_partition, q.log_partition)
-    close(p.marginals.sum(-1), (torch.arange(6) < lengths[:, None]).double()[..., None].expand(2, 6, 2))
+    close(p.joint_marginals.reshape(2, 6, 9), q.marginals)
+    assert torch.equal(p.argmax[..., 0] * 3 + p.argmax[..., 1], q.argmax)
+
+
+def test_float32_and_half_inputs_are_computed_in_float32():
+    init, trans, emit, lengths, _ = random_factorial(4, 16, 3, 3, "batched", "batched", seed=8)
+    reference = FactorialChainPosterior(init, trans, emit, lengths)
+    for dtype in (torch.float32, torch.bfloat16):
+        p = FactorialChainPosterior(init.float(), trans.float(), emit.to(dtype), lengths)
+        assert p.log_partition.dtype == torch.float32
+        rounded = FactorialChainPosterior(init, trans, emit.to(dtype).double(), lengths)
+        close(p.log_partition, rounded.log_partition, rtol=1e-5, atol=1e-4)
+        close(p.marginals, rounded.marginals, rtol=1e-4, atol=1e-5)
+    assert reference.log_partition.dtype == torch.float64
 
 
 def test_product_transition_dense_is_the_kronecker_sum():
@@ -137,6 +150,16 @@ def test_product_transition_dense_is_the_kronecker_sum():
     close(ProductTransition([shared, batched]).dense(), kron_sum(torch.stack([shared.expand(4, 3, 3), batched], 1)))
     expected = kron_sum(torch.stack([batched[:, None].expand(4, 5, 3, 3), timed, shared.expand(4, 5, 3, 3)], 2))
     close(ProductTransition([batched, timed, shared]).dense(), expected)
+
+
+def test_product_transition_samples_each_chain():
+    # deterministic chains: 0 -> 1 -> 2 -> 0 and 0 -> 0, 1 -> 2, 2 -> 1
+    cycle, swap = torch.full((3, 3), float("-inf")), torch.full((3, 3), float("-inf"))
+    cycle[[0, 1, 2], [1, 2, 0]] = 0.0
+    swap[[0, 1, 2], [0, 2, 1]] = 0.0
+    previous = torch.arange(9)
+    following = ProductTransition([cycle, swap]).sample_next(previous)
+    assert following.tolist() == [((i // 3 + 1) % 3) * 3 + [0, 2, 1][i % 3] for i in range(9)]
 
 
 def test_one_chain_is_a_chain_posterior():
@@ -255,7 +278,6 @@ def test_underflow_is_redone_in_log_space():
     seed=st.integers(0, 2**16),
 )
 def test_property_log_partition_equals_product_state_chain(batch, steps, num_chains, k, init_kind, trans_kind, seed):
-    torch.set_default_dtype(torch.float64)  # hypothesis reruns outside the fixture's scope
     init, trans, emit, lengths, oracle_trans = random_factorial(
         batch, steps, num_chains, k, init_kind, trans_kind, seed
     )
