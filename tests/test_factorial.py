@@ -5,7 +5,7 @@ path on tiny sizes, with the ``K^L``-state ``ChainPosterior`` built from the Kro
 transition on larger ones (values and gradients), with ``ChainPosterior`` itself for one
 chain, and by ``gradcheck``; FFBS frequencies against path probabilities; the underflow
 fallback; then structured mean field (a bound, monotone, exact when the emission factorises,
-the Gaussian closed form against the joint-tensor update) and every ``ValueError``.
+the Gaussian and Bernoulli closed forms against the joint-tensor update) and every ``ValueError``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from hypothesis import strategies as st
 
 from latentnlp import ChainPosterior, DenseTransition, FactorialChainPosterior, LowRankTransition
 from latentnlp.chain import scaled_log_partition
-from latentnlp.factorial import GaussianEmission, JointEmission, ProductTransition, structured_mean_field
+from latentnlp.factorial import (
+    BernoulliEmission,
+    GaussianEmission,
+    JointEmission,
+    ProductTransition,
+    structured_mean_field,
+)
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -382,18 +388,75 @@ def test_gaussian_closed_form_equals_the_joint_tensor_update(num_chains, k):
     assert (ours.elbo_trace[1:] >= ours.elbo_trace[:-1] - 1e-9).all()
 
 
-def test_gaussian_bound_is_differentiable_in_the_emission_parameters():
-    observations, weights, variance = random_gaussian(2, 4, 2, 2, 3, seed=33)
+def on_axis(x, ell, num_chains):
+    """``x [..., K, V]`` with its states on joint axis ``ell`` of ``L``: ``[..., 1, .., K, .., 1, V]``."""
+    shape = [1] * num_chains
+    shape[ell] = x.shape[-2]
+    return x.reshape(*x.shape[:-2], *shape, x.shape[-1])
+
+
+def bernoulli_bound(observations, weights, bias, marginals):
+    """``(exact [B, T, K..K], bounded [B, T, K..K])``: ``sum_v log sigmoid(s eta)`` and its
+    Jaakkola-Jordan bound at ``xi^2 = E_q[eta^2]``, from the materialised logits ``eta``."""
+    batch, steps, num_chains, k = marginals.shape
+    eta = bias + sum(on_axis(weights[ell], ell, num_chains) for ell in range(num_chains))  # [K..K, V]
+    joint = 1
+    for ell in range(num_chains):
+        joint = joint * on_axis(marginals[:, :, ell, :, None], ell, num_chains)[..., 0]
+    axes = tuple(range(2, 2 + num_chains))
+    xi = (joint[..., None] * eta.square()).sum(axes).sqrt()  # [B, T, V]
+    xi = xi.reshape(batch, steps, *(1,) * num_chains, -1)
+    curvature = torch.tanh(xi / 2) / (4 * xi)
+    sign = (2 * observations - 1).reshape(xi.shape)
+    exact = torch.nn.functional.logsigmoid(sign * eta).sum(-1)
+    bounded = torch.nn.functional.logsigmoid(xi) + (sign * eta - xi) / 2 - curvature * (eta.square() - xi.square())
+    return exact, bounded.sum(-1)
+
+
+def random_bernoulli(batch, steps, num_chains, k, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.randn(num_chains, k, dim, generator=g)
+    bias = torch.randn(dim, generator=g)
+    observations = (torch.rand(batch, steps, dim, generator=g) < 0.3).double()
+    return observations, weights, bias
+
+
+@pytest.mark.parametrize("num_chains,k", ((1, 3), (2, 3), (3, 2)))
+def test_bernoulli_closed_form_equals_the_joint_tensor_update_of_its_bound(num_chains, k):
+    batch, steps, dim = 2, 4, 5
+    observations, weights, bias = random_bernoulli(batch, steps, num_chains, k, dim, seed=34)
+    closed = BernoulliEmission(observations, weights, bias)
+    marginals = random_marginals(batch, steps, num_chains, k, seed=35)
+    exact, bounded = bernoulli_bound(observations, weights, bias, marginals)
+    joint = JointEmission(bounded)
+    for ell in range(num_chains):
+        close(closed.potentials(marginals, ell), joint.potentials(marginals, ell))
+    close(closed.expected_log_likelihood(marginals), joint.expected_log_likelihood(marginals))
+    assert (closed.expected_log_likelihood(marginals) <= JointEmission(exact).expected_log_likelihood(marginals)).all()
+    init, trans, _, lengths, _ = random_factorial(batch, steps, num_chains, k, seed=36)
+    result = structured_mean_field(init, trans, closed, lengths, iterations=6)
+    assert (result.elbo_trace[1:] >= result.elbo_trace[:-1] - 1e-9).all()
+    assert (result.elbo_trace <= FactorialChainPosterior(init, trans, exact, lengths).log_partition + 1e-9).all()
+
+
+@pytest.mark.parametrize("kind", ("gaussian", "bernoulli"))
+def test_bound_is_differentiable_in_the_emission_parameters(kind):
+    if kind == "gaussian":
+        observations, weights, other = random_gaussian(2, 4, 2, 2, 3, seed=33)
+        emission = GaussianEmission
+    else:
+        observations, weights, other = random_bernoulli(2, 4, 2, 2, 3, seed=33)
+        emission = BernoulliEmission
     weights.requires_grad_()
     init, trans, _, lengths, _ = random_factorial(2, 4, 2, 2, seed=33)
-    result = structured_mean_field(init, trans, GaussianEmission(observations, weights, variance), lengths)
+    result = structured_mean_field(init, trans, emission(observations, weights, other), lengths)
     (grad,) = torch.autograd.grad(result.elbo.sum(), weights)
     # q held fixed, the bound's gradient is that of E_q[log p(x | z)], checked by finite differences
     step = 1e-6
 
     def bound(w):
-        emission = GaussianEmission(observations, w, variance)
-        return (emission.expected_log_likelihood(result.marginals) * (torch.arange(4) < lengths[:, None])).sum()
+        expected = emission(observations, w, other).expected_log_likelihood(result.marginals)
+        return (expected * (torch.arange(4) < lengths[:, None])).sum()
 
     direction = torch.randn_like(weights)
     numeric = (bound(weights.detach() + step * direction) - bound(weights.detach() - step * direction)) / (2 * step)
@@ -470,6 +533,10 @@ def test_mean_field_value_errors():
         structured_mean_field(init, trans, GaussianEmission(observations, weights, -variance), lengths)
     with pytest.raises(ValueError, match="init"):
         structured_mean_field(init, trans, GaussianEmission(observations, weights[:1], variance), lengths)
+    with pytest.raises(ValueError, match="bias"):
+        BernoulliEmission(observations, weights, variance[:3])
+    with pytest.raises(ValueError, match="observations"):
+        structured_mean_field(init, trans, BernoulliEmission(observations, weights, variance), lengths)
     with pytest.raises(ValueError, match="trans"):
         ProductTransition([trans[0], trans[1, :1, :1]])
     with pytest.raises(ValueError, match="emit"):
