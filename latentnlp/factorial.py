@@ -19,8 +19,9 @@ underflow flag, log-space forward, forward filtering and backward sampling) run 
 Where ``K^L`` is too large for exact inference, :func:`structured_mean_field` fits
 ``q(z) = prod_l q_l(z^l)``, each ``q_l`` an exact :class:`~latentnlp.structures.ChainPosterior`,
 by coordinate ascent on the evidence lower bound, for an emission given as a joint tensor
-(:class:`JointEmission`), as a Gaussian with additive means (:class:`GaussianEmission`) or as
-Bernoulli variables with additive logits (:class:`BernoulliEmission`).
+(:class:`JointEmission`), as a Gaussian with additive means (:class:`GaussianEmission`), or as
+Bernoulli or categorical variables with additive logits (:class:`BernoulliEmission`,
+:class:`CategoricalEmission`).
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ from torch.distributions.utils import lazy_property
 from .gumbel import gumbel_argmax
 from .masks import lengths_to_mask
 from .precision import computation_dtype
-from .semirings import LogSemiring
+from .semirings import LogSemiring, safe_log
 from .structures import ChainPosterior
 from .transitions import DenseTransition, Transition, TransitionProbabilities, shifted_exp
 from .validation import is_validating
 
 __all__ = [
     "BernoulliEmission",
+    "CategoricalEmission",
     "FactorialChainPosterior",
     "GaussianEmission",
     "JointEmission",
@@ -813,7 +815,87 @@ class BernoulliEmission:
         return bound.sum(-1)
 
 
-Emission = JointEmission | GaussianEmission | BernoulliEmission
+class CategoricalEmission:
+    r"""``x_t ~ Categorical(softmax(eta_t))`` with additive logits ``eta_t = bias + sum_l W_l[z^l_t]``:
+        ``observations [B, T]`` long in ``0..V-1`` (e.g. words; padding too must hold an id, which is
+    ignored), ``weights [L, K, V]``, ``bias [V]``.
+
+        ``log p(x_t | z) = eta_{x_t} - log sum_v exp eta_v`` does not factor over the chains; as ``q``
+        factorises at each step, Jensen's inequality gives the bound (Nepal & Yates 2013)
+
+        .. math:: E_q[\log p(x_t | z_t)] \ge E_q[\eta_{x_t}] - \log \phi_t, \qquad
+                  \phi_t = \sum_v e^{b_v} \prod_m E_{q_m}[e^{W_m[z^m_t, v]}],
+
+        ``O(T L K V)`` by shifted matmuls in log space (:meth:`~latentnlp.semirings.LogSemiring.matmul`,
+    memory ``O(B T L V)``).  For chain ``l`` its ``-log`` is minorised, tight at the current
+        ``q``, by ``-log a >= -a / phi_t - log phi_t + 1``, which is linear in ``q_l``; so
+
+        .. math:: h^l_t(k) = b_{x_t} + W_l[k, x_t] + \sum_{m
+    e l} E_{q_m}[W_m[z^m_t, x_t]]
+                  - rac1{\phi_t} \sum_v e^{b_v + W_l[k, v]} \prod_{m
+    e l} E_{q_m}[e^{W_m[z^m_t, v]}]
+                  - \log \phi_t + 1
+
+        (``O(B T K V)`` per chain update) raises the bound, and the sweeps stay monotone.
+    """
+
+    def __init__(self, observations: Tensor, weights: Tensor, bias: Tensor):
+        if not isinstance(observations, Tensor) or observations.dim() != 2 or observations.is_floating_point():
+            raise ValueError(f"observations must be an integer tensor [B, T], got {_describe(observations)}")
+        for name, x in (("weights", weights), ("bias", bias)):
+            if not isinstance(x, Tensor) or not x.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor, got {_describe(x)}")
+        if weights.dim() != 3 or bias.shape != weights.shape[-1:]:
+            raise ValueError(
+                f"weights must have shape [L, K, V] and bias [V] with the same V, got "
+                f"{_describe(weights)} and {_describe(bias)}"
+            )
+        self.observations, self.weights, self.bias = observations, weights, bias
+        self.batch, self.steps = observations.shape
+        self.num_chains, self.num_states = weights.shape[:2]
+        self.dtype = computation_dtype(weights.dtype, bias.dtype)
+
+    def check_values(self) -> None:
+        vocabulary = self.weights.shape[-1]
+        if self.observations.numel() and not (
+            0 <= int(self.observations.min()) <= int(self.observations.max()) < vocabulary
+        ):
+            raise ValueError(f"observations must lie in 0..V-1 = 0..{vocabulary - 1}")
+        for name, x in (("weights", self.weights), ("bias", self.bias)):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name} ({_describe(x)}) must be finite")
+
+    def detach(self) -> CategoricalEmission:
+        return CategoricalEmission(self.observations, self.weights.detach(), self.bias.detach())
+
+    def _terms(self, marginals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``W_m[k, x_t]`` ``[B, T, L, K]``, ``log E_{q_m}[e^{W_m[., v]}]`` ``[B, T, L, V]``, ``log phi_t [B, T]``."""
+        at_observed = self.weights[:, :, self.observations].permute(2, 3, 0, 1)
+        log_moments = LogSemiring.matmul(safe_log(marginals).transpose(1, 2), self.weights).transpose(1, 2)
+        log_phi = torch.logsumexp(self.bias + log_moments.sum(2), -1)
+        return at_observed, log_moments, log_phi
+
+    def potentials(self, marginals: Tensor, chain: int) -> Tensor:
+        """``h^chain [B, T, K]`` from the current marginals ``[B, T, L, K]`` (``phi`` set from them first)."""
+        at_observed, log_moments, log_phi = self._terms(marginals)
+        means = (marginals * at_observed).sum(-1)  # E_{q_m}[W_m[., x_t]]: [B, T, L]
+        others = [m for m in range(self.num_chains) if m != chain]
+        linear = (
+            self.bias[self.observations].unsqueeze(-1)
+            + at_observed[:, :, chain]
+            + means[:, :, others].sum(-1, keepdim=True)
+        )
+        rest = self.bias + log_moments[:, :, others].sum(2)  # [B, T, V]
+        log_normaliser = LogSemiring.matmul(rest, self.weights[chain].T)  # [B, T, K]
+        return linear - torch.exp(log_normaliser - log_phi.unsqueeze(-1)) - log_phi.unsqueeze(-1) + 1
+
+    def expected_log_likelihood(self, marginals: Tensor) -> Tensor:
+        """The bound ``E_q[eta_{x_t}] - log phi_t``: ``[B, T]`` (the caller masks padding)."""
+        at_observed, _, log_phi = self._terms(marginals)
+        return self.bias[self.observations] + (marginals * at_observed).sum((-2, -1)) - log_phi
+
+
+Emission = JointEmission | GaussianEmission | BernoulliEmission | CategoricalEmission
 
 
 class MeanField(NamedTuple):
@@ -829,6 +911,12 @@ class MeanField(NamedTuple):
     """``q_l`` for each chain: the model's ``init^l``, ``trans^l`` and the potentials ``h^l`` (detached)."""
 
 
+def _filled(marginals: Tensor, mask: Tensor) -> Tensor:
+    """``marginals [B, T, L, K]`` with uniform rows at padding, where they are 0: an emission's
+    expectations are then finite there (and masked out), e.g. a log-moment of no mass."""
+    return torch.where(mask[..., None, None], marginals, torch.full_like(marginals, 1 / marginals.shape[-1]))
+
+
 def _elbo(log_z: Sequence[Tensor], potentials: Tensor, marginals: Tensor, emission: Emission, mask: Tensor) -> Tensor:
     r"""``sum_l (log Z_l - E_{q_l}[sum_t h^l_t]) + sum_t E_q[emit_t]``: ``[B]``.
 
@@ -836,7 +924,7 @@ def _elbo(log_z: Sequence[Tensor], potentials: Tensor, marginals: Tensor, emissi
     log Z_l - E_{q_l}[sum_t h^l_t]``, so this is ``E_q[s(z)] + H(q)``.
     """
     bound = sum(log_z) - _expectation(marginals, potentials, (1, 2, 3))
-    expected = emission.expected_log_likelihood(marginals)
+    expected = emission.expected_log_likelihood(_filled(marginals, mask))
     return bound + torch.where(mask, expected, torch.zeros_like(expected)).sum(-1)
 
 
@@ -864,8 +952,9 @@ def structured_mean_field(
     Args:
         init, trans, lengths: as for :class:`FactorialChainPosterior` (transition objects are used
             as they are, e.g. a low-rank one through its factors).
-        emission: a :class:`JointEmission`, :class:`GaussianEmission` or :class:`BernoulliEmission`, or a
-            joint tensor ``[B, T, K, ..., K]`` (taken as a :class:`JointEmission`).
+        emission: a :class:`JointEmission`, :class:`GaussianEmission`, :class:`BernoulliEmission` or
+            :class:`CategoricalEmission`, or a joint tensor ``[B, T, K, ..., K]`` (taken as a
+            :class:`JointEmission`).
         iterations: the most sweeps (``>= 1``).
         tol: stop once a sweep raises no row's bound by more than ``tol`` (synchronises once a
             sweep); ``None`` runs every sweep.
@@ -875,9 +964,9 @@ def structured_mean_field(
     ``q`` held fixed, so its gradient w.r.t. the model's parameters is that of the bound.
     """
     emission = JointEmission(emission) if isinstance(emission, Tensor) else emission
-    if not isinstance(emission, (JointEmission, GaussianEmission, BernoulliEmission)):
+    if not isinstance(emission, (JointEmission, GaussianEmission, BernoulliEmission, CategoricalEmission)):
         raise ValueError(
-            "emission must be a JointEmission, GaussianEmission, BernoulliEmission or a tensor, "
+            "emission must be a JointEmission, GaussianEmission, BernoulliEmission, CategoricalEmission or a tensor, "
             f"got {_describe(emission)}"
         )
     if not isinstance(iterations, int) or iterations < 1:
@@ -911,7 +1000,7 @@ def structured_mean_field(
             fit(ell)
         for _ in range(iterations):
             for ell in range(num_chains):
-                h = fixed_emission.potentials(marginals, ell)
+                h = fixed_emission.potentials(_filled(marginals, mask), ell)
                 potentials[:, :, ell] = torch.where(mask.unsqueeze(-1), h, torch.zeros_like(h))
                 fit(ell)
             trace.append(_elbo(log_z, potentials, marginals, fixed_emission, mask))

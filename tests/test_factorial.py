@@ -5,7 +5,7 @@ path on tiny sizes, with the ``K^L``-state ``ChainPosterior`` built from the Kro
 transition on larger ones (values and gradients), with ``ChainPosterior`` itself for one
 chain, and by ``gradcheck``; FFBS frequencies against path probabilities; the underflow
 fallback; then structured mean field (a bound, monotone, exact when the emission factorises,
-the Gaussian and Bernoulli closed forms against the joint-tensor update) and every ``ValueError``.
+the Gaussian, Bernoulli and categorical closed forms against the joint-tensor update) and every ``ValueError``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from latentnlp import ChainPosterior, DenseTransition, FactorialChainPosterior, 
 from latentnlp.chain import scaled_log_partition
 from latentnlp.factorial import (
     BernoulliEmission,
+    CategoricalEmission,
     GaussianEmission,
     JointEmission,
     ProductTransition,
@@ -439,14 +440,55 @@ def test_bernoulli_closed_form_equals_the_joint_tensor_update_of_its_bound(num_c
     assert (result.elbo_trace <= FactorialChainPosterior(init, trans, exact, lengths).log_partition + 1e-9).all()
 
 
-@pytest.mark.parametrize("kind", ("gaussian", "bernoulli"))
+def categorical_bound(observations, weights, bias, marginals):
+    """``(exact [B, T, K..K], minorant [B, T, K..K])``: ``log softmax(eta)[x_t]`` and
+    ``eta_x - sum_v exp(eta_v) / phi_t - log phi_t + 1`` at ``phi_t = E_q[sum_v exp eta_v]``."""
+    batch, steps, num_chains, k = marginals.shape
+    eta = bias + sum(on_axis(weights[ell], ell, num_chains) for ell in range(num_chains))  # [K..K, V]
+    joint = 1
+    for ell in range(num_chains):
+        joint = joint * on_axis(marginals[:, :, ell, :, None], ell, num_chains)[..., 0]
+    axes = tuple(range(2, 2 + num_chains))
+    total = eta.exp().sum(-1)  # [K..K]
+    phi = (joint * total).sum(axes).reshape(batch, steps, *(1,) * num_chains)
+    observed = eta.movedim(-1, 0)[observations]  # [B, T, K..K]
+    exact = observed - torch.logsumexp(eta, -1)
+    return exact, observed - total / phi - phi.log() + 1
+
+
+@pytest.mark.parametrize("num_chains,k", ((1, 3), (2, 3), (3, 2)))
+def test_categorical_closed_form_equals_the_joint_tensor_update_of_its_bound(num_chains, k):
+    batch, steps, vocabulary = 2, 4, 6
+    g = torch.Generator().manual_seed(37)
+    weights, bias = torch.randn(num_chains, k, vocabulary, generator=g), torch.randn(vocabulary, generator=g)
+    observations = torch.randint(0, vocabulary, (batch, steps), generator=g)
+    closed = CategoricalEmission(observations, weights, bias)
+    marginals = random_marginals(batch, steps, num_chains, k, seed=38)
+    exact, minorant = categorical_bound(observations, weights, bias, marginals)
+    joint = JointEmission(minorant)
+    for ell in range(num_chains):
+        close(closed.potentials(marginals, ell), joint.potentials(marginals, ell))
+    close(closed.expected_log_likelihood(marginals), joint.expected_log_likelihood(marginals))
+    assert (closed.expected_log_likelihood(marginals) <= JointEmission(exact).expected_log_likelihood(marginals)).all()
+    init, trans, _, lengths, _ = random_factorial(batch, steps, num_chains, k, seed=39)
+    result = structured_mean_field(init, trans, closed, lengths, iterations=6)
+    assert torch.isfinite(result.elbo_trace).all()
+    assert (result.elbo_trace[1:] >= result.elbo_trace[:-1] - 1e-9).all()
+    assert (result.elbo_trace <= FactorialChainPosterior(init, trans, exact, lengths).log_partition + 1e-9).all()
+
+
+@pytest.mark.parametrize("kind", ("gaussian", "bernoulli", "categorical"))
 def test_bound_is_differentiable_in_the_emission_parameters(kind):
     if kind == "gaussian":
         observations, weights, other = random_gaussian(2, 4, 2, 2, 3, seed=33)
         emission = GaussianEmission
-    else:
+    elif kind == "bernoulli":
         observations, weights, other = random_bernoulli(2, 4, 2, 2, 3, seed=33)
         emission = BernoulliEmission
+    else:
+        g = torch.Generator().manual_seed(33)
+        observations, weights = torch.randint(0, 3, (2, 4), generator=g), torch.randn(2, 2, 3, generator=g)
+        other, emission = torch.randn(3, generator=g), CategoricalEmission
     weights.requires_grad_()
     init, trans, _, lengths, _ = random_factorial(2, 4, 2, 2, seed=33)
     result = structured_mean_field(init, trans, emission(observations, weights, other), lengths)
@@ -456,7 +498,7 @@ def test_bound_is_differentiable_in_the_emission_parameters(kind):
 
     def bound(w):
         expected = emission(observations, w, other).expected_log_likelihood(result.marginals)
-        return (expected * (torch.arange(4) < lengths[:, None])).sum()
+        return torch.where(torch.arange(4) < lengths[:, None], expected, torch.zeros_like(expected)).sum()
 
     direction = torch.randn_like(weights)
     numeric = (bound(weights.detach() + step * direction) - bound(weights.detach() - step * direction)) / (2 * step)
@@ -537,6 +579,12 @@ def test_mean_field_value_errors():
         BernoulliEmission(observations, weights, variance[:3])
     with pytest.raises(ValueError, match="observations"):
         structured_mean_field(init, trans, BernoulliEmission(observations, weights, variance), lengths)
+    with pytest.raises(ValueError, match="observations"):
+        CategoricalEmission(observations, weights, variance)
+    with pytest.raises(ValueError, match="bias"):
+        CategoricalEmission(observations[..., 0].long(), weights, variance[:3])
+    with pytest.raises(ValueError, match="observations"):
+        structured_mean_field(init, trans, CategoricalEmission(torch.full((2, 3), 4), weights, variance), lengths)
     with pytest.raises(ValueError, match="trans"):
         ProductTransition([trans[0], trans[1, :1, :1]])
     with pytest.raises(ValueError, match="emit"):
