@@ -817,26 +817,24 @@ class BernoulliEmission:
 
 class CategoricalEmission:
     r"""``x_t ~ Categorical(softmax(eta_t))`` with additive logits ``eta_t = bias + sum_l W_l[z^l_t]``:
-        ``observations [B, T]`` long in ``0..V-1`` (e.g. words; padding too must hold an id, which is
+    ``observations [B, T]`` long in ``0..V-1`` (e.g. words; padding too must hold an id, which is
     ignored), ``weights [L, K, V]``, ``bias [V]``.
 
-        ``log p(x_t | z) = eta_{x_t} - log sum_v exp eta_v`` does not factor over the chains; as ``q``
-        factorises at each step, Jensen's inequality gives the bound (Nepal & Yates 2013)
+    ``log p(x_t | z) = eta_{x_t} - log sum_v exp eta_v`` does not factor over the chains; as ``q``
+    factorises at each step, Jensen's inequality gives the bound (Nepal & Yates 2013)
 
-        .. math:: E_q[\log p(x_t | z_t)] \ge E_q[\eta_{x_t}] - \log \phi_t, \qquad
-                  \phi_t = \sum_v e^{b_v} \prod_m E_{q_m}[e^{W_m[z^m_t, v]}],
+    .. math:: E_q[\log p(x_t | z_t)] \ge E_q[\eta_{x_t}] - \log \phi_t, \qquad
+              \phi_t = \sum_v e^{b_v} \prod_m E_{q_m}[e^{W_m[z^m_t, v]}],
 
-        ``O(T L K V)`` by shifted matmuls in log space (:meth:`~latentnlp.semirings.LogSemiring.matmul`,
+    ``O(T L K V)`` by shifted matmuls in log space (:meth:`~latentnlp.semirings.LogSemiring.matmul`,
     memory ``O(B T L V)``).  For chain ``l`` its ``-log`` is minorised, tight at the current
-        ``q``, by ``-log a >= -a / phi_t - log phi_t + 1``, which is linear in ``q_l``; so
+    ``q``, by ``-log a >= -a / phi_t - log phi_t + 1``, which is linear in ``q_l``; so
 
-        .. math:: h^l_t(k) = b_{x_t} + W_l[k, x_t] + \sum_{m
-    e l} E_{q_m}[W_m[z^m_t, x_t]]
-                  - rac1{\phi_t} \sum_v e^{b_v + W_l[k, v]} \prod_{m
-    e l} E_{q_m}[e^{W_m[z^m_t, v]}]
-                  - \log \phi_t + 1
+    .. math:: h^l_t(k) = b_{x_t} + W_l[k, x_t] + \sum_{m \ne l} E_{q_m}[W_m[z^m_t, x_t]]
+              - \frac1{\phi_t} \sum_v e^{b_v + W_l[k, v]} \prod_{m \ne l} E_{q_m}[e^{W_m[z^m_t, v]}]
+              - \log \phi_t + 1
 
-        (``O(B T K V)`` per chain update) raises the bound, and the sweeps stay monotone.
+    (``O(B T K V)`` per chain update) raises the bound, and the sweeps stay monotone.
     """
 
     def __init__(self, observations: Tensor, weights: Tensor, bias: Tensor):
