@@ -1,5 +1,6 @@
 """latentnlp: latent-variable models of natural language with exact dynamic programming."""
 
+from .factorial import FactorialChainPosterior
 from .semirings import LogSemiring, MaxSemiring
 from .structures import ChainPosterior, cross_entropy
 from .transitions import DenseTransition, LowRankTransition, Transition
@@ -7,6 +8,7 @@ from .transitions import DenseTransition, LowRankTransition, Transition
 __all__ = [
     "ChainPosterior",
     "DenseTransition",
+    "FactorialChainPosterior",
     "LogSemiring",
     "LowRankTransition",
     "MaxSemiring",
