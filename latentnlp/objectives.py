@@ -59,11 +59,11 @@ def _check_pair(q: Distribution, prior: Distribution) -> None:
             "they must be distributions over the same z"
         )
     try:
-        torch.broadcast_shapes(prior.batch_shape, q.batch_shape)
+        joint = torch.broadcast_shapes(prior.batch_shape, q.batch_shape)
     except RuntimeError:
-        raise ValueError(
-            f"prior's batch shape {tuple(prior.batch_shape)} does not broadcast with q's {tuple(q.batch_shape)}"
-        ) from None
+        joint = None
+    if joint != q.batch_shape:
+        raise ValueError(f"prior's batch shape {tuple(prior.batch_shape)} must broadcast to q's {tuple(q.batch_shape)}")
 
 
 def _draw(q: Distribution, n: int, generator: torch.Generator | None, reparameterised: bool) -> Tensor:
@@ -138,7 +138,7 @@ def elbo(
     Args:
         log_likelihood_fn: ``z [S, *batch, *event] -> log p(x | z) [S, *batch]``.
         q: the posterior ``q(z | x)``, batch shape ``[*batch]`` (``[B]``).
-        prior: ``p(z)``, same event shape, batch shape broadcastable to ``q``'s.
+        prior: ``p(z)``, same event shape, a batch shape that broadcasts to ``q``'s.
         num_samples: ``S >= 1``.
         kl_weight: ``beta >= 0``, the KL weight of the surrogate (KL annealing; pass
             ``schedule(step)`` of a :mod:`latentnlp.schedules` object).  The bound itself is unweighted.

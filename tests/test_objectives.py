@@ -306,6 +306,10 @@ def test_elbo_bad_arguments():
         elbo(model.ll, q, DiagonalGaussian.standard((), 2))
     with pytest.raises(ValueError, match="prior"):
         elbo(model.ll, q, DiagonalGaussian.standard((3,), 3))
+    with pytest.raises(ValueError, match="prior"):  # a prior with more batch rows than q
+        elbo(model.ll, q, DiagonalGaussian.standard((4, 2), 3))
+    with pytest.raises(ValueError, match="generator"):  # torch's Normal samples from the global seed only
+        elbo(model.ll, Independent(Normal(torch.zeros(2, 3), 1.0), 1), model.prior(), generator=torch.Generator())
     discrete = DiscreteModel()
     with pytest.raises(ValueError, match="estimator"):
         elbo(discrete.ll, Categorical(logits=torch.zeros(2, 4)), discrete.prior(), estimator="reparam")
