@@ -15,6 +15,9 @@ differentiable.
   (``rsample``); an ``Independent(Normal(loc, scale), 1)``.
 - :class:`MeanFieldBernoulli`: ``D`` independent bits, ``q(z_d = 1) = sigmoid(logits_d)``;
   an ``Independent(Bernoulli(logits=logits), 1)``.
+- :class:`LogisticNormal`: topic proportions ``theta = softmax(z)`` with ``z`` a diagonal Gaussian
+  over ``R^K`` (the softmax basis), and its Laplace approximation of a Dirichlet prior
+  (:meth:`LogisticNormal.from_dirichlet`, Srivastava & Sutton 2017), for neural topic models.
 
 Closed forms (summed over the event dimension where there is one)::
 
@@ -50,6 +53,7 @@ __all__ = [
     "MaskedCategorical",
     "DiagonalGaussian",
     "MeanFieldBernoulli",
+    "LogisticNormal",
 ]
 
 
@@ -294,3 +298,71 @@ def _kl_mean_field_bernoulli(q: MeanFieldBernoulli, p: MeanFieldBernoulli) -> Te
     return (
         q.probs * (F.logsigmoid(a) - F.logsigmoid(b)) + torch.sigmoid(-a) * (F.logsigmoid(-a) - F.logsigmoid(-b))
     ).sum(-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# logistic normal in the softmax basis (topic proportions)
+# ------------------------------------------------------------------------------------------------
+class LogisticNormal(DiagonalGaussian):
+    r"""Topic proportions ``theta = softmax(z)`` on the ``K``-simplex, ``z ~ N(loc, diag(scale^2))`` over ``R^K``.
+
+    The variational family and prior of neural topic models (Srivastava & Sutton 2017, *Autoencoding
+    variational inference for topic models*): a :class:`DiagonalGaussian` over the *softmax basis*
+    ``z`` (MacKay 1998), so ``rsample``, ``log_prob``, ``entropy`` and the KL are those of ``z``
+    (``log_prob`` takes ``z``, not ``theta``; the map ``z -> theta`` is many-to-one, ``z + c 1``
+    giving the same ``theta``), and :meth:`rsample_simplex` maps a reparameterised draw onto the
+    simplex.  The KL to another ``LogisticNormal`` (or any diagonal Gaussian over the same ``K``) is
+    the Gaussian one of torch's ``Independent``/``Normal`` registration::
+
+        KL(q || p) = 1/2 sum_k [ s_q,k^2 / s_p,k^2 + (m_p,k - m_q,k)^2 / s_p,k^2 - 1 + log(s_p,k^2 / s_q,k^2) ]
+
+    the KL term of Srivastava & Sutton's eq. (7) with their Laplace prior (:meth:`from_dirichlet`).
+
+    Not :class:`torch.distributions.LogisticNormal`, which is a density on the simplex through a
+    ``K - 1``-dimensional stick-breaking map; here ``z`` has ``K`` coordinates, as in ProdLDA.
+
+    Args:
+        loc: ``[*batch, K]``.
+        scale: ``[*batch, K]`` (broadcastable to ``loc``), positive.
+    """
+
+    @classmethod
+    def from_dirichlet(cls, alpha: Tensor, **kwargs) -> LogisticNormal:
+        r"""The Laplace approximation in the softmax basis of ``Dirichlet(alpha)`` (MacKay 1998; Hennig et al.
+        2012; Srivastava & Sutton 2017, eq. (4)), for ``alpha`` ``[*batch, K]`` (positive, ``K >= 2``)::
+
+            loc_k     = log alpha_k - 1/K sum_l log alpha_l
+            scale_k^2 = (1/alpha_k) (1 - 2/K) + 1/K^2 sum_l 1/alpha_l
+
+        In the softmax basis the Dirichlet density is ``p(z) prop. prod_k theta_k^alpha_k`` with
+        ``theta = softmax(z)``; its mode on the plane ``sum_k z_k = 0`` is ``loc``, and
+        ``scale^2`` is the diagonal of ``P diag(1/alpha) P`` (``P = I - 1 1^T / K``), the inverse of the
+        negative Hessian ``diag(alpha) - alpha alpha^T / alpha_0`` on that plane; the off-diagonal
+        terms are dropped.  For a symmetric ``alpha = a 1`` the approximation has mean ``theta``
+        exactly ``1/K``; it sharpens as ``alpha`` grows.
+        """
+        if not isinstance(alpha, Tensor) or alpha.dim() < 1 or alpha.shape[-1] < 2:
+            raise ValueError(
+                f"alpha must be a tensor [*batch, K] with K >= 2, got {tuple(getattr(alpha, 'shape', ()))}"
+            )
+        if is_validating(kwargs.get("validate_args")) and not bool((alpha > 0).all()):
+            raise ValueError(f"alpha must be positive, got minimum {float(alpha.min())}")
+        k = alpha.shape[-1]
+        log_alpha = alpha.log()
+        loc = log_alpha - log_alpha.mean(-1, keepdim=True)
+        inv = alpha.reciprocal()
+        var = inv * (1.0 - 2.0 / k) + inv.sum(-1, keepdim=True) / k**2
+        return cls(loc, var.sqrt(), **kwargs)
+
+    @staticmethod
+    def to_simplex(z: Tensor) -> Tensor:
+        """``theta = softmax(z)`` over the last dimension, ``[..., K]``."""
+        return torch.softmax(z, dim=-1)
+
+    def rsample_simplex(self, sample_shape=torch.Size(), generator: torch.Generator | None = None) -> Tensor:
+        """``softmax(loc + scale * eps)``, ``sample_shape + [*batch, K]`` on the simplex, reparameterised."""
+        return self.to_simplex(self.rsample(sample_shape, generator=generator))
+
+    def expand(self, batch_shape, _instance=None) -> LogisticNormal:
+        new = self._get_checked_instance(LogisticNormal, _instance)
+        return super().expand(batch_shape, _instance=new)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Categorical, Independent, Normal, kl_divergence
 
-from latentnlp.families import DiagonalGaussian, MaskedCategorical, MeanFieldBernoulli
+from latentnlp.families import DiagonalGaussian, LogisticNormal, MaskedCategorical, MeanFieldBernoulli
 from latentnlp.masks import lengths_to_mask
 
 pytestmark = pytest.mark.usefixtures("float64")  # every test computes in float64
@@ -262,3 +262,70 @@ def test_mean_field_bernoulli_kl_finite_against_a_saturated_prior():
         math.log(0.5) - F.logsigmoid(torch.tensor(-20.0, dtype=torch.float64)).item()
     )
     assert kl_divergence(q, p).item() == pytest.approx(exact, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# logistic normal (softmax basis) and its Laplace approximation of a Dirichlet
+# ------------------------------------------------------------------------------------------------
+def test_logistic_normal_laplace_is_the_mode_and_curvature_of_the_dirichlet_in_the_softmax_basis():
+    alpha = torch.tensor([0.7, 2.0, 5.0, 11.0])
+    K = alpha.shape[0]
+    approx = LogisticNormal.from_dirichlet(alpha)
+    # the formulas of Srivastava & Sutton (2017), eq. (4)
+    torch.testing.assert_close(approx.loc, alpha.log() - alpha.log().mean())
+    expected_var = (1 / alpha) * (1 - 2 / K) + (1 / alpha).sum() / K**2
+    torch.testing.assert_close(approx.scale**2, expected_var)
+
+    # oracle: log p(z) = sum_k alpha_k log softmax(z)_k + const in the softmax basis
+    def log_density(z):
+        return (alpha * torch.log_softmax(z, -1)).sum(-1)
+
+    mode = approx.loc.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(log_density(mode), mode)
+    torch.testing.assert_close(grad, torch.zeros(K), atol=1e-12, rtol=0)  # a stationary point
+    torch.testing.assert_close(approx.loc.sum(), torch.tensor(0.0), atol=1e-12, rtol=0)  # on sum z = 0
+    neg_hessian = -torch.autograd.functional.hessian(log_density, approx.loc)
+    P = torch.eye(K) - torch.full((K, K), 1.0 / K)
+    covariance = P @ torch.diag(1 / alpha) @ P
+    # the covariance inverts the curvature on the plane sum z = 0 (the hessian is singular along 1)
+    torch.testing.assert_close(neg_hessian @ covariance, P)
+    torch.testing.assert_close(torch.diagonal(covariance), approx.scale**2)
+
+
+def test_logistic_normal_matches_the_dirichlet_mean():
+    g = torch.Generator().manual_seed(0)
+    S = 200_000
+    # symmetric: E[softmax(z)] = 1/K exactly, by symmetry
+    theta = LogisticNormal.from_dirichlet(torch.full((5,), 0.3)).rsample_simplex((S,), generator=g)
+    torch.testing.assert_close(theta.sum(-1), torch.ones(S))
+    stderr = theta.std(0) / math.sqrt(S)
+    assert ((theta.mean(0) - 0.2).abs() < 4 * stderr).all()
+    # concentrated: the approximation's mean tends to alpha / alpha_0 (here within 1%)
+    alpha = torch.tensor([50.0, 100.0, 150.0])
+    theta = LogisticNormal.from_dirichlet(alpha).rsample_simplex((S,), generator=g)
+    torch.testing.assert_close(theta.mean(0), alpha / alpha.sum(), rtol=0.01, atol=0)
+
+
+def test_logistic_normal_kl_to_the_laplace_prior_is_the_gaussian_closed_form():
+    g = torch.Generator().manual_seed(1)
+    prior = LogisticNormal.from_dirichlet(torch.full((6,), 0.02))  # ProdLDA's alpha = 0.02, K = 6
+    loc = torch.randn(3, 6, generator=g, requires_grad=True)
+    scale = torch.rand(3, 6, generator=g) + 0.2
+    q = LogisticNormal(loc, scale)
+    kl = kl_divergence(q, prior)
+    m1, v1 = prior.loc, prior.scale**2
+    expected = 0.5 * ((scale**2 / v1) + (m1 - loc) ** 2 / v1 - 1 + (v1 / scale**2).log()).sum(-1)
+    torch.testing.assert_close(kl, expected)
+    z = q.rsample((50_000,), generator=g)
+    log_ratio = q.log_prob(z) - prior.log_prob(z)
+    assert ((log_ratio.mean(0) - kl).abs() < 4 * log_ratio.std(0) / math.sqrt(50_000)).all()
+    assert type(q.expand((2, 3))) is LogisticNormal
+    (grad,) = torch.autograd.grad(kl.sum(), loc)
+    torch.testing.assert_close(grad, (loc - m1) / v1)
+
+
+def test_logistic_normal_from_dirichlet_bad_alpha():
+    with pytest.raises(ValueError, match="alpha"):
+        LogisticNormal.from_dirichlet(torch.ones(3, 1))
+    with pytest.raises(ValueError, match="alpha"):
+        LogisticNormal.from_dirichlet(torch.tensor([1.0, -1.0]))
