@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from collections.abc import Callable, Iterable
 
 import torch
@@ -308,7 +309,7 @@ def free_bits(kl: Tensor, lambda_: float, *, per: str = "dimension") -> Tensor:
         raise ValueError(f"lambda_ must be a finite number >= 0, got {lambda_}")
     if per == "sentence":
         total = kl if kl.dim() == 1 else kl.sum(-1)
-        return total.clamp_min(lambda_)
+        return torch.where(total > lambda_, total, torch.full_like(total, lambda_))
     per_dim = kl if kl.dim() == 2 else kl.unsqueeze(-1)
     above = per_dim.mean(0) > lambda_  # [D]
     floor = torch.full_like(per_dim, lambda_)
@@ -339,8 +340,9 @@ def word_dropout(
         tokens: integer ids ``[B, T]`` (any shape works).
         rate: replacement probability in ``[0, 1]``.
         unk_id: the id written in place of a dropped word.
-        keep: never replaced -- token ids (``(bos_id, eos_id, pad_id)``: specials and padding), or a
-            bool mask broadcastable to ``tokens``, True at positions to keep.
+        keep: never replaced -- token ids (``(bos_id, eos_id, pad_id)``: specials and padding; a
+            sequence or an integer tensor), or a bool mask broadcastable to ``tokens``, True at
+            positions to keep.
         training: False (evaluation: pass ``module.training``) returns ``tokens`` unchanged, as does
             ``rate == 0``; no random numbers are drawn then.
 
@@ -353,6 +355,8 @@ def word_dropout(
         raise ValueError(f"rate must be in [0, 1], got {rate}")
     if isinstance(unk_id, bool) or not isinstance(unk_id, int):
         raise ValueError(f"unk_id must be an int token id, got {unk_id!r}")
+    if isinstance(keep, Tensor) and not keep.dtype.is_floating_point and keep.dtype != torch.bool:
+        keep = keep.reshape(-1).tolist()  # a tensor of token ids
     if isinstance(keep, Tensor):
         if keep.dtype != torch.bool:
             raise ValueError(f"keep must be a bool mask or a collection of token ids, got a {keep.dtype} tensor")
@@ -364,8 +368,12 @@ def word_dropout(
             ) from None
     else:
         ids = list(keep)
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise ValueError(f"keep must be token ids (ints) or a bool mask, got {ids!r}")
+        try:
+            if any(isinstance(i, bool) for i in ids):
+                raise TypeError
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise ValueError(f"keep must be token ids (ints) or a bool mask, got {ids!r}") from None
         kept = torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype, device=tokens.device))
     if not training or rate == 0.0:
         return tokens

@@ -343,6 +343,11 @@ def test_free_bits_per_sentence_is_a_target_rate():
     (grad,) = torch.autograd.grad(term.sum(), kl)
     torch.testing.assert_close(grad, torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]))
     torch.testing.assert_close(free_bits(kl.sum(-1), 1.0, per="sentence"), term)
+    # exactly at the floor: no gradient either (both variants)
+    at = torch.tensor([[0.25, 0.75], [0.75, 0.25]], requires_grad=True)  # row sums 1, column means 1/2
+    for per, floor in (("sentence", 1.0), ("dimension", 0.5)):
+        (grad,) = torch.autograd.grad(free_bits(at, floor, per=per).sum(), at)
+        assert (grad == 0).all(), per
 
 
 def test_free_bits_bad_arguments():
@@ -395,6 +400,9 @@ def test_word_dropout_rate_one_is_the_inputless_decoder_and_a_mask_keeps_positio
     mask[3] = True  # broadcast over the batch
     out = word_dropout(tokens, 1.0, UNK, keep=mask)
     assert torch.equal(out[:, 3], tokens[:, 3]) and (out[:, :3] == UNK).all()
+    # ids as an integer tensor are ids, not a mask
+    by_tensor = word_dropout(tokens, 1.0, UNK, keep=torch.tensor([BOS, EOS, PAD]))
+    assert torch.equal(by_tensor, word_dropout(tokens, 1.0, UNK, keep=(BOS, EOS, PAD)))
 
 
 def test_word_dropout_identity_at_rate_zero_and_in_evaluation():
