@@ -67,15 +67,20 @@ def _check_pair(q: Distribution, prior: Distribution) -> None:
         raise ValueError(f"prior's batch shape {tuple(prior.batch_shape)} must broadcast to q's {tuple(q.batch_shape)}")
 
 
-def _draw(q: Distribution, n: int, generator: torch.Generator | None, reparameterised: bool) -> Tensor:
+def _check_generator(q: Distribution, generator: torch.Generator | None, reparameterised: bool) -> None:
     method = q.rsample if reparameterised else q.sample
-    if generator is None:
-        return method(torch.Size((n,)))
-    if "generator" not in inspect.signature(method).parameters:
+    if generator is not None and "generator" not in inspect.signature(method).parameters:
         raise ValueError(
             f"generator given, but {type(q).__name__}.{method.__name__} takes none: use a latentnlp.families "
             "distribution (their samplers take a generator) or draw from the global seed (generator=None)"
         )
+
+
+def _draw(q: Distribution, n: int, generator: torch.Generator | None, reparameterised: bool) -> Tensor:
+    _check_generator(q, generator, reparameterised)
+    method = q.rsample if reparameterised else q.sample
+    if generator is None:
+        return method(torch.Size((n,)))
     return method(torch.Size((n,)), generator=generator)
 
 
@@ -166,6 +171,7 @@ def elbo(
         raise ValueError(f"estimator='reparam' needs a q with rsample; {type(q).__name__} has none")
     if baseline is not None and estimator != "score_function":
         raise ValueError("baseline is only used by estimator='score_function'")
+    _check_generator(q, generator, reparameterised=estimator == "reparam")
 
     analytic = None if kl == "mc" else _analytic_kl(q, prior)
     if kl == "analytic" and analytic is None:

@@ -311,6 +311,8 @@ def test_elbo_bad_arguments():
     with pytest.raises(ValueError, match="generator"):  # torch's Normal samples from the global seed only
         elbo(model.ll, Independent(Normal(torch.zeros(2, 3), 1.0), 1), model.prior(), generator=torch.Generator())
     discrete = DiscreteModel()
+    with pytest.raises(ValueError, match="generator"):  # the score-function path samples from q too
+        elbo(discrete.ll, Categorical(logits=torch.zeros(2, 4)), discrete.prior(), generator=torch.Generator())
     with pytest.raises(ValueError, match="estimator"):
         elbo(discrete.ll, Categorical(logits=torch.zeros(2, 4)), discrete.prior(), estimator="reparam")
     with pytest.raises(ValueError, match="baseline"):
