@@ -32,12 +32,13 @@ Algorithms:
 
 from __future__ import annotations
 
+import numpy
 import torch
 from torch import Tensor
 
 from .gumbel import gumbel_argmax
 from .masks import lengths_to_mask
-from .semirings import LogSemiring, MaxSemiring, finite_max, safe_log
+from .semirings import LogSemiring, finite_max, safe_log
 from .transitions import Transition, TransitionProbabilities, shifted_exp
 
 
@@ -262,32 +263,95 @@ def scan_log_partition(init: Tensor, transition: Transition, emit: Tensor, lengt
 # ----------------------------------------------------------------------------------------------
 # Viterbi and k-best
 # ----------------------------------------------------------------------------------------------
+def _max_plus_forward(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, int]:
+    r"""The Viterbi scores of every position, time-major: ``(scores [T, B, K], mask [B, T], all_valid_until)``.
+
+    ``a_0 = init + emit_0``; ``a_t[j] = max_i (a_{t-1}[i] + trans_t[i, j]) + emit_t[j]`` for
+    ``t < L`` and ``a_t = a_{t-1}`` past the length.  ``trans`` is dense (``[K, K]``,
+    ``[B, K, K]`` or ``[B, T-1, K, K]``).  One ``[B, K, K]`` sum and one max-reduction a step,
+    written into preallocated buffers; no back-pointers are stored (:func:`viterbi` recomputes
+    the one it follows).  ``all_valid_until = min(lengths)``: steps before it have no padding.
+    """
+    batch, steps, k = emit.shape
+    mask = lengths_to_mask(lengths, steps)
+    scores = emit.new_empty(steps, batch, k)
+    torch.add(init, emit[:, 0], out=scores[0])
+    # per-step views taken once: indexing inside the loop costs as much as the small reductions
+    score_t, emit_t = scores.unbind(0), emit.unbind(1)
+    trans_at = (None,) + (trans.unbind(1) if trans.dim() == 4 else (trans,) * (steps - 1))
+    candidates = emit.new_empty(batch, k, k)  # [B, K_prev, K_next]
+    all_valid_until = int(lengths.min()) if batch else steps
+    for t in range(1, steps):
+        current = score_t[t]
+        torch.add(score_t[t - 1].unsqueeze(-1), trans_at[t], out=candidates)
+        torch.amax(candidates, -2, out=current)
+        current.add_(emit_t[t])
+        if t >= all_valid_until:
+            current.copy_(torch.where(mask[:, t].unsqueeze(-1), current, score_t[t - 1]))
+    return scores, mask, all_valid_until
+
+
+def _backtrack(scores, columns, mask, all_valid_until: int, rows, path, where) -> None:
+    r"""Viterbi backtracking over the scores ``a [T, B, K]`` of :func:`_max_plus_forward` into ``path [T, B]``.
+
+    ``z_{L-1} = argmax_j a_{L-1}[j]`` and ``z_{t-1} = argmax_i (a_{t-1}[i] + trans_t[i, z_t])``
+    for ``t < L`` (``z`` kept past the length, where ``path`` gets junk): the back-pointer of
+    the chosen state only, a ``[B, K]`` argmax a step.  ``columns`` is the transition with the
+    "from" state last, ``[K_next, K_prev]`` or ``[B, K_next, K_prev]``, or the time-varying
+    ``[B, T-1, K_prev, K_next]`` itself; ``rows = arange(B)``.  The arrays are all torch
+    tensors (``where = torch.where``) or all numpy arrays (``numpy.where``), whose indexing
+    costs a fraction of torch's on the CPU; both libraries' argmax returns the first maximum,
+    so ties go to the lowest state index.
+    """
+    steps = scores.shape[0]
+    if columns.ndim == 4:
+
+        def into(t, z):
+            return columns[rows, t - 1, :, z]
+
+    elif columns.ndim == 3:
+
+        def into(t, z):
+            return columns[rows, z]
+
+    else:
+
+        def into(t, z):
+            return columns[z]
+
+    current = scores[steps - 1].argmax(-1)  # frozen past the length: argmax of a_{L-1}
+    for t in range(steps - 1, 0, -1):
+        path[t] = current
+        previous = (scores[t - 1] + into(t, current)).argmax(-1)
+        current = where(mask[:, t], previous, current) if t >= all_valid_until else previous
+    path[0] = current
+
+
 @torch.no_grad()
 def viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor) -> Tensor:
     r"""The highest-scoring path ``argmax_z s(z)``: ``[B, T]`` long, padding filled with 0.
 
-    Max-plus forward ``a_t[j] = max_i (a_{t-1}[i] + trans_t[i, j]) + emit_t[j]`` with
-    back-pointers ``bp_t[j] = argmax_i``, then backtracking from ``argmax_j a_{L-1}[j]``.
-    Dense: a max over a sum of factors has no factored form, so a low-rank transition is
-    densified (:meth:`~latentnlp.transitions.Transition.dense`).
+    Max-plus forward ``a_t[j] = max_i (a_{t-1}[i] + trans_t[i, j]) + emit_t[j]``
+    (:func:`_max_plus_forward`), then backtracking from ``z_{L-1} = argmax_j a_{L-1}[j]`` with
+    ``z_{t-1} = argmax_i (a_{t-1}[i] + trans_t[i, z_t])`` (:func:`_backtrack`): the back-pointer
+    of the chosen state is recomputed rather than stored for every state, because an argmax
+    over ``K x K`` a step costs several times the max alone.  Ties go to the lowest state index,
+    as a stored pointer's would.  On the CPU the backtracking runs on numpy views of the same
+    memory.  Dense: a max over a sum of factors has no factored form, so a low-rank transition
+    is densified (:meth:`~latentnlp.transitions.Transition.dense`).
     """
-    trans = transition.dense()
+    trans = transition.dense().detach()
     batch, steps, _ = emit.shape
-    mask = lengths_to_mask(lengths, steps)
-    a = init + emit[:, 0]
-    pointers = []
-    for t in range(1, steps):
-        best, pointer = MaxSemiring.matmul_with_argmax(a.unsqueeze(-2), _dense_at(trans, t))
-        a = torch.where(mask[:, t].unsqueeze(-1), best.squeeze(-2) + emit[:, t], a)
-        pointers.append(pointer.squeeze(-2))
-    path = torch.zeros(batch, steps, dtype=torch.long, device=emit.device)
-    current = a.argmax(-1)
-    for t in range(steps - 1, 0, -1):
-        valid = mask[:, t]
-        path[:, t] = torch.where(valid, current, torch.zeros_like(current))
-        current = torch.where(valid, pointers[t - 1].gather(-1, current.unsqueeze(-1)).squeeze(-1), current)
-    path[:, 0] = current
-    return path
+    scores, mask, all_valid_until = _max_plus_forward(init, trans, emit, lengths)
+    columns = trans if trans.dim() == 4 else trans.transpose(-1, -2).contiguous()
+    path = torch.empty(steps, batch, dtype=torch.long, device=emit.device)
+    if emit.device.type == "cpu" and emit.dtype in (torch.float32, torch.float64):
+        arrays = (scores.numpy(), columns.numpy(), mask.numpy(), all_valid_until, numpy.arange(batch))
+        _backtrack(*arrays, path.numpy(), numpy.where)
+    else:
+        rows = torch.arange(batch, device=emit.device)
+        _backtrack(scores, columns, mask, all_valid_until, rows, path, torch.where)
+    return path.T.contiguous().mul_(mask)
 
 
 @torch.no_grad()

@@ -8,12 +8,14 @@ A semiring supplies ``plus`` (a reduction over a dimension) and ``matmul``
   log-space forward, the log-space filter and a stream's carried belief), the parallel-prefix
   products of :func:`latentnlp.chain.scan_log_partition`, low-rank densification and
   backward sampling through a rank;
-- :class:`MaxSemiring` (``plus = max``, ``times = +``): the Viterbi recursion (its product with
-  the maximising index, for the back-pointers).
+- :class:`MaxSemiring` (``plus = max``, ``times = +``): the Viterbi recursion as a product with
+  the maximising index (the back-pointers).
 
-The probability-space ("scaled") kernel and the entropy recursion do not go through a
-semiring object: they are plain matrix products with per-step renormalisation, written out
-in :mod:`latentnlp.chain` and :mod:`latentnlp.transitions`.
+The probability-space ("scaled") kernel, the entropy recursion and Viterbi do not go through
+a semiring object: they are written out in :mod:`latentnlp.chain` and
+:mod:`latentnlp.transitions` (the scaled ones as plain matrix products with per-step
+renormalisation; Viterbi as a max into preallocated buffers, without the index, which its
+backtracking recomputes for the chosen state only).
 """
 
 from __future__ import annotations

@@ -29,11 +29,13 @@ from chain_oracle import (
     forward_log,
     padding_mask,
     random_chain,
+    viterbi_lowest_index,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from latentnlp import ChainPosterior
+from latentnlp import chain as latentnlp_chain
 
 METHODS = ("scaled", "log", "scan", "auto")
 # (B, T, K): the corners (one state, one position, one batch element) and the largest enumerated size.
@@ -166,6 +168,36 @@ def test_max_and_argmax_match_enumeration(method, trans_kind, zeros):
             if ref.top_gap(b) > 1e-6:
                 assert torch.equal(path[b], ref.argmax[b]), describe(args, method)
         assert (path[padding_mask(ref.lengths, ref.T)] == 0).all(), "argmax padding must be 0"
+
+
+@pytest.mark.parametrize("trans_kind", TRANS_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_argmax_breaks_ties_towards_the_lowest_state(trans_kind, dtype):
+    """Integer scores tie many paths: the path is the stored-pointer one with every tie to the lowest
+    index, on the CPU (numpy backtracking) and through the torch backtracking other devices run."""
+    gen = torch.Generator().manual_seed(seed_of("ties", trans_kind, str(dtype)))
+    for trial in range(40):
+        B, T, K = 3, 1 + trial % 7, 1 + trial % 4
+        shape = {"shared": (K, K), "batched": (B, K, K), "time": (B, T - 1, K, K)}[trans_kind]
+        init, trans, emit = (torch.randint(-1, 2, s, generator=gen).to(dtype) for s in ((B, K), shape, (B, T, K)))
+        if trial % 3 == 0:
+            trans = torch.where(torch.rand(shape, generator=gen) < 0.3, float("-inf"), trans)
+        lengths = torch.randint(1, T + 1, (B,), generator=gen)
+        args = (init, trans, emit, lengths)
+        expected = viterbi_lowest_index(*args)
+        assert torch.equal(chain(args).argmax, expected), describe(args)
+        d = chain(args)  # the kernel's inputs: padding zeroed
+        dense = d.transition.dense()
+        scores, mask, all_valid_until = latentnlp_chain._max_plus_forward(d.init, dense, d.emit, d.lengths)
+        columns = dense if dense.dim() == 4 else dense.transpose(-1, -2).contiguous()
+        path = torch.empty(T, B, dtype=torch.long)
+        latentnlp_chain._backtrack(scores, columns, mask, all_valid_until, torch.arange(B), path, torch.where)
+        assert torch.equal(path.T * mask, expected), describe(args)
+
+
+def test_argmax_of_an_empty_batch():
+    d = ChainPosterior(torch.zeros(3), torch.zeros(3, 3), torch.zeros(0, 4, 3))
+    assert d.argmax.shape == (0, 4) and d.kbest(2)[0].shape == (2, 0, 4)
 
 
 def oracle_samples(ref, n, gen):
