@@ -354,37 +354,75 @@ def viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor)
     return path.T.contiguous().mul_(mask)
 
 
+def _kbest_forward(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor, k: int):
+    r"""The k-best recursion, time-major: ``(scores [T, B, K, k], pointers [T, B, K, k], mask, all_valid_until)``.
+
+    ``a_0[j, 0] = init[j] + emit_0[j]`` (other ranks ``-inf``); ``a_t[j, r]`` = the ``r``-th best
+    of ``a_{t-1}[i, r'] + trans_t[i, j]`` over ``(i, r')``, plus ``emit_t[j]``, with the
+    back-pointer ``i k + r'``; ``a_t = a_{t-1}`` past the length.  A step is one
+    ``[B, K_next, K_prev, k]`` sum into a preallocated buffer and one ``topk`` over its last two
+    dimensions, written into the buffers.  ``trans`` dense; ``all_valid_until = min(lengths)``.
+    """
+    batch, steps, num_states = emit.shape
+    mask = lengths_to_mask(lengths, steps)
+    scores = emit.new_full((steps, batch, num_states, k), float("-inf"))
+    pointers = torch.zeros(steps, batch, num_states, k, dtype=torch.long, device=emit.device)
+    torch.add(init, emit[:, 0], out=scores[0, :, :, 0])
+    # per-step views taken once; the transition with the "from" state last, [(B,) K_next, K_prev, 1]
+    score_t, pointer_t, emit_t = scores.unbind(0), pointers.unbind(0), emit.unsqueeze(-1).unbind(1)
+    into = trans.transpose(-1, -2).unsqueeze(-1)
+    into_at = (None,) + (into.unbind(1) if trans.dim() == 4 else (into,) * (steps - 1))
+    candidates = emit.new_empty(batch, num_states, num_states, k)
+    flat_candidates = candidates.view(batch, num_states, num_states * k)
+    all_valid_until = int(lengths.min()) if batch else steps
+    for t in range(1, steps):
+        current = score_t[t]
+        torch.add(score_t[t - 1].unsqueeze(1), into_at[t], out=candidates)
+        torch.topk(flat_candidates, k, -1, out=(current, pointer_t[t]))
+        current.add_(emit_t[t])
+        if t >= all_valid_until:
+            current.copy_(torch.where(mask[:, t, None, None], current, score_t[t - 1]))
+    return scores, pointers, mask, all_valid_until
+
+
 @torch.no_grad()
 def kbest_viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
     r"""The ``k`` highest-scoring paths: ``(paths [k, B, T], scores [k, B])``, best first.
 
-    Each state keeps its ``k`` best partial paths: ``a_t[j, r]`` = the ``r``-th best of
-    ``a_{t-1}[i, r'] + trans_t[i, j]`` over ``(i, r')``, plus ``emit_t[j]``.  If fewer than
-    ``k`` paths exist the extra scores are ``-inf``.  Dense, as :func:`viterbi`.
+    Each state keeps its ``k`` best partial paths (:func:`_kbest_forward`); the ``k`` best of
+    ``a_{L-1}`` over ``(state, rank)`` are followed back through the pointers
+    (:func:`_kbest_backtrack`, on numpy views on the CPU).  If fewer than ``k`` paths exist the
+    extra scores are ``-inf``.  Dense, as :func:`viterbi`.
     """
-    trans = transition.dense()
+    trans = transition.dense().detach()
     batch, steps, num_states = emit.shape
-    mask = lengths_to_mask(lengths, steps)
-    a = torch.full((batch, num_states, k), float("-inf"), dtype=emit.dtype, device=emit.device)
-    a[:, :, 0] = init + emit[:, 0]
-    pointers = []
-    for t in range(1, steps):
-        candidates = a.unsqueeze(-1) + _dense_at(trans, t).unsqueeze(-2)  # [B, K_prev, k, K_next]
-        best, pointer = candidates.reshape(batch, num_states * k, num_states).topk(k, dim=1)
-        step = best.transpose(1, 2) + emit[:, t].unsqueeze(-1)
-        a = torch.where(mask[:, t, None, None], step, a)
-        pointers.append(pointer.transpose(1, 2))  # [B, K_next, k] flat index prev * k + rank
-    scores, flat = a.reshape(batch, num_states * k).topk(k, dim=-1)  # [B, k]
+    scores, pointers, mask, all_valid_until = _kbest_forward(init, trans, emit, lengths, k)
+    best, flat = scores[steps - 1].reshape(batch, num_states * k).topk(k, dim=-1)  # [B, k]
+    paths = torch.empty(steps, batch, k, dtype=torch.long, device=emit.device)
+    if emit.device.type == "cpu":
+        arrays = (pointers.numpy(), flat.numpy(), mask.numpy(), all_valid_until, numpy.arange(batch)[:, None])
+        _kbest_backtrack(*arrays, k, paths.numpy(), numpy.where)
+    else:
+        rows = torch.arange(batch, device=emit.device).unsqueeze(-1)
+        _kbest_backtrack(pointers, flat, mask, all_valid_until, rows, k, paths, torch.where)
+    return paths.permute(2, 1, 0).mul_(mask).contiguous(), best.transpose(0, 1).contiguous()
+
+
+def _kbest_backtrack(pointers, flat, mask, all_valid_until: int, rows, k: int, paths, where) -> None:
+    """Follow the pointers ``[T, B, K, k]`` of :func:`_kbest_forward` from the final ``state * k + rank``
+    entries ``flat [B, k]`` into ``paths [T, B, k]`` (junk past the length); ``rows = arange(B)[:, None]``.
+    All torch tensors or all numpy arrays, as :func:`_backtrack`."""
+    steps = pointers.shape[0]
     state, rank = flat // k, flat % k
-    paths = torch.zeros(batch, k, steps, dtype=torch.long, device=emit.device)
     for t in range(steps - 1, 0, -1):
-        valid = mask[:, t].unsqueeze(-1)
-        paths[:, :, t] = torch.where(valid, state, torch.zeros_like(state))
-        previous = pointers[t - 1].reshape(batch, num_states * k).gather(-1, state * k + rank)
-        state = torch.where(valid, previous // k, state)
-        rank = torch.where(valid, previous % k, rank)
-    paths[:, :, 0] = state
-    return paths.permute(1, 0, 2), scores.transpose(0, 1)
+        paths[t] = state
+        previous = pointers[t][rows, state, rank]
+        if t >= all_valid_until:
+            valid = mask[:, t, None]
+            state, rank = where(valid, previous // k, state), where(valid, previous % k, rank)
+        else:
+            state, rank = previous // k, previous % k
+    paths[0] = state
 
 
 # ----------------------------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def test_max_and_argmax_match_enumeration(method, trans_kind, zeros):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_argmax_breaks_ties_towards_the_lowest_state(trans_kind, dtype):
     """Integer scores tie many paths: the path is the stored-pointer one with every tie to the lowest
-    index, on the CPU (numpy backtracking) and through the torch backtracking other devices run."""
+    index, on the CPU (numpy backtracking) and through the torch backtracking other devices run;
+    the k-best backtracking agrees between the two as well."""
     gen = torch.Generator().manual_seed(seed_of("ties", trans_kind, str(dtype)))
     for trial in range(40):
         B, T, K = 3, 1 + trial % 7, 1 + trial % 4
@@ -193,6 +194,16 @@ def test_argmax_breaks_ties_towards_the_lowest_state(trans_kind, dtype):
         path = torch.empty(T, B, dtype=torch.long)
         latentnlp_chain._backtrack(scores, columns, mask, all_valid_until, torch.arange(B), path, torch.where)
         assert torch.equal(path.T * mask, expected), describe(args)
+        # k-best: the torch backtracking follows the same pointers as the numpy one
+        kbest_scores, pointers, mask, all_valid_until = latentnlp_chain._kbest_forward(
+            d.init, dense, d.emit, d.lengths, 3
+        )
+        _, flat = kbest_scores[-1].reshape(B, K * 3).topk(3, dim=-1)
+        paths = torch.empty(T, B, 3, dtype=torch.long)
+        latentnlp_chain._kbest_backtrack(
+            pointers, flat, mask, all_valid_until, torch.arange(B)[:, None], 3, paths, torch.where
+        )
+        assert torch.equal(paths.permute(2, 1, 0) * mask, d.kbest(3)[0]), describe(args)
 
 
 def test_argmax_of_an_empty_batch():
