@@ -268,9 +268,11 @@ def _max_plus_forward(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor
 
     ``a_0 = init + emit_0``; ``a_t[j] = max_i (a_{t-1}[i] + trans_t[i, j]) + emit_t[j]`` for
     ``t < L`` and ``a_t = a_{t-1}`` past the length.  ``trans`` is dense (``[K, K]``,
-    ``[B, K, K]`` or ``[B, T-1, K, K]``).  One ``[B, K, K]`` sum and one max-reduction a step,
-    written into preallocated buffers; no back-pointers are stored (:func:`viterbi` recomputes
-    the one it follows).  ``all_valid_until = min(lengths)``: steps before it have no padding.
+    ``[B, K, K]`` or ``[B, T-1, K, K]``).  A step is one sum into a preallocated
+    ``[K_prev, B, K_next]`` buffer and one max over its leading dimension, which reduces
+    contiguous rows (several times faster than a max over a middle or last dimension of the
+    same numbers); no back-pointers are stored (:func:`viterbi` recomputes the one it follows).
+    ``all_valid_until = min(lengths)``: steps before it have no padding.
     """
     batch, steps, k = emit.shape
     mask = lengths_to_mask(lengths, steps)
@@ -278,13 +280,18 @@ def _max_plus_forward(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor
     torch.add(init, emit[:, 0], out=scores[0])
     # per-step views taken once: indexing inside the loop costs as much as the small reductions
     score_t, emit_t = scores.unbind(0), emit.unbind(1)
-    trans_at = (None,) + (trans.unbind(1) if trans.dim() == 4 else (trans,) * (steps - 1))
-    candidates = emit.new_empty(batch, k, k)  # [B, K_prev, K_next]
+    previous_at = tuple(a.T.unsqueeze(-1) for a in score_t)  # a_t as [K_prev, B, 1]
+    # the transition as [K_prev, 1 or B, K_next] views
+    if trans.dim() == 4:
+        trans_at = (None,) + tuple(x.transpose(0, 1) for x in trans.unbind(1))
+    else:
+        trans_at = (None,) + (trans.unsqueeze(1) if trans.dim() == 2 else trans.transpose(0, 1),) * (steps - 1)
+    candidates = emit.new_empty(k, batch, k)  # [K_prev, B, K_next]
     all_valid_until = int(lengths.min()) if batch else steps
     for t in range(1, steps):
         current = score_t[t]
-        torch.add(score_t[t - 1].unsqueeze(-1), trans_at[t], out=candidates)
-        torch.amax(candidates, -2, out=current)
+        torch.add(previous_at[t - 1], trans_at[t], out=candidates)
+        torch.amax(candidates, 0, out=current)
         current.add_(emit_t[t])
         if t >= all_valid_until:
             current.copy_(torch.where(mask[:, t].unsqueeze(-1), current, score_t[t - 1]))
