@@ -293,10 +293,10 @@ class DenseTransition(Transition):
                 return LogSemiring.matmul(belief.unsqueeze(-2), log[:, t - 1]).squeeze(-2)
 
             return step
-        probs, shift = LogSemiring.exponentiate(self.log)
+        exponentiated = LogSemiring.exponentiate(self.log)
         if self.log.dim() == 2:
-            return lambda belief, t: LogSemiring.matmul_exponentiated(belief, probs, shift)
-        return lambda belief, t: LogSemiring.matmul_exponentiated(belief.unsqueeze(-2), probs, shift).squeeze(-2)
+            return lambda belief, t: LogSemiring.matmul_exponentiated(belief, *exponentiated)
+        return lambda belief, t: LogSemiring.matmul_exponentiated(belief.unsqueeze(-2), *exponentiated).squeeze(-2)
 
     def edge_scores(self, previous: Tensor, following: Tensor) -> Tensor:
         if self.log.dim() == 2:
@@ -451,12 +451,12 @@ class LowRankTransition(Transition):
         return _LowRankProbabilities(left, right, left_shift + right_shift)
 
     def log_propagator(self) -> Callable[[Tensor, int], Tensor]:
-        left, left_shift = LogSemiring.exponentiate(self.log_left)
-        right, right_shift = LogSemiring.exponentiate(self.log_right)
+        left = LogSemiring.exponentiate(self.log_left)
+        right = LogSemiring.exponentiate(self.log_right)
 
         def step(belief: Tensor, t: int) -> Tensor:
-            through_rank = LogSemiring.matmul_exponentiated(belief, left, left_shift)  # [B, r]
-            return LogSemiring.matmul_exponentiated(through_rank, right, right_shift)
+            through_rank = LogSemiring.matmul_exponentiated(belief, *left)  # [B, r]
+            return LogSemiring.matmul_exponentiated(through_rank, *right)
 
         return step
 

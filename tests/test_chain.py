@@ -445,6 +445,18 @@ def test_float32_scores_a_hundred_nats_apart(method, case):
     assert_close(d.marginals, ref.marginals, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["log", "scan"])
+def test_log_space_gradient_when_a_large_score_sits_on_a_dead_state(method):
+    """State 0 has no successor and the largest start score: shifting by it would underflow the
+    only live path to a float32 subnormal, whose log has an infinite gradient (NaN marginals)."""
+    init = torch.tensor([40.0, -42.0])
+    trans = torch.tensor([[-math.inf, -math.inf], [-25.0, 55.0]])
+    emit = torch.tensor([[[0.0, -8.0], [-3.0, -35.0]]])
+    d, ref = ChainPosterior(init, trans, emit, method=method), Enumeration(init, trans, emit)
+    assert_close(d.log_partition, ref.log_partition, rtol=1e-6, atol=1e-5)
+    assert_close(d.marginals, ref.marginals, rtol=0, atol=1e-5)
+
+
 # =========================================================================== gradients
 
 
