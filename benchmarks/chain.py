@@ -7,7 +7,7 @@ with a shared transition matrix, ``log_partition(init, trans[K, K], emit[B, T, K
 Rows (``method`` names in the JSON):
 
 * ``latentnlp`` -- ``ChainPosterior(..., method="auto")``; ``latentnlp-scaled``, ``-log``,
-  ``-scan`` (small K only) force an algorithm; ``latentnlp-fwd`` is the forward alone under
+  ``-scan`` (small K only), ``-blocked`` force an algorithm; ``latentnlp-fwd`` is the forward alone under
   ``torch.no_grad()``, the fair partner of hmmlearn.
 * ``naive`` -- the same scaled probability-space forward written with plain torch ops
   (``alpha = (alpha @ A) * e_t``, renormalise) and differentiated by autograd.
@@ -88,6 +88,7 @@ METHODS = {
     "latentnlp-scaled": ("latentnlp, method scaled", True, lambda B, T, K: True),
     "latentnlp-log": ("latentnlp, method log", True, lambda B, T, K: True),
     "latentnlp-scan": ("latentnlp, method scan (small K only)", True, lambda B, T, K: K <= 128),
+    "latentnlp-blocked": ("latentnlp, method blocked", True, lambda B, T, K: True),
     "latentnlp-fwd": ("latentnlp auto, forward only (no_grad)", False, lambda B, T, K: True),
     "naive": ("scaled forward in plain torch ops, autograd backward", True, lambda B, T, K: True),
     "torch-struct": ("torch-struct LinearChainCRF on [B,T-1,K,K] edges", True, lambda B, T, K: True),

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from latentnlp import ChainPosterior
 from latentnlp import chain as latentnlp_chain
 
-METHODS = ("scaled", "log", "scan", "auto")
+METHODS = ("scaled", "log", "scan", "blocked", "auto")
 # (B, T, K): the corners (one state, one position, one batch element) and the largest enumerated size.
 SHAPES = ((1, 1, 1), (2, 1, 3), (3, 2, 1), (2, 4, 3), (3, 5, 4))
 RTOL64, ATOL64 = 1e-5, 1e-6  # the design's "1e-5 relative" against the float64 oracle
@@ -718,7 +718,8 @@ def long_chain():
 
 @pytest.mark.parametrize(
     "method,dtype",
-    [(m, dt) for m in ("scaled", "log", "auto") for dt in (torch.float32, torch.float64)] + [("scan", torch.float32)],
+    [(m, dt) for m in ("scaled", "log", "blocked", "auto") for dt in (torch.float32, torch.float64)]
+    + [("scan", torch.float32)],
 )
 def test_long_sequence_log_partition(long_chain, method, dtype):
     (init, trans, emit, lengths), ref = long_chain
@@ -728,10 +729,11 @@ def test_long_sequence_log_partition(long_chain, method, dtype):
     assert_close(lz, ref, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=0)
 
 
-def test_long_sequence_marginals(long_chain):
+@pytest.mark.parametrize("method", ["auto", "blocked"])
+def test_long_sequence_marginals(long_chain, method):
     """float32 marginals of the long chain: finite, normalised, zero at padding, close to float64."""
     (init, trans, emit, lengths), _ = long_chain
-    m32 = ChainPosterior(init.float(), trans.float(), emit.float(), lengths=lengths).marginals
+    m32 = ChainPosterior(init.float(), trans.float(), emit.float(), lengths=lengths, method=method).marginals
     m64 = ChainPosterior(init, trans, emit, lengths=lengths, method="scaled").marginals
     assert torch.isfinite(m32).all()
     valid = ~padding_mask(lengths, emit.shape[1])
