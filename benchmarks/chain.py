@@ -7,7 +7,7 @@ with a shared transition matrix, ``log_partition(init, trans[K, K], emit[B, T, K
 Rows (``method`` names in the JSON):
 
 * ``latentnlp`` -- ``ChainPosterior(..., method="auto")``; ``latentnlp-scaled``, ``-log``,
-  ``-scan`` (small K only) force an algorithm; ``latentnlp-fwd`` is the forward alone under
+  ``-scan`` (small K only), ``-blocked`` force an algorithm; ``latentnlp-fwd`` is the forward alone under
   ``torch.no_grad()``, the fair partner of hmmlearn.
 * ``naive`` -- the same scaled probability-space forward written with plain torch ops
   (``alpha = (alpha @ A) * e_t``, renormalise) and differentiated by autograd.
@@ -33,11 +33,25 @@ the repeats after one warm-up call (repeats fill ``--budget`` seconds, at least 
 imports, input creation and a tiny warm-up of the same code path; it counts every allocation of
 the process (torch, numpy, C++), not only torch tensors.
 
+Viterbi mode (``--viterbi``): decoding, ``ChainPosterior(init, trans[K, K], emit).argmax``, against
+pytorch-crf's ``CRF(K, batch_first=True).decode(emit)`` with the same scores (its start
+transitions = ``init``, transitions = ``trans``, end transitions 0), at the CRF-tagger sizes
+``VITERBI_SIZES``.  Both run in this one process, side by side: each repeat calls every row once,
+in rotating order, so that load from other processes falls on all rows alike; the table gives
+the fastest and the median of the repeats and the ratios of each.  pytorch-crf returns Python
+lists, latentnlp a ``[B, T]`` tensor; each is timed producing its own output, and the row
+``latentnlp-argmax-lists`` adds ``.tolist()`` for the same output as pytorch-crf's.  The paths
+must be equal (checked on every size).  One thread by default (``--threads``): decoding is
+a loop of small ops, and on a 2-core machine shared with other processes a 2-thread pool made
+pytorch-crf's calls stall for ~50 ms at random while a core was taken (with or without
+latentnlp in the process).  Writes ``benchmarks/results/viterbi.json``.
+
 Usage::
 
     python benchmarks/chain.py                 # full run, writes benchmarks/results/chain.json
     python benchmarks/chain.py --quick         # sanity run: short chains, one repeat, writes nothing
     python benchmarks/chain.py --sizes 16x64x64,8x1024x16 --methods latentnlp,naive,matmul-3T
+    python benchmarks/chain.py --viterbi       # decoding against pytorch-crf, writes results/viterbi.json
 """
 
 from __future__ import annotations
@@ -60,6 +74,7 @@ sys.path.insert(0, str(HERE))  # the shared measurement module, wherever the scr
 from measurement import failure, peak_memory, repeat_count, run_case, start_worker, utc_now  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "chain.json"
+VITERBI_OUT = REPO / "benchmarks" / "results" / "viterbi.json"
 THREADS = 2  # default of --threads
 SEED = 0
 
@@ -73,6 +88,7 @@ METHODS = {
     "latentnlp-scaled": ("latentnlp, method scaled", True, lambda B, T, K: True),
     "latentnlp-log": ("latentnlp, method log", True, lambda B, T, K: True),
     "latentnlp-scan": ("latentnlp, method scan (small K only)", True, lambda B, T, K: K <= 128),
+    "latentnlp-blocked": ("latentnlp, method blocked", True, lambda B, T, K: True),
     "latentnlp-fwd": ("latentnlp auto, forward only (no_grad)", False, lambda B, T, K: True),
     "naive": ("scaled forward in plain torch ops, autograd backward", True, lambda B, T, K: True),
     "torch-struct": ("torch-struct LinearChainCRF on [B,T-1,K,K] edges", True, lambda B, T, K: True),
@@ -81,6 +97,14 @@ METHODS = {
     "matmul-3T": ("3T torch.mm (B,K)x(K,K): the BLAS limit", True, lambda B, T, K: True),
 }
 PEERS = ["naive", "torch-struct", "pyro"]
+
+# --viterbi: (B, T, K) of a CRF tagger, a larger tag set, a long sequence
+VITERBI_SIZES = [(32, 50, 20), (32, 200, 50), (8, 1000, 10)]
+VITERBI_ROWS = {
+    "latentnlp-argmax": "ChainPosterior(...).argmax, a [B, T] tensor",
+    "latentnlp-argmax-lists": "the same, then .tolist() (pytorch-crf's output)",
+    "pytorch-crf": "torchcrf.CRF(K, batch_first=True).decode, lists",
+}
 
 
 # ==============================================================================================
@@ -428,6 +452,102 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
     return console, "\n".join(md)
 
 
+# ==============================================================================================
+# --viterbi: decoding against pytorch-crf, side by side in this process
+# ==============================================================================================
+def _viterbi_rows(B, T, K):
+    """``{row: decode()}`` over one random CRF, and the path of each (checked equal by the caller)."""
+    import torch
+    from torchcrf import CRF
+
+    from latentnlp import ChainPosterior
+
+    g = torch.Generator().manual_seed(SEED)
+    init, trans, emit = torch.randn(K, generator=g), torch.randn(K, K, generator=g), torch.randn(B, T, K, generator=g)
+    crf = CRF(K, batch_first=True)
+    with torch.no_grad():
+        crf.start_transitions.copy_(init)
+        crf.transitions.copy_(trans)
+        crf.end_transitions.zero_()
+    return {
+        "latentnlp-argmax": lambda: ChainPosterior(init, trans, emit).argmax,
+        "latentnlp-argmax-lists": lambda: ChainPosterior(init, trans, emit).argmax.tolist(),
+        "pytorch-crf": lambda: crf.decode(emit),
+    }
+
+
+def viterbi_benchmark(args, sizes) -> tuple[list, str]:
+    """Time every row of :data:`VITERBI_ROWS` at ``sizes``, alternating; returns results and a table."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results, lines = [], []
+    head = f"{'B,T,K':>12}  {'row':<24}{'fastest':>11}{'median':>11}  speed-up of latentnlp-argmax (fastest, median)"
+    for B, T, K in sizes:
+        rows = _viterbi_rows(B, T, K)
+        paths = {name: torch.as_tensor(run()) for name, run in rows.items()}  # also the warm-up
+        agree = all(torch.equal(p, paths["latentnlp-argmax"]) for p in paths.values())
+        times = {name: [] for name in rows}
+        order = list(rows)
+        for i in range(args.repeats):
+            for name in order[i % len(order) :] + order[: i % len(order)]:
+                t0 = time.perf_counter()
+                rows[name]()
+                times[name].append(time.perf_counter() - t0)
+        ours = times["latentnlp-argmax"]
+        entry = dict(B=B, T=T, K=K, paths_agree=agree, rows={})
+        for name, ts in times.items():
+            fastest, median = min(ts), statistics.median(ts)
+            entry["rows"][name] = dict(fastest_s=fastest, median_s=median, times_s=ts)
+            ratio = (fastest / min(ours), median / statistics.median(ours))
+            entry["rows"][name]["speedup_of_latentnlp"] = dict(fastest=ratio[0], median=ratio[1])
+            lines.append(
+                f"{f'{B},{T},{K}':>12}  {name:<24}{fastest * 1e3:>9.2f}ms{median * 1e3:>9.2f}ms"
+                f"  {ratio[0]:.2f}x, {ratio[1]:.2f}x"
+            )
+        if not agree:
+            lines.append(f"  WARNING: the paths differ at B,T,K = {B},{T},{K}")
+        results.append(entry)
+    table = "\n".join([head, "-" * len(head)] + lines)
+    return results, table
+
+
+def viterbi_main(args, sizes) -> int:
+    info = machine_info(args)
+    print(
+        f"# {info['cpu_model']}, {info['cpu_count']} CPUs, torch {info['versions']['torch']}, "
+        f"{args.threads} thread(s), {args.repeats} alternating repeats, "
+        f"load average {info['load_average_start'][0]:.2f}",
+        flush=True,
+    )
+    results, table = viterbi_benchmark(args, sizes)
+    print(table)
+    info["load_average_end"] = list(os.getloadavg())
+    out = args.out or (None if args.quick else VITERBI_OUT)
+    if out:
+        doc = {
+            "benchmark": "Viterbi decoding, ChainPosterior.argmax against pytorch-crf CRF.decode",
+            "date": utc_now(),
+            "machine": info,
+            "settings": {
+                "repeats": args.repeats,
+                "dtype": "float32",
+                "seed": SEED,
+                "trans": "shared [K, K], all lengths T",
+                "statistic": "fastest and median of alternating repeats in one process, after one warm-up call",
+                "outputs": "latentnlp a [B, T] tensor, pytorch-crf Python lists (latentnlp-argmax-lists: "
+                "tensor then .tolist())",
+            },
+            "rows": VITERBI_ROWS,
+            "results": results,
+            "table": table,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"# wrote {out}")
+    return 0 if all(r["paths_agree"] for r in results) else 1
+
+
 def machine_info(args) -> dict:
     import numpy
     import torch
@@ -439,7 +559,7 @@ def machine_info(args) -> dict:
     except (OSError, StopIteration):
         pass
     versions = {"torch": torch.__version__, "numpy": numpy.__version__}
-    for name in ("torch-struct", "pyro-ppl", "hmmlearn"):
+    for name in ("torch-struct", "pyro-ppl", "hmmlearn", "pytorch-crf"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -476,20 +596,38 @@ def main(argv=None):
     p.add_argument("--budget", type=float, help="seconds of repeats per measurement (default 3; quick 0)")
     p.add_argument("--max-repeats", type=int, default=15)
     p.add_argument("--timeout", type=float, help="seconds per measurement process (default 150; quick 30)")
-    p.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads (default 2)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default 2; --viterbi 1)")
     p.add_argument("--mem-cap-gb", type=float, default=8.0, help="RLIMIT_AS of each process")
     p.add_argument(
         "--out",
         type=Path,
         help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)}; --quick writes none unless given)",
     )
+    p.add_argument("--viterbi", action="store_true", help="decoding against pytorch-crf (see above)")
+    p.add_argument("--repeats", type=int, help="--viterbi: alternating repeats per size (default 30; quick 2)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    if args.viterbi:
+        sys.path.insert(0, str(REPO))
+        if args.threads is None:
+            args.threads = 1
+        if args.repeats is None:
+            args.repeats = 2 if args.quick else 30
+        sizes = (
+            [(2, 8, K) for _, _, K in VITERBI_SIZES]
+            if args.quick
+            else VITERBI_SIZES
+            if not args.sizes
+            else [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
+        )
+        return viterbi_main(args, sizes)
 
+    if args.threads is None:
+        args.threads = THREADS
     if args.budget is None:
         args.budget = 0.0 if args.quick else 3.0
     if args.timeout is None:

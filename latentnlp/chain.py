@@ -26,18 +26,24 @@ Algorithms:
 * :func:`log_space_forward` -- the same recursion in the log semiring, autograd through it.
 * :func:`scan_log_partition` -- parallel prefix: a balanced tree of log-space ``K x K``
   products, depth ``log T`` (dense).
+* :func:`blocked_log_partition` -- the scaled algorithm's quantities through products of
+  blocks of ``b ~ sqrt(T)`` steps: ``O(sqrt T)`` sequential batched operations instead of
+  ``O(T)``, for ``O(B T K^3)`` arithmetic (dense), with a hand-written blocked backward.
 * :func:`viterbi`, :func:`kbest_viterbi` (dense), :func:`forward_filter`,
   :func:`backward_sample`, :func:`chain_entropy` (dense), :func:`path_score`.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy
 import torch
 from torch import Tensor
 
 from .gumbel import gumbel_argmax
 from .masks import lengths_to_mask
-from .semirings import LogSemiring, MaxSemiring, finite_max, safe_log
+from .semirings import LogSemiring, finite_max, safe_log
 from .transitions import Transition, TransitionProbabilities, shifted_exp
 
 
@@ -211,6 +217,224 @@ def scaled_log_partition(
 
 
 # ----------------------------------------------------------------------------------------------
+# blocked (probability-space) forward-backward: few sequential steps
+# ----------------------------------------------------------------------------------------------
+def _normalised(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``x`` divided by its sum over ``dims``, at least the smallest normal number (a dead chain stays 0,
+    not NaN; a subnormal sum is left unnormalised, and its step's normaliser is flagged as underflow)."""
+    return x / x.sum(dims, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+class _Blocks:
+    r"""The steps ``t = 1 .. n b`` of a chain cut into ``n`` blocks of ``b``: block ``m`` holds the
+    steps ``t = m b + s``, ``s = 1 .. b`` (steps at or past ``T`` are padding, as are those past a
+    length: both act as the identity).
+
+    ``probs`` is the dense shifted probability matrix (``[K, K]``, ``[B, K, K]`` or
+    ``[B, T-1, K, K]``), ``emit_probs [B, T, K]`` the shifted emission probabilities.
+    :meth:`at` gives step ``s`` of every block at once: the matrix as ``[K, K]``, ``[B, 1, K, K]``
+    or ``[B, n, K, K]``, the emissions ``[B, n, K]`` and the mask of real steps ``[B, n]``.
+    """
+
+    def __init__(self, probs: Tensor, emit_probs: Tensor, mask: Tensor, block: int):
+        batch, steps, k = emit_probs.shape
+        self.block, self.count = block, -(-(steps - 1) // block)
+        extra = self.count * block - (steps - 1)
+        pad = torch.nn.functional.pad
+        self.emit = pad(emit_probs[:, 1:], (0, 0, 0, extra)).view(batch, self.count, block, k)
+        self.mask = pad(mask[:, 1:], (0, extra)).view(batch, self.count, block)
+        # steps s at which every block of every chain is real need no padding logic (one sync)
+        self.all_valid = self.mask.all(1).all(0).tolist()
+        if probs.dim() == 4:
+            self.probs = pad(probs, (0, 0, 0, 0, 0, extra)).view(batch, self.count, block, k, k)
+        else:
+            self.probs = probs if probs.dim() == 2 else probs.unsqueeze(1)
+
+    def at(self, s: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Step ``s`` of every block: matrix, emissions and mask (None when every step is real)."""
+        probs = self.probs[:, :, s - 1] if self.probs.dim() == 5 else self.probs
+        return probs, self.emit[:, :, s - 1], None if self.all_valid[s - 1] else self.mask[:, :, s - 1]
+
+
+def _vectors_times(vectors: Tensor, probs: Tensor) -> Tensor:
+    """``out[b, m] = vectors[b, m] @ P`` for ``vectors [B, n, K]`` and ``P`` as :meth:`_Blocks.at` gives it."""
+    if probs.dim() == 2:
+        return vectors @ probs
+    if probs.shape[1] == 1:
+        return torch.bmm(vectors, probs.squeeze(1))
+    return (vectors.unsqueeze(-2) @ probs).squeeze(-2)
+
+
+def _times_vectors(probs: Tensor, vectors: Tensor) -> Tensor:
+    """``out[b, m] = P @ vectors[b, m]``: the backward direction of :func:`_vectors_times`."""
+    if probs.dim() == 2:
+        return vectors @ probs.transpose(0, 1)
+    if probs.shape[1] == 1:
+        return torch.bmm(vectors, probs.squeeze(1).transpose(1, 2))
+    return (probs @ vectors.unsqueeze(-1)).squeeze(-1)
+
+
+def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, block: int):
+    r"""Forward pass of the blocked algorithm: the scaled algorithm's quantities in ``2 b + n`` steps.
+
+    With ``S_t = P_t diag(e_t)`` (the identity past the length) the filter is
+    ``alpha_t \propto alpha_0 S_1 ... S_t``.  (1) The block products ``R_m = S_{mb+1} ... S_{mb+b}``
+    of all ``n`` blocks at once, ``b`` batched matrix products, each renormalised to sum 1;
+    (2) the filters at the block boundaries, ``alpha_{(m+1)b} \propto alpha_{mb} R_m``, ``n``
+    steps; (3) the filters inside every block at once from its first boundary, the scaled
+    recursion ``a_t = (alpha_{t-1} P_t) * e_t``, ``c_t = sum a_t``, ``alpha_t = a_t / c_t``,
+    ``b`` steps.  The shift of ``e_t`` is the largest emission score of step ``t`` (no
+    reachability pass: a peak on a state the chain cannot be in costs precision, which the
+    underflow flag reports).  Returns ``alpha [T, B, K]``, ``scale [T, B]`` (the ``c_t``, 1 past
+    the length), ``emit_probs [B, T, K]``, the block products ``R [B, n, K, K]`` (None when
+    ``T = 1``) and ``log_shift [B]``: ``log Z = sum_t log c_t + log_shift + transition shifts``.
+    """
+    batch, steps, k = emit.shape
+    shift = finite_max(emit, -1)
+    emit_probs = torch.exp(emit - shift)
+    init_shift = finite_max(init, -1)
+    a = torch.exp(init - init_shift) * emit_probs[:, 0]
+    log_shift = (shift.squeeze(-1) * mask).sum(-1) + init_shift.squeeze(-1)
+    alpha0, scale0 = _normalised(a, (-1,)), a.sum(-1)
+    if steps == 1:
+        return alpha0.unsqueeze(0), scale0.unsqueeze(0), emit_probs, None, log_shift
+    blocks = _Blocks(probs, emit_probs, mask, block)
+    n = blocks.count
+    product = torch.eye(k, dtype=emit.dtype, device=emit.device).expand(batch, n, k, k)
+    for s in range(1, block + 1):  # (1) the block products, all blocks at once
+        p_s, e_s, valid = blocks.at(s)
+        step = product @ (p_s * e_s.unsqueeze(-2))  # times P_t diag(e_t)
+        product = _normalised(step if valid is None else torch.where(valid[..., None, None], step, product), (-1, -2))
+    boundary = [alpha0]
+    for m in range(n - 1):  # (2) the filters at the boundaries
+        boundary.append(_normalised(torch.bmm(boundary[-1].unsqueeze(1), product[:, m]).squeeze(1), (-1,)))
+    previous = torch.stack(boundary, 1)  # [B, n, K]: alpha_{mb}
+    alpha, scale = [], []
+    for s in range(1, block + 1):  # (3) the filters inside the blocks
+        p_s, e_s, valid = blocks.at(s)
+        a = _vectors_times(previous, p_s) * e_s
+        c = a.sum(-1)
+        if valid is None:
+            previous = a / c.unsqueeze(-1).clamp_min(torch.finfo(a.dtype).tiny)
+        else:
+            previous = torch.where(valid.unsqueeze(-1), _normalised(a, (-1,)), previous)
+            c = torch.where(valid, c, torch.ones_like(c))
+        alpha.append(previous)
+        scale.append(c)
+    # [b, B, n, ...] -> steps t = m b + s, time-major, cut at T - 1
+    alpha = torch.stack(alpha).permute(2, 0, 1, 3).reshape(n * block, batch, k)[: steps - 1]
+    scale = torch.stack(scale).permute(2, 0, 1).reshape(n * block, batch)[: steps - 1]
+    return (
+        torch.cat([alpha0.unsqueeze(0), alpha]),
+        torch.cat([scale0.unsqueeze(0), scale]),
+        emit_probs,
+        product,
+        log_shift,
+    )
+
+
+def _blocked_backward(alpha: Tensor, probs: Tensor, emit_probs: Tensor, scale: Tensor, mask: Tensor, product, block):
+    r"""Backward pass of the blocked algorithm: ``gamma [T, B, K]`` and ``u [T, B, K]`` as :func:`_scaled_backward`.
+
+    Backward vectors in any positive scale, ``beta'_{t-1} \propto S_t beta'_t`` from
+    ``beta'_{T-1} = 1``: at the block boundaries through the saved block products,
+    ``beta'_{mb} \propto R_m beta'_{(m+1)b}`` (``n`` steps), then inside every block at once
+    (``b`` steps).  The scaled algorithm's ``beta_t`` is ``beta'_t / (alpha_t . beta'_t)``
+    (its marginals ``gamma_t = alpha_t * beta_t`` sum to 1), and ``u_t = e_t * beta_t / c_t``
+    (0 at ``t = 0`` and past the length).
+    """
+    steps, batch, k = alpha.shape
+    blocks = _Blocks(probs, emit_probs, mask, block)
+    n = blocks.count
+    boundary = [alpha.new_ones(batch, k)]  # beta'_{nb} = 1: padding steps are the identity
+    for m in range(n - 1, 0, -1):
+        boundary.append(_normalised(torch.bmm(product[:, m], boundary[-1].unsqueeze(-1)).squeeze(-1), (-1,)))
+    following = torch.stack(boundary[::-1], 1)  # [B, n, K]: beta'_{(m+1)b}
+    backward = [following]
+    for s in range(block, 0, -1):  # beta'_{mb+s-1} from beta'_{mb+s}
+        p_s, e_s, valid = blocks.at(s)
+        step = _normalised(_times_vectors(p_s, e_s * following), (-1,))
+        following = step if valid is None else torch.where(valid.unsqueeze(-1), step, following)
+        backward.append(following)
+    # backward[i] holds beta' at s = b - i; reversed and cut, s = 0 .. b - 1 (positions m b + s)
+    vectors = torch.stack(backward[::-1][:block])  # [b, B, n, K]
+    beta = vectors.permute(2, 0, 1, 3).reshape(n * block, batch, k)[:steps]
+    if beta.shape[0] < steps:  # T - 1 = n b: the last position is the final boundary
+        beta = torch.cat([beta, backward[0][:, -1].unsqueeze(0)])
+    norm = (alpha * beta).sum(-1, keepdim=True)
+    beta = beta / torch.where(norm > 0, norm, torch.ones_like(norm))
+    u = emit_probs.transpose(0, 1) * beta / scale.unsqueeze(-1)
+    u = torch.where(mask.T.unsqueeze(-1), u, torch.zeros_like(u))
+    u[0] = 0.0
+    return alpha * beta, u
+
+
+class _BlockedLogPartition(torch.autograd.Function):
+    """``log Z`` by the blocked forward algorithm, gradient by the blocked backward algorithm.
+
+    ``apply(init, emit, lengths, block, transition, *transition.parameters)``, as
+    :class:`_ScaledLogPartition`; the gradient of the transition's parameters comes from its
+    probability-space form (:meth:`TransitionProbabilities.parameter_gradients`).
+    """
+
+    @staticmethod
+    def forward(ctx, init, emit, lengths, block, transition, *parameters):
+        mask = lengths_to_mask(lengths, emit.shape[1])
+        probs = transition.probabilities()
+        alpha, scale, emit_probs, product, log_shift = _blocked_forward(init, probs.dense(), emit, mask, block)
+        log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
+        underflowed = _underflowed(scale, mask)
+        ctx.save_for_backward(alpha, scale, emit_probs, mask)
+        ctx.probs, ctx.product, ctx.block = probs, product, block
+        final_filter = alpha[-1]
+        ctx.mark_non_differentiable(final_filter, underflowed)
+        return log_z.to(emit.dtype), final_filter, underflowed
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _grad_final_filter, _grad_underflowed):
+        alpha, scale, emit_probs, mask = ctx.saved_tensors
+        probs = ctx.probs
+        if ctx.product is None:  # T = 1
+            gamma, u = alpha, torch.zeros_like(alpha)
+        else:
+            gamma, u = _blocked_backward(alpha, probs.dense(), emit_probs, scale, mask, ctx.product, ctx.block)
+        g = grad.unsqueeze(-1)
+        grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
+        grad_init = gamma[0] * g
+        grad_parameters = probs.parameter_gradients(alpha[:-1] * g, u[1:])
+        return (grad_init, grad_emit, None, None, None) + tuple(grad_parameters)
+
+
+def default_block(steps: int) -> int:
+    """``b = ceil(sqrt(T - 1))``: about ``3 sqrt(T)`` sequential steps forward, ``2 sqrt(T)`` backward."""
+    return max(1, math.isqrt(max(steps - 2, 0)) + 1)
+
+
+def blocked_log_partition(
+    init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor, block: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``log Z [B]`` by the blocked scaled algorithm (first-order differentiable): few sequential steps.
+
+    The chain's ``T - 1`` steps are cut into ``n = ceil((T-1)/b)`` blocks of ``b`` (default
+    :func:`default_block`); the forward pass takes ``2 b + n`` sequential batched operations
+    (:func:`_blocked_forward`) and the backward ``b + n`` (:func:`_blocked_backward`) instead
+    of ``T`` each, at the price of ``O(B T K^3)`` arithmetic for the block products (dense:
+    a low-rank transition is densified for them).  Memory: ``O(B T K)`` for the vectors and
+    ``O(B n K^2)`` for the block products (time-varying: the padded ``[B, n b, K, K]``
+    probabilities).  Returns what :func:`scaled_log_partition` returns.
+
+    Measured on the CPU (forward + backward, float32, 2 threads, alternating with
+    ``method="auto"`` in one process): 2.0x faster than ``"auto"`` at ``(B, T, K) = (8, 1024, 16)``
+    (2.1x the time of its ``3 T`` matmuls, ``"auto"`` 4.3x), but 3-5x slower at ``K = 64`` and
+    8-16x slower at ``K = 128`` (``T = 64``), where the block products' ``K^3`` outweighs the
+    steps saved; ``"auto"`` does not choose it.
+    """
+    block = default_block(emit.shape[1]) if block is None else block
+    return _BlockedLogPartition.apply(init, emit, lengths, block, transition, *transition.parameters)
+
+
+# ----------------------------------------------------------------------------------------------
 # log space
 # ----------------------------------------------------------------------------------------------
 def log_space_forward(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -262,65 +486,173 @@ def scan_log_partition(init: Tensor, transition: Transition, emit: Tensor, lengt
 # ----------------------------------------------------------------------------------------------
 # Viterbi and k-best
 # ----------------------------------------------------------------------------------------------
+def _max_plus_forward(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, int]:
+    r"""The Viterbi scores of every position, time-major: ``(scores [T, B, K], mask [B, T], all_valid_until)``.
+
+    ``a_0 = init + emit_0``; ``a_t[j] = max_i (a_{t-1}[i] + trans_t[i, j]) + emit_t[j]`` for
+    ``t < L`` and ``a_t = a_{t-1}`` past the length.  ``trans`` is dense (``[K, K]``,
+    ``[B, K, K]`` or ``[B, T-1, K, K]``).  A step is one sum into a preallocated
+    ``[K_prev, B, K_next]`` buffer and one max over its leading dimension, which reduces
+    contiguous rows (several times faster than a max over a middle or last dimension of the
+    same numbers); no back-pointers are stored (:func:`viterbi` recomputes the one it follows).
+    ``all_valid_until = min(lengths)``: steps before it have no padding.
+    """
+    batch, steps, k = emit.shape
+    mask = lengths_to_mask(lengths, steps)
+    scores = emit.new_empty(steps, batch, k)
+    torch.add(init, emit[:, 0], out=scores[0])
+    # per-step views taken once: indexing inside the loop costs as much as the small reductions
+    score_t, emit_t = scores.unbind(0), emit.unbind(1)
+    previous_at = tuple(a.T.unsqueeze(-1) for a in score_t)  # a_t as [K_prev, B, 1]
+    # the transition as [K_prev, 1 or B, K_next] views
+    if trans.dim() == 4:
+        trans_at = (None,) + tuple(x.transpose(0, 1) for x in trans.unbind(1))
+    else:
+        trans_at = (None,) + (trans.unsqueeze(1) if trans.dim() == 2 else trans.transpose(0, 1),) * (steps - 1)
+    candidates = emit.new_empty(k, batch, k)  # [K_prev, B, K_next]
+    all_valid_until = int(lengths.min()) if batch else steps
+    for t in range(1, steps):
+        current = score_t[t]
+        torch.add(previous_at[t - 1], trans_at[t], out=candidates)
+        torch.amax(candidates, 0, out=current)
+        current.add_(emit_t[t])
+        if t >= all_valid_until:
+            current.copy_(torch.where(mask[:, t].unsqueeze(-1), current, score_t[t - 1]))
+    return scores, mask, all_valid_until
+
+
+def _backtrack(scores, columns, mask, all_valid_until: int, rows, path, where) -> None:
+    r"""Viterbi backtracking over the scores ``a [T, B, K]`` of :func:`_max_plus_forward` into ``path [T, B]``.
+
+    ``z_{L-1} = argmax_j a_{L-1}[j]`` and ``z_{t-1} = argmax_i (a_{t-1}[i] + trans_t[i, z_t])``
+    for ``t < L`` (``z`` kept past the length, where ``path`` gets junk): the back-pointer of
+    the chosen state only, a ``[B, K]`` argmax a step.  ``columns`` is the transition with the
+    "from" state last, ``[K_next, K_prev]`` or ``[B, K_next, K_prev]``, or the time-varying
+    ``[B, T-1, K_prev, K_next]`` itself; ``rows = arange(B)``.  The arrays are all torch
+    tensors (``where = torch.where``) or all numpy arrays (``numpy.where``), whose indexing
+    costs a fraction of torch's on the CPU; both libraries' argmax returns the first maximum,
+    so ties go to the lowest state index.
+    """
+    steps = scores.shape[0]
+    if columns.ndim == 4:
+
+        def into(t, z):
+            return columns[rows, t - 1, :, z]
+
+    elif columns.ndim == 3:
+
+        def into(t, z):
+            return columns[rows, z]
+
+    else:
+
+        def into(t, z):
+            return columns[z]
+
+    current = scores[steps - 1].argmax(-1)  # frozen past the length: argmax of a_{L-1}
+    for t in range(steps - 1, 0, -1):
+        path[t] = current
+        previous = (scores[t - 1] + into(t, current)).argmax(-1)
+        current = where(mask[:, t], previous, current) if t >= all_valid_until else previous
+    path[0] = current
+
+
 @torch.no_grad()
 def viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor) -> Tensor:
     r"""The highest-scoring path ``argmax_z s(z)``: ``[B, T]`` long, padding filled with 0.
 
-    Max-plus forward ``a_t[j] = max_i (a_{t-1}[i] + trans_t[i, j]) + emit_t[j]`` with
-    back-pointers ``bp_t[j] = argmax_i``, then backtracking from ``argmax_j a_{L-1}[j]``.
-    Dense: a max over a sum of factors has no factored form, so a low-rank transition is
-    densified (:meth:`~latentnlp.transitions.Transition.dense`).
+    Max-plus forward ``a_t[j] = max_i (a_{t-1}[i] + trans_t[i, j]) + emit_t[j]``
+    (:func:`_max_plus_forward`), then backtracking from ``z_{L-1} = argmax_j a_{L-1}[j]`` with
+    ``z_{t-1} = argmax_i (a_{t-1}[i] + trans_t[i, z_t])`` (:func:`_backtrack`): the back-pointer
+    of the chosen state is recomputed rather than stored for every state, because an argmax
+    over ``K x K`` a step costs several times the max alone.  Ties go to the lowest state index,
+    as a stored pointer's would.  On the CPU the backtracking runs on numpy views of the same
+    memory.  Dense: a max over a sum of factors has no factored form, so a low-rank transition
+    is densified (:meth:`~latentnlp.transitions.Transition.dense`).
     """
-    trans = transition.dense()
+    trans = transition.dense().detach()
     batch, steps, _ = emit.shape
+    scores, mask, all_valid_until = _max_plus_forward(init, trans, emit, lengths)
+    columns = trans if trans.dim() == 4 else trans.transpose(-1, -2).contiguous()
+    path = torch.empty(steps, batch, dtype=torch.long, device=emit.device)
+    if emit.device.type == "cpu" and emit.dtype in (torch.float32, torch.float64):
+        arrays = (scores.numpy(), columns.numpy(), mask.numpy(), all_valid_until, numpy.arange(batch))
+        _backtrack(*arrays, path.numpy(), numpy.where)
+    else:
+        rows = torch.arange(batch, device=emit.device)
+        _backtrack(scores, columns, mask, all_valid_until, rows, path, torch.where)
+    return path.T.contiguous().mul_(mask)
+
+
+def _kbest_forward(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor, k: int):
+    r"""The k-best recursion, time-major: ``(scores [T, B, K, k], pointers [T, B, K, k], mask, all_valid_until)``.
+
+    ``a_0[j, 0] = init[j] + emit_0[j]`` (other ranks ``-inf``); ``a_t[j, r]`` = the ``r``-th best
+    of ``a_{t-1}[i, r'] + trans_t[i, j]`` over ``(i, r')``, plus ``emit_t[j]``, with the
+    back-pointer ``i k + r'``; ``a_t = a_{t-1}`` past the length.  A step is one
+    ``[B, K_next, K_prev, k]`` sum into a preallocated buffer and one ``topk`` over its last two
+    dimensions, written into the buffers.  ``trans`` dense; ``all_valid_until = min(lengths)``.
+    """
+    batch, steps, num_states = emit.shape
     mask = lengths_to_mask(lengths, steps)
-    a = init + emit[:, 0]
-    pointers = []
+    scores = emit.new_full((steps, batch, num_states, k), float("-inf"))
+    pointers = torch.zeros(steps, batch, num_states, k, dtype=torch.long, device=emit.device)
+    torch.add(init, emit[:, 0], out=scores[0, :, :, 0])
+    # per-step views taken once; the transition with the "from" state last, [(B,) K_next, K_prev, 1]
+    score_t, pointer_t, emit_t = scores.unbind(0), pointers.unbind(0), emit.unsqueeze(-1).unbind(1)
+    into = trans.transpose(-1, -2).unsqueeze(-1)
+    into_at = (None,) + (into.unbind(1) if trans.dim() == 4 else (into,) * (steps - 1))
+    candidates = emit.new_empty(batch, num_states, num_states, k)
+    flat_candidates = candidates.view(batch, num_states, num_states * k)
+    all_valid_until = int(lengths.min()) if batch else steps
     for t in range(1, steps):
-        best, pointer = MaxSemiring.matmul_with_argmax(a.unsqueeze(-2), _dense_at(trans, t))
-        a = torch.where(mask[:, t].unsqueeze(-1), best.squeeze(-2) + emit[:, t], a)
-        pointers.append(pointer.squeeze(-2))
-    path = torch.zeros(batch, steps, dtype=torch.long, device=emit.device)
-    current = a.argmax(-1)
-    for t in range(steps - 1, 0, -1):
-        valid = mask[:, t]
-        path[:, t] = torch.where(valid, current, torch.zeros_like(current))
-        current = torch.where(valid, pointers[t - 1].gather(-1, current.unsqueeze(-1)).squeeze(-1), current)
-    path[:, 0] = current
-    return path
+        current = score_t[t]
+        torch.add(score_t[t - 1].unsqueeze(1), into_at[t], out=candidates)
+        torch.topk(flat_candidates, k, -1, out=(current, pointer_t[t]))
+        current.add_(emit_t[t])
+        if t >= all_valid_until:
+            current.copy_(torch.where(mask[:, t, None, None], current, score_t[t - 1]))
+    return scores, pointers, mask, all_valid_until
 
 
 @torch.no_grad()
 def kbest_viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
     r"""The ``k`` highest-scoring paths: ``(paths [k, B, T], scores [k, B])``, best first.
 
-    Each state keeps its ``k`` best partial paths: ``a_t[j, r]`` = the ``r``-th best of
-    ``a_{t-1}[i, r'] + trans_t[i, j]`` over ``(i, r')``, plus ``emit_t[j]``.  If fewer than
-    ``k`` paths exist the extra scores are ``-inf``.  Dense, as :func:`viterbi`.
+    Each state keeps its ``k`` best partial paths (:func:`_kbest_forward`); the ``k`` best of
+    ``a_{L-1}`` over ``(state, rank)`` are followed back through the pointers
+    (:func:`_kbest_backtrack`, on numpy views on the CPU).  If fewer than ``k`` paths exist the
+    extra scores are ``-inf``.  Dense, as :func:`viterbi`.
     """
-    trans = transition.dense()
+    trans = transition.dense().detach()
     batch, steps, num_states = emit.shape
-    mask = lengths_to_mask(lengths, steps)
-    a = torch.full((batch, num_states, k), float("-inf"), dtype=emit.dtype, device=emit.device)
-    a[:, :, 0] = init + emit[:, 0]
-    pointers = []
-    for t in range(1, steps):
-        candidates = a.unsqueeze(-1) + _dense_at(trans, t).unsqueeze(-2)  # [B, K_prev, k, K_next]
-        best, pointer = candidates.reshape(batch, num_states * k, num_states).topk(k, dim=1)
-        step = best.transpose(1, 2) + emit[:, t].unsqueeze(-1)
-        a = torch.where(mask[:, t, None, None], step, a)
-        pointers.append(pointer.transpose(1, 2))  # [B, K_next, k] flat index prev * k + rank
-    scores, flat = a.reshape(batch, num_states * k).topk(k, dim=-1)  # [B, k]
+    scores, pointers, mask, all_valid_until = _kbest_forward(init, trans, emit, lengths, k)
+    best, flat = scores[steps - 1].reshape(batch, num_states * k).topk(k, dim=-1)  # [B, k]
+    paths = torch.empty(steps, batch, k, dtype=torch.long, device=emit.device)
+    if emit.device.type == "cpu":
+        arrays = (pointers.numpy(), flat.numpy(), mask.numpy(), all_valid_until, numpy.arange(batch)[:, None])
+        _kbest_backtrack(*arrays, k, paths.numpy(), numpy.where)
+    else:
+        rows = torch.arange(batch, device=emit.device).unsqueeze(-1)
+        _kbest_backtrack(pointers, flat, mask, all_valid_until, rows, k, paths, torch.where)
+    return paths.permute(2, 1, 0).mul_(mask).contiguous(), best.transpose(0, 1).contiguous()
+
+
+def _kbest_backtrack(pointers, flat, mask, all_valid_until: int, rows, k: int, paths, where) -> None:
+    """Follow the pointers ``[T, B, K, k]`` of :func:`_kbest_forward` from the final ``state * k + rank``
+    entries ``flat [B, k]`` into ``paths [T, B, k]`` (junk past the length); ``rows = arange(B)[:, None]``.
+    All torch tensors or all numpy arrays, as :func:`_backtrack`."""
+    steps = pointers.shape[0]
     state, rank = flat // k, flat % k
-    paths = torch.zeros(batch, k, steps, dtype=torch.long, device=emit.device)
     for t in range(steps - 1, 0, -1):
-        valid = mask[:, t].unsqueeze(-1)
-        paths[:, :, t] = torch.where(valid, state, torch.zeros_like(state))
-        previous = pointers[t - 1].reshape(batch, num_states * k).gather(-1, state * k + rank)
-        state = torch.where(valid, previous // k, state)
-        rank = torch.where(valid, previous % k, rank)
-    paths[:, :, 0] = state
-    return paths.permute(1, 0, 2), scores.transpose(0, 1)
+        paths[t] = state
+        previous = pointers[t][rows, state, rank]
+        if t >= all_valid_until:
+            valid = mask[:, t, None]
+            state, rank = where(valid, previous // k, state), where(valid, previous % k, rank)
+        else:
+            state, rank = previous // k, previous % k
+    paths[0] = state
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,12 +8,14 @@ A semiring supplies ``plus`` (a reduction over a dimension) and ``matmul``
   log-space forward, the log-space filter and a stream's carried belief), the parallel-prefix
   products of :func:`latentnlp.chain.scan_log_partition`, low-rank densification and
   backward sampling through a rank;
-- :class:`MaxSemiring` (``plus = max``, ``times = +``): the Viterbi recursion (its product with
-  the maximising index, for the back-pointers).
+- :class:`MaxSemiring` (``plus = max``, ``times = +``): the Viterbi recursion as a product with
+  the maximising index (the back-pointers).
 
-The probability-space ("scaled") kernel and the entropy recursion do not go through a
-semiring object: they are plain matrix products with per-step renormalisation, written out
-in :mod:`latentnlp.chain` and :mod:`latentnlp.transitions`.
+The probability-space ("scaled") kernel, the entropy recursion and Viterbi do not go through
+a semiring object: they are written out in :mod:`latentnlp.chain` and
+:mod:`latentnlp.transitions` (the scaled ones as plain matrix products with per-step
+renormalisation; Viterbi as a max into preallocated buffers, without the index, which its
+backtracking recomputes for the chosen state only).
 """
 
 from __future__ import annotations
@@ -52,24 +54,40 @@ class LogSemiring:
     def matmul(a: Tensor, b: Tensor) -> Tensor:
         """``C_ij = log sum_k exp(a_ik + b_kj)`` by the shift-exp-matmul trick.
 
-        ``a [..., M, K]``, ``b [..., K, N]`` -> ``[..., M, N]``.  Rows of ``a`` are
-        shifted by their max and columns of ``b`` by theirs, so the product is
-        one BLAS call on numbers in ``[0, 1]``; memory is that of the operands.
+        ``a [..., M, K]``, ``b [..., K, N]`` -> ``[..., M, N]``.  ``b`` is shifted by the max of
+        each column and then of each row (:meth:`exponentiate`), ``a`` by the max of
+        ``a_ik + (row shift of b)_k``, so the product is one BLAS call on numbers in ``[0, 1]``
+        whose largest term is 1; memory is that of the operands.
         """
         return LogSemiring.matmul_exponentiated(a, *LogSemiring.exponentiate(b))
 
     @staticmethod
-    def exponentiate(b: Tensor) -> tuple[Tensor, Tensor]:
-        """The right operand of :meth:`matmul` in probability space: ``(exp(b - s), s)`` with ``s``
-        the max of each column (``[..., 1, N]``).  A matrix used by many products is exponentiated once."""
+    def exponentiate(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The right operand of :meth:`matmul` in probability space: ``(exp(b - s - r), s, r)``.
+
+        ``s [..., 1, N]`` is the max of each column of ``b`` and ``r [..., 1, K]`` the max of each
+        row of ``b - s`` (``-inf`` for a row of ``-inf``, whose probabilities are 0), so every row
+        that reaches a column has largest entry 1.  A matrix used by many products is
+        exponentiated once.
+        """
         b_shift = finite_max(b, -2)
-        return torch.exp(b - b_shift), b_shift
+        centred = b - b_shift
+        rows = centred.detach().amax(-1, keepdim=True)  # [..., K, 1]
+        probs = torch.exp(centred - torch.where(torch.isfinite(rows), rows, torch.zeros_like(rows)))
+        return probs, b_shift, rows.transpose(-1, -2)
 
     @staticmethod
-    def matmul_exponentiated(a: Tensor, b_probs: Tensor, b_shift: Tensor) -> Tensor:
-        """:meth:`matmul` of ``a`` and the matrix ``b`` given as :meth:`exponentiate` returns it."""
-        a_shift = finite_max(a, -1)
-        return safe_log(torch.matmul(torch.exp(a - a_shift), b_probs)) + a_shift + b_shift
+    def matmul_exponentiated(a: Tensor, b_probs: Tensor, b_shift: Tensor, b_rows: Tensor) -> Tensor:
+        """:meth:`matmul` of ``a`` and the matrix ``b`` given as :meth:`exponentiate` returns it.
+
+        ``sum_k exp(a_ik + r_k - m_i) exp(b_kj - s_j - r_k)`` with ``m_i = max_k (a_ik + r_k)``: a
+        large entry of ``a`` on a row of ``b`` that is far below the others (or ``-inf``) neither
+        sets the shift nor underflows the terms that matter, which would leave a subnormal sum
+        whose log has an infinite gradient.
+        """
+        weighted = a + b_rows
+        a_shift = finite_max(weighted, -1)
+        return safe_log(torch.matmul(torch.exp(weighted - a_shift), b_probs)) + a_shift + b_shift
 
 
 class MaxSemiring:

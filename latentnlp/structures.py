@@ -45,7 +45,7 @@ from .validation import is_validating
 
 __all__ = ["ChainPosterior", "cross_entropy"]
 
-METHODS = ("auto", "scaled", "log", "scan")
+METHODS = ("auto", "scaled", "log", "scan", "blocked")
 
 
 def _describe(x: Tensor) -> str:
@@ -68,8 +68,11 @@ class ChainPosterior(Distribution):
         method: ``"scaled"`` (probability space, hand-written backward; first-order
             gradients only; rows where scaling underflowed keep the probability-space value),
             ``"log"`` (log space, autograd; any order), ``"scan"`` (parallel prefix, for long
-            chains with few states; dense) or ``"auto"`` (scaled, with the rows the scaled
-            kernel flags as underflowed redone in log space).
+            chains with few states; dense), ``"blocked"`` (the scaled quantities through
+            products of blocks of steps, ``O(sqrt T)`` sequential steps for ``O(T K^3)``
+            arithmetic, with flagged rows redone in log space as for ``"auto"``; first-order;
+            :func:`latentnlp.chain.blocked_log_partition`) or ``"auto"`` (scaled, with the rows
+            the scaled kernel flags as underflowed redone in log space).
         validate_args: torch's switch (``None``: the global default,
             :func:`latentnlp.validation.is_validating`).  When validating, the checks that
             synchronise with the device run: lengths in ``1..T``, no NaN or ``+inf`` score,
@@ -188,15 +191,16 @@ class ChainPosterior(Distribution):
             return chain.log_space_forward(init, transition, emit, self.lengths)
         if method == "scan":
             return chain.scan_log_partition(init, transition, emit, self.lengths), None
-        log_z, final_filter, underflowed = chain.scaled_log_partition(init, transition, emit, self.lengths)
-        if method == "auto" and bool(underflowed.any()):
-            return self._redo_underflowed(init, transition, emit, log_z, final_filter, underflowed)
+        kernel = chain.blocked_log_partition if method == "blocked" else chain.scaled_log_partition
+        log_z, final_filter, underflowed = kernel(init, transition, emit, self.lengths)
+        if method in ("auto", "blocked") and bool(underflowed.any()):
+            return self._redo_underflowed(kernel, init, transition, emit, log_z, final_filter, underflowed)
         return log_z, final_filter
 
-    def _redo_underflowed(self, init, transition, emit, log_z, final_filter, underflowed):
+    def _redo_underflowed(self, kernel, init, transition, emit, log_z, final_filter, underflowed):
         """``log Z`` with the flagged rows recomputed in log space.  When gradients are needed the
-        other rows are recomputed by the scaled kernel alone, so that no gradient passes through the
-        flagged rows' probability-space pass (whose lost precision may hold ``0 * inf``)."""
+        other rows are recomputed by the probability-space ``kernel`` alone, so that no gradient passes
+        through the flagged rows' probability-space pass (whose lost precision may hold ``0 * inf``)."""
         flagged = underflowed.nonzero().squeeze(-1)
         redone, redone_filter = chain.log_space_forward(
             init[flagged], transition.select_rows(flagged), emit[flagged], self.lengths[flagged]
@@ -205,9 +209,7 @@ class ChainPosterior(Distribution):
             kept = (~underflowed).nonzero().squeeze(-1)
             log_z = log_z.detach()
             if kept.numel():
-                kept_log_z, _, _ = chain.scaled_log_partition(
-                    init[kept], transition.select_rows(kept), emit[kept], self.lengths[kept]
-                )
+                kept_log_z, _, _ = kernel(init[kept], transition.select_rows(kept), emit[kept], self.lengths[kept])
                 log_z = log_z.index_put((kept,), kept_log_z)
         log_z = log_z.index_put((flagged,), redone)
         return log_z, final_filter.index_put((flagged,), redone_filter)

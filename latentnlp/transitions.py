@@ -70,6 +70,11 @@ class TransitionProbabilities(ABC):
         """``out[b] = P_t[(b)] @ vector[b]`` for ``vector [B, K]``, written into ``out [B, K]``."""
 
     @abstractmethod
+    def dense(self) -> Tensor:
+        """The shifted matrices ``P_t`` in the dense layout, ``[K, K]``, ``[B, K, K]`` or ``[B, T-1, K, K]``
+        (a low-rank one multiplied out: ``O(K^2)`` memory)."""
+
+    @abstractmethod
     def log_shift_total(self, edges: Tensor) -> Tensor:
         """``sum_t s_t * edges[b, t-1]`` for the edge mask ``edges [B, T-1]`` (float; float64 edges give a
         float64 total, as ``log Z`` is accumulated): ``[B]``."""
@@ -293,10 +298,10 @@ class DenseTransition(Transition):
                 return LogSemiring.matmul(belief.unsqueeze(-2), log[:, t - 1]).squeeze(-2)
 
             return step
-        probs, shift = LogSemiring.exponentiate(self.log)
+        exponentiated = LogSemiring.exponentiate(self.log)
         if self.log.dim() == 2:
-            return lambda belief, t: LogSemiring.matmul_exponentiated(belief, probs, shift)
-        return lambda belief, t: LogSemiring.matmul_exponentiated(belief.unsqueeze(-2), probs, shift).squeeze(-2)
+            return lambda belief, t: LogSemiring.matmul_exponentiated(belief, *exponentiated)
+        return lambda belief, t: LogSemiring.matmul_exponentiated(belief.unsqueeze(-2), *exponentiated).squeeze(-2)
 
     def edge_scores(self, previous: Tensor, following: Tensor) -> Tensor:
         if self.log.dim() == 2:
@@ -337,6 +342,9 @@ class _SharedProbabilities(TransitionProbabilities):
     def backward(self, vector, t, out):
         return torch.mm(vector, self.probs_t, out=out)
 
+    def dense(self):
+        return self.probs
+
     def log_shift_total(self, edges):
         return self.shift * edges.sum(-1)
 
@@ -358,6 +366,9 @@ class _BatchedProbabilities(TransitionProbabilities):
     def backward(self, vector, t, out):
         return torch.bmm(self.probs, vector.unsqueeze(-1), out=out.unsqueeze(-1)).squeeze(-1)
 
+    def dense(self):
+        return self.probs
+
     def log_shift_total(self, edges):
         return self.shift * edges.sum(-1)
 
@@ -378,6 +389,9 @@ class _TimeVaryingProbabilities(TransitionProbabilities):
 
     def backward(self, vector, t, out):
         return torch.bmm(self.probs_at[t], vector.unsqueeze(-1), out=out.unsqueeze(-1)).squeeze(-1)
+
+    def dense(self):
+        return self.probs
 
     def log_shift_total(self, edges):
         return (self.shift * edges).sum(-1)
@@ -451,12 +465,12 @@ class LowRankTransition(Transition):
         return _LowRankProbabilities(left, right, left_shift + right_shift)
 
     def log_propagator(self) -> Callable[[Tensor, int], Tensor]:
-        left, left_shift = LogSemiring.exponentiate(self.log_left)
-        right, right_shift = LogSemiring.exponentiate(self.log_right)
+        left = LogSemiring.exponentiate(self.log_left)
+        right = LogSemiring.exponentiate(self.log_right)
 
         def step(belief: Tensor, t: int) -> Tensor:
-            through_rank = LogSemiring.matmul_exponentiated(belief, left, left_shift)  # [B, r]
-            return LogSemiring.matmul_exponentiated(through_rank, right, right_shift)
+            through_rank = LogSemiring.matmul_exponentiated(belief, *left)  # [B, r]
+            return LogSemiring.matmul_exponentiated(through_rank, *right)
 
         return step
 
@@ -493,6 +507,9 @@ class _LowRankProbabilities(TransitionProbabilities):
 
     def backward(self, vector, t, out):
         return torch.mm(vector @ self.right_t, self.left_t, out=out)
+
+    def dense(self):
+        return self.left @ self.right
 
     def log_shift_total(self, edges):
         return self.shift * edges.sum(-1)

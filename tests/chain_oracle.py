@@ -196,6 +196,44 @@ def forward_log(init, trans, emit, lengths=None):
     return torch.logsumexp(alpha, -1)
 
 
+def viterbi_lowest_index(init, trans, emit, lengths=None):
+    """The Viterbi path ``[B, T]`` (padding 0) by stored back-pointers, every tie to the lowest index.
+
+    Plain Python loops in float64: ``a_t[j] = max_i (a_{t-1}[i] + trans[t-1, i, j]) + emit[t, j]``
+    with ``bp_t[j]`` the lowest maximising ``i``, the last state the lowest maximiser of
+    ``a_{L-1}``.  With integer scores (exact in float32 and float64) this fixes the path among
+    tied optima, the rule the library documents.
+    """
+    init, trans, emit = expand_params(init, trans, emit)
+    B, T, K = emit.shape
+    lengths = full_lengths(emit, lengths)
+    out = torch.zeros(B, T, dtype=torch.long)
+
+    def lowest_argmax(values):
+        best = max(values)
+        return values.index(best)
+
+    for b in range(B):
+        L = int(lengths[b])
+        a = [float(init[b, k] + emit[b, 0, k]) for k in range(K)]
+        pointers = []
+        for t in range(1, L):
+            step, bp = [], []
+            for j in range(K):
+                candidates = [a[i] + float(trans[b, t - 1, i, j]) for i in range(K)]
+                i = lowest_argmax(candidates)
+                bp.append(i)
+                step.append(candidates[i] + float(emit[b, t, j]))
+            a = step
+            pointers.append(bp)
+        z = lowest_argmax(a)
+        for t in range(L - 1, 0, -1):
+            out[b, t] = z
+            z = pointers[t - 1][z]
+        out[b, 0] = z
+    return out
+
+
 # --------------------------------------------------------------------------- inputs
 
 

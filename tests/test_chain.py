@@ -29,13 +29,15 @@ from chain_oracle import (
     forward_log,
     padding_mask,
     random_chain,
+    viterbi_lowest_index,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from latentnlp import ChainPosterior
+from latentnlp import chain as latentnlp_chain
 
-METHODS = ("scaled", "log", "scan", "auto")
+METHODS = ("scaled", "log", "scan", "blocked", "auto")
 # (B, T, K): the corners (one state, one position, one batch element) and the largest enumerated size.
 SHAPES = ((1, 1, 1), (2, 1, 3), (3, 2, 1), (2, 4, 3), (3, 5, 4))
 RTOL64, ATOL64 = 1e-5, 1e-6  # the design's "1e-5 relative" against the float64 oracle
@@ -166,6 +168,47 @@ def test_max_and_argmax_match_enumeration(method, trans_kind, zeros):
             if ref.top_gap(b) > 1e-6:
                 assert torch.equal(path[b], ref.argmax[b]), describe(args, method)
         assert (path[padding_mask(ref.lengths, ref.T)] == 0).all(), "argmax padding must be 0"
+
+
+@pytest.mark.parametrize("trans_kind", TRANS_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_argmax_breaks_ties_towards_the_lowest_state(trans_kind, dtype):
+    """Integer scores tie many paths: the path is the stored-pointer one with every tie to the lowest
+    index, on the CPU (numpy backtracking) and through the torch backtracking other devices run;
+    the k-best backtracking agrees between the two as well."""
+    gen = torch.Generator().manual_seed(seed_of("ties", trans_kind, str(dtype)))
+    for trial in range(40):
+        B, T, K = 3, 1 + trial % 7, 1 + trial % 4
+        shape = {"shared": (K, K), "batched": (B, K, K), "time": (B, T - 1, K, K)}[trans_kind]
+        init, trans, emit = (torch.randint(-1, 2, s, generator=gen).to(dtype) for s in ((B, K), shape, (B, T, K)))
+        if trial % 3 == 0:
+            trans = torch.where(torch.rand(shape, generator=gen) < 0.3, float("-inf"), trans)
+        lengths = torch.randint(1, T + 1, (B,), generator=gen)
+        args = (init, trans, emit, lengths)
+        expected = viterbi_lowest_index(*args)
+        assert torch.equal(chain(args).argmax, expected), describe(args)
+        d = chain(args)  # the kernel's inputs: padding zeroed
+        dense = d.transition.dense()
+        scores, mask, all_valid_until = latentnlp_chain._max_plus_forward(d.init, dense, d.emit, d.lengths)
+        columns = dense if dense.dim() == 4 else dense.transpose(-1, -2).contiguous()
+        path = torch.empty(T, B, dtype=torch.long)
+        latentnlp_chain._backtrack(scores, columns, mask, all_valid_until, torch.arange(B), path, torch.where)
+        assert torch.equal(path.T * mask, expected), describe(args)
+        # k-best: the torch backtracking follows the same pointers as the numpy one
+        kbest_scores, pointers, mask, all_valid_until = latentnlp_chain._kbest_forward(
+            d.init, dense, d.emit, d.lengths, 3
+        )
+        _, flat = kbest_scores[-1].reshape(B, K * 3).topk(3, dim=-1)
+        paths = torch.empty(T, B, 3, dtype=torch.long)
+        latentnlp_chain._kbest_backtrack(
+            pointers, flat, mask, all_valid_until, torch.arange(B)[:, None], 3, paths, torch.where
+        )
+        assert torch.equal(paths.permute(2, 1, 0) * mask, d.kbest(3)[0]), describe(args)
+
+
+def test_argmax_of_an_empty_batch():
+    d = ChainPosterior(torch.zeros(3), torch.zeros(3, 3), torch.zeros(0, 4, 3))
+    assert d.argmax.shape == (0, 4) and d.kbest(2)[0].shape == (2, 0, 4)
 
 
 def oracle_samples(ref, n, gen):
@@ -398,6 +441,18 @@ def test_float32_scores_a_hundred_nats_apart(method, case):
     emit = emit[None]
     d = ChainPosterior(init, trans, emit, method=method)
     ref = Enumeration(init, trans, emit)
+    assert_close(d.log_partition, ref.log_partition, rtol=1e-6, atol=1e-5)
+    assert_close(d.marginals, ref.marginals, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["log", "scan"])
+def test_log_space_gradient_when_a_large_score_sits_on_a_dead_state(method):
+    """State 0 has no successor and the largest start score: shifting by it would underflow the
+    only live path to a float32 subnormal, whose log has an infinite gradient (NaN marginals)."""
+    init = torch.tensor([40.0, -42.0])
+    trans = torch.tensor([[-math.inf, -math.inf], [-25.0, 55.0]])
+    emit = torch.tensor([[[0.0, -8.0], [-3.0, -35.0]]])
+    d, ref = ChainPosterior(init, trans, emit, method=method), Enumeration(init, trans, emit)
     assert_close(d.log_partition, ref.log_partition, rtol=1e-6, atol=1e-5)
     assert_close(d.marginals, ref.marginals, rtol=0, atol=1e-5)
 
@@ -663,7 +718,8 @@ def long_chain():
 
 @pytest.mark.parametrize(
     "method,dtype",
-    [(m, dt) for m in ("scaled", "log", "auto") for dt in (torch.float32, torch.float64)] + [("scan", torch.float32)],
+    [(m, dt) for m in ("scaled", "log", "blocked", "auto") for dt in (torch.float32, torch.float64)]
+    + [("scan", torch.float32)],
 )
 def test_long_sequence_log_partition(long_chain, method, dtype):
     (init, trans, emit, lengths), ref = long_chain
@@ -673,10 +729,11 @@ def test_long_sequence_log_partition(long_chain, method, dtype):
     assert_close(lz, ref, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=0)
 
 
-def test_long_sequence_marginals(long_chain):
+@pytest.mark.parametrize("method", ["auto", "blocked"])
+def test_long_sequence_marginals(long_chain, method):
     """float32 marginals of the long chain: finite, normalised, zero at padding, close to float64."""
     (init, trans, emit, lengths), _ = long_chain
-    m32 = ChainPosterior(init.float(), trans.float(), emit.float(), lengths=lengths).marginals
+    m32 = ChainPosterior(init.float(), trans.float(), emit.float(), lengths=lengths, method=method).marginals
     m64 = ChainPosterior(init, trans, emit, lengths=lengths, method="scaled").marginals
     assert torch.isfinite(m32).all()
     valid = ~padding_mask(lengths, emit.shape[1])
