@@ -262,6 +262,22 @@ class _ProductProbabilities(TransitionProbabilities):
     def backward(self, vector, t, out):
         return self._rotate(vector, t, out, transpose=True)
 
+    def dense(self):
+        """``P_t = kron_l P^l_t`` as one ``[S, S]``, ``[B, S, S]`` or ``[B, T-1, S, S]`` matrix
+        (``O(K^(2L))`` memory), in the layout of :meth:`ProductTransition.dense`."""
+        num_chains, k = len(self.probs), self.k
+        product = 1
+        for ell, p in enumerate(self.probs):
+            laid = {2: p[None, None], 3: p[:, None], 4: p}[p.dim()]  # [B | 1, T-1 | 1, K, K]
+            shape = [1] * (2 * num_chains)
+            shape[ell], shape[num_chains + ell] = k, k
+            product = product * laid.reshape(*laid.shape[:2], *shape)
+        states = k**num_chains
+        product = product.reshape(*product.shape[:2], states, states)
+        if any(p.dim() == 4 for p in self.probs):
+            return product
+        return product[:, 0] if any(p.dim() == 3 for p in self.probs) else product[0, 0]
+
     def log_shift_total(self, edges):
         return sum((s * edges).sum(-1) if s.dim() == 2 else s * edges.sum(-1) for s in self.shifts)
 

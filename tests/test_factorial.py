@@ -589,3 +589,11 @@ def test_mean_field_value_errors():
         ProductTransition([trans[0], trans[1, :1, :1]])
     with pytest.raises(ValueError, match="emit"):
         JointEmission(emit[..., :1])
+
+
+def test_probabilities_dense_is_the_kronecker_product_of_the_shifted_chains():
+    gen = torch.Generator().manual_seed(3)
+    transition = ProductTransition(list(torch.randn(2, 3, 3, generator=gen, dtype=torch.float64).log_softmax(-1)))
+    probs = transition.probabilities()
+    log_shift = probs.log_shift_total(torch.ones(1, 1, dtype=torch.float64))
+    torch.testing.assert_close(probs.dense().log() + log_shift, transition.dense())
