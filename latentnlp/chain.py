@@ -94,7 +94,7 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     ``alpha_t = a_t / c_t`` with ``e_t = exp(emit_t - m_t)``.  The shift ``m_t`` is the largest
     emission score of step ``t`` when every state is reachable (computed once for all steps),
     else the largest among the states reachable at ``t`` (see :func:`_reachable_shift`).
-    Deciding which costs one synchronisation (``init`` finite and ``P > 0``): an algorithm
+    Deciding which costs one synchronisation (no ``-inf`` in ``init``, ``P > 0``): an algorithm
     choice, made once per call.  Padding steps (``t >= L``) keep ``alpha`` and set ``c_t = 1``.
     Returns ``alpha [T, B, K]`` (each row a filtering distribution), ``scale [T, B]`` (the
     ``c_t``), ``emit_probs [T, B, K]`` (the ``e_t``) and ``log_shift [B]`` (``sum_{t<L} m_t``),
@@ -103,7 +103,7 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     batch, steps, k = emit.shape
     alpha = emit.new_empty(steps, batch, k)
     scale = emit.new_ones(steps, batch)
-    reachable = bool(torch.isfinite(init).all()) and probs.all_positive()
+    reachable = bool((init != float("-inf")).all()) and probs.all_positive()  # NaN stays NaN
     if reachable:
         shift = finite_max(emit, -1)
         emit_probs = torch.exp(emit - shift).transpose(0, 1).contiguous()
@@ -114,13 +114,13 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     else:
         emit_probs = emit.new_zeros(steps, batch, k)
         shifts = emit.new_zeros(steps, batch)
-        a, shifts[0] = _reachable_shift(torch.isfinite(init).to(emit.dtype), init + emit[:, 0])
+        a, shifts[0] = _reachable_shift((init != float("-inf")).to(emit.dtype), init + emit[:, 0])
     # per-step views taken once: indexing inside the loop costs more than the small matmuls
     alpha_t, scale_t, emit_probs_t = alpha.unbind(0), scale.unsqueeze(-1).unbind(0), emit_probs.unbind(0)
     propagate = probs.forward
     torch.sum(a, -1, keepdim=True, out=scale_t[0])
     torch.div(a, scale_t[0], out=alpha_t[0])
-    all_valid_until = int(mask.sum(-1).min())  # steps before this need no padding logic
+    all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps  # steps before this need no padding
     for t in range(1, steps):
         current, c = alpha_t[t], scale_t[t]
         propagate(alpha_t[t - 1], t, current)  # reach = alpha_{t-1} P_t
@@ -155,7 +155,7 @@ def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, emit_probs: 
     u = torch.zeros_like(alpha)
     beta_t, u_t = beta.unbind(0), u.unbind(0)
     propagate_back = probs.backward
-    all_valid_until = int(mask.sum(-1).min())
+    all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps
     for t in range(steps - 1, 0, -1):
         torch.mul(weights[t], beta_t[t], out=u_t[t])
         propagate_back(u_t[t], t, beta_t[t - 1])
@@ -730,7 +730,7 @@ def chain_entropy(init: Tensor, transition: Transition, emit: Tensor, lengths: T
     probs, _ = shifted_exp(transition.dense(), 2)
     log_probs = safe_log(probs)
     probs_log_probs = probs * torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))
-    a, _ = _reachable_shift(torch.isfinite(init).to(emit.dtype), init + emit[:, 0])
+    a, _ = _reachable_shift((init != float("-inf")).to(emit.dtype), init + emit[:, 0])
     alpha = a / a.sum(-1, keepdim=True)
     entropy_to = torch.zeros_like(alpha)
     for t in range(1, emit.shape[1]):

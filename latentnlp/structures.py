@@ -133,7 +133,7 @@ class ChainPosterior(Distribution):
         if not isinstance(lengths, Tensor) or lengths.shape != (batch,) or lengths.is_floating_point():
             raise ValueError(
                 f"lengths must be an integer tensor of shape [B] = [{batch}], got "
-                + (_describe(lengths) if isinstance(lengths, Tensor) else type(lengths).__name__)
+                + (f"{lengths.dtype} {_describe(lengths)}" if isinstance(lengths, Tensor) else type(lengths).__name__)
             )
         lengths = lengths.to(device=emit.device, dtype=torch.long)
         full = False
@@ -336,9 +336,11 @@ class ChainPosterior(Distribution):
         Through the rank of a low-rank transition (no ``K x K`` matrix).
         """
         sample_shape = torch.Size(sample_shape)
+        if sample_shape.numel() == 0 or self.batch_shape.numel() == 0:
+            return torch.zeros(sample_shape + self.emit.shape[:2], dtype=torch.long, device=self.emit.device)
         transition = self.transition.detach()
         log_filter = chain.forward_filter(self.init.detach(), transition, self.emit.detach(), self.lengths)
-        paths = chain.backward_sample(log_filter, transition, self.lengths, max(sample_shape.numel(), 1), generator)
+        paths = chain.backward_sample(log_filter, transition, self.lengths, sample_shape.numel(), generator)
         return paths.reshape(sample_shape + paths.shape[1:])
 
     def score(self, value: Tensor) -> Tensor:

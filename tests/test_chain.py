@@ -916,3 +916,35 @@ def test_synchronising_checks_follow_validate_args():
         ChainPosterior(**good()).log_prob(torch.full((B0, T0), K0 + 5))
     with pytest.raises(ValueError, match="value"):  # shapes are always checked
         ChainPosterior(**good(), validate_args=False).log_prob(torch.zeros(B0, T0 + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_batch_gives_empty_results(method):
+    d = ChainPosterior(torch.zeros(3), torch.zeros(3, 3), torch.zeros(0, 4, 3), method=method)
+    assert d.log_partition.shape == (0,)
+    assert d.marginals.shape == (0, 4, 3)
+    assert d.edge_marginals.shape == (0, 3, 3, 3)
+    assert d.argmax.shape == (0, 4) and d.max.shape == (0,)
+    assert d.kbest(2)[0].shape == (2, 0, 4)
+    assert d.sample((5,)).shape == (5, 0, 4)
+    assert d.entropy().shape == (0,)
+    assert d.log_prob(torch.zeros(0, 4, dtype=torch.long)).shape == (0,)
+
+
+def test_no_samples_gives_an_empty_tensor():
+    d = ChainPosterior(torch.zeros(3), torch.zeros(3, 3), torch.zeros(2, 4, 3))
+    samples = d.sample((0,))
+    assert samples.shape == (0, 2, 4) and samples.dtype == torch.long
+    assert d.sample((2, 0)).shape == (2, 0, 2, 4)
+
+
+def test_float_lengths_are_refused_by_dtype():
+    with pytest.raises(ValueError, match="lengths.*float32"):
+        ChainPosterior(torch.zeros(3), torch.zeros(3, 3), torch.zeros(2, 4, 3), torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nan_in_init_stays_nan_without_validation(method):
+    init = torch.tensor([0.0, float("nan"), 0.0])
+    d = ChainPosterior(init, torch.zeros(3, 3), torch.zeros(1, 3, 3), method=method, validate_args=False)
+    assert torch.isnan(d.log_partition).all()
