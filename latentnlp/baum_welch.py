@@ -225,7 +225,7 @@ def _check_batch(words: Tensor, lengths: Tensor | None, vocab_size: int, validat
     return lengths
 
 
-def _pseudo_counts(smoothing: DirichletSmoothing | float | None, like: HMMParameters | ExpectedCounts, validating):
+def _pseudo_counts(smoothing: DirichletSmoothing | float | None, like: tuple[Tensor, Tensor, Tensor], validating):
     """Three pseudo-count tensors shaped like ``init``, ``trans``, ``emission`` (None: no smoothing)."""
     if smoothing is None:
         return None
@@ -234,7 +234,7 @@ def _pseudo_counts(smoothing: DirichletSmoothing | float | None, like: HMMParame
     if not isinstance(smoothing, DirichletSmoothing):
         raise ValueError(f"smoothing must be DirichletSmoothing, a float or None, got {type(smoothing).__name__}")
     out = []
-    for name, c, x in zip(("init", "trans", "emission"), smoothing, like[:3]):
+    for name, c, x in zip(("init", "trans", "emission"), smoothing, like):
         c = torch.as_tensor(c, dtype=x.dtype, device=x.device)
         try:
             c = c.expand_as(x)
@@ -356,8 +356,8 @@ def m_step(
         for name, x in (("init", counts.init), ("trans", counts.trans), ("emission", counts.emission)):
             if not bool(((x >= 0) & (x < float("inf"))).all()):
                 raise ValueError(f"counts.{name} must be finite and >= 0")
-    pseudo = _pseudo_counts(smoothing, counts, validating)
     tables = counts.init, counts.trans, counts.emission
+    pseudo = _pseudo_counts(smoothing, tables, validating)
     if pseudo is not None:
         tables = tuple(x + c for x, c in zip(tables, pseudo))
     return HMMParameters(*(_normalise_rows(x) for x in tables))
