@@ -69,6 +69,7 @@ import torch
 from torch import Tensor
 
 from .masks import lengths_to_mask
+from .precision import upcast
 from .structures import ChainPosterior
 from .validation import is_validating
 
@@ -190,7 +191,7 @@ def _check_parameters(params: HMMParameters, validating: bool) -> None:
         if not bool(((x >= 0) & (x <= 1)).all()):  # also False for NaN
             raise ValueError(f"params.{name} must hold probabilities in [0, 1] (no NaN), got {_shape(x)}")
         # a row of n probabilities each rounded once sums within about n * eps of one
-        tol = max(1e-6, x.shape[-1] * torch.finfo(x.dtype).eps) if x.dtype == torch.float64 else 1e-4
+        tol = max(1e-6 if x.dtype == torch.float64 else 1e-4, x.shape[-1] * torch.finfo(x.dtype).eps)
         err = float((x.sum(-1) - 1).abs().max())
         if err > tol:
             raise ValueError(f"params.{name} must be normalised: its rows sum to one within {tol:g}, off by {err:.3g}")
@@ -286,13 +287,16 @@ def e_step(
             ``None``: torch's global switch.  Shape checks always run.
 
     Returns :class:`ExpectedCounts` (``init [K]``, ``trans [K, K]``, ``emission [K, V]``,
-    ``log_likelihood []``) in the parameters' dtype (half precision computed in float32).  Never
+    ``log_likelihood []``) in the parameters' dtype (half precision is computed, and counted, in
+    float32).  When validating, a sequence of probability zero under ``params`` is a
+    ``ValueError`` (its posterior is undefined).  Never
     builds ``[N, T-1, K, K]``; works under ``torch.no_grad()`` and never differentiates the caller's
     tensors.
     """
     validating = is_validating(validate_args)
     _check_parameters(params, validating)
     lengths = _check_batch(words, lengths, params.vocab_size, validating)
+    params = HMMParameters(*(upcast(p) for p in params))
     k, v = params.num_states, params.vocab_size
     device = params.trans_probs.device
     words, lengths = words.to(device), lengths.to(device)
@@ -305,7 +309,14 @@ def e_step(
         table = params.emission_probs.detach().log().t()
         emit = table[torch.where(mask, words, 0)].requires_grad_()
         posterior = ChainPosterior(log_init, log_trans, emit, lengths, method=method, validate_args=False)
-        log_likelihood = posterior.log_partition.sum()
+        log_partition = posterior.log_partition
+        if validating and not bool(torch.isfinite(log_partition).all()):
+            impossible = (~torch.isfinite(log_partition)).nonzero().flatten().tolist()
+            raise ValueError(
+                f"words: sequences {impossible[:10]} have probability zero (or NaN) under params; "
+                "their posterior, and so their counts, are undefined"
+            )
+        log_likelihood = log_partition.sum()
         init, trans, gamma = torch.autograd.grad(log_likelihood, (log_init, log_trans, emit), allow_unused=True)
     trans = torch.zeros_like(log_trans) if trans is None else trans  # T = 1: no transition
     dtype = gamma.dtype
@@ -410,8 +421,9 @@ def fit(
     _pseudo_counts(smoothing, params, validating)
     log_likelihoods, log_posteriors = [], []
     converged = False
-    for _ in range(iterations):
-        counts = e_step(params, words, lengths, method=method, validate_args=False)
+    for i in range(iterations):
+        # EM never lowers a sequence's probability: only the start can make one impossible
+        counts = e_step(params, words, lengths, method=method, validate_args=validating and i == 0)
         objective = counts.log_likelihood + log_prior(params, smoothing, validate_args=False)
         params = m_step(counts, smoothing, validate_args=False)
         log_likelihoods.append(float(counts.log_likelihood))

@@ -121,6 +121,14 @@ def test_one_step_equals_enumeration(seed, smoothing):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("method", ["scaled", "log"])
+def test_counts_agree_across_chain_algorithms(method):
+    params, words, lengths = random_batch(6, k=5, v=8, n=7, steps=10)
+    auto, other = bw.e_step(params, words, lengths), bw.e_step(params, words, lengths, method=method)
+    for name in ("init", "trans", "emission", "log_likelihood"):
+        torch.testing.assert_close(getattr(other, name), getattr(auto, name))
+
+
 def test_counts_of_batches_add_up():
     params, words, lengths = random_batch(2, k=4, v=9, n=10, steps=11)
     whole = bw.e_step(params, words, lengths)
@@ -229,6 +237,12 @@ def test_bad_input_names_the_argument():
         bw.m_step(bw.e_step(params, words, lengths), bw.DirichletSmoothing(emission=torch.ones(7)))
     with pytest.raises(ValueError, match="iterations must be"):
         bw.fit(params, words, lengths, iterations=0)
+    impossible = params._replace(emission_probs=torch.cat([params.emission_probs[:, :4], torch.zeros(3, 1)], 1))
+    impossible = impossible._replace(emission_probs=impossible.emission_probs / impossible.emission_probs.sum(-1, True))
+    words = torch.where(words == 4, 0, words)
+    words[1, 0] = 4  # the one word no state emits, in one sequence
+    with pytest.raises(ValueError, match=r"words: sequences \[1\] have probability zero"):
+        bw.fit(impossible, words, lengths)
     counts = bw.e_step(params, words, lengths)
     with pytest.raises(ValueError, match="counts.init must be finite and >= 0"):
         bw.m_step(bw.ExpectedCounts(-counts.init, counts.trans, counts.emission, counts.log_likelihood))
