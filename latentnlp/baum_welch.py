@@ -289,9 +289,8 @@ def e_step(
     Returns :class:`ExpectedCounts` (``init [K]``, ``trans [K, K]``, ``emission [K, V]``,
     ``log_likelihood []``) in the parameters' dtype (half precision is computed, and counted, in
     float32).  When validating, a sequence of probability zero under ``params`` is a
-    ``ValueError`` (its posterior is undefined).  Never
-    builds ``[N, T-1, K, K]``; works under ``torch.no_grad()`` and never differentiates the caller's
-    tensors.
+    ``ValueError`` (its posterior is undefined).  Never builds ``[N, T-1, K, K]``; works under
+    ``torch.no_grad()`` and never differentiates the caller's tensors.
     """
     validating = is_validating(validate_args)
     _check_parameters(params, validating)
