@@ -17,9 +17,10 @@ Rows (``methods`` in the JSON):
 The methods alternate within every repeat (one warm-up call each, then ``--repeats`` rounds), so
 a change in the machine's load reaches them alike; the time is the median, and the minimum is
 recorded too (``min_s``; for a computation this deterministic, the figure least disturbed by other
-load).  The machine may be shared: compare the ratios, not the absolute times.  On a machine with
-as many cores as threads and other work running, torch's parallel regions wait for a busy core:
-compare a run with ``--threads 1``.  The JSON keeps one entry per thread count (``runs``).  Every
+load).  The machine may be shared: compare the ratios, not the absolute times.  OpenMP's idle
+threads sleep (``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise): spinning, they
+make every parallel region wait on a machine whose cores other work holds.  The JSON keeps one
+entry per thread count (``runs``; ``--threads 1`` for a run without any parallel region).  Every
 case also checks that latentnlp's float64 log-likelihood and updated parameters equal hmmlearn's
 (``agreement`` in the JSON).
 
@@ -206,6 +207,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     for var in THREAD_VARIABLES:  # before numpy and torch start their pools
         os.environ[var] = str(args.threads)
+    # OpenMP's idle threads spin by default; where other work holds the cores, every parallel
+    # region then waits for a spinning thread to be descheduled (measured on a shared two-core
+    # machine: about 1 s per iteration at K = 64 instead of 25 ms)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.path.insert(0, str(REPO))  # this checkout's latentnlp, wherever the script is run from
 
     import datetime
@@ -238,6 +243,7 @@ def main(argv=None) -> None:
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             what="seconds per Baum-Welch iteration (E-step + M-step), alternating repeats",
             repeats=repeats,
+            omp_wait_policy=os.environ["OMP_WAIT_POLICY"],
             torch=torch.__version__,
             hmmlearn=importlib.metadata.version("hmmlearn"),
             numpy=importlib.metadata.version("numpy"),
