@@ -16,6 +16,7 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 autodoc_typehints = "none"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+napoleon_use_ivar = True
 myst_heading_anchors = 3
 html_theme = "alabaster"
 nitpicky = False
