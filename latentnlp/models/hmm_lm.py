@@ -221,7 +221,10 @@ class HMMLanguageModel(CarriesStreamState, LatentModel):
         init = self._initial(params, states, targets.shape[0], stream)
         if targets.shape[0] == 0:  # an empty batch: nothing to sum, still part of the graph
             return init[:, 0]
-        posterior = ChainPosterior(init, self.transition(params), self._emissions(params, targets, ignored), lengths)
+        # the batch was validated above; the chain's scores are this model's own log-softmaxes, so the
+        # chain skips its own pass over them (a NaN parameter still gives a NaN log p(x), never a number)
+        emissions = self._emissions(params, targets, ignored)
+        posterior = ChainPosterior(init, self.transition(params), emissions, lengths, validate_args=False)
         if stream:
             self.carried = {"filter": posterior.final_filter, "states": states}
         return posterior.log_partition
