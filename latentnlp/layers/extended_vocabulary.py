@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from latentnlp.layers.checks import IGNORE_INDEX
+from latentnlp.masks import lengths_to_mask
 
 __all__ = ["ExtendedVocabulary", "source_extended_ids", "target_extended_ids"]
 
@@ -154,7 +155,7 @@ class ExtendedVocabulary:
         for b, (ids, _) in enumerate(rows):
             src_ext[b, : len(ids)] = torch.tensor(ids)
         lengths = torch.tensor([len(ids) for ids, _ in rows])
-        memory_mask = torch.arange(width) < lengths[:, None]
+        memory_mask = lengths_to_mask(lengths, width)
         return cls(
             src_ext.to(device),
             memory_mask.to(device),

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from latentnlp.layers import MixtureOfSoftmaxes, SoftmaxOutput
 from latentnlp.layers.checks import IGNORE_INDEX
 from latentnlp.layers.encoders import encode_packed
+from latentnlp.masks import lengths_to_mask
 from latentnlp.models.base import Batch, LatentModel
 from latentnlp.models.stream_state import CarriesStreamState
 from latentnlp.validation import is_validating
@@ -171,7 +172,7 @@ class LSTMLanguageModel(CarriesStreamState, LatentModel):
                 f"got {lengths.dtype} {tuple(lengths.shape)}"
             )
         lengths = lengths.to(inputs.device, torch.long)
-        mask = torch.arange(T, device=inputs.device) < lengths[:, None]
+        mask = lengths_to_mask(lengths, T)
         inputs = inputs.masked_fill(~mask, 0)
         ids = [inputs]
         if targets is not None:
@@ -221,7 +222,7 @@ class LSTMLanguageModel(CarriesStreamState, LatentModel):
         """Target tokens of each row ``[B]``: positions within ``lengths`` whose target is not ``ignore_index``."""
         targets, lengths = batch["targets"], batch["lengths"]
         assert isinstance(targets, Tensor) and isinstance(lengths, Tensor)
-        mask = torch.arange(targets.shape[1], device=targets.device) < lengths.to(targets.device)[:, None]
+        mask = lengths_to_mask(lengths.to(targets.device), targets.shape[1])
         return (mask & (targets != self.ignore_index)).sum(-1)
 
     @torch.no_grad()
