@@ -22,7 +22,8 @@ Algorithms:
 * :func:`scaled_log_partition` -- probability space with per-step renormalisation, one BLAS
   call per step (``O(B K^2)``, or ``O(B K r)`` through a rank); its gradient is the classic
   backward recursion written by hand (an ``autograd.Function``), so no graph is kept over
-  ``T`` and memory is ``O(B T K)``.  Underflow is reported by a flag, never by a NaN.
+  ``T`` and memory is ``O(B T K)``.  Underflow is reported by a flag, never by a NaN; rows whose
+  backward overflows (the smoother far from the filter) get their gradient from log space.
 * :func:`log_space_forward` -- the same recursion in the log semiring, autograd through it.
 * :func:`scan_log_partition` -- parallel prefix: a balanced tree of log-space ``K x K``
   products, depth ``log T`` (dense).
@@ -182,8 +183,8 @@ class _ScaledLogPartition(torch.autograd.Function):
         # accumulate in float64: T terms of magnitude |log c| lose precision in float32
         log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
         underflowed = _underflowed(scale, mask)
-        ctx.save_for_backward(alpha, scale, emit_probs, mask)
-        ctx.probs = probs
+        ctx.save_for_backward(alpha, scale, emit_probs, mask, init, emit, lengths)
+        ctx.probs, ctx.transition = probs, transition
         final_filter = alpha[-1]  # frozen past the length: p(z_{L-1} | x)
         ctx.mark_non_differentiable(final_filter, underflowed)
         return log_z.to(emit.dtype), final_filter, underflowed
@@ -191,14 +192,48 @@ class _ScaledLogPartition(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor, _grad_final_filter: Tensor, _grad_underflowed: Tensor):
-        alpha, scale, emit_probs, mask = ctx.saved_tensors
+        alpha, scale, emit_probs, mask, init, emit, lengths = ctx.saved_tensors
         probs = ctx.probs
         gamma, u = _scaled_backward(alpha, probs, emit_probs, scale, mask)
+        # beta_t = gamma_t / alpha_t overflows where the smoother puts its mass on a state the filter
+        # all but excludes (no step normaliser is small then, so the forward cannot flag it): such
+        # rows get their gradient from the log-space recursion.  One check after the recursion, by a
+        # sum (inf and NaN propagate; a sum of huge finite u that overflows only costs a redo), which
+        # is an order of magnitude cheaper than isfinite().all() over [T, B, K].
+        overflowed = ~torch.isfinite((gamma.sum(-1) + u.sum(-1)).sum(0))
+        redo = bool(overflowed.any())
+        if redo:
+            keep = ~overflowed.unsqueeze(-1)
+            gamma = torch.where(keep, gamma, torch.zeros_like(gamma))
+            u = torch.where(keep, u, torch.zeros_like(u))
         g = grad.unsqueeze(-1)  # [B, 1]
         grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
         grad_init = gamma[0] * g
-        grad_parameters = probs.parameter_gradients(alpha[:-1] * g, u[1:])
-        return (grad_init, grad_emit, None, None) + tuple(grad_parameters)
+        grad_parameters = tuple(probs.parameter_gradients(alpha[:-1] * g, u[1:]))
+        if redo:
+            rows = overflowed.nonzero().squeeze(-1)
+            redone = _log_space_gradient(init, emit, lengths, ctx.transition, grad, rows)
+            grad_init = grad_init.index_put((rows,), redone[0])
+            grad_emit = grad_emit.index_put((rows,), redone[1])
+            grad_parameters = tuple(a + b for a, b in zip(grad_parameters, redone[2:]))
+        return (grad_init, grad_emit, None, None) + grad_parameters
+
+
+def _log_space_gradient(
+    init: Tensor, emit: Tensor, lengths: Tensor, transition: Transition, grad: Tensor, rows: Tensor
+):
+    """The gradient of ``sum_b grad[b] log Z[b]`` over the chains ``rows`` only, by autograd through
+    :func:`log_space_forward`: ``(init [R, K], emit [R, T, K], *transition parameter gradients)``,
+    the latter shaped as the full parameters (zero where no selected row uses them)."""
+    with torch.enable_grad():
+        parameters = tuple(p.detach().requires_grad_() for p in transition.parameters)
+        selected = transition.with_parameters(*parameters).select_rows(rows)
+        init_rows = init[rows].detach().requires_grad_()
+        emit_rows = emit[rows].detach().requires_grad_()
+        log_z, _ = log_space_forward(init_rows, selected, emit_rows, lengths[rows])
+        inputs = (init_rows, emit_rows) + parameters
+        grads = torch.autograd.grad(log_z, inputs, grad_outputs=grad[rows].to(log_z.dtype), allow_unused=True)
+    return tuple(torch.zeros_like(x) if d is None else d for x, d in zip(inputs, grads))
 
 
 def scaled_log_partition(
