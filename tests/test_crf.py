@@ -496,3 +496,16 @@ def test_value_checks_follow_the_validation_switch():
     crf.decode(x, gap)  # not checked: counted as lengths [4, 3]
     with pytest.raises(ValueError, match="emissions must have shape"):
         crf.decode(x[0])  # shapes are always checked
+
+
+def test_a_row_with_every_tag_ignored_adds_nothing_without_validation():
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        crf = ChainCRF(3)
+        emissions = torch.randn(2, 4, 3)
+        tags = torch.tensor([[0, 1, 2, 1], [-100] * 4])
+        nll = crf.loss(emissions, tags, reduction="none")
+        assert nll[1] == 0 and torch.isfinite(nll).all()
+        torch.testing.assert_close(nll[0], crf.loss(emissions[:1], tags[:1], reduction="none")[0])
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(True)

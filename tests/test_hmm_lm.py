@@ -190,3 +190,18 @@ CONTRACT_CASES = [
 @pytest.mark.parametrize("case", CONTRACT_CASES, ids=lambda c: c.name)
 def test_latent_model_contract(case, check):
     check(case)
+
+
+def test_a_stream_batch_of_another_size_than_the_carried_state_is_refused():
+    model = HMMLanguageModel(vocab_size=7, num_states=3, embedding_size=4)
+    model.log_marginal(
+        {"targets": torch.zeros(2, 3, dtype=torch.long), "lengths": torch.tensor([3, 2]), "stream": True}
+    )
+    with pytest.raises(ValueError, match="carried stream state has 2 rows"):
+        model.log_marginal(
+            {"targets": torch.zeros(3, 3, dtype=torch.long), "lengths": torch.tensor([3, 3, 3]), "stream": True}
+        )
+    model.reset_state()
+    model.log_marginal(
+        {"targets": torch.zeros(3, 3, dtype=torch.long), "lengths": torch.tensor([3, 3, 3]), "stream": True}
+    )

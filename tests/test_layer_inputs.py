@@ -377,3 +377,14 @@ def test_a_half_precision_alignment_counts_as_normalised():
     log_alpha = torch.log_softmax(scores.to(torch.bfloat16), -1)
     out = layer(hidden.to(torch.bfloat16), log_alpha, src_ext, targets)
     assert torch.isfinite(out.log_prob).all()
+
+
+def test_latent_attention_refuses_alignment_mass_on_padded_sources():
+    layer = LatentAttention(4, 4, 7)
+    query, memory = torch.randn(1, 2, 4), torch.randn(1, 3, 4)
+    mask = torch.tensor([[True, True, False]])
+    log_alpha = torch.full((1, 2, 3), 1 / 3).log()  # uniform over all three, padding included
+    with pytest.raises(ValueError, match="padded source positions"):
+        layer.log_prob(query, torch.zeros(1, 2, dtype=torch.long), memory=memory, memory_mask=mask, log_alpha=log_alpha)
+    ok = torch.tensor([0.5, 0.5, 0.0]).log().expand(1, 2, 3)
+    layer.log_prob(query, torch.zeros(1, 2, dtype=torch.long), memory=memory, memory_mask=mask, log_alpha=ok)

@@ -122,13 +122,18 @@ def check_memory_mask(
 
 
 def check_log_alpha(
-    layer: nn.Module | str, log_alpha: Tensor, shape: tuple[int, ...], validate_args: bool | None = None
+    layer: nn.Module | str,
+    log_alpha: Tensor,
+    shape: tuple[int, ...],
+    validate_args: bool | None = None,
+    memory_mask: Tensor | None = None,
 ) -> None:
     """``log_alpha [B, T, S]`` = ``shape``; when validating, normalised alignment log-probabilities.
 
-    Expected: no NaN or ``+inf``, ``-inf`` only where a position is impossible (padding), at least
-    one finite entry per row and ``logsumexp_m log_alpha_tm = 0`` (within
-    ``NORMALISATION_TOLERANCE``, or ``16 eps`` of a half-precision dtype).
+    Expected: no NaN or ``+inf``, ``-inf`` only where a position is impossible (padding; with
+    ``memory_mask [B, S]``, True at real positions, ``-inf`` at every padded one), at least one
+    finite entry per row and ``logsumexp_m log_alpha_tm = 0`` (within ``NORMALISATION_TOLERANCE``,
+    or ``16 eps`` of a half-precision dtype).
     """
     name = _name(layer)
     if tuple(log_alpha.shape) != tuple(shape):
@@ -159,6 +164,13 @@ def check_log_alpha(
             f"{name}: log_alpha must be normalised over S (logsumexp over the last dim = 0), "
             f"got |logsumexp| up to {worst:.3g}"
         )
+    if memory_mask is not None:
+        on_padding = (~memory_mask[:, None, :] & ~torch.isneginf(log_alpha)).sum()
+        if int(on_padding):
+            raise ValueError(
+                f"{name}: log_alpha puts mass on {int(on_padding)} padded source positions (memory_mask False); "
+                "expected -inf there"
+            )
 
 
 def check_target_range(

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from latentnlp.layers.checks import IGNORE_INDEX
+from latentnlp.masks import lengths_to_mask
 from latentnlp.precision import computation_dtype
 from latentnlp.structures import ChainPosterior
 from latentnlp.validation import is_validating
@@ -126,7 +128,7 @@ class ChainCRF(nn.Module):
         tags: Tensor,
         lengths_or_mask: Tensor | None = None,
         reduction: str = "mean",
-        ignore_index: int | None = -100,
+        ignore_index: int | None = IGNORE_INDEX,
     ) -> Tensor:
         r"""Negative log-likelihood ``-log p(tags | emissions) = log Z(x) - s(tags)``.
 
@@ -166,9 +168,11 @@ class ChainCRF(nn.Module):
                 f"tags must lie in 0..{self.num_tags - 1} at real positions (or equal "
                 f"ignore_index={ignore_index}), got values from {int(real.min())} to {int(real.max())}"
             )
-        posterior = self._posterior(emissions, mask.sum(-1))
+        lengths = mask.sum(-1)
+        # a row whose every tag is ignored (refused when validating) adds nothing to the loss
+        posterior = self._posterior(emissions, lengths.clamp_min(1))
         tags = torch.where(mask, tags, torch.zeros_like(tags)).long()
-        nll = -posterior.log_prob(tags)
+        nll = torch.where(lengths > 0, -posterior.log_prob(tags), 0.0)
         if reduction == "none":
             return nll
         if reduction == "sum":
@@ -278,7 +282,6 @@ class ChainCRF(nn.Module):
     def _real_mask(self, emissions: Tensor, lengths_or_mask: Tensor | None) -> Tensor:
         """The bool ``[B, T]`` mask of real positions of batch-first ``emissions``, checked."""
         batch, steps, _ = emissions.shape
-        positions = torch.arange(steps, device=emissions.device)
         given = lengths_or_mask
         if given is None:
             mask = torch.ones(batch, steps, dtype=torch.bool, device=emissions.device)
@@ -299,7 +302,7 @@ class ChainCRF(nn.Module):
                     f"lengths must lie in 1..T = 1..{steps}, got values from {int(lengths.min())} "
                     f"to {int(lengths.max())}"
                 )
-            mask = positions < lengths.unsqueeze(-1)
+            mask = lengths_to_mask(lengths, steps)
         else:
             what = f"{given.dtype} {_shape(given)}" if isinstance(given, Tensor) else type(given).__name__
             raise ValueError(

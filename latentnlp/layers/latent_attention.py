@@ -527,5 +527,6 @@ class LatentAttention(nn.Module):
             check_target_range(self, targets, self.vocab_size, ignore_index, validate_args=validate_args)
         check_finite(self, validate_args, query=query, memory=memory)
         if log_alpha is not None:
-            check_log_alpha(self, log_alpha, (query.shape[0], query.shape[1], memory.shape[1]), validate_args)
+            shape = (query.shape[0], query.shape[1], memory.shape[1])
+            check_log_alpha(self, log_alpha, shape, validate_args, memory_mask)
         return memory_mask

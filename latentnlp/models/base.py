@@ -48,8 +48,8 @@ class ELBO:
     ``value = reconstruction - kl``, each ``[B]``.  ``surrogate [B]`` has the
     estimator's gradient (score-function terms, baselines...) and equals
     ``value`` in expectation; it defaults to ``value`` for reparameterised or
-    exactly enumerated expectations.  ``kl_weight`` is the weight the
-    surrogate used (KL annealing); ``value`` is always the true bound.
+    exactly enumerated expectations.  A KL weight (annealing) changes only the
+    surrogate; ``value`` is always the true bound.
     """
 
     value: Tensor

@@ -167,7 +167,7 @@ class HMMLanguageModel(CarriesStreamState, LatentModel):
         if not isinstance(lengths, Tensor) or lengths.shape != targets.shape[:1] or lengths.is_floating_point():
             raise ValueError(
                 f"batch['lengths'] must be an integer tensor of shape [B] = [{targets.shape[0]}], got "
-                f"{getattr(lengths, 'shape', lengths)}"
+                + (f"{lengths.dtype} {tuple(lengths.shape)}" if isinstance(lengths, Tensor) else repr(lengths))
             )
         steps = targets.shape[1]
         lengths = lengths.to(targets.device, torch.long)
@@ -205,8 +205,13 @@ class HMMLanguageModel(CarriesStreamState, LatentModel):
         belief pushed through one transition, ``log sum_i p(z_{L-1} = i | ...) p(z_0 = j | z_{L-1} = i)``
         (from the states kept before to those kept now, if state dropout changed them)."""
         carried, carried_states = self.carried["filter"], self.carried["states"]
-        if not stream or carried is None or carried.shape[0] != batch_size:
+        if not stream or carried is None:
             return params["init"].expand(batch_size, -1)
+        if carried.shape[0] != batch_size:
+            raise ValueError(
+                f"HMMLanguageModel: the carried stream state has {carried.shape[0]} rows, the stream batch has "
+                f"{batch_size}; call reset_state() between streams of different batch sizes"
+            )
         log_filter = torch.log(carried.clamp_min(torch.finfo(carried.dtype).tiny))
         same_states = carried_states is None and states is None
         transition = params if same_states else self._transition(carried_states, states)
