@@ -5,14 +5,19 @@
     python recipes/latent_attention.py --preset full --mode exact     # the published setting (IWSLT14, a GPU)
 
 One :class:`~latentnlp.models.latent_alignment.LatentAlignmentSeq2Seq` per ``--mode`` (``soft``,
-``exact``, ``elbo-enum``, ``elbo-sample``, ``elbo-gumbel``, ``copy``), trained by the library's
+``exact``, ``elbo-enum``, ``elbo-sample``, ``elbo-gumbel``, ``copy``, and the pruned
+``exact-top3``, ``exact-top5``, ``exact-top10``), trained by the library's
 :class:`~latentnlp.training.Trainer`: ``soft``, ``exact`` and ``copy`` by their likelihood, the
-``elbo-*`` modes by the ELBO with their estimator.  Every mode is evaluated on the same quantity,
-the exact marginal ``log p(y | x)`` with the alignment summed out under the prior: perplexity is
-``exp(total NLL / target tokens)``, ``<eos>`` counted.  The ``elbo-*`` modes also report the
-perplexity bound ``exp(-ELBO / tokens)`` (the ELBO's expectation enumerated exactly), which is
-what Deng et al. report for variational attention.  Translations come from beam search under the
-exact marginal; BLEU is measured twice with sacreBLEU: on the tokenised lowercased text, as
+``elbo-*`` modes by the ELBO with their estimator, the ``exact-topK`` modes by the marginal summed
+over the ``K`` source positions of highest prior only (a lower bound, the ELBO of the posterior
+restricted to those positions; each update reads out ``K`` instead of ``S`` positions).  Every mode
+is evaluated on the same quantity, the exact marginal ``log p(y | x)`` with the alignment summed
+out under the prior over every source position: perplexity is ``exp(total NLL / target tokens)``,
+``<eos>`` counted.  The ``elbo-*`` and ``exact-topK`` modes also report the perplexity bound
+``exp(-bound / tokens)`` of what they train (the ELBO's expectation enumerated exactly; the pruned
+sum), which is what Deng et al. report for variational attention.  Translations come from beam
+search under the exact marginal (under the pruned scores for ``exact-topK``, which is faster);
+BLEU is measured twice with sacreBLEU: on the tokenised lowercased text, as
 ``multi-bleu.perl -lc`` (the paper's protocol), and on detokenised text (sacreBLEU's default
 ``13a`` tokenisation, case-sensitive).
 
@@ -34,10 +39,11 @@ Each mode gets its own folder (``config.json``, ``metrics.jsonl``, ``last.pt``/`
 ``finished.json`` from the trainer, which resumes an interrupted run; ``eval.json`` and the
 ``*.hyp`` translations from the recipe).  A finished run is reused, not retrained, unless
 ``--overwrite``.  The output folder gathers ``results.md`` (the measured table beside the
-published one, and the recipe's checks), ``metrics.jsonl`` (one line per mode), ``config.json``
-and PNG plots: training curves and, per mode with an alignment latent, heat maps of the prior
-``alpha`` beside the posterior (exact ``p(z_t | x, y)``; for ``elbo-*`` also the inference
-network's ``q``).
+published one, the recipe's checks and, when ``exact`` ran beside ``exact-topK`` modes, updates/s
+and the validation perplexity of each after the same wall-clock time), ``metrics.jsonl`` (one
+line per mode), ``config.json`` and PNG plots: training curves and, per mode with an alignment
+latent, heat maps of the prior ``alpha`` beside the posterior (exact ``p(z_t | x, y)``; for
+``elbo-*`` also the inference network's ``q``).
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ from latentnlp.data import (  # noqa: E402
     train_sentencepiece,
 )
 from latentnlp.metrics import corpus_bleu, tokenized_bleu  # noqa: E402
-from latentnlp.models.latent_alignment import MODES, LatentAlignmentSeq2Seq  # noqa: E402
+from latentnlp.models.latent_alignment import MODES, TOP_K, LatentAlignmentSeq2Seq  # noqa: E402
 from latentnlp.training import TrainConfig, Trainer, read_metrics, training_speed  # noqa: E402
 
 # Deng et al. 2018, "Latent Alignment and Variational Attention", IWSLT14 de-en (test PPL, BLEU).
@@ -86,7 +92,11 @@ PUBLISHED = [
 ]
 PAPER = "Deng et al. 2018, Table 1 (IWSLT14 de-en, tokenised lowercase BLEU, beam 10)"
 ELBO_MODES = ("elbo-enum", "elbo-sample", "elbo-gumbel")
-ALIGNMENT_MODES = ("exact",) + ELBO_MODES
+#: latent attention summed over the k positions of highest prior (trained as the bound it is)
+PRUNED_MODES = tuple(TOP_K)
+#: the modes trained by a lower bound (objective "elbo"), evaluated exactly and by that bound
+BOUND_MODES = ELBO_MODES + PRUNED_MODES
+ALIGNMENT_MODES = ("exact",) + ELBO_MODES + PRUNED_MODES
 
 
 @dataclass
@@ -115,7 +125,8 @@ PRESETS = {
         model={"embedding_dim": 32, "hidden_size": 64, "num_layers": 1, "dropout": 0.0},
         batch_size=32,
         train={"max_epochs": 2, "lr": 1e-2, "grad_clip": 5.0, "log_every": 20},
-        modes=list(MODES),
+        # every mode, with one pruned one (k = 3 prunes the 3-13 source positions; 5 and 10 barely would)
+        modes=[m for m in MODES if m not in PRUNED_MODES] + ["exact-top3"],
         beam_size=5,
     ),
     # at most about 40 minutes a mode on 2 CPU cores.  Soft attention trains for about nine
@@ -125,7 +136,10 @@ PRESETS = {
     # marginal costs the same S-fold read-out at every step: about 1 minute for 500 Multi30k
     # sentences and 1-2.5 for 100 out-of-domain IWSLT14 ones (longer sources, a few hypotheses
     # running to the length cap), so the out-of-domain set is cut to 100 pairs.  eval_every
-    # divides every mode's max_steps, so the modes are compared at equal updates.
+    # divides every mode's max_steps, so the modes are compared at equal updates.  The
+    # exact-topK modes (not run by default) read out K positions instead of S, so they are given
+    # more updates, enough to train at least as long as exact; results.md compares them with
+    # exact after the same wall-clock time.
     "cpu": Preset(
         data="multi30k",
         subword=8000,
@@ -143,7 +157,13 @@ PRESETS = {
             "decay_factor": 0.5,
             "patience": 4,
         },
-        mode_train={"exact": {"max_steps": 1200}, "elbo-enum": {"max_steps": 1200}},
+        mode_train={
+            "exact": {"max_steps": 1200},
+            "elbo-enum": {"max_steps": 1200},
+            "exact-top3": {"max_steps": 3600},
+            "exact-top5": {"max_steps": 2700},
+            "exact-top10": {"max_steps": 1800},
+        },
         modes=["soft", "exact", "elbo-enum"],
         beam_size=5,
         decode_limit=500,
@@ -372,7 +392,7 @@ def build_model(mode: str, preset: Preset, tokenizer) -> LatentAlignmentSeq2Seq:
 
 
 def train_config(mode: str, preset: Preset, args, run_dir: Path, seed: int) -> TrainConfig:
-    objective = "elbo" if mode in ELBO_MODES else "marginal"
+    objective = "elbo" if mode in BOUND_MODES else "marginal"
     config = TrainConfig(**{**preset.train, **preset.mode_train.get(mode, {})})
     config = replace(
         config, objective=objective, eval_objective="marginal", eval_kwargs={}, seed=seed, output_dir=str(run_dir)
@@ -461,7 +481,7 @@ def evaluate_run(
     limit: int | None,
     previous: dict | None = None,
 ) -> dict:
-    """Test perplexities (exact marginal; the ELBO bound too) and BLEU of every test set.
+    """Test perplexities (exact marginal; the trained bound too) and BLEU of every test set.
 
     ``previous`` holds this trained model's earlier results under the same beam size and decoding
     cap; a test set whose entry there covers the same sentences is not evaluated again.
@@ -476,7 +496,7 @@ def evaluate_run(
         entry = {"sentences": len(pairs)}
         marginal = trainer.evaluate(batches, objective="marginal")
         entry.update(ppl=marginal["ppl"], nll=marginal["nll"], tokens=marginal["tokens"])
-        if mode in ELBO_MODES:
+        if mode in BOUND_MODES:  # the ELBO enumerated exactly; the pruned sum of exact-topK
             bound = trainer.evaluate(batches, objective="elbo", estimator="exact")
             entry.update(elbo_ppl=bound["ppl_bound"], kl=bound.get("kl"))
         start = time.time()
@@ -516,12 +536,13 @@ def checks(rows: list[dict], main_test: str, preset: str) -> list[tuple[str, boo
                         f"exact {exact:.2f} vs soft {soft:.2f} (validation, both after {step:,} updates)",
                     )
                 )
-    for mode in ELBO_MODES:
+    for mode in BOUND_MODES:
         if mode in by_mode:
             r = by_mode[mode]
+            bound = "pruned-marginal" if mode in PRUNED_MODES else "ELBO"
             found.append(
                 (
-                    f"{mode}: ELBO perplexity bound >= exact-marginal PPL",
+                    f"{mode}: {bound} perplexity bound >= exact-marginal PPL",
                     r["elbo_ppl"] >= r["ppl"] * (1 - 1e-6),
                     f"{r['elbo_ppl']:.2f} >= {r['ppl']:.2f}",
                 )
@@ -532,6 +553,44 @@ def checks(rows: list[dict], main_test: str, preset: str) -> list[tuple[str, boo
                 bleu = by_mode[mode]["bleu_tok"]
                 found.append((f"{mode} learns the synthetic pair (BLEU > 20)", bleu > 20, f"BLEU {bleu:.1f}"))
     return found
+
+
+def valid_timeline(run_dir: Path) -> list[tuple[float, int, float]]:
+    """``(wall_time, step, validation PPL)`` of each validation (exact marginal), in order."""
+    return [
+        (e["wall_time"], e["step"], e["ppl"])
+        for e in read_metrics(run_dir)
+        if e.get("split") == "valid" and e.get("event") == "eval" and "ppl" in e
+    ]
+
+
+def same_wall_clock(rows: list[dict]) -> list[str]:
+    """``exact`` against the ``exact-topK`` modes: updates/s, and the validation perplexity (exact
+    marginal) of each at its last validation within the shortest of their training times."""
+    compared = [r for r in rows if r["mode"] == "exact" or r["mode"] in PRUNED_MODES]
+    if not any(r["mode"] == "exact" for r in compared) or len(compared) < 2:
+        return []
+    budget = min(r["wall_time"] for r in compared)
+    lines = [
+        f"## Pruned latent attention against exact, after the same wall-clock time ({budget:.0f} s)",
+        "",
+        "Validation PPL is the exact marginal (every source position) at each run's last "
+        f"validation within {budget:.0f} s of training (the shortest of these runs); updates/s is "
+        "the training rate (train tokens/s over tokens per batch), validations excluded.",
+        "",
+        "| mode | k | updates/s | updates by then | validation PPL by then | final updates | final validation PPL |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in compared:
+        within = [(step, ppl) for wall, step, ppl in r["valid_timeline"] if wall <= budget * (1 + 1e-9)]
+        step, ppl = within[-1] if within else (None, None)
+        final = r["valid_timeline"][-1] if r["valid_timeline"] else (None, None, None)
+        k = TOP_K.get(r["mode"], "all")
+        lines.append(
+            f"| {r['mode']} | {k} | {_fmt(r.get('updates_per_s'))} | {'-' if step is None else f'{step:,}'} | "
+            f"{_fmt(ppl)} | {r['steps']:,} | {_fmt(final[2])} |"
+        )
+    return [*lines, ""]
 
 
 def valid_curve(run_dir: Path) -> dict[int, float]:
@@ -557,10 +616,13 @@ def write_results(
         "PPL = exp(total NLL / target tokens), `<eos>` counted, NLL the exact marginal "
         "-log p(y | x) with the alignment summed out under the prior (soft and copy: their own "
         "likelihood). ELBO PPL = exp(-ELBO / tokens), the upper bound that variational training "
-        "optimises (expectation under q enumerated exactly). BLEU (tok) is sacreBLEU on the "
+        "optimises (expectation under q enumerated exactly); for exact-topK the pruned bound it "
+        "trains, the marginal summed over the K source positions of highest prior only (its PPL "
+        "column is the exact marginal over every position, like every other mode's). BLEU (tok) is sacreBLEU on the "
         "tokenised lowercased text with `tokenize=none`, no smoothing, as `multi-bleu.perl -lc`; "
         "sacreBLEU (detok) is its default (`13a`, case-sensitive) on detokenised hypotheses and "
-        f"references. Translations: beam search, beam {beam_size}, under the exact marginal.",
+        f"references. Translations: beam search, beam {beam_size}, under the exact marginal "
+        "(exact-topK: under its pruned scores, which is faster).",
         "",
     ]
     if data.notes:
@@ -578,17 +640,19 @@ def write_results(
             ]
         lines += [
             "| mode | PPL | ELBO PPL (bound) | BLEU (tok, lc) | sacreBLEU (detok) | parameters | "
-            "train tokens | train tokens/s | train time (s) | beam search time (s) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "train tokens | train tokens/s | updates/s | train time (s) | beam search time (s) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             t = r["test"][name]
             lines.append(
                 f"| {r['mode']} | {_fmt(t['ppl'])} | {_fmt(t.get('elbo_ppl'))} | {_fmt(t['bleu_tok'])} | "
                 f"{_fmt(t['bleu_detok'])} | {r['parameters']:,} | {r['train_tokens']:,} | "
-                f"{_fmt(r['tokens_per_s'], 0)} | {r['wall_time']:.0f} | {_fmt(t['decode_time'], 0)} |"
+                f"{_fmt(r['tokens_per_s'], 0)} | {_fmt(r.get('updates_per_s'))} | {r['wall_time']:.0f} | "
+                f"{_fmt(t['decode_time'], 0)} |"
             )
         lines.append("")
+    lines += same_wall_clock(rows)
     lines += [
         "## Published",
         "",
@@ -637,7 +701,7 @@ def plot_alignments(model, mode: str, data: Data, preset: Preset, out: Path) -> 
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batches.collate(chosen).items()}
     prior = model.prior(batch).probs
     panels = [("prior alpha", prior), ("exact posterior p(z | x, y)", model.posterior(batch).probs)]
-    if mode in ELBO_MODES:
+    if mode in ELBO_MODES:  # the pruned modes have no inference network
         panels.append(("inference network q(z | x, y)", model.approximate_posterior(batch).probs))
     sources = [
         piece_labels(data.tokenizer, batch["src"][row, : int(n)].tolist()) for row, n in enumerate(batch["src_lengths"])
@@ -757,11 +821,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "steps": summary["steps"],
                 "train_tokens": int(train_tokens),
                 "tokens_per_s": training_speed(run_dir),
+                "updates_per_s": training_speed(run_dir) / tokens_per_batch,
                 "wall_time": summary["wall_time"],
                 "valid_ppl": summary["best_valid_ppl"],
                 "skipped": summary["skipped"],
                 "test": test,
                 "valid_curve": valid_curve(run_dir),
+                "valid_timeline": valid_timeline(run_dir),
             }
         )
         plot = plot_alignments(model, mode, data, preset, out)

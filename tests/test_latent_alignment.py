@@ -9,10 +9,10 @@ from contract import CHECKS, ModelCase
 from latentnlp.families import MaskedCategorical
 from latentnlp.masks import lengths_to_mask
 from latentnlp.models.base import UnsupportedObjectiveError
-from latentnlp.models.latent_alignment import LatentAlignmentSeq2Seq
+from latentnlp.models.latent_alignment import TOP_K, LatentAlignmentSeq2Seq
 
 V, BOS, EOS, UNK = 9, 1, 2, 0
-MODES = ["soft", "exact", "elbo-enum", "elbo-sample", "elbo-gumbel", "copy"]
+MODES = ["soft", "exact", "elbo-enum", "elbo-sample", "elbo-gumbel", "copy", "exact-top3"]
 
 
 def make_batch(g, *, size=4, src_len=6, tgt_len=5, extended=False):
@@ -119,8 +119,11 @@ def test_posterior_is_bayes_rule_on_the_public_prior():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_training_marginal_equals_stepwise_decoder(mode):
-    """Teacher-forced decoder_step distributions: normalised, and they score the data like log_marginal."""
-    extended = mode == "copy"
+    """Teacher-forced decoder_step distributions: normalised, and they score the data like log_marginal.
+
+    A pruned head decodes with its pruned scores: each step sums to the prior mass kept (``<= 1``),
+    and they score the data like its bound, the ELBO."""
+    extended, pruned = mode == "copy", mode in TOP_K
     model, batch = _double(mode), _batch(1, extended=extended)
     targets = batch["tgt_out_ext"] if extended else batch["tgt_out"]
     state, size = model.decoder_start(batch)
@@ -129,13 +132,16 @@ def test_training_marginal_equals_stepwise_decoder(mode):
         for t in range(batch["tgt_in"].shape[1]):
             log_probs, state = model.decoder_step(state, batch["tgt_in"][:, t])
             assert log_probs.shape == (size, V + 1 if extended else V)
-            torch.testing.assert_close(log_probs.logsumexp(-1), torch.zeros(size, dtype=torch.float64))
+            if pruned:
+                assert (log_probs.logsumexp(-1) <= 1e-12).all()
+            else:
+                torch.testing.assert_close(log_probs.logsumexp(-1), torch.zeros(size, dtype=torch.float64))
             step = log_probs.gather(1, targets[:, t : t + 1]).squeeze(1)
             total += torch.where(t < batch["tgt_lengths"], step, 0.0)
-        torch.testing.assert_close(total, model.log_marginal(batch))
+        torch.testing.assert_close(total, model.elbo(batch).value if pruned else model.log_marginal(batch))
 
 
-@pytest.mark.parametrize("mode", ["soft", "exact", "copy", "elbo-enum"])
+@pytest.mark.parametrize("mode", ["soft", "exact", "copy", "elbo-enum", "exact-top3"])
 def test_beam_of_one_equals_greedy(mode):
     model, batch = _double(mode, seed=3), _batch(2, extended=mode == "copy")
     greedy = model.generate(batch, method="greedy", max_len=8)
@@ -146,12 +152,12 @@ def test_beam_of_one_equals_greedy(mode):
     assert wide.tokens.shape[0] == batch["src"].shape[0] and (wide.lengths <= 8).all()
 
 
-@pytest.mark.parametrize("mode", ["exact", "copy", "elbo-enum"])
+@pytest.mark.parametrize("mode", ["exact", "copy", "elbo-enum", "exact-top3"])
 def test_padding_invariance_against_single_examples(mode):
     extended = mode == "copy"
     model, batch = _double(mode), _batch(4, extended=extended)
     together = model.log_marginal(batch)
-    bound = model.elbo(batch).value if mode == "elbo-enum" else None
+    bound = model.elbo(batch).value if mode in ("elbo-enum", "exact-top3") else None
     for b in range(batch["src"].shape[0]):
         s, t = int(batch["src_lengths"][b]), int(batch["tgt_lengths"][b])
         single = {k: v[b : b + 1] for k, v in batch.items()}

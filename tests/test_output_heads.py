@@ -8,7 +8,7 @@ from torch.distributions import Distribution
 
 from latentnlp import estimators
 from latentnlp.layers import CopyGenerator, LatentAttention, MixtureOfSoftmaxes, OutputHead, SoftmaxOutput
-from latentnlp.models.latent_alignment import MODES, LatentAlignmentSeq2Seq
+from latentnlp.models.latent_alignment import MODES, TOP_K, LatentAlignmentSeq2Seq, PrunedMarginal
 from latentnlp.models.seq2seq import (
     AlignmentELBO,
     AttentionalEncoderDecoder,
@@ -127,6 +127,10 @@ def test_modes_are_compositions(mode):
         expected = ESTIMATORS.get(mode, relax_alignments)
         assert getattr(model.objective.estimator, "func", model.objective.estimator) is expected
         assert (model.objective.baseline is not None) == (mode == "elbo-sample")
+    elif mode in TOP_K:  # the pruned bound is an ELBO without an inference network
+        assert isinstance(model.objective, PrunedMarginal) and model.objectives == ("elbo", "marginal")
+        assert model.head.top_k == TOP_K[mode]
+        assert not any(name.startswith("objective.") for name, _ in model.named_parameters())
     else:  # no inference network where no ELBO is trained
         assert isinstance(model.objective, Marginal) and model.objectives == ("marginal",)
         assert not any(name.startswith("objective.") for name, _ in model.named_parameters())
@@ -205,3 +209,83 @@ def test_validation_switch_governs_the_length_checks():
         Distribution.set_default_validate_args(previous)
     with pytest.raises(ValueError, match="tgt_lengths"):
         model.log_marginal(bad)
+
+
+def test_pruned_latent_head_with_k_at_least_s_is_the_exact_head():
+    """``top_k >= S`` keeps every source position: the same numbers as the exact head."""
+    exact = _heads()["latent-head"].eval()
+    hidden, context = _context(4)
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(5))
+    for k in (S, S + 3):
+        pruned = LatentAttentionHead(exact.attention, top_k=k).eval()
+        assert pruned.pruned
+        torch.testing.assert_close(
+            pruned.log_prob(hidden, targets, **context), exact.log_prob(hidden, targets, **context)
+        )
+        torch.testing.assert_close(pruned.log_probs(hidden, **context), exact.log_probs(hidden, **context))
+        torch.testing.assert_close(
+            pruned.exact_log_prob(hidden, targets, **context), exact.log_prob(hidden, targets, **context)
+        )
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_pruned_latent_head_below_s_is_a_lower_bound(k):
+    """``top_k < S``: the k largest prior terms of the enumerated sum, ``<=`` the exact marginal,
+    equal on rows with at most k real source positions; ``exact_log_prob`` stays exact."""
+    exact = _heads()["latent-head"].eval()
+    pruned = LatentAttentionHead(exact.attention, top_k=k).eval()
+    hidden, context = _context(6)
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(7))
+    full = exact.log_prob(hidden, targets, **context)
+    bound = pruned.log_prob(hidden, targets, **context)
+    assert (bound <= full + 1e-12).all()
+    short = LENGTHS <= k
+    torch.testing.assert_close(bound[short], full[short])
+    if not short.all():
+        assert (bound[~short] < full[~short]).any()
+    torch.testing.assert_close(pruned.exact_log_prob(hidden, targets, **context), full)
+    # the terms kept are those of the k highest priors, spelt out
+    emission = exact.emission_log_probs(hidden, targets, context["memory"], context["memory_mask"])
+    kept = context["log_alpha"].topk(k, -1).indices
+    expected = (context["log_alpha"] + emission).gather(-1, kept).logsumexp(-1)
+    torch.testing.assert_close(bound, expected)
+    # the pruned distribution over the vocabulary is the same sum: a sub-distribution, gathered = log_prob
+    log_probs = pruned.log_probs(hidden, **context)
+    assert (log_probs.logsumexp(-1) <= 1e-12).all()
+    torch.testing.assert_close(log_probs.gather(-1, targets[..., None])[..., 0], bound)
+
+
+@pytest.mark.parametrize("mode,k", [("exact-top3", 3), ("exact-top5", 5), ("exact-top10", 10)])
+def test_from_mode_builds_the_pruned_head(mode, k):
+    """``exact-topK`` is the exact composition with ``top_k = K`` on the head: the same parameters,
+    the same exact marginal, and an ELBO that is the pruned sum."""
+    model = _model(mode)
+    assert isinstance(model.head, LatentAttentionHead) and model.head.top_k == k and model.head.pruned
+    assert isinstance(model.objective, PrunedMarginal) and model.objectives == ("elbo", "marginal")
+    assert model.constructor["factory"] == "from_mode" and model.constructor["args"][0] == mode
+    exact = _model("exact")
+    for (name, a), (_, b) in zip(model.named_parameters(), exact.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    batch = make_batch(torch.Generator().manual_seed(8), src_len=6)
+    log_px = model.log_marginal(batch)
+    torch.testing.assert_close(log_px, exact.log_marginal(batch))
+    torch.testing.assert_close(model.loss(batch, "marginal").metrics["nll"], -log_px)
+    # the ELBO is the head's pruned log_prob summed over the target, below the exact marginal
+    bound = model.elbo(batch)
+    run = model.decode(batch)
+    per_token = model.head.log_prob(run.hidden, batch["tgt_out"], **run.context)
+    torch.testing.assert_close(bound.value, (per_token * run.target_mask).sum(1))
+    torch.testing.assert_close(bound.value, bound.reconstruction - bound.kl)
+    assert (bound.kl >= -1e-12).all()
+    assert (bound.value <= log_px + 1e-12).all()
+    if k < 6:
+        assert (bound.value < log_px - 1e-9).any()
+    else:  # k >= S: the restricted posterior is the posterior, the bound is tight
+        torch.testing.assert_close(bound.value, log_px)
+    # given the exact posterior as q, the bound is tight whatever k
+    torch.testing.assert_close(model.elbo(batch, q=model.posterior(batch)).value, log_px)
+    loss = model.loss(batch, "elbo")
+    assert set(loss.metrics) == {"neg_elbo", "kl", "reconstruction", "tokens"}
+    torch.testing.assert_close(loss.value, -bound.value.sum() / batch["tgt_lengths"].sum())
+    with pytest.raises(ValueError, match="estimator"):
+        model.elbo(batch, estimator="score_function")

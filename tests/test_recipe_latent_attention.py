@@ -1,4 +1,4 @@
-"""The latent-attention recipe end to end: smoke preset, soft / exact / elbo-enum, in a temporary folder."""
+"""The latent-attention recipe end to end: smoke preset, soft / exact / elbo-enum / exact-top3, in a temp folder."""
 
 import importlib.util
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "latent_attention.py"
-MODES = ["soft", "exact", "elbo-enum"]
+MODES = ["soft", "exact", "elbo-enum", "exact-top3"]
 
 
 def load_recipe():
@@ -73,6 +73,12 @@ def test_smoke_results_table_and_learning(smoke_run):
         assert test[mode]["ppl"] < 3.0, (mode, test[mode])
     # the ELBO bounds the exact marginal: its perplexity is never below it
     assert test["elbo-enum"]["elbo_ppl"] >= test["elbo-enum"]["ppl"] * (1 - 1e-6)
+    # so does the pruned sum of exact-top3, which it trains; its PPL is the exact marginal
+    assert test["exact-top3"]["elbo_ppl"] >= test["exact-top3"]["ppl"] * (1 - 1e-6)
+    assert "exact-top3: pruned-marginal perplexity bound >= exact-marginal PPL | pass" in text
+    assert "## Pruned latent attention against exact, after the same wall-clock time" in text
+    assert re.search(r"^\| exact-top3 \| 3 \| \d+\.\d\d \|", text, re.M)
+    assert all(r["updates_per_s"] > 0 for r in rows)
 
 
 def test_finished_runs_are_reused(recipe, smoke_run, capsys):

@@ -17,12 +17,18 @@ mode              head + objective                                            ob
 ``elbo-sample``   latent attention + ELBO, REINFORCE with a learned baseline  elbo, marginal
 ``elbo-gumbel``   latent attention + ELBO, straight-through Gumbel-softmax    elbo, marginal
 ``copy``          soft attention + exactly marginalised copy switch           marginal
+``exact-topK``    latent attention pruned to the ``K`` positions of highest   elbo, marginal
+                  prior (``K`` = 3, 5, 10) + :class:`PrunedMarginal`: trains
+                  ``log sum_{m in top K} alpha_tm p(y_t | h_t, s_m)``
 ================  ==========================================================  =====================
 
 ``log_marginal`` is always the head's exact ``log p(y | x)`` (for the latent-attention head the
-alignment summed out under the prior, so evaluation compares every mode on the same quantity;
-the soft and copy heads have no alignment latent besides the copy choice and give their own
-likelihood).
+alignment summed out under the prior over every source position, pruned or not, so evaluation
+compares every mode on the same quantity; the soft and copy heads have no alignment latent
+besides the copy choice and give their own likelihood).  A pruned mode trains its lower bound
+as ``objective="elbo"`` (:class:`PrunedMarginal`: the pruned sum is the ELBO whose ``q`` is the
+exact posterior restricted to the ``K`` kept positions), which reads out ``B T K`` instead of
+``B T S`` rows, and decodes with the pruned scores.
 
 Batch keys: ``src [B, S]``, ``src_lengths [B]``, ``tgt_in [B, T]`` (``<bos> y``),
 ``tgt_out [B, T]`` (``y <eos>``), ``tgt_lengths [B]``; for the copy head also
@@ -35,7 +41,11 @@ Length ranges are checked (a read from the device) only when validation is on
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+import torch
 from torch import Tensor, nn
+from torch.distributions import kl_divergence
 
 from latentnlp import decoding
 from latentnlp.families import MaskedCategorical
@@ -55,7 +65,7 @@ from latentnlp.models.seq2seq import (
 )
 from latentnlp.models.seq2seq.core import masked_sum
 
-__all__ = ["LatentAlignmentSeq2Seq", "MODES"]
+__all__ = ["LatentAlignmentSeq2Seq", "MODES", "PrunedMarginal", "TOP_K"]
 
 #: mode -> (head, ELBO estimator or None for the marginal objective)
 MODES: dict[str, tuple[str, str | None]] = {
@@ -65,7 +75,71 @@ MODES: dict[str, tuple[str, str | None]] = {
     "elbo-sample": ("latent", "score_function"),
     "elbo-gumbel": ("latent", "gumbel_softmax"),
     "copy": ("copy", None),
+    "exact-top3": ("latent", None),
+    "exact-top5": ("latent", None),
+    "exact-top10": ("latent", None),
 }
+
+#: mode -> the latent-attention head's ``top_k`` (modes not listed sum over every source position);
+#: these modes train :class:`PrunedMarginal`
+TOP_K: dict[str, int] = {"exact-top3": 3, "exact-top5": 5, "exact-top10": 10}
+
+
+class PrunedMarginal(Marginal):
+    """Train the pruned marginal of a ``top_k`` latent-attention head, as the ELBO it is.
+
+    With ``K_t`` the ``k`` source positions of highest prior at target position ``t``::
+
+        log sum_{m in K_t} alpha_tm p(y_t | h_t, s_m)  =  E_q[log p(y_t | h_t, s_z)] - KL(q || alpha_t)
+                                                      <=  log p(y_t | x, y_<t),
+
+    where ``q(z_t = m) ∝ alpha_tm p(y_t | h_t, s_m)`` on ``K_t`` (the exact posterior restricted to
+    the kept positions, 0 elsewhere), with equality when ``k >= S``.  So ``objective="elbo"`` trains
+    the pruned bound (metric ``neg_elbo``, perplexity ``ppl_bound``) and ``"marginal"`` stays the
+    exact likelihood (``nll``).  The expectation is enumerated over ``K_t``; no inference network.
+    """
+
+    objectives: ClassVar[tuple[str, ...]] = ("elbo", "marginal")
+
+    def elbo(
+        self,
+        core: AttentionalEncoderDecoder,
+        head: LatentAttentionHead,
+        batch: Batch,
+        *,
+        estimator: str | None = None,
+        num_samples: int = 1,
+        kl_weight: float = 1.0,
+        q: MaskedCategorical | None = None,
+    ) -> ELBO:
+        """Per-example bound ``[B]``; ``estimator`` may only be ``None`` or ``"exact"`` (enumerated),
+        ``num_samples`` is unused.  ``q`` (batch ``[B, T]`` over ``S``) replaces the restricted
+        posterior: then the ELBO of that ``q`` over every position.  ``surrogate = reconstruction -
+        kl_weight * KL``.
+        """
+        if estimator not in (None, "exact"):
+            raise ValueError(
+                f"the pruned marginal enumerates its expectation: estimator must be 'exact', got {estimator!r}"
+            )
+        run = core(batch["src"], batch["src_lengths"], batch["tgt_in"], batch["tgt_lengths"])
+        targets = head.batch_targets(batch)
+        if q is None:
+            emission = head.kept_emission_log_probs(run.hidden, targets, run.memory, run.memory_mask, run.log_alpha)
+            joint = run.log_alpha + emission
+            bound = joint.logsumexp(-1)  # [B, T]
+            q_probs = (joint - bound[..., None]).exp()  # 0 outside the kept positions
+            reconstruction_t = (q_probs * emission.masked_fill(~torch.isfinite(joint), 0.0)).sum(-1)
+            kl_t = reconstruction_t - bound
+        else:
+            emission = head.emission_log_probs(run.hidden, targets, run.memory, run.memory_mask)
+            prior = MaskedCategorical(run.log_alpha, run.memory_mask[:, None, :], validate_args=False)
+            kl_t = kl_divergence(q, prior)
+            reconstruction_t = (q.probs * emission.masked_fill(~run.memory_mask[:, None, :], 0.0)).sum(-1)
+        reconstruction = masked_sum(reconstruction_t, run.target_mask)
+        kl = masked_sum(kl_t, run.target_mask)
+        return ELBO(
+            value=reconstruction - kl, reconstruction=reconstruction, kl=kl, surrogate=reconstruction - kl_weight * kl
+        )
 
 
 class LatentAlignmentSeq2Seq(LatentModel):
@@ -122,7 +196,8 @@ class LatentAlignmentSeq2Seq(LatentModel):
 
         Sizes and ``attention``, ``dropout``, ``max_chunk_elements`` go to the core; ``tau`` is the
         Gumbel-softmax temperature (``elbo-gumbel``); ``unk_id`` is the decoder input for copied
-        source-only words (``copy``).
+        source-only words (``copy``).  The ``exact-topK`` modes give the latent-attention head
+        ``top_k = K`` (:data:`TOP_K`).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
@@ -139,7 +214,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
         )
         heads = {
             "soft": lambda: SoftAttentionHead(core.attention),
-            "latent": lambda: LatentAttentionHead(core.attention),
+            "latent": lambda: LatentAttentionHead(core.attention, top_k=TOP_K.get(mode)),
             "copy": lambda: CopyHead(
                 CopyGenerator(hidden_size, tgt_vocab_size, output_projection=core.attention.output_projection),
                 shared_vocabulary=src_vocab_size == tgt_vocab_size,
@@ -147,7 +222,12 @@ class LatentAlignmentSeq2Seq(LatentModel):
             ),
         }
         head = heads[head_name]()
-        objective = None if estimator is None else AlignmentELBO(embedding_dim, hidden_size, estimator, tau=tau)
+        if mode in TOP_K:
+            objective = PrunedMarginal()
+        elif estimator is not None:
+            objective = AlignmentELBO(embedding_dim, hidden_size, estimator, tau=tau)
+        else:
+            objective = None
         return cls(core, head, objective, bos_id=bos_id, eos_id=eos_id)
 
     @property
@@ -164,10 +244,14 @@ class LatentAlignmentSeq2Seq(LatentModel):
         return self.core(batch["src"], batch["src_lengths"], batch["tgt_in"], batch["tgt_lengths"])
 
     def log_marginal(self, batch: Batch) -> Tensor:
-        """Exact ``log p(y | x)`` per example ``[B]`` (the head's latent variables summed out)."""
+        """Exact ``log p(y | x)`` per example ``[B]`` (the head's latent variables summed out).
+
+        Exact for a pruned head too (every source position summed over): what evaluation
+        reports, so pruned and exact modes compare on the same quantity.
+        """
         run = self.decode(batch)
         context = {**run.context, **self.head.batch_context(batch)}
-        per_token = self.head.log_prob(run.hidden, self.head.batch_targets(batch), **context)
+        per_token = self.head.exact_log_prob(run.hidden, self.head.batch_targets(batch), **context)
         return masked_sum(per_token, run.target_mask)
 
     def elbo(
@@ -216,6 +300,9 @@ class LatentAlignmentSeq2Seq(LatentModel):
         length_penalty: float = 0.0,
     ) -> decoding.Hypotheses:
         """Greedy or beam-search translations of ``batch["src"]`` under the head's distribution.
+
+        A pruned head (``exact-topK``) decodes with its pruned scores (the ``K`` positions of
+        highest prior at each step), which is faster, not with the exact marginal.
 
         ``max_len`` defaults to ``2 * longest source + 10``.  Output ids are target ids
         (extended ids for source-only words with the copy head).

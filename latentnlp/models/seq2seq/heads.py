@@ -7,7 +7,8 @@ context ``memory [B, S, H]``, ``memory_mask [B, S]`` (True at real source positi
 
 ============================  ================================================================
 :class:`SoftAttentionHead`    ``log p(y_t | h_t, c_t)``, ``c_t = sum_m alpha_tm s_m``
-:class:`LatentAttentionHead`  ``log sum_m alpha_tm p(y_t | h_t, s_m)`` (the alignment summed out)
+:class:`LatentAttentionHead`  ``log sum_m alpha_tm p(y_t | h_t, s_m)`` (the alignment summed out; with
+                              ``top_k``, over the ``k`` positions of highest prior: a lower bound)
 :class:`CopyHead`             ``o_t`` read out with an exactly marginalised copy switch
 ============================  ================================================================
 
@@ -43,8 +44,16 @@ class Seq2SeqHead(nn.Module):
 
     latent_alignment: ClassVar[bool] = False
 
+    #: True when :meth:`log_prob` is a lower bound on the likelihood (a pruned sum) rather than it;
+    #: :meth:`exact_log_prob` is then the likelihood itself
+    pruned: bool = False
+
     def log_prob(self, hidden: Tensor, targets: Tensor, **context) -> Tensor:
         raise NotImplementedError
+
+    def exact_log_prob(self, hidden: Tensor, targets: Tensor, **context) -> Tensor:
+        """The head's exact ``log p(y_t | ...)`` ``[B, T]``: :meth:`log_prob` unless the head is :attr:`pruned`."""
+        return self.log_prob(hidden, targets, **context)
 
     def log_probs(self, hidden: Tensor, **context) -> Tensor:
         raise NotImplementedError
@@ -118,13 +127,25 @@ class SoftAttentionHead(Seq2SeqHead):
 
 
 class LatentAttentionHead(Seq2SeqHead):
-    """``log p(y_t | x, y_<t) = logsumexp_m (log alpha_tm + log p(y_t | h_t, s_m))``: exact latent attention."""
+    """``log p(y_t | x, y_<t) = logsumexp_m (log alpha_tm + log p(y_t | h_t, s_m))``: exact latent attention.
+
+    ``top_k``: sum only over the ``k`` source positions of highest prior ``alpha_tm`` of each target
+    position (``LatentAttention(..., top_k=k)``): :meth:`log_prob` and :meth:`log_probs` are then
+    the pruned sum, a lower bound on the marginal (equal to it when ``k >= S``) that reads out
+    ``B T k`` instead of ``B T S`` rows; :meth:`exact_log_prob` stays exact.  A model trains the
+    bound and evaluates the exact marginal; beam search decodes with the pruned (faster) scores.
+    ``None`` (default): exact everywhere.
+    """
 
     latent_alignment = True
 
-    def __init__(self, attention: LatentAttention) -> None:
+    def __init__(self, attention: LatentAttention, *, top_k: int | None = None) -> None:
         super().__init__()
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be None or >= 1, got {top_k}")
         self.attention = attention
+        self.top_k = top_k
+        self.pruned = top_k is not None
 
     def log_prob(
         self,
@@ -137,7 +158,8 @@ class LatentAttentionHead(Seq2SeqHead):
         ignore_index: int = IGNORE_INDEX,
         **context,
     ) -> Tensor:
-        """``logsumexp_m (log alpha_tm + log p(y_t | h_t, s_m))``.
+        """``logsumexp_m (log alpha_tm + log p(y_t | h_t, s_m))``, over the ``top_k`` positions of highest
+        prior when the head has one (the pruned lower bound, what training with this head maximises).
 
         Args:
             hidden: ``[B, T, H]`` float decoder states.
@@ -149,15 +171,60 @@ class LatentAttentionHead(Seq2SeqHead):
             **context: unused.
 
         Returns:
-            ``[B, T]`` float log-probabilities (0 where ignored).
+            ``[B, T]`` float log-probabilities (0 where ignored); with ``top_k < S``, ``<=`` :meth:`exact_log_prob`.
         """
+        return self._log_prob(hidden, targets, memory, memory_mask, log_alpha, ignore_index, self.top_k)
+
+    def exact_log_prob(
+        self,
+        hidden: Tensor,
+        targets: Tensor,
+        *,
+        memory: Tensor,
+        memory_mask: Tensor,
+        log_alpha: Tensor,
+        ignore_index: int = IGNORE_INDEX,
+        **context,
+    ) -> Tensor:
+        """The exact marginal, ``logsumexp_m`` over every source position whatever ``top_k``.
+
+        Arguments and result as in :meth:`log_prob`.
+        """
+        return self._log_prob(hidden, targets, memory, memory_mask, log_alpha, ignore_index, None)
+
+    def _log_prob(
+        self,
+        hidden: Tensor,
+        targets: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor,
+        log_alpha: Tensor,
+        ignore_index: int,
+        top_k: int | None,
+    ) -> Tensor:
         check_target_range(self, targets, self.attention.vocab_size, ignore_index)
         ignored, targets = ignored_targets(targets, ignore_index)
-        log_p = torch.logsumexp(log_alpha + self.emission_log_probs(hidden, targets, memory, memory_mask), -1)
+        if top_k is None:
+            emission = self.emission_log_probs(hidden, targets, memory, memory_mask)
+        else:
+            emission = self.kept_emission_log_probs(hidden, targets, memory, memory_mask, log_alpha)
+        log_p = torch.logsumexp(log_alpha + emission, -1)
         return log_p.masked_fill(ignored, 0.0)
+
+    def kept_emission_log_probs(
+        self, hidden: Tensor, targets: Tensor, memory: Tensor, memory_mask: Tensor, log_alpha: Tensor
+    ) -> Tensor:
+        """:meth:`emission_log_probs` at the ``top_k`` positions of highest prior of each row, ``-inf``
+        elsewhere (every position when ``top_k`` is None or ``>= S``); only those rows are read out."""
+        if self.top_k is None or self.top_k >= memory.shape[1]:
+            return self.emission_log_probs(hidden, targets, memory, memory_mask)
+        return self.attention._pruned_emission_log_probs(hidden, memory, targets, log_alpha, self.top_k)
 
     def log_probs(self, hidden: Tensor, *, memory: Tensor, log_alpha: Tensor, **context) -> Tensor:
         """``logsumexp_m (log alpha_tm + log p(. | h_t, s_m))``, mixed over chunks of source positions.
+
+        With ``top_k``, the sum over the ``k`` positions of highest prior (a sub-distribution: each
+        row sums to the prior mass kept, ``<= 1``); decoding uses these pruned scores.
 
         Args:
             hidden: ``[B, T, H]`` float decoder states.
@@ -168,6 +235,8 @@ class LatentAttentionHead(Seq2SeqHead):
         Returns:
             ``[B, T, V]`` float log-probabilities.
         """
+        if self.top_k is not None:
+            log_alpha = self.attention.pruned_alignment(log_alpha, self.top_k)
         return self.attention.marginal_log_probs(hidden, memory, log_alpha)
 
     def emission_log_probs(self, hidden: Tensor, targets: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
