@@ -303,11 +303,22 @@ class LatentAttention(nn.Module):
         keep = torch.zeros_like(log_alpha, dtype=torch.bool).scatter(-1, index, True)
         return log_alpha.masked_fill(~keep, float("-inf"))
 
-    def _pruned_emission_log_probs(
+    def pruned_emission_log_probs(
         self, query: Tensor, memory: Tensor, targets: Tensor, log_alpha: Tensor, k: int
     ) -> Tensor:
         """``log p(y_t | h_t, s_m)`` ``[B, T, S]`` at the ``k`` positions of highest prior of each row,
-        ``-inf`` elsewhere (and at padding); only those ``B T k`` rows are read out."""
+        ``-inf`` elsewhere (and at padding); only those ``B T k`` rows are read out.
+
+        Args:
+            query: decoder states ``[B, T, H]``.
+            memory: source states ``[B, S, H_s]``.
+            targets: ``[B, T]`` long target ids.
+            log_alpha: ``[B, T, S]`` prior alignment log-probabilities (``-inf`` at padding).
+            k: how many positions to keep per row (``1 <= k <= S``).
+
+        Returns:
+            ``[B, T, S]``: the emission log-probabilities of the kept positions, ``-inf`` at the others.
+        """
         index = log_alpha.detach().topk(k, dim=-1).indices  # [B, T, k]
         rows = torch.arange(memory.shape[0], device=memory.device)[:, None, None]
         o = self.attentional_hidden(query[:, :, None, :], memory[rows, index])  # [B, T, k, D]
@@ -396,7 +407,7 @@ class LatentAttention(nn.Module):
                 if kept is None:
                     log_emission = self._emission_log_probs(query, memory, targets, memory_mask)
                 else:
-                    log_emission = self._pruned_emission_log_probs(query, memory, targets, log_alpha, kept)
+                    log_emission = self.pruned_emission_log_probs(query, memory, targets, log_alpha, kept)
                 log_emission = log_emission.masked_fill(ignored[..., None], 0.0)
                 log_prob = torch.logsumexp(log_alpha + log_emission, dim=-1)
             if full or targets is None:

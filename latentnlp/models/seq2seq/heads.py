@@ -218,7 +218,7 @@ class LatentAttentionHead(Seq2SeqHead):
         elsewhere (every position when ``top_k`` is None or ``>= S``); only those rows are read out."""
         if self.top_k is None or self.top_k >= memory.shape[1]:
             return self.emission_log_probs(hidden, targets, memory, memory_mask)
-        return self.attention._pruned_emission_log_probs(hidden, memory, targets, log_alpha, self.top_k)
+        return self.attention.pruned_emission_log_probs(hidden, memory, targets, log_alpha, self.top_k)
 
     def log_probs(self, hidden: Tensor, *, memory: Tensor, log_alpha: Tensor, **context) -> Tensor:
         """``logsumexp_m (log alpha_tm + log p(. | h_t, s_m))``, mixed over chunks of source positions.
