@@ -54,7 +54,7 @@ __all__ = [
     "structured_mean_field",
 ]
 
-METHODS = ("auto", "scaled", "log")
+FACTORIAL_METHODS = ("auto", "scaled", "log")
 
 
 def _describe(x) -> str:
@@ -434,8 +434,8 @@ class FactorialChainPosterior(Distribution):
         method: str = "auto",
         validate_args: bool | None = None,
     ):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in FACTORIAL_METHODS:
+            raise ValueError(f"method must be one of {FACTORIAL_METHODS}, got {method!r}")
         validating = is_validating(validate_args)
         if not isinstance(emit, Tensor) or not emit.is_floating_point() or emit.dim() < 3:
             raise ValueError(f"emit must be a floating-point tensor [B, T, K, ..., K], got {_describe(emit)}")

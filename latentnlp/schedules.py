@@ -68,6 +68,15 @@ def _check_steps(name: str, steps: int) -> None:
         raise ValueError(f"{name} must be >= 1, got {steps}")
 
 
+def _check_decay(total: int, warmup: int, floor: float) -> None:
+    """The arguments of a warm-up-then-decay schedule: ``total >= 1``, ``warmup >= 0``, ``0 <= floor <= 1``."""
+    _check_steps("total", total)
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must be in [0, 1] (a fraction of the learning rate), got {floor}")
+
+
 # ---- loss weights --------------------------------------------------------------------------------
 
 
@@ -175,6 +184,9 @@ class LinearDecay(Schedule):
     warmup: int = 0
     floor: float = 0.0
 
+    def __post_init__(self) -> None:
+        _check_decay(self.total, self.warmup, self.floor)
+
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
@@ -194,6 +206,9 @@ class CosineDecay(Schedule):
     total: int
     warmup: int = 0
     floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_decay(self.total, self.warmup, self.floor)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:

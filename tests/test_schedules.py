@@ -70,3 +70,13 @@ def test_unknown_names_and_bad_parameters():
     ):
         with pytest.raises(ValueError):
             bad()
+
+
+@pytest.mark.parametrize("schedule", [LinearDecay, CosineDecay])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"total": 0}, "total"), ({"total": 10, "warmup": -1}, "warmup"), ({"total": 10, "floor": 1.5}, "floor")],
+)
+def test_decay_schedules_refuse_bad_arguments(schedule, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        schedule(**kwargs)

@@ -115,7 +115,7 @@ class MixtureOfSoftmaxes(nn.Module):
         return torch.log_softmax(upcast(self.output_projection(self.features(hidden))), dim=-1)
 
     # ---- outputs --------------------------------------------------------------------------
-    def log_probs(self, hidden: Tensor, max_chunk_elements: int | None = None, **context) -> Tensor:
+    def log_probs(self, hidden: Tensor, *, max_chunk_elements: int | None = None, **context) -> Tensor:
         """The :class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(. | h)``, expert summed out.
 
         Args:
@@ -163,16 +163,16 @@ class MixtureOfSoftmaxes(nn.Module):
         """
         log_prob = None
         if targets is not None:
-            log_prob = self.log_prob(hidden, targets, max_chunk_elements, ignore_index=ignore_index)
-        log_probs = self.log_probs(hidden, max_chunk_elements) if full or targets is None else None
+            log_prob = self.log_prob(hidden, targets, max_chunk_elements=max_chunk_elements, ignore_index=ignore_index)
+        log_probs = self.log_probs(hidden, max_chunk_elements=max_chunk_elements) if full or targets is None else None
         return HeadOutput(log_prob, log_probs)
 
     def log_prob(
         self,
         hidden: Tensor,
         targets: Tensor,
-        max_chunk_elements: int | None = None,
         *,
+        max_chunk_elements: int | None = None,
         ignore_index: int = IGNORE_INDEX,
         **context,
     ) -> Tensor:

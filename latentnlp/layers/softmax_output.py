@@ -134,8 +134,8 @@ class SoftmaxOutput(nn.Module):
         self,
         hidden: Tensor,
         targets: Tensor,
-        max_chunk_elements: int | None = None,
         *,
+        max_chunk_elements: int | None = None,
         ignore_index: int = IGNORE_INDEX,
         **context,
     ) -> Tensor:
