@@ -70,6 +70,7 @@ from latentnlp.data import (  # noqa: E402
     ParallelBatches,
     ParallelCorpus,
     Vocabulary,
+    portable_path,
     read_iwslt14,
     read_multi30k,
     train_sentencepiece,
@@ -247,6 +248,12 @@ def generate_pairs(seed: int, count: int, rng: random.Random | None = None) -> l
                 tgt += phrase_tgt
         pairs.append((" ".join(src), " ".join(tgt)))
     return pairs
+
+
+def tokenizer_note(tokenizer) -> str:
+    """The tokenizer as config.json records it: its sentencepiece model file (portably), or the word vocabulary."""
+    model_path = getattr(tokenizer, "model_path", None)
+    return portable_path(model_path) if model_path else "word vocabulary"
 
 
 def synthetic_corpus(folder: Path, seed: int) -> ParallelCorpus:
@@ -759,7 +766,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "seed": seed,
                 "modes": modes,
                 "vocab_size": len(data.tokenizer),
-                "tokenizer": str(getattr(data.tokenizer, "model_path", None) or "word vocabulary"),
+                "tokenizer": tokenizer_note(data.tokenizer),
                 "model": preset.model,
                 "batch_size": preset.batch_size,
                 "train": preset.train,

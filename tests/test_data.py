@@ -483,3 +483,16 @@ def test_yahoo_without_train():
     v = y.vocabulary()
     assert len(v) == 20_000 and (v.pad_id, v.bos_id, v.eos_id, v.unk_id) == (0, 1, 2, 3)
     assert all(t in v for d in y.test for t in d)
+
+
+def test_portable_path_names_the_data_directory_and_home_not_the_machine(tmp_path, monkeypatch):
+    from latentnlp.data import portable_path
+
+    data = tmp_path / "data"
+    (data / "ptb").mkdir(parents=True)
+    monkeypatch.setenv("LATENTNLP_DATA", str(data))
+    assert portable_path(data / "ptb") == "$LATENTNLP_DATA/ptb"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / ".cache").mkdir(parents=True)
+    assert portable_path(tmp_path / "home" / ".cache" / "m.model") == "~/.cache/m.model"
+    assert portable_path("/elsewhere/x") == "/elsewhere/x"

@@ -52,6 +52,7 @@ from .sources import (
     find_local,
     hub_status,
     locate,
+    portable_path,
 )
 from .subword import SentencePieceTokenizer, train_sentencepiece
 from .vocabulary import Vocabulary
@@ -84,6 +85,7 @@ __all__ = [
     "find_local",
     "hub_status",
     "locate",
+    "portable_path",
     "SentencePieceTokenizer",
     "train_sentencepiece",
     "Vocabulary",

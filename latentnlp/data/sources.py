@@ -88,10 +88,26 @@ class Source:
         return self.path is not None
 
     def describe(self) -> str:
+        """Where the corpus is, as a results file records it (:func:`portable_path` of a local one)."""
         if self.path is not None:
-            return str(self.path)
+            return portable_path(self.path)
         assert self.hub is not None
         return f"hf://datasets/{self.hub.path}" + (f" ({self.hub.name})" if self.hub.name else "")
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as results record it, free of the machine that made them: ``$LATENTNLP_DATA/<rel>``
+    under a directory of ``$LATENTNLP_DATA``, ``~/<rel>`` under the home directory, else unchanged."""
+    resolved = Path(path).expanduser().resolve()
+    for part in os.environ.get(DATA_ENV, "").split(os.pathsep):
+        if part:
+            root = Path(part).expanduser().resolve()
+            if resolved == root or root in resolved.parents:
+                return "/".join([f"${DATA_ENV}", *resolved.relative_to(root).parts])
+    home = Path.home().resolve()
+    if home in resolved.parents:
+        return "/".join(["~", *resolved.relative_to(home).parts])
+    return str(path)
 
 
 def data_roots(data: str | os.PathLike | None = None) -> list[tuple[str, Path | None, str]]:
