@@ -71,7 +71,7 @@ from torch import Tensor
 from .masks import lengths_to_mask
 from .precision import upcast
 from .structures import ChainPosterior
-from .validation import is_validating
+from .validation import describe, is_validating
 
 __all__ = [
     "DirichletSmoothing",
@@ -167,8 +167,6 @@ class FitResult(NamedTuple):
 
 
 # ---- input checks -----------------------------------------------------------------------------
-def _shape(x) -> str:
-    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
 
 
 def _check_parameters(params: HMMParameters, validating: bool) -> None:
@@ -177,19 +175,19 @@ def _check_parameters(params: HMMParameters, validating: bool) -> None:
     init, trans, emission = params
     for name, x in (("init_probs", init), ("trans_probs", trans), ("emission_probs", emission)):
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError(f"params.{name} must be a floating-point tensor, got {_shape(x)}")
+            raise ValueError(f"params.{name} must be a floating-point tensor, got {describe(x)}")
     if trans.dim() != 2 or trans.shape[0] != trans.shape[1] or trans.shape[0] < 1:
-        raise ValueError(f"params.trans_probs must have shape [K, K], got {_shape(trans)}")
+        raise ValueError(f"params.trans_probs must have shape [K, K], got {describe(trans)}")
     k = trans.shape[0]
     if init.shape != (k,):
-        raise ValueError(f"params.init_probs must have shape [K] = [{k}], got {_shape(init)}")
+        raise ValueError(f"params.init_probs must have shape [K] = [{k}], got {describe(init)}")
     if emission.dim() != 2 or emission.shape[0] != k or emission.shape[1] < 1:
-        raise ValueError(f"params.emission_probs must have shape [K, V] = [{k}, V], got {_shape(emission)}")
+        raise ValueError(f"params.emission_probs must have shape [K, V] = [{k}, V], got {describe(emission)}")
     if not validating:
         return
     for name, x in (("init_probs", init), ("trans_probs", trans), ("emission_probs", emission)):
         if not bool(((x >= 0) & (x <= 1)).all()):  # also False for NaN
-            raise ValueError(f"params.{name} must hold probabilities in [0, 1] (no NaN), got {_shape(x)}")
+            raise ValueError(f"params.{name} must hold probabilities in [0, 1] (no NaN), got {describe(x)}")
         # a row of n probabilities each rounded once sums within about n * eps of one
         tol = max(1e-6 if x.dtype == torch.float64 else 1e-4, x.shape[-1] * torch.finfo(x.dtype).eps)
         err = float((x.sum(-1) - 1).abs().max())
@@ -201,16 +199,16 @@ def _check_batch(words: Tensor, lengths: Tensor | None, vocab_size: int, validat
     """The checked ``lengths`` (all ``T`` when None)."""
     if not isinstance(words, Tensor) or words.dim() != 2 or words.is_floating_point() or words.dtype == torch.bool:
         raise ValueError(
-            f"words must be an integer tensor [N, T], got {_shape(words)}"
+            f"words must be an integer tensor [N, T], got {describe(words)}"
             + (f" of dtype {words.dtype}" if isinstance(words, Tensor) else "")
         )
     n, steps = words.shape
     if n < 1 or steps < 1:
-        raise ValueError(f"words must have N >= 1 and T >= 1, got {_shape(words)}")
+        raise ValueError(f"words must have N >= 1 and T >= 1, got {describe(words)}")
     if lengths is None:
         lengths = torch.full((n,), steps, dtype=torch.long, device=words.device)
     if not isinstance(lengths, Tensor) or lengths.shape != (n,) or lengths.is_floating_point():
-        raise ValueError(f"lengths must be an integer tensor of shape [N] = [{n}], got {_shape(lengths)}")
+        raise ValueError(f"lengths must be an integer tensor of shape [N] = [{n}], got {describe(lengths)}")
     lengths = lengths.to(device=words.device, dtype=torch.long)
     if validating:
         low, high = torch.stack([lengths.min(), lengths.max()]).tolist()
@@ -240,7 +238,7 @@ def _pseudo_counts(smoothing: DirichletSmoothing | float | None, like: tuple[Ten
         try:
             c = c.expand_as(x)
         except RuntimeError:
-            raise ValueError(f"smoothing.{name} must broadcast to shape {tuple(x.shape)}, got {_shape(c)}") from None
+            raise ValueError(f"smoothing.{name} must broadcast to shape {tuple(x.shape)}, got {describe(c)}") from None
         if validating and not bool((c >= 0).all() & torch.isfinite(c).all()):
             raise ValueError(f"smoothing.{name} must be finite pseudo-counts >= 0")
         out.append(c)
@@ -357,11 +355,11 @@ def m_step(
     k = counts.trans.shape[-1]
     if counts.trans.shape != (k, k) or counts.init.shape != (k,) or counts.emission.dim() != 2:
         raise ValueError(
-            f"counts must have init [K], trans [K, K], emission [K, V], got {_shape(counts.init)}, "
-            f"{_shape(counts.trans)}, {_shape(counts.emission)}"
+            f"counts must have init [K], trans [K, K], emission [K, V], got {describe(counts.init)}, "
+            f"{describe(counts.trans)}, {describe(counts.emission)}"
         )
     if counts.emission.shape[0] != k:
-        raise ValueError(f"counts.emission must have shape [K, V] = [{k}, V], got {_shape(counts.emission)}")
+        raise ValueError(f"counts.emission must have shape [K, V] = [{k}, V], got {describe(counts.emission)}")
     if validating:
         for name, x in (("init", counts.init), ("trans", counts.trans), ("emission", counts.emission)):
             if not bool(((x >= 0) & (x < float("inf"))).all()):

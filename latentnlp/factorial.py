@@ -38,10 +38,10 @@ from torch.distributions.utils import lazy_property
 from .gumbel import gumbel_argmax
 from .masks import lengths_to_mask
 from .precision import computation_dtype
-from .semirings import LogSemiring, safe_log
+from .semirings import LogSemiring, expected_score, safe_log
 from .structures import ChainPosterior
 from .transitions import DenseTransition, Transition, TransitionProbabilities, shifted_exp
-from .validation import is_validating
+from .validation import describe, is_validating
 
 __all__ = [
     "BernoulliEmission",
@@ -55,16 +55,6 @@ __all__ = [
 ]
 
 FACTORIAL_METHODS = ("auto", "scaled", "log")
-
-
-def _describe(x) -> str:
-    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-
-
-def _expectation(weights: Tensor, scores: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """``sum weights * scores`` over ``dims``, with ``0 * (-inf) = 0`` (no mass on a structural zero)."""
-    product = weights * scores
-    return torch.where(weights == 0, torch.zeros_like(product), product).sum(dims)
 
 
 def _digits(index: Tensor, num_chains: int, num_states: int) -> list[Tensor]:
@@ -330,7 +320,7 @@ def _canonical_chains(init, trans, batch: int, steps: int, num_chains: int, num_
     """``init [B, L, K]`` and one :class:`Transition` per chain, checked against ``B, T, L, K``."""
     expected = f"L={num_chains}, K={num_states}"
     if not isinstance(init, Tensor) or not init.is_floating_point():
-        raise ValueError(f"init must be a floating-point tensor [L, K] or [B, L, K], got {_describe(init)}")
+        raise ValueError(f"init must be a floating-point tensor [L, K] or [B, L, K], got {describe(init)}")
     if (
         init.dim() not in (2, 3)
         or tuple(init.shape[-2:]) != (num_chains, num_states)
@@ -338,7 +328,7 @@ def _canonical_chains(init, trans, batch: int, steps: int, num_chains: int, num_
     ):
         raise ValueError(
             f"init must have shape [L, K] or [B, L, K] = [{num_chains}, {num_states}] or "
-            f"[{batch}, {num_chains}, {num_states}] ({expected} from the emission), got {_describe(init)}"
+            f"[{batch}, {num_chains}, {num_states}] ({expected} from the emission), got {describe(init)}"
         )
     if isinstance(trans, Tensor):
         if (
@@ -348,7 +338,7 @@ def _canonical_chains(init, trans, batch: int, steps: int, num_chains: int, num_
         ):
             raise ValueError(
                 f"trans must have shape [L, K, K] or [B, L, K, K] with B={batch}, {expected} "
-                f"(from the emission), got {_describe(trans)}"
+                f"(from the emission), got {describe(trans)}"
             )
         transitions = [DenseTransition(trans[ell] if trans.dim() == 3 else trans[:, ell]) for ell in range(num_chains)]
     elif isinstance(trans, Sequence):
@@ -369,7 +359,7 @@ def _canonical_lengths(lengths, batch: int, steps: int, device: torch.device, va
     if lengths is None:
         return torch.full((batch,), steps, dtype=torch.long, device=device)
     if not isinstance(lengths, Tensor) or lengths.shape != (batch,) or lengths.is_floating_point():
-        raise ValueError(f"lengths must be an integer tensor of shape [B] = [{batch}], got {_describe(lengths)}")
+        raise ValueError(f"lengths must be an integer tensor of shape [B] = [{batch}], got {describe(lengths)}")
     lengths = lengths.to(device=device, dtype=torch.long)
     if validating and batch:
         low, high = torch.stack([lengths.min(), lengths.max()]).tolist()
@@ -390,7 +380,7 @@ def _check_transitions_finite(transitions: Sequence[Transition]) -> None:
 def _check_finite(name: str, x: Tensor) -> None:
     if not bool((x < float("inf")).all()):  # one pass: False for NaN and +inf
         raise ValueError(
-            f"{name} ({_describe(x)}) contains NaN or +inf at {int((~(x < float('inf'))).sum())} positions; "
+            f"{name} ({describe(x)}) contains NaN or +inf at {int((~(x < float('inf'))).sum())} positions; "
             "scores must be finite or -inf"
         )
 
@@ -438,12 +428,12 @@ class FactorialChainPosterior(Distribution):
             raise ValueError(f"method must be one of {FACTORIAL_METHODS}, got {method!r}")
         validating = is_validating(validate_args)
         if not isinstance(emit, Tensor) or not emit.is_floating_point() or emit.dim() < 3:
-            raise ValueError(f"emit must be a floating-point tensor [B, T, K, ..., K], got {_describe(emit)}")
+            raise ValueError(f"emit must be a floating-point tensor [B, T, K, ..., K], got {describe(emit)}")
         batch, steps, k = emit.shape[:3]
         num_chains = emit.dim() - 2
         if steps < 1 or k < 1 or any(size != k for size in emit.shape[2:]):
             raise ValueError(
-                f"emit must have shape [B, T, K, ..., K] with T >= 1 and L equal state axes, got {_describe(emit)}"
+                f"emit must have shape [B, T, K, ..., K] with T >= 1 and L equal state axes, got {describe(emit)}"
             )
         init, transitions = _canonical_chains(init, trans, batch, steps, num_chains, k)
         self.lengths = _canonical_lengths(lengths, batch, steps, emit.device, validating)
@@ -520,10 +510,10 @@ class FactorialChainPosterior(Distribution):
             grads = torch.autograd.grad(
                 log_z.sum(), (init, emit, *rows), create_graph=differentiable, allow_unused=True
             )
-        expected = _expectation(grads[0], init, (-1,)) + _expectation(grads[1], emit, (-2, -1))
+        expected = expected_score(grads[0], init, (-1,)) + expected_score(grads[1], emit, (-2, -1))
         for grad, row in zip(grads[2:], rows):
             if grad is not None:
-                expected = expected + _expectation(grad, row, tuple(range(1, row.dim())))
+                expected = expected + expected_score(grad, row, tuple(range(1, row.dim())))
         return log_z - expected
 
     # ---- maxima -----------------------------------------------------------------------------
@@ -555,7 +545,7 @@ class FactorialChainPosterior(Distribution):
         if value.dim() < 3 or tuple(value.shape[-3:]) != (batch, steps, self.num_chains) or value.is_floating_point():
             raise ValueError(
                 f"value must be an integer tensor of shape [*, B, T, L] = [*, {batch}, {steps}, {self.num_chains}], "
-                f"got {value.dtype} {_describe(value)}"
+                f"got {value.dtype} {describe(value)}"
             )
         if self._validate_args and value.numel():
             inside = value[..., lengths_to_mask(self.lengths, steps), :]
@@ -639,9 +629,9 @@ class JointEmission:
 
     def __init__(self, emit: Tensor):
         if not isinstance(emit, Tensor) or not emit.is_floating_point() or emit.dim() < 3:
-            raise ValueError(f"emit must be a floating-point tensor [B, T, K, ..., K], got {_describe(emit)}")
+            raise ValueError(f"emit must be a floating-point tensor [B, T, K, ..., K], got {describe(emit)}")
         if emit.shape[1] < 1 or any(size != emit.shape[2] for size in emit.shape[2:]):
-            raise ValueError(f"emit must have shape [B, T, K, ..., K] with equal state axes, got {_describe(emit)}")
+            raise ValueError(f"emit must have shape [B, T, K, ..., K] with equal state axes, got {describe(emit)}")
         self.emit = emit
         self.batch, self.steps, self.num_states = emit.shape[:3]
         self.num_chains = emit.dim() - 2
@@ -665,12 +655,12 @@ class JointEmission:
         """``h^chain [B, T, K]`` from the current marginals ``[B, T, L, K]``."""
         others = tuple(2 + m for m in range(self.num_chains) if m != chain)
         weights = self._weights(marginals, chain).expand_as(self.emit)
-        return _expectation(weights, self.emit, others) if others else self.emit
+        return expected_score(weights, self.emit, others) if others else self.emit
 
     def expected_log_likelihood(self, marginals: Tensor) -> Tensor:
         """``E_q[emit_t]``: ``[B, T]`` (0 where the marginals are 0, e.g. at padding)."""
         weights = self._weights(marginals).expand_as(self.emit)
-        return _expectation(weights, self.emit, tuple(range(2, 2 + self.num_chains)))
+        return expected_score(weights, self.emit, tuple(range(2, 2 + self.num_chains)))
 
 
 class GaussianEmission:
@@ -692,16 +682,16 @@ class GaussianEmission:
     def __init__(self, observations: Tensor, weights: Tensor, variance: Tensor):
         for name, x in (("observations", observations), ("weights", weights), ("variance", variance)):
             if not isinstance(x, Tensor) or not x.is_floating_point():
-                raise ValueError(f"{name} must be a floating-point tensor, got {_describe(x)}")
+                raise ValueError(f"{name} must be a floating-point tensor, got {describe(x)}")
         if observations.dim() != 3 or weights.dim() != 3 or weights.shape[-1] != observations.shape[-1]:
             raise ValueError(
                 f"observations must have shape [B, T, D] and weights [L, K, D] with the same D, got "
-                f"{_describe(observations)} and {_describe(weights)}"
+                f"{describe(observations)} and {describe(weights)}"
             )
         if variance.shape != observations.shape[-1:]:
             raise ValueError(
                 f"variance must have shape [D] = [{observations.shape[-1]}] (from observations), "
-                f"got {_describe(variance)}"
+                f"got {describe(variance)}"
             )
         self.observations, self.weights, self.variance = observations, weights, variance
         self.batch, self.steps = observations.shape[:2]
@@ -711,9 +701,9 @@ class GaussianEmission:
     def check_values(self) -> None:
         for name, x in (("observations", self.observations), ("weights", self.weights)):
             if not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{name} ({_describe(x)}) must be finite")
+                raise ValueError(f"{name} ({describe(x)}) must be finite")
         if not bool((self.variance > 0).all()) or not bool(torch.isfinite(self.variance).all()):
-            raise ValueError(f"variance ({_describe(self.variance)}) must be positive and finite")
+            raise ValueError(f"variance ({describe(self.variance)}) must be positive and finite")
 
     def detach(self) -> GaussianEmission:
         return GaussianEmission(self.observations.detach(), self.weights.detach(), self.variance.detach())
@@ -770,15 +760,15 @@ class BernoulliEmission:
     def __init__(self, observations: Tensor, weights: Tensor, bias: Tensor):
         for name, x in (("observations", observations), ("weights", weights), ("bias", bias)):
             if not isinstance(x, Tensor) or not x.is_floating_point():
-                raise ValueError(f"{name} must be a floating-point tensor, got {_describe(x)}")
+                raise ValueError(f"{name} must be a floating-point tensor, got {describe(x)}")
         if observations.dim() != 3 or weights.dim() != 3 or weights.shape[-1] != observations.shape[-1]:
             raise ValueError(
                 f"observations must have shape [B, T, V] and weights [L, K, V] with the same V, got "
-                f"{_describe(observations)} and {_describe(weights)}"
+                f"{describe(observations)} and {describe(weights)}"
             )
         if bias.shape != observations.shape[-1:]:
             raise ValueError(
-                f"bias must have shape [V] = [{observations.shape[-1]}] (from observations), got {_describe(bias)}"
+                f"bias must have shape [V] = [{observations.shape[-1]}] (from observations), got {describe(bias)}"
             )
         self.observations, self.weights, self.bias = observations, weights, bias
         self.batch, self.steps = observations.shape[:2]
@@ -787,10 +777,10 @@ class BernoulliEmission:
 
     def check_values(self) -> None:
         if not bool(((self.observations == 0) | (self.observations == 1)).all()):
-            raise ValueError(f"observations ({_describe(self.observations)}) must hold only 0 and 1")
+            raise ValueError(f"observations ({describe(self.observations)}) must hold only 0 and 1")
         for name, x in (("weights", self.weights), ("bias", self.bias)):
             if not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{name} ({_describe(x)}) must be finite")
+                raise ValueError(f"{name} ({describe(x)}) must be finite")
 
     def detach(self) -> BernoulliEmission:
         return BernoulliEmission(self.observations.detach(), self.weights.detach(), self.bias.detach())
@@ -855,14 +845,14 @@ class CategoricalEmission:
 
     def __init__(self, observations: Tensor, weights: Tensor, bias: Tensor):
         if not isinstance(observations, Tensor) or observations.dim() != 2 or observations.is_floating_point():
-            raise ValueError(f"observations must be an integer tensor [B, T], got {_describe(observations)}")
+            raise ValueError(f"observations must be an integer tensor [B, T], got {describe(observations)}")
         for name, x in (("weights", weights), ("bias", bias)):
             if not isinstance(x, Tensor) or not x.is_floating_point():
-                raise ValueError(f"{name} must be a floating-point tensor, got {_describe(x)}")
+                raise ValueError(f"{name} must be a floating-point tensor, got {describe(x)}")
         if weights.dim() != 3 or bias.shape != weights.shape[-1:]:
             raise ValueError(
                 f"weights must have shape [L, K, V] and bias [V] with the same V, got "
-                f"{_describe(weights)} and {_describe(bias)}"
+                f"{describe(weights)} and {describe(bias)}"
             )
         self.observations, self.weights, self.bias = observations, weights, bias
         self.batch, self.steps = observations.shape
@@ -877,7 +867,7 @@ class CategoricalEmission:
             raise ValueError(f"observations must lie in 0..V-1 = 0..{vocabulary - 1}")
         for name, x in (("weights", self.weights), ("bias", self.bias)):
             if not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{name} ({_describe(x)}) must be finite")
+                raise ValueError(f"{name} ({describe(x)}) must be finite")
 
     def detach(self) -> CategoricalEmission:
         return CategoricalEmission(self.observations, self.weights.detach(), self.bias.detach())
@@ -937,7 +927,7 @@ def _elbo(log_z: Sequence[Tensor], potentials: Tensor, marginals: Tensor, emissi
     For ``q_l`` the chain with potentials ``h^l``, ``H(q_l) + E_{q_l}[init^l + trans^l] =
     log Z_l - E_{q_l}[sum_t h^l_t]``, so this is ``E_q[s(z)] + H(q)``.
     """
-    bound = sum(log_z) - _expectation(marginals, potentials, (1, 2, 3))
+    bound = sum(log_z) - expected_score(marginals, potentials, (1, 2, 3))
     expected = emission.expected_log_likelihood(_filled(marginals, mask))
     return bound + torch.where(mask, expected, torch.zeros_like(expected)).sum(-1)
 
@@ -981,7 +971,7 @@ def structured_mean_field(
     if not isinstance(emission, (JointEmission, GaussianEmission, BernoulliEmission, CategoricalEmission)):
         raise ValueError(
             "emission must be a JointEmission, GaussianEmission, BernoulliEmission, CategoricalEmission or a tensor, "
-            f"got {_describe(emission)}"
+            f"got {describe(emission)}"
         )
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")

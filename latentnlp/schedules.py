@@ -37,6 +37,8 @@ class Schedule:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:  # a shared base of named schedules, not a schedule itself
+            return
         if cls.name in _REGISTRY:
             raise ValueError(f"a schedule named {cls.name!r} exists already: {_REGISTRY[cls.name]}")
         _REGISTRY[cls.name] = cls
@@ -66,15 +68,6 @@ class Schedule:
 def _check_steps(name: str, steps: int) -> None:
     if steps < 1:
         raise ValueError(f"{name} must be >= 1, got {steps}")
-
-
-def _check_decay(total: int, warmup: int, floor: float) -> None:
-    """The arguments of a warm-up-then-decay schedule: ``total >= 1``, ``warmup >= 0``, ``0 <= floor <= 1``."""
-    _check_steps("total", total)
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    if not 0.0 <= floor <= 1.0:
-        raise ValueError(f"floor must be in [0, 1] (a fraction of the learning rate), got {floor}")
 
 
 # ---- loss weights --------------------------------------------------------------------------------
@@ -166,52 +159,52 @@ class Warmup(Schedule):
         return min(1.0, (step + 1) / self.steps)
 
 
-def _decay_progress(step: int, warmup: int, total: int) -> float:
-    return min(1.0, (step - warmup) / max(1, total - warmup))
+@dataclass(frozen=True)
+class _WarmupThenDecay(Schedule):
+    """Learning-rate multiplier: warm up over ``warmup`` updates (as :class:`Warmup`), then fall from 1
+    to ``floor`` at update ``total``:
+
+    ``f(t) = (t + 1) / warmup`` for ``t < warmup``, else ``f(t) = floor + (1 - floor) * r(p)`` with
+    ``p = min(1, (t - warmup) / max(1, total - warmup))`` and ``r`` the subclass's :meth:`remaining`.
+    """
+
+    total: int
+    warmup: int = 0
+    floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_steps("total", self.total)
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not 0.0 <= self.floor <= 1.0:
+            raise ValueError(f"floor must be in [0, 1] (a fraction of the learning rate), got {self.floor}")
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1.0 - self.floor) * self.remaining(progress)
+
+    def remaining(self, progress: float) -> float:
+        """``r(p)``: the fraction of the decay still ahead at progress ``p`` in ``[0, 1]`` (1 -> 0)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class LinearDecay(Schedule):
-    """Learning-rate multiplier: warm up over ``warmup`` updates (as :class:`Warmup`), then decay
-    linearly to ``floor`` at update ``total``:
-
-    ``f(t) = (t + 1) / warmup`` for ``t < warmup``, else
-    ``f(t) = floor + (1 - floor) * (1 - p)`` with ``p = min(1, (t - warmup) / max(1, total - warmup))``
-    """
+class LinearDecay(_WarmupThenDecay):
+    """:class:`_WarmupThenDecay` falling linearly: ``r(p) = 1 - p``."""
 
     name: ClassVar[str] = "linear_decay"
-    total: int
-    warmup: int = 0
-    floor: float = 0.0
 
-    def __post_init__(self) -> None:
-        _check_decay(self.total, self.warmup, self.floor)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        return self.floor + (1.0 - self.floor) * (1.0 - _decay_progress(step, self.warmup, self.total))
+    def remaining(self, progress: float) -> float:
+        return 1.0 - progress
 
 
 @dataclass(frozen=True)
-class CosineDecay(Schedule):
-    """Learning-rate multiplier: warm up over ``warmup`` updates (as :class:`Warmup`), then follow
-    half a cosine down to ``floor`` at update ``total``:
-
-    ``f(t) = (t + 1) / warmup`` for ``t < warmup``, else
-    ``f(t) = floor + (1 - floor) * (1 + cos(pi p)) / 2`` with ``p`` as in :class:`LinearDecay`
-    """
+class CosineDecay(_WarmupThenDecay):
+    """:class:`_WarmupThenDecay` along half a cosine: ``r(p) = (1 + cos(pi p)) / 2``."""
 
     name: ClassVar[str] = "cosine_decay"
-    total: int
-    warmup: int = 0
-    floor: float = 0.0
 
-    def __post_init__(self) -> None:
-        _check_decay(self.total, self.warmup, self.floor)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = _decay_progress(step, self.warmup, self.total)
-        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    def remaining(self, progress: float) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -98,3 +98,9 @@ class MaxSemiring:
         """``C_ij = max_k a_ik + b_kj`` and the maximising ``k``: ``a [..., M, K]``, ``b [..., K, N]``
         -> two ``[..., M, N]`` tensors (values, long indices)."""
         return (a.unsqueeze(-1) + b.unsqueeze(-3)).max(-2)
+
+
+def expected_score(weights: Tensor, scores: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``sum weights * scores`` over ``dims``, with ``0 * (-inf) = 0`` (no mass on a structural zero)."""
+    product = weights * scores
+    return torch.where(weights == 0, torch.zeros_like(product), product).sum(dims)

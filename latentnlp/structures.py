@@ -40,16 +40,13 @@ from torch.distributions.utils import lazy_property
 from . import chain
 from .masks import lengths_to_mask
 from .precision import computation_dtype
+from .semirings import expected_score
 from .transitions import DenseTransition, Transition
-from .validation import is_validating
+from .validation import describe, is_validating
 
 __all__ = ["ChainPosterior", "cross_entropy"]
 
 METHODS = ("auto", "scaled", "log", "scan", "blocked")
-
-
-def _describe(x: Tensor) -> str:
-    return f"shape {tuple(x.shape)}"
 
 
 class ChainPosterior(Distribution):
@@ -118,14 +115,14 @@ class ChainPosterior(Distribution):
                 )
         transition = trans if isinstance(trans, Transition) else DenseTransition(trans)
         if emit.dim() != 3:
-            raise ValueError(f"emit must have shape [B, T, K], got {_describe(emit)}")
+            raise ValueError(f"emit must have shape [B, T, K], got {describe(emit)}")
         batch, steps, k = emit.shape
         if steps < 1 or k < 1:
-            raise ValueError(f"emit must have T >= 1 and K >= 1, got {_describe(emit)}")
+            raise ValueError(f"emit must have T >= 1 and K >= 1, got {describe(emit)}")
         if init.dim() not in (1, 2) or init.shape[-1] != k or (init.dim() == 2 and init.shape[0] != batch):
             raise ValueError(
                 f"init must have shape [K] or [B, K] = [{k}] or [{batch}, {k}] to match emit "
-                f"{_describe(emit)}, got {_describe(init)}"
+                f"{describe(emit)}, got {describe(init)}"
             )
         transition.check_shape(batch, steps, k)
         if lengths is None:
@@ -133,7 +130,7 @@ class ChainPosterior(Distribution):
         if not isinstance(lengths, Tensor) or lengths.shape != (batch,) or lengths.is_floating_point():
             raise ValueError(
                 f"lengths must be an integer tensor of shape [B] = [{batch}], got "
-                + (f"{lengths.dtype} {_describe(lengths)}" if isinstance(lengths, Tensor) else type(lengths).__name__)
+                + (f"{lengths.dtype} {describe(lengths)}" if isinstance(lengths, Tensor) else type(lengths).__name__)
             )
         lengths = lengths.to(device=emit.device, dtype=torch.long)
         full = False
@@ -158,7 +155,7 @@ class ChainPosterior(Distribution):
             if not bool((x < float("inf")).all()):  # one pass: False for NaN and +inf
                 bad = ~(x < float("inf"))
                 raise ValueError(
-                    f"{name} ({_describe(x)}) contains NaN or +inf at "
+                    f"{name} ({describe(x)}) contains NaN or +inf at "
                     f"{int(bad.sum())} positions; scores must be finite or -inf"
                 )
         self.transition.check_finite()
@@ -176,7 +173,7 @@ class ChainPosterior(Distribution):
         if not isinstance(edges, Tensor) or edges.dim() != 4 or edges.shape[-1] != edges.shape[-2]:
             raise ValueError(
                 "edges must have shape [B, N-1, C, C], got "
-                + (_describe(edges) if isinstance(edges, Tensor) else type(edges).__name__)
+                + (describe(edges) if isinstance(edges, Tensor) else type(edges).__name__)
             )
         batch, num_edges, k, _ = edges.shape
         zeros = edges.new_zeros(batch, num_edges + 1, k)
@@ -360,7 +357,7 @@ class ChainPosterior(Distribution):
         if value.dim() < 2 or tuple(value.shape[-2:]) != (batch, steps) or value.is_floating_point():
             raise ValueError(
                 f"value must be an integer tensor of shape [*, B, T] = [*, {batch}, {steps}], "
-                f"got {value.dtype} {_describe(value)}"
+                f"got {value.dtype} {describe(value)}"
             )
         if not self._validate_args or not value.numel():
             return
@@ -384,12 +381,6 @@ class ChainPosterior(Distribution):
             f"ChainPosterior(B={batch}, T={steps}, K={k}, trans={type(self.transition).__name__}({shapes}), "
             f"method={self.method!r})"
         )
-
-
-def _expectation(weights: Tensor, scores: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """``sum weights * scores`` over ``dims``, with ``0 * (-inf) = 0`` (no mass on a structural zero)."""
-    product = weights * scores
-    return torch.where(weights == 0, torch.zeros_like(product), product).sum(dims)
 
 
 def _check_comparable(p: ChainPosterior, q: ChainPosterior) -> None:
@@ -431,9 +422,9 @@ def cross_entropy(p: ChainPosterior, q: ChainPosterior) -> Tensor:
         first, states, edges = p._gradients_of_log_partition(wrt_trans=pairs, method=method)
         if time_varying and q_trans.dim() == 3:
             q_trans = q_trans.unsqueeze(1)
-        pair_term = _expectation(edges, q_trans, tuple(range(1, edges.dim())))
-    expected_score = _expectation(first, q.init, (-1,)) + _expectation(states, q.emit, (-2, -1)) + pair_term
-    return q.log_partition - expected_score
+        pair_term = expected_score(edges, q_trans, tuple(range(1, edges.dim())))
+    expected = expected_score(first, q.init, (-1,)) + expected_score(states, q.emit, (-2, -1)) + pair_term
+    return q.log_partition - expected
 
 
 @register_kl(ChainPosterior, ChainPosterior)

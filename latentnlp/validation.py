@@ -12,11 +12,17 @@ Validation is on by default (``__debug__``), off under ``python -O``.
 
 from __future__ import annotations
 
+from torch import Tensor
 from torch.distributions import Distribution
 
-__all__ = ["is_validating"]
+__all__ = ["describe", "is_validating"]
 
 
 def is_validating(validate_args: bool | None = None) -> bool:
     """``validate_args`` if given, else torch's global default (``Distribution._validate_args``)."""
     return Distribution._validate_args if validate_args is None else bool(validate_args)
+
+
+def describe(value: object) -> str:
+    """How an error message shows an argument it refuses: ``"shape (2, 3)"`` for a tensor, else its type."""
+    return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__

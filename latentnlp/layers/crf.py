@@ -35,15 +35,11 @@ from latentnlp.layers.checks import IGNORE_INDEX
 from latentnlp.masks import lengths_to_mask
 from latentnlp.precision import computation_dtype
 from latentnlp.structures import ChainPosterior
-from latentnlp.validation import is_validating
+from latentnlp.validation import describe, is_validating
 
 __all__ = ["ChainCRF", "bio_constraints", "bioes_constraints"]
 
 REDUCTIONS = ("mean", "sum", "token_mean", "none")
-
-
-def _shape(x: Tensor) -> str:
-    return f"shape {tuple(x.shape)}"
 
 
 class ChainCRF(nn.Module):
@@ -154,11 +150,11 @@ class ChainCRF(nn.Module):
         if not isinstance(tags, Tensor) or tags.is_floating_point() or tags.dtype == torch.bool:
             raise ValueError(
                 "tags must be an integer tensor, got "
-                + (f"{tags.dtype} {_shape(tags)}" if isinstance(tags, Tensor) else type(tags).__name__)
+                + (f"{tags.dtype} {describe(tags)}" if isinstance(tags, Tensor) else type(tags).__name__)
             )
         tags = self._batch_first(tags, "tags")
         if tags.shape != emissions.shape[:2]:
-            raise ValueError(f"tags must have shape {self._layout(emissions)} to match emissions, got {_shape(tags)}")
+            raise ValueError(f"tags must have shape {self._layout(emissions)} to match emissions, got {describe(tags)}")
         mask = self._real_mask(emissions, lengths_or_mask)
         if ignore_index is not None:
             mask = self._drop_ignored(mask, tags, ignore_index)
@@ -255,7 +251,7 @@ class ChainCRF(nn.Module):
     def _batch_first(self, x: Tensor, name: str) -> Tensor:
         """``x`` with batch and time swapped when the layer is time first."""
         if x.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dimensions, got {_shape(x)}")
+            raise ValueError(f"{name} must have at least 2 dimensions, got {describe(x)}")
         return x if self.batch_first else x.transpose(0, 1)
 
     def _in_layout(self, x: Tensor, batch_dim: int) -> Tensor:
@@ -271,11 +267,11 @@ class ChainCRF(nn.Module):
         layout = "[B, T, K]" if self.batch_first else "[T, B, K]"
         if emissions.dim() != 3 or emissions.shape[-1] != self.num_tags:
             raise ValueError(
-                f"emissions must have shape {layout} with K = num_tags = {self.num_tags}, got {_shape(emissions)}"
+                f"emissions must have shape {layout} with K = num_tags = {self.num_tags}, got {describe(emissions)}"
             )
         if emissions.shape[0] == 0 or emissions.shape[1] == 0:
             raise ValueError(
-                f"emissions must have B >= 1 and T >= 1 (every row needs a real position), got {_shape(emissions)}"
+                f"emissions must have B >= 1 and T >= 1 (every row needs a real position), got {describe(emissions)}"
             )
         return self._batch_first(emissions, "emissions")
 
@@ -289,13 +285,13 @@ class ChainCRF(nn.Module):
             mask = self._batch_first(given, "mask").to(emissions.device)
             if mask.shape != (batch, steps):
                 raise ValueError(
-                    f"mask must have shape {self._layout(emissions)} to match emissions, got {_shape(given)}"
+                    f"mask must have shape {self._layout(emissions)} to match emissions, got {describe(given)}"
                 )
             if self._validating():
                 _check_prefix(mask, "mask", "False (padding) before True (real) at position")
         elif isinstance(given, Tensor) and not given.is_floating_point() and given.dim() == 1:
             if given.shape != (batch,):
-                raise ValueError(f"lengths must have shape [B] = [{batch}], got {_shape(given)}")
+                raise ValueError(f"lengths must have shape [B] = [{batch}], got {describe(given)}")
             lengths = given.to(device=emissions.device, dtype=torch.long)
             if self._validating() and (lengths.min() < 1 or lengths.max() > steps):
                 raise ValueError(
@@ -304,7 +300,7 @@ class ChainCRF(nn.Module):
                 )
             mask = lengths_to_mask(lengths, steps)
         else:
-            what = f"{given.dtype} {_shape(given)}" if isinstance(given, Tensor) else type(given).__name__
+            what = f"{given.dtype} {describe(given)}" if isinstance(given, Tensor) else type(given).__name__
             raise ValueError(
                 f"lengths_or_mask must be None, integer lengths [B] or a bool mask "
                 f"{self._layout(emissions)}, got {what}"
@@ -369,7 +365,7 @@ def _constraint_masks(constraints, num_tags: int) -> tuple[Tensor | None, Tensor
     out = []
     for name, shape, x in zip(names, shapes, parts):
         if x is not None and (not isinstance(x, Tensor) or x.dtype != torch.bool or tuple(x.shape) != shape):
-            what = f"{x.dtype} {_shape(x)}" if isinstance(x, Tensor) else type(x).__name__
+            what = f"{x.dtype} {describe(x)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"constraints: {name} must be a bool tensor of shape {list(shape)}, got {what}")
         out.append(None if x is None else x.clone())
     return tuple(out)
