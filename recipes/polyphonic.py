@@ -7,7 +7,8 @@
 Data as Pyro's ``examples/hmm.py`` prepares it: each time step of a chorale is an 88-key
 binary vector (MIDI pitch - 21), and the keys never played in the training split are dropped
 (from every split).  Every model is a :class:`~latentnlp.models.FactorialHMM` with Bernoulli
-emissions whose logits add over the chains (``L = 1``: a plain HMM), trained by the library's
+emissions whose logits add over the chains (``L = 1``: a plain HMM; the bias starts at the
+logits of the keys' training frequencies), trained by the library's
 :class:`~latentnlp.training.Trainer` on the exact marginal likelihood while the ``K^L`` joint
 states fit, else on the structured mean-field bound.  Losses are nats per time step; the
 mean-field rows report their bound and, where ``K^L`` still fits an exact evaluation, the exact
@@ -270,6 +271,11 @@ def build_model(run: Run, keys: int, exact_eval_states: int) -> FactorialHMM:
     return FactorialHMM(run.chains, run.states, keys, max_joint_states=limit, **run.model)
 
 
+def key_logits(rolls: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``logit`` of each key's frequency over the time steps of ``rolls``, clipped to ``[1e-3, 1 - 1e-3]``: ``[D]``."""
+    return torch.logit(torch.cat(list(rolls)).mean(0).clamp(1e-3, 1 - 1e-3))
+
+
 def train_seconds(run_dir: Path) -> float:
     """Seconds spent in training updates: the logged windows' tokens over their tokens per second."""
     events = read_metrics(run_dir)
@@ -284,6 +290,8 @@ def train_run(run: Run, preset: Preset, config: TrainConfig, data: dict, keys: i
         print(f"[{run.name}] finished run found in {run_dir}: reusing it (--overwrite to retrain)")
         return json.loads(row_file.read_text())
     model = build_model(run, keys, preset.exact_eval_states)
+    with torch.no_grad():  # start from the keys' training frequencies, not from fair coins
+        model.bias.copy_(key_logits(data["train"].rolls))
     eval_objective = "marginal" if run.objective == "marginal" else "elbo"
     trainer = Trainer(
         model,
