@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentnlp.models import FactorialHMM
 from latentnlp.models.base import ELBO, OBJECTIVES, IntractableError, LatentModel, UnsupportedObjectiveError
 
 # ---- the toy model -------------------------------------------------------------------------------
@@ -492,5 +493,14 @@ MODEL_CASES: list[ModelCase] = [
     ),
     ModelCase(
         "streaming-unigram", make_model=lambda: StreamingUnigram(12), make_batch=lambda g: lm_batch(g, vocab_size=12)
+    ),
+    ModelCase(
+        "factorial-hmm",
+        make_model=lambda: FactorialHMM(2, 3, 6),
+        make_batch=lambda g: {
+            "observations": (torch.rand(5, 7, 6, generator=g) < 0.3).float(),
+            "lengths": torch.tensor([7, 3, 5, 1, 6]),
+        },
+        padded={"observations": "lengths"},
     ),
 ]

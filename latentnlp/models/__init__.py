@@ -1,6 +1,7 @@
 """Models behind the one :class:`~latentnlp.models.base.LatentModel` API."""
 
 from .base import ELBO, OBJECTIVES, IntractableError, LatentModel, Loss, UnsupportedObjectiveError
+from .factorial_hmm import FactorialHMM
 from .hmm_lm import HMMLanguageModel
 from .latent_alignment import LatentAlignmentSeq2Seq
 from .lstm_lm import LSTMLanguageModel, MixtureOfSoftmaxesLM
@@ -12,6 +13,7 @@ __all__ = [
     "LatentModel",
     "Loss",
     "UnsupportedObjectiveError",
+    "FactorialHMM",
     "HMMLanguageModel",
     "LatentAlignmentSeq2Seq",
     "LSTMLanguageModel",
