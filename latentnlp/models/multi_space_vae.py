@@ -317,7 +317,11 @@ class MultiSpaceVAE(LatentModel):
         )
 
     def iwae(self, batch: Batch, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """``log 1/S sum_s p(x | z_s, y_s) p(z_s) p(y_s) / (q(z_s) q(y_s))`` per row ``[B]`` (``S = num_samples``)."""
+        """``log 1/S sum_s p(x | z_s, y_s) p(z_s) p(y_s) / (q(z_s) q(y_s))`` per row ``[B]`` (``S = num_samples``).
+
+        ``z_s`` is reparameterised; ``y_s`` is an exact draw without a score-function term, so as a
+        training objective its gradient in ``q(y | x)`` is only the pathwise part of ``-log q(y_s)``:
+        use it to evaluate, and ``elbo`` to train the tag posterior."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         q_z, q_y, _ = self.encode(batch["src"], batch["src_lengths"])
