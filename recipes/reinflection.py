@@ -23,8 +23,10 @@ MSVED is trained on its ELBO with the KL weight warmed up from 0 to the preset's
 (``LinearWarmup``; below 1 the surrogate is a KL-down-weighted bound, which keeps the lemma in
 ``z`` where a full-weight KL collapses it early in training) and the Gumbel temperature annealed,
 through the trainer's schedules, and selected on the development bound (the true ELBO, weight 1);
-the encoder-decoder on its likelihood.  Test numbers: exact-match accuracy and mean
-Levenshtein distance between the predicted and the gold target form.  ``smoke`` generates its
+the encoder-decoder on its likelihood.  ``--estimator score_function`` trains the MSVED rows with
+the score-function estimator and a learned baseline instead of straight-through Gumbel-softmax.
+Test numbers: exact-match accuracy and mean Levenshtein distance between the predicted and the
+gold target form.  ``smoke`` generates its
 own morphology (``<out>/data``): stems of consonant-vowel syllables, nouns inflected for case and
 number and verbs for tense, person and number by suffixes; test pairs (source tags, target tags)
 are unseen in training, their lemmas are not.
@@ -66,6 +68,7 @@ from latentnlp.data import (  # noqa: E402
 )
 from latentnlp.models import MultiSpaceVAE  # noqa: E402
 from latentnlp.models.latent_alignment import LatentAlignmentSeq2Seq  # noqa: E402
+from latentnlp.models.multi_space_vae import ESTIMATORS  # noqa: E402
 from latentnlp.schedules import LinearWarmup  # noqa: E402
 from latentnlp.training import TrainConfig, Trainer, training_speed  # noqa: E402
 
@@ -365,7 +368,7 @@ def eval_rows(examples: list[ReinflectionExample]) -> list[Row]:
 
 
 # ---- models and training ---------------------------------------------------------------------------
-def build_model(row: str, preset: Preset, lang: Language):
+def build_model(row: str, preset: Preset, lang: Language, estimator: str = "gumbel_softmax"):
     chars = lang.chars
     if row == "encdec":
         return LatentAlignmentSeq2Seq.from_mode(
@@ -377,6 +380,7 @@ def build_model(row: str, preset: Preset, lang: Language):
         bos_id=chars.bos_id,
         eos_id=chars.eos_id,
         tau=preset.tau[0],
+        estimator=estimator,
         **preset.msved,
     )
 
@@ -481,7 +485,7 @@ def write_results(results: list[dict], preset_name: str, preset: Preset, notes: 
     for r in results:
         t = r["test"]
         lines.append(
-            f"| {r['language']} | {ROW_NAMES[r['row']]} | {t['accuracy']:.3f} | {t['levenshtein']:.3f} | "
+            f"| {r['language']} | {r['label']} | {t['accuracy']:.3f} | {t['levenshtein']:.3f} | "
             f"{t['examples']:,} | {r['parameters']:,} | {r['steps']:,} | {r['train_rows']:,} | "
             f"{r['tokens_per_s']:.0f} | {r['wall_time']:.0f} |"
         )
@@ -525,6 +529,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--row", action="append", choices=ROWS, help="rows to run (repeatable); default: all")
     parser.add_argument("--data", help="folder holding sigmorphon2016 (else $LATENTNLP_DATA)")
     parser.add_argument("--unlabelled", help="a file of further untagged word forms (one a line) for msved-semi")
+    parser.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default="gumbel_softmax",
+        help="how MSVED estimates the expectation over latent tags (score_function: REINFORCE with a "
+        "learned baseline); its runs then get their own folders, <row>-<estimator>",
+    )
     parser.add_argument("--out", help="output folder (default runs/reinflection-<preset>)")
     TrainConfig.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -552,6 +563,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "beam_size": preset.beam_size,
                 "decode_limit": preset.decode_limit,
                 "unlabelled": portable_path(args.unlabelled) if args.unlabelled else None,
+                "estimator": args.estimator,
             },
             indent=2,
         )
@@ -570,7 +582,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         run_dirs = {}
         for row in rows_wanted:
-            run_dir = out / name / row
+            default = row == "encdec" or args.estimator == "gumbel_softmax"
+            run_dir = out / name / (row if default else f"{row}-{args.estimator}")
             run_dirs[row] = run_dir
             layout = "encdec" if row == "encdec" else "msved"
             make = dict(chars=lang.chars, inventory=lang.data.inventory, layout=layout, tag_tokens=lang.tag_tokens)
@@ -579,7 +592,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
             valid = ReinflectionBatches(eval_rows(lang.data.dev), batch_size=256, shuffle=False, **make)
             test_batches = ReinflectionBatches(eval_rows(test), batch_size=256, shuffle=False, **make)
-            model = build_model(row, preset, lang)
+            model = build_model(row, preset, lang, args.estimator)
             config = train_config(row, preset, args, run_dir, seed)
             parameters = sum(p.numel() for p in model.parameters())
             finished, evaluated = run_dir / "finished.json", run_dir / "eval.json"
@@ -609,6 +622,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 {
                     "language": name,
                     "row": row,
+                    "label": ROW_NAMES[row] if default else f"{ROW_NAMES[row]} ({args.estimator})",
                     "dir": str(run_dir),
                     "parameters": parameters,
                     "steps": summary["steps"],
