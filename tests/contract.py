@@ -504,3 +504,54 @@ MODEL_CASES: list[ModelCase] = [
         padded={"observations": "lengths"},
     ),
 ]
+
+
+def reinflection_batch(
+    generator: torch.Generator, *, batch_size: int = 6, max_len: int = 6, vocab_size: int = 10, tag_sizes=(3, 2, 4)
+) -> dict:
+    """A padded :class:`~latentnlp.models.MultiSpaceVAE` batch: forms of characters ``3..V-1``
+    (0 pad, 1 ``<bos>``, 2 ``<eos>``); even rows labelled reinflection pairs (another form encoded),
+    odd rows unlabelled forms that encode themselves."""
+    lengths = torch.randint(1, max_len, (batch_size,), generator=generator)
+    lengths[0] = max_len - 1
+    forms = torch.randint(3, vocab_size, (batch_size, max_len - 1), generator=generator)
+    forms = forms.masked_fill(torch.arange(max_len - 1) >= lengths[:, None], 0)
+    targets = torch.cat([forms, torch.zeros(batch_size, 1, dtype=torch.long)], 1)
+    targets[torch.arange(batch_size), lengths] = 2
+    inputs = torch.cat([torch.ones(batch_size, 1, dtype=torch.long), targets[:, :-1]], 1)
+    inputs = inputs.masked_fill(torch.arange(max_len) > lengths[:, None], 0)
+    labelled = torch.arange(batch_size) % 2 == 0
+    src = torch.randint(3, vocab_size, (batch_size, max_len - 1), generator=generator)
+    src_lengths = torch.randint(1, max_len, (batch_size,), generator=generator)
+    src = torch.where(labelled[:, None], src.masked_fill(torch.arange(max_len - 1) >= src_lengths[:, None], 0), forms)
+    src_lengths = torch.where(labelled, src_lengths, lengths)
+    tags = torch.stack([torch.randint(0, k, (batch_size,), generator=generator) for k in tag_sizes], 1)
+    return {
+        "src": src,
+        "src_lengths": src_lengths,
+        "inputs": inputs,
+        "targets": targets,
+        "lengths": lengths + 1,
+        "tags": tags,
+        "labelled": labelled,
+    }
+
+
+def _msved(estimator: str) -> LatentModel:
+    from latentnlp.models import MultiSpaceVAE
+
+    return MultiSpaceVAE(
+        10, [3, 2, 4], embedding_dim=8, hidden_size=12, latent_dim=4, tag_dim=6, estimator=estimator, bos_id=1, eos_id=2
+    )
+
+
+MODEL_CASES += [
+    ModelCase(
+        f"multi-space-vae/{estimator}",
+        make_model=lambda estimator=estimator: _msved(estimator),
+        make_batch=reinflection_batch,
+        padded={"src": "src_lengths", "inputs": "lengths", "targets": "lengths"},
+        objective_kwargs={"elbo": {"num_samples": 2}},
+    )
+    for estimator in ("gumbel_softmax", "score_function")
+]

@@ -5,6 +5,7 @@ from .factorial_hmm import FactorialHMM
 from .hmm_lm import HMMLanguageModel
 from .latent_alignment import LatentAlignmentSeq2Seq
 from .lstm_lm import LSTMLanguageModel, MixtureOfSoftmaxesLM
+from .multi_space_vae import MultiSpaceVAE
 
 __all__ = [
     "ELBO",
@@ -18,4 +19,5 @@ __all__ = [
     "LatentAlignmentSeq2Seq",
     "LSTMLanguageModel",
     "MixtureOfSoftmaxesLM",
+    "MultiSpaceVAE",
 ]
