@@ -235,8 +235,8 @@ class MixtureOfCategoricals(LatentModel):
         - ``"score_function"``: ``num_samples`` draws ``z ~ q`` and the REINFORCE surrogate
           (:func:`latentnlp.estimators.score_function`) with ``baseline`` one of
           :data:`BASELINES`: ``"running-mean"`` (``N m``, ``m`` a running mean of the per-token
-          signal, updated in training mode), ``"learned"`` (``b(x) = N h(n / N)``, ``h`` a network
-          trained by regression in the same backward pass), ``"leave-one-out"``
+          signal, updated in training mode), ``"learned"`` (``b(x) = N (m + h(n / N))``, ``h`` a
+          network trained by regression in the same backward pass), ``"leave-one-out"``
           (``num_samples >= 2``); see :func:`score_function_with_baseline`; and
           ``control_variate=True`` (:func:`taylor_control_variate` of
           :meth:`relaxed_log_likelihood`).
@@ -353,11 +353,13 @@ def score_function_with_baseline(
     """:func:`latentnlp.estimators.score_function` with one of :data:`BASELINES` taken from ``model``.
 
     The signal of a document grows with its length ``N`` (``tokens [B]``), so both baselines
-    predict it per token: ``"learned"`` is ``N h(features)`` with ``h`` the network
-    ``model.baseline`` (``[B, F] -> [B, 1]``), ``"running-mean"`` is ``N m`` with ``m`` a running
-    mean of the per-token signal ``(f - c) / N`` (``model.running_mean()``, from the buffers
-    ``running_sum`` and ``running_updates`` and ``model.baseline_decay``), moved toward this call's
-    batch mean in training mode.
+    predict it per token: ``"running-mean"`` is ``N m`` with ``m`` a running mean of the per-token
+    signal ``(f - c) / N`` (``model.running_mean()``, from the buffers ``running_sum`` and
+    ``running_updates`` and ``model.baseline_decay``), moved toward this call's batch mean in
+    training mode; ``"learned"`` is ``N (m + h(features))`` with ``h`` the network
+    ``model.baseline`` (``[B, F] -> [B, 1]``) fitted to what the running mean leaves (Mnih & Gregor
+    2014's centring and input-dependent baseline, NVIL), the running mean moving as for
+    ``"running-mean"``.
     """
     seen: dict[str, Tensor] = {}
 
@@ -369,7 +371,7 @@ def score_function_with_baseline(
     if baseline == "learned":
         if model.baseline is None:
             raise ValueError(f"baseline='learned' needs a {type(model).__name__} built with learned_baseline=True")
-        b: Tensor | str | None = tokens * model.baseline(features).squeeze(-1)
+        b: Tensor | str | None = tokens * (model.running_mean() + model.baseline(features).squeeze(-1))
     elif baseline == "running-mean":
         b = tokens * model.running_mean()
     else:
@@ -377,7 +379,7 @@ def score_function_with_baseline(
     estimate = estimators.score_function(
         signal, q, baseline=b, control_variate=control_variate, num_samples=num_samples, generator=generator
     )
-    if baseline == "running-mean" and model.training:
+    if baseline in ("running-mean", "learned") and model.training:
         with torch.no_grad():
             residual = seen["f"].detach()
             if control_variate is not None:
