@@ -59,7 +59,7 @@ def rows_for() -> list[Row]:
 def run(preset: str, out: Path, data_dir: Path | None, seed: int) -> TableResult:
     setting = PRESETS[preset]
     if preset == "smoke":
-        train_docs, valid_docs, test_docs, vocab_size, note = generated_bags(50, 4, (300, 40, 100), seed)
+        train_docs, valid_docs, test_docs, vocab_size, note = generated_bags(50, 4, (300, 40, 60), seed)
     else:
         if data_dir is None:
             raise ValueError(f"the {preset} preset reads $LATENTNLP_DATA/yahoo: set LATENTNLP_DATA")

@@ -358,7 +358,7 @@ def estimator_checks(results: list[dict]) -> list[tuple[str, bool, str]]:
 
 # ---- this table ---------------------------------------------------------------------------------
 PRESETS = {
-    "smoke": Setting(4, 16, 32, 60, 20, 3e-3, 40, None, None, 20, 40, em_iterations=10),
+    "smoke": Setting(4, 16, 32, 30, 15, 3e-3, 40, None, None, 10, 30, em_iterations=5),
     "cpu": Setting(20, 64, 64, 1500, 150, 1e-3, 1000, None, 2000, 100, 200, em_iterations=40),
     "full": Setting(50, 128, 64, 10000, 500, 1e-3, 1000, None, None, 500, 1000, em_iterations=100),
 }
@@ -409,7 +409,7 @@ def em(build: Callable[..., MixtureOfCategoricals], setting: Setting, data, seed
 def run(preset: str, out: Path, data_dir: Path | None, seed: int) -> TableResult:
     setting = PRESETS[preset]
     if preset == "smoke":
-        train_docs, valid_docs, test_docs, vocab_size, note = generated_bags(50, 4, (300, 40, 100), seed)
+        train_docs, valid_docs, test_docs, vocab_size, note = generated_bags(50, 4, (300, 40, 60), seed)
     else:
         if data_dir is None:
             raise ValueError(f"the {preset} preset reads $LATENTNLP_DATA/yahoo: set LATENTNLP_DATA")
