@@ -10,8 +10,8 @@ whose module exists (all of them, or those named by ``--table``) and writes, in 
 ``results.md`` (each table's section, then every check as measured), ``metrics.jsonl`` (the
 tables' rows, each naming its table), ``config.json`` (the preset, the seed, each table's
 settings) and the tables' PNG plots.  Models are trained by the library's trainer in folders under
-``--out``; a finished run is reused.  ``smoke`` reads no data; ``cpu`` and ``full`` read
-``$LATENTNLP_DATA`` (or ``--data``).
+``--out/<table>``; a finished run is reused (``--overwrite``: the tables' folders are deleted
+first).  ``smoke`` reads no data; ``cpu`` and ``full`` read ``$LATENTNLP_DATA`` (or ``--data``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=None, help="corpus root (default $LATENTNLP_DATA)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--overwrite", action="store_true", help="delete the tables' training runs first")
     return parser.parse_args(argv)
 
 
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     results, sections, timings = {}, [], {}
     for name in names:
         module = importlib.import_module(f"inference_tables.{name}")
+        if args.overwrite and (out / name).is_dir():
+            shutil.rmtree(out / name)
         print(f"[{name}] {module.TITLE}", flush=True)
         tic = time.time()
         result = module.run(args.preset, out, data_dir, args.seed)

@@ -35,7 +35,7 @@ NAME = "bernoulli_factor"
 # the mixture table's data and budgets, with k factors in place of K components
 PRESETS = {
     "smoke": replace(MIXTURE_PRESETS["smoke"], latent=4),
-    "cpu": replace(MIXTURE_PRESETS["cpu"], latent=8, max_steps=1000, eval_every=100),
+    "cpu": replace(MIXTURE_PRESETS["cpu"], latent=8, max_steps=300),
     "full": replace(MIXTURE_PRESETS["full"], latent=12),
 }
 

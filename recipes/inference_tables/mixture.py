@@ -359,7 +359,7 @@ def estimator_checks(results: list[dict]) -> list[tuple[str, bool, str]]:
 # ---- this table ---------------------------------------------------------------------------------
 PRESETS = {
     "smoke": Setting(4, 16, 32, 30, 15, 3e-3, 40, None, None, 10, 30, em_iterations=5),
-    "cpu": Setting(20, 64, 64, 1500, 150, 1e-3, 1000, None, 2000, 100, 200, em_iterations=40),
+    "cpu": Setting(20, 64, 64, 400, 100, 3e-3, 1000, None, 2000, 50, 100, em_iterations=20),
     "full": Setting(50, 128, 64, 10000, 500, 1e-3, 1000, None, None, 500, 1000, em_iterations=100),
 }
 
