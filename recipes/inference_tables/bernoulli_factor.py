@@ -76,7 +76,7 @@ def run(preset: str, out: Path, data_dir: Path | None, seed: int) -> TableResult
         return BernoulliFactorModel(vocab_size, setting.latent, setting.hidden, learned_baseline=learned_baseline)
 
     rows = rows_for()
-    results, _ = compare(NAME, build, rows, setting, data, out, seed)
+    results = compare(NAME, build, rows, setting, data, out, seed)
     figure = f"{NAME}_elbo.png"
     elbo_curves({r.label: out / NAME / r.slug for r in rows}, out / figure, f"Bernoulli factors, k = {setting.latent}")
     markdown = "\n\n".join(

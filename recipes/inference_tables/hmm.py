@@ -17,6 +17,7 @@ validation sentences, by the exact marginal of each, and the seconds each took.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -157,8 +158,6 @@ def run_gradient(k: int, vocab_size: int, train, valid, setting: Setting, out: P
     valid_data = SentenceBatches([s[:-1] for s in valid], bos_id=0, eos_id=train[0][-1], batch_size=256)
     if (out / "finished.json").exists():
         print(f"[{out.name}] finished run found: reusing it")
-        import json
-
         return load_model(out), valid_data, json.loads((out / "finished.json").read_text())["wall_time"]
     torch.manual_seed(seed)
     model = HMMLanguageModel(vocab_size, k, embedding_size=setting.grad_embedding)

@@ -19,9 +19,12 @@ This module also holds what the Bernoulli-factor table shares: the Yahoo bags
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ import torch
 
 from inference_tables import TableResult
 from latentnlp.data import read_yahoo
+from latentnlp.data.corpora import MissingSplitWarning
 from latentnlp.models import LatentModel, MixtureOfCategoricals
 from latentnlp.training import TrainConfig, Trainer, evaluate, load_model, read_metrics
 
@@ -92,7 +96,9 @@ def yahoo_bags(data_dir: Path, held_out: int, train_docs: int | None, test_docs:
     ``train_docs`` of it), valid those ``held_out``, test the first ``test_docs`` of ``yahoo.test.txt``
     (None: all).
     """
-    corpus = read_yahoo(data_dir)
+    with warnings.catch_warnings():  # the shared copy has no yahoo.train.txt: valid is the training text here
+        warnings.simplefilter("ignore", MissingSplitWarning)
+        corpus = read_yahoo(data_dir)
     vocab_file = corpus.source.path / "vocab.txt"
     words = vocab_file.read_text(encoding="utf-8").split("\n")
     index = {w: i for i, w in enumerate(w for w in words if w)}
@@ -182,9 +188,7 @@ def train(build: Callable[..., LatentModel], row: Row, setting: Setting, data, r
     """The model of ``row`` trained (or the finished run in ``run_dir`` reused), and its wall time."""
     if (run_dir / "finished.json").exists():
         print(f"[{run_dir.name}] finished run found: reusing it")
-        model = load_model(run_dir)
-        events = read_metrics(run_dir)
-        return model, max((e.get("wall_time", 0.0) for e in events), default=math.nan)
+        return load_model(run_dir), json.loads((run_dir / "finished.json").read_text())["wall_time"]
     torch.manual_seed(seed)  # the same initialisation for every estimator
     model = build(learned_baseline=row.learned_baseline)
     trainer = Trainer(model, _trainer_config(row, setting, run_dir, seed), data[0], data[1])
@@ -217,10 +221,13 @@ def fit_baselines(model: LatentModel, row: Row, train_data, steps: int) -> None:
     if row.kwargs.get("baseline") not in ("learned", "running-mean"):
         return
     opt = torch.optim.Adam(model.baseline.parameters(), lr=1e-2) if row.learned_baseline else None
-    batches = train_data.iterate(0)
+
+    def batches():
+        for epoch in itertools.count():
+            yield from train_data.iterate(epoch)
+
     model.train()
-    for _ in range(steps):
-        batch = next(batches, None) or next(batches := train_data.iterate(1))
+    for batch in itertools.islice(batches(), steps):
         loss = model.loss(batch, "elbo", **row.kwargs)
         if opt is not None:
             opt.zero_grad()
@@ -254,7 +261,7 @@ def compare(
     data,
     out: Path,
     seed: int,
-) -> tuple[list[dict], dict[str, LatentModel]]:
+) -> list[dict]:
     """Train every row, evaluate it held out, measure its gradient variance; one metrics row each."""
     train_data, valid_data, test_data = data
     models, results = {}, []
@@ -278,14 +285,16 @@ def compare(
                 probe, row, batch, setting.draws if row.kwargs["estimator"] != "exact" else 3, exact, seed
             )
         )
-    return results, models
+    return results
 
 
 def elbo_curves(runs: dict[str, Path], path: Path, title: str) -> None:
     """Held-out exact ELBO per document against the update, one line per estimator."""
-    from latentnlp.plots import _pyplot
+    import matplotlib
 
-    plt = _pyplot()
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, run_dir in runs.items():
         points = [
@@ -426,7 +435,7 @@ def run(preset: str, out: Path, data_dir: Path | None, seed: int) -> TableResult
         return MixtureOfCategoricals(vocab_size, setting.latent, setting.hidden, learned_baseline=learned_baseline)
 
     rows = rows_for(setting)
-    results, _ = compare(NAME, build, rows, setting, data, out, seed)
+    results = compare(NAME, build, rows, setting, data, out, seed)
     em_result, em_history = em(build, setting, data, seed)
     results.append(em_result)
     figure = f"{NAME}_elbo.png"
