@@ -76,11 +76,11 @@ SCORE_FUNCTION_VARIANTS = [
 def test_score_function_gradient_is_unbiased(variant):
     model = _model(learned_baseline=True)
     exact = exact_gradient(model, _batch())
-    draws = gradient_draws(model, _batch(), {"estimator": "score_function", **variant}, reps=150, copies=40)
+    draws = gradient_draws(model, _batch(), {"estimator": "score_function", **variant}, reps=100, copies=40)
     assert_unbiased(draws, exact)
 
 
-def _train_baseline(model, steps=60):
+def _train_baseline(model, steps=40):
     """Fit the learned baseline alone, at fixed model parameters, by its regression loss."""
     opt = torch.optim.Adam(model.baseline.parameters(), lr=0.05)
     big = repeat_batch(_batch(), 32)
@@ -97,7 +97,7 @@ def test_baselines_reduce_variance():
     _train_baseline(model)
     variance = {
         name: relative_variance(
-            gradient_draws(model, _batch(), kwargs, reps=100, copies=10, seed=3, names=["encoder."]), exact
+            gradient_draws(model, _batch(), kwargs, reps=60, copies=10, seed=3, names=["encoder."]), exact
         )
         for name, kwargs in {
             "none": {"estimator": "score_function"},
