@@ -43,10 +43,11 @@ def _brute_joint(model):
     return torch.tensor(rows)
 
 
-def test_log_marginal_equals_brute_force():
+def test_log_marginal_and_posterior_equal_brute_force():
     model = _model()
-    joint = _brute_joint(model)
+    joint = _brute_joint(model)  # configurations in product((0, 1), repeat=k) order: z_1 the top bit
     torch.testing.assert_close(model.log_marginal(_batch()), joint.sum(-1).log())
+    torch.testing.assert_close(model.posterior(_batch()).probs, joint / joint.sum(-1, keepdim=True))
 
 
 def test_exact_elbo_is_log_marginal_minus_kl_to_the_posterior():
@@ -120,6 +121,7 @@ def test_iwae_lower_bounds_and_approaches_the_marginal():
 def test_many_factors_are_sampled_not_enumerated():
     torch.manual_seed(0)
     model = BernoulliFactorModel(6, 20, hidden_size=4)
+    assert model.posterior(_batch()).event_shape == (20,)  # the amortised q
     with pytest.raises(IntractableError, match="k = 20"):
         model.log_marginal(_batch())
     with pytest.raises(IntractableError):

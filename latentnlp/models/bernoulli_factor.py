@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributions import kl_divergence
+from torch.distributions import Categorical, kl_divergence
 
 from latentnlp import objectives
 from latentnlp.families import MeanFieldBernoulli
@@ -116,9 +116,16 @@ class BernoulliFactorModel(LatentModel):
         """The amortised ``q(z | x)``, batch shape ``[B]``, event ``[k]``."""
         return MeanFieldBernoulli(self.encoder(frequencies(self._counts(batch))))
 
-    def posterior(self, batch: Batch) -> MeanFieldBernoulli:
-        """The amortised ``q(z | x)`` (the exact posterior over ``2^k`` configurations is not mean-field)."""
-        return self.q(batch)
+    def posterior(self, batch: Batch) -> Categorical | MeanFieldBernoulli:
+        """The exact ``p(z | x)`` as a ``Categorical`` over the ``2^k`` configurations (configuration ``i``
+        has the bits of ``i``, the most significant first: ``z_1`` is its top bit) for
+        ``k <= MAX_ENUMERATED_FACTORS``; beyond, the amortised ``q(z | x)``."""
+        if self.num_factors > MAX_ENUMERATED_FACTORS:
+            return self.q(batch)
+        counts = self._counts(batch)
+        prior = self.prior()
+        logits = torch.cat([table + prior.log_prob(z) for z, table in self._enumerate(counts)], -1)
+        return Categorical(logits=logits)
 
     def log_likelihood(self, counts: Tensor, z: Tensor) -> Tensor:
         """``log p(x | z) = sum_v n_v log softmax(g(z))_v`` for ``z [..., B, k]`` (bits, or points of
