@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentnlp import models as _models
+from latentnlp.models import BernoulliFactorModel, FactorialHMM, MixtureOfCategoricals
 from latentnlp.models.base import ELBO, OBJECTIVES, IntractableError, LatentModel, UnsupportedObjectiveError
 
 # ---- the toy model -------------------------------------------------------------------------------
@@ -495,6 +495,15 @@ MODEL_CASES: list[ModelCase] = [
     ModelCase(
         "streaming-unigram", make_model=lambda: StreamingUnigram(12), make_batch=lambda g: lm_batch(g, vocab_size=12)
     ),
+    ModelCase(
+        "factorial-hmm",
+        make_model=lambda: FactorialHMM(2, 3, 6),
+        make_batch=lambda g: {
+            "observations": (torch.rand(5, 7, 6, generator=g) < 0.3).float(),
+            "lengths": torch.tensor([7, 3, 5, 1, 6]),
+        },
+        padded={"observations": "lengths"},
+    ),
 ]
 
 
@@ -520,8 +529,8 @@ MODEL_CASES += [
         elbo_kwargs=kwargs,
     )
     for name, make in (
-        ("mixture-of-categoricals", _models.MixtureOfCategoricals),
-        ("bernoulli-factor", _models.BernoulliFactorModel),
+        ("mixture-of-categoricals", MixtureOfCategoricals),
+        ("bernoulli-factor", BernoulliFactorModel),
     )
     for label, kwargs in (("score-function", _SCORE_FUNCTION), ("exact-elbo", {"estimator": "exact"}))
 ]

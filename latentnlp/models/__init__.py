@@ -2,6 +2,7 @@
 
 from .base import ELBO, OBJECTIVES, IntractableError, LatentModel, Loss, UnsupportedObjectiveError
 from .bernoulli_factor import BernoulliFactorModel
+from .factorial_hmm import FactorialHMM
 from .hmm_lm import HMMLanguageModel
 from .latent_alignment import LatentAlignmentSeq2Seq
 from .lstm_lm import LSTMLanguageModel, MixtureOfSoftmaxesLM
@@ -14,6 +15,7 @@ __all__ = [
     "LatentModel",
     "Loss",
     "UnsupportedObjectiveError",
+    "FactorialHMM",
     "HMMLanguageModel",
     "LatentAlignmentSeq2Seq",
     "LSTMLanguageModel",
