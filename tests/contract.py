@@ -16,6 +16,7 @@ is a data object with the ``__len__`` / ``iterate(epoch, start)`` protocol of th
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentnlp.models import FactorialHMM
+from latentnlp.models import BernoulliFactorModel, FactorialHMM, MixtureOfCategoricals
 from latentnlp.models.base import ELBO, OBJECTIVES, IntractableError, LatentModel, UnsupportedObjectiveError
 
 # ---- the toy model -------------------------------------------------------------------------------
@@ -554,4 +555,33 @@ MODEL_CASES += [
         objective_kwargs={"elbo": {"num_samples": 2}},
     )
     for estimator in ("gumbel_softmax", "score_function")
+]
+
+
+def bag_batch(generator: torch.Generator, *, batch_size: int = 5, vocab_size: int = 12) -> dict[str, Tensor]:
+    """Word counts ``[B, V]`` of random documents of 1..8 tokens (a bag-of-words batch), and their
+    ``lengths [B]`` (token numbers; the bag models count ``counts`` themselves, the checks read the
+    batch size from ``lengths``)."""
+    lengths = torch.randint(1, 9, (batch_size,), generator=generator)
+    words = torch.randint(0, vocab_size, (batch_size, 8), generator=generator)
+    counts = torch.zeros(batch_size, vocab_size)
+    counts.scatter_add_(1, words, (torch.arange(8) < lengths.unsqueeze(1)).float())
+    return {"counts": counts, "lengths": lengths}
+
+
+_SCORE_FUNCTION = {"estimator": "score_function", "baseline": "learned", "control_variate": True, "num_samples": 2}
+MODEL_CASES += [
+    ModelCase(
+        f"{name}/{label}",
+        make_model=functools.partial(make, 12, 3, hidden_size=8, learned_baseline="baseline" in kwargs),
+        make_batch=lambda g: bag_batch(g, vocab_size=12),
+        objective_kwargs={"elbo": kwargs},
+        padded={},
+        elbo_kwargs=kwargs,
+    )
+    for name, make in (
+        ("mixture-of-categoricals", MixtureOfCategoricals),
+        ("bernoulli-factor", BernoulliFactorModel),
+    )
+    for label, kwargs in (("score-function", _SCORE_FUNCTION), ("exact-elbo", {"estimator": "exact"}))
 ]

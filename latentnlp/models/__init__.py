@@ -1,10 +1,12 @@
 """Models behind the one :class:`~latentnlp.models.base.LatentModel` API."""
 
 from .base import ELBO, OBJECTIVES, IntractableError, LatentModel, Loss, UnsupportedObjectiveError
+from .bernoulli_factor import BernoulliFactorModel
 from .factorial_hmm import FactorialHMM
 from .hmm_lm import HMMLanguageModel
 from .latent_alignment import LatentAlignmentSeq2Seq
 from .lstm_lm import LSTMLanguageModel, MixtureOfSoftmaxesLM
+from .mixture_of_categoricals import MixtureOfCategoricals
 from .multi_space_vae import MultiSpaceVAE
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "LSTMLanguageModel",
     "MixtureOfSoftmaxesLM",
     "MultiSpaceVAE",
+    "MixtureOfCategoricals",
+    "BernoulliFactorModel",
 ]
