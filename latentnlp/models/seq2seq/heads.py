@@ -62,9 +62,19 @@ class Seq2SeqHead(nn.Module):
         """Context the head reads from a training batch (beyond the core's)."""
         return {}
 
+    def target_key(self, batch: Batch) -> str:
+        """The batch key of the target ids the head scores."""
+        return "tgt_out"
+
     def batch_targets(self, batch: Batch) -> Tensor:
-        """The target ids ``[B, T]`` the head scores."""
-        return batch["tgt_out"]
+        """The target ids ``[B, T]`` the head scores, ``batch[self.target_key(batch)]``."""
+        return batch[self.target_key(batch)]
+
+    @property
+    def target_vocab_size(self) -> int | None:
+        """The number of target ids the head scores (ids ``0..V-1``); ``None`` when any id ``>= 0``
+        may be scored (the copy head's extended ids, which its generator checks)."""
+        return self.attention.vocab_size
 
     def decoding_context(self, batch: Batch, memory_mask: Tensor) -> dict[str, object]:
         """Context kept in the decoder state for step-wise decoding (``memory_mask [B, S]`` True at real positions)."""
@@ -334,8 +344,14 @@ class CopyHead(Seq2SeqHead):
             "source and target vocabularies differ"
         )
 
-    def batch_targets(self, batch: Batch) -> Tensor:
-        return batch.get("tgt_out_ext", batch["tgt_out"])
+    def target_key(self, batch: Batch) -> str:
+        """``"tgt_out_ext"`` when the batch has extended targets, else ``"tgt_out"``."""
+        return "tgt_out_ext" if "tgt_out_ext" in batch else "tgt_out"
+
+    @property
+    def target_vocab_size(self) -> None:
+        """``None``: extended ids past ``V`` are scored too (the generator checks them)."""
+        return None
 
     def decoding_context(self, batch: Batch, memory_mask: Tensor) -> dict[str, object]:
         """``src_ext`` and one extended vocabulary size for the whole batch."""
