@@ -385,6 +385,8 @@ def test_latent_attention_refuses_alignment_mass_on_padded_sources():
     mask = torch.tensor([[True, True, False]])
     log_alpha = torch.full((1, 2, 3), 1 / 3).log()  # uniform over all three, padding included
     with pytest.raises(ValueError, match="padded source positions"):
-        layer.log_prob(hidden, torch.zeros(1, 2, dtype=torch.long), memory=memory, memory_mask=mask, log_alpha=log_alpha)
+        layer.log_prob(
+            hidden, torch.zeros(1, 2, dtype=torch.long), memory=memory, memory_mask=mask, log_alpha=log_alpha
+        )
     ok = torch.tensor([0.5, 0.5, 0.0]).log().expand(1, 2, 3)
     layer.log_prob(hidden, torch.zeros(1, 2, dtype=torch.long), memory=memory, memory_mask=mask, log_alpha=ok)
