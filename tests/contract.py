@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentnlp.models.base import ELBO, OBJECTIVES, IntractableError, LatentModel, UnsupportedObjectiveError
+from latentnlp.models.sentence_vae import SentenceVAE
 
 # ---- the toy model -------------------------------------------------------------------------------
 
@@ -492,5 +493,15 @@ MODEL_CASES: list[ModelCase] = [
     ),
     ModelCase(
         "streaming-unigram", make_model=lambda: StreamingUnigram(12), make_batch=lambda g: lm_batch(g, vocab_size=12)
+    ),
+    ModelCase(
+        "sentence-vae/lstm",
+        make_model=lambda: SentenceVAE(12, 8, 10, 3, bos_id=0, eos_id=1),
+        make_batch=lambda g: lm_batch(g, vocab_size=12),
+    ),
+    ModelCase(
+        "sentence-vae/cnn",
+        make_model=lambda: SentenceVAE(12, 8, 10, 3, decoder="cnn", dilations=(1, 2), bos_id=0, eos_id=1),
+        make_batch=lambda g: lm_batch(g, vocab_size=12),
     ),
 ]

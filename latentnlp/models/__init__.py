@@ -4,6 +4,7 @@ from .base import ELBO, OBJECTIVES, IntractableError, LatentModel, Loss, Unsuppo
 from .hmm_lm import HMMLanguageModel
 from .latent_alignment import LatentAlignmentSeq2Seq
 from .lstm_lm import LSTMLanguageModel, MixtureOfSoftmaxesLM
+from .sentence_vae import SentenceVAE
 
 __all__ = [
     "ELBO",
@@ -16,4 +17,5 @@ __all__ = [
     "LatentAlignmentSeq2Seq",
     "LSTMLanguageModel",
     "MixtureOfSoftmaxesLM",
+    "SentenceVAE",
 ]
