@@ -73,7 +73,7 @@ class Run:
 
 @dataclass
 class Preset:
-    sizes: dict  # embedding_size, hidden_size, latent_size (and decoder sizes)
+    sizes: dict  # embedding_size, hidden_size (encoder), decoder_size (decoder and LM), latent_size
     batch_size: int
     train: dict  # TrainConfig fields
     warmup_epochs: float  # KL weight 0.1 -> 1 over this many epochs (He et al. use 10)
@@ -99,7 +99,7 @@ def rows(word_dropout: float, free_bits: float) -> list[Run]:
 PRESETS = {
     # seconds: toy sizes on generated topic documents
     "smoke": Preset(
-        sizes={"embedding_size": 16, "hidden_size": 32, "latent_size": 4},
+        sizes={"embedding_size": 16, "hidden_size": 32, "decoder_size": 32, "latent_size": 4},
         batch_size=64,
         train={"max_epochs": 6, "lr": 1e-2, "grad_clip": 5.0, "log_every": 5},
         warmup_epochs=2,
@@ -109,11 +109,16 @@ PRESETS = {
         runs=rows(0.5, 0.5),
         cnn={"kernel_size": 2, "dilations": [1]},  # R = 2: the decoder sees the previous word only
     ),
-    # about 1.5 hours on 2 cores: 9,000 training documents, smaller networks than the paper
+    # about 1.5 hours on 2 cores: 9,000 training documents, smaller networks than the paper.  The
+    # 20k-word softmax is the cost: a 64-unit decoder keeps an update near 2e10 flops and the IW
+    # evaluation (500 documents x 100 samples x 79 tokens) near 1.3e13 flops a row.  Timed on a
+    # shared machine (4 GFLOP/s left to the run): 3.5-4.7 s an update, 110-130 s for S = 100 on 32
+    # documents; scaled to two free cores (about 60 GFLOP/s) that is ~1.5 min an epoch and ~2.5 min
+    # of IW evaluation, so 4 epochs a row keep the six rows near 1.5 hours.
     "cpu": Preset(
-        sizes={"embedding_size": 64, "hidden_size": 128, "latent_size": 16},
+        sizes={"embedding_size": 64, "hidden_size": 128, "decoder_size": 64, "latent_size": 16},
         batch_size=32,
-        train={"max_epochs": 3, "lr": 1e-3, "grad_clip": 5.0, "log_every": 20},
+        train={"max_epochs": 4, "lr": 1e-3, "grad_clip": 5.0, "log_every": 20},
         warmup_epochs=2,
         eval_docs=500,
         iw_samples=100,
@@ -123,7 +128,7 @@ PRESETS = {
     # He et al. (2019) / Kim et al. (2018): embedding 512, LSTM 1024, latent 32, batch 32,
     # SGD lr 1 halved when validation stalls, KL weight 0.1 -> 1 over 10 epochs
     "full": Preset(
-        sizes={"embedding_size": 512, "hidden_size": 1024, "latent_size": 32},
+        sizes={"embedding_size": 512, "hidden_size": 1024, "decoder_size": 1024, "latent_size": 32},
         batch_size=32,
         train={
             "optimizer": "sgd",
@@ -221,7 +226,7 @@ def test_subset(docs: list[list[str]], count: int, seed: int) -> list[list[str]]
 def build_model(run: Run, preset: Preset, vocab: Vocabulary) -> LSTMLanguageModel | SentenceVAE:
     sizes = preset.sizes
     if run.kind == "lm":
-        return LSTMLanguageModel(len(vocab), sizes["embedding_size"], sizes["hidden_size"])
+        return LSTMLanguageModel(len(vocab), sizes["embedding_size"], sizes["decoder_size"])
     options = dict(run.model)
     if options.get("decoder") == "cnn":
         options.update(preset.cnn)
@@ -232,6 +237,7 @@ def build_model(run: Run, preset: Preset, vocab: Vocabulary) -> LSTMLanguageMode
         sizes["embedding_size"],
         sizes["hidden_size"],
         sizes["latent_size"],
+        decoder_size=sizes["decoder_size"],
         bos_id=vocab.bos_id,
         eos_id=vocab.eos_id,
         iwae_chunk_size=preset.iw_chunk,
