@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
-from contract import lm_batch
+from contract import ToyCorpus, lm_batch, mixture_batches
 from torch.distributions import kl_divergence
 
 from latentnlp import objectives
 from latentnlp.models import SentenceVAE
 from latentnlp.models.sentence_vae import DilatedCNNDecoder
+from latentnlp.schedules import LinearWarmup
+from latentnlp.training import TrainConfig, Trainer
 
 V = 12
 
@@ -261,3 +263,32 @@ def test_bad_arguments_are_refused():
         SentenceVAE(V, 4, 4, 2).generate(num_samples=2)
     with pytest.raises(ValueError, match="z must be"):
         model.generate(z=torch.zeros(2, 5))
+
+
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+    """KL annealing, free bits and word dropout (random numbers) through the trainer: stopping after
+    3 updates and resuming to 6 ends with the parameters of a straight run of 6."""
+    train, valid = ToyCorpus(mixture_batches(4, vocab_size=V)), ToyCorpus(mixture_batches(1, vocab_size=V, seed=1))
+
+    def fit(folder, max_steps):
+        config = TrainConfig(
+            objective="elbo",
+            objective_kwargs={"kl_weight": LinearWarmup(0.1, 1.0, 6), "free_bits": 0.1},
+            lr=1e-2,
+            max_epochs=2,
+            max_steps=max_steps,
+            log_every=2,
+            progress=False,
+            device="cpu",
+            output_dir=str(tmp_path / folder),
+        )
+        model = small("cnn", word_dropout=0.3, unk_id=2)
+        return model, Trainer(model, config, train, valid).fit()
+
+    straight, _ = fit("straight", 6)
+    fit("resumed", 3)
+    (tmp_path / "resumed" / "finished.json").unlink()
+    resumed, summary = fit("resumed", 6)
+    assert summary["resumed"] and summary["steps"] == 6
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
