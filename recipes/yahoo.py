@@ -81,7 +81,6 @@ class Preset:
     iw_samples: int
     iw_chunk: int
     runs: list[Run]
-    max_doc_tokens: int | None = None  # documents are cut to this many words (None: whole)
     cnn: dict = field(default_factory=lambda: {"kernel_size": 3, "dilations": [1, 2, 4]})
 
 
@@ -179,7 +178,7 @@ class Data:
     note: str
 
 
-def load_data(preset_name: str, preset: Preset, data_dir: str | None, seed: int) -> Data:
+def load_data(preset_name: str, data_dir: str | None, seed: int) -> Data:
     if preset_name == "smoke":
         torch.manual_seed(seed)  # the Dirichlet draw of the topics
         splits = generate_topic_documents(seed)
@@ -211,8 +210,6 @@ def load_data(preset_name: str, preset: Preset, data_dir: str | None, seed: int)
             f"yahoo.valid.txt minus 1,000 held-out documents ({len(splits['train']):,} documents), validating "
             f"on those 1,000, testing on yahoo.test.txt; vocabulary {vocab_name} ({len(vocab):,} types)"
         )
-    if preset.max_doc_tokens is not None:
-        splits = {s: [d[: preset.max_doc_tokens] for d in docs] for s, docs in splits.items()}
     return Data(vocab, splits, note)
 
 
@@ -491,7 +488,7 @@ def run_preset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> lis
     out = Path(args.out or f"runs/yahoo-{args.preset}")
     out.mkdir(parents=True, exist_ok=True)
     seed = args.seed if args.seed is not None else 0
-    data = load_data(args.preset, preset, args.data, seed)
+    data = load_data(args.preset, args.data, seed)
     vocab = data.vocab
     test_docs = test_subset(data.splits["test"], preset.eval_docs, seed)
 

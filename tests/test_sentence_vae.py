@@ -135,6 +135,7 @@ def test_cnn_decoder_is_causal_with_the_stated_receptive_field(kernel_size, dila
 
 def test_cnn_vae_log_likelihood_ignores_the_future():
     model, data = small("cnn").double(), batch(max_len=7)
+    assert model.receptive_field == 1 + 2 * (1 + 2 + 4) and small().receptive_field is None
     inputs, targets, lengths, mask = model._check_batch(data)
     z = torch.randn(1, inputs.shape[0], 3, dtype=torch.float64)
     first = model._log_likelihood(z, inputs, targets, mask)
