@@ -1,9 +1,13 @@
 """Models behind the one :class:`~latentnlp.models.base.LatentModel` API."""
 
 from .base import ELBO, OBJECTIVES, IntractableError, LatentModel, Loss, UnsupportedObjectiveError
+from .bernoulli_factor import BernoulliFactorModel
+from .factorial_hmm import FactorialHMM
 from .hmm_lm import HMMLanguageModel
 from .latent_alignment import LatentAlignmentSeq2Seq
 from .lstm_lm import LSTMLanguageModel, MixtureOfSoftmaxesLM
+from .mixture_of_categoricals import MixtureOfCategoricals
+from .multi_space_vae import MultiSpaceVAE
 from .sentence_vae import SentenceVAE
 
 __all__ = [
@@ -13,9 +17,13 @@ __all__ = [
     "LatentModel",
     "Loss",
     "UnsupportedObjectiveError",
+    "FactorialHMM",
     "HMMLanguageModel",
     "LatentAlignmentSeq2Seq",
     "LSTMLanguageModel",
     "MixtureOfSoftmaxesLM",
+    "MultiSpaceVAE",
+    "MixtureOfCategoricals",
+    "BernoulliFactorModel",
     "SentenceVAE",
 ]
