@@ -18,6 +18,10 @@ differentiable.
 - :class:`LogisticNormal`: topic proportions ``theta = softmax(z)`` with ``z`` a diagonal Gaussian
   over ``R^K`` (the softmax basis), and its Laplace approximation of a Dirichlet prior
   (:meth:`LogisticNormal.from_dirichlet`, Srivastava & Sutton 2017), for neural topic models.
+- :class:`RelaxedCategorical`: the concrete / Gumbel-softmax relaxation of a categorical
+  (Maddison et al. 2017; Jang et al. 2017), reparameterised, optionally straight-through (``hard``).
+  No closed-form KL exists between two of them, so an ELBO over one uses the Monte Carlo KL
+  (:func:`latentnlp.objectives.elbo` with ``kl="auto"``).
 
 Closed forms (summed over the event dimension where there is one)::
 
@@ -42,10 +46,11 @@ from itertools import product
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributions import Bernoulli, Categorical, Independent, Normal
+from torch.distributions import Bernoulli, Categorical, Independent, Normal, RelaxedOneHotCategorical
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
+from latentnlp.gumbel import gumbel_noise
 from latentnlp.masks import lengths_to_mask
 from latentnlp.validation import is_validating
 
@@ -54,6 +59,7 @@ __all__ = [
     "DiagonalGaussian",
     "MeanFieldBernoulli",
     "LogisticNormal",
+    "RelaxedCategorical",
 ]
 
 
@@ -366,3 +372,73 @@ class LogisticNormal(DiagonalGaussian):
     def expand(self, batch_shape, _instance=None) -> LogisticNormal:
         new = self._get_checked_instance(LogisticNormal, _instance)
         return super().expand(batch_shape, _instance=new)
+
+
+# ------------------------------------------------------------------------------------------------
+# concrete / Gumbel-softmax relaxation of a categorical
+# ------------------------------------------------------------------------------------------------
+class RelaxedCategorical(RelaxedOneHotCategorical):
+    r"""The concrete distribution over the ``K``-simplex (Maddison et al. 2017; Jang et al. 2017).
+
+    ``y = softmax((logits + g) / tau)`` with ``g_k ~ Gumbel(0, 1)`` (:mod:`latentnlp.gumbel`), so
+    ``argmax_k y_k ~ Categorical(logits)`` exactly and ``y`` tends to that one-hot as ``tau -> 0``.
+    Densities, ``log_prob`` of a relaxed point, moments and ``expand`` are torch's
+    ``RelaxedOneHotCategorical``; this class draws from the library's one Gumbel sampler, with an
+    optional ``generator``, and adds the straight-through estimator: with ``hard=True``,
+    :meth:`rsample` returns the one-hot ``argmax`` whose gradient is that of the relaxed ``y``
+    (``y_hard - y.detach() + y``).  ``log_prob`` is the concrete density, defined for relaxed
+    points only; score a hard sample under :attr:`categorical`.
+
+    Args:
+        temperature: ``tau > 0`` (a float or a tensor broadcastable to the batch).
+        logits: ``[*batch, K]`` unnormalised log-probabilities (or ``probs``).
+        hard: straight-through one-hot samples from :meth:`rsample`.
+    """
+
+    def __init__(
+        self,
+        temperature: Tensor | float,
+        probs: Tensor | None = None,
+        logits: Tensor | None = None,
+        *,
+        hard: bool = False,
+        validate_args: bool | None = None,
+    ) -> None:
+        if (probs is None) == (logits is None):
+            raise ValueError("RelaxedCategorical: give exactly one of probs and logits")
+        given = logits if logits is not None else probs
+        if not isinstance(given, Tensor) or given.dim() < 1 or given.shape[-1] < 2:
+            raise ValueError(
+                f"RelaxedCategorical: logits/probs must be a tensor [*batch, K] with K >= 2, "
+                f"got {tuple(getattr(given, 'shape', ()))}"
+            )
+        tau = torch.as_tensor(temperature, dtype=given.dtype, device=given.device)
+        if is_validating(validate_args) and not bool((tau > 0).all()):
+            raise ValueError(f"RelaxedCategorical: temperature must be positive, got {temperature}")
+        self.hard = hard
+        super().__init__(tau, probs=probs, logits=logits, validate_args=validate_args)
+
+    @property
+    def categorical(self) -> Categorical:
+        """The categorical this relaxes: ``Categorical(logits)``, the law of ``argmax y``."""
+        return Categorical(logits=self.logits)
+
+    def expand(self, batch_shape, _instance=None) -> RelaxedCategorical:
+        new = self._get_checked_instance(RelaxedCategorical, _instance)
+        new.hard = self.hard
+        return super().expand(batch_shape, _instance=new)
+
+    def rsample(self, sample_shape=torch.Size(), generator: torch.Generator | None = None) -> Tensor:
+        """``sample_shape + [*batch, K]`` draws, reparameterised (straight-through one-hots when ``hard``)."""
+        shape = self._extended_shape(torch.Size(sample_shape))
+        logits = self.logits.expand(shape)
+        tau = self.temperature.unsqueeze(-1) if self.temperature.dim() > 0 else self.temperature
+        y = torch.softmax((logits + gumbel_noise(logits, generator)) / tau, dim=-1)
+        if not self.hard:
+            return y
+        one_hot = torch.zeros_like(y).scatter_(-1, y.argmax(-1, keepdim=True), 1.0)
+        return one_hot - y.detach() + y
+
+    def sample(self, sample_shape=torch.Size(), generator: torch.Generator | None = None) -> Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape, generator=generator)

@@ -25,15 +25,57 @@ import inspect
 import math
 import operator
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
 from latentnlp import estimators
-from latentnlp.models.base import ELBO
 
-__all__ = ["elbo", "iwae", "free_bits", "word_dropout"]
+__all__ = ["ELBO", "Loss", "elbo", "iwae", "free_bits", "word_dropout"]
+
+
+# ------------------------------------------------------------------------------------------------
+# what a bound and a loss are (models return them; the trainer reads them)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ELBO:
+    """An evidence lower bound ``E_q[log p(x | z)] - KL(q || p) <= log p(x)``, per example.
+
+    ``value = reconstruction - kl``, each ``[B]``.  ``surrogate [B]`` has the
+    estimator's gradient (score-function terms, baselines...) and equals
+    ``value`` in expectation; it defaults to ``value`` for reparameterised or
+    exactly enumerated expectations.  A KL weight (annealing) changes only the
+    surrogate; ``value`` is always the true bound.
+    """
+
+    value: Tensor
+    reconstruction: Tensor
+    kl: Tensor
+    surrogate: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.surrogate is None:
+            self.surrogate = self.value
+
+
+@dataclass
+class Loss:
+    """A scalar to minimise (per target token) and per-example metrics.
+
+    ``metrics`` maps names to ``[B]`` tensors (detached), summed over the
+    tokens of each example: the negative objective -- ``nll`` (exact or
+    importance-weighted negative log-likelihood) or, under ``elbo``,
+    ``neg_elbo`` (the negative bound, which is not a likelihood) -- and
+    ``tokens`` (number of target tokens of each example), plus any of
+    ``kl``, ``reconstruction``, ...  Summing each over a corpus and dividing
+    by the summed ``tokens`` gives corpus-level per-token numbers.
+    """
+
+    value: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
 
 LogLikelihood = Callable[[Tensor], Tensor]
 
@@ -150,7 +192,7 @@ def elbo(
             ``schedule(step)`` of a :mod:`latentnlp.schedules` object).  The bound itself is unweighted.
         generator: the source of the samples (else the global seed).
 
-    Returns an :class:`~latentnlp.models.base.ELBO` of ``[*batch]`` tensors:
+    Returns an :class:`ELBO` of ``[*batch]`` tensors:
     ``value = reconstruction - kl`` (the bound, whatever ``kl_weight``), ``reconstruction``, ``kl``,
     and ``surrogate``, whose value is ``reconstruction - kl_weight * kl`` and whose gradient is the
     estimator's (unbiased for the ``kl_weight``-weighted bound).  Train on ``surrogate``; report

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from latentnlp.models import BernoulliFactorModel, FactorialHMM, MixtureOfCategoricals
 from latentnlp.models.base import ELBO, OBJECTIVES, IntractableError, LatentModel, UnsupportedObjectiveError
+from latentnlp.models.sentence_vae import SentenceVAE
 
 # ---- the toy model -------------------------------------------------------------------------------
 
@@ -584,4 +585,17 @@ MODEL_CASES += [
         ("bernoulli-factor", BernoulliFactorModel),
     )
     for label, kwargs in (("score-function", _SCORE_FUNCTION), ("exact-elbo", {"estimator": "exact"}))
+]
+
+MODEL_CASES += [
+    ModelCase(
+        "sentence-vae/lstm",
+        make_model=lambda: SentenceVAE(12, 8, 10, 3, bos_id=0, eos_id=1),
+        make_batch=lambda g: lm_batch(g, vocab_size=12),
+    ),
+    ModelCase(
+        "sentence-vae/cnn",
+        make_model=lambda: SentenceVAE(12, 8, 10, 3, decoder="cnn", dilations=(1, 2), bos_id=0, eos_id=1),
+        make_batch=lambda g: lm_batch(g, vocab_size=12),
+    ),
 ]

@@ -426,3 +426,15 @@ def test_word_dropout_bad_arguments():
         word_dropout(tokens, 0.1, UNK, keep=(0.5,))
     with pytest.raises(ValueError, match="unk_id"):
         word_dropout(tokens, 0.1, 3.0)
+
+
+def test_objectives_define_the_bound_and_loss_records_without_importing_models():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, latentnlp.objectives as o; "
+        "assert not any(m.startswith('latentnlp.models') for m in sys.modules), sorted(sys.modules); "
+        "from latentnlp.models.base import ELBO, Loss; assert ELBO is o.ELBO and Loss is o.Loss"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,6 +1,6 @@
 """Corpus numbers from sums: perplexity, running metric sums, the per-token summary.
 
-Perplexity and per-token numbers come from *sums*: every :class:`~latentnlp.models.base.Loss`
+Perplexity and per-token numbers come from *sums*: every :class:`~latentnlp.objectives.Loss`
 carries per-example ``metrics`` (``nll`` or ``neg_elbo``, ``tokens``, optionally ``kl``,
 ``reconstruction``...), each ``[B]``; summing each over a corpus (:class:`MetricSums`) and
 dividing by the summed ``tokens`` gives the corpus number, never an average of batch averages::

@@ -8,6 +8,7 @@ from .latent_alignment import LatentAlignmentSeq2Seq
 from .lstm_lm import LSTMLanguageModel, MixtureOfSoftmaxesLM
 from .mixture_of_categoricals import MixtureOfCategoricals
 from .multi_space_vae import MultiSpaceVAE
+from .sentence_vae import SentenceVAE
 
 __all__ = [
     "ELBO",
@@ -24,4 +25,5 @@ __all__ = [
     "MultiSpaceVAE",
     "MixtureOfCategoricals",
     "BernoulliFactorModel",
+    "SentenceVAE",
 ]

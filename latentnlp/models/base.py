@@ -22,11 +22,12 @@ import functools
 import importlib
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from latentnlp.objectives import ELBO, Loss  # defined with the objectives; re-exported here
 
 Batch = Mapping[str, object]
 
@@ -39,44 +40,6 @@ class IntractableError(NotImplementedError):
 
 class UnsupportedObjectiveError(ValueError):
     """Raised by :meth:`LatentModel.loss` for an objective the model does not declare."""
-
-
-@dataclass
-class ELBO:
-    """An evidence lower bound ``E_q[log p(x | z)] - KL(q || p) <= log p(x)``, per example.
-
-    ``value = reconstruction - kl``, each ``[B]``.  ``surrogate [B]`` has the
-    estimator's gradient (score-function terms, baselines...) and equals
-    ``value`` in expectation; it defaults to ``value`` for reparameterised or
-    exactly enumerated expectations.  A KL weight (annealing) changes only the
-    surrogate; ``value`` is always the true bound.
-    """
-
-    value: Tensor
-    reconstruction: Tensor
-    kl: Tensor
-    surrogate: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.surrogate is None:
-            self.surrogate = self.value
-
-
-@dataclass
-class Loss:
-    """A scalar to minimise (per target token) and per-example metrics.
-
-    ``metrics`` maps names to ``[B]`` tensors (detached), summed over the
-    tokens of each example: the negative objective -- ``nll`` (exact or
-    importance-weighted negative log-likelihood) or, under ``elbo``,
-    ``neg_elbo`` (the negative bound, which is not a likelihood) -- and
-    ``tokens`` (number of target tokens of each example), plus any of
-    ``kl``, ``reconstruction``, ...  Summing each over a corpus and dividing
-    by the summed ``tokens`` gives corpus-level per-token numbers.
-    """
-
-    value: Tensor
-    metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
 class LatentModel(nn.Module):
