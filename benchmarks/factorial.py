@@ -640,6 +640,18 @@ def main(argv=None) -> int:
         return r
 
     meta = run_metadata(args.device, args.threads, args.quick)
+    meta["cpu_model"] = (
+        next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            None,
+        )
+        if Path("/proc/cpuinfo").is_file()
+        else None
+    )
     meta["load_average_start"] = list(os.getloadavg())
     print(f"# {meta}", flush=True)
     results, t_start = {}, time.perf_counter()
