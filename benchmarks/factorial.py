@@ -117,11 +117,10 @@ def _summary(times: list) -> dict:
 
 
 def _kron_sum(rows):
-    """``x[z] = sum_l rows[l, z^l]`` over the joint states (row-major) of ``rows [L, K]``: ``[K^L]``."""
-    num_chains, k = rows.shape
-    return sum(rows[ell].reshape(*(1,) * ell, k, *(1,) * (num_chains - 1 - ell)) for ell in range(num_chains)).reshape(
-        -1
-    )
+    """``x[z] = sum_l rows[l, z^l]`` over the joint states (row-major) of ``rows [L, K, *rest]``: ``[K^L, *rest]``."""
+    num_chains, k, rest = rows.shape[0], rows.shape[1], rows.shape[2:]
+    axes = lambda ell: (*(1,) * ell, k, *(1,) * (num_chains - 1 - ell), *rest)
+    return sum(rows[ell].reshape(axes(ell)) for ell in range(num_chains)).reshape(-1, *rest)
 
 
 def _measure_memory(calls: dict, device, rows: dict) -> dict:
@@ -208,9 +207,7 @@ def mean_field_worker(spec: dict) -> dict:
 
     def exact():
         clear()
-        joint = bias + sum(
-            weights[ell].reshape(*(1,) * ell, k, *(1,) * (num_chains - 1 - ell), tones) for ell in range(num_chains)
-        ).reshape(-1, tones)  # eta(z) [K^L, V]
+        joint = bias + _kron_sum(weights)  # eta(z) [K^L, V]
         emit = (y.reshape(-1, tones) @ joint.T - torch.nn.functional.softplus(joint).sum(-1)).reshape(
             batch, steps, *(k,) * num_chains
         )
