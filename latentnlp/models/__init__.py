@@ -1,9 +1,11 @@
 """Models behind the one :class:`~latentnlp.models.base.LatentModel` API."""
 
 from .base import ELBO, OBJECTIVES, IntractableError, LatentModel, Loss, UnsupportedObjectiveError
+from .binary_vae import BinaryVAE
 from .hmm_lm import HMMLanguageModel
 from .latent_alignment import LatentAlignmentSeq2Seq
 from .lstm_lm import LSTMLanguageModel, MixtureOfSoftmaxesLM
+from .neural_topic_model import NeuralTopicModel
 
 __all__ = [
     "ELBO",
@@ -16,4 +18,6 @@ __all__ = [
     "LatentAlignmentSeq2Seq",
     "LSTMLanguageModel",
     "MixtureOfSoftmaxesLM",
+    "BinaryVAE",
+    "NeuralTopicModel",
 ]
