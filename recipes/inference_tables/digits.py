@@ -42,7 +42,7 @@ OBJECTIVES = {
 }
 
 PRESETS = {
-    "smoke": {"latent_dim": 4, "hidden_dim": 32, "max_epochs": 15, "batch_size": 50, "test_samples": 100},
+    "smoke": {"latent_dim": 4, "hidden_dim": 32, "max_epochs": 6, "batch_size": 50, "test_samples": 100},
     "cpu": {"latent_dim": 8, "hidden_dim": 128, "max_epochs": 400, "batch_size": 100, "test_samples": 1000},
     "full": {"latent_dim": 16, "hidden_dim": 200, "max_epochs": 2000, "batch_size": 100, "test_samples": 1000},
 }
