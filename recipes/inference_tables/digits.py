@@ -199,7 +199,9 @@ def run(preset: str, out: pathlib.Path, data_dir: pathlib.Path | None, seed: int
         "",
         "No published numbers exist for this data set. `wake-sleep`: q learns on the model's dreams; "
         "`reweighted-wake-sleep-5`: the model and q learn from 5 self-normalised importance samples of "
-        "q (the wake-phase q update). The ms/update column includes validation time.",
+        "q (the wake-phase q update). The ms/update column includes validation time. In the figure the "
+        "training-loss panel shows each objective's own surrogate (not comparable across objectives); "
+        "the validation panel compares them on one bound.",
     ]
     return TableResult(
         markdown="\n".join(lines),

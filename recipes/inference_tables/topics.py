@@ -8,8 +8,9 @@ the reparameterised ELBO) on 20 Newsgroups.  Here the ordering is measured on Ya
 selection), test on ``yahoo.test.txt``, with the same topic counts for both models.
 
 Documents are bags over the ``V`` most frequent words (by document frequency in the training
-documents) that are not English stop words (scikit-learn's list), ``_UNK``, or free of letters; other
-tokens are dropped, as is a document left empty.  ``smoke`` samples documents from a random LDA.
+documents) that are words (a letter, then letters, digits or hyphens) and not English stop words
+(scikit-learn's list) or ``_UNK``; other tokens are dropped, as is a document left empty.
+``smoke`` samples documents from a random LDA.
 
 Numbers, per model and ``K``:
 
@@ -65,6 +66,8 @@ PRESETS = {
     },
 }
 BATCH_SIZE = 200
+#: a vocabulary word: a letter, then letters, digits or hyphens (no punctuation, no clitics such as 's, n't)
+WORD = re.compile(r"[a-z][a-z0-9-]*")
 TOP_WORDS = 10
 
 
@@ -93,14 +96,15 @@ class DocumentBatches:
 
 
 def topic_vocabulary(docs: Sequence[Sequence[str]], size: int, unk: str = "_UNK") -> list[str]:
-    """The ``size`` words of highest document frequency, without stop words, ``unk`` or letterless tokens."""
+    """The ``size`` words of highest document frequency that are words (:data:`WORD`, two letters or
+    more) and neither stop words nor ``unk``."""
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
     frequency = Counter(w for doc in docs for w in set(doc))
     keep = [
         w
         for w, _ in sorted(frequency.items(), key=lambda item: (-item[1], item[0]))
-        if w != unk and w not in ENGLISH_STOP_WORDS and re.search("[a-z]", w) and len(w) > 1
+        if w != unk and w not in ENGLISH_STOP_WORDS and WORD.fullmatch(w) and len(w) > 1
     ]
     return keep[:size]
 
