@@ -65,3 +65,18 @@ def test_npmi_against_hand_counts(tables):
     expected = math.log(0.5 / (0.75 * 0.5)) / -math.log(0.5)
     assert math.isclose(topics.npmi([[0, 1]], counts), expected)
     assert topics.npmi([[1, 2]], topics.count_matrix([[1], [2]], 3)) == -1.0
+
+
+def test_topics_kl_is_the_whole_model_term_of_sklearns_bound(tables):
+    """scikit-learn's ``score`` is a sum of per-document terms plus one term of the topics, so
+    ``score(A) + score(B) - score(A + B) = -sum_k KL(Dir(lambda_k) || Dir(eta))``."""
+    from scipy.sparse import vstack
+    from sklearn.decomposition import LatentDirichletAllocation
+
+    topics = tables("topics")
+    train, heldout, test = topics.generated_corpus(0, vocab=30, topics=3, docs=700)
+    lda = LatentDirichletAllocation(n_components=3, learning_method="online", max_iter=3, random_state=0)
+    lda.fit(topics.count_matrix(train, 30))
+    a, b = topics.count_matrix(heldout, 30), topics.count_matrix(test, 30)
+    global_term = lda.score(a) + lda.score(b) - lda.score(vstack([a, b]))
+    assert abs(global_term + topics.topics_kl(lda)) < 1e-6 * abs(global_term)
