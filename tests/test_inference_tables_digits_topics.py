@@ -47,10 +47,12 @@ def test_topics_smoke(tables, tmp_path):
     topics = tables("topics")
     result = topics.run("smoke", tmp_path, None, 0)
     _check_result(result, tmp_path, "topics")
-    assert [r["model"].split()[0] for r in result.metrics] == ["neural", "online"]
-    for row in result.metrics:
+    ntm, lda, unigram = result.metrics
+    assert [r["model"].split()[0] for r in result.metrics] == ["neural", "online", "unigram"]
+    for row in (ntm, lda):
         assert 1 < row["test_ppl_bound"] < 60 and -1 <= row["npmi"] <= 1
-    ntm = result.metrics[0]
+    assert lda["test_ppl_bound"] <= lda["test_ppl_sklearn"]  # the topics' KL taken out
+    assert 1 < unigram["test_ppl"] < 60
     assert ntm["test_ppl_iwae100"] <= ntm["test_ppl_bound"] * 1.001  # the IWAE bound is the tighter
     assert "1015" in result.markdown and "published" in result.markdown.lower()
 

@@ -24,7 +24,9 @@ Numbers, per model and ``K``:
   included) beside it;
 - NPMI coherence of each topic's 10 most probable words, from document co-occurrence in the
   training documents (a pair never seen together scores -1), averaged over topics;
-- training time (seconds, wall clock, one thread).
+- training time (seconds, wall clock, one thread);
+
+and, for reference, the exact test perplexity of the add-one smoothed unigram of the training words.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ import numpy as np
 import torch
 
 from inference_tables import TableResult
-from latentnlp import plots
 from latentnlp.data import read_yahoo
 from latentnlp.data.batching import epoch_generator
 from latentnlp.models import NeuralTopicModel
-from latentnlp.training import TrainConfig, Trainer, evaluate, load_model
+from latentnlp.training import TrainConfig, Trainer, evaluate, load_model, read_metrics
+from latentnlp.training.run_log import series
 
 TITLE = "Topic models: neural topic model (AVI-LDA) vs online LDA (scikit-learn) on Yahoo bags of words"
 
@@ -169,6 +171,35 @@ def topics_kl(lda) -> float:
     return float(torch.distributions.kl_divergence(torch.distributions.Dirichlet(lam), prior).sum())
 
 
+def unigram_perplexity(train, test) -> float:
+    """Exact test perplexity of the add-one smoothed unigram of the training counts (a reference)."""
+    p = (np.asarray(train.sum(0)).ravel() + 1) / (train.sum() + train.shape[1])
+    test_counts = np.asarray(test.sum(0)).ravel()
+    return math.exp(-float(test_counts @ np.log(p)) / float(test_counts.sum()))
+
+
+def plot_ntm_curves(runs: dict[str, pathlib.Path], path: pathlib.Path) -> None:
+    """Training -ELBO per word and held-out perplexity bound against the update, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, run_dir in runs.items():
+        events = read_metrics(run_dir)
+        axes[0].plot(*zip(*series(events, "train", "log", "loss")), label=label)
+        axes[1].plot(*zip(*series(events, "valid", "eval", "ppl_bound")), marker="o", markersize=3, label=label)
+    axes[0].set(xlabel="update", ylabel="-ELBO per word", title="training")
+    axes[1].set(xlabel="update", ylabel="perplexity bound", title="held-out exp(-ELBO / words)", yscale="log")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _train_ntm(k, vocab, data, out, preset, seed, settings):
     run_dir = out / "topics" / f"ntm-{k}"
     config = TrainConfig(
@@ -270,12 +301,8 @@ def run(preset: str, out: pathlib.Path, data_dir: pathlib.Path | None, seed: int
             }
         )
     figure = "topics_curves.png"
-    plots.training_curves(
-        {f"ntm-{k}": out / "topics" / f"ntm-{k}" for k in settings["topics"]},
-        out / figure,
-        loss_label="training -ELBO per word",
-        ppl_title="held-out perplexity bound (ELBO)",
-    )
+    plot_ntm_curves({f"ntm-{k}": out / "topics" / f"ntm-{k}" for k in settings["topics"]}, out / figure)
+    unigram = unigram_perplexity(x_train, x_test)
     random_top = torch.randint(0, v, (20, TOP_WORDS), generator=torch.Generator().manual_seed(seed)).tolist()
     random_npmi = npmi(random_top, x_train)
     pairs = [(rows[i], rows[i + 1]) for i in range(0, len(rows), 2)]
@@ -318,6 +345,7 @@ def run(preset: str, out: pathlib.Path, data_dir: pathlib.Path | None, seed: int
             f"| {r['train_seconds']:.0f} | {r['updates']} |"
         )
     lines += [
+        f"| unigram, add-one smoothed (reference, exact) | | {unigram:.0f} | | | | | |",
         "",
         f"Published (perplexity; {PUBLISHED_SOURCE}; a different corpus, so only the ordering compares):",
         "",
@@ -344,6 +372,7 @@ def run(preset: str, out: pathlib.Path, data_dir: pathlib.Path | None, seed: int
         markdown="\n".join(lines),
         checks=checks,
         figures=[figure],
-        metrics=[{k: v for k, v in r.items() if k != "top_words"} for r in rows],
+        metrics=[{k: v for k, v in r.items() if k != "top_words"} for r in rows]
+        + [{"table": "topics", "model": "unigram (add-one smoothed)", "test_ppl": unigram}],
         config={"preset": preset, "seed": seed, "batch_size": BATCH_SIZE, "vocab_size": v, **settings},
     )
