@@ -7,7 +7,9 @@ What is timed, for every ``(B, T, K)``, on the CPU, float32, ``torch.set_num_thr
   ``(-peer(emissions, tags, mask, reduction="sum")).backward()`` (gradients w.r.t. the emissions
   and the transition, start and end scores);
 * ``decode`` -- Viterbi decoding, ``crf.decode(emissions, mask)`` (a ``[B, T]`` tensor, turned into
-  lists of each row's real tags) against ``peer.decode(emissions, mask)`` (which returns those lists).
+  lists of each row's real tags by one ``tolist`` and slicing, the conversion
+  :meth:`ChainCRF.decode` documents) against ``peer.decode(emissions, mask)`` (which returns
+  those lists).
 
 Both layers hold the same parameters (``transitions``, ``start_transitions``,
 ``end_transitions`` copied over), batch first; row lengths are drawn uniformly from
@@ -27,6 +29,7 @@ The library aims at ``ratio >= 3`` at every size, for the loss and for decoding.
 Usage::
 
     python benchmarks/crf.py            # full run, writes benchmarks/results/crf.json
+    python benchmarks/crf.py --runs 3   # three sweeps one after the other, every run's ratio reported
     python benchmarks/crf.py --quick    # sanity run: small sizes, three pairs, writes nothing
 """
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -75,8 +79,9 @@ def _setup(operation: str, B: int, T: int, K: int):
     tags = torch.randint(K, (B, T), generator=g)
 
     if operation == "decode":
+        row_lengths = lengths.tolist()
         return (
-            lambda: [row[:n].tolist() for row, n in zip(ours.decode(emissions, mask), lengths.tolist())],
+            lambda: [row[:n] for row, n in zip(ours.decode(emissions, mask).tolist(), row_lengths)],
             lambda: peer.decode(emissions, mask),
         )
 
@@ -140,59 +145,53 @@ def _ms(seconds: float) -> str:
 
 
 def markdown(results: list, meta: dict) -> str:
+    """One row per case: the times (medians over the runs of each run's median), the ratio of every
+    run (``/``-separated, in run order) and of its fastest repeats, and how many runs reach the target."""
     head = [
         "operation",
         "B, T, K",
         "latentnlp",
         "pytorch-crf",
-        "ratio (peer / ours)",
-        "ratio of minima",
+        "ratio (peer / ours), each run",
+        "ratio of minima, each run",
         f"target >= {TARGET:g}x",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cases: dict[tuple, list] = {}
     for r in results:
-        size = f"{r['B']}, {r['T']}, {r['K']}"
-        if r.get("status") != "ok":
-            lines.append(f"| {r['operation']} | {size} | {r.get('status')}: {r.get('error', '')[:60]} | | | | |")
+        cases.setdefault((r["operation"], r["B"], r["T"], r["K"]), []).append(r)
+    for (operation, B, T, K), runs in cases.items():
+        size = f"{B}, {T}, {K}"
+        ok = [r for r in runs if r.get("status") == "ok"]
+        if not ok:
+            lines.append(f"| {operation} | {size} | {runs[0].get('status')}: {runs[0].get('error', '')[:60]} | | | | |")
             continue
-        verdict = "pass" if r["ratio"] >= TARGET else "FAIL"
-        if not r["values_agree"]:
+        passed = sum(r["ratio"] >= TARGET for r in ok)
+        verdict = "pass" if passed == len(runs) else "FAIL"
+        if len(runs) > 1:
+            verdict += f" ({passed} of {len(runs)} runs)"
+        if not all(r["values_agree"] for r in ok):
             verdict += " (results disagree!)"
-        lines.append(
-            f"| {r['operation']} | {size} | {_ms(r['latentnlp']['time_s'])} | "
-            f"{_ms(r['pytorch-crf']['time_s'])} | {r['ratio']:.2f}x | {r['ratio_of_minima']:.2f}x | "
-            f"{verdict} |"
-        )
+        ours = statistics.median(r["latentnlp"]["time_s"] for r in ok)
+        peer = statistics.median(r["pytorch-crf"]["time_s"] for r in ok)
+        ratios = " / ".join(f"{r['ratio']:.2f}x" for r in ok)
+        minima = " / ".join(f"{r['ratio_of_minima']:.2f}x" for r in ok)
+        lines.append(f"| {operation} | {size} | {_ms(ours)} | {_ms(peer)} | {ratios} | {minima} | {verdict} |")
+    ok = [r for r in results if r.get("status") == "ok"]
+    loads = ", ".join(f"{a:.1f}-{b:.1f}" for a, b in meta.get("load_average_1min", []))
     lines += [
         "",
-        f"Median of {min(len(r['latentnlp']['times_s']) for r in results if r.get('status') == 'ok')}+ "
-        f"alternating repeats each, float32, {meta['threads']} torch thread(s), torch {meta['torch']}; loss = "
-        f"forward + backward of the summed NLL, decode = Viterbi paths as lists.",
+        f"{len(meta.get('load_average_1min', [])) or 1} run(s), each a fresh process per case; median of "
+        f"{min(len(r['latentnlp']['times_s']) for r in ok) if ok else 0}+ alternating repeats each, float32, "
+        f"{meta['threads']} torch thread(s), torch {meta['torch']}; loss = forward + backward of the summed "
+        f"NLL, decode = Viterbi paths as lists."
+        + (f" One-minute load average at the start and end of each run: {loads}." if loads else ""),
     ]
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--quick", action="store_true", help="small sizes, three pairs: a sanity run (writes nothing)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--repeats", type=int, default=15, help="timed pairs at least (default 15; quick 3)")
-    p.add_argument("--max-repeats", type=int, default=60)
-    p.add_argument("--budget", type=float, default=6.0, help="seconds of timed pairs per case (default 6)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
-    p.add_argument("--mem-cap-gb", type=float, default=8.0, help="address-space cap of each process, 0 = none")
-    p.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)})")
-    args = p.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
-    if args.quick:
-        args.repeats, args.max_repeats, args.budget = 3, 3, 0.0
-    sizes = QUICK_SIZES if args.quick else SIZES
-    out = args.out if args.out or args.quick else DEFAULT_OUT
-
-    meta = run_metadata("cpu", args.threads, args.quick)
+def _sweep(args, sizes, run: int) -> list:
+    """Every ``(operation, size)`` once, each in a fresh process: the results, tagged with ``run``."""
     results = []
     for operation in OPERATIONS:
         for B, T, K in sizes:
@@ -214,6 +213,7 @@ def main(argv=None) -> int:
                 threads=args.threads,
                 timeout=args.timeout,
             )
+            r["run"] = run
             results.append(r)
             what = (
                 f"ours {_ms(r['latentnlp']['time_s'])}, peer {_ms(r['pytorch-crf']['time_s'])}, "
@@ -221,7 +221,38 @@ def main(argv=None) -> int:
                 if r.get("status") == "ok"
                 else f"{r.get('status')}: {r.get('error', '')[:120]}"
             )
-            print(f"  {operation:<6} B={B:<3} T={T:<5} K={K:<3} {what}", flush=True)
+            print(f"  run {run + 1}: {operation:<6} B={B:<3} T={T:<5} K={K:<3} {what}", flush=True)
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true", help="small sizes, three pairs: a sanity run (writes nothing)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--repeats", type=int, default=15, help="timed pairs at least (default 15; quick 3)")
+    p.add_argument("--max-repeats", type=int, default=60)
+    p.add_argument("--budget", type=float, default=6.0, help="seconds of timed pairs per case (default 6)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
+    p.add_argument("--mem-cap-gb", type=float, default=8.0, help="address-space cap of each process, 0 = none")
+    p.add_argument("--runs", type=int, default=1, help="sweeps over every case, one after the other (default 1)")
+    p.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)})")
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.quick:
+        args.repeats, args.max_repeats, args.budget = 3, 3, 0.0
+    sizes = QUICK_SIZES if args.quick else SIZES
+    out = args.out if args.out or args.quick else DEFAULT_OUT
+
+    meta = run_metadata("cpu", args.threads, args.quick)
+    meta["load_average_1min"] = []
+    results = []
+    for run in range(args.runs):
+        load_start = os.getloadavg()[0]
+        results += _sweep(args, sizes, run)
+        meta["load_average_1min"].append([load_start, os.getloadavg()[0]])
     table = markdown(results, meta)
     print()
     print(table)
@@ -237,6 +268,7 @@ def main(argv=None) -> int:
                 "budget_s": args.budget,
                 "dtype": "float32",
                 "seed": SEED,
+                "runs": args.runs,
                 "target_ratio": TARGET,
                 "statistic": "median of alternating repeats after one warm-up call of each",
             },

@@ -13,8 +13,9 @@ estimate as its *value* and the estimator's gradient as its *gradient*
   leave-one-out mean of the other samples) and an optional control variate
   ``c`` of known expectation.  The surrogate is
   ``f(z) + stop(f(z) - b - c(z)) (log q(z) - stop(log q(z))) + (E_q[c] - stop(E_q[c]))``:
-  its value is ``f(z)``.  A learned baseline is trained by regression,
-  ``baseline_loss = (stop(f(z)) - b)^2``.
+  its value is ``f(z)``.  A learned baseline is trained by regression on what it is subtracted
+  from, ``baseline_loss = (stop(f(z) - c(z)) - b)^2`` (``c = 0`` without a control variate), and
+  the leave-one-out baseline averages the other samples' ``f - c``.
 - :func:`gumbel_softmax`: a relaxed (``hard=False``) or straight-through
   (``hard=True``) one-hot sample of a categorical.
 - :func:`relaxed`: ``1/S sum_s f(z_s)`` over such samples, ``z_s = gumbel_softmax(logits, tau, hard)``;
@@ -129,9 +130,10 @@ def score_function(
             ``f`` may depend on trained parameters (its own pathwise gradient is kept).
         baseline: ``None``; a tensor broadcastable to ``[*batch]`` predicted from the
             input (not from ``z``): it is subtracted from the learning signal and its
-            regression loss ``(f - b)^2`` is returned as ``baseline_loss``; or
-            ``"leave-one-out"``: each sample's baseline is the mean ``f`` of the
-            other samples (``num_samples >= 2``).
+            regression loss ``(f - c - b)^2`` is returned as ``baseline_loss``; or
+            ``"leave-one-out"``: each sample's baseline is the mean ``f - c`` of the
+            other samples (``num_samples >= 2``).  A running mean of the signal is such a
+            tensor too (held by the caller; it has no gradient, so no regression).
         control_variate: ``(c, mean_c)``: ``c(z)`` is subtracted from the learning
             signal and ``mean_c = E_q[c(z)]`` (a differentiable function of ``q``'s
             parameters) adds back its exact gradient.  ``c`` itself is not trained.
@@ -150,6 +152,11 @@ def score_function(
             f"{tuple(log_q.shape)}; f must give one value per factor of q"
         )
     signal = fz.detach()
+    extra = 0.0
+    if control_variate is not None:  # the baselines below then predict the residual f - c
+        c, mean_c = control_variate
+        signal = signal - c(z).detach()
+        extra = mean_c - mean_c.detach()
     baseline_loss = None
     if isinstance(baseline, str):
         if baseline != "leave-one-out":
@@ -158,13 +165,8 @@ def score_function(
             raise ValueError("the leave-one-out baseline needs num_samples >= 2")
         signal = signal - (signal.sum(0, keepdim=True) - signal) / (num_samples - 1)
     elif baseline is not None:
+        baseline_loss = (signal - baseline).pow(2).mean(0)
         signal = signal - baseline.detach()
-        baseline_loss = (fz.detach() - baseline).pow(2).mean(0)
-    extra = 0.0
-    if control_variate is not None:
-        c, mean_c = control_variate
-        signal = signal - c(z).detach()
-        extra = mean_c - mean_c.detach()
     surrogate = fz + signal * (log_q - log_q.detach())
     return Estimate(surrogate.mean(0) + extra, baseline_loss)
 

@@ -147,6 +147,9 @@ class Warmup(Schedule):
     """Learning-rate multiplier ramping up over the first ``steps`` updates, then 1:
 
     ``f(t) = min(1, (t + 1) / steps)``   (update ``t = 0`` already uses ``1 / steps``)
+
+    Unlike :class:`LinearWarmup` (a KL weight, which starts at exactly ``start`` as in Bowman et
+    al.), a learning-rate multiplier is never 0: an update with learning rate 0 would be wasted.
     """
 
     name: ClassVar[str] = "warmup"

@@ -16,6 +16,7 @@ is a data object with the ``__len__`` / ``iterate(epoch, start)`` protocol of th
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -26,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentnlp.models import BernoulliFactorModel, BinaryVAE, FactorialHMM, MixtureOfCategoricals, NeuralTopicModel
 from latentnlp.models.base import ELBO, OBJECTIVES, IntractableError, LatentModel, UnsupportedObjectiveError
-from latentnlp.models.binary_vae import BinaryVAE
-from latentnlp.models.neural_topic_model import NeuralTopicModel
 
 # ---- the toy model -------------------------------------------------------------------------------
 
@@ -495,6 +495,98 @@ MODEL_CASES: list[ModelCase] = [
     ModelCase(
         "streaming-unigram", make_model=lambda: StreamingUnigram(12), make_batch=lambda g: lm_batch(g, vocab_size=12)
     ),
+    ModelCase(
+        "factorial-hmm",
+        make_model=lambda: FactorialHMM(2, 3, 6),
+        make_batch=lambda g: {
+            "observations": (torch.rand(5, 7, 6, generator=g) < 0.3).float(),
+            "lengths": torch.tensor([7, 3, 5, 1, 6]),
+        },
+        padded={"observations": "lengths"},
+    ),
+]
+
+
+def reinflection_batch(
+    generator: torch.Generator, *, batch_size: int = 6, max_len: int = 6, vocab_size: int = 10, tag_sizes=(3, 2, 4)
+) -> dict:
+    """A padded :class:`~latentnlp.models.MultiSpaceVAE` batch: forms of characters ``3..V-1``
+    (0 pad, 1 ``<bos>``, 2 ``<eos>``); even rows labelled reinflection pairs (another form encoded),
+    odd rows unlabelled forms that encode themselves."""
+    lengths = torch.randint(1, max_len, (batch_size,), generator=generator)
+    lengths[0] = max_len - 1
+    forms = torch.randint(3, vocab_size, (batch_size, max_len - 1), generator=generator)
+    forms = forms.masked_fill(torch.arange(max_len - 1) >= lengths[:, None], 0)
+    targets = torch.cat([forms, torch.zeros(batch_size, 1, dtype=torch.long)], 1)
+    targets[torch.arange(batch_size), lengths] = 2
+    inputs = torch.cat([torch.ones(batch_size, 1, dtype=torch.long), targets[:, :-1]], 1)
+    inputs = inputs.masked_fill(torch.arange(max_len) > lengths[:, None], 0)
+    labelled = torch.arange(batch_size) % 2 == 0
+    src = torch.randint(3, vocab_size, (batch_size, max_len - 1), generator=generator)
+    src_lengths = torch.randint(1, max_len, (batch_size,), generator=generator)
+    src = torch.where(labelled[:, None], src.masked_fill(torch.arange(max_len - 1) >= src_lengths[:, None], 0), forms)
+    src_lengths = torch.where(labelled, src_lengths, lengths)
+    tags = torch.stack([torch.randint(0, k, (batch_size,), generator=generator) for k in tag_sizes], 1)
+    return {
+        "src": src,
+        "src_lengths": src_lengths,
+        "inputs": inputs,
+        "targets": targets,
+        "lengths": lengths + 1,
+        "tags": tags,
+        "labelled": labelled,
+    }
+
+
+def _msved(estimator: str) -> LatentModel:
+    from latentnlp.models import MultiSpaceVAE
+
+    return MultiSpaceVAE(
+        10, [3, 2, 4], embedding_dim=8, hidden_size=12, latent_dim=4, tag_dim=6, estimator=estimator, bos_id=1, eos_id=2
+    )
+
+
+MODEL_CASES += [
+    ModelCase(
+        f"multi-space-vae/{estimator}",
+        make_model=lambda estimator=estimator: _msved(estimator),
+        make_batch=reinflection_batch,
+        padded={"src": "src_lengths", "inputs": "lengths", "targets": "lengths"},
+        objective_kwargs={"elbo": {"num_samples": 2}},
+    )
+    for estimator in ("gumbel_softmax", "score_function")
+]
+
+
+def bag_batch(generator: torch.Generator, *, batch_size: int = 5, vocab_size: int = 12) -> dict[str, Tensor]:
+    """Word counts ``[B, V]`` of random documents of 1..8 tokens (a bag-of-words batch), and their
+    ``lengths [B]`` (token numbers; the bag models count ``counts`` themselves, the checks read the
+    batch size from ``lengths``)."""
+    lengths = torch.randint(1, 9, (batch_size,), generator=generator)
+    words = torch.randint(0, vocab_size, (batch_size, 8), generator=generator)
+    counts = torch.zeros(batch_size, vocab_size)
+    counts.scatter_add_(1, words, (torch.arange(8) < lengths.unsqueeze(1)).float())
+    return {"counts": counts, "lengths": lengths}
+
+
+_SCORE_FUNCTION = {"estimator": "score_function", "baseline": "learned", "control_variate": True, "num_samples": 2}
+MODEL_CASES += [
+    ModelCase(
+        f"{name}/{label}",
+        make_model=functools.partial(make, 12, 3, hidden_size=8, learned_baseline="baseline" in kwargs),
+        make_batch=lambda g: bag_batch(g, vocab_size=12),
+        objective_kwargs={"elbo": kwargs},
+        padded={},
+        elbo_kwargs=kwargs,
+    )
+    for name, make in (
+        ("mixture-of-categoricals", MixtureOfCategoricals),
+        ("bernoulli-factor", BernoulliFactorModel),
+    )
+    for label, kwargs in (("score-function", _SCORE_FUNCTION), ("exact-elbo", {"estimator": "exact"}))
+]
+
+MODEL_CASES += [
     ModelCase(
         "binary-vae",
         make_model=lambda: BinaryVAE(16, 3, 8),

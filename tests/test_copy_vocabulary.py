@@ -48,25 +48,25 @@ def test_attend_is_the_three_calls_it_replaces():
     attention = LatentAttention(6, 6, V, mode="soft")
     copy = CopyGenerator.for_attention(attention)
     assert copy.output_projection is attention.output_projection
-    query, memory = torch.randn(2, 3, 6), torch.randn(2, 5, 6)
+    hidden, memory = torch.randn(2, 3, 6), torch.randn(2, 5, 6)
     ext = ExtendedVocabulary.from_batch([["the", "zork", "cat", "dog", "blip"], ["sat", "zork"]], VOCAB, unk_id=UNK)
     targets = torch.tensor([[V, 4, V + 1], [V, 5, 2]])
     out = copy.attend(
-        attention, query, memory, ext.memory_mask, targets, src_ext=ext.src_ext, extended_size=ext.extended_size
+        attention, hidden, memory, ext.memory_mask, targets, src_ext=ext.src_ext, extended_size=ext.extended_size
     )
-    log_alpha = attention.alignment(query, memory, ext.memory_mask).logits
-    o = attention.attentional_hidden(query, torch.bmm(log_alpha.exp(), memory))
+    log_alpha = attention.alignment(hidden, memory, ext.memory_mask).logits
+    o = attention.attentional_hidden(hidden, torch.bmm(log_alpha.exp(), memory))
     by_hand = copy(o, log_alpha, ext.src_ext, targets, extended_size=ext.extended_size)
     torch.testing.assert_close(out.log_prob, by_hand.log_prob)
     torch.testing.assert_close(out.attentional, o)
     torch.testing.assert_close(out.log_alpha, log_alpha)
     assert out.log_prob[1, 0] > -float("inf")  # "zork" copied in row 1
     padding = copy.attend(
-        attention, query, memory, targets=targets, key_padding_mask=~ext.memory_mask, src_ext=ext.src_ext
+        attention, hidden, memory, targets=targets, key_padding_mask=~ext.memory_mask, src_ext=ext.src_ext
     )
     torch.testing.assert_close(padding.log_prob, out.log_prob)
     with pytest.raises(ValueError, match="projection_size"):
-        CopyGenerator(5, V).attend(attention, query, memory, ext.memory_mask, src_ext=ext.src_ext)
+        CopyGenerator(5, V).attend(attention, hidden, memory, ext.memory_mask, src_ext=ext.src_ext)
 
 
 class GRUCopyModel(nn.Module):

@@ -509,3 +509,36 @@ def test_a_row_with_every_tag_ignored_adds_nothing_without_validation():
         torch.testing.assert_close(nll[0], crf.loss(emissions[:1], tags[:1], reduction="none")[0])
     finally:
         torch.distributions.Distribution.set_default_validate_args(True)
+
+
+def test_checks_pass_non_finite_padding_and_overflowing_sums():
+    """The value checks first test sums; a non-finite sum from padding (never read) or from finite
+    emissions whose sum overflows is not an error, and the results are those of clean inputs."""
+    B, T, K = 3, 5, 3
+    crf = ChainCRF(K)
+    emissions, lengths, gen = make_inputs(B, T, K, seed=7)
+    emissions = emissions.float()
+    tags = torch.randint(K, (B, T), generator=gen)
+    real = prefix_mask(lengths, T).unsqueeze(-1)
+    for junk in (float("nan"), float("inf"), float("-inf")):
+        padded = torch.where(real, emissions, torch.full_like(emissions, junk))
+        assert torch.equal(crf.decode(padded, lengths), crf.decode(emissions, lengths))
+        close(crf.loss(padded, tags, lengths, reduction="none"), crf.loss(emissions, tags, lengths, reduction="none"))
+        close(crf.marginals(padded, lengths), crf.marginals(emissions, lengths))
+    huge = torch.full((B, T, K), 1e37)  # every path score finite, but the float32 sum of all is inf
+    huge[:, :, 1] = 2e37
+    assert torch.isinf(huge.sum())
+    assert torch.equal(crf.decode(huge, lengths), real[..., 0].long())
+    assert torch.isfinite(crf.loss(huge, tags, lengths)) and torch.isfinite(crf.marginals(huge, lengths)).all()
+
+
+def test_decoded_paths_are_ordinary_tensors():
+    """decode computes in inference mode but hands back tensors that may be changed in place."""
+    crf = ChainCRF(3)
+    emissions = torch.randn(2, 4, 3, requires_grad=True)
+    paths = crf.decode(emissions)
+    paths += 1
+    best, scores = crf.decode(emissions, k=2)
+    best.zero_()
+    scores.mul_(2)
+    assert not torch.is_inference(paths) and not torch.is_inference(best) and not torch.is_inference(scores)

@@ -175,3 +175,23 @@ def test_gumbel_softmax_straight_through_gradient():
     torch.testing.assert_close(ga, gb)
     with pytest.raises(ValueError, match="tau"):
         gumbel_softmax(logits, tau=0.0)
+
+
+def test_baselines_predict_the_residual_of_a_control_variate():
+    q = Categorical(logits=THETA)
+    c_values = 0.9 * VALUES
+    cv = (lambda z: c_values[z], (q.probs * c_values).sum(-1))
+    b = torch.tensor(0.2, requires_grad=True)
+    torch.manual_seed(0)
+    est = score_function(lambda z: VALUES[z], q, baseline=b, control_variate=cv, num_samples=5)
+    torch.manual_seed(0)
+    z = q.sample((5,))
+    torch.testing.assert_close(est.baseline_loss, (0.1 * VALUES[z] - 0.2).pow(2).mean(0).detach(), check_dtype=False)
+    # leave-one-out over f - c: with f = c + const the signal, and so the gradient, vanish
+    theta = THETA.clone().requires_grad_()
+    q = Categorical(logits=theta)
+    shifted = (lambda z: VALUES[z] - 3.0, (q.probs * (VALUES - 3.0)).sum(-1))
+    est = score_function(lambda z: VALUES[z], q, baseline="leave-one-out", control_variate=shifted, num_samples=4)
+    est.surrogate.backward()
+    p = torch.softmax(THETA, 0)
+    torch.testing.assert_close(theta.grad, p * (VALUES - (p * VALUES).sum()))  # the exact gradient, from mean_c

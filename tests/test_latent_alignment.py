@@ -109,9 +109,9 @@ def test_posterior_is_bayes_rule_on_the_public_prior():
     run = model.decode(batch)
     torch.testing.assert_close(prior.logits, run.log_alpha - run.log_alpha.logsumexp(-1, keepdim=True))
     emission = model.core.attention.emission_log_probs(run.hidden, run.memory, batch["tgt_out"], run.memory_mask)
-    joint = run.log_alpha + emission
-    torch.testing.assert_close(post.logits, joint - joint.logsumexp(-1, keepdim=True))
     mask = run.target_mask
+    joint = torch.where(mask[..., None], run.log_alpha + emission, run.log_alpha)  # nothing observed at padding
+    torch.testing.assert_close(post.logits, joint - joint.logsumexp(-1, keepdim=True))
     torch.testing.assert_close(torch.where(mask, joint.logsumexp(-1), 0.0).sum(1), model.log_marginal(batch))
     with pytest.raises(NotImplementedError):
         _double("soft").prior(batch)
@@ -220,3 +220,135 @@ def test_errors():
         LatentAlignmentSeq2Seq.from_mode("soft", V, V, hidden_size=8).generate(batch)
     with pytest.raises(ValueError, match="estimator"):
         make_model("elbo-enum").elbo(batch, estimator="wake-sleep")
+
+
+# ---------------------------------------------------------------------------------------- ignore_index
+IGNORE = -100
+
+
+def _ignored_padding(batch):
+    """``batch`` with every row as long as the longest and the targets past each true length set to
+    ``ignore_index``: the same examples, their padding marked by the targets alone."""
+    T = batch["tgt_out"].shape[1]
+    pad = torch.arange(T) >= batch["tgt_lengths"][:, None]
+    out = {**batch, "tgt_lengths": torch.full_like(batch["tgt_lengths"], T)}
+    for key in ("tgt_out", "tgt_out_ext"):
+        if key in batch:
+            out[key] = batch[key].masked_fill(pad, IGNORE)
+    return out
+
+
+def _loss_and_gradients(model, batch, objective, seed):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    loss = model.loss(batch, objective)
+    loss.value.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss, grads
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ignored_targets_contribute_nothing(mode):
+    """Padding marked only by ``ignore_index`` (``tgt_lengths`` = T) gives the loss, metrics, token
+    counts and gradients of the same batch with its true lengths (the manual mask), every objective."""
+    model, batch = _double(mode), _batch(7, extended=mode == "copy")
+    ignored = _ignored_padding(batch)
+    assert torch.equal(model.num_tokens(ignored), batch["tgt_lengths"])
+    for objective in model.objectives:
+        expected, expected_grads = _loss_and_gradients(model, batch, objective, seed=3)
+        actual, actual_grads = _loss_and_gradients(model, ignored, objective, seed=3)
+        torch.testing.assert_close(actual.value, expected.value)
+        assert set(actual.metrics) == set(expected.metrics)
+        for name in expected.metrics:
+            torch.testing.assert_close(actual.metrics[name], expected.metrics[name])
+        assert set(actual_grads) == set(expected_grads)
+        for name in expected_grads:
+            torch.testing.assert_close(actual_grads[name], expected_grads[name], msg=name)
+
+
+def _ignore_inside(batch, key="tgt_out"):
+    """``batch`` with the targets at real positions (0, 1) and (1, 2) set to ``ignore_index`` and
+    the bool ``[B, T]`` mask of the positions still scored."""
+    T = batch[key].shape[1]
+    keep = torch.arange(T) < batch["tgt_lengths"][:, None]
+    out = {**batch}
+    for k in ("tgt_out", "tgt_out_ext"):
+        if k in batch:
+            out[k] = batch[k].clone()
+            out[k][0, 1] = out[k][1, 2] = IGNORE
+    keep[0, 1] = keep[1, 2] = False
+    return out, keep
+
+
+@pytest.mark.parametrize("mode", ["soft", "exact", "copy", "exact-top3"])
+def test_ignored_targets_inside_a_row_against_a_manual_mask(mode):
+    """Ignored real positions: the exact marginal (and a pruned head's bound) is the sum of the
+    head's per-token log-probabilities of the unchanged batch over the positions kept."""
+    extended = mode == "copy"
+    model, batch = _double(mode), _batch(8, extended=extended)
+    assert batch["tgt_lengths"][0] >= 2 and batch["tgt_lengths"][1] >= 3
+    ignored, keep = _ignore_inside(batch)
+    run = model.decode(batch)
+    context = {**run.context, **model.head.batch_context(batch)}
+    targets = model.head.batch_targets(batch)
+    exact = model.head.exact_log_prob(run.hidden, targets, **context)
+    torch.testing.assert_close(model.log_marginal(ignored), (exact * keep).sum(1))
+    assert torch.equal(model.num_tokens(ignored), keep.sum(1))
+    if mode in TOP_K:
+        pruned = model.head.log_prob(run.hidden, targets, **context)
+        bound = model.elbo(ignored)
+        torch.testing.assert_close(bound.value, (pruned * keep).sum(1))
+        torch.testing.assert_close(bound.value, bound.reconstruction - bound.kl)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "score_function", "gumbel_softmax"])
+def test_ignored_targets_inside_a_row_leave_the_elbo_terms_of_the_others(estimator):
+    """With the inference network's ``q`` of the ignored batch, the KL is the sum over the kept
+    positions of ``KL(q_t || alpha_t)`` and (enumerated) the ELBO that of
+    ``E_q[log p(y_t | h_t, s_m)] - KL(q_t || alpha_t)``, both computed from the unchanged batch."""
+    mode = {"exact": "elbo-enum", "score_function": "elbo-sample", "gumbel_softmax": "elbo-gumbel"}[estimator]
+    model, batch = _double(mode), _batch(8)
+    ignored, keep = _ignore_inside(batch)
+    q = model.approximate_posterior(ignored)
+    torch.manual_seed(1)
+    actual = model.elbo(ignored, estimator=estimator, q=q)
+    run = model.decode(batch)
+    emission = model.head.emission_log_probs(run.hidden, batch["tgt_out"], run.memory, run.memory_mask)
+    prior = MaskedCategorical(run.log_alpha, run.memory_mask[:, None, :])
+    terms = (q.probs * emission.masked_fill(~run.memory_mask[:, None, :], 0.0)).sum(-1)
+    kl = torch.distributions.kl_divergence(q, prior)
+    torch.testing.assert_close(actual.kl, (kl * keep).sum(1))
+    assert torch.isfinite(actual.value).all()
+    if estimator == "exact":
+        torch.testing.assert_close(actual.value, ((terms - kl) * keep).sum(1))
+
+
+def test_target_ids_out_of_range_name_the_batch_key():
+    batch = _batch(9)
+    T = batch["tgt_out"].shape[1]
+    real = torch.arange(T) < batch["tgt_lengths"][:, None]
+    too_large = {**batch, "tgt_out": batch["tgt_out"].clone()}
+    too_large["tgt_out"][1, 1] = V  # row 1 is full length
+    for mode in ("soft", "exact", "elbo-enum", "exact-top3"):
+        model = make_model(mode)
+        with pytest.raises(ValueError, match=r"batch\['tgt_out'\] must hold target ids in 0..8 .* got ids \d+..9"):
+            model.loss(too_large, model.objectives[0])
+    negative = {**batch, "tgt_out": batch["tgt_out"].clone()}
+    negative["tgt_out"][0, 0] = -1
+    with pytest.raises(ValueError, match=r"batch\['tgt_out'\] must hold target ids .*ignore_index = -100"):
+        make_model("exact").log_marginal(negative)
+    # -1 is fine when it is the model's ignore_index (and then -100 is out of range)
+    minus_one = make_model("exact", ignore_index=-1)
+    assert minus_one.num_tokens(negative)[0] == batch["tgt_lengths"][0] - 1
+    assert torch.isfinite(minus_one.log_marginal(negative)).all()
+    with pytest.raises(ValueError, match=r"ignore_index = -1"):
+        minus_one.log_marginal(_ignored_padding(batch))
+    # junk past tgt_lengths is never read
+    junk = {**batch, "tgt_out": batch["tgt_out"].masked_fill(~real, 12345)}
+    model = make_model("exact")
+    torch.testing.assert_close(model.log_marginal(junk), model.log_marginal(batch))
+    # the copy head scores extended ids (past V) but refuses negative ones, naming tgt_out_ext
+    extended = _batch(9, extended=True)
+    extended["tgt_out_ext"][0, 0] = -7
+    with pytest.raises(ValueError, match=r"batch\['tgt_out_ext'\] must hold target ids in 0 or more"):
+        make_model("copy").log_marginal(extended)

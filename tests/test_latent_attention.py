@@ -13,11 +13,11 @@ pytestmark = pytest.mark.usefixtures("float64")  # every test computes in float6
 
 def _inputs(seed=0, s=S):
     g = torch.Generator().manual_seed(seed)
-    query = torch.randn(B, T, H, generator=g)
+    hidden = torch.randn(B, T, H, generator=g)
     memory = torch.randn(B, s, HS, generator=g)
     mask = torch.arange(s) < LENGTHS[:, None]
     targets = torch.randint(V, (B, T), generator=g)
-    return query, memory, mask, targets
+    return hidden, memory, mask, targets
 
 
 def _layer(seed=0, **kw):
@@ -26,9 +26,9 @@ def _layer(seed=0, **kw):
     return LatentAttention(H, kw.pop("memory_size", HS), V, **kw).eval()
 
 
-def _enumerate(layer, query, memory, mask, targets):
+def _enumerate(layer, hidden, memory, mask, targets):
     """Loop over (b, t, m): log alpha, log p(y_t | h_t, s_m), marginal log p(y_t) and full [V]."""
-    scores = layer.scores(query, memory)
+    scores = layer.scores(hidden, memory)
     log_p = torch.zeros(B, T)
     full = torch.zeros(B, T, V)
     emission = torch.full((B, T, memory.shape[1]), float("-inf"))
@@ -38,7 +38,7 @@ def _enumerate(layer, query, memory, mask, targets):
             log_alpha = torch.log_softmax(scores[b, t, :n], 0)
             terms, dists = [], []
             for m in range(n):
-                o = torch.tanh(layer.out_query(query[b, t]) + layer.out_context(memory[b, m]))
+                o = torch.tanh(layer.out_query(hidden[b, t]) + layer.out_context(memory[b, m]))
                 dist = torch.log_softmax(layer.output_projection(o), 0)
                 emission[b, t, m] = dist[targets[b, t]]
                 terms.append(log_alpha[m] + dist[targets[b, t]])
@@ -52,11 +52,11 @@ def _enumerate(layer, query, memory, mask, targets):
 def test_exact_marginal_equals_enumeration(score):
     kw = {"memory_size": H} if score == "dot" else {}
     layer = _layer(score=score, **kw)
-    query, memory, mask, targets = _inputs()
+    hidden, memory, mask, targets = _inputs()
     if score == "dot":
         memory = memory[..., :H].contiguous()
-    out = layer(query, memory, mask, targets, full=True)
-    log_p, full, emission = _enumerate(layer, query, memory, mask, targets)
+    out = layer(hidden, memory, mask, targets, full=True)
+    log_p, full, emission = _enumerate(layer, hidden, memory, mask, targets)
     torch.testing.assert_close(out.log_prob, log_p)
     torch.testing.assert_close(out.log_probs, full)
     torch.testing.assert_close(out.log_emission, emission)
@@ -68,11 +68,11 @@ def test_exact_marginal_equals_enumeration(score):
 
 def test_soft_mode_is_context_inside_softmax():
     layer = _layer(mode="soft")
-    query, memory, mask, targets = _inputs()
-    out = layer(query, memory, mask, targets, full=True)
+    hidden, memory, mask, targets = _inputs()
+    out = layer(hidden, memory, mask, targets, full=True)
     alpha = out.log_alpha.exp()
     context = torch.einsum("bts,bsd->btd", alpha, memory)
-    o = torch.tanh(layer.out_query(query) + layer.out_context(context))
+    o = torch.tanh(layer.out_query(hidden) + layer.out_context(context))
     ref = torch.log_softmax(layer.output_projection(o), -1)
     torch.testing.assert_close(out.log_probs, ref)
     torch.testing.assert_close(out.log_prob, ref.gather(-1, targets[..., None]).squeeze(-1))
@@ -81,16 +81,16 @@ def test_soft_mode_is_context_inside_softmax():
     torch.testing.assert_close(out.log_probs.logsumexp(-1), torch.zeros(B, T))
     # the same parameters in exact mode give a different (but normalised) model
     layer.mode = "exact"
-    exact = layer(query, memory, mask, targets, full=True)
+    exact = layer(hidden, memory, mask, targets, full=True)
     torch.testing.assert_close(exact.log_probs.logsumexp(-1), torch.zeros(B, T))
 
 
 def test_chunking_gives_identical_values_and_gradients():
-    query, memory, mask, targets = _inputs()
+    hidden, memory, mask, targets = _inputs()
     results = []
     for max_elements in (2**24, B * T * V * 2, 1):  # one chunk, chunks of 2, chunks of 1
         layer = _layer(max_chunk_elements=max_elements).train()  # dropout 0: train == eval
-        q = query.clone().requires_grad_()
+        q = hidden.clone().requires_grad_()
         mem = memory.clone().requires_grad_()
         out = layer(q, mem, mask, targets, full=True)
         (out.log_prob.sum() + out.log_probs[..., :3].sum()).backward()
@@ -107,15 +107,15 @@ def test_chunking_gives_identical_values_and_gradients():
 @pytest.mark.parametrize("mode", ["exact", "soft"])
 def test_padding_invariance(mode):
     layer = _layer(mode=mode, max_chunk_elements=B * T * V)  # chunked: padded chunks included
-    query, memory, mask, targets = _inputs()
+    hidden, memory, mask, targets = _inputs()
     g = torch.Generator().manual_seed(9)
     padded = torch.cat([memory, 100 * torch.randn(B, 3, HS, generator=g)], 1)
     pmask = torch.cat([mask, torch.zeros(B, 3, dtype=torch.bool)], 1)
     garbage = padded.clone()
     garbage[~pmask] = 50 * torch.randn(int((~pmask).sum()), HS, generator=g)
-    a = layer(query, memory, mask, targets, full=True)
+    a = layer(hidden, memory, mask, targets, full=True)
     mem = garbage.clone().requires_grad_()
-    b = layer(query, mem, pmask, targets, full=True)
+    b = layer(hidden, mem, pmask, targets, full=True)
     torch.testing.assert_close(a.log_prob, b.log_prob)
     torch.testing.assert_close(a.log_probs, b.log_probs)
     torch.testing.assert_close(a.log_alpha, b.log_alpha[..., :S])
@@ -126,28 +126,28 @@ def test_padding_invariance(mode):
 
 def test_log_prob_at_matches_emission_terms():
     layer = _layer()
-    query, memory, mask, targets = _inputs()
-    out = layer(query, memory, mask, targets)
+    hidden, memory, mask, targets = _inputs()
+    out = layer(hidden, memory, mask, targets)
     g = torch.Generator().manual_seed(3)
     index = torch.stack([torch.randint(int(n), (T,), generator=g) for n in LENGTHS])  # [B, T]
     index = torch.stack([index, torch.zeros_like(index)])  # [2, B, T]
-    at = layer.log_prob_at(query, memory, index, targets)
+    at = layer.log_prob_at(hidden, memory, index, targets)
     assert at.shape == (2, B, T)
     torch.testing.assert_close(at, out.log_emission.gather(-1, index.movedim(0, -1)).movedim(-1, 0))
 
 
 def test_alignment_distribution_and_argument_checks():
     layer = _layer()
-    query, memory, mask, targets = _inputs()
-    prior = layer.alignment(query, memory, mask)
+    hidden, memory, mask, targets = _inputs()
+    prior = layer.alignment(hidden, memory, mask)
     assert prior.batch_shape == (B, T)
     torch.testing.assert_close(prior.probs.sum(-1), torch.ones(B, T))
-    with pytest.raises(ValueError, match="query"):
-        layer(query[..., :2], memory, mask)
+    with pytest.raises(ValueError, match="hidden"):
+        layer(hidden[..., :2], memory, mask)
     with pytest.raises(ValueError, match="memory_mask"):
-        layer(query, memory, mask.long())
+        layer(hidden, memory, mask.long())
     with pytest.raises(ValueError, match="targets"):
-        layer(query, memory, mask, targets[:, :2])
+        layer(hidden, memory, mask, targets[:, :2])
     with pytest.raises(ValueError, match="mode"):
         LatentAttention(H, HS, V, mode="hard")
     with pytest.raises(ValueError, match="dot"):
@@ -158,13 +158,13 @@ def test_alignment_distribution_and_argument_checks():
 def test_step_wise_calls_equal_one_call_and_give_the_fed_vector(mode):
     """T = 1 at a time (an input-feeding decoder) gives what one call over all T gives, and o_t."""
     layer = _layer(mode=mode)
-    query, memory, mask, targets = _inputs()
-    whole = layer(query, memory, mask, targets, full=True)
-    steps = [layer(query[:, t : t + 1], memory, mask, targets[:, t : t + 1], full=True) for t in range(T)]
+    hidden, memory, mask, targets = _inputs()
+    whole = layer(hidden, memory, mask, targets, full=True)
+    steps = [layer(hidden[:, t : t + 1], memory, mask, targets[:, t : t + 1], full=True) for t in range(T)]
     for name in ("log_prob", "log_probs", "log_alpha", "context", "attentional"):
         torch.testing.assert_close(torch.cat([getattr(s, name) for s in steps], 1), getattr(whole, name))
     context = torch.bmm(whole.log_alpha.exp(), memory)
-    expected = torch.tanh(layer.out_query(query) + layer.out_context(context))
+    expected = torch.tanh(layer.out_query(hidden) + layer.out_context(context))
     torch.testing.assert_close(whole.attentional, expected)
     assert whole.attentional.shape == (B, T, layer.projection_size)
     if mode == "soft":  # soft attention reads out the fed vector itself
@@ -187,14 +187,14 @@ def test_every_layer_ties_its_output_projection(name):
 def test_forward_returns_log_prob_and_log_probs_first_in_every_layer():
     from latentnlp.layers import CopyGenerator, MixtureOfSoftmaxes, SoftmaxOutput
 
-    query, memory, mask, targets = _inputs()
-    log_alpha = _layer().alignment(query, memory, mask).logits
+    hidden, memory, mask, targets = _inputs()
+    log_alpha = _layer().alignment(hidden, memory, mask).logits
     src_ext = torch.randint(0, V, (B, S))
     calls = {
-        "softmax": lambda **kw: SoftmaxOutput(H, V)(query, targets, **kw),
-        "mos": lambda **kw: MixtureOfSoftmaxes(H, V, 2)(query, targets, **kw),
-        "attention": lambda **kw: _layer()(query, memory, mask, targets, **kw),
-        "copy": lambda **kw: CopyGenerator(H, V)(query, log_alpha, src_ext, targets, **kw),
+        "softmax": lambda **kw: SoftmaxOutput(H, V)(hidden, targets, **kw),
+        "mos": lambda **kw: MixtureOfSoftmaxes(H, V, 2)(hidden, targets, **kw),
+        "attention": lambda **kw: _layer()(hidden, memory, mask, targets, **kw),
+        "copy": lambda **kw: CopyGenerator(H, V)(hidden, log_alpha, src_ext, targets, **kw),
     }
     for name, call in calls.items():
         torch.manual_seed(0)
@@ -207,20 +207,20 @@ def test_forward_returns_log_prob_and_log_probs_first_in_every_layer():
 
 
 def test_top_k_is_exact_when_k_covers_the_source():
-    query, memory, mask, targets = _inputs()
-    exact = _layer()(query, memory, mask, targets, full=True)
+    hidden, memory, mask, targets = _inputs()
+    exact = _layer()(hidden, memory, mask, targets, full=True)
     for k in (S, S + 3):
-        pruned = _layer(top_k=k)(query, memory, mask, targets, full=True)
+        pruned = _layer(top_k=k)(hidden, memory, mask, targets, full=True)
         torch.testing.assert_close(pruned.log_prob, exact.log_prob, rtol=0, atol=0)
         torch.testing.assert_close(pruned.log_probs, exact.log_probs, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_top_k_is_the_enumeration_over_the_kept_positions_and_a_lower_bound(k):
-    query, memory, mask, targets = _inputs()
-    exact = _layer()(query, memory, mask, targets)
+    hidden, memory, mask, targets = _inputs()
+    exact = _layer()(hidden, memory, mask, targets)
     layer = _layer(top_k=k)
-    q = query.clone().requires_grad_()
+    q = hidden.clone().requires_grad_()
     pruned = layer(q, memory, mask, targets, full=True)
     kept = exact.log_alpha.topk(k, -1).indices
     expected = torch.logsumexp(exact.log_alpha.gather(-1, kept) + exact.log_emission.gather(-1, kept), -1)

@@ -94,18 +94,18 @@ def test_key_padding_mask_is_the_complement(mode):
 
 
 @pytest.mark.parametrize("mode", ["exact", "soft"])
-@pytest.mark.parametrize("where", ["query", "memory", "log_alpha"])
+@pytest.mark.parametrize("where", ["hidden", "memory", "log_alpha"])
 def test_attention_nan_is_an_error_or_a_nan_loss(mode, where, validating):
     layer = _attention(mode)
     hidden, memory, log_alpha, targets, _ = _inputs()
-    given = {"query": hidden, "memory": memory, "log_alpha": log_alpha}
+    given = {"hidden": hidden, "memory": memory, "log_alpha": log_alpha}
     given[where] = given[where].clone()
     given[where][0, 0, 0] = math.nan  # a real position
     if validating:
         with pytest.raises(ValueError, match=where if where != "log_alpha" else "log_alpha .* NaN"):
-            layer(given["query"], given["memory"], MASK, targets, log_alpha=given["log_alpha"])
+            layer(given["hidden"], given["memory"], MASK, targets, log_alpha=given["log_alpha"])
         return
-    out = layer(given["query"], given["memory"], MASK, targets, log_alpha=given["log_alpha"], full=True)
+    out = layer(given["hidden"], given["memory"], MASK, targets, log_alpha=given["log_alpha"], full=True)
     assert torch.isnan(-out.log_prob.sum())
     assert torch.isnan(out.log_probs.sum())
 
@@ -364,7 +364,7 @@ def test_seq2seq_heads_nan_is_an_error_or_a_nan_loss(name, validating):
     given[key][0, 0, 0] = math.nan
     targets = torch.zeros(B, T, dtype=torch.long)
     if validating:
-        with pytest.raises(ValueError, match="(hidden|query)"):
+        with pytest.raises(ValueError, match="hidden"):
             head.log_prob(given.pop("hidden"), targets, **given)
         return
     assert torch.isnan(head.log_prob(given.pop("hidden"), targets, **given)[0, 0])
@@ -381,10 +381,12 @@ def test_a_half_precision_alignment_counts_as_normalised():
 
 def test_latent_attention_refuses_alignment_mass_on_padded_sources():
     layer = LatentAttention(4, 4, 7)
-    query, memory = torch.randn(1, 2, 4), torch.randn(1, 3, 4)
+    hidden, memory = torch.randn(1, 2, 4), torch.randn(1, 3, 4)
     mask = torch.tensor([[True, True, False]])
     log_alpha = torch.full((1, 2, 3), 1 / 3).log()  # uniform over all three, padding included
     with pytest.raises(ValueError, match="padded source positions"):
-        layer.log_prob(query, torch.zeros(1, 2, dtype=torch.long), memory=memory, memory_mask=mask, log_alpha=log_alpha)
+        layer.log_prob(
+            hidden, torch.zeros(1, 2, dtype=torch.long), memory=memory, memory_mask=mask, log_alpha=log_alpha
+        )
     ok = torch.tensor([0.5, 0.5, 0.0]).log().expand(1, 2, 3)
-    layer.log_prob(query, torch.zeros(1, 2, dtype=torch.long), memory=memory, memory_mask=mask, log_alpha=ok)
+    layer.log_prob(hidden, torch.zeros(1, 2, dtype=torch.long), memory=memory, memory_mask=mask, log_alpha=ok)

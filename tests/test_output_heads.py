@@ -1,6 +1,8 @@
 """The OutputHead seam: every head keeps the protocol, heads swap on one decoder, the seq2seq modes are
 compositions whose pieces agree with enumeration."""
 
+import inspect
+
 import pytest
 import torch
 from test_latent_alignment import BOS, EOS, UNK, V, make_batch
@@ -73,6 +75,29 @@ def test_every_head_keeps_the_protocol(name):
     log_prob = head.log_prob(hidden, targets, **context)
     assert log_prob.shape == (B, T)
     torch.testing.assert_close(log_prob, log_probs.gather(-1, targets[..., None])[..., 0])
+
+
+@pytest.mark.parametrize(
+    "name,method",
+    [(n, m) for n, h in _heads().items() for m in ("log_prob", "log_probs", "exact_log_prob") if hasattr(h, m)],
+)
+def test_every_head_refuses_an_unknown_context_keyword(name, method):
+    """A misspelt keyword is a TypeError naming it and the accepted ones; every keyword of the
+    protocol's context is accepted (the ones a head does not use are ignored), and the decoder
+    states are passed as ``hidden`` to every head."""
+    head = _heads()[name].eval()
+    hidden, context = _context()
+    call = getattr(head, method)
+    args = () if method == "log_probs" else (torch.zeros(B, T, dtype=torch.long),)
+    expected = call(hidden, *args, **context)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) 'memory_mak'; it accepts .*memory_mask"):
+        call(hidden, *args, **{**context, "memory_mak": context["memory_mask"]})
+    with pytest.raises(TypeError, match=r"'max_chunk_element', 'srcext'; it accepts .*src_ext"):
+        call(hidden, *args, **context, srcext=context["src_ext"], max_chunk_element=10)
+    # everything by keyword, the decoder states as hidden: the same result
+    keywords = {"hidden": hidden, **({"targets": args[0]} if args else {}), **context}
+    torch.testing.assert_close(call(**keywords), expected)
+    assert next(iter(inspect.signature(call).parameters)) == "hidden"
 
 
 def test_latent_head_is_the_enumerated_mixture():

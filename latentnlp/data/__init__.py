@@ -2,6 +2,7 @@
 
 * :mod:`~latentnlp.data.sources`: where a corpus is (``--data``, ``$LATENTNLP_DATA``, hub);
 * :mod:`~latentnlp.data.corpora`: readers for PTB, Yahoo, IWSLT14, Multi30k, parallel text;
+* :mod:`~latentnlp.data.sigmorphon`: SIGMORPHON 2016 reinflection (task 3) and its tag inventory;
 * :mod:`~latentnlp.data.vocabulary`: word vocabularies (LM corpora);
 * :mod:`~latentnlp.data.subword`: sentencepiece models, trained and cached (MT);
 * :mod:`~latentnlp.data.batching`: BPTT streams and length-bucketed batches, resumable.
@@ -43,6 +44,15 @@ from .corpora import (
     read_ptb,
     read_yahoo,
 )
+from .sigmorphon import (
+    SIGMORPHON_LANGUAGES,
+    Reinflection,
+    ReinflectionExample,
+    TagInventory,
+    parse_tags,
+    read_reinflection,
+    read_task3,
+)
 from .sources import (
     DATA_ENV,
     CorpusNotFoundError,
@@ -77,6 +87,13 @@ __all__ = [
     "read_parallel_corpus",
     "read_ptb",
     "read_yahoo",
+    "SIGMORPHON_LANGUAGES",
+    "Reinflection",
+    "ReinflectionExample",
+    "TagInventory",
+    "parse_tags",
+    "read_reinflection",
+    "read_task3",
     "DATA_ENV",
     "CorpusNotFoundError",
     "HubSpec",

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentnlp.layers.checks import IGNORE_INDEX, check_finite, check_log_alpha, ignored_targets
-from latentnlp.layers.output_head import tie_projection
+from latentnlp.layers.output_head import check_context, tie_projection
 from latentnlp.semirings import logsumexp, safe_log
 from latentnlp.validation import is_validating
 
@@ -128,7 +128,7 @@ class CopyGenerator(nn.Module):
     def attend(
         self,
         attention: LatentAttention,
-        query: Tensor,
+        hidden: Tensor,
         memory: Tensor,
         memory_mask: Tensor | None = None,
         targets: Tensor | None = None,
@@ -153,7 +153,7 @@ class CopyGenerator(nn.Module):
         Args:
             attention: the :class:`~latentnlp.layers.LatentAttention` that scores the source;
                 its ``projection_size`` must be this layer's ``input_size``.
-            query: ``[B, T, H]`` float decoder states.
+            hidden: ``[B, T, H]`` float decoder states ``h_t`` (the attention's queries).
             memory: ``[B, S, H_s]`` float source states.
             memory_mask: ``[B, S]`` bool, **True at real positions** (or ``key_padding_mask``,
                 True at padding; not both).
@@ -169,8 +169,8 @@ class CopyGenerator(nn.Module):
                 f"CopyGenerator.attend: attention.projection_size {attention.projection_size} must be this "
                 f"layer's input_size {self.input_size}"
             )
-        log_alpha = attention.alignment(query, memory, memory_mask, key_padding_mask=key_padding_mask).logits
-        attentional = attention.attentional_hidden(query, torch.bmm(log_alpha.exp(), memory))
+        log_alpha = attention.alignment(hidden, memory, memory_mask, key_padding_mask=key_padding_mask).logits
+        attentional = attention.attentional_hidden(hidden, torch.bmm(log_alpha.exp(), memory))
         out = self(
             attentional,
             log_alpha,
@@ -263,11 +263,13 @@ class CopyGenerator(nn.Module):
             targets: ``[B, T]`` long extended ids, or ``ignore_index``.
             log_alpha, src_ext, extended_size, switch_input: as in :meth:`forward`.
             ignore_index: targets equal to it get log-probability 0 (and no gradient).
-            **context: unused.
+            **context: the other :data:`~latentnlp.layers.output_head.CONTEXT_KEYWORDS`, ignored;
+                any other keyword is a ``TypeError``.
 
         Returns:
             ``[B, T]`` float log-probabilities (0 where ignored).
         """
+        check_context(self, "log_prob", context)
         return self(
             hidden,
             log_alpha,
@@ -296,6 +298,7 @@ class CopyGenerator(nn.Module):
         Returns:
             ``[B, T, V_ext]`` float log-probabilities over the extended vocabulary.
         """
+        check_context(self, "log_probs", context)
         return self(
             hidden, log_alpha, src_ext, extended_size=extended_size, full=True, switch_input=switch_input
         ).log_probs

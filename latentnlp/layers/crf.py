@@ -31,10 +31,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from latentnlp import chain
 from latentnlp.layers.checks import IGNORE_INDEX
 from latentnlp.masks import lengths_to_mask
 from latentnlp.precision import computation_dtype
 from latentnlp.structures import ChainPosterior
+from latentnlp.transitions import DenseTransition
 from latentnlp.validation import describe, is_validating
 
 __all__ = ["ChainCRF", "bio_constraints", "bioes_constraints"]
@@ -114,9 +116,9 @@ class ChainCRF(nn.Module):
             either layout) with this layer's start, transition and end scores: ``log_partition``,
             ``marginals``, ``argmax``, ``kbest``, ``log_prob``, ``sample``, ``entropy``...
         """
-        emissions = self._batch_first_emissions(emissions)
-        mask = self._real_mask(emissions, lengths_or_mask)
-        return self._posterior(emissions, mask.sum(-1))
+        emissions, lengths = self._checked_inputs(emissions, lengths_or_mask)
+        # the values were checked here: the chain need not check them again
+        return ChainPosterior(*self._chain(emissions, lengths), lengths, validate_args=False)
 
     def loss(
         self,
@@ -155,19 +157,14 @@ class ChainCRF(nn.Module):
         tags = self._batch_first(tags, "tags")
         if tags.shape != emissions.shape[:2]:
             raise ValueError(f"tags must have shape {self._layout(emissions)} to match emissions, got {describe(tags)}")
-        mask = self._real_mask(emissions, lengths_or_mask)
-        if ignore_index is not None:
-            mask = self._drop_ignored(mask, tags, ignore_index)
-        if self._validating() and (mask & ((tags < 0) | (tags >= self.num_tags))).any():
-            real = tags[mask]
-            raise ValueError(
-                f"tags must lie in 0..{self.num_tags - 1} at real positions (or equal "
-                f"ignore_index={ignore_index}), got values from {int(real.min())} to {int(real.max())}"
-            )
-        lengths = mask.sum(-1)
+        mask, given_lengths = self._real_mask(emissions, lengths_or_mask)
+        kept = mask if ignore_index is None else mask & (tags != ignore_index)
+        self._check_values(emissions, mask, given_lengths, tags, kept, ignore_index)
+        lengths = kept.sum(-1)
         # a row whose every tag is ignored (refused when validating) adds nothing to the loss
-        posterior = self._posterior(emissions, lengths.clamp_min(1))
-        tags = torch.where(mask, tags, torch.zeros_like(tags)).long()
+        present = lengths.clamp_min(1)
+        posterior = ChainPosterior(*self._chain(emissions, present), present, validate_args=False)
+        tags = torch.where(kept, tags, torch.zeros_like(tags)).long()
         nll = torch.where(lengths > 0, -posterior.log_prob(tags), 0.0)
         if reduction == "none":
             return nll
@@ -175,13 +172,16 @@ class ChainCRF(nn.Module):
             return nll.sum()
         if reduction == "mean":
             return nll.mean()
-        return nll.sum() / mask.sum()
+        return nll.sum() / kept.sum()
 
-    @torch.no_grad()
     def decode(
         self, emissions: Tensor, lengths_or_mask: Tensor | None = None, k: int | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
         """The most likely tag sequences (Viterbi), or the ``k`` most likely.
+
+        The paths of :meth:`distribution`'s ``argmax`` and ``kbest``, computed by the same
+        kernels (:func:`latentnlp.chain.viterbi`, :func:`latentnlp.chain.kbest_viterbi`) called
+        directly, without building the distribution: they never read padding.
 
         Args:
             emissions: float ``[B, T, K]`` (``[T, B, K]`` with ``batch_first=False``), finite.
@@ -191,18 +191,28 @@ class ChainCRF(nn.Module):
 
         Returns:
             ``k=None``: long ``[B, T]`` (``[T, B]``) tags, 0 at padding.  pytorch-crf returns a
-            list of lists instead; ``[row[:n].tolist() for row, n in zip(paths, lengths)]`` is that.
+            list of lists instead; ``[row[:n] for row, n in zip(paths.tolist(), lengths.tolist())]``
+            is that (one ``tolist`` for the batch: a call per row costs more than the slicing).
             With ``k``: ``(paths [k, B, T] long, scores [k, B] float)``, best first (``[k, T, B]``
             time first); ``scores`` are the paths' ``s(y)``, ``-inf`` where fewer than ``k``
             allowed paths exist (those paths are then arbitrary).
         """
         if k is not None and (not isinstance(k, int) or k < 1):
             raise ValueError(f"k must be None or a positive int, got {k!r}")
-        posterior = self.distribution(emissions, lengths_or_mask)
+        # inference mode: the kernels' thousands of small operations skip autograd's bookkeeping
+        # (version counters), which no_grad keeps; the results are cloned out of it, so they are
+        # ordinary tensors that a caller may modify in place
+        with torch.inference_mode():
+            emissions, lengths = self._checked_inputs(emissions, lengths_or_mask)
+            start, trans, emit = self._chain(emissions, lengths)
+            init, transition = start.expand(emit.shape[0], -1), DenseTransition(trans)
+            if k is None:
+                paths = chain.viterbi(init, transition, emit, lengths)
+            else:
+                paths, scores = chain.kbest_viterbi(init, transition, emit, lengths, k)
         if k is None:
-            return self._in_layout(posterior.argmax, batch_dim=0)
-        paths, scores = posterior.kbest(k)
-        return self._in_layout(paths, batch_dim=1), scores
+            return self._in_layout(paths.clone(), batch_dim=0)
+        return self._in_layout(paths.clone(), batch_dim=1), scores.clone()
 
     def marginals(self, emissions: Tensor, lengths_or_mask: Tensor | None = None) -> Tensor:
         """Posterior tag marginals ``p(y_t = k | emissions)``.
@@ -217,28 +227,21 @@ class ChainCRF(nn.Module):
         """
         return self._in_layout(self.distribution(emissions, lengths_or_mask).marginals, batch_dim=0)
 
-    def _posterior(self, emissions: Tensor, lengths: Tensor) -> ChainPosterior:
-        """``ChainPosterior(start, W, x', lengths)`` for batch-first ``emissions`` (see the module)."""
+    def _chain(self, emissions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(start [K], W [K, K], x' [B, T, K])`` of the module docstring for batch-first ``emissions``.
+
+        Constrained entries ``-inf``; all three in the computation dtype (half precision: float32);
+        ``x'`` is a new tensor, the end scores added at each row's position ``lengths - 1``.
+        """
         trans = _allowed_or_impossible(self.transitions, self.allowed_transitions)
         start = _allowed_or_impossible(self.start_transitions, self.allowed_start)
         end = _allowed_or_impossible(self.end_transitions, self.allowed_end)
-        emissions = emissions.to(computation_dtype(emissions.dtype, trans.dtype))  # half: float32
-        rows = torch.arange(emissions.shape[0], device=emissions.device)
-        last = lengths - 1
-        emit = emissions.index_put((rows, last), emissions[rows, last] + end.to(emissions.dtype))  # out of place
-        if self._validating():
-            for name, p in (
-                ("transitions", self.transitions),
-                ("start_transitions", self.start_transitions),
-                ("end_transitions", self.end_transitions),
-            ):
-                if not bool(torch.isfinite(p).all()):
-                    raise ValueError(
-                        f"{name} must be finite, got {int((~torch.isfinite(p)).sum())} NaN or inf "
-                        f"entries (a diverged training step?)"
-                    )
-        # the emissions were checked above, the parameters here: the chain need not check them again
-        return ChainPosterior(start, trans, emit, lengths, validate_args=False)
+        dtype = computation_dtype(emissions.dtype, trans.dtype)
+        batch = emissions.shape[0]
+        rows = torch.arange(batch, device=emissions.device)
+        ends = end.to(dtype).expand(batch, self.num_tags)
+        emit = emissions.to(dtype).index_put((rows, lengths - 1), ends, accumulate=True)  # out of place
+        return start.to(dtype), trans.to(dtype), emit
 
     # ---- inputs ------------------------------------------------------------------------------
     def _validating(self) -> bool:
@@ -275,55 +278,114 @@ class ChainCRF(nn.Module):
             )
         return self._batch_first(emissions, "emissions")
 
-    def _real_mask(self, emissions: Tensor, lengths_or_mask: Tensor | None) -> Tensor:
-        """The bool ``[B, T]`` mask of real positions of batch-first ``emissions``, checked."""
+    def _checked_inputs(self, emissions: Tensor, lengths_or_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(emissions [B, T, K], lengths [B])``, batch first, shapes and (when validating) values checked."""
+        emissions = self._batch_first_emissions(emissions)
+        mask, given_lengths = self._real_mask(emissions, lengths_or_mask)
+        self._check_values(emissions, mask, given_lengths)
+        return emissions, mask.sum(-1)
+
+    def _real_mask(self, emissions: Tensor, lengths_or_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(mask [B, T], lengths [B] or None)`` for batch-first ``emissions``: the bool mask of the
+        real positions and the lengths it was made from, if given.  Shapes and dtypes are checked
+        here, values by :meth:`_check_values`."""
         batch, steps, _ = emissions.shape
         given = lengths_or_mask
         if given is None:
-            mask = torch.ones(batch, steps, dtype=torch.bool, device=emissions.device)
-        elif isinstance(given, Tensor) and given.dtype == torch.bool:
+            return torch.ones(batch, steps, dtype=torch.bool, device=emissions.device), None
+        if isinstance(given, Tensor) and given.dtype == torch.bool:
             mask = self._batch_first(given, "mask").to(emissions.device)
             if mask.shape != (batch, steps):
                 raise ValueError(
                     f"mask must have shape {self._layout(emissions)} to match emissions, got {describe(given)}"
                 )
-            if self._validating():
-                _check_prefix(mask, "mask", "False (padding) before True (real) at position")
-        elif isinstance(given, Tensor) and not given.is_floating_point() and given.dim() == 1:
+            return mask, None
+        if isinstance(given, Tensor) and not given.is_floating_point() and given.dim() == 1:
             if given.shape != (batch,):
                 raise ValueError(f"lengths must have shape [B] = [{batch}], got {describe(given)}")
             lengths = given.to(device=emissions.device, dtype=torch.long)
-            if self._validating() and (lengths.min() < 1 or lengths.max() > steps):
+            return lengths_to_mask(lengths, steps), lengths
+        what = f"{given.dtype} {describe(given)}" if isinstance(given, Tensor) else type(given).__name__
+        raise ValueError(
+            f"lengths_or_mask must be None, integer lengths [B] or a bool mask {self._layout(emissions)}, got {what}"
+        )
+
+    def _check_values(
+        self,
+        emissions: Tensor,
+        mask: Tensor,
+        lengths: Tensor | None = None,
+        tags: Tensor | None = None,
+        kept: Tensor | None = None,
+        ignore_index: int | None = None,
+    ) -> None:
+        """When validating: ``ValueError`` for a bad value of the inputs or the parameters.
+
+        ``mask [B, T]`` marks the real positions (from ``lengths [B]``, if given); with ``tags``,
+        ``kept`` marks those of them whose tag is not ``ignore_index``.  Refused: lengths outside
+        ``1..T``, a mask that is not a prefix, a row with no real position, a NaN or ``+-inf``
+        emission at a real position, with ``tags``: an ignored tag before a real one, a row with
+        every tag ignored, a real tag outside ``0..K-1``; and a NaN or ``+-inf`` parameter.
+
+        The well-formed case costs one read from the device and no full pass besides a sum:
+        each condition is first tested by one small reduction, the finiteness of the emissions
+        and of the parameters by that of their sums (NaN and ``+-inf`` reach a sum, so a finite
+        sum has finite terms; an overflowing sum or non-finite padding merely sends the call on
+        to the exact checks).  Only when a test fires do the exact checks run, in the order
+        above, and the first that fails raises with the values and positions it found.
+        """
+        if not self._validating():
+            return
+        steps = mask.shape[1]
+        params = (self.transitions, self.start_transitions, self.end_transitions)
+        with torch.no_grad():
+            total = emissions.sum(dtype=computation_dtype(emissions.dtype))
+            flags = [
+                ~mask[:, 0].all(),
+                (mask[:, 1:] & ~mask[:, :-1]).any(),
+                ~torch.isfinite(total),
+                ~torch.isfinite(torch.stack([p.sum() for p in params]).sum()),
+            ]
+            if lengths is not None:
+                flags.append(lengths.max() > steps)  # lengths < 1 show as a row without a real position
+            if tags is not None:
+                out_of_range = (tags < 0) | (tags >= self.num_tags)
+                flags += [~kept[:, 0].all(), (kept[:, 1:] & ~kept[:, :-1]).any(), (kept & out_of_range).any()]
+            if not bool(torch.stack(flags).any()):
+                return
+        if lengths is not None:
+            if lengths.min() < 1 or lengths.max() > steps:
                 raise ValueError(
                     f"lengths must lie in 1..T = 1..{steps}, got values from {int(lengths.min())} "
                     f"to {int(lengths.max())}"
                 )
-            mask = lengths_to_mask(lengths, steps)
         else:
-            what = f"{given.dtype} {describe(given)}" if isinstance(given, Tensor) else type(given).__name__
+            _check_prefix(mask, "mask", "False (padding) before True (real) at position")
+        _check_nonempty(mask, "lengths_or_mask")
+        bad = ~torch.isfinite(emissions) & mask.unsqueeze(-1)
+        if bad.any():
+            b, t, k = (int(i) for i in bad.nonzero()[0])
             raise ValueError(
-                f"lengths_or_mask must be None, integer lengths [B] or a bool mask "
-                f"{self._layout(emissions)}, got {what}"
+                f"emissions must be finite at real positions (use constraints for impossible "
+                f"tags), got {float(emissions[b, t, k])} at {int(bad.sum())} entries, the first "
+                f"at batch row {b}, position {t}, tag {k} (batch-first indices)"
             )
-        if self._validating():
-            _check_nonempty(mask, "lengths_or_mask")
-            bad = ~torch.isfinite(emissions) & mask.unsqueeze(-1)
-            if bad.any():
-                b, t, k = (int(i) for i in bad.nonzero()[0])
+        if tags is not None:
+            what = f"ignore_index={ignore_index} (or padding) before a real tag at position"
+            _check_prefix(kept, "tags", what)
+            _check_nonempty(kept, "tags")
+            if (kept & ((tags < 0) | (tags >= self.num_tags))).any():
+                real = tags[kept]
                 raise ValueError(
-                    f"emissions must be finite at real positions (use constraints for impossible "
-                    f"tags), got {float(emissions[b, t, k])} at {int(bad.sum())} entries, the first "
-                    f"at batch row {b}, position {t}, tag {k} (batch-first indices)"
+                    f"tags must lie in 0..{self.num_tags - 1} at real positions (or equal "
+                    f"ignore_index={ignore_index}), got values from {int(real.min())} to {int(real.max())}"
                 )
-        return mask
-
-    def _drop_ignored(self, mask: Tensor, tags: Tensor, ignore_index: int) -> Tensor:
-        """``mask`` without the positions whose tag is ``ignore_index``; still a prefix mask."""
-        mask = mask & (tags != ignore_index)
-        if self._validating():
-            _check_prefix(mask, "tags", f"ignore_index={ignore_index} (or padding) before a real tag at position")
-            _check_nonempty(mask, "tags")
-        return mask
+        for name, p in zip(("transitions", "start_transitions", "end_transitions"), params):
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(
+                    f"{name} must be finite, got {int((~torch.isfinite(p)).sum())} NaN or inf "
+                    f"entries (a diverged training step?)"
+                )
 
 
 def _check_prefix(mask: Tensor, name: str, what: str) -> None:

@@ -1,6 +1,6 @@
 """Attention as a latent alignment (Deng et al. 2018, "Latent Alignment and Variational Attention").
 
-For decoder states ``h_t`` (``query [B, T, H]``) and source states ``s_m``
+For decoder states ``h_t`` (``hidden [B, T, H]``) and source states ``s_m``
 (``memory [B, S, H_s]``, ``memory_mask [B, S]``: True at real positions, False at
 padding), the alignment
 ``z_t in {1..S}`` has the prior
@@ -57,7 +57,7 @@ from latentnlp.layers.checks import (
     resolve_memory_mask,
 )
 from latentnlp.layers.chunked_softmax import log_softmax_linear
-from latentnlp.layers.output_head import tie_projection
+from latentnlp.layers.output_head import check_context, tie_projection
 from latentnlp.precision import upcast
 
 __all__ = ["LatentAttention", "LatentAttentionOutput"]
@@ -91,6 +91,9 @@ class LatentAttentionOutput(NamedTuple):
 
 class LatentAttention(nn.Module):
     """Attention whose alignment is a categorical latent variable, summed out exactly.
+
+    Every method takes the decoder states ``h_t`` (the attention's queries) as ``hidden``, the
+    name the :class:`~latentnlp.layers.output_head.OutputHead` protocol gives them.
 
     Args:
         input_size: decoder state size ``H``.
@@ -182,18 +185,18 @@ class LatentAttention(nn.Module):
         tie_projection(self, self.output_projection, embedding)
 
     # ---- alignment prior ---------------------------------------------------------------------
-    def scores(self, query: Tensor, memory: Tensor) -> Tensor:
+    def scores(self, hidden: Tensor, memory: Tensor) -> Tensor:
         """Unnormalised alignment scores ``[B, T, S]``."""
         if self.score_type == "mlp":
-            hidden = self.score_query(query)[:, :, None, :] + self.score_memory(memory)[:, None, :, :]
-            return self.score_v(torch.tanh(hidden)).squeeze(-1)
+            features = self.score_query(hidden)[:, :, None, :] + self.score_memory(memory)[:, None, :, :]
+            return self.score_v(torch.tanh(features)).squeeze(-1)
         if self.score_type == "bilinear":
             memory = self.score_weight(memory)
-        return torch.bmm(query, memory.transpose(1, 2))
+        return torch.bmm(hidden, memory.transpose(1, 2))
 
     def alignment(
         self,
-        query: Tensor,
+        hidden: Tensor,
         memory: Tensor,
         memory_mask: Tensor | None = None,
         *,
@@ -203,7 +206,7 @@ class LatentAttention(nn.Module):
         """The prior ``p(z_t | h_t, s)``.
 
         Args:
-            query: ``[B, T, H]`` float decoder states.
+            hidden: ``[B, T, H]`` float decoder states.
             memory: ``[B, S, H_s]`` float source states, ``S >= 1``.
             memory_mask: ``[B, S]`` bool, **True at real positions** (``None``: all real).
             key_padding_mask: ``[B, S]`` bool, True at padding (``nn.MultiheadAttention``'s polarity);
@@ -215,12 +218,12 @@ class LatentAttention(nn.Module):
             A :class:`MaskedCategorical` with batch shape ``[B, T]`` over ``S`` positions
             (``.logits`` is ``log alpha [B, T, S]``, ``-inf`` at padding).
         """
-        memory_mask = self._check(query, memory, memory_mask, key_padding_mask, validate_args=validate_args)
-        return self._prior(query, memory, memory_mask)
+        memory_mask = self._check(hidden, memory, memory_mask, key_padding_mask, validate_args=validate_args)
+        return self._prior(hidden, memory, memory_mask)
 
-    def _prior(self, query: Tensor, memory: Tensor, memory_mask: Tensor | None) -> MaskedCategorical:
+    def _prior(self, hidden: Tensor, memory: Tensor, memory_mask: Tensor | None) -> MaskedCategorical:
         mask = None if memory_mask is None else memory_mask[:, None, :]
-        return MaskedCategorical(self.scores(query, memory), mask, validate_args=False)
+        return MaskedCategorical(self.scores(hidden, memory), mask, validate_args=False)
 
     # ---- read-out ----------------------------------------------------------------------------
     @staticmethod
@@ -228,17 +231,17 @@ class LatentAttention(nn.Module):
         """Rows of ``[rows, V]`` target scores that exact mode builds at once."""
         return max(1, max_chunk_elements // vocab_size)
 
-    def attentional_hidden(self, query: Tensor, context: Tensor) -> Tensor:
+    def attentional_hidden(self, hidden: Tensor, context: Tensor) -> Tensor:
         """``o = tanh(W_h h + W_c c + b)`` with dropout; shapes broadcast over leading dims."""
-        return self.dropout(torch.tanh(self.out_query(query) + self.out_context(context)))
+        return self.dropout(torch.tanh(self.out_query(hidden) + self.out_context(context)))
 
-    def log_prob_given_context(self, query: Tensor, context: Tensor, targets: Tensor | None = None) -> Tensor:
+    def log_prob_given_context(self, hidden: Tensor, context: Tensor, targets: Tensor | None = None) -> Tensor:
         """``log p(y | h, c)``: ``[..., T]`` for ``targets [..., T]``, else ``[..., T, V]``.
 
-        ``query [..., T, H]``, ``context [..., T, H_s]`` and ``targets`` broadcast
+        ``hidden [..., T, H]``, ``context [..., T, H_s]`` and ``targets`` broadcast
         against each other (e.g. ``context [N, B, T, H_s]`` for ``N`` sampled alignments).
         """
-        return self._read_out(self.attentional_hidden(query, context), targets)
+        return self._read_out(self.attentional_hidden(hidden, context), targets)
 
     def _read_out(self, attentional: Tensor, targets: Tensor | None = None) -> Tensor:
         """``log_softmax(W_o o + b_o)``: ``[..., V]``, or ``[...]`` gathered at ``targets``."""
@@ -248,15 +251,15 @@ class LatentAttention(nn.Module):
         targets = targets.expand(log_probs.shape[:-1])
         return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
-    def log_prob_at(self, query: Tensor, memory: Tensor, index: Tensor, targets: Tensor) -> Tensor:
+    def log_prob_at(self, hidden: Tensor, memory: Tensor, index: Tensor, targets: Tensor) -> Tensor:
         """``log p(y_t | h_t, s_{index_t})`` for alignments ``index [..., B, T]`` -> ``[..., B, T]``."""
         rows = torch.arange(memory.shape[0], device=memory.device)[:, None]
         context = memory[rows, index]  # [..., B, T, H_s]
-        return self.log_prob_given_context(query, context, targets)
+        return self.log_prob_given_context(hidden, context, targets)
 
     def emission_log_probs(
         self,
-        query: Tensor,
+        hidden: Tensor,
         memory: Tensor,
         targets: Tensor,
         memory_mask: Tensor | None = None,
@@ -266,7 +269,7 @@ class LatentAttention(nn.Module):
         """``log p(y_t | h_t, s_m)`` for every source position.
 
         Args:
-            query: ``[B, T, H]`` float decoder states.
+            hidden: ``[B, T, H]`` float decoder states.
             memory: ``[B, S, H_s]`` float source states.
             targets: ``[B, T]`` long ids in ``0..V-1`` (ignored ids must be replaced first).
             memory_mask: ``[B, S]`` bool, True at real positions; or ``key_padding_mask`` (True at padding).
@@ -274,11 +277,13 @@ class LatentAttention(nn.Module):
         Returns:
             ``[B, T, S]`` float, ``-inf`` at padded source positions.
         """
-        memory_mask = self._check(query, memory, memory_mask, key_padding_mask, targets)
-        return self._emission_log_probs(query, memory, targets, memory_mask)
+        memory_mask = self._check(hidden, memory, memory_mask, key_padding_mask, targets)
+        return self._emission_log_probs(hidden, memory, targets, memory_mask)
 
-    def _emission_log_probs(self, query: Tensor, memory: Tensor, targets: Tensor, memory_mask: Tensor | None) -> Tensor:
-        o = self.attentional_hidden(query[:, :, None, :], memory[:, None, :, :])  # [B, T, S, D]
+    def _emission_log_probs(
+        self, hidden: Tensor, memory: Tensor, targets: Tensor, memory_mask: Tensor | None
+    ) -> Tensor:
+        o = self.attentional_hidden(hidden[:, :, None, :], memory[:, None, :, :])  # [B, T, S, D]
         B, T, S, D = o.shape
         out = log_softmax_linear(
             o.reshape(-1, D),
@@ -304,13 +309,13 @@ class LatentAttention(nn.Module):
         return log_alpha.masked_fill(~keep, float("-inf"))
 
     def pruned_emission_log_probs(
-        self, query: Tensor, memory: Tensor, targets: Tensor, log_alpha: Tensor, k: int
+        self, hidden: Tensor, memory: Tensor, targets: Tensor, log_alpha: Tensor, k: int
     ) -> Tensor:
         """``log p(y_t | h_t, s_m)`` ``[B, T, S]`` at the ``k`` positions of highest prior of each row,
         ``-inf`` elsewhere (and at padding); only those ``B T k`` rows are read out.
 
         Args:
-            query: decoder states ``[B, T, H]``.
+            hidden: decoder states ``[B, T, H]``.
             memory: source states ``[B, S, H_s]``.
             targets: ``[B, T]`` long target ids.
             log_alpha: ``[B, T, S]`` prior alignment log-probabilities (``-inf`` at padding).
@@ -321,7 +326,7 @@ class LatentAttention(nn.Module):
         """
         index = log_alpha.detach().topk(k, dim=-1).indices  # [B, T, k]
         rows = torch.arange(memory.shape[0], device=memory.device)[:, None, None]
-        o = self.attentional_hidden(query[:, :, None, :], memory[rows, index])  # [B, T, k, D]
+        o = self.attentional_hidden(hidden[:, :, None, :], memory[rows, index])  # [B, T, k, D]
         B, T, _, D = o.shape
         kept = log_softmax_linear(
             o.reshape(-1, D),
@@ -333,18 +338,18 @@ class LatentAttention(nn.Module):
         kept = kept.masked_fill(torch.isneginf(log_alpha.gather(-1, index)), float("-inf"))
         return torch.full_like(log_alpha, float("-inf")).scatter(-1, index, kept.to(log_alpha.dtype))
 
-    def marginal_log_probs(self, query: Tensor, memory: Tensor, log_alpha: Tensor) -> Tensor:
+    def marginal_log_probs(self, hidden: Tensor, memory: Tensor, log_alpha: Tensor) -> Tensor:
         """Exact ``log p(y | h_t, s) = logsumexp_m (log alpha_tm + log p(y | h_t, s_m))``.
 
         Args:
-            query: ``[B, T, H]`` float decoder states.
+            hidden: ``[B, T, H]`` float decoder states.
             memory: ``[B, S, H_s]`` float source states.
             log_alpha: ``[B, T, S]`` normalised alignment log-probabilities, ``-inf`` at padding.
 
         Returns:
             ``[B, T, V]`` float log-probabilities.
         """
-        hq = self.out_query(query)
+        hq = self.out_query(hidden)
         hk = self.out_context(memory)
         # finite stand-in for -inf: a chunk of padded positions must not give logsumexp(-inf...)
         safe_alpha = log_alpha.clamp_min(torch.finfo(log_alpha.dtype).min / 2)
@@ -357,7 +362,7 @@ class LatentAttention(nn.Module):
     # ---- the layer ---------------------------------------------------------------------------
     def forward(
         self,
-        query: Tensor,
+        hidden: Tensor,
         memory: Tensor,
         memory_mask: Tensor | None = None,
         targets: Tensor | None = None,
@@ -370,7 +375,9 @@ class LatentAttention(nn.Module):
         """Marginal log-probabilities of ``targets`` (and of the whole vocabulary if ``full``).
 
         Args:
-            query: ``[B, T, H]`` float decoder states (finite; checked when validating).
+            hidden: ``[B, T, H]`` float decoder states ``h_t`` (finite; checked when validating): the
+                attention's queries, named ``hidden`` as in the
+                :class:`~latentnlp.layers.output_head.OutputHead` protocol.
             memory: ``[B, S, H_s]`` float source states, ``S >= 1`` (finite; checked when validating).
             memory_mask: ``[B, S]`` bool, **True at real positions** (``None``: all real); every row
                 needs one real position (checked when validating).
@@ -379,18 +386,18 @@ class LatentAttention(nn.Module):
                 instead of ``memory_mask``, not with it.
             full: also return the whole marginal ``[B, T, V]`` (always when ``targets`` is None).
             log_alpha: ``[B, T, S]`` an alignment already computed (e.g. by a decoder loop that
-                needed it for input feeding): ``alignment(query, memory, memory_mask).logits``,
+                needed it for input feeding): ``alignment(hidden, memory, memory_mask).logits``,
                 normalised over ``S`` and ``-inf`` at padding (checked when validating).
             ignore_index: targets equal to it get log-probability 0 (and no gradient).
 
         Returns:
             A :class:`LatentAttentionOutput`; fields not asked for are ``None``.
         """
-        memory_mask = self._check(query, memory, memory_mask, key_padding_mask, targets, ignore_index, log_alpha)
+        memory_mask = self._check(hidden, memory, memory_mask, key_padding_mask, targets, ignore_index, log_alpha)
         if log_alpha is None:
-            log_alpha = self._prior(query, memory, memory_mask).logits
+            log_alpha = self._prior(hidden, memory, memory_mask).logits
         context = torch.bmm(log_alpha.exp(), memory)
-        attentional = self.attentional_hidden(query, context)
+        attentional = self.attentional_hidden(hidden, context)
         log_prob = log_probs = log_emission = ignored = None
         if targets is not None:
             ignored, targets = ignored_targets(targets, ignore_index)
@@ -405,21 +412,21 @@ class LatentAttention(nn.Module):
             kept = None if self.top_k is None or self.top_k >= memory.shape[1] else self.top_k
             if targets is not None:
                 if kept is None:
-                    log_emission = self._emission_log_probs(query, memory, targets, memory_mask)
+                    log_emission = self._emission_log_probs(hidden, memory, targets, memory_mask)
                 else:
-                    log_emission = self.pruned_emission_log_probs(query, memory, targets, log_alpha, kept)
+                    log_emission = self.pruned_emission_log_probs(hidden, memory, targets, log_alpha, kept)
                 log_emission = log_emission.masked_fill(ignored[..., None], 0.0)
                 log_prob = torch.logsumexp(log_alpha + log_emission, dim=-1)
             if full or targets is None:
                 prior = log_alpha if kept is None else self.pruned_alignment(log_alpha, kept)
-                log_probs = self.marginal_log_probs(query, memory, prior)
+                log_probs = self.marginal_log_probs(hidden, memory, prior)
         if log_prob is not None:
             log_prob = log_prob.masked_fill(ignored, 0.0)
         return LatentAttentionOutput(log_prob, log_probs, log_alpha, log_emission, context, attentional)
 
     def log_prob(
         self,
-        query: Tensor,
+        hidden: Tensor,
         targets: Tensor,
         *,
         memory: Tensor,
@@ -432,19 +439,21 @@ class LatentAttention(nn.Module):
         """The :class:`~latentnlp.layers.output_head.OutputHead` method: ``log p(targets | ...)``.
 
         Args:
-            query: ``[B, T, H]`` float decoder states.
+            hidden: ``[B, T, H]`` float decoder states.
             targets: ``[B, T]`` long ids in ``0..V-1`` or ``ignore_index``.
             memory: ``[B, S, H_s]`` float source states.
             memory_mask: ``[B, S]`` bool, True at real positions; or ``key_padding_mask`` (True at padding).
             log_alpha: ``[B, T, S]`` optional precomputed alignment, as in :meth:`forward`.
             ignore_index: targets equal to it get log-probability 0 (and no gradient).
-            **context: unused.
+            **context: the other :data:`~latentnlp.layers.output_head.CONTEXT_KEYWORDS`, ignored;
+                any other keyword is a ``TypeError``.
 
         Returns:
             ``[B, T]`` float log-probabilities (0 where ignored).
         """
+        check_context(self, "log_prob", context)
         return self(
-            query,
+            hidden,
             memory,
             memory_mask,
             targets,
@@ -455,7 +464,7 @@ class LatentAttention(nn.Module):
 
     def log_probs(
         self,
-        query: Tensor,
+        hidden: Tensor,
         *,
         memory: Tensor,
         memory_mask: Tensor | None = None,
@@ -471,8 +480,9 @@ class LatentAttention(nn.Module):
         Returns:
             ``[B, T, V]`` float log-probabilities, ``logsumexp`` over the last dim 0.
         """
+        check_context(self, "log_probs", context)
         return self(
-            query, memory, memory_mask, key_padding_mask=key_padding_mask, full=True, log_alpha=log_alpha
+            hidden, memory, memory_mask, key_padding_mask=key_padding_mask, full=True, log_alpha=log_alpha
         ).log_probs
 
     # ---- internals ---------------------------------------------------------------------------
@@ -510,7 +520,7 @@ class LatentAttention(nn.Module):
 
     def _check(
         self,
-        query: Tensor,
+        hidden: Tensor,
         memory: Tensor,
         memory_mask: Tensor | None,
         key_padding_mask: Tensor | None = None,
@@ -521,23 +531,23 @@ class LatentAttention(nn.Module):
     ) -> Tensor | None:
         """Check the inputs (values only when validating); return the mask True at real positions."""
         name = type(self).__name__
-        if query.dim() != 3 or query.shape[-1] != self.input_size:
-            raise ValueError(f"{name}: query must be [B, T, {self.input_size}], got {tuple(query.shape)}")
-        if memory.dim() != 3 or memory.shape[-1] != self.memory_size or memory.shape[0] != query.shape[0]:
+        if hidden.dim() != 3 or hidden.shape[-1] != self.input_size:
+            raise ValueError(f"{name}: hidden must be [B, T, {self.input_size}], got {tuple(hidden.shape)}")
+        if memory.dim() != 3 or memory.shape[-1] != self.memory_size or memory.shape[0] != hidden.shape[0]:
             raise ValueError(
-                f"{name}: memory must be [B={query.shape[0]}, S, {self.memory_size}], got {tuple(memory.shape)}"
+                f"{name}: memory must be [B={hidden.shape[0]}, S, {self.memory_size}], got {tuple(memory.shape)}"
             )
         memory_mask = resolve_memory_mask(self, memory_mask, key_padding_mask)
         check_memory_mask(self, memory_mask, tuple(memory.shape[:2]), validate_args)
         if targets is not None:
-            if targets.shape != query.shape[:2] or targets.dtype != torch.long:
+            if targets.shape != hidden.shape[:2] or targets.dtype != torch.long:
                 raise ValueError(
-                    f"{name}: targets must be a LongTensor [B, T] = {tuple(query.shape[:2])}, "
+                    f"{name}: targets must be a LongTensor [B, T] = {tuple(hidden.shape[:2])}, "
                     f"got {targets.dtype} {tuple(targets.shape)}"
                 )
             check_target_range(self, targets, self.vocab_size, ignore_index, validate_args=validate_args)
-        check_finite(self, validate_args, query=query, memory=memory)
+        check_finite(self, validate_args, hidden=hidden, memory=memory)
         if log_alpha is not None:
-            shape = (query.shape[0], query.shape[1], memory.shape[1])
+            shape = (hidden.shape[0], hidden.shape[1], memory.shape[1])
             check_log_alpha(self, log_alpha, shape, validate_args, memory_mask)
         return memory_mask

@@ -26,7 +26,7 @@ from latentnlp.layers.checks import (
     ignored_targets,
 )
 from latentnlp.layers.chunked_softmax import logsumexp_linear, target_logits
-from latentnlp.layers.output_head import HeadOutput, tie_projection
+from latentnlp.layers.output_head import HeadOutput, check_context, tie_projection
 from latentnlp.layers.softmax_output import ACTIVATIONS
 from latentnlp.precision import upcast
 
@@ -122,11 +122,13 @@ class MixtureOfSoftmaxes(nn.Module):
             hidden: ``[..., H]`` float decoder states (finite; checked when validating).
             max_chunk_elements: overrides the layer's; when ``[..., K, V]`` scores exceed it the
                 experts are mixed one at a time (never more than ``[..., V]`` scores held).
-            **context: unused.
+            **context: the other :data:`~latentnlp.layers.output_head.CONTEXT_KEYWORDS`, ignored;
+                any other keyword is a ``TypeError``.
 
         Returns:
             ``[..., V]`` float log-probabilities, ``logsumexp`` over the last dim 0.
         """
+        check_context(self, "log_probs", context)
         check_finite(self, hidden=hidden)
         log_pi = self.expert_log_weights(hidden)  # [..., K]
         chunk = self.max_chunk_elements if max_chunk_elements is None else max_chunk_elements
@@ -186,11 +188,13 @@ class MixtureOfSoftmaxes(nn.Module):
             targets: ``[...]`` long ids in ``0..V-1`` or ``ignore_index`` (range checked when validating).
             max_chunk_elements: overrides the layer's bound on the normalisers' scores built at once.
             ignore_index: targets equal to it get log-probability 0 and no gradient.
-            **context: unused.
+            **context: the other :data:`~latentnlp.layers.output_head.CONTEXT_KEYWORDS`, ignored;
+                any other keyword is a ``TypeError``.
 
         Returns:
             ``[...]`` float log-probabilities of the targets (0 where ignored).
         """
+        check_context(self, "log_prob", context)
         check_hidden(self, hidden, self.input_size, targets)
         check_finite(self, hidden=hidden)
         check_target_range(self, targets, self.vocab_size, ignore_index)

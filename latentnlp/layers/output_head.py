@@ -8,8 +8,10 @@ head (expert, alignment, copy switch) summed out exactly::
     log_probs(hidden, **context)          -> [B, T, V]   log p(. | hidden_t, context), logsumexp_V = 0
 
 so that ``log_prob(h, y, **c) == log_probs(h, **c).gather(-1, y[..., None])[..., 0]``.  A head takes
-the context it needs by keyword and ignores the rest (``**context``), so a model that passes one
-context to its head can swap heads without other changes.  The context of the heads of this
+the context it needs by keyword and ignores the rest of :data:`CONTEXT_KEYWORDS` (``**context``),
+so a model that passes one context to its head can swap heads without other changes; any other
+keyword (a misspelling such as ``memory_mak=``) is a ``TypeError`` naming it and the keywords the
+head accepts (:func:`check_context`), never silently ignored.  The context of the heads of this
 library:
 
 - ``memory [B, S, H_s]`` source states and ``memory_mask [B, S]`` bool, **True at real
@@ -18,7 +20,12 @@ library:
 - ``log_alpha [B, T, S]`` alignment log-probabilities already computed by the decoder
   (``-inf`` at padded sources; optional for the attention heads, required by the copy head);
 - ``src_ext [B, S]`` the source as extended-vocabulary ids and ``extended_size`` (the copy head,
-  :class:`~latentnlp.layers.CopyGenerator`, whose ``V`` is the extended vocabulary).
+  :class:`~latentnlp.layers.CopyGenerator`, whose ``V`` is the extended vocabulary);
+- ``attentional [B, T, D]`` the attentional vectors ``o_t`` a decoder fed (the seq2seq copy head)
+  and ``switch_input [B, T, D_x]`` the copy switch's features (:class:`~latentnlp.layers.CopyGenerator`);
+- ``key_padding_mask [B, S]`` bool, True at padding: ``memory_mask`` in ``nn.MultiheadAttention``'s
+  polarity (the attention heads; not with ``memory_mask``);
+- ``max_chunk_elements``: a per-call bound on the vocabulary scores built at once (the softmax heads).
 
 Heads without context: :class:`~latentnlp.layers.SoftmaxOutput`,
 :class:`~latentnlp.layers.MixtureOfSoftmaxes`.
@@ -40,11 +47,46 @@ weight ``[V, d]``); ``tie_weights(embedding)`` shares its weight with an input e
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-__all__ = ["HeadOutput", "OutputHead", "tie_projection"]
+__all__ = ["CONTEXT_KEYWORDS", "HeadOutput", "OutputHead", "check_context", "tie_projection"]
+
+#: every context keyword of the heads of this library; a head ignores those it does not use
+CONTEXT_KEYWORDS = frozenset(
+    {
+        "attentional",
+        "extended_size",
+        "key_padding_mask",
+        "log_alpha",
+        "max_chunk_elements",
+        "memory",
+        "memory_mask",
+        "src_ext",
+        "switch_input",
+    }
+)
+
+
+def check_context(head: object, method: str, context: Mapping[str, object]) -> None:
+    """``TypeError`` unless every keyword in ``context`` is one of :data:`CONTEXT_KEYWORDS`.
+
+    ``context`` is what ``head.<method>(..., **context)`` collected beyond its named arguments;
+    the message names the unknown keywords and every keyword ``method`` accepts (its own and the
+    context it ignores).
+    """
+    unknown = sorted(set(context) - CONTEXT_KEYWORDS)
+    if not unknown:
+        return
+    parameters = inspect.signature(getattr(type(head), method)).parameters.values()
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+    raise TypeError(
+        f"{type(head).__name__}.{method}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+        f"it accepts {', '.join(sorted(named | CONTEXT_KEYWORDS))}"
+    )
 
 
 class HeadOutput(NamedTuple):

@@ -29,7 +29,7 @@ from latentnlp.layers.checks import (
     ignored_targets,
 )
 from latentnlp.layers.chunked_softmax import logsumexp_linear, target_logits
-from latentnlp.layers.output_head import HeadOutput, tie_projection
+from latentnlp.layers.output_head import HeadOutput, check_context, tie_projection
 from latentnlp.precision import upcast
 
 __all__ = ["ACTIVATIONS", "SoftmaxOutput"]
@@ -103,11 +103,13 @@ class SoftmaxOutput(nn.Module):
 
         Args:
             hidden: ``[..., H]`` float decoder states (finite; checked when validating).
-            **context: unused (a head without context).
+            **context: :data:`~latentnlp.layers.output_head.CONTEXT_KEYWORDS`, ignored (a head without
+                context); any other keyword is a ``TypeError``.
 
         Returns:
             ``[..., V]`` float log-probabilities, ``logsumexp`` over the last dim 0.
         """
+        check_context(self, "log_probs", context)
         check_hidden(self, hidden, self.input_size)
         check_finite(self, hidden=hidden)
         return torch.log_softmax(upcast(self.output_projection(self.features(hidden))), dim=-1)
@@ -146,11 +148,13 @@ class SoftmaxOutput(nn.Module):
             targets: ``[...]`` long ids in ``0..V-1`` or ``ignore_index`` (range checked when validating).
             max_chunk_elements: overrides the layer's bound on the scores of the normaliser built at once.
             ignore_index: targets equal to it get log-probability 0 and no gradient.
-            **context: unused.
+            **context: the other :data:`~latentnlp.layers.output_head.CONTEXT_KEYWORDS`, ignored;
+                any other keyword is a ``TypeError``.
 
         Returns:
             ``[...]`` float log-probabilities of the targets (0 where ignored).
         """
+        check_context(self, "log_prob", context)
         check_hidden(self, hidden, self.input_size, targets)
         check_finite(self, hidden=hidden)
         check_target_range(self, targets, self.vocab_size, ignore_index)

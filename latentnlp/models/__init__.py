@@ -1,10 +1,14 @@
 """Models behind the one :class:`~latentnlp.models.base.LatentModel` API."""
 
 from .base import ELBO, OBJECTIVES, IntractableError, LatentModel, Loss, UnsupportedObjectiveError
+from .bernoulli_factor import BernoulliFactorModel
 from .binary_vae import BinaryVAE
+from .factorial_hmm import FactorialHMM
 from .hmm_lm import HMMLanguageModel
 from .latent_alignment import LatentAlignmentSeq2Seq
 from .lstm_lm import LSTMLanguageModel, MixtureOfSoftmaxesLM
+from .mixture_of_categoricals import MixtureOfCategoricals
+from .multi_space_vae import MultiSpaceVAE
 from .neural_topic_model import NeuralTopicModel
 
 __all__ = [
@@ -14,10 +18,14 @@ __all__ = [
     "LatentModel",
     "Loss",
     "UnsupportedObjectiveError",
+    "FactorialHMM",
     "HMMLanguageModel",
     "LatentAlignmentSeq2Seq",
     "LSTMLanguageModel",
     "MixtureOfSoftmaxesLM",
+    "MultiSpaceVAE",
+    "MixtureOfCategoricals",
+    "BernoulliFactorModel",
     "BinaryVAE",
     "NeuralTopicModel",
 ]

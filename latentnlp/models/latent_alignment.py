@@ -49,8 +49,10 @@ from torch.distributions import kl_divergence
 
 from latentnlp import decoding
 from latentnlp.families import MaskedCategorical
+from latentnlp.layers.checks import IGNORE_INDEX
 from latentnlp.layers.copy_generator import CopyGenerator
 from latentnlp.layers.latent_attention import DEFAULT_MAX_CHUNK_ELEMENTS
+from latentnlp.masks import lengths_to_mask
 from latentnlp.models.base import ELBO, Batch, LatentModel, records_construction
 from latentnlp.models.seq2seq import (
     AlignmentELBO,
@@ -64,6 +66,7 @@ from latentnlp.models.seq2seq import (
     SoftAttentionHead,
 )
 from latentnlp.models.seq2seq.core import masked_sum
+from latentnlp.validation import is_validating
 
 __all__ = ["LatentAlignmentSeq2Seq", "MODES", "PrunedMarginal", "TOP_K"]
 
@@ -106,23 +109,25 @@ class PrunedMarginal(Marginal):
         core: AttentionalEncoderDecoder,
         head: LatentAttentionHead,
         batch: Batch,
+        run: DecoderOutput,
+        targets: Tensor,
+        scored: Tensor,
         *,
         estimator: str | None = None,
         num_samples: int = 1,
         kl_weight: float = 1.0,
         q: MaskedCategorical | None = None,
     ) -> ELBO:
-        """Per-example bound ``[B]``; ``estimator`` may only be ``None`` or ``"exact"`` (enumerated),
-        ``num_samples`` is unused.  ``q`` (batch ``[B, T]`` over ``S``) replaces the restricted
-        posterior: then the ELBO of that ``q`` over every position.  ``surrogate = reconstruction -
-        kl_weight * KL``.
+        """Per-example bound ``[B]`` summed over the ``scored [B, T]`` positions of ``run`` (the
+        core's pass over ``batch``) with ``targets [B, T]``; ``estimator`` may only be ``None`` or
+        ``"exact"`` (enumerated), ``num_samples`` is unused.  ``q`` (batch ``[B, T]`` over ``S``)
+        replaces the restricted posterior: then the ELBO of that ``q`` over every position.
+        ``surrogate = reconstruction - kl_weight * KL``.
         """
         if estimator not in (None, "exact"):
             raise ValueError(
                 f"the pruned marginal enumerates its expectation: estimator must be 'exact', got {estimator!r}"
             )
-        run = core(batch["src"], batch["src_lengths"], batch["tgt_in"], batch["tgt_lengths"])
-        targets = head.batch_targets(batch)
         if q is None:
             emission = head.kept_emission_log_probs(run.hidden, targets, run.memory, run.memory_mask, run.log_alpha)
             joint = run.log_alpha + emission
@@ -135,8 +140,8 @@ class PrunedMarginal(Marginal):
             prior = MaskedCategorical(run.log_alpha, run.memory_mask[:, None, :], validate_args=False)
             kl_t = kl_divergence(q, prior)
             reconstruction_t = (q.probs * emission.masked_fill(~run.memory_mask[:, None, :], 0.0)).sum(-1)
-        reconstruction = masked_sum(reconstruction_t, run.target_mask)
-        kl = masked_sum(kl_t, run.target_mask)
+        reconstruction = masked_sum(reconstruction_t, scored)
+        kl = masked_sum(kl_t, scored)
         return ELBO(
             value=reconstruction - kl, reconstruction=reconstruction, kl=kl, surrogate=reconstruction - kl_weight * kl
         )
@@ -152,6 +157,13 @@ class LatentAlignmentSeq2Seq(LatentModel):
         objective: :class:`~latentnlp.models.seq2seq.Marginal` (default) or
             :class:`~latentnlp.models.seq2seq.AlignmentELBO` (needs a head whose alignment is latent).
         bos_id, eos_id: needed by :meth:`generate`.
+        ignore_index: a target id (``tgt_out``, or ``tgt_out_ext`` with the copy head) that marks
+            a position as unobserved, as in ``torch.nn.functional.cross_entropy`` (default
+            ``-100``): it is not scored, adds nothing to any bound or KL and is not counted in
+            :meth:`num_tokens`; with an ELBO the inference network does not read it either.
+            Every other target id within ``tgt_lengths`` must lie in the head's range
+            (``0..V-1``; non-negative extended ids with the copy head), a ``ValueError`` otherwise
+            when validating.  Targets past ``tgt_lengths`` are never read.
 
     :attr:`objectives` are the objective's.  :meth:`from_mode` builds the published combinations.
     """
@@ -164,6 +176,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
         *,
         bos_id: int | None = None,
         eos_id: int | None = None,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__()
         objective = Marginal() if objective is None else objective
@@ -173,6 +186,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
             )
         self.core, self.head, self.objective = core, head, objective
         self.bos_id, self.eos_id = bos_id, eos_id
+        self.ignore_index = ignore_index
 
     @records_construction
     def from_mode(
@@ -191,13 +205,14 @@ class LatentAlignmentSeq2Seq(LatentModel):
         eos_id: int | None = None,
         unk_id: int | None = None,
         max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+        ignore_index: int = IGNORE_INDEX,
     ) -> LatentAlignmentSeq2Seq:
         """The model of one of :data:`MODES` (see the module docstring).
 
         Sizes and ``attention``, ``dropout``, ``max_chunk_elements`` go to the core; ``tau`` is the
         Gumbel-softmax temperature (``elbo-gumbel``); ``unk_id`` is the decoder input for copied
-        source-only words (``copy``).  The ``exact-topK`` modes give the latent-attention head
-        ``top_k = K`` (:data:`TOP_K`).
+        source-only words (``copy``); ``ignore_index`` as in the constructor.  The ``exact-topK``
+        modes give the latent-attention head ``top_k = K`` (:data:`TOP_K`).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
@@ -228,7 +243,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
             objective = AlignmentELBO(embedding_dim, hidden_size, estimator, tau=tau)
         else:
             objective = None
-        return cls(core, head, objective, bos_id=bos_id, eos_id=eos_id)
+        return cls(core, head, objective, bos_id=bos_id, eos_id=eos_id, ignore_index=ignore_index)
 
     @property
     def objectives(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -237,7 +252,35 @@ class LatentAlignmentSeq2Seq(LatentModel):
 
     # ---- LatentModel ---------------------------------------------------------------------------
     def num_tokens(self, batch: Batch) -> Tensor:
-        return batch["tgt_lengths"]
+        """Scored target tokens of each row ``[B]``: within ``tgt_lengths`` and not ``ignore_index``."""
+        targets = self.head.batch_targets(batch)
+        mask = lengths_to_mask(batch["tgt_lengths"].to(targets.device), targets.shape[1])
+        return (mask & (targets != self.ignore_index)).sum(-1)
+
+    def scored_targets(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """``(targets, scored)``: the ids the head scores ``[B, T]`` with every unscored one set to 0,
+        and the bool ``[B, T]`` mask of the scored positions (within ``tgt_lengths``, not
+        ``ignore_index``).  When validating, ``ValueError`` naming the batch key for a scored id
+        outside the head's range."""
+        key = self.head.target_key(batch)
+        targets = batch[key]
+        if not isinstance(targets, Tensor) or targets.dim() != 2 or targets.dtype != torch.long:
+            raise ValueError(
+                f"batch[{key!r}] must be a LongTensor [B, T], got "
+                + (f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, Tensor) else type(targets).__name__)
+            )
+        scored = lengths_to_mask(batch["tgt_lengths"].to(targets.device), targets.shape[1])
+        scored = scored & (targets != self.ignore_index)
+        if is_validating() and bool(scored.any()):
+            low, high = torch.stack([targets[scored].min(), targets[scored].max()]).tolist()
+            size = self.head.target_vocab_size
+            if low < 0 or (size is not None and high >= size):
+                expected = f"0..{size - 1}" if size is not None else "0 or more (extended ids)"
+                raise ValueError(
+                    f"batch[{key!r}] must hold target ids in {expected} or ignore_index = {self.ignore_index} "
+                    f"within tgt_lengths, got ids {low}..{high}"
+                )
+        return targets.masked_fill(~scored, 0), scored
 
     def decode(self, batch: Batch) -> DecoderOutput:
         """The core's teacher-forced pass over ``batch``."""
@@ -249,10 +292,11 @@ class LatentAlignmentSeq2Seq(LatentModel):
         Exact for a pruned head too (every source position summed over): what evaluation
         reports, so pruned and exact modes compare on the same quantity.
         """
+        targets, scored = self.scored_targets(batch)
         run = self.decode(batch)
         context = {**run.context, **self.head.batch_context(batch)}
-        per_token = self.head.exact_log_prob(run.hidden, self.head.batch_targets(batch), **context)
-        return masked_sum(per_token, run.target_mask)
+        per_token = self.head.exact_log_prob(run.hidden, targets, **context)
+        return masked_sum(per_token, scored)
 
     def elbo(
         self,
@@ -267,10 +311,22 @@ class LatentAlignmentSeq2Seq(LatentModel):
 
         ``estimator`` names another estimator for this call (``"exact"``, ``"score_function"``,
         ``"gumbel_softmax"``); default: the objective's.  ``q`` replaces the inference network
-        (e.g. ``q = posterior(batch)`` makes the bound tight).  The KL is exact.
+        (e.g. ``q = posterior(batch)`` makes the bound tight).  The KL is exact.  Sums run over the
+        scored positions (:meth:`scored_targets`).
         """
+        targets, scored = self.scored_targets(batch)
+        run = self.decode(batch)
         return self.objective.elbo(
-            self.core, self.head, batch, estimator=estimator, num_samples=num_samples, kl_weight=kl_weight, q=q
+            self.core,
+            self.head,
+            batch,
+            run,
+            targets,
+            scored,
+            estimator=estimator,
+            num_samples=num_samples,
+            kl_weight=kl_weight,
+            q=q,
         )
 
     def prior(self, batch: Batch) -> MaskedCategorical:
@@ -280,15 +336,21 @@ class LatentAlignmentSeq2Seq(LatentModel):
         return MaskedCategorical(run.log_alpha, run.memory_mask[:, None, :])
 
     def posterior(self, batch: Batch) -> MaskedCategorical:
-        """Exact alignment posterior ``p(z_t = m | x, y) ∝ alpha_tm p(y_t | h_t, s_m)``, batch ``[B, T]``."""
+        """Exact alignment posterior ``p(z_t = m | x, y) ∝ alpha_tm p(y_t | h_t, s_m)``, batch ``[B, T]``.
+
+        The prior ``alpha_t`` at the positions not scored (past ``tgt_lengths`` or ``ignore_index``:
+        nothing observed there).
+        """
         head = self._latent_head()
+        targets, scored = self.scored_targets(batch)
         run = self.decode(batch)
-        emission = head.emission_log_probs(run.hidden, head.batch_targets(batch), run.memory, run.memory_mask)
+        emission = head.emission_log_probs(run.hidden, targets, run.memory, run.memory_mask)
+        emission = emission.masked_fill(~scored[..., None], 0.0)
         return MaskedCategorical(run.log_alpha + emission, run.memory_mask[:, None, :])
 
     def approximate_posterior(self, batch: Batch) -> MaskedCategorical:
         """The inference network's ``q(z_t | x, y)``, batch shape ``[B, T]`` (ELBO objectives)."""
-        return self.objective.approximate_posterior(self.core, batch)[0]
+        return self.objective.approximate_posterior(self.core, batch, self.scored_targets(batch)[1])[0]
 
     def generate(
         self,

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from latentnlp.layers.checks import IGNORE_INDEX, check_finite, check_target_range, ignored_targets
 from latentnlp.layers.copy_generator import CopyGenerator
 from latentnlp.layers.latent_attention import LatentAttention
+from latentnlp.layers.output_head import check_context
 from latentnlp.models.base import Batch
 from latentnlp.validation import is_validating
 
@@ -62,9 +63,19 @@ class Seq2SeqHead(nn.Module):
         """Context the head reads from a training batch (beyond the core's)."""
         return {}
 
+    def target_key(self, batch: Batch) -> str:
+        """The batch key of the target ids the head scores."""
+        return "tgt_out"
+
     def batch_targets(self, batch: Batch) -> Tensor:
-        """The target ids ``[B, T]`` the head scores."""
-        return batch["tgt_out"]
+        """The target ids ``[B, T]`` the head scores, ``batch[self.target_key(batch)]``."""
+        return batch[self.target_key(batch)]
+
+    @property
+    def target_vocab_size(self) -> int | None:
+        """The number of target ids the head scores (ids ``0..V-1``); ``None`` when any id ``>= 0``
+        may be scored (the copy head's extended ids, which its generator checks)."""
+        return self.attention.vocab_size
 
     def decoding_context(self, batch: Batch, memory_mask: Tensor) -> dict[str, object]:
         """Context kept in the decoder state for step-wise decoding (``memory_mask [B, S]`` True at real positions)."""
@@ -100,11 +111,13 @@ class SoftAttentionHead(Seq2SeqHead):
             memory: ``[B, S, H]`` float source states.
             log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
             ignore_index: targets equal to it get log-probability 0 (and no gradient).
-            **context: unused.
+            **context: the other :data:`~latentnlp.layers.output_head.CONTEXT_KEYWORDS`, ignored;
+                any other keyword is a ``TypeError``.
 
         Returns:
             ``[B, T]`` float log-probabilities (0 where ignored).
         """
+        check_context(self, "log_prob", context)
         check_finite(self, hidden=hidden, memory=memory)
         check_target_range(self, targets, self.attention.vocab_size, ignore_index)
         ignored, targets = ignored_targets(targets, ignore_index)
@@ -118,11 +131,13 @@ class SoftAttentionHead(Seq2SeqHead):
             hidden: ``[B, T, H]`` float decoder states.
             memory: ``[B, S, H]`` float source states.
             log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
-            **context: unused.
+            **context: the other :data:`~latentnlp.layers.output_head.CONTEXT_KEYWORDS`, ignored;
+                any other keyword is a ``TypeError``.
 
         Returns:
             ``[B, T, V]`` float log-probabilities.
         """
+        check_context(self, "log_probs", context)
         return self.attention.log_prob_given_context(hidden, torch.bmm(log_alpha.exp(), memory))
 
 
@@ -168,11 +183,13 @@ class LatentAttentionHead(Seq2SeqHead):
             memory_mask: ``[B, S]`` bool, True at real source positions.
             log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
             ignore_index: targets equal to it get log-probability 0 (and no gradient).
-            **context: unused.
+            **context: the other :data:`~latentnlp.layers.output_head.CONTEXT_KEYWORDS`, ignored;
+                any other keyword is a ``TypeError``.
 
         Returns:
             ``[B, T]`` float log-probabilities (0 where ignored); with ``top_k < S``, ``<=`` :meth:`exact_log_prob`.
         """
+        check_context(self, "log_prob", context)
         return self._log_prob(hidden, targets, memory, memory_mask, log_alpha, ignore_index, self.top_k)
 
     def exact_log_prob(
@@ -190,6 +207,7 @@ class LatentAttentionHead(Seq2SeqHead):
 
         Arguments and result as in :meth:`log_prob`.
         """
+        check_context(self, "exact_log_prob", context)
         return self._log_prob(hidden, targets, memory, memory_mask, log_alpha, ignore_index, None)
 
     def _log_prob(
@@ -230,11 +248,13 @@ class LatentAttentionHead(Seq2SeqHead):
             hidden: ``[B, T, H]`` float decoder states.
             memory: ``[B, S, H]`` float source states.
             log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
-            **context: unused (``memory_mask`` is already in ``log_alpha``).
+            **context: the other :data:`~latentnlp.layers.output_head.CONTEXT_KEYWORDS`, ignored
+                (``memory_mask`` is already in ``log_alpha``); any other keyword is a ``TypeError``.
 
         Returns:
             ``[B, T, V]`` float log-probabilities.
         """
+        check_context(self, "log_probs", context)
         if self.top_k is not None:
             log_alpha = self.attention.pruned_alignment(log_alpha, self.top_k)
         return self.attention.marginal_log_probs(hidden, memory, log_alpha)
@@ -285,11 +305,13 @@ class CopyHead(Seq2SeqHead):
             src_ext: ``[B, S]`` long source as extended ids (values at padded positions are ignored).
             extended_size: ``V_ext`` (optional; ids past it are refused when validating).
             ignore_index: targets equal to it get log-probability 0 (and no gradient).
-            **context: unused.
+            **context: the other :data:`~latentnlp.layers.output_head.CONTEXT_KEYWORDS`, ignored;
+                any other keyword is a ``TypeError``.
 
         Returns:
             ``[B, T]`` float log-probabilities (0 where ignored).
         """
+        check_context(self, "log_prob", context)
         return self.generator.log_prob(
             attentional,
             targets,
@@ -317,11 +339,13 @@ class CopyHead(Seq2SeqHead):
             log_alpha: ``[B, T, S]`` alignment log-probabilities (``-inf`` at padded sources).
             src_ext: ``[B, S]`` long source as extended ids.
             extended_size: ``V_ext`` (default: from the ids).
-            **context: unused.
+            **context: the other :data:`~latentnlp.layers.output_head.CONTEXT_KEYWORDS`, ignored;
+                any other keyword is a ``TypeError``.
 
         Returns:
             ``[B, T, V_ext]`` float log-probabilities.
         """
+        check_context(self, "log_probs", context)
         return self.generator.log_probs(attentional, log_alpha=log_alpha, src_ext=src_ext, extended_size=extended_size)
 
     def batch_context(self, batch: Batch) -> dict[str, Tensor]:
@@ -334,8 +358,14 @@ class CopyHead(Seq2SeqHead):
             "source and target vocabularies differ"
         )
 
-    def batch_targets(self, batch: Batch) -> Tensor:
-        return batch.get("tgt_out_ext", batch["tgt_out"])
+    def target_key(self, batch: Batch) -> str:
+        """``"tgt_out_ext"`` when the batch has extended targets, else ``"tgt_out"``."""
+        return "tgt_out_ext" if "tgt_out_ext" in batch else "tgt_out"
+
+    @property
+    def target_vocab_size(self) -> None:
+        """``None``: extended ids past ``V`` are scored too (the generator checks them)."""
+        return None
 
     def decoding_context(self, batch: Batch, memory_mask: Tensor) -> dict[str, object]:
         """``src_ext`` and one extended vocabulary size for the whole batch."""

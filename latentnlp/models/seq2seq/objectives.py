@@ -103,10 +103,21 @@ class Marginal(nn.Module):
 
     objectives: ClassVar[tuple[str, ...]] = ("marginal",)
 
-    def elbo(self, core: AttentionalEncoderDecoder, head: Seq2SeqHead, batch: Batch, **kwargs) -> ELBO:
+    def elbo(
+        self,
+        core: AttentionalEncoderDecoder,
+        head: Seq2SeqHead,
+        batch: Batch,
+        run: DecoderOutput,
+        targets: Tensor,
+        scored: Tensor,
+        **kwargs,
+    ) -> ELBO:
         raise UnsupportedObjectiveError("this model has no variational posterior (its objective is the marginal)")
 
-    def approximate_posterior(self, core: AttentionalEncoderDecoder, batch: Batch) -> tuple[MaskedCategorical, Tensor]:
+    def approximate_posterior(
+        self, core: AttentionalEncoderDecoder, batch: Batch, scored: Tensor
+    ) -> tuple[MaskedCategorical, Tensor]:
         raise NotImplementedError("this model has no inference network (its objective is the marginal)")
 
 
@@ -114,7 +125,10 @@ class InferenceNetwork(nn.Module):
     """``q(z_t = m | x, y) = softmax_m(g_t^T W s'_m)`` over the unmasked source positions.
 
     ``s'`` and ``g`` are bidirectional LSTMs (each direction ``H / 2``) over the source and the
-    whole target ``y`` (``tgt_out``), on the core's embeddings.
+    whole target ``y`` (``tgt_out``), on the core's embeddings.  Only the scored target positions
+    are observed: an unscored one (``ignore_index``) inside a row reads a zero vector, and the
+    target LSTM stops at each row's last scored position, so trailing ignored targets change
+    nothing, as if the row were that much shorter.
     """
 
     def __init__(self, embedding_dim: int, hidden_size: int) -> None:
@@ -123,14 +137,20 @@ class InferenceNetwork(nn.Module):
         self.tgt_encoder = nn.LSTM(embedding_dim, hidden_size // 2, batch_first=True, bidirectional=True)
         self.score = nn.Linear(hidden_size, hidden_size, bias=False)
 
-    def forward(self, core: AttentionalEncoderDecoder, batch: Batch) -> tuple[MaskedCategorical, Tensor]:
-        """``q`` with batch shape ``[B, T]`` and the target-side states ``g [B, T, H]`` it was computed from."""
+    def forward(
+        self, core: AttentionalEncoderDecoder, batch: Batch, scored: Tensor
+    ) -> tuple[MaskedCategorical, Tensor]:
+        """``q`` with batch shape ``[B, T]`` and the target-side states ``g [B, T, H]`` it was computed from.
+
+        ``scored [B, T]`` bool: the target positions observed (within ``tgt_lengths``, not ignored).
+        """
         src_states, _ = encode_packed(
             self.src_encoder, core.embed_source(batch["src"]), batch["src_lengths"], always_pack=True
         )
-        tgt_states, _ = encode_packed(
-            self.tgt_encoder, core.embed_target(batch["tgt_out"]), batch["tgt_lengths"], always_pack=True
-        )
+        embedded = core.embed_target(batch["tgt_out"].masked_fill(~scored, 0)).masked_fill(~scored[..., None], 0.0)
+        positions = torch.arange(1, scored.shape[1] + 1, device=scored.device)
+        observed_lengths = torch.where(scored, positions, 0).amax(-1).clamp_min(1)
+        tgt_states, _ = encode_packed(self.tgt_encoder, embedded, observed_lengths, always_pack=True)
         scores = torch.bmm(self.score(tgt_states), src_states.transpose(1, 2))
         mask = lengths_to_mask(batch["src_lengths"], batch["src"].shape[1])
         return MaskedCategorical(scores, mask[:, None, :], validate_args=False), tgt_states
@@ -166,41 +186,46 @@ class AlignmentELBO(nn.Module):
         }
         self.estimator = self._estimators[estimator]
 
-    def approximate_posterior(self, core: AttentionalEncoderDecoder, batch: Batch) -> tuple[MaskedCategorical, Tensor]:
-        return self.inference(core, batch)
+    def approximate_posterior(
+        self, core: AttentionalEncoderDecoder, batch: Batch, scored: Tensor
+    ) -> tuple[MaskedCategorical, Tensor]:
+        return self.inference(core, batch, scored)
 
     def elbo(
         self,
         core: AttentionalEncoderDecoder,
         head: LatentAttentionHead,
         batch: Batch,
+        run: DecoderOutput,
+        targets: Tensor,
+        scored: Tensor,
         *,
         estimator: str | None = None,
         num_samples: int = 1,
         kl_weight: float = 1.0,
         q: MaskedCategorical | None = None,
     ) -> ELBO:
-        """Per-example ELBO; ``estimator`` names another of :attr:`ESTIMATORS` for this call, ``q`` replaces
-        the inference network (then no baseline).  ``surrogate = estimate - kl_weight * KL``."""
+        """Per-example ELBO, summed over the ``scored [B, T]`` positions of ``run`` (the core's pass
+        over ``batch``) with ``targets [B, T]`` (ids in range everywhere).  ``estimator`` names
+        another of :attr:`ESTIMATORS` for this call, ``q`` replaces the inference network (then no
+        baseline).  ``surrogate = estimate - kl_weight * KL``."""
         if estimator is None:
             estimate_fn = self.estimator
         elif estimator in self._estimators:
             estimate_fn = self._estimators[estimator]
         else:
             raise ValueError(f"estimator must be one of {self.ESTIMATORS}, got {estimator!r}")
-        run = core(batch["src"], batch["src_lengths"], batch["tgt_in"], batch["tgt_lengths"])
-        targets = head.batch_targets(batch)
         states = None
         if q is None:
-            q, states = self.inference(core, batch)
+            q, states = self.inference(core, batch, scored)
         prior = MaskedCategorical(run.log_alpha, run.memory_mask[:, None, :], validate_args=False)
-        kl = masked_sum(kl_divergence(q, prior), run.target_mask)
+        kl = masked_sum(kl_divergence(q, prior), scored)
         baseline = None
         if self.baseline is not None and states is not None:
             baseline = self.baseline(torch.cat([run.hidden.detach(), states.detach()], -1)).squeeze(-1)
         estimate = estimate_fn(head, run, targets, q, num_samples=num_samples, baseline=baseline)
-        reconstruction = masked_sum(estimate.surrogate, run.target_mask)
-        surrogate = masked_sum(estimate.objective, run.target_mask)
+        reconstruction = masked_sum(estimate.surrogate, scored)
+        surrogate = masked_sum(estimate.objective, scored)
         return ELBO(
             value=reconstruction - kl, reconstruction=reconstruction, kl=kl, surrogate=surrogate - kl_weight * kl
         )

@@ -1,0 +1,79 @@
+"""The reinflection recipe end to end: smoke preset (generated morphology), the three rows, in a temp folder."""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "reinflection.py"
+ROWS = ["msved-sup", "msved-semi", "encdec"]
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("reinflection_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reinflection-smoke")
+    rows = recipe.main(["--preset", "smoke", "--out", str(out), "--no-progress"])
+    return out, rows
+
+
+@pytest.mark.slow
+def test_smoke_writes_every_file_and_learns(recipe, smoke_run):
+    out, rows = smoke_run
+    assert [r["row"] for r in rows] == ROWS
+    for name in ("results.md", "metrics.jsonl", "config.json", "curves-generated.png", "data/generated-task3-test"):
+        assert (out / name).is_file(), name
+    for row in ROWS:
+        for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "finished.json", "eval.json", "test.hyp"):
+            assert (out / "generated" / row / name).is_file(), f"{row}/{name}"
+    assert [json.loads(line)["row"] for line in (out / "metrics.jsonl").read_text().splitlines()] == ROWS
+    text = (out / "results.md").read_text()
+    assert "| language | model | accuracy | Levenshtein |" in text
+    for row in ROWS:
+        assert re.search(rf"^\| generated \| {re.escape(recipe.ROW_NAMES[row])} \| \d\.\d{{3}} \|", text, re.M), row
+    assert "semi-supervised MSVED accuracy >= supervised |" in text
+    # chance exact match on the generated language is about 0 (whole unseen forms): every row learns it
+    for r in rows:
+        assert r["test"]["accuracy"] > 0.4, r
+        assert r["test"]["levenshtein"] < 1.5, r
+    # unlabelled rows were added for the semi-supervised MSVED only
+    sizes = {r["row"]: r["train_rows"] for r in rows}
+    assert sizes["msved-semi"] > sizes["msved-sup"] == 2 * sizes["encdec"]
+
+
+@pytest.mark.slow
+def test_finished_runs_are_reused(recipe, smoke_run):
+    out, rows = smoke_run
+    again = recipe.main(["--preset", "smoke", "--out", str(out), "--no-progress"])
+    assert [r["test"] for r in again] == [r["test"] for r in rows]
+    assert [r["steps"] for r in again] == [r["steps"] for r in rows]
+
+
+def test_levenshtein(recipe):
+    assert recipe.levenshtein("kitten", "sitting") == 3
+    assert recipe.levenshtein("", "abc") == 3 and recipe.levenshtein("abc", "abc") == 0
+
+
+def test_generated_morphology(recipe):
+    data = recipe.generate_language(3, 10, {"train": 4, "test": 2})
+    assert len(data["train"]) == 40 and len(data["test"]) == 20
+    train_pairs = {(s, tuple(t.items())) for s, t, _ in data["train"]}
+    assert not train_pairs & {(s, tuple(t.items())) for s, t, _ in data["test"]}  # test pairs are new
+    for source, tags, target in data["train"]:
+        stem = target[: len(target) - len(recipe._inflect("", tags))]
+        assert target == recipe._inflect(stem, tags) and source.startswith(stem)  # one lemma, suffixes only
