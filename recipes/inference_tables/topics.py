@@ -36,6 +36,7 @@ import math
 import pathlib
 import re
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 
@@ -45,6 +46,7 @@ import torch
 from inference_tables import TableResult
 from latentnlp.data import read_yahoo
 from latentnlp.data.batching import epoch_generator
+from latentnlp.data.corpora import MissingSplitWarning
 from latentnlp.models import NeuralTopicModel
 from latentnlp.training import TrainConfig, Trainer, evaluate, load_model, read_metrics
 from latentnlp.training.run_log import series
@@ -228,7 +230,9 @@ def run(preset: str, out: pathlib.Path, data_dir: pathlib.Path | None, seed: int
         vocab_words = [f"w{i}" for i in range(settings["vocab"])]
         data_note = f"documents sampled from a random LDA over {settings['vocab']} words"
     else:
-        corpus = read_yahoo(data_dir)
+        with warnings.catch_warnings():  # the shared copy has no yahoo.train.txt: valid is the training text here
+            warnings.simplefilter("ignore", MissingSplitWarning)
+            corpus = read_yahoo(data_dir)
         docs = list(corpus.valid)
         order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
         held = set(order[: settings["heldout"]])
