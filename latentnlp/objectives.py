@@ -12,6 +12,9 @@ posterior ``q(z | x)``, the prior ``p(z)`` and a function ``log_likelihood_fn`` 
 - :func:`free_bits`: the KL term with a floor, per latent dimension over the batch (Kingma et al.
   2016) or per sentence with a target rate (Li et al. 2019).
 - :func:`word_dropout`: decoder inputs with words replaced by ``<unk>`` (Bowman et al. 2016).
+- :func:`wake_sleep`: the wake-sleep surrogate of Hinton et al. (1995), the model updated on
+  ``q``'s samples and ``q`` on the model's dreams, with the reweighted wake phase of Bornschein &
+  Bengio (2015) as an option.
 
 Shapes: ``q`` has batch shape ``[*batch]`` (``[B]`` for a batch of sentences) and event shape
 ``[*event]``; ``log_likelihood_fn`` maps samples ``z [S, *batch, *event]`` to
@@ -33,7 +36,7 @@ from torch.distributions import Distribution, kl_divergence
 
 from latentnlp import estimators
 
-__all__ = ["ELBO", "Loss", "elbo", "iwae", "free_bits", "word_dropout"]
+__all__ = ["ELBO", "Loss", "elbo", "iwae", "free_bits", "word_dropout", "WakeSleep", "wake_sleep"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,3 +431,120 @@ def word_dropout(
     u = torch.rand(tokens.shape, device=tokens.device, generator=generator)
     drop = (u < rate) & ~kept
     return tokens.masked_fill(drop, unk_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# wake-sleep
+# ------------------------------------------------------------------------------------------------
+_Q_UPDATES = ("sleep", "wake", "both")
+
+
+class WakeSleep:
+    """The terms of one wake-sleep update (:func:`wake_sleep`).
+
+    Attributes:
+        wake: ``[*batch]``, ``sum_s w_s log p(x, z_s)`` on ``q``'s samples (``w_s = 1/S``, or the
+            self-normalised importance weights when reweighted), plus the wake-phase ``q`` term
+            ``sum_s w_s log q(z_s | x)`` when ``q`` learns by the wake phase.
+        sleep: ``[M]``, ``log q(z~_m | x~_m)`` on the model's ``M`` dreams, or None when ``q``
+            learns by the wake phase only.
+        bound: ``[*batch]``, detached: ``log 1/S sum_s p(x, z_s) / q(z_s | x)`` on the wake
+            samples, the importance-weighted bound of ``S`` samples (the one-sample ELBO estimate
+            for ``S = 1``).
+    """
+
+    __slots__ = ("wake", "sleep", "bound")
+
+    def __init__(self, wake: Tensor, sleep: Tensor | None, bound: Tensor) -> None:
+        self.wake, self.sleep, self.bound = wake, sleep, bound
+
+    @property
+    def surrogate(self) -> Tensor:
+        """The scalar to maximise: ``wake.sum() + sleep.sum()``; one backward gives both phases' gradients."""
+        total = self.wake.sum()
+        return total if self.sleep is None else total + self.sleep.sum()
+
+
+def wake_sleep(
+    log_likelihood_fn: LogLikelihood,
+    q: Distribution,
+    prior: Distribution,
+    *,
+    dream_fn: Callable[[], tuple[Tensor, Tensor]] | None = None,
+    encoder_fn: Callable[[Tensor], Distribution] | None = None,
+    num_samples: int = 1,
+    reweighted: bool = False,
+    q_update: str | None = None,
+    generator: torch.Generator | None = None,
+) -> WakeSleep:
+    r"""Wake-sleep (Hinton et al. 1995) and reweighted wake-sleep (Bornschein & Bengio 2015) as one surrogate.
+
+    The generative model ``p_theta(x, z) = p(z) p(x | z)`` and the inference network ``q_phi(z | x)``
+    are trained by two objectives, each with its own parameters:
+
+    .. math::
+
+        \text{wake: } \max_\theta \sum_s w_s \log p_\theta(x, z_s), \quad z_s \sim q_\phi(z \mid x)
+        \qquad
+        \text{sleep: } \max_\phi \frac{1}{M} \sum_m \log q_\phi(\tilde z_m \mid \tilde x_m),
+        \quad (\tilde x_m, \tilde z_m) \sim p_\theta(x, z)
+
+    With ``reweighted=False``, ``w_s = 1/S``.  With ``reweighted=True``,
+    ``w_s = softmax_s(log p(x, z_s) - log q(z_s | x))`` (detached), so the wake gradient for
+    ``theta`` is that of the ``S``-sample importance-weighted bound, and ``q`` may also learn by the
+    *wake-phase q update* ``max_phi sum_s w_s log q_phi(z_s | x)``, whose expected gradient tends to
+    ``-grad_phi KL(p(z | x) || q_phi(z | x))`` as ``S`` grows.  The sleep phase minimises
+    ``E_{p(x)} KL(p(z | x) || q_phi(z | x))``: its fixed point is ``q = p(z | x)`` where the
+    family can represent it.
+
+    Samples and dreams are detached, so the wake terms reach only ``theta`` (``log p`` of fixed
+    ``z``) -- and ``phi`` through the wake-phase ``q`` term -- and the sleep term only ``phi``
+    (``log q`` of fixed dreams): maximising :attr:`WakeSleep.surrogate` does both phases in one
+    backward.  ``q`` needs no ``rsample``: this trains discrete latents as well as continuous ones.
+
+    Args:
+        log_likelihood_fn: ``z [S, *batch, *event] -> log p(x | z) [S, *batch]``, as for :func:`elbo`.
+        q: ``q(z | x)``, batch shape ``[*batch]``.
+        prior: ``p(z)``, broadcasting to ``q``; its parameters get the wake gradient.
+        dream_fn: ``() -> (x~, z~)``, ``M`` draws of ``p(x, z)`` (run under ``torch.no_grad``);
+            needed when ``q`` learns by the sleep phase.
+        encoder_fn: ``x~ -> q(z | x~)``, batch shape ``[M]``; needed with ``dream_fn``.
+        num_samples: ``S >= 1`` wake samples per example (``>= 2`` is needed for reweighting to
+            matter).
+        reweighted: self-normalised importance weights in the wake phase.
+        q_update: how ``q`` learns: ``"sleep"`` (default without reweighting), ``"wake"`` (the
+            reweighted wake-phase update, default with reweighting) or ``"both"`` (Bornschein &
+            Bengio's combination); ``"wake"`` and ``"both"`` need ``reweighted=True``.
+        generator: the source of the wake samples (else the global seed); ``dream_fn`` draws its own.
+
+    Returns a :class:`WakeSleep`.
+    """
+    _check_num_samples("num_samples", num_samples)
+    _check_pair(q, prior)
+    if q_update is None:
+        q_update = "wake" if reweighted else "sleep"
+    if q_update not in _Q_UPDATES:
+        raise ValueError(f"q_update must be one of {_Q_UPDATES}, got {q_update!r}")
+    if q_update != "sleep" and not reweighted:
+        raise ValueError(f"q_update={q_update!r} is the reweighted wake-phase update: it needs reweighted=True")
+    sleeps = q_update in ("sleep", "both")
+    if sleeps and (dream_fn is None or encoder_fn is None):
+        raise ValueError(f"q_update={q_update!r} learns q on dreams: dream_fn and encoder_fn are both needed")
+
+    expected = torch.Size((num_samples,)) + q.batch_shape
+    z = _draw(q, num_samples, generator, reparameterised=False).detach()
+    log_joint = _log_likelihood(log_likelihood_fn, z, expected) + prior.log_prob(z)  # [S, *batch]
+    log_q = q.log_prob(z)
+    log_w = (log_joint - log_q).detach()
+    bound = torch.logsumexp(log_w, dim=0) - math.log(num_samples)
+    weights = torch.softmax(log_w, dim=0) if reweighted else torch.full_like(log_w, 1.0 / num_samples)
+    wake = (weights * log_joint).sum(0)
+    if q_update in ("wake", "both"):
+        wake = wake + (weights * log_q).sum(0)
+
+    sleep = None
+    if sleeps:
+        with torch.no_grad():
+            dreams, dreamed_z = dream_fn()
+        sleep = encoder_fn(dreams.detach()).log_prob(dreamed_z.detach())
+    return WakeSleep(wake=wake, sleep=sleep, bound=bound)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentnlp.models import BernoulliFactorModel, FactorialHMM, MixtureOfCategoricals
+from latentnlp.models import BernoulliFactorModel, BinaryVAE, FactorialHMM, MixtureOfCategoricals, NeuralTopicModel
 from latentnlp.models.base import ELBO, OBJECTIVES, IntractableError, LatentModel, UnsupportedObjectiveError
 from latentnlp.models.sentence_vae import SentenceVAE
 
@@ -318,7 +318,7 @@ def check_loss_per_objective(case: ModelCase) -> None:
     """Each declared objective gives a finite scalar and [B] ``nll`` (``neg_elbo`` under
     ``elbo``, and then no ``nll``) / ``tokens`` metrics."""
     model, batch = case.model(), case.batch()
-    size = batch["lengths"].shape[0]
+    size = model.num_tokens(batch).shape[0]
     for objective in model.objectives:
         loss = _seeded(lambda: model.loss(batch, objective, **case.kwargs(objective)), model=model)
         assert loss.value.dim() == 0, (objective, loss.value.shape)
@@ -596,6 +596,24 @@ MODEL_CASES += [
     ModelCase(
         "sentence-vae/cnn",
         make_model=lambda: SentenceVAE(12, 8, 10, 3, decoder="cnn", dilations=(1, 2), bos_id=0, eos_id=1),
+        make_batch=lambda g: lm_batch(g, vocab_size=12),
+    ),
+    ModelCase(
+        "binary-vae",
+        make_model=lambda: BinaryVAE(16, 3, 8),
+        make_batch=lambda g: {"pixels": torch.bernoulli(torch.full((5, 16), 0.3), generator=g)},
+        padded={},
+    ),
+    ModelCase(
+        "binary-vae/reweighted-wake-sleep",
+        make_model=lambda: BinaryVAE(16, 3, 8),
+        make_batch=lambda g: {"pixels": torch.bernoulli(torch.full((5, 16), 0.3), generator=g)},
+        objective_kwargs={"wake-sleep": {"num_samples": 4, "reweighted": True, "q_update": "both"}},
+        padded={},
+    ),
+    ModelCase(
+        "neural-topic-model",
+        make_model=lambda: NeuralTopicModel(12, 3, 8),
         make_batch=lambda g: lm_batch(g, vocab_size=12),
     ),
 ]

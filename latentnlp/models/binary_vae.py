@@ -1,0 +1,156 @@
+r"""A variational autoencoder for binary vectors: Gaussian latent, factorised Bernoulli decoder.
+
+.. math::
+
+    z \sim \mathcal{N}(0, I_L), \qquad
+    x_d \mid z \sim \mathrm{Bernoulli}(\sigma(g_\theta(z)_d)), \quad d = 1..D, \qquad
+    q_\phi(z \mid x) = \mathcal{N}(\mu_\phi(x), \mathrm{diag}\, \sigma_\phi(x)^2)
+
+with ``g`` and the encoder one-hidden-layer MLPs (Kingma & Welling 2014).  It is the tutorial's
+continuous-latent model, and trains by each of the sampling strategies of
+:mod:`latentnlp.objectives`: the reparameterised ELBO, the importance-weighted bound (Burda et al.
+2016), and wake-sleep (Hinton et al. 1995) with or without the reweighting of Bornschein & Bengio
+(2015).
+
+Batches: ``{"pixels": [B, D]}``, a float tensor of zeros and ones (e.g. binarised 8x8 digits,
+``D = 64``).  The loss is per *pixel* (:meth:`BinaryVAE.num_tokens` is ``D`` for every example);
+the metrics are per image (``nll``, ``neg_elbo`` in nats per image).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from latentnlp import objectives
+from latentnlp.families import DiagonalGaussian
+from latentnlp.models.base import ELBO, Batch, LatentModel, Loss
+from latentnlp.validation import is_validating
+
+__all__ = ["BinaryVAE"]
+
+
+class BinaryVAE(LatentModel):
+    """Gaussian-latent VAE with a Bernoulli decoder over ``num_pixels`` binary values.
+
+    Args:
+        num_pixels: ``D``, the length of each binary vector.
+        latent_dim: ``L``, the dimension of ``z``.
+        hidden_dim: the width of the encoder's and the decoder's hidden layer (tanh).
+
+    Objectives: ``"elbo"`` (reparameterised; ``kl`` analytic), ``"iwae"`` (``num_samples``,
+    reparameterised) and ``"wake-sleep"`` (keywords of :meth:`wake_sleep`).
+    """
+
+    objectives = ("elbo", "iwae", "wake-sleep")
+
+    def __init__(self, num_pixels: int = 64, latent_dim: int = 8, hidden_dim: int = 128) -> None:
+        super().__init__()
+        for name, value in (("num_pixels", num_pixels), ("latent_dim", latent_dim), ("hidden_dim", hidden_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.num_pixels, self.latent_dim = num_pixels, latent_dim
+        self.encoder = nn.Sequential(
+            nn.Linear(num_pixels, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, 2 * latent_dim)
+        )
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, num_pixels))
+
+    # ---- pieces -----------------------------------------------------------------------------
+    def _pixels(self, batch: Batch) -> Tensor:
+        x = batch.get("pixels")
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.num_pixels:
+            raise ValueError(
+                f"batch['pixels'] must be a tensor [B, {self.num_pixels}], got {tuple(getattr(x, 'shape', ()))}"
+            )
+        x = x.to(self.decoder[0].weight.dtype)
+        if is_validating() and not bool(((x == 0) | (x == 1)).all()):
+            raise ValueError("batch['pixels'] must hold only zeros and ones")
+        return x
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        """``q(z | x)`` for binary vectors ``x [*batch, D]``: batch shape ``[*batch]``, event ``[L]``."""
+        return DiagonalGaussian.from_params(self.encoder(x), min_scale=1e-4)
+
+    def prior(self, batch_shape: torch.Size | tuple = ()) -> DiagonalGaussian:
+        """``p(z) = N(0, I_L)`` with the given batch shape."""
+        weight = self.decoder[0].weight
+        return DiagonalGaussian.standard(batch_shape, self.latent_dim, dtype=weight.dtype, device=weight.device)
+
+    def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+        """``log p(x | z) = sum_d x_d log sigma(g_d) + (1 - x_d) log sigma(-g_d)``.
+
+        ``x [B, D]``, ``z [S, B, L] -> [S, B]`` (any ``z`` whose decoder output broadcasts with ``x``).
+        """
+        logits, x = torch.broadcast_tensors(self.decoder(z), x)
+        return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+
+    def num_tokens(self, batch: Batch) -> Tensor:
+        """``D`` for every example: the loss is per pixel."""
+        x = self._pixels(batch)
+        return torch.full((x.shape[0],), self.num_pixels, dtype=torch.long, device=x.device)
+
+    # ---- objectives ---------------------------------------------------------------------------
+    def elbo(self, batch: Batch, *, estimator: str | None = None, num_samples: int = 1, kl_weight: float = 1.0) -> ELBO:
+        """:func:`latentnlp.objectives.elbo` with the analytic Gaussian KL; ``estimator`` ``"reparam"``
+        (default) or ``"score_function"``."""
+        x = self._pixels(batch)
+        q = self.encode(x)
+        return objectives.elbo(
+            lambda z: self.log_likelihood(x, z),
+            q,
+            self.prior(),
+            num_samples=num_samples,
+            kl_weight=kl_weight,
+            estimator=estimator or "reparam",
+        )
+
+    def iwae(self, batch: Batch, num_samples: int, chunk_size: int | None = None) -> Tensor:
+        """:func:`latentnlp.objectives.iwae`: ``log 1/S sum_s p(x, z_s) / q(z_s | x)``, ``[B]``."""
+        x = self._pixels(batch)
+        return objectives.iwae(
+            lambda z: self.log_likelihood(x, z), self.encode(x), self.prior(), num_samples, chunk_size=chunk_size
+        )
+
+    def dream(self, num: int) -> tuple[Tensor, Tensor]:
+        """``num`` draws ``(x~, z~)`` of ``p(x, z)``: ``[num, D]`` binary vectors and ``[num, L]`` latents."""
+        z = self.prior().sample((num,))
+        x = torch.bernoulli(torch.sigmoid(self.decoder(z)))
+        return x, z
+
+    def wake_sleep(
+        self, batch: Batch, *, num_samples: int = 1, reweighted: bool = False, q_update: str | None = None
+    ) -> Loss:
+        """The wake-sleep loss (:func:`latentnlp.objectives.wake_sleep`), per pixel.
+
+        ``B`` dreams per batch for the sleep phase.  Value: ``-(wake + sleep) / (B D)``; metrics:
+        ``nll`` (``-log 1/S sum_s p(x, z_s) / q(z_s | x)`` on the wake samples, an importance-weighted
+        estimate, the one-sample ELBO for ``S = 1``), ``wake`` and ``tokens``.
+        """
+        x = self._pixels(batch)
+        terms = objectives.wake_sleep(
+            lambda z: self.log_likelihood(x, z),
+            self.encode(x),
+            self.prior(),
+            dream_fn=lambda: self.dream(x.shape[0]),
+            encoder_fn=self.encode,
+            num_samples=num_samples,
+            reweighted=reweighted,
+            q_update=q_update,
+        )
+        tokens = self.num_tokens(batch).to(torch.float64)
+        value = -terms.surrogate / tokens.sum().to(terms.wake.dtype)
+        return Loss(value=value, metrics={"nll": -terms.bound, "wake": terms.wake.detach(), "tokens": tokens})
+
+    def posterior(self, batch: Batch) -> DiagonalGaussian:
+        """The amortised ``q(z | x)`` (the exact posterior is intractable)."""
+        return self.encode(self._pixels(batch))
+
+    def generate(self, batch: Batch | None = None, *, num: int | None = None) -> Tensor:
+        """``num`` (default: the batch size) binary vectors drawn from ``p(x)``, ``[num, D]``."""
+        if num is None:
+            if batch is None:
+                raise ValueError("generate needs a batch or num")
+            num = self._pixels(batch).shape[0]
+        with torch.no_grad():
+            return self.dream(num)[0]
