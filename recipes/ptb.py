@@ -184,12 +184,11 @@ PRESETS = {
         train={"max_epochs": 2, "lr": 1e-2, "log_every": 10},
         runs=[
             hmm_run(4, 16),
-            fhmm_run(2, 2, 16),
             hmm_run(16, 16),
             fhmm_run(2, 4, 16),
             fhmm_run(4, 2, 16),
             hmm_run(16, 16, rank=4),
-            fhmm_run(2, 3, 16, mean_field=True, iterations=2, max_epochs=1),
+            fhmm_run(3, 2, 16, mean_field=True, iterations=2, max_epochs=1),  # L = 2..4 between them
             lstm_run("lstm-softmax-d4", "softmax", 4, None, 16, 32),
             lstm_run("lstm-mos3-d4", "mos", 4, 3, 16, 32),
             lstm_run("lstm-softmax-d12", "softmax", 12, None, 16, 32),
