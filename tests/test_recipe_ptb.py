@@ -1,5 +1,6 @@
-"""recipes/ptb.py --preset smoke end to end: every model trains, the table and plots are written,
-and a second invocation reuses the finished runs instead of overwriting them."""
+"""recipes/ptb.py --preset smoke end to end: every model trains (HMMs, factorial HMMs exact and by
+mean field, LSTMs), the table and plots are written, and a second invocation reuses the finished
+runs instead of overwriting them."""
 
 import importlib.util
 import json
@@ -35,6 +36,22 @@ def test_smoke_preset_end_to_end(ptb, tmp_path, capsys):
         assert (out / name).exists(), name
     results = (out / "results.md").read_text()
     assert "| hmm-16 |" in results and "54.44" in results and "## Checks" in results
+    # the factorial HMMs: beside the HMM of as many states, on sentence batches, no published number
+    assert "| fhmm-2x4 | 4^2 = 16 | sentences | exact marginal |" in results
+    assert "| Factorial HMM | - | - | none known" in results
+    by_name = {r["name"]: r for r in rows}
+    assert {"fhmm-2x4", "fhmm-4x2", "fhmm-3x2-mf"} <= set(by_name)
+    assert by_name["fhmm-4x2"]["states"] == by_name["hmm-16"]["states"] == 16
+    # the sentence batches read every training sentence and its <eos> once an epoch
+    sentences = (out / "data" / "ptb.train.txt").read_text().splitlines()
+    epoch_tokens = sum(len(line.split()) + 1 for line in sentences)
+    assert by_name["fhmm-2x4"]["train_tokens"] == 2 * epoch_tokens
+    assert by_name["fhmm-3x2-mf"]["train_tokens"] == epoch_tokens  # one epoch
+    # the mean-field row: its bound and the exact perplexity of the same model, the bound above
+    mf = by_name["fhmm-3x2-mf"]
+    assert mf["objective"] == "elbo" and mf["test_ppl_bound"] >= mf["test_ppl"] > 1
+    assert f"| {mf['test_ppl']:.2f} (bound {mf['test_ppl_bound']:.2f}) |" in results
+    assert "| mean-field bound of fhmm-3x2-mf above its exact perplexity | pass |" in results
     assert len((out / "metrics.jsonl").read_text().splitlines()) == len(names)
 
     # a finished run is reused, not retrained or overwritten
