@@ -193,6 +193,11 @@ def test_samples_match_their_expectation():
         ("gaussian", {"observations": torch.full((1, 2, 4), math.nan), "lengths": torch.tensor([1])}, "finite"),
         ("categorical", {"targets": torch.tensor([[0, 4]]), "lengths": torch.tensor([2])}, r"in 0\.\.3"),
         ("categorical", {"targets": torch.zeros(1, 2), "lengths": torch.tensor([2])}, "integer tensor of shape"),
+        (
+            "categorical",
+            {"targets": torch.zeros(1, 2, dtype=torch.long), "lengths": torch.tensor([2]), "stream": True},
+            "carries no state",
+        ),
     ],
 )
 def test_bad_batches_are_refused(emission, batch, message):

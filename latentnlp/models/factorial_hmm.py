@@ -171,6 +171,12 @@ class FactorialHMM(LatentModel):
         name = "targets" if self.emission == "categorical" else "observations"
         if name not in batch or "lengths" not in batch:
             raise ValueError(f"a {self.emission} FactorialHMM batch needs {name!r} and 'lengths', got {sorted(batch)}")
+        if batch.get("stream", False):
+            raise ValueError(
+                "FactorialHMM carries no state from one batch of a BPTT stream to the next, so a stream batch "
+                "(batch['stream'] true) would restart every chunk from the initial distributions; give it "
+                "whole sequences (e.g. latentnlp.data.SentenceBatches)"
+            )
         x, lengths = batch[name], batch["lengths"]
         if self.emission == "categorical":
             if not isinstance(x, Tensor) or x.dim() != 2 or x.is_floating_point():
