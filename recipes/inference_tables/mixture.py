@@ -471,9 +471,10 @@ def run(preset: str, out: Path, data_dir: Path | None, seed: int) -> TableResult
             f"N(0, 0.1²) noise; Adam (lr {setting.lr}), batches of {setting.batch_size} documents, "
             f"{setting.max_steps} updates, one sample per document, the model selected by the held-out exact ELBO.",
             table(results),
-            "No published table measures these estimators on this model; the issue's expected ordering is "
-            "exact >= Gumbel-softmax ≈ score function with a learned baseline > plain score function, with the "
-            "baseline cutting the variance by an order of magnitude (the checks below say what was measured).  "
+            "No published table measures these estimators on this model; the ordering the tutorials lead one to "
+            "expect (Kim, Wiseman & Rush 2018, section 6) is exact >= Gumbel-softmax ≈ score function with a "
+            "learned baseline > plain score function, with the baseline cutting the variance by an order of "
+            "magnitude (Mnih & Gregor 2014); the checks below say what was measured.  "
             "The ELBO and log p(x) columns are exact (q enumerated over K); the EM row has no q (its E-step is the "
             f"exact posterior, so its ELBO is log p(x)).  Variance and bias: {setting.draws} gradients of the "
             "per-token loss w.r.t. the inference network at the exact-gradient model's parameters, on one "
