@@ -472,7 +472,7 @@ def run(preset: str, out: Path, data_dir: Path | None, seed: int) -> TableResult
             f"{setting.max_steps} updates, one sample per document, the model selected by the held-out exact ELBO.",
             table(results),
             "No published table measures these estimators on this model; the ordering the tutorials lead one to "
-            "expect (Kim, Wiseman & Rush 2018, section 6) is exact >= Gumbel-softmax ≈ score function with a "
+            "expect (Kim, Wiseman & Rush 2018) is exact >= Gumbel-softmax ≈ score function with a "
             "learned baseline > plain score function, with the baseline cutting the variance by an order of "
             "magnitude (Mnih & Gregor 2014); the checks below say what was measured.  "
             "The ELBO and log p(x) columns are exact (q enumerated over K); the EM row has no q (its E-step is the "
