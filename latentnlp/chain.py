@@ -47,6 +47,9 @@ from .masks import lengths_to_mask
 from .semirings import LogSemiring, finite_max, safe_log
 from .transitions import Transition, TransitionProbabilities, shifted_exp
 
+ARRAY_LOOP_MAX_WORK = 2**20
+"""The largest ``B K^2`` whose scaled recursion steps on numpy views of CPU tensors (see :func:`_array_steps`)."""
+
 
 def _dense_at(trans: Tensor, t: int) -> Tensor:
     """The dense log matrix into position ``t >= 1`` of ``[K, K]``, ``[B, K, K]`` or ``[B, T-1, K, K]``."""
@@ -116,12 +119,18 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
         emit_probs = emit.new_zeros(steps, batch, k)
         shifts = emit.new_zeros(steps, batch)
         a, shifts[0] = _reachable_shift((init != float("-inf")).to(emit.dtype), init + emit[:, 0])
+    torch.sum(a, -1, keepdim=True, out=scale[0].unsqueeze(-1))
+    torch.div(a, scale[0].unsqueeze(-1), out=alpha[0])
+    all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps  # steps before this need no padding
+    array_steps = _array_steps(probs, alpha)
+    if array_steps is not None:
+        _forward_steps_on_arrays(
+            alpha, scale, emit_probs, shifts, emit, mask, reachable, array_steps[0], all_valid_until
+        )
+        return alpha, scale, emit_probs, shifts.sum(0)
     # per-step views taken once: indexing inside the loop costs more than the small matmuls
     alpha_t, scale_t, emit_probs_t = alpha.unbind(0), scale.unsqueeze(-1).unbind(0), emit_probs.unbind(0)
     propagate = probs.forward
-    torch.sum(a, -1, keepdim=True, out=scale_t[0])
-    torch.div(a, scale_t[0], out=alpha_t[0])
-    all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps  # steps before this need no padding
     for t in range(1, steps):
         current, c = alpha_t[t], scale_t[t]
         propagate(alpha_t[t - 1], t, current)  # reach = alpha_{t-1} P_t
@@ -141,6 +150,69 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     return alpha, scale, emit_probs, shifts.sum(0)
 
 
+def _array_steps(probs: TransitionProbabilities, beliefs: Tensor):
+    """The transition's numpy steps (:meth:`TransitionProbabilities.array_steps`) when the recursion's loop
+    over the time-major ``beliefs [T, B, K]`` runs on numpy views: CPU tensors and ``B K^2`` at most
+    :data:`ARRAY_LOOP_MAX_WORK`; else None (the loop steps with torch)."""
+    if beliefs.device.type != "cpu" or beliefs.shape[1] * beliefs.shape[2] ** 2 > ARRAY_LOOP_MAX_WORK:
+        return None
+    return probs.array_steps()
+
+
+def _reachable_shift_array(reach, scores):
+    """:func:`_reachable_shift` on numpy arrays ``reach [B, K]``, ``scores [B, K]``: ``(probs [B, K], shift [B])``."""
+    reachable = reach > 0
+    masked = numpy.where(reachable, scores, -numpy.inf)
+    shift = masked.max(-1, keepdims=True)
+    shift = numpy.where(numpy.isfinite(shift), shift, 0.0)
+    return numpy.where(reachable, numpy.exp(masked - shift), 0.0), shift[:, 0]
+
+
+def _forward_steps_on_arrays(alpha, scale, emit_probs, shifts, emit, mask, reachable, propagate, all_valid_until):
+    """The time loop of :func:`_scaled_forward` on numpy views of its buffers (CPU): the same recursion,
+    ``t = 1 .. T-1``, written into ``alpha [T, B, K]``, ``scale [T, B]`` (and, when not every state is
+    reachable, ``emit_probs [T, B, K]`` and ``shifts [T, B]``)."""
+    alpha_t = list(alpha.numpy())
+    scale_t = list(scale.numpy()[:, :, None])
+    emit_probs_t = list(emit_probs.numpy())
+    padding = (~mask).numpy()
+    if not reachable:
+        scores, shift_t = emit.detach().numpy(), shifts.numpy()
+    multiply, divide, total, copyto = numpy.multiply, numpy.divide, numpy.add.reduce, numpy.copyto
+    with numpy.errstate(all="ignore"):  # a dead chain's 0 / 0 is NaN, as in torch (and flagged)
+        for t in range(1, len(alpha_t)):
+            current, c = alpha_t[t], scale_t[t]
+            propagate(alpha_t[t - 1], t, current)  # reach = alpha_{t-1} P_t
+            if reachable:
+                multiply(current, emit_probs_t[t], out=current)
+            else:
+                e_t, m_t = _reachable_shift_array(current, scores[:, t])
+                multiply(current, e_t, out=current)
+                emit_probs_t[t][...] = e_t
+                shift_t[t] = numpy.where(padding[:, t], 0.0, m_t)
+            total(current, -1, keepdims=True, out=c)
+            divide(current, c, out=current)
+            if t >= all_valid_until:
+                pad = padding[:, t, None]
+                copyto(current, alpha_t[t - 1], where=pad)
+                copyto(c, 1.0, where=pad)
+
+
+def _backward_steps_on_arrays(beta, u, weights, mask, propagate_back, all_valid_until):
+    """The time loop of :func:`_scaled_backward` on numpy views of its buffers (CPU)."""
+    beta_t, u_t, weights_t = list(beta.numpy()), list(u.numpy()), list(weights.numpy())
+    padding = (~mask).numpy()
+    multiply, copyto = numpy.multiply, numpy.copyto
+    with numpy.errstate(all="ignore"):
+        for t in range(len(beta_t) - 1, 0, -1):
+            multiply(weights_t[t], beta_t[t], out=u_t[t])
+            propagate_back(u_t[t], t, beta_t[t - 1])
+            if t >= all_valid_until:
+                pad = padding[:, t, None]
+                copyto(u_t[t], 0.0, where=pad)
+                copyto(beta_t[t - 1], beta_t[t], where=pad)
+
+
 def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, emit_probs: Tensor, scale: Tensor, mask: Tensor):
     r"""Backward recursion of the scaled algorithm (time-major), fused with the gradient.
 
@@ -150,13 +222,17 @@ def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, emit_probs: 
     Returns ``gamma [T, B, K]`` and ``u [T, B, K]`` (``u_0 = 0``, ``u_t = 0`` past the length).
     """
     steps = alpha.shape[0]
-    weights = (emit_probs / scale.unsqueeze(-1)).unbind(0)  # u_t = weights_t * beta_t
+    weights = emit_probs / scale.unsqueeze(-1)  # u_t = weights_t * beta_t
     beta = torch.empty_like(alpha)
     beta[steps - 1] = 1.0
     u = torch.zeros_like(alpha)
-    beta_t, u_t = beta.unbind(0), u.unbind(0)
-    propagate_back = probs.backward
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps
+    array_steps = _array_steps(probs, alpha)
+    if array_steps is not None:
+        _backward_steps_on_arrays(beta, u, weights, mask, array_steps[1], all_valid_until)
+        return alpha * beta, u
+    weights, beta_t, u_t = weights.unbind(0), beta.unbind(0), u.unbind(0)
+    propagate_back = probs.backward
     for t in range(steps - 1, 0, -1):
         torch.mul(weights[t], beta_t[t], out=u_t[t])
         propagate_back(u_t[t], t, beta_t[t - 1])
