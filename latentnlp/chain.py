@@ -23,13 +23,16 @@ Algorithms:
   call per step (``O(B K^2)``, or ``O(B K r)`` through a rank); its gradient is the classic
   backward recursion written by hand (an ``autograd.Function``), so no graph is kept over
   ``T`` and memory is ``O(B T K)``.  Underflow is reported by a flag, never by a NaN; rows whose
-  backward overflows (the smoother far from the filter) get their gradient from log space.
+  backward overflows (the smoother far from the filter) get their gradient from log space.  On
+  the CPU, up to ``B K^2 = ARRAY_LOOP_MAX_WORK``, its time loops step on numpy views of their
+  buffers, whose calls cost a fraction of a torch operation's dispatch.
 * :func:`log_space_forward` -- the same recursion in the log semiring, autograd through it.
 * :func:`scan_log_partition` -- parallel prefix: a balanced tree of log-space ``K x K``
   products, depth ``log T`` (dense).
 * :func:`blocked_log_partition` -- the scaled algorithm's quantities through products of
   blocks of ``b ~ sqrt(T)`` steps: ``O(sqrt T)`` sequential batched operations instead of
-  ``O(T)``, for ``O(B T K^3)`` arithmetic (dense), with a hand-written blocked backward.
+  ``O(T)``, for ``O(B T K^3)`` arithmetic (dense), with a hand-written blocked backward;
+  ``method="auto"`` takes it where :func:`prefers_blocked` (a measured rule) says.
 * :func:`viterbi`, :func:`kbest_viterbi` (dense), :func:`forward_filter`,
   :func:`backward_sample`, :func:`chain_entropy` (dense), :func:`path_score`.
 """
