@@ -2,7 +2,11 @@ r"""Benchmark: the linear-chain sum (``ChainPosterior.log_partition``) against i
 
 What is timed, for every ``(B, T, K)``: one forward + backward of the log-partition of an HMM
 with a shared transition matrix, ``log_partition(init, trans[K, K], emit[B, T, K]).sum().backward()``
-(gradients w.r.t. ``emit`` and ``trans``), on the CPU, float32, ``torch.set_num_threads(2)``.
+(gradients w.r.t. ``emit`` and ``trans``), on the CPU, float32, ``torch.set_num_threads(2)``, or
+on a GPU with ``--device cuda`` (every row but hmmlearn's; refused where torch finds no CUDA
+device).  Beside each time the table gives the number of sequential steps of the method
+(:func:`sequential_steps`): the batched operations that must follow one another, which is what
+a step's fixed cost (an interpreter round, a kernel launch) multiplies.
 
 Rows (``method`` names in the JSON):
 
@@ -52,6 +56,7 @@ Usage::
     python benchmarks/chain.py --quick         # sanity run: short chains, one repeat, writes nothing
     python benchmarks/chain.py --sizes 16x64x64,8x1024x16 --methods latentnlp,naive,matmul-3T
     python benchmarks/chain.py --viterbi       # decoding against pytorch-crf, writes results/viterbi.json
+    python benchmarks/chain.py --device cuda   # the grid on a GPU, writes results/chain-cuda.json
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
@@ -74,15 +80,19 @@ sys.path.insert(0, str(HERE))  # the shared measurement module, wherever the scr
 from measurement import failure, peak_memory, repeat_count, run_case, start_worker, utc_now  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "chain.json"
+CUDA_OUT = REPO / "benchmarks" / "results" / "chain-cuda.json"
 VITERBI_OUT = REPO / "benchmarks" / "results" / "viterbi.json"
 THREADS = 2  # default of --threads
 SEED = 0
 
-SIZES = [(16, 64, 64), (16, 64, 128), (32, 128, 512), (8, 256, 2048), (8, 1024, 16)]
-# --quick: the same K (so every peer meets the same code paths and memory cap), short chains
-QUICK_SIZES = [(4, 16, 64), (4, 16, 128), (4, 32, 512), (2, 32, 2048), (2, 256, 16)]
+# the published sizes, a CRF tagger's and a long sequence with few states
+SIZES = [(16, 64, 64), (16, 64, 128), (32, 128, 512), (8, 256, 2048), (8, 1024, 16), (32, 50, 20), (4, 10000, 8)]
+# --quick: the same K (so every peer meets the same code paths and memory cap), short chains; the last
+# one long enough for method="auto" to take the blocked algorithm
+QUICK_SIZES = [(4, 16, 64), (4, 16, 128), (4, 32, 512), (2, 32, 2048), (2, 256, 16), (4, 16, 20), (2, 2048, 8)]
 
-# method -> (description, fwd+bwd?, applicable(B, T, K))
+# method -> (description, fwd+bwd?, applicable(B, T, K)); on --device cuda the CPU-only rows are left out
+CPU_ONLY = ("hmmlearn-fwd",)
 METHODS = {
     "latentnlp": ("latentnlp ChainPosterior, method auto", True, lambda B, T, K: True),
     "latentnlp-scaled": ("latentnlp, method scaled", True, lambda B, T, K: True),
@@ -107,6 +117,47 @@ VITERBI_ROWS = {
 }
 
 
+def sequential_steps(method: str, B: int, T: int, K: int, device: str = "cpu") -> int:
+    """The number of batched operations of the timed call that must run one after another, a lower
+    bound on its time wherever a step costs a fixed overhead (an interpreter round, a GPU launch).
+
+    Forward + backward (forward alone for the ``-fwd`` rows): ``2 (T - 1)`` for a step-by-step
+    recursion (scaled, log, naive; hmmlearn ``T``), ``2 ceil(log2(T - 1))`` for a balanced tree of
+    matrix products (latentnlp's scan, torch-struct's and Pyro's parallel scans, their autograd
+    backward the same depth again), ``3 b + 2 n`` for the blocked algorithm (``b`` its block,
+    ``n = ceil((T - 1) / b)`` blocks: ``2 b + n`` forward, ``b + n`` backward), ``3 T`` for the
+    matmul limit; ``latentnlp`` (``"auto"``) counts the algorithm it chooses for the size.
+    """
+    from latentnlp import chain
+    from latentnlp.transitions import DenseTransition
+
+    edges = max(T - 1, 0)
+    tree = 2 * math.ceil(math.log2(edges)) if edges > 1 else 2 * edges
+    block = chain.default_block(T)
+    blocks = -(-edges // block)
+    blocked = 3 * block + 2 * blocks
+    if method in ("latentnlp", "latentnlp-fwd"):
+        import torch
+
+        # the rule reads the transition's kind, the device type and the shape only: expanded scalars
+        emit = torch.empty(1, 1, 1, device=device).expand(B, T, K)
+        takes_blocked = chain.prefers_blocked(DenseTransition(torch.empty(1, 1, device=device).expand(K, K)), emit)
+        if method == "latentnlp-fwd":
+            return 2 * block + blocks if takes_blocked else edges
+        return blocked if takes_blocked else 2 * edges
+    return {
+        "latentnlp-scaled": 2 * edges,
+        "latentnlp-log": 2 * edges,
+        "naive": 2 * edges,
+        "latentnlp-scan": tree,
+        "torch-struct": tree,
+        "pyro": tree,
+        "latentnlp-blocked": blocked,
+        "hmmlearn-fwd": T,
+        "matmul-3T": 3 * T,
+    }[method]
+
+
 # ==============================================================================================
 # worker side: one (method, B, T, K) per process
 # ==============================================================================================
@@ -119,19 +170,21 @@ def _inputs(B, T, K, torch):
     return init, trans, emit
 
 
-def _setup(method, B, T, K):
-    """Build the inputs and return ``run()`` -> a float (the summed log-partition, for checking)."""
+def _setup(method, B, T, K, device="cpu"):
+    """Build the inputs on ``device`` and return ``run()`` -> a float (the summed log-partition, for
+    checking; reading it back waits for the device)."""
     import torch
 
-    init, trans, emit = _inputs(B, T, K, torch)
+    init, trans, emit = (x.to(device) for x in _inputs(B, T, K, torch))
 
     if method == "matmul-3T":
-        x, a, out = torch.randn(B, K), torch.randn(K, K), torch.empty(B, K)
+        x, a, out = (torch.randn(B, K), torch.randn(K, K), torch.empty(B, K))
+        x, a, out = x.to(device), a.to(device), out.to(device)
 
         def run():
             for _ in range(3 * T):
                 torch.mm(x, a, out=out)
-            return float("nan")
+            return float(out[0, 0] * float("nan"))  # waits for the device
 
         return run
 
@@ -212,7 +265,7 @@ def _setup(method, B, T, K):
             def log_prob(self, value):
                 return self.scores
 
-        x = torch.zeros(B, T)
+        x = torch.zeros(B, T, device=device)
 
         def value():
             tl = torch.cat([init.expand(1, K, K), trans.expand(T - 1, K, K)], dim=0)
@@ -232,22 +285,25 @@ def _setup(method, B, T, K):
 
 
 def worker(spec: dict) -> dict:
-    start_worker(spec["mem_cap_gb"], spec["threads"])
+    device = spec.get("device", "cpu")
+    start_worker(spec["mem_cap_gb"], spec["threads"], device)
     sys.path.insert(0, str(REPO))
     method, B, T, K = spec["method"], spec["B"], spec["T"], spec["K"]
     out = {"method": method, "B": B, "T": T, "K": K}
     try:
         # a tiny call of the same code path first: lazy library/thread initialisation is not
         # charged to the measured call's memory
-        _setup(method, 2, 4, min(K, 8))()
-        run = _setup(method, B, T, K)
+        _setup(method, 2, 4, min(K, 8), device)()
+        run = _setup(method, B, T, K, device)
 
         def timed_run():
             t0 = time.perf_counter()
             value = run()
             return value, time.perf_counter() - t0
 
-        (out["value"], first), out["peak_mb"], out["peak_method"] = peak_memory(timed_run)
+        (out["value"], first), out["peak_mb"], out["peak_method"] = peak_memory(
+            timed_run, device if device != "cpu" else None
+        )
         if first > spec["timeout_s"] / 3:  # no time left for a repeat: keep the warm-up
             times = [first]
             out["note"] = "single call (warm-up) timed: too slow to repeat"
@@ -277,6 +333,7 @@ def measure(method, B, T, K, args) -> dict:
         max_repeats=args.max_repeats,
         timeout_s=args.timeout,
         threads=args.threads,
+        device=args.device,
     )
     return run_case(
         __file__, spec, identity=dict(method=method, B=B, T=T, K=K), threads=args.threads, timeout=args.timeout
@@ -391,10 +448,13 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
         at = f" (at B,T,K = {','.join(map(str, g['size']))})" if g["size"] else ""
         goal_lines.append(f"[{g['status']:>4}] {g['target']}: {vs}{at}")
 
+    step_rows = [[f"{r['B']},{r['T']},{r['K']}"] + [str(r["steps"].get(m, "-")) for m in methods] for r in results]
     console = "\n\n".join(
         [
             "fwd+bwd time, median (hmmlearn-fwd and latentnlp-fwd: forward only)",
             plain(head, rows),
+            "sequential steps of each method (see sequential_steps)",
+            plain(head, step_rows),
             "peak memory above baseline, MB",
             plain(head, mem_rows),
             "ratios (speed-up = peer time / latentnlp time; limit_fraction = 3T-matmul time / latentnlp time)",
@@ -407,6 +467,7 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
     md_head = [
         "B, T, K",
         "latentnlp fwd+bwd",
+        "sequential steps",
         "peak mem",
         "3T matmuls (limit)",
         "naive autograd",
@@ -429,6 +490,7 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
                 [
                     f"{r['B']}, {r['T']}, {r['K']}",
                     _cell_time(ours),
+                    str(r["steps"].get("latentnlp", "-")),
                     _fmt_mb(ours["peak_mb"]) + " MB" if _ok(ours) else "-",
                     _cell_time(m.get("matmul-3T"))
                     + (f" ({q['time_over_3T_matmul']:.2f}x)" if "time_over_3T_matmul" in q else ""),
@@ -443,10 +505,11 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
     md.append("")
     md.append(
         f"Median time of forward + backward of `log_partition.sum()` w.r.t. emit and trans "
-        f"(float32, {info['cpu_model']}, {info['threads']} thread(s), torch "
+        f"(float32, {info['device_name']}, {info['threads']} thread(s), torch "
         f"{info['versions']['torch']}); (Nx) = speed-up of latentnlp over the peer; the limit "
         f"column is the time of 3T (B,K)x(K,K) matmuls with (latentnlp time / that time); "
-        f"hmmlearn (float64 C++) is forward only, so is the latentnlp time beside it; OOM = over "
+        f"hmmlearn (float64 C++) is forward only, so is the latentnlp time beside it; sequential steps "
+        f"= the batched operations of latentnlp's forward + backward that follow one another; OOM = over "
         f"the {info['mem_cap_gb']:g} GB per-process memory cap."
     )
     return console, "\n".join(md)
@@ -575,6 +638,8 @@ def machine_info(args) -> dict:
         "python": platform.python_version(),
         "cpu_model": cpu,
         "cpu_count": os.cpu_count(),
+        "device": getattr(args, "device", "cpu"),
+        "device_name": torch.cuda.get_device_name() if getattr(args, "device", "cpu") == "cuda" else cpu,
         "threads": args.threads,
         "versions": versions,
         "mem_cap_gb": args.mem_cap_gb,
@@ -591,7 +656,7 @@ def main(argv=None):
         action="store_true",
         help="sanity run: short chains (same K), one repeat, nothing written unless --out",
     )
-    p.add_argument("--sizes", help="comma list of BxTxK (default: the five published sizes)")
+    p.add_argument("--sizes", help="comma list of BxTxK (default: SIZES, the five published sizes and two more)")
     p.add_argument("--methods", help=f"comma list out of {', '.join(METHODS)}")
     p.add_argument("--budget", type=float, help="seconds of repeats per measurement (default 3; quick 0)")
     p.add_argument("--max-repeats", type=int, default=15)
@@ -603,6 +668,12 @@ def main(argv=None):
         type=Path,
         help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)}; --quick writes none unless given)",
     )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the grid runs: cuda needs a GPU (hmmlearn is left out; default output results/chain-cuda.json)",
+    )
     p.add_argument("--viterbi", action="store_true", help="decoding against pytorch-crf (see above)")
     p.add_argument("--repeats", type=int, help="--viterbi: alternating repeats per size (default 30; quick 2)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -611,8 +682,8 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    sys.path.insert(0, str(REPO))
     if args.viterbi:
-        sys.path.insert(0, str(REPO))
         if args.threads is None:
             args.threads = 1
         if args.repeats is None:
@@ -626,6 +697,11 @@ def main(argv=None):
         )
         return viterbi_main(args, sizes)
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch finds no CUDA device here (torch.cuda.is_available() is False)")
     if args.threads is None:
         args.threads = THREADS
     if args.budget is None:
@@ -634,7 +710,7 @@ def main(argv=None):
         args.timeout = 30.0 if args.quick else 150.0
     if args.quick:
         args.max_repeats = 1
-    out = args.out if args.out or args.quick else DEFAULT_OUT
+    out = args.out if args.out or args.quick else (DEFAULT_OUT if args.device == "cpu" else CUDA_OUT)
     sizes = (
         (QUICK_SIZES if args.quick else SIZES)
         if not args.sizes
@@ -644,6 +720,8 @@ def main(argv=None):
     for m in methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if args.device != "cpu":
+        methods = [m for m in methods if m not in CPU_ONLY]
 
     info = machine_info(args)
     print(
@@ -674,7 +752,8 @@ def main(argv=None):
                 r["value_agrees"] = abs(r["value"] - ref["value"]) <= 1e-4 * max(1.0, abs(ref["value"]))
                 if not r["value_agrees"]:
                     print(f"  WARNING {r['method']}: log Z sum {r['value']:.6g} vs {ref['value']:.6g}")
-        results.append(dict(B=B, T=T, K=K, methods=res, ratios=ratios(res)))
+        steps = {m: sequential_steps(m, B, T, K, args.device) for m in res}
+        results.append(dict(B=B, T=T, K=K, methods=res, ratios=ratios(res), steps=steps))
     goals = targets(results)
     console, md = tables(results, goals, info)
     print()

@@ -23,13 +23,16 @@ Algorithms:
   call per step (``O(B K^2)``, or ``O(B K r)`` through a rank); its gradient is the classic
   backward recursion written by hand (an ``autograd.Function``), so no graph is kept over
   ``T`` and memory is ``O(B T K)``.  Underflow is reported by a flag, never by a NaN; rows whose
-  backward overflows (the smoother far from the filter) get their gradient from log space.
+  backward overflows (the smoother far from the filter) get their gradient from log space.  On
+  the CPU, up to ``B K^2 = ARRAY_LOOP_MAX_WORK``, its time loops step on numpy views of their
+  buffers, whose calls cost a fraction of a torch operation's dispatch.
 * :func:`log_space_forward` -- the same recursion in the log semiring, autograd through it.
 * :func:`scan_log_partition` -- parallel prefix: a balanced tree of log-space ``K x K``
   products, depth ``log T`` (dense).
 * :func:`blocked_log_partition` -- the scaled algorithm's quantities through products of
   blocks of ``b ~ sqrt(T)`` steps: ``O(sqrt T)`` sequential batched operations instead of
-  ``O(T)``, for ``O(B T K^3)`` arithmetic (dense), with a hand-written blocked backward.
+  ``O(T)``, for ``O(B T K^3)`` arithmetic (dense), with a hand-written blocked backward;
+  ``method="auto"`` takes it where :func:`prefers_blocked` (a measured rule) says.
 * :func:`viterbi`, :func:`kbest_viterbi` (dense), :func:`forward_filter`,
   :func:`backward_sample`, :func:`chain_entropy` (dense), :func:`path_score`.
 """
@@ -45,7 +48,17 @@ from torch import Tensor
 from .gumbel import gumbel_argmax
 from .masks import lengths_to_mask
 from .semirings import LogSemiring, finite_max, safe_log
-from .transitions import Transition, TransitionProbabilities, shifted_exp
+from .transitions import DenseTransition, Transition, TransitionProbabilities, shifted_exp
+
+ARRAY_LOOP_MAX_WORK = 2**19
+"""The largest ``B K^2`` whose scaled recursion steps on numpy views of CPU tensors (see :func:`_array_steps`).
+
+Measured on a 2-core machine, 2 torch threads, one ``[B, K] x [K, K]`` product (numpy's OpenBLAS
+against ``torch.mm``): 1.5 against 2.3 us at ``(B, K) = (16, 64)``, 6.8 against 13 at ``(16, 128)``,
+12 against 16 at ``(8, 256)``, 14 against 89 at ``(32, 128)`` (``B K^2 = 2^19``); but 3,100 against
+35 us at ``(16, 256)`` (``2^20``), where OpenBLAS splits the product over its own threads, which then
+wait for the cores torch's threads hold.  Past the bound the step's overhead no longer dominates anyway.
+"""
 
 
 def _dense_at(trans: Tensor, t: int) -> Tensor:
@@ -98,12 +111,22 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     Deciding which costs one synchronisation (no ``-inf`` in ``init``, ``P > 0``): an algorithm
     choice, made once per call.  Padding steps (``t >= L``) keep ``alpha`` and set ``c_t = 1``.
     Returns ``alpha [T, B, K]`` (each row a filtering distribution), ``scale [T, B]`` (the
-    ``c_t``), ``emit_probs [T, B, K]`` (the ``e_t``) and ``log_shift [B]`` (``sum_{t<L} m_t``),
-    so that ``log Z = sum_t log c_t + log_shift + transition shifts``.
+    ``c_t``), ``emit_probs [T, B, K]`` (the ``e_t``), ``log_shift [B]`` (``sum_{t<L} m_t``),
+    so that ``log Z = sum_t log c_t + log_shift + transition shifts``, and ``lost [B]`` (bool).
+
+    ``lost`` marks chains where, when not every state is reachable, a state the chain can be in
+    (``alpha_{t-1} P_t > 0`` and a finite emission score) got ``a_t`` below the smallest normal
+    number: its mass was rounded away, and with it every path through it, which may be the paths
+    that dominate later (a large score further on that only this state leads to), although no
+    step's normaliser ``c_t`` is small.  Such chains are underflowed as surely as those with a
+    small ``c_t`` (:func:`_underflowed`).  When every state is reachable it is all False: each
+    state can then be re-entered from every other at the next step.
     """
     batch, steps, k = emit.shape
     alpha = emit.new_empty(steps, batch, k)
     scale = emit.new_ones(steps, batch)
+    lost = torch.zeros(batch, dtype=torch.bool, device=emit.device)
+    tiny = torch.finfo(emit.dtype).tiny
     reachable = bool((init != float("-inf")).all()) and probs.all_positive()  # NaN stays NaN
     if reachable:
         shift = finite_max(emit, -1)
@@ -116,12 +139,19 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
         emit_probs = emit.new_zeros(steps, batch, k)
         shifts = emit.new_zeros(steps, batch)
         a, shifts[0] = _reachable_shift((init != float("-inf")).to(emit.dtype), init + emit[:, 0])
+        lost = ((init + emit[:, 0] > float("-inf")) & (a < tiny)).any(-1)
+    torch.sum(a, -1, keepdim=True, out=scale[0].unsqueeze(-1))
+    torch.div(a, scale[0].unsqueeze(-1), out=alpha[0])
+    all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps  # steps before this need no padding
+    array_steps = _array_steps(probs, alpha)
+    if array_steps is not None:
+        _forward_steps_on_arrays(
+            alpha, scale, emit_probs, shifts, lost, emit, mask, reachable, array_steps[0], all_valid_until
+        )
+        return alpha, scale, emit_probs, shifts.sum(0), lost
     # per-step views taken once: indexing inside the loop costs more than the small matmuls
     alpha_t, scale_t, emit_probs_t = alpha.unbind(0), scale.unsqueeze(-1).unbind(0), emit_probs.unbind(0)
     propagate = probs.forward
-    torch.sum(a, -1, keepdim=True, out=scale_t[0])
-    torch.div(a, scale_t[0], out=alpha_t[0])
-    all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps  # steps before this need no padding
     for t in range(1, steps):
         current, c = alpha_t[t], scale_t[t]
         propagate(alpha_t[t - 1], t, current)  # reach = alpha_{t-1} P_t
@@ -129,7 +159,9 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
             current.mul_(emit_probs_t[t])
         else:
             e_t, m_t = _reachable_shift(current, emit[:, t])
+            possible = (current > 0) & (emit[:, t] > float("-inf"))
             current.mul_(e_t)
+            lost |= (possible & (current < tiny)).any(-1) & mask[:, t]
             emit_probs_t[t].copy_(e_t)
             shifts[t] = torch.where(mask[:, t], m_t, torch.zeros_like(m_t))
         torch.sum(current, -1, keepdim=True, out=c)
@@ -138,7 +170,73 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
             valid = mask[:, t].unsqueeze(-1)
             current.copy_(torch.where(valid, current, alpha_t[t - 1]))
             c.copy_(torch.where(valid, c, torch.ones_like(c)))
-    return alpha, scale, emit_probs, shifts.sum(0)
+    return alpha, scale, emit_probs, shifts.sum(0), lost
+
+
+def _array_steps(probs: TransitionProbabilities, beliefs: Tensor):
+    """The transition's numpy steps (:meth:`TransitionProbabilities.array_steps`) when the recursion's loop
+    over the time-major ``beliefs [T, B, K]`` runs on numpy views: CPU tensors and ``B K^2`` at most
+    :data:`ARRAY_LOOP_MAX_WORK`; else None (the loop steps with torch)."""
+    if beliefs.device.type != "cpu" or beliefs.shape[1] * beliefs.shape[2] ** 2 > ARRAY_LOOP_MAX_WORK:
+        return None
+    return probs.array_steps()
+
+
+def _reachable_shift_array(reach, scores):
+    """:func:`_reachable_shift` on numpy arrays ``reach [B, K]``, ``scores [B, K]``: ``(probs [B, K], shift [B])``."""
+    reachable = reach > 0
+    masked = numpy.where(reachable, scores, -numpy.inf)
+    shift = masked.max(-1, keepdims=True)
+    shift = numpy.where(numpy.isfinite(shift), shift, 0.0)
+    return numpy.where(reachable, numpy.exp(masked - shift), 0.0), shift[:, 0]
+
+
+def _forward_steps_on_arrays(alpha, scale, emit_probs, shifts, lost, emit, mask, reachable, propagate, all_valid_until):
+    """The time loop of :func:`_scaled_forward` on numpy views of its buffers (CPU): the same recursion,
+    ``t = 1 .. T-1``, written into ``alpha [T, B, K]``, ``scale [T, B]`` (and, when not every state is
+    reachable, ``emit_probs [T, B, K]``, ``shifts [T, B]`` and ``lost [B]``)."""
+    alpha_t = list(alpha.numpy())
+    tiny = numpy.finfo(alpha_t[0].dtype).tiny
+    scale_t = list(scale.numpy()[:, :, None])
+    emit_probs_t = list(emit_probs.numpy())
+    padding = (~mask).numpy()
+    if not reachable:
+        scores, shift_t, lost_rows = emit.detach().numpy(), shifts.numpy(), lost.numpy()
+    multiply, divide, total, copyto = numpy.multiply, numpy.divide, numpy.add.reduce, numpy.copyto
+    with numpy.errstate(all="ignore"):  # a dead chain's 0 / 0 is NaN, as in torch (and flagged)
+        for t in range(1, len(alpha_t)):
+            current, c = alpha_t[t], scale_t[t]
+            propagate(alpha_t[t - 1], t, current)  # reach = alpha_{t-1} P_t
+            if reachable:
+                multiply(current, emit_probs_t[t], out=current)
+            else:
+                e_t, m_t = _reachable_shift_array(current, scores[:, t])
+                possible = (current > 0) & (scores[:, t] > -numpy.inf)
+                multiply(current, e_t, out=current)
+                lost_rows |= (possible & (current < tiny)).any(-1) & ~padding[:, t]
+                emit_probs_t[t][...] = e_t
+                shift_t[t] = numpy.where(padding[:, t], 0.0, m_t)
+            total(current, -1, keepdims=True, out=c)
+            divide(current, c, out=current)
+            if t >= all_valid_until:
+                pad = padding[:, t, None]
+                copyto(current, alpha_t[t - 1], where=pad)
+                copyto(c, 1.0, where=pad)
+
+
+def _backward_steps_on_arrays(beta, u, weights, mask, propagate_back, all_valid_until):
+    """The time loop of :func:`_scaled_backward` on numpy views of its buffers (CPU)."""
+    beta_t, u_t, weights_t = list(beta.numpy()), list(u.numpy()), list(weights.numpy())
+    padding = (~mask).numpy()
+    multiply, copyto = numpy.multiply, numpy.copyto
+    with numpy.errstate(all="ignore"):
+        for t in range(len(beta_t) - 1, 0, -1):
+            multiply(weights_t[t], beta_t[t], out=u_t[t])
+            propagate_back(u_t[t], t, beta_t[t - 1])
+            if t >= all_valid_until:
+                pad = padding[:, t, None]
+                copyto(u_t[t], 0.0, where=pad)
+                copyto(beta_t[t - 1], beta_t[t], where=pad)
 
 
 def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, emit_probs: Tensor, scale: Tensor, mask: Tensor):
@@ -150,13 +248,17 @@ def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, emit_probs: 
     Returns ``gamma [T, B, K]`` and ``u [T, B, K]`` (``u_0 = 0``, ``u_t = 0`` past the length).
     """
     steps = alpha.shape[0]
-    weights = (emit_probs / scale.unsqueeze(-1)).unbind(0)  # u_t = weights_t * beta_t
+    weights = emit_probs / scale.unsqueeze(-1)  # u_t = weights_t * beta_t
     beta = torch.empty_like(alpha)
     beta[steps - 1] = 1.0
     u = torch.zeros_like(alpha)
-    beta_t, u_t = beta.unbind(0), u.unbind(0)
-    propagate_back = probs.backward
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps
+    array_steps = _array_steps(probs, alpha)
+    if array_steps is not None:
+        _backward_steps_on_arrays(beta, u, weights, mask, array_steps[1], all_valid_until)
+        return alpha * beta, u
+    weights, beta_t, u_t = weights.unbind(0), beta.unbind(0), u.unbind(0)
+    propagate_back = probs.backward
     for t in range(steps - 1, 0, -1):
         torch.mul(weights[t], beta_t[t], out=u_t[t])
         propagate_back(u_t[t], t, beta_t[t - 1])
@@ -179,10 +281,10 @@ class _ScaledLogPartition(torch.autograd.Function):
     def forward(ctx, init: Tensor, emit: Tensor, lengths: Tensor, transition: Transition, *parameters: Tensor):
         mask = lengths_to_mask(lengths, emit.shape[1])
         probs = transition.probabilities()
-        alpha, scale, emit_probs, log_shift = _scaled_forward(init, probs, emit, mask)
+        alpha, scale, emit_probs, log_shift, lost = _scaled_forward(init, probs, emit, mask)
         # accumulate in float64: T terms of magnitude |log c| lose precision in float32
         log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
-        underflowed = _underflowed(scale, mask)
+        underflowed = _underflowed(scale, mask) | lost
         ctx.save_for_backward(alpha, scale, emit_probs, mask, init, emit, lengths)
         ctx.probs, ctx.transition = probs, transition
         final_filter = alpha[-1]  # frozen past the length: p(z_{L-1} | x)
@@ -459,14 +561,45 @@ def blocked_log_partition(
     ``O(B n K^2)`` for the block products (time-varying: the padded ``[B, n b, K, K]``
     probabilities).  Returns what :func:`scaled_log_partition` returns.
 
-    Measured on the CPU (forward + backward, float32, 2 threads, alternating with
-    ``method="auto"`` in one process): 2.0x faster than ``"auto"`` at ``(B, T, K) = (8, 1024, 16)``
-    (2.1x the time of its ``3 T`` matmuls, ``"auto"`` 4.3x), but 3-5x slower at ``K = 64`` and
-    8-16x slower at ``K = 128`` (``T = 64``), where the block products' ``K^3`` outweighs the
-    steps saved; ``"auto"`` does not choose it.
+    Measured on the CPU (forward + backward, float32, 2 threads, alternating with the scaled
+    algorithm in one process): it wins only where the chain is long and ``B K^3`` tiny, e.g. 2.4x
+    at ``(B, T, K) = (4, 10000, 8)`` and 2.0x at ``(2, 4096, 4)``, even at ``(4, 10000, 16)``,
+    but 0.7-0.8x at ``(8, 1024, 16)``, ``(8, 1024, 8)`` and ``(4, 256, 8)``, and 0.3x or less from
+    ``K = 64``, where the block products' ``K^3`` outweighs the steps saved
+    (:func:`prefers_blocked` is the rule ``method="auto"`` follows).
     """
     block = default_block(emit.shape[1]) if block is None else block
     return _BlockedLogPartition.apply(init, emit, lengths, block, transition, *transition.parameters)
+
+
+BLOCKED_MIN_STEPS = 2048
+BLOCKED_MAX_WORK = 2**12
+
+
+def prefers_blocked(transition: Transition, emit: Tensor) -> bool:
+    r"""``method="auto"``'s choice: the blocked algorithm (:func:`blocked_log_partition`) rather than the
+    scaled one (:func:`scaled_log_partition`) for a chain of ``emit [B, T, K]``.
+
+    On the CPU, with a dense transition: ``T >= BLOCKED_MIN_STEPS`` (2048) and
+    ``B K^3 <= BLOCKED_MAX_WORK`` (4096).  The scaled recursion steps on numpy views there
+    (about a microsecond a call), so its cost is ``T`` short steps; the blocked one's is
+    ``O(B T K^3)`` batched arithmetic plus ``O(sqrt T)`` steps of several torch operations.
+    Measured (forward + backward, float32, 2 threads, alternating in one process; blocked time /
+    scaled time): 0.42 at ``(4, 10000, 8)`` (``B K^3 = 2048``), 0.50 at ``(2, 4096, 4)``, 0.98 at
+    ``(4, 10000, 16)`` (16384), 0.74 at ``(1, 1024, 16)`` (one short chain), 1.3-1.4 at
+    ``(8, 1024, 16)``, ``(8, 1024, 8)``, ``(4, 256, 8)`` and ``(4, 1024, 16)``, 1.8 at
+    ``(32, 50, 20)`` and 3.7 at ``(16, 64, 64)``; the log-space forward and the scan were slower
+    than both at every one of these sizes.  Elsewhere (other devices, low-rank and product
+    transitions) the scaled algorithm, as before this rule: the blocked algorithm has not been
+    measured on a GPU.
+    """
+    batch, steps, k = emit.shape
+    return (
+        emit.device.type == "cpu"
+        and isinstance(transition, DenseTransition)
+        and steps >= BLOCKED_MIN_STEPS
+        and batch * k**3 <= BLOCKED_MAX_WORK
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -701,8 +834,8 @@ def forward_filter(init: Tensor, transition: Transition, emit: Tensor, lengths: 
     (the transition's log propagation, through the factors of a low-rank one).
     """
     mask = lengths_to_mask(lengths, emit.shape[1])
-    alpha, scale, _, _ = _scaled_forward(init, transition.probabilities(), emit, mask)
-    if torch.isfinite(alpha).all() and not _underflowed(scale, mask).any():
+    alpha, scale, _, _, lost = _scaled_forward(init, transition.probabilities(), emit, mask)
+    if torch.isfinite(alpha).all() and not (_underflowed(scale, mask) | lost).any():
         return safe_log(alpha.transpose(0, 1))
     step = transition.log_propagator()
     log_alpha = torch.empty_like(emit)

@@ -68,8 +68,10 @@ class ChainPosterior(Distribution):
             chains with few states; dense), ``"blocked"`` (the scaled quantities through
             products of blocks of steps, ``O(sqrt T)`` sequential steps for ``O(T K^3)``
             arithmetic, with flagged rows redone in log space as for ``"auto"``; first-order;
-            :func:`latentnlp.chain.blocked_log_partition`) or ``"auto"`` (scaled, with the rows
-            the scaled kernel flags as underflowed redone in log space).
+            :func:`latentnlp.chain.blocked_log_partition`) or ``"auto"`` (scaled, or blocked for
+            long chains with few states on the CPU by the measured rule of
+            :func:`latentnlp.chain.prefers_blocked`, with the rows the kernel flags as underflowed
+            redone in log space).
         validate_args: torch's switch (``None``: the global default,
             :func:`latentnlp.validation.is_validating`).  When validating, the checks that
             synchronise with the device run: lengths in ``1..T``, no NaN or ``+inf`` score,
@@ -188,7 +190,8 @@ class ChainPosterior(Distribution):
             return chain.log_space_forward(init, transition, emit, self.lengths)
         if method == "scan":
             return chain.scan_log_partition(init, transition, emit, self.lengths), None
-        kernel = chain.blocked_log_partition if method == "blocked" else chain.scaled_log_partition
+        blocked = method == "blocked" or (method == "auto" and chain.prefers_blocked(transition, emit))
+        kernel = chain.blocked_log_partition if blocked else chain.scaled_log_partition
         log_z, final_filter, underflowed = kernel(init, transition, emit, self.lengths)
         if method in ("auto", "blocked") and bool(underflowed.any()):
             return self._redo_underflowed(kernel, init, transition, emit, log_z, final_filter, underflowed)

@@ -34,6 +34,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -68,6 +69,13 @@ class TransitionProbabilities(ABC):
     @abstractmethod
     def backward(self, vector: Tensor, t: int, out: Tensor) -> Tensor:
         """``out[b] = P_t[(b)] @ vector[b]`` for ``vector [B, K]``, written into ``out [B, K]``."""
+
+    def array_steps(self) -> tuple[Callable, Callable] | None:
+        """:meth:`forward` and :meth:`backward` over numpy arrays (views of CPU tensors), ``(forward, backward)``
+        with the same ``(vector, t, out)`` arguments, or None when the transition has none (the kernels then
+        step with torch).  A numpy call costs a fraction of a torch operation's dispatch, which is most of a
+        step's time when ``B K^2`` is small (the kernels' CPU loops)."""
+        return None
 
     @abstractmethod
     def dense(self) -> Tensor:
@@ -342,6 +350,13 @@ class _SharedProbabilities(TransitionProbabilities):
     def backward(self, vector, t, out):
         return torch.mm(vector, self.probs_t, out=out)
 
+    def array_steps(self):
+        probs = self.probs.numpy()
+        probs_t = probs.T
+        return (lambda vector, t, out: numpy.dot(vector, probs, out=out)), (
+            lambda vector, t, out: numpy.dot(vector, probs_t, out=out)
+        )
+
     def dense(self):
         return self.probs
 
@@ -366,6 +381,14 @@ class _BatchedProbabilities(TransitionProbabilities):
     def backward(self, vector, t, out):
         return torch.bmm(self.probs, vector.unsqueeze(-1), out=out.unsqueeze(-1)).squeeze(-1)
 
+    def array_steps(self):
+        probs = self.probs.numpy()
+        probs_t = probs.transpose(0, 2, 1)
+        matmul = numpy.matmul
+        return (lambda vector, t, out: matmul(vector[:, None], probs, out=out[:, None])), (
+            lambda vector, t, out: matmul(vector[:, None], probs_t, out=out[:, None])
+        )
+
     def dense(self):
         return self.probs
 
@@ -389,6 +412,15 @@ class _TimeVaryingProbabilities(TransitionProbabilities):
 
     def backward(self, vector, t, out):
         return torch.bmm(self.probs_at[t], vector.unsqueeze(-1), out=out.unsqueeze(-1)).squeeze(-1)
+
+    def array_steps(self):
+        probs = self.probs.numpy()
+        into = (None,) + tuple(probs[:, t] for t in range(probs.shape[1]))  # P_t [B, K, K]
+        from_ = (None,) + tuple(p.transpose(0, 2, 1) for p in into[1:])
+        matmul = numpy.matmul
+        return (lambda vector, t, out: matmul(vector[:, None], into[t], out=out[:, None])), (
+            lambda vector, t, out: matmul(vector[:, None], from_[t], out=out[:, None])
+        )
 
     def dense(self):
         return self.probs
@@ -507,6 +539,13 @@ class _LowRankProbabilities(TransitionProbabilities):
 
     def backward(self, vector, t, out):
         return torch.mm(vector @ self.right_t, self.left_t, out=out)
+
+    def array_steps(self):
+        left, right = self.left.numpy(), self.right.numpy()
+        left_t, right_t, dot = left.T, right.T, numpy.dot
+        return (lambda vector, t, out: dot(dot(vector, left), right, out=out)), (
+            lambda vector, t, out: dot(dot(vector, right_t), left_t, out=out)
+        )
 
     def dense(self):
         return self.left @ self.right

@@ -1,0 +1,93 @@
+"""The scaled recursion's two loops and ``method="auto"``'s choice of kernel.
+
+On the CPU the scaled forward and backward step on numpy views of their buffers when
+``B K^2 <= latentnlp.chain.ARRAY_LOOP_MAX_WORK``, elsewhere (larger sizes, other devices, transitions
+without an array form) with torch.  Both loops are checked here against the float64 enumeration
+on CPU tensors, the torch loop by lowering the bound; and ``"auto"`` is checked to take the blocked
+kernel exactly where :func:`latentnlp.chain.prefers_blocked` says, with the same results.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from chain_oracle import F64, TRANS_KINDS, Enumeration, forward_log, low_rank_dense, random_chain, random_low_rank
+from test_chain import PATH_ROUNDED_AWAY, build
+
+from latentnlp import ChainPosterior, LowRankTransition, chain
+
+TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+@pytest.fixture(params=["arrays", "torch"])
+def loop(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(chain, "ARRAY_LOOP_MAX_WORK", -1)
+    return request.param
+
+
+def check(d, ref, dtype, msg):
+    emit = d.emit.detach().clone().requires_grad_()
+    posterior = ChainPosterior(d.init, d.transition, emit, d.lengths, method="scaled")
+    (marginals,) = torch.autograd.grad(posterior.log_partition.sum(), emit)
+    torch.testing.assert_close(posterior.log_partition.to(F64), ref.log_partition, **TOLERANCE[dtype], msg=msg)
+    torch.testing.assert_close(marginals.to(F64), ref.marginals, **TOLERANCE[dtype], msg=msg)
+    torch.testing.assert_close(posterior.edge_marginals.to(F64), ref.edge_marginals, **TOLERANCE[dtype], msg=msg)
+    torch.testing.assert_close(posterior.entropy().to(F64), ref.entropy(), **TOLERANCE[dtype], msg=msg)
+    log_filter = chain.forward_filter(d.init, d.transition, d.emit, d.lengths)
+    last = (ref.lengths - 1).view(-1, 1, 1).expand(-1, 1, ref.K)
+    filtered = log_filter.exp().gather(1, last).squeeze(1).to(F64)
+    torch.testing.assert_close(filtered, ref.marginals.gather(1, last).squeeze(1), **TOLERANCE[dtype], msg=msg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("trans_kind", TRANS_KINDS)
+def test_both_loops_match_enumeration(loop, trans_kind, zeros, dtype):
+    gen = torch.Generator().manual_seed(7 + TRANS_KINDS.index(trans_kind) + 10 * zeros)
+    for T, K in ((1, 3), (2, 2), (5, 3), (6, 2)):
+        init, trans, emit, lengths = random_chain(gen, 3, T, K, trans_kind=trans_kind, zeros=zeros, scale=2.0)
+        ref = Enumeration(init, trans, emit, lengths)
+        d = ChainPosterior(init.to(dtype), trans.to(dtype), emit.to(dtype), lengths)
+        check(d, ref, dtype, f"{loop} {trans_kind} zeros={zeros} T={T} K={K} lengths={lengths.tolist()}")
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_both_loops_through_a_low_rank_transition(loop, zeros):
+    gen = torch.Generator().manual_seed(11 + zeros)
+    init, _, emit, lengths = random_chain(gen, 3, 5, 3, init_kind="batched", zeros=zeros)
+    log_left, log_right = random_low_rank(gen, 3, 2, zeros=zeros)
+    ref = Enumeration(init, low_rank_dense(log_left, log_right), emit, lengths)
+    check(ChainPosterior(init, LowRankTransition(log_left, log_right), emit, lengths), ref, F64, f"{loop} low rank")
+
+
+@pytest.mark.parametrize("steps,k,expected", [(2048, 4, True), (2048, 16, False), (2047, 4, False)])
+def test_auto_takes_the_blocked_kernel_where_the_rule_says(steps, k, expected, monkeypatch):
+    gen = torch.Generator().manual_seed(steps + k)
+    init, trans, emit, lengths = random_chain(gen, 2, steps, k, scale=3.0, full=True)
+    assert chain.prefers_blocked(ChainPosterior(init, trans, emit).transition, emit) == expected
+    taken = []
+    blocked = chain.blocked_log_partition
+    monkeypatch.setattr(chain, "blocked_log_partition", lambda *a, **kw: taken.append(1) or blocked(*a, **kw))
+    emit32 = emit.float().requires_grad_()
+    log_z = ChainPosterior(init.float(), trans.float(), emit32, lengths).log_partition
+    (marginals,) = torch.autograd.grad(log_z.sum(), emit32)
+    assert bool(taken) == expected
+    torch.testing.assert_close(log_z.to(F64), forward_log(init, trans, emit, lengths), rtol=1e-5, atol=0)
+    reference = ChainPosterior(init, trans, emit, lengths, method="scaled").marginals
+    torch.testing.assert_close(marginals.to(F64), reference, rtol=0, atol=1e-4)
+    # the same rule on low-rank transitions is never blocked
+    assert not chain.prefers_blocked(LowRankTransition(*random_low_rank(gen, k, 2)), emit)
+
+
+def test_a_path_rounded_away_is_flagged_by_both_loops(loop):
+    """float32: a reachable state's mass rounds to 0 though no normaliser is small (tests/test_chain.py's
+    PATH_ROUNDED_AWAY); the scaled kernel flags the row and ``"auto"`` redoes it in log space."""
+    args = tuple(a.float() if a.is_floating_point() else a for a in build(PATH_ROUNDED_AWAY))
+    ref = Enumeration(*args)
+    d = ChainPosterior(*args[:3], lengths=args[3])
+    _, _, underflowed = chain.scaled_log_partition(d.init, d.transition, d.emit, d.lengths)
+    assert underflowed.all()
+    torch.testing.assert_close(d.log_partition.to(F64), ref.log_partition, rtol=1e-6, atol=0)
+    log_filter = chain.forward_filter(d.init, d.transition, d.emit, d.lengths)
+    torch.testing.assert_close(log_filter[:, -1].exp().to(F64), ref.marginals[:, -1], rtol=0, atol=1e-5)
