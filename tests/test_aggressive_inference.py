@@ -4,6 +4,7 @@ switches the schedule off, NaN batches are skipped, and a resumed run is bit-ide
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -130,9 +131,9 @@ def test_inner_steps_move_the_encoder_only_and_the_update_the_decoder_only():
 def test_mi_rule_switches_the_schedule_off_and_steps_are_logged(tmp_path, monkeypatch):
     """Validation MI made to read 1.0, 2.0, 1.5: on after epochs 1 and 2, off after epoch 3."""
     readings = iter([1.0, 2.0, 1.5, 9.0])
-    monkeypatch.setattr(loop_module, "validation_mutual_information", lambda *a, **k: next(readings))
+    monkeypatch.setattr(loop_module, "validation_posterior", lambda *a, **k: {"mi": next(readings), "active_units": 1})
     summary = Trainer(vae(), config(tmp_path, max_epochs=4), *data()).fit()
-    checks = events(tmp_path, "aggressive")
+    checks = events(tmp_path, "posterior")
     assert [(e["epoch"], e["mi"], e["aggressive"]) for e in checks] == [(0, 1.0, True), (1, 2.0, True), (2, 1.5, False)]
     logs = events(tmp_path, "log")
     assert len(logs) == 4 * 6 and all(e["aggressive"] == (e["epoch"] < 3) for e in logs)
@@ -141,10 +142,18 @@ def test_mi_rule_switches_the_schedule_off_and_steps_are_logged(tmp_path, monkey
     assert summary["inner_steps"] == sum(e["inner_steps"] for e in logs)
 
 
-def test_the_real_mi_estimate_is_logged(tmp_path):
-    Trainer(vae(), config(tmp_path, max_epochs=1), *data()).fit()
-    (check,) = events(tmp_path, "aggressive")
-    assert math.isfinite(check["mi"]) and 0 <= check["mi"] <= math.log(2 * 8) + 0.5
+def test_posterior_diagnostics_are_logged_every_epoch(tmp_path):
+    """The MI estimate lies in [0, log N] (N validation sentences); without the schedule,
+    posterior_diagnostics logs it (and the active units) after every epoch."""
+    Trainer(vae(), config(tmp_path / "a", max_epochs=1), *data()).fit()
+    (check,) = events(tmp_path / "a", "posterior")
+    assert math.isfinite(check["mi"]) and -0.1 <= check["mi"] <= math.log(2 * 8) + 0.1 and check["aggressive"]
+    plain = replace(config(tmp_path / "b"), aggressive_inference=None, posterior_diagnostics=True)
+    Trainer(vae(), plain, *data()).fit()
+    checks = events(tmp_path / "b", "posterior")
+    assert [e["epoch"] for e in checks] == [0, 1] and all("aggressive" not in e for e in checks)
+    assert all(0 <= e["active_units"] <= 3 for e in checks)
+    assert all("inner_steps" not in e for e in events(tmp_path / "b", "log"))
 
 
 def test_nan_inner_batches_are_skipped(tmp_path):

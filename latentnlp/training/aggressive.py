@@ -14,7 +14,7 @@ at random from the training data, with an optimiser of its own::
 then one update of the generative parameters ``theta`` (every other parameter) on the
 trainer's batch, the inference network's gradient discarded.  ``L`` is the training loss per
 target token (the negative ELBO surrogate).  After each epoch the mutual information
-``I_q(x; z)`` of the validation set (:func:`validation_mutual_information`) is compared with
+``I_q(x; z)`` of the validation set (:func:`validation_posterior`) is compared with
 that of the epoch before: once it does not climb (``I_e < I_{e-1}``), the option is switched
 off for the rest of the run and training continues with ordinary joint updates.
 
@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 
-from latentnlp.metrics.posterior_collapse import mutual_information
+from latentnlp.metrics.posterior_collapse import active_units, mutual_information
 from latentnlp.models.base import LatentModel
 from latentnlp.training.distributed import DataSource, to_device
 
-__all__ = ["AggressiveInference", "StallRule", "mutual_information_climbs", "validation_mutual_information"]
+__all__ = ["AggressiveInference", "StallRule", "mutual_information_climbs", "validation_posterior"]
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,11 @@ def mutual_information_climbs(previous: float, current: float) -> bool:
 
 
 @torch.no_grad()
-def validation_mutual_information(
+def validation_posterior(
     model: LatentModel, data: DataSource, device: torch.device, *, num_samples: int = 1, seed: int = 0
-) -> float:
-    """``I_q(x; z)`` under the aggregate posterior of every example of ``data`` (evaluation mode).
+) -> dict[str, float]:
+    """Posterior-collapse diagnostics of ``data`` in evaluation mode: ``mi``, ``I_q(x; z)`` under
+    the aggregate posterior of every example, and ``active_units`` (``Var_x E_q[z_d] > 0.01``).
 
     ``model.posterior(batch)`` must be a diagonal Gaussian (``loc``, ``log_scale`` ``[B, D]``,
     as :class:`~latentnlp.families.DiagonalGaussian`); the samples come from a generator seeded
@@ -117,12 +118,16 @@ def validation_mutual_information(
             q = model.posterior(to_device(batch, device))
             if not (hasattr(q, "loc") and hasattr(q, "log_scale")):
                 raise ValueError(
-                    f"aggressive_inference needs a diagonal-Gaussian posterior (loc, log_scale) to "
+                    f"the posterior diagnostics need a diagonal-Gaussian posterior (loc, log_scale) to "
                     f"estimate I(x; z); {type(model).__name__}.posterior gives {type(q).__name__}"
                 )
             locs.append(q.loc.double().cpu())
             logvars.append(2 * q.log_scale.double().cpu())
     finally:
         model.train(was_training)
+    mu, logvar = torch.cat(locs), torch.cat(logvars)
     generator = torch.Generator().manual_seed(seed)
-    return mutual_information(torch.cat(locs), torch.cat(logvars), num_samples=num_samples, generator=generator)
+    return {
+        "mi": mutual_information(mu, logvar, num_samples=num_samples, generator=generator),
+        "active_units": active_units(mu) if mu.shape[0] > 1 else 0,
+    }

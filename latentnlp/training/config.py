@@ -67,6 +67,9 @@ class TrainConfig:
     of the model's :meth:`~latentnlp.models.base.LatentModel.inference_parameters` before each
     update until the training objective (``elbo`` or ``iwae``) stalls, and switches itself off
     after the first epoch whose validation ``I(x; z)`` falls (:mod:`~latentnlp.training.aggressive`).
+    ``posterior_diagnostics`` logs the validation ``I(x; z)`` and active units after every epoch
+    (a ``posterior`` event; the aggressive schedule logs them while it is on); both need a model
+    whose posterior is a diagonal Gaussian.
 
     ``TrainConfig.from_dict(config.to_dict()) == config``: the JSON form round-trips.
     """
@@ -107,6 +110,7 @@ class TrainConfig:
     find_unused_parameters: bool = True
 
     aggressive_inference: AggressiveInference | None = None
+    posterior_diagnostics: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

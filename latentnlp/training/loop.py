@@ -18,7 +18,7 @@ from latentnlp.metrics import MetricSums, corpus_summary, perplexity
 from latentnlp.models.base import LatentModel
 from latentnlp.schedules import Schedule
 from latentnlp.training import progress, run_dir
-from latentnlp.training.aggressive import StallRule, mutual_information_climbs, validation_mutual_information
+from latentnlp.training.aggressive import StallRule, mutual_information_climbs, validation_posterior
 from latentnlp.training.checkpoint import (
     CHECKPOINT_FORMAT,
     atomic_save,
@@ -101,8 +101,9 @@ class Trainer:
     main optimiser), until :class:`~latentnlp.training.aggressive.StallRule` stops them; the
     update itself then leaves the inference network alone.  An inner batch with a non-finite
     loss or gradient is skipped like any other.  Training ``log`` events carry
-    ``inner_steps`` (over the window) and ``aggressive``; after each epoch an ``aggressive``
-    event records the validation ``mi`` and whether the schedule stays on.
+    ``inner_steps`` (over the window) and ``aggressive``; after each epoch a ``posterior``
+    event records the validation ``mi`` and ``active_units`` and whether the schedule stays on
+    (after every epoch under ``config.posterior_diagnostics``).
 
     **Distributed**: see :mod:`~latentnlp.training.distributed`.  Metrics are summed over
     ranks; :meth:`evaluate` is collective; ``output_dir`` must be visible to every rank.
@@ -506,30 +507,33 @@ class Trainer:
         st.inner_steps += made
         return made
 
-    def _check_mutual_information(self) -> None:
-        """After an epoch of the aggressive schedule: keep it on while the validation MI climbs."""
+    def _check_posterior(self) -> None:
+        """After an epoch: log the validation MI and active units; the aggressive schedule stays on
+        while the MI climbs."""
         agg, st = self.config.aggressive_inference, self.state
-        assert agg is not None
-        mi = validation_mutual_information(
-            self.model, self.valid_data, self.device, num_samples=agg.mi_samples, seed=self.config.seed
+        diagnostics = validation_posterior(
+            self.model, self.valid_data, self.device, num_samples=agg.mi_samples if agg else 1, seed=self.config.seed
         )
-        st.aggressive = mutual_information_climbs(st.last_mi, mi)
-        st.last_mi = mi
+        schedule: dict[str, Any] = {}
+        if st.aggressive:
+            st.aggressive = mutual_information_climbs(st.last_mi, diagnostics["mi"])
+            st.last_mi = diagnostics["mi"]
+            if not st.aggressive:
+                log.info("aggressive inference training off after epoch %d: valid I(x; z) fell", st.epoch + 1)
+        if agg is not None:
+            schedule = {"aggressive": st.aggressive, "inner_steps_total": st.inner_steps}
         self._log(
             {
                 "split": "valid",
-                "event": "aggressive",
+                "event": "posterior",
                 "step": st.step,
                 "epoch": st.epoch,
-                "mi": mi,
-                "aggressive": st.aggressive,
-                "inner_steps_total": st.inner_steps,
+                **diagnostics,
+                **schedule,
                 "lr": self._lr(),
                 "wall_time": self._wall(),
             }
         )
-        if not st.aggressive:
-            log.info("aggressive inference training off after epoch %d: valid I(x; z) %.4f fell", st.epoch + 1, mi)
 
     def _log_train(self) -> None:
         st = self.state
@@ -643,8 +647,8 @@ class Trainer:
             if st.position >= len(self.train_data):  # the epoch is complete
                 if st.last_eval_step != st.step:
                     self._validate()
-                if st.aggressive:
-                    self._check_mutual_information()
+                if st.aggressive or cfg.posterior_diagnostics:
+                    self._check_posterior()
                 st.epoch, st.position = st.epoch + 1, 0
                 self.save_checkpoint()
         if st.last_eval_step != st.step:  # stopped mid-epoch at max_steps
