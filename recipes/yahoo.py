@@ -140,10 +140,10 @@ PRESETS = {
         iw_samples=100,
         iw_chunk=10,
         runs=rows(0.5, 0.25),
-        # an inner step costs about an update: 4 to 8 of them (two windows of 2 at least) make an
-        # aggressive epoch 5-9x an ordinary one, ~8-13 min on two free cores, while the MI climbs
-        # (estimated from the update time above, not timed)
-        aggressive={"max_inner_steps": 8, "window": 2},
+        # an inner step costs about an update (timed: 4 updates with 24 inner steps at max 8 took
+        # 92 s against 11 s without, on the shared machine), so the cpu preset takes exactly two
+        # windows of 2: an aggressive epoch is about 5x an ordinary one while the MI climbs
+        aggressive={"max_inner_steps": 4, "window": 2},
     ),
     # He et al. (2019) / Kim et al. (2018): embedding 512, LSTM 1024, latent 32, batch 32,
     # SGD lr 1 halved when validation stalls, KL weight 0.1 -> 1 over 10 epochs
