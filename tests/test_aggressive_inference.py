@@ -97,6 +97,28 @@ def test_stall_rule_stops_at_the_first_window_that_does_not_improve():
     assert mutual_information_climbs(-math.inf, 0.1) and not mutual_information_climbs(0.5, 0.4)
 
 
+def test_the_inner_loop_stops_when_its_rule_says_so(monkeypatch):
+    """The trainer's inner loop ends at the first window the rule reports stalled, else at the cap."""
+    decisions = []
+
+    class Recording(StallRule):
+        def update(self, loss_sum, tokens):
+            decisions.append(super().update(loss_sum, tokens))
+            return decisions[-1]
+
+    monkeypatch.setattr(loop_module, "StallRule", Recording)
+    trainer = Trainer(vae(), config(aggressive=AggressiveInference(max_inner_steps=40, window=2), lr=0.3), *data())
+    torch.manual_seed(3)
+    counts = []
+    for _ in range(4):
+        decisions.clear()
+        counts.append(trainer._inner_updates(0))
+        assert len(decisions) == counts[-1]
+        assert decisions[-1] or counts[-1] == 40
+        assert not any(decisions[:-1])
+    assert any(c < 40 for c in counts)
+
+
 def test_inner_steps_move_the_encoder_only_and_the_update_the_decoder_only():
     model = vae()
     trainer = Trainer(model, config(), *data())
