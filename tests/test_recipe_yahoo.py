@@ -1,6 +1,6 @@
 """recipes/yahoo.py --preset smoke end to end: every row trains and is evaluated, the table, checks
 and plots are written, a VAE that uses its latent beats the LM on the generated topic documents,
-and a second invocation reuses the finished runs."""
+the aggressive row logs its inner steps and MI checks, and a second invocation reuses the finished runs."""
 
 import importlib.util
 import json
@@ -40,12 +40,30 @@ def test_smoke_preset_end_to_end(yahoo, tmp_path, capsys):
             assert row["neg_elbo"] == pytest.approx(row["reconstruction"] + row["kl"])
     users = [r for r in rows if r["kind"] == "vae" and r["kl"] > 1]
     assert users and min(r["nll"] for r in users) < by["lm"]["nll"]
-    for name in ("results.md", "metrics.jsonl", "config.json", "curves.png", "kl_reconstruction.png"):
+    aggressive = by["vae-aggressive"]
+    assert aggressive["inner_steps"] > aggressive["aggressive_updates"] > 0
+    assert aggressive["inner_steps"] <= 5 * aggressive["aggressive_updates"]  # max_inner_steps of smoke
+    log = [json.loads(line) for line in open(out / "vae-aggressive" / "metrics.jsonl")]
+    checks = [e for e in log if e["event"] == "posterior"]
+    assert checks and all("aggressive" in e and e["mi"] >= -0.1 for e in checks)
+    assert sum(e["inner_steps"] for e in log if e["event"] == "log") <= aggressive["inner_steps"]
+    plain = [e for e in map(json.loads, open(out / "vae" / "metrics.jsonl")) if e["event"] == "posterior"]
+    assert len(plain) == yahoo.PRESETS["smoke"].train["max_epochs"] and all("aggressive" not in e for e in plain)
+    for name in (
+        "results.md",
+        "metrics.jsonl",
+        "config.json",
+        "curves.png",
+        "kl_reconstruction.png",
+        "mi_active_units.png",
+    ):
         assert (out / name).exists(), name
     results = (out / "results.md").read_text()
     assert "| LSTM-VAE + free bits |" in results and "329.1" in results and "## Checks" in results
     assert "| on the topic documents a VAE that uses z (KL > 1) beats the LM | pass |" in results
     assert "t = 0.50" in results
+    assert "| LSTM-VAE + aggressive inference training |" in results and "326.7" in results
+    assert "aggressive training beats the annealed LSTM-VAE" in results and "inner encoder updates" in results
 
     stamp = (out / "cnn-vae" / "finished.json").stat().st_mtime_ns
     again = yahoo.main(["--preset", "smoke", "--out", str(out), "--no-progress", "--model", "cnn-vae"])

@@ -134,6 +134,15 @@ class LatentModel(nn.Module):
         """Samples, greedy or beam output, where the model generates."""
         raise NotImplementedError(f"{type(self).__name__} does not generate")
 
+    def inference_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the inference network ``q(z | x)`` alone (the rest are the generative model's).
+
+        The trainer's aggressive schedule (:mod:`latentnlp.training.aggressive`) updates these
+        alone in its inner loop.  Models without a separate inference network raise
+        ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not name an inference network")
+
     def num_tokens(self, batch: Batch) -> Tensor:
         """Number of target tokens of each example ``[B]`` (the perplexity denominator)."""
         lengths = batch["lengths"]

@@ -252,6 +252,10 @@ class SentenceVAE(LatentModel):
         return self.decoder.receptive_field if isinstance(self.decoder, DilatedCNNDecoder) else None
 
     # ---- LatentModel ----------------------------------------------------------------------------
+    def inference_parameters(self) -> list[nn.Parameter]:
+        """``q(z | x)``'s parameters: the encoder embedding, the encoder LSTM and the posterior layer."""
+        return [p for m in (self.encoder_embedding, self.encoder, self.posterior_params) for p in m.parameters()]
+
     def posterior(self, batch: Batch) -> DiagonalGaussian:
         """The amortised posterior ``q(z | x)``, batch ``[B]``, event ``[latent_size]``."""
         _, targets, lengths, _ = self._check_batch(batch)

@@ -8,6 +8,8 @@
 - :mod:`~latentnlp.training.run_dir`: the run directory's files, :class:`FinishedRunError`;
 - :mod:`~latentnlp.training.run_log`: ``metrics.jsonl``, its schema, :func:`read_metrics`;
 - :mod:`~latentnlp.training.distributed`: torchrun process groups, DDP, data sharding;
+- :mod:`~latentnlp.training.aggressive`: :class:`AggressiveInference`, He et al.'s aggressive
+  inference-network schedule (its settings, stopping rule and MI check);
 - :mod:`~latentnlp.training.optim`: the optimiser and learning-rate scheduler of a config;
 - :mod:`~latentnlp.training.rng`: RNG state capture, restore and seeding;
 - :mod:`~latentnlp.training.progress`: progress bars on a terminal, log lines elsewhere.
@@ -25,6 +27,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from latentnlp.training.aggressive import AggressiveInference
     from latentnlp.training.checkpoint import CorruptCheckpointError, load_model
     from latentnlp.training.config import OPTIMIZERS, SCHEDULES, SELECTION_METRICS, TrainConfig
     from latentnlp.training.distributed import DataSource
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     from latentnlp.training.run_log import read_metrics, training_speed
 
 _HOMES = {
+    "AggressiveInference": "aggressive",
     "CorruptCheckpointError": "checkpoint",
     "load_model": "checkpoint",
     "OPTIMIZERS": "config",
@@ -52,6 +56,7 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "SELECTION_METRICS",
+    "AggressiveInference",
     "CorruptCheckpointError",
     "DataSource",
     "FinishedRunError",

@@ -10,6 +10,7 @@ from typing import Any
 
 from latentnlp.models.base import OBJECTIVES
 from latentnlp.schedules import Schedule
+from latentnlp.training.aggressive import AggressiveInference
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "SELECTION_METRICS", "TrainConfig"]
 
@@ -61,6 +62,15 @@ class TrainConfig:
     models leave some parameters out of some objectives, e.g. the inference network under
     ``marginal``; set it False for speed when every step reaches every parameter).
 
+    Aggressive inference-network training (He et al. 2019): ``aggressive_inference``, an
+    :class:`~latentnlp.training.aggressive.AggressiveInference` (None: off), runs inner updates
+    of the model's :meth:`~latentnlp.models.base.LatentModel.inference_parameters` before each
+    update until the training objective (``elbo`` or ``iwae``) stalls, and switches itself off
+    after the first epoch whose validation ``I(x; z)`` falls (:mod:`~latentnlp.training.aggressive`).
+    ``posterior_diagnostics`` logs the validation ``I(x; z)`` and active units after every epoch
+    (a ``posterior`` event; the aggressive schedule logs them while it is on); both need a model
+    whose posterior is a diagonal Gaussian.
+
     ``TrainConfig.from_dict(config.to_dict()) == config``: the JSON form round-trips.
     """
 
@@ -98,6 +108,9 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     find_unused_parameters: bool = True
+
+    aggressive_inference: AggressiveInference | None = None
+    posterior_diagnostics: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -142,6 +155,16 @@ class TrainConfig:
             raise ValueError("max_epochs and log_every must be >= 1, warmup_steps >= 0")
         if not 0 < self.decay_factor < 1:
             raise ValueError(f"decay_factor must be in (0, 1), got {self.decay_factor}")
+        if self.aggressive_inference is not None:
+            if not isinstance(self.aggressive_inference, AggressiveInference):
+                raise ValueError(
+                    f"aggressive_inference must be None or an AggressiveInference, got {self.aggressive_inference!r}"
+                )
+            if self.objective not in ("elbo", "iwae"):
+                raise ValueError(
+                    f"aggressive_inference trains an inference network on a variational bound: objective "
+                    f"must be 'elbo' or 'iwae', got {self.objective!r}"
+                )
 
     @property
     def selection_metric(self) -> str:
@@ -161,6 +184,8 @@ class TrainConfig:
         values = {k: _from_json(v) for k, v in data.items()}
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
+        if values.get("aggressive_inference") is not None:
+            values["aggressive_inference"] = AggressiveInference.from_dict(values["aggressive_inference"])
         return cls(**values)
 
     # ---- command line -------------------------------------------------------------------------
@@ -192,7 +217,7 @@ class TrainConfig:
 
 
 def _to_json(value: Any) -> Any:
-    if isinstance(value, Schedule):
+    if isinstance(value, (Schedule, AggressiveInference)):
         return value.to_dict()
     if isinstance(value, Mapping):
         return {k: _to_json(v) for k, v in value.items()}

@@ -18,6 +18,7 @@ from latentnlp.metrics import MetricSums, corpus_summary, perplexity
 from latentnlp.models.base import LatentModel
 from latentnlp.schedules import Schedule
 from latentnlp.training import progress, run_dir
+from latentnlp.training.aggressive import StallRule, mutual_information_climbs, validation_posterior
 from latentnlp.training.checkpoint import (
     CHECKPOINT_FORMAT,
     atomic_save,
@@ -57,6 +58,9 @@ class _State:
     last_eval_step: int = -1
     stopped_early: bool = False
     elapsed: float = 0.0  # wall seconds spent in earlier sessions
+    aggressive: bool = False  # the aggressive inference-network schedule is on
+    last_mi: float = -math.inf  # validation I(x; z) at the last epoch end (aggressive schedule)
+    inner_steps: int = 0  # inference-network updates made by the aggressive schedule
 
 
 def _has_extra_state(module: torch.nn.Module) -> bool:
@@ -89,6 +93,17 @@ class Trainer:
 
     **Skipping**: a batch whose loss or gradient is not finite makes no update (on every rank
     when any rank's is not finite), is logged as a ``skip`` event and does not count as a step.
+
+    **Aggressive inference-network training** (``config.aggressive_inference``, He et al.
+    2019; :mod:`~latentnlp.training.aggressive`): while on, each update is preceded by inner
+    updates of ``model.inference_parameters()`` on batches drawn at random from the training
+    data, by an optimiser of their own (its state in ``last.pt``, its learning rate that of the
+    main optimiser), until :class:`~latentnlp.training.aggressive.StallRule` stops them; the
+    update itself then leaves the inference network alone.  An inner batch with a non-finite
+    loss or gradient is skipped like any other.  Training ``log`` events carry
+    ``inner_steps`` (over the window) and ``aggressive``; after each epoch a ``posterior``
+    event records the validation ``mi`` and ``active_units`` and whether the schedule stays on
+    (after every epoch under ``config.posterior_diagnostics``).
 
     **Distributed**: see :mod:`~latentnlp.training.distributed`.  Metrics are summed over
     ranks; :meth:`evaluate` is collective; ``output_dir`` must be visible to every rank.
@@ -131,6 +146,11 @@ class Trainer:
             raise ValueError(f"train_data has {len(train_data)} batches, fewer than the {self.world_size} ranks")
         self.optimizer = make_optimizer(self.model, config)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._inference: list[torch.nn.Parameter] = []
+        self.encoder_optimizer: torch.optim.Optimizer | None = None
+        if config.aggressive_inference is not None:
+            self._inference = [p for p in self._inference_parameters() if p.requires_grad]
+            self.encoder_optimizer = make_optimizer(self.model, config, self._inference)
         self.scheduler = make_scheduler(self.optimizer, config, self.total_steps())
         self.select_on = config.selection_metric
         self.state = _State()
@@ -145,6 +165,7 @@ class Trainer:
         self._session_start = time.time()
         # this rank's training sums since the last log line
         self._window, self._window_loss, self._window_time = MetricSums(), 0.0, 0.0
+        self._window_inner = 0  # inner inference-network updates (aggressive schedule)
 
     @property
     def world_size(self) -> int:
@@ -164,6 +185,24 @@ class Trainer:
         return min(self.config.max_steps, epochs) if self.config.max_steps else epochs
 
     # ---- small parts ----------------------------------------------------------------------
+    def _inference_parameters(self) -> list[torch.nn.Parameter]:
+        """The model's inference network, checked to be a non-empty proper subset of its parameters."""
+        try:
+            params = list(self.model.inference_parameters())
+        except (AttributeError, NotImplementedError) as error:
+            raise ValueError(
+                f"aggressive_inference needs a model that names its inference network "
+                f"(LatentModel.inference_parameters); {type(self.model).__name__}: {error}"
+            ) from error
+        ids, own = {id(p) for p in params}, {id(p) for p in self.model.parameters()}
+        if not params or not ids < own:
+            raise ValueError(
+                f"{type(self.model).__name__}.inference_parameters() must be a non-empty proper subset "
+                f"of the model's parameters; got {len(params)} of {len(own)} "
+                f"({len(ids - own)} not the model's)"
+            )
+        return params
+
     def _kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The loss kwargs with every schedule evaluated at the current step."""
         return {k: v(self.state.step) if isinstance(v, Schedule) else v for k, v in kwargs.items()}
@@ -213,6 +252,7 @@ class Trainer:
                 "window": self._window.totals(),
                 "window_loss": self._window_loss,
                 "window_time": self._window_time,
+                "window_inner": self._window_inner,
             }
         )
         self.state.elapsed = self._wall()
@@ -224,6 +264,7 @@ class Trainer:
                 "constructor": self._constructor(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "encoder_optimizer": self.encoder_optimizer.state_dict() if self.encoder_optimizer else None,
                 "ranks": ranks,
                 "state": asdict(self.state),
                 "log_offset": self._log_file.size(),
@@ -238,6 +279,8 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         if self.scheduler is not None and payload["scheduler"] is not None:
             self.scheduler.load_state_dict(payload["scheduler"])
+        if self.encoder_optimizer is not None and payload.get("encoder_optimizer") is not None:
+            self.encoder_optimizer.load_state_dict(payload["encoder_optimizer"])
         self.state = _State(**payload["state"])
         self._saved = self._counters()
         ranks = payload["ranks"]
@@ -249,6 +292,7 @@ class Trainer:
         set_rng_state(mine["rng"], self.device)
         self._window = MetricSums.from_totals(mine["window"])
         self._window_loss, self._window_time = mine["window_loss"], mine["window_time"]
+        self._window_inner = mine.get("window_inner", 0)
         changed = run_dir.config_changes(payload["config"], self.config.to_dict())
         if changed:
             log.warning("resuming %s with a changed config: %s", self.out, ", ".join(changed))
@@ -377,37 +421,15 @@ class Trainer:
         """One update; returns (update made, loss value, tokens).  Skips non-finite batches."""
         cfg, st = self.config, self.state
         tic = time.time()
-        loss = self._net(to_device(batch, self.device), objective=cfg.objective, **self._kwargs(cfg.objective_kwargs))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.value.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm=cfg.grad_clip if cfg.grad_clip else math.inf)
-        value = loss.value.detach().to(torch.float64)
-        bad = self.ranks.maximum((~torch.isfinite(value)).to(torch.float64))  # all ranks skip together
-        tokens = loss.metrics["tokens"].detach().to(torch.float64).sum()
-        value, norm_, tokens_, bad = torch.stack(  # the one device sync of the update
-            [value, norm.detach().to(torch.float64), tokens, bad]
-        ).tolist()
+        if st.aggressive:
+            self._window_inner += self._inner_updates(position)
+        loss, value, norm_, tokens_, bad = self._backward(batch)
         if bad or not math.isfinite(norm_):
-            self.optimizer.zero_grad(set_to_none=True)
-            st.skipped += 1
-            reason = "loss" if bad else "gradient"
-            if self.is_main:
-                log.warning("skipping batch at position %d of epoch %d: non-finite %s", position, st.epoch, reason)
-            self._log(
-                {
-                    "split": "train",
-                    "event": "skip",
-                    "step": st.step,
-                    "epoch": st.epoch,
-                    "position": position,
-                    "reason": f"non-finite {reason}",
-                    "loss": value if math.isfinite(value) else repr(value),
-                    "skipped": st.skipped,
-                    "lr": self._lr(),
-                    "wall_time": self._wall(),
-                }
-            )
+            self._skip(position, value, "loss" if bad else "gradient")
             return False, value, tokens_
+        if st.aggressive:  # the update is the generative model's alone
+            for p in self._inference:
+                p.grad = None
         self.optimizer.step()
         if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
             self.scheduler.step()
@@ -418,6 +440,100 @@ class Trainer:
         if st.step % cfg.log_every == 0:
             self._log_train()
         return True, value, tokens_
+
+    def _backward(self, batch: Mapping[str, Any]) -> tuple[Any, float, float, float, float]:
+        """Loss and gradients of one batch: ``(loss, value, gradient norm, tokens, bad)``."""
+        cfg = self.config
+        loss = self._net(to_device(batch, self.device), objective=cfg.objective, **self._kwargs(cfg.objective_kwargs))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.value.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm=cfg.grad_clip if cfg.grad_clip else math.inf)
+        value = loss.value.detach().to(torch.float64)
+        bad = self.ranks.maximum((~torch.isfinite(value)).to(torch.float64))  # all ranks skip together
+        tokens = loss.metrics["tokens"].detach().to(torch.float64).sum()
+        value, norm_, tokens_, bad = torch.stack(  # the one device sync of the update
+            [value, norm.detach().to(torch.float64), tokens, bad]
+        ).tolist()
+        return loss, value, norm_, tokens_, bad
+
+    def _skip(self, position: int, value: float, reason: str) -> None:
+        """Drop the gradients of a batch with a non-finite loss or gradient, and log the skip."""
+        st = self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        st.skipped += 1
+        if self.is_main:
+            log.warning("skipping batch at position %d of epoch %d: non-finite %s", position, st.epoch, reason)
+        self._log(
+            {
+                "split": "train",
+                "event": "skip",
+                "step": st.step,
+                "epoch": st.epoch,
+                "position": position,
+                "reason": f"non-finite {reason}",
+                "loss": value if math.isfinite(value) else repr(value),
+                "skipped": st.skipped,
+                "lr": self._lr(),
+                "wall_time": self._wall(),
+            }
+        )
+
+    def _inner_updates(self, position: int) -> int:
+        """The aggressive schedule's inner loop before the update at ``position``; returns its updates.
+
+        Each inner step draws a training batch at random (the torch RNG, saved in ``last.pt``),
+        updates the inference network by ``encoder_optimizer`` at the main optimiser's current
+        learning rate, and feeds its loss to a :class:`StallRule`.  The gradient norm is clipped
+        over all parameters, as for an update (He et al.'s code).
+        """
+        agg, st = self.config.aggressive_inference, self.state
+        assert agg is not None and self.encoder_optimizer is not None
+        for group in self.encoder_optimizer.param_groups:
+            group["lr"] = self._lr()
+        rule, made = StallRule(agg.window), 0
+        for _ in range(agg.max_inner_steps):
+            index = int(torch.randint(len(self.train_data), ()))
+            batch = next(iter(self.train_data.iterate(st.epoch, index)))
+            _, value, norm, tokens, bad = self._backward(batch)
+            if bad or not math.isfinite(norm):
+                self._skip(position, value, f"{'loss' if bad else 'gradient'} in an inner step")
+                continue
+            self.encoder_optimizer.step()
+            made += 1
+            totals = self.ranks.sum({"loss": value * tokens, "tokens": tokens})
+            if rule.update(totals["loss"], totals["tokens"]):
+                break
+        self.optimizer.zero_grad(set_to_none=True)
+        st.inner_steps += made
+        return made
+
+    def _check_posterior(self) -> None:
+        """After an epoch: log the validation MI and active units; the aggressive schedule stays on
+        while the MI climbs."""
+        agg, st = self.config.aggressive_inference, self.state
+        diagnostics = validation_posterior(
+            self.model, self.valid_data, self.device, num_samples=agg.mi_samples if agg else 1, seed=self.config.seed
+        )
+        schedule: dict[str, Any] = {}
+        if st.aggressive:
+            st.aggressive = mutual_information_climbs(st.last_mi, diagnostics["mi"])
+            st.last_mi = diagnostics["mi"]
+            if not st.aggressive:
+                log.info("aggressive inference training off after epoch %d: valid I(x; z) fell", st.epoch + 1)
+        if agg is not None:
+            schedule = {"aggressive": st.aggressive, "inner_steps_total": st.inner_steps}
+        self._log(
+            {
+                "split": "valid",
+                "event": "posterior",
+                "step": st.step,
+                "epoch": st.epoch,
+                **diagnostics,
+                **schedule,
+                "lr": self._lr(),
+                "wall_time": self._wall(),
+            }
+        )
 
     def _log_train(self) -> None:
         st = self.state
@@ -439,9 +555,17 @@ class Trainer:
                     "lr": self._lr(),
                     "skipped": st.skipped,
                     "wall_time": self._wall(),
+                    **self._aggressive_fields(),
                 }
             )
         self._window, self._window_loss, self._window_time = MetricSums(), 0.0, 0.0
+        self._window_inner = 0
+
+    def _aggressive_fields(self) -> dict[str, Any]:
+        """``inner_steps`` (of this rank, over the window) and ``aggressive``, under the aggressive schedule."""
+        if self.config.aggressive_inference is None:
+            return {}
+        return {"inner_steps": self._window_inner, "aggressive": self.state.aggressive}
 
     def _train_epoch(self) -> None:
         """Train from the current position to the end of the epoch (or a stop)."""
@@ -498,6 +622,7 @@ class Trainer:
             self._resume()
             return True
         seed_everything(self.config.seed + self.rank)
+        self.state.aggressive = self.config.aggressive_inference is not None
         if self._log_file is not None:
             self._log_file.remove()
             run_dir.write_config(self.out, self._config_info(), step=0)
@@ -507,7 +632,8 @@ class Trainer:
         """Train (or resume), select on ``config.selection_metric``, test; returns the run summary.
 
         The summary holds ``steps``, ``epochs`` (completed), ``skipped``, ``stopped_early``,
-        ``select_on`` (the validation metric that selected the best model), ``best_step``,
+        ``inner_steps`` (the aggressive schedule's inference-network updates), ``select_on``
+        (the validation metric that selected the best model), ``best_step``,
         ``best_epoch``, ``best_valid_nll`` and ``best_valid_ppl`` (NaN when the validation
         objective gives no ``nll``), ``valid`` (the best validation numbers), ``test``
         (numbers of the best model on ``test_data``, or None), ``resumed``, ``wall_time`` and
@@ -521,6 +647,8 @@ class Trainer:
             if st.position >= len(self.train_data):  # the epoch is complete
                 if st.last_eval_step != st.step:
                     self._validate()
+                if st.aggressive or cfg.posterior_diagnostics:
+                    self._check_posterior()
                 st.epoch, st.position = st.epoch + 1, 0
                 self.save_checkpoint()
         if st.last_eval_step != st.step:  # stopped mid-epoch at max_steps
@@ -536,6 +664,7 @@ class Trainer:
             "steps": st.step,
             "epochs": st.epoch,
             "skipped": st.skipped,
+            "inner_steps": st.inner_steps,
             "stopped_early": st.stopped_early,
             "select_on": self.select_on,
             "best_step": st.best_step,

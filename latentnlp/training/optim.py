@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -11,9 +13,11 @@ from latentnlp.training.config import TrainConfig
 __all__ = ["lr_schedule", "make_optimizer", "make_scheduler"]
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD over the parameters of ``model`` that require a gradient."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(
+    model: nn.Module, config: TrainConfig, parameters: Iterable[nn.Parameter] | None = None
+) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD over the parameters of ``model`` (or the given ``parameters``) that require a gradient."""
+    params = [p for p in (model.parameters() if parameters is None else parameters) if p.requires_grad]
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
     if config.optimizer == "adamw":

@@ -74,7 +74,7 @@ def ensure_console() -> None:
 def describe(event: Mapping[str, Any]) -> str:
     """One line for a run-log event: split, step, epoch, loss and the corpus numbers that exist."""
     parts = [f"{event['split']} {event['event']}", f"step {event['step']}", f"epoch {event['epoch'] + 1}"]
-    for key in ("loss", "nll", "neg_elbo", "ppl", "ppl_bound", "kl"):
+    for key in ("loss", "nll", "neg_elbo", "ppl", "ppl_bound", "kl", "mi"):
         if isinstance(event.get(key), float):
             parts.append(f"{key} {event[key]:.4f}")
     if "tokens_per_s" in event:

@@ -9,7 +9,10 @@ An event has a ``split`` (``train``, ``valid`` or ``test``) and an ``event`` kin
 - ``log``: a training window of ``log_every`` updates (split ``train``);
 - ``eval``: an evaluation of the model on a split (``valid`` during training, ``test`` at the
   end), holding the corpus numbers of :func:`latentnlp.training.evaluate`;
-- ``skip``: a training batch skipped for a non-finite loss or gradient.
+- ``skip``: a training batch skipped for a non-finite loss or gradient;
+- ``posterior``: posterior-collapse diagnostics of the validation set at an epoch end (split
+  ``valid``: ``mi``, ``active_units``; under the aggressive inference-network schedule, whether
+  it stays on).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ METRICS = "metrics.jsonl"
 #: every field an event may carry, and what it holds
 FIELDS: dict[str, str] = {
     "split": "train, valid or test",
-    "event": "log, eval or skip",
+    "event": "log, eval, skip or posterior",
     "step": "optimiser updates made when the event was logged",
     "epoch": "the current epoch (0-based)",
     "position": "train: batches of the epoch's order consumed by all ranks",
@@ -45,7 +48,12 @@ FIELDS: dict[str, str] = {
     "lr": "learning rate of the first parameter group",
     "skipped": "batches skipped so far",
     "wall_time": "seconds since the run started, over all its sessions",
-    "reason": "skip: 'non-finite loss' or 'non-finite gradient'",
+    "reason": "skip: 'non-finite loss' or 'non-finite gradient' (+ ' in an inner step' of the aggressive schedule)",
+    "inner_steps": "log, under the aggressive schedule: inner inference-network updates over the window (rank 0)",
+    "aggressive": "log and posterior events: whether the aggressive schedule is (still) on",
+    "mi": "posterior: I_q(x; z) under the aggregate posterior of the validation set (nats)",
+    "active_units": "posterior: latent units with Var_x E_q[z_d] > 0.01 over the validation set",
+    "inner_steps_total": "posterior, under the aggressive schedule: inner inference-network updates so far",
     "select_on": "valid eval: the metric that selects best.pt",
     "*": "any other per-example metric m of the model, as m per token and m_per_example "
     "(e.g. kl, kl_per_example, reconstruction)",
@@ -68,6 +76,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     ),
     "eval": ("split", "event", "step", "epoch", "loss", "tokens", "tokens_per_s", "lr", "skipped", "wall_time"),
     "skip": ("split", "event", "step", "epoch", "position", "reason", "loss", "lr", "skipped", "wall_time"),
+    "posterior": ("split", "event", "step", "epoch", "mi", "active_units", "lr", "wall_time"),
 }
 
 
