@@ -218,6 +218,22 @@ def test_free_bits_changes_the_surrogate_only():
     assert not torch.allclose(from_plain[0], from_surrogate[0])
 
 
+def test_free_bits_keep_a_score_function_surrogate():
+    """Free bits replace only the weighted KL inside the estimator's surrogate: under the score function
+    the surrogate still carries its ``log q`` term, ``surrogate_fb = surrogate + w (KL - F)`` exactly."""
+    model, data = small().double(), batch()
+    kwargs = {"estimator": "score_function", "kl_weight": 0.5, "num_samples": 2}
+    plain = model.elbo(data, generator=torch.Generator().manual_seed(3), **kwargs)
+    floored = model.elbo(data, free_bits=10.0, generator=torch.Generator().manual_seed(3), **kwargs)
+    q = model.posterior(data)
+    per_dim = kl_divergence(q.base_dist, q.__class__.standard(q.batch_shape, 3, dtype=torch.float64).base_dist)
+    expected = plain.surrogate + 0.5 * (plain.kl - objectives.free_bits(per_dim, 10.0))
+    assert torch.allclose(floored.surrogate, expected)
+    # every dimension is under the floor, so only the score-function term can reach the encoder: it must
+    grads = torch.autograd.grad(floored.surrogate.sum(), list(model.posterior_params.parameters()))
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
 def test_word_dropout_acts_in_training_mode_only():
     dropped = small(word_dropout=1.0, unk_id=2)
     kept = small()

@@ -278,7 +278,7 @@ class SentenceVAE(LatentModel):
         :func:`latentnlp.objectives.elbo`.  ``free_bits = lambda > 0`` replaces the KL of the
         surrogate by :func:`latentnlp.objectives.free_bits` of the per-dimension KLs ``[B, D]``
         (``free_bits_per="dimension"``, Kingma et al. 2016) or of their sum
-        (``"sentence"``, Li et al. 2019): ``surrogate = reconstruction - kl_weight * F``; the
+        (``"sentence"``, Li et al. 2019): the surrogate's ``- kl_weight * KL`` becomes ``- kl_weight * F``; the
         reported bound and ``kl`` stay unclamped.
         """
         inputs, targets, lengths, mask = self._check_batch(batch)
@@ -298,7 +298,9 @@ class SentenceVAE(LatentModel):
         if free_bits:
             per_dimension = kl_divergence(q.base_dist, prior.base_dist)  # [B, D]
             floored = objectives.free_bits(per_dimension, free_bits, per=free_bits_per)
-            bound.surrogate = bound.reconstruction - float(kl_weight) * floored
+            # swap the weighted KL inside the estimator's surrogate for the floored one, so a score-function
+            # estimator keeps its own reconstruction term
+            bound.surrogate = bound.surrogate + float(kl_weight) * (bound.kl - floored)
         return bound
 
     def iwae(
