@@ -3,6 +3,7 @@
 from .base import ELBO, OBJECTIVES, IntractableError, LatentModel, Loss, UnsupportedObjectiveError
 from .bernoulli_factor import BernoulliFactorModel
 from .factorial_hmm import FactorialHMM
+from .feature_hmm import FeatureHMM
 from .hmm_lm import HMMLanguageModel
 from .latent_alignment import LatentAlignmentSeq2Seq
 from .lstm_lm import LSTMLanguageModel, MixtureOfSoftmaxesLM
@@ -18,6 +19,7 @@ __all__ = [
     "Loss",
     "UnsupportedObjectiveError",
     "FactorialHMM",
+    "FeatureHMM",
     "HMMLanguageModel",
     "LatentAlignmentSeq2Seq",
     "LSTMLanguageModel",
