@@ -88,7 +88,7 @@ def brute_force_log_marginal(log_params: dict, targets, lengths):
 def test_log_marginal_and_its_gradient_equal_enumeration():
     torch.manual_seed(0)
     model = FeatureHMM(WORDS, num_states=3)
-    batch = random_batch(1, len(WORDS), n=5, steps=5)
+    batch = random_batch(1, len(WORDS), n=4, steps=5)
     exact = model.log_marginal(batch)
     oracle = brute_force_log_marginal(model.log_parameters(), batch["targets"], batch["lengths"])
     torch.testing.assert_close(exact, oracle, rtol=1e-10, atol=1e-10)
@@ -161,6 +161,26 @@ def test_em_never_decreases_the_log_likelihood(seed):
     assert trajectory[-1] > trajectory[0] + 1.0
 
 
+def test_em_with_a_weight_penalty_never_decreases_the_log_posterior():
+    """With ``l2 > 0`` the objective EM climbs is ``log p(x) - l2 / 2 ||w||^2``."""
+    torch.manual_seed(3)
+    model = FeatureHMM(WORDS, num_states=3)
+    batch = random_batch(7, len(WORDS), n=10, steps=6)
+
+    l2 = 0.5
+
+    def log_posterior() -> float:
+        penalty = 0.5 * l2 * model.emission_weights.pow(2).sum()
+        return float((model.log_marginal(batch).sum() - penalty).detach())
+
+    trajectory = [log_posterior()]
+    for _ in range(6):
+        model.em_step(batch, l2=l2, max_iterations=5)
+        trajectory.append(log_posterior())
+    for before, after in zip(trajectory, trajectory[1:]):
+        assert after >= before - 1e-12 * abs(before), trajectory
+
+
 def test_em_over_batches_sums_their_counts():
     torch.manual_seed(4)
     batch = random_batch(5, len(WORDS), n=6, steps=5)
@@ -188,7 +208,9 @@ def test_bad_input_names_the_argument():
     counts = model.expected_counts(batch)
     with pytest.raises(ValueError, match=r"counts must have .* K = 2, V = 11"):
         model.m_step(dataclasses.replace(counts, emission=counts.emission[:, :3]))
-    with pytest.raises(ValueError, match="smoothing"):
+    with pytest.raises(ValueError, match="smoothing and l2"):
         model.m_step(counts, smoothing=-1.0)
+    with pytest.raises(ValueError, match="smoothing and l2"):
+        model.m_step(counts, l2=-1.0)
     with pytest.raises(ValueError, match="at least one batch"):
         model.em_step([])

@@ -23,12 +23,13 @@ train it:
   (normalised counts, optional Dirichlet pseudo-counts) and, for the emissions, maximises the
   expected emission log-likelihood
 
-  .. math:: Q(w) = \sum_k \sum_x c(k, x) \log p(x | z = k; w)
+  .. math:: Q(w) = \sum_k \sum_x c(k, x) \log p(x | z = k; w) - \frac{\lambda}{2} \lVert w \rVert^2
 
-  (concave in ``w``) by L-BFGS with a strong-Wolfe line search from the current weights.  The
-  line search never lowers ``Q``, and the step keeps the old weights should the result be lower,
-  so each step is a generalised EM step: ``log p(x)`` never decreases, however few L-BFGS
-  iterations are taken.
+  (concave in ``w``; ``l2`` :math:`= \lambda \ge 0`, a Gaussian prior on the weights, as in the
+  paper) by L-BFGS with a strong-Wolfe line search from the current weights.  The line search
+  never lowers ``Q``, and the step keeps the old weights should the result be lower, so each step
+  is a generalised EM step: ``log p(x) - l2 / 2 ||w||^2`` (``log p(x)`` when ``l2 = 0``, and
+  without transition smoothing) never decreases, however few L-BFGS iterations are taken.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class EMStep(NamedTuple):
 
     Attributes:
         log_likelihood: ``sum log p(x)`` of the data under the parameters *before* the step (the E-step's).
-        emission_objective: ``(Q before, Q after)`` of the M-step, per expected token.
+        emission_objective: ``(Q before, Q after)`` of the M-step (the penalty included), per expected token.
         lbfgs_evaluations: evaluations of ``Q`` the L-BFGS M-step took.
     """
 
@@ -272,18 +273,20 @@ class FeatureHMM(LatentModel):
         counts: baum_welch.ExpectedCounts,
         *,
         smoothing: float = 0.0,
+        l2: float = 0.0,
         max_iterations: int = 20,
         tolerance: float = 1e-9,
     ) -> tuple[tuple[float, float], int]:
         """The M-step from ``counts``: closed form for ``pi`` and ``A`` (normalised ``counts +
         smoothing``; the logits become their logs), then L-BFGS (strong-Wolfe line search, at most
         ``max_iterations`` iterations, stopping once the gradient's largest entry or a step falls
-        below ``tolerance``) on ``-Q(w) / sum c``, the expected emission log-likelihood per token.
+        below ``tolerance``) on ``-Q(w) / sum c``: the expected emission log-likelihood less the
+        penalty ``l2 / 2 ||w||^2``, per token.
 
         Returns ``((Q before, Q after) per token, evaluations)``; the old weights are kept if L-BFGS
         ends lower (it does not with exact arithmetic)."""
-        if smoothing < 0:
-            raise ValueError(f"smoothing must be >= 0, got {smoothing}")
+        if smoothing < 0 or l2 < 0:
+            raise ValueError(f"smoothing and l2 must be >= 0, got {smoothing} and {l2}")
         k, v = self.num_states, self.vocab_size
         if counts.init.shape != (k,) or counts.trans.shape != (k, k) or counts.emission.shape != (k, v):
             raise ValueError(
@@ -306,7 +309,7 @@ class FeatureHMM(LatentModel):
         def negative_q() -> Tensor:
             nonlocal evaluations
             evaluations += 1
-            return -(emission_counts * self._emission_log_probs(w)).sum() / total
+            return (0.5 * l2 * w.pow(2).sum() - (emission_counts * self._emission_log_probs(w)).sum()) / total
 
         before = float(negative_q())
         optimiser = torch.optim.LBFGS(
@@ -339,6 +342,7 @@ class FeatureHMM(LatentModel):
         batches: Batch | Iterable[Batch],
         *,
         smoothing: float = 0.0,
+        l2: float = 0.0,
         max_iterations: int = 20,
         tolerance: float = 1e-9,
     ) -> EMStep:
@@ -353,6 +357,6 @@ class FeatureHMM(LatentModel):
         if total is None:
             raise ValueError("batches must hold at least one batch, got none")
         objective, evaluations = self.m_step(
-            total, smoothing=smoothing, max_iterations=max_iterations, tolerance=tolerance
+            total, smoothing=smoothing, l2=l2, max_iterations=max_iterations, tolerance=tolerance
         )
         return EMStep(float(total.log_likelihood), objective, evaluations)
