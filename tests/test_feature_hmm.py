@@ -161,21 +161,24 @@ def test_em_never_decreases_the_log_likelihood(seed):
     assert trajectory[-1] > trajectory[0] + 1.0
 
 
-def test_em_with_a_weight_penalty_never_decreases_the_log_posterior():
-    """With ``l2 > 0`` the objective EM climbs is ``log p(x) - l2 / 2 ||w||^2``."""
+def test_em_with_priors_never_decreases_the_log_posterior():
+    """With transition pseudo-counts ``c`` and a weight penalty ``l2`` the objective EM climbs is
+    ``log p(x) + c (sum log pi + sum log A) - l2 / 2 ||w||^2``."""
     torch.manual_seed(3)
     model = FeatureHMM(WORDS, num_states=3)
     batch = random_batch(7, len(WORDS), n=10, steps=6)
 
-    l2 = 0.5
+    l2, smoothing = 0.5, 0.3
+    transition_prior = baum_welch.DirichletSmoothing(smoothing, smoothing, 0.0)
 
     def log_posterior() -> float:
         penalty = 0.5 * l2 * model.emission_weights.pow(2).sum()
-        return float((model.log_marginal(batch).sum() - penalty).detach())
+        prior = baum_welch.log_prior(model.hmm_parameters(), transition_prior)
+        return float((model.log_marginal(batch).sum() + prior - penalty).detach())
 
     trajectory = [log_posterior()]
     for _ in range(6):
-        model.em_step(batch, l2=l2, max_iterations=5)
+        model.em_step(batch, l2=l2, smoothing=smoothing, max_iterations=5)
         trajectory.append(log_posterior())
     for before, after in zip(trajectory, trajectory[1:]):
         assert after >= before - 1e-12 * abs(before), trajectory

@@ -28,8 +28,9 @@ train it:
   (concave in ``w``; ``l2`` :math:`= \lambda \ge 0`, a Gaussian prior on the weights, as in the
   paper) by L-BFGS with a strong-Wolfe line search from the current weights.  The line search
   never lowers ``Q``, and the step keeps the old weights should the result be lower, so each step
-  is a generalised EM step: ``log p(x) - l2 / 2 ||w||^2`` (``log p(x)`` when ``l2 = 0``, and
-  without transition smoothing) never decreases, however few L-BFGS iterations are taken.
+  is a generalised EM step: the log posterior of the M-step's priors,
+  ``log p(x) + smoothing (sum log pi + sum log A) - l2 / 2 ||w||^2`` (``log p(x)`` when both are
+  zero), never decreases, however few L-BFGS iterations are taken.
 """
 
 from __future__ import annotations
