@@ -319,7 +319,7 @@ class FeatureHMM(LatentModel):
             max_iter=max_iterations,
             tolerance_grad=tolerance,
             tolerance_change=tolerance,
-            history_size=10,
+            history_size=5,
             line_search_fn="strong_wolfe",
         )
 
