@@ -617,3 +617,14 @@ MODEL_CASES += [
         make_batch=lambda g: lm_batch(g, vocab_size=12),
     ),
 ]
+
+
+def _feature_hmm() -> LatentModel:
+    from latentnlp.models import FeatureHMM
+
+    return FeatureHMM(
+        ["the", "cat", "cats", "ran", "1990s", "well-known", "U.S.", "dog", "dogs", "a", "an", "<eos>"], 3
+    )
+
+
+MODEL_CASES.append(ModelCase("feature-hmm", make_model=_feature_hmm, make_batch=lambda g: lm_batch(g, vocab_size=12)))

@@ -51,7 +51,9 @@ def test_smoke_preset_end_to_end(recipe, tmp_path, capsys):
         assert row["elbo_per_doc"] <= row["log_px_per_doc"] + 1e-6, row
     # the generated text is far below the uniform perplexity over its 30 words for every HMM
     assert all(row["held_out_ppl"] < 30 for row in results["hmm"].metrics)
-    assert all(ok for check, ok, _ in results["hmm"].checks if "trajectory" in check)
+    assert all(ok for check, ok, _ in results["hmm"].checks if "trajectory" in check or "log posterior" in check)
+    assert sum("feature-rich" in row["method"] for row in results["hmm"].metrics) == 2 * 2  # EM and gradient, 2 K
+    assert "The words of the states" in text
 
     # a finished run is reused, not retrained
     run_dir = out / "bernoulli_factor" / "exact"

@@ -4,6 +4,7 @@ from .base import ELBO, OBJECTIVES, IntractableError, LatentModel, Loss, Unsuppo
 from .bernoulli_factor import BernoulliFactorModel
 from .binary_vae import BinaryVAE
 from .factorial_hmm import FactorialHMM
+from .feature_hmm import FeatureHMM
 from .hmm_lm import HMMLanguageModel
 from .latent_alignment import LatentAlignmentSeq2Seq
 from .lstm_lm import LSTMLanguageModel, MixtureOfSoftmaxesLM
@@ -20,6 +21,7 @@ __all__ = [
     "Loss",
     "UnsupportedObjectiveError",
     "FactorialHMM",
+    "FeatureHMM",
     "HMMLanguageModel",
     "LatentAlignmentSeq2Seq",
     "LSTMLanguageModel",
