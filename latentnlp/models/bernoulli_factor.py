@@ -44,7 +44,7 @@ from latentnlp.models.mixture_of_categoricals import (
     taylor_control_variate,
 )
 
-__all__ = ["BernoulliFactorModel", "MAX_ENUMERATED_FACTORS"]
+__all__ = ["ESTIMATORS", "BernoulliFactorModel", "MAX_ENUMERATED_FACTORS"]
 
 #: the largest ``k`` whose ``2^k`` configurations :class:`BernoulliFactorModel` enumerates
 MAX_ENUMERATED_FACTORS = 16
@@ -116,12 +116,18 @@ class BernoulliFactorModel(LatentModel):
         """The amortised ``q(z | x)``, batch shape ``[B]``, event ``[k]``."""
         return MeanFieldBernoulli(self.encoder(frequencies(self._counts(batch))))
 
-    def posterior(self, batch: Batch) -> Categorical | MeanFieldBernoulli:
+    def posterior(self, batch: Batch) -> Categorical:
         """The exact ``p(z | x)`` as a ``Categorical`` over the ``2^k`` configurations (configuration ``i``
-        has the bits of ``i``, the most significant first: ``z_1`` is its top bit) for
-        ``k <= MAX_ENUMERATED_FACTORS``; beyond, the amortised ``q(z | x)``."""
+        has the bits of ``i``, the most significant first: ``z_1`` is its top bit), batch shape ``[B]``.
+
+        Raises :class:`~latentnlp.models.IntractableError` for ``k > MAX_ENUMERATED_FACTORS``, as
+        :class:`~latentnlp.models.FactorialHMM` does beyond its exact size; :meth:`q` is the
+        amortised approximation at any ``k``."""
         if self.num_factors > MAX_ENUMERATED_FACTORS:
-            return self.q(batch)
+            raise IntractableError(
+                f"the exact posterior enumerates 2^k configurations for k <= {MAX_ENUMERATED_FACTORS}; "
+                f"k = {self.num_factors} (q() is the amortised q(z | x))"
+            )
         counts = self._counts(batch)
         prior = self.prior()
         logits = torch.cat([table + prior.log_prob(z) for z, table in self._enumerate(counts)], -1)
@@ -220,10 +226,23 @@ class BernoulliFactorModel(LatentModel):
             surrogate=surrogate_reconstruction - kl_weight * kl,
         )
 
-    def iwae(self, batch: Batch, num_samples: int) -> Tensor:
-        """``log 1/S sum_s p(x, z_s) / q(z_s | x)`` with ``z_s ~ q`` (:func:`latentnlp.objectives.iwae`), ``[B]``."""
+    def iwae(
+        self,
+        batch: Batch,
+        num_samples: int,
+        *,
+        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``log 1/S sum_s p(x, z_s) / q(z_s | x)`` with ``z_s ~ q`` (:func:`latentnlp.objectives.iwae`,
+        ``chunk_size`` samples at a time, drawn with ``generator``), ``[B]``."""
         counts = self._counts(batch)
         q = self.q(batch)
         return objectives.iwae(
-            lambda z: self.log_likelihood(counts, z), q, self.prior().expand(q.batch_shape), num_samples
+            lambda z: self.log_likelihood(counts, z),
+            q,
+            self.prior().expand(q.batch_shape),
+            num_samples,
+            chunk_size=chunk_size,
+            generator=generator,
         )
