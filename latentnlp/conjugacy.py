@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Dirichlet, kl_divergence
 
+from latentnlp.validation import is_validating
+
 __all__ = [
     "dirichlet_posterior",
     "dirichlet_multinomial_log_evidence",
@@ -124,14 +126,14 @@ class BayesianCategoricalMixture:
           - \sum_k \mathrm{KL}(\mathrm{Dir}(b_k) \| \mathrm{Dir}(\eta)) \le \log p(w).
 
     Args:
-        num_components: ``K``.
         vocab_size: ``V``.
+        num_components: ``K`` (the order of :class:`~latentnlp.models.MixtureOfCategoricals`).
         alpha: symmetric prior concentration on ``pi`` (positive).
         eta: symmetric prior concentration on each ``beta_k`` (positive).
     """
 
-    def __init__(self, num_components: int, vocab_size: int, alpha: float = 1.0, eta: float = 0.1) -> None:
-        for name, value in (("num_components", num_components), ("vocab_size", vocab_size)):
+    def __init__(self, vocab_size: int, num_components: int, alpha: float = 1.0, eta: float = 0.1) -> None:
+        for name, value in (("vocab_size", vocab_size), ("num_components", num_components)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name, value in (("alpha", alpha), ("eta", eta)):
@@ -146,9 +148,21 @@ class BayesianCategoricalMixture:
         _check_counts("counts", counts, self.vocab_size)
         return counts if counts.is_floating_point() else counts.to(torch.get_default_dtype())
 
+    def _globals(self, a: Tensor, b: Tensor) -> None:
+        """``ValueError`` naming ``a`` or ``b`` unless they are ``[K]`` and ``[K, V]`` concentrations
+        (positive, checked when validating)."""
+        k, v = self.num_components, self.vocab_size
+        for name, value, shape, names in (("a", a, (k,), "[K]"), ("b", b, (k, v), "[K, V]")):
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                seen = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{name} must be {names} = {list(shape)} (K = {k}, V = {v}), got {seen}")
+            if is_validating() and not bool((value > 0).all()):
+                raise ValueError(f"{name} must hold positive Dirichlet concentrations, got min {float(value.min())}")
+
     def update_assignments(self, counts: Tensor, a: Tensor, b: Tensor) -> Tensor:
         """The optimal ``q(z_d)`` given ``q(pi) = Dir(a)`` and ``q(beta) = Dir(b)``: ``r [D, K]``."""
         counts = self._counts(counts)
+        self._globals(a, b)
         logits = _expected_log(a) + counts @ _expected_log(b).t()
         return torch.softmax(logits, dim=-1)
 
@@ -162,6 +176,11 @@ class BayesianCategoricalMixture:
     def elbo(self, counts: Tensor, a: Tensor, b: Tensor, r: Tensor) -> Tensor:
         """The evidence lower bound of ``q = Dir(a) prod_k Dir(b_k) prod_d Cat(r_d)`` (a scalar)."""
         counts = self._counts(counts)
+        self._globals(a, b)
+        if not isinstance(r, Tensor) or r.shape != (counts.shape[0], self.num_components):
+            raise ValueError(
+                f"r must be [D, K] = {(counts.shape[0], self.num_components)}, got {tuple(getattr(r, 'shape', ()))}"
+            )
         e_log_pi, e_log_beta = _expected_log(a), _expected_log(b)
         expected = (r * (e_log_pi + counts @ e_log_beta.t())).sum()
         entropy = -(r * torch.log(r.clamp_min(torch.finfo(r.dtype).tiny))).sum()

@@ -460,9 +460,13 @@ class WakeSleep:
 
     @property
     def surrogate(self) -> Tensor:
-        """The scalar to maximise: ``wake.sum() + sleep.sum()``; one backward gives both phases' gradients."""
+        r"""The scalar to maximise, ``sum_b [wake_b + 1/M sum_m sleep_m]`` = ``wake.sum() + N *
+        sleep.mean()`` over the ``N`` examples of the batch: each example's wake term plus the sleep
+        objective ``E_{p(x, z)} log q(z | x)``, estimated by the mean over the ``M`` dreams, so the
+        two phases keep their relative weight whatever ``M`` is.  One backward gives both phases'
+        gradients."""
         total = self.wake.sum()
-        return total if self.sleep is None else total + self.sleep.sum()
+        return total if self.sleep is None else total + self.wake.numel() * self.sleep.mean()
 
 
 def wake_sleep(
@@ -496,6 +500,10 @@ def wake_sleep(
     ``-grad_phi KL(p(z | x) || q_phi(z | x))`` as ``S`` grows.  The sleep phase minimises
     ``E_{p(x)} KL(p(z | x) || q_phi(z | x))``: its fixed point is ``q = p(z | x)`` where the
     family can represent it.
+
+    The surrogate (:attr:`WakeSleep.surrogate`) adds, for each of the ``N`` examples of the batch,
+    its wake term and the sleep term's estimate by the mean over the ``M`` dreams:
+    ``sum_b wake_b + N/M sum_m log q(z~_m | x~_m)``.
 
     Samples and dreams are detached, so the wake terms reach only ``theta`` (``log p`` of fixed
     ``z``) -- and ``phi`` through the wake-phase ``q`` term -- and the sleep term only ``phi``

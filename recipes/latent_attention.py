@@ -123,7 +123,7 @@ PRESETS = {
     "smoke": Preset(
         data="synthetic",
         subword=None,
-        model={"embedding_dim": 32, "hidden_size": 64, "num_layers": 1, "dropout": 0.0},
+        model={"embedding_size": 32, "hidden_size": 64, "num_layers": 1, "dropout": 0.0},
         batch_size=32,
         train={"max_epochs": 2, "lr": 1e-2, "grad_clip": 5.0, "log_every": 20},
         # every mode, with one pruned one (k = 3 prunes the 3-13 source positions; 5 and 10 barely would)
@@ -144,7 +144,7 @@ PRESETS = {
     "cpu": Preset(
         data="multi30k",
         subword=8000,
-        model={"embedding_dim": 256, "hidden_size": 256, "num_layers": 1, "dropout": 0.3},
+        model={"embedding_size": 256, "hidden_size": 256, "num_layers": 1, "dropout": 0.3},
         batch_size=32,
         train={
             "max_epochs": 12,
@@ -176,7 +176,7 @@ PRESETS = {
     "full": Preset(
         data="iwslt14",
         subword=14000,
-        model={"embedding_dim": 512, "hidden_size": 768, "num_layers": 2, "dropout": 0.3},
+        model={"embedding_size": 512, "hidden_size": 768, "num_layers": 2, "dropout": 0.3},
         batch_size=6,
         train={
             "max_epochs": 30,

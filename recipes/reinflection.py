@@ -111,8 +111,8 @@ class Preset:
 PRESETS = {
     "smoke": Preset(
         languages=["generated"],
-        msved={"embedding_dim": 32, "hidden_size": 64, "latent_dim": 16, "tag_dim": 16},
-        encdec={"embedding_dim": 32, "hidden_size": 64},
+        msved={"embedding_size": 32, "hidden_size": 64, "latent_size": 16, "tag_dim": 16},
+        encdec={"embedding_size": 32, "hidden_size": 64},
         batch_size=32,
         train={"max_epochs": 8, "lr": 1e-2, "grad_clip": 5.0, "log_every": 20},
         kl_warmup=100,
@@ -126,8 +126,8 @@ PRESETS = {
     # updates; beam search over the first 2,000 test examples adds under a minute a row.
     "cpu": Preset(
         languages=["german", "turkish"],
-        msved={"embedding_dim": 64, "hidden_size": 128, "latent_dim": 64, "tag_dim": 64, "dropout": 0.2},
-        encdec={"embedding_dim": 64, "hidden_size": 128, "dropout": 0.2},
+        msved={"embedding_size": 64, "hidden_size": 128, "latent_size": 64, "tag_dim": 64, "dropout": 0.2},
+        encdec={"embedding_size": 64, "hidden_size": 128, "dropout": 0.2},
         batch_size=64,
         train={
             "max_epochs": 30,
@@ -148,8 +148,8 @@ PRESETS = {
     # all ten languages, larger models trained to convergence (a GPU)
     "full": Preset(
         languages=list(SIGMORPHON_LANGUAGES),
-        msved={"embedding_dim": 300, "hidden_size": 256, "latent_dim": 150, "tag_dim": 200, "dropout": 0.3},
-        encdec={"embedding_dim": 300, "hidden_size": 512, "dropout": 0.3},
+        msved={"embedding_size": 300, "hidden_size": 256, "latent_size": 150, "tag_dim": 200, "dropout": 0.3},
+        encdec={"embedding_size": 300, "hidden_size": 512, "dropout": 0.3},
         batch_size=64,
         train={
             "max_epochs": 60,

@@ -543,7 +543,15 @@ def _msved(estimator: str) -> LatentModel:
     from latentnlp.models import MultiSpaceVAE
 
     return MultiSpaceVAE(
-        10, [3, 2, 4], embedding_dim=8, hidden_size=12, latent_dim=4, tag_dim=6, estimator=estimator, bos_id=1, eos_id=2
+        10,
+        [3, 2, 4],
+        embedding_size=8,
+        hidden_size=12,
+        latent_size=4,
+        tag_dim=6,
+        estimator=estimator,
+        bos_id=1,
+        eos_id=2,
     )
 
 

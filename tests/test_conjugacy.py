@@ -72,7 +72,7 @@ def _log_evidence_by_enumeration(counts: torch.Tensor, k: int, alpha: float, eta
 def test_elbo_equals_its_monte_carlo_definition():
     """``E_q[log p(w, z, pi, beta) - log q(z, pi, beta)]`` by sampling ``q``."""
     counts = _data()
-    mix = BayesianCategoricalMixture(2, 4, alpha=1.3, eta=0.4)
+    mix = BayesianCategoricalMixture(4, 2, alpha=1.3, eta=0.4)
     g = torch.Generator().manual_seed(1)
     a = torch.rand(2, generator=g, dtype=F64) + 0.5
     b = torch.rand(2, 4, generator=g, dtype=F64) * 3 + 0.5
@@ -96,7 +96,7 @@ def test_each_update_is_the_coordinate_optimum():
     """At each update the ELBO's gradient in that factor's parameters is zero (``log a``, ``log b``,
     and the logits of ``r``), and a random move lowers it."""
     counts = _data(3)
-    mix = BayesianCategoricalMixture(2, 4, alpha=0.8, eta=0.3)
+    mix = BayesianCategoricalMixture(4, 2, alpha=0.8, eta=0.3)
     g = torch.Generator().manual_seed(4)
     r = torch.softmax(torch.randn(5, 2, generator=g, dtype=F64), -1)
     a, b = mix.update_globals(counts, r)
@@ -115,7 +115,7 @@ def test_each_update_is_the_coordinate_optimum():
 
 def test_cavi_is_monotone_and_bounds_the_enumerated_evidence():
     counts = _data(5, docs=6)
-    mix = BayesianCategoricalMixture(2, 4, alpha=1.0, eta=0.5)
+    mix = BayesianCategoricalMixture(4, 2, alpha=1.0, eta=0.5)
     exact = _log_evidence_by_enumeration(counts, 2, 1.0, 0.5)
     for seed in range(3):
         fit = mix.fit(counts, iterations=50, generator=torch.Generator().manual_seed(seed))
@@ -130,7 +130,7 @@ def test_one_component_is_exact():
     """K = 1: every z is known, the mean field is the exact posterior Dir(eta + total counts), and the
     ELBO is the evidence."""
     counts = _data(6)
-    mix = BayesianCategoricalMixture(1, 4, alpha=1.0, eta=0.7)
+    mix = BayesianCategoricalMixture(4, 1, alpha=1.0, eta=0.7)
     fit = mix.fit(counts, iterations=2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(fit.b[0], 0.7 + counts.sum(0))
     evidence = dirichlet_multinomial_log_evidence(torch.full((4,), 0.7, dtype=F64), counts.sum(0))
@@ -144,10 +144,28 @@ def test_bad_input():
         dirichlet_posterior(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match="non-negative"):
         dirichlet_multinomial_log_evidence(torch.tensor([1.0, 1.0]), torch.tensor([-1.0, 2.0]))
-    mix = BayesianCategoricalMixture(2, 3)
+    mix = BayesianCategoricalMixture(3, 2)
     with pytest.raises(ValueError, match=r"counts must be a tensor \[D, V\]"):
         mix.fit(torch.ones(3))
     with pytest.raises(ValueError, match="r must be"):
         mix.update_globals(torch.ones(4, 3), torch.ones(4, 3))
     with pytest.raises(ValueError, match="eta"):
-        BayesianCategoricalMixture(2, 3, eta=-1.0)
+        BayesianCategoricalMixture(3, 2, eta=-1.0)
+
+
+def test_bad_globals_name_a_and_b():
+    mix = BayesianCategoricalMixture(3, 2)  # (vocab_size, num_components), as MixtureOfCategoricals
+    assert (mix.vocab_size, mix.num_components) == (3, 2)
+    counts, a, b = torch.ones(4, 3), torch.ones(2), torch.ones(2, 3)
+    r = torch.full((4, 2), 0.5)
+    with pytest.raises(ValueError, match=r"a must be \[K\] = \[2\] \(K = 2, V = 3\), got \(3,\)"):
+        mix.update_assignments(counts, torch.ones(3), b)
+    with pytest.raises(ValueError, match=r"b must be \[K, V\] = \[2, 3\] \(K = 2, V = 3\), got \(3, 2\)"):
+        mix.update_assignments(counts, a, torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"b must be \[K, V\] = \[2, 3\] .* got list"):
+        mix.elbo(counts, a, [[1.0] * 3] * 2, r)
+    with pytest.raises(ValueError, match=r"a must hold positive Dirichlet concentrations, got min 0.0"):
+        mix.elbo(counts, torch.tensor([1.0, 0.0]), b, r)
+    with pytest.raises(ValueError, match=r"r must be \[D, K\] = \(4, 2\), got \(4, 3\)"):
+        mix.elbo(counts, a, b, torch.ones(4, 3))
+    assert mix.update_assignments(counts, a, b).shape == (4, 2)

@@ -49,7 +49,7 @@ def make_batch(g, *, size=4, src_len=6, tgt_len=5, extended=False):
 
 
 def make_model(mode, **kw):
-    kw = dict(embedding_dim=6, hidden_size=8, bos_id=BOS, eos_id=EOS, unk_id=UNK, **kw)
+    kw = dict(embedding_size=6, hidden_size=8, bos_id=BOS, eos_id=EOS, unk_id=UNK, **kw)
     return LatentAlignmentSeq2Seq.from_mode(mode, V, V, **kw)
 
 
@@ -144,11 +144,11 @@ def test_training_marginal_equals_stepwise_decoder(mode):
 @pytest.mark.parametrize("mode", ["soft", "exact", "copy", "elbo-enum", "exact-top3"])
 def test_beam_of_one_equals_greedy(mode):
     model, batch = _double(mode, seed=3), _batch(2, extended=mode == "copy")
-    greedy = model.generate(batch, method="greedy", max_len=8)
-    beam = model.generate(batch, method="beam", beam_size=1, max_len=8)
+    greedy = model.generate(batch, method="greedy", max_length=8)
+    beam = model.generate(batch, method="beam", beam_size=1, max_length=8)
     assert torch.equal(greedy.tokens, beam.tokens) and torch.equal(greedy.lengths, beam.lengths)
     torch.testing.assert_close(greedy.scores, beam.scores)
-    wide = model.generate(batch, beam_size=4, max_len=8, length_penalty=0.6)
+    wide = model.generate(batch, beam_size=4, max_length=8, length_penalty=0.6)
     assert wide.tokens.shape[0] == batch["src"].shape[0] and (wide.lengths <= 8).all()
 
 

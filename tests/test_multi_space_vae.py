@@ -24,9 +24,9 @@ def _model(estimator="gumbel_softmax", tag_sizes=TAGS, **kw):
     return MultiSpaceVAE(
         10,
         tag_sizes,
-        embedding_dim=8,
+        embedding_size=8,
         hidden_size=12,
-        latent_dim=4,
+        latent_size=4,
         tag_dim=6,
         estimator=estimator,
         bos_id=1,
@@ -138,8 +138,8 @@ def test_score_function_path_is_unbiased():
 def test_beam_scores_are_the_model_likelihood():
     model, batch = _model(), _batch()
     model.eval()
-    hyp = model.generate(batch, beam_size=3, max_len=8)
-    greedy = model.generate(batch, method="greedy", max_len=8)
+    hyp = model.generate(batch, beam_size=3, max_length=8)
+    greedy = model.generate(batch, method="greedy", max_length=8)
     assert torch.all(hyp.scores >= greedy.scores - 1e-9)  # beam search finds at least greedy's score
     decoded = dict(
         batch,
@@ -181,3 +181,46 @@ def test_bad_inputs():
         MultiSpaceVAE(10, [3, 1])
     with pytest.raises(ValueError, match="target tags"):
         model.generate({k: v for k, v in batch.items() if k != "tags"})
+
+
+def test_bad_batches_name_the_key():
+    model, batch = _model(), _batch()
+    for key in ("src", "src_lengths", "inputs", "targets", "lengths"):
+        with pytest.raises(ValueError, match=f"lacks \\['{key}'\\]"):
+            model.elbo({k: v for k, v in batch.items() if k != key})
+    with pytest.raises(ValueError, match=r"batch\['src'\] ids must lie in 0..9 .* got 3..10"):
+        model.elbo(dict(batch, src=batch["src"].masked_fill(batch["src"] == batch["src"].max(), 10)))
+    with pytest.raises(ValueError, match=r"batch\['targets'\] ids must lie in 0..9 .* got -1"):
+        model.iwae(dict(batch, targets=batch["targets"].masked_fill(batch["targets"] == 2, -1)), 2)
+    with pytest.raises(ValueError, match=r"batch\['inputs'\] must be an integer tensor, got torch.float64"):
+        model.elbo(dict(batch, inputs=batch["inputs"].double()))
+    with pytest.raises(ValueError, match=r"lengths must lie in 1..6, got \[7"):
+        model.elbo(dict(batch, lengths=torch.full_like(batch["lengths"], 7)))
+    with pytest.raises(ValueError, match="src and inputs must have the same B"):
+        model.elbo(dict(batch, src=batch["src"][:3], src_lengths=batch["src_lengths"][:3]))
+    # padding past a length may hold any id (here the -100 of torch's ignore_index)
+    lengths = batch["lengths"].clone()
+    lengths[1:] = torch.minimum(lengths[1:], torch.full_like(lengths[1:], 5))
+    padded = batch["targets"].masked_fill(torch.arange(6) >= lengths[:, None], -100)
+    assert torch.isfinite(model.elbo(dict(batch, targets=padded, lengths=lengths)).value).all()
+
+
+def test_score_function_needs_the_models_baseline():
+    """A model built for Gumbel-softmax has no learned baseline: the score function is refused
+    rather than run without one."""
+    with pytest.raises(ValueError, match="needs the learned baseline .* built with estimator='gumbel_softmax'"):
+        _model("gumbel_softmax").elbo(_batch(), estimator="score_function")
+    assert _model("score_function").elbo(_batch(), estimator="gumbel_softmax").value.shape == (6,)
+
+
+def test_a_float32_default_does_not_leak_into_a_double_model():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        model = _model().double()
+        bound = model.elbo(_batch(), num_samples=2)
+        assert model.tag_prior((6,)).logits.dtype == torch.float64
+        assert bound.value.dtype == bound.kl.dtype == bound.surrogate.dtype == torch.float64
+        assert model.iwae(_batch(), 2).dtype == torch.float64
+    finally:
+        torch.set_default_dtype(old)

@@ -22,7 +22,7 @@ def _batch() -> dict:
 
 def _model() -> NeuralTopicModel:
     torch.manual_seed(0)
-    model = NeuralTopicModel(V, K, hidden_dim=8).double()
+    model = NeuralTopicModel(V, K, hidden_size=8).double()
     with torch.no_grad():
         model.topic_logits.normal_()
     return model
@@ -85,7 +85,7 @@ def test_training_raises_the_bound_and_finds_the_topics():
     topics = torch.multinomial(theta, length, replacement=True, generator=g)
     words = torch.multinomial(truth[topics.flatten()], 1, generator=g).view(n_docs, length)
     batch = {"targets": words, "lengths": torch.full((n_docs,), length)}
-    model = NeuralTopicModel(vocab, 3, hidden_dim=16)
+    model = NeuralTopicModel(vocab, 3, hidden_size=16)
     opt = torch.optim.Adam(model.parameters(), lr=0.03)
     first = model.elbo(batch).value.mean().item()
     for _ in range(300):
@@ -107,7 +107,24 @@ def test_bad_input():
     model.loss({"targets": torch.tensor([[0, 9]]), "lengths": torch.tensor([1])}, "elbo")
     with pytest.raises(ValueError, match=r"lengths'\] must be \[B\]"):
         model.loss({"targets": torch.tensor([[0, 1]]), "lengths": torch.tensor([1, 2])}, "elbo")
+    with pytest.raises(ValueError, match=r"lengths'\] must be an integer tensor, got torch.float32"):
+        model.loss({"targets": torch.tensor([[0, 1]]), "lengths": torch.tensor([2.0], dtype=torch.float32)}, "elbo")
+    with pytest.raises(ValueError, match=r"lengths'\] must lie in 1..2 \(T\), got \[3, 1\]"):
+        model.loss({"targets": torch.tensor([[0, 1], [1, 0]]), "lengths": torch.tensor([3, 1])}, "elbo")
+    with pytest.raises(ValueError, match=r"lengths'\] must lie in 1..2 \(T\), got \[0, 1\]"):
+        model.iwae({"targets": torch.tensor([[0, 1], [1, 0]]), "lengths": torch.tensor([0, 1])}, 2)
     with pytest.raises(ValueError, match="num_topics"):
         NeuralTopicModel(5, 1)
     with pytest.raises(ValueError, match="alpha"):
         NeuralTopicModel(5, 2, alpha=0.0)
+
+
+def test_generator_draws_the_samples():
+    model, batch = _model(), _batch()
+    for draw in (
+        lambda g: model.elbo(batch, num_samples=3, generator=g).value,
+        lambda g: model.iwae(batch, 3, chunk_size=2, generator=g),
+    ):
+        a, b = draw(torch.Generator().manual_seed(4)), draw(torch.Generator().manual_seed(4))
+        torch.testing.assert_close(a, b)
+        assert not torch.equal(a, draw(torch.Generator().manual_seed(5)))

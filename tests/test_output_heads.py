@@ -132,7 +132,9 @@ def test_soft_and_latent_heads_agree_on_a_one_word_source():
 def _model(mode, seed=0):
     torch.manual_seed(seed)
     return (
-        LatentAlignmentSeq2Seq.from_mode(mode, V, V, embedding_dim=6, hidden_size=8, bos_id=BOS, eos_id=EOS, unk_id=UNK)
+        LatentAlignmentSeq2Seq.from_mode(
+            mode, V, V, embedding_size=6, hidden_size=8, bos_id=BOS, eos_id=EOS, unk_id=UNK
+        )
         .double()
         .eval()
     )
@@ -166,7 +168,7 @@ def test_from_mode_is_the_hand_built_composition(mode):
     """The same seed gives the same parameters and the same loss whether built by name or by hand."""
     by_name = _model(mode)
     torch.manual_seed(0)
-    core = AttentionalEncoderDecoder(V, V, embedding_dim=6, hidden_size=8)
+    core = AttentionalEncoderDecoder(V, V, embedding_size=6, hidden_size=8)
     if mode == "copy":
         head = CopyHead(
             CopyGenerator(8, V, output_projection=core.attention.output_projection), shared_vocabulary=True, unk_id=UNK
@@ -194,7 +196,7 @@ def test_enumerated_elbo_at_the_exact_posterior_is_the_marginal_of_the_latent_he
 
 
 def test_an_elbo_needs_a_latent_alignment():
-    core = AttentionalEncoderDecoder(V, V, embedding_dim=6, hidden_size=8)
+    core = AttentionalEncoderDecoder(V, V, embedding_size=6, hidden_size=8)
     with pytest.raises(ValueError, match="latent"):
         LatentAlignmentSeq2Seq(core, SoftAttentionHead(core.attention), AlignmentELBO(6, 8))
     with pytest.raises(ValueError, match="estimator"):

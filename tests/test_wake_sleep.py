@@ -118,14 +118,18 @@ def test_each_phase_reaches_only_its_parameters():
     model.run(X, num_samples=3).sleep.sum().backward()
     assert all(p.grad is None for p in model.theta())
     assert model.table.grad.abs().sum() > 0
-    # the surrogate's one backward is the sum of the two
+    # the surrogate's one backward is the sum of the two: each of the N examples' wake terms plus
+    # the sleep objective, the mean over the M = 64 dreams
     model.zero_grad(set_to_none=True)
-    model.run(X, num_samples=3).surrogate.backward()
+    terms = model.run(X, num_samples=3)
+    assert terms.sleep.shape == (64,)
+    torch.testing.assert_close(terms.surrogate, terms.wake.sum() + len(X) * terms.sleep.sum() / 64)
+    terms.surrogate.backward()
     both = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     terms = model.run(X, num_samples=3)
     terms.wake.sum().backward()
-    terms.sleep.sum().backward()
+    (len(X) * terms.sleep.mean()).backward()
     for a, p in zip(both, model.parameters()):
         torch.testing.assert_close(a, p.grad)
 

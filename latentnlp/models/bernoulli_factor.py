@@ -35,23 +35,23 @@ from torch.distributions import Categorical, kl_divergence
 
 from latentnlp import objectives
 from latentnlp.families import MeanFieldBernoulli
-from latentnlp.models.base import ELBO, Batch, IntractableError, LatentModel
-from latentnlp.models.mixture_of_categoricals import (
+from latentnlp.models.bag_of_words import (
     BASELINES,
-    bag_counts,
+    BagOfWordsModel,
     frequencies,
     score_function_with_baseline,
     taylor_control_variate,
 )
+from latentnlp.models.base import ELBO, Batch, IntractableError
 
-__all__ = ["BernoulliFactorModel", "MAX_ENUMERATED_FACTORS"]
+__all__ = ["ESTIMATORS", "BernoulliFactorModel", "MAX_ENUMERATED_FACTORS"]
 
 #: the largest ``k`` whose ``2^k`` configurations :class:`BernoulliFactorModel` enumerates
 MAX_ENUMERATED_FACTORS = 16
 ESTIMATORS = ("exact", "score_function")
 
 
-class BernoulliFactorModel(LatentModel):
+class BernoulliFactorModel(BagOfWordsModel):
     r"""``k`` Bernoulli factors, words ``| z ~ Cat(softmax(g(z)))`` (the module's equations).
 
     Args:
@@ -79,35 +79,19 @@ class BernoulliFactorModel(LatentModel):
         learned_baseline: bool = False,
         chunk_size: int = 256,
     ) -> None:
-        super().__init__()
         if min(vocab_size, num_factors, hidden_size, chunk_size) < 1:
             raise ValueError(
                 f"vocab_size, num_factors, hidden_size and chunk_size must be >= 1, got {vocab_size}, "
                 f"{num_factors}, {hidden_size}, {chunk_size}"
             )
-        if not 0.0 <= baseline_decay < 1.0:
-            raise ValueError(f"baseline_decay must lie in [0, 1), got {baseline_decay}")
-        self.vocab_size, self.num_factors = vocab_size, num_factors
-        self.baseline_decay, self.chunk_size = baseline_decay, chunk_size
+        super().__init__(vocab_size, baseline_decay)
+        self.num_factors, self.chunk_size = num_factors, chunk_size
         self.prior_logits = nn.Parameter(torch.zeros(num_factors))
         self.decoder = nn.Sequential(nn.Linear(num_factors, hidden_size), nn.Tanh(), nn.Linear(hidden_size, vocab_size))
         self.encoder = nn.Sequential(nn.Linear(vocab_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, num_factors))
-        self.baseline = (
-            nn.Sequential(nn.Linear(vocab_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, 1))
-            if learned_baseline
-            else None
-        )
-        self.register_buffer("running_sum", torch.zeros(()))
-        self.register_buffer("running_updates", torch.zeros((), dtype=torch.long))
+        self.build_baseline(hidden_size, learned_baseline)
 
     # ---- the model ----------------------------------------------------------------------------
-    def _counts(self, batch: Batch) -> Tensor:
-        return bag_counts(batch, self.vocab_size, self.prior_logits.dtype)
-
-    def num_tokens(self, batch: Batch) -> Tensor:
-        """``N`` of each document, ``[B]``."""
-        return self._counts(batch).sum(-1)
-
     def prior(self) -> MeanFieldBernoulli:
         """``p(z) = prod_j Bern(sigmoid(prior_logits_j))``, batch shape ``[]``."""
         return MeanFieldBernoulli(self.prior_logits)
@@ -116,12 +100,18 @@ class BernoulliFactorModel(LatentModel):
         """The amortised ``q(z | x)``, batch shape ``[B]``, event ``[k]``."""
         return MeanFieldBernoulli(self.encoder(frequencies(self._counts(batch))))
 
-    def posterior(self, batch: Batch) -> Categorical | MeanFieldBernoulli:
+    def posterior(self, batch: Batch) -> Categorical:
         """The exact ``p(z | x)`` as a ``Categorical`` over the ``2^k`` configurations (configuration ``i``
-        has the bits of ``i``, the most significant first: ``z_1`` is its top bit) for
-        ``k <= MAX_ENUMERATED_FACTORS``; beyond, the amortised ``q(z | x)``."""
+        has the bits of ``i``, the most significant first: ``z_1`` is its top bit), batch shape ``[B]``.
+
+        Raises :class:`~latentnlp.models.IntractableError` for ``k > MAX_ENUMERATED_FACTORS``, as
+        :class:`~latentnlp.models.FactorialHMM` does beyond its exact size; :meth:`q` is the
+        amortised approximation at any ``k``."""
         if self.num_factors > MAX_ENUMERATED_FACTORS:
-            return self.q(batch)
+            raise IntractableError(
+                f"the exact posterior enumerates 2^k configurations for k <= {MAX_ENUMERATED_FACTORS}; "
+                f"k = {self.num_factors} (q() is the amortised q(z | x))"
+            )
         counts = self._counts(batch)
         prior = self.prior()
         logits = torch.cat([table + prior.log_prob(z) for z, table in self._enumerate(counts)], -1)
@@ -152,13 +142,6 @@ class BernoulliFactorModel(LatentModel):
         parts = [torch.logsumexp(table + prior.log_prob(z), -1) for z, table in self._enumerate(counts)]
         return torch.logsumexp(torch.stack(parts, -1), -1)
 
-    def running_mean(self) -> Tensor:
-        """The running-mean baseline's current value per token (bias-corrected; 0 before any update)."""
-        n = int(self.running_updates)
-        if n == 0:
-            return self.running_sum
-        return self.running_sum / (1.0 - self.baseline_decay**n)
-
     # ---- bounds -------------------------------------------------------------------------------
     def elbo(
         self,
@@ -175,9 +158,9 @@ class BernoulliFactorModel(LatentModel):
 
         ``estimator``: ``"exact"`` (default; ``sum_z q(z) log p(x | z)`` over the ``2^k``
         configurations) or ``"score_function"`` with ``baseline`` one of
-        :data:`~latentnlp.models.mixture_of_categoricals.BASELINES` and ``control_variate``
+        :data:`~latentnlp.models.bag_of_words.BASELINES` and ``control_variate``
         (the Taylor term of :meth:`log_likelihood` around ``q``'s mean,
-        :func:`~latentnlp.models.mixture_of_categoricals.taylor_control_variate`), as for
+        :func:`~latentnlp.models.bag_of_words.taylor_control_variate`), as for
         :meth:`MixtureOfCategoricals.elbo <latentnlp.models.MixtureOfCategoricals.elbo>`.
         """
         estimator = "exact" if estimator is None else estimator
@@ -220,10 +203,23 @@ class BernoulliFactorModel(LatentModel):
             surrogate=surrogate_reconstruction - kl_weight * kl,
         )
 
-    def iwae(self, batch: Batch, num_samples: int) -> Tensor:
-        """``log 1/S sum_s p(x, z_s) / q(z_s | x)`` with ``z_s ~ q`` (:func:`latentnlp.objectives.iwae`), ``[B]``."""
+    def iwae(
+        self,
+        batch: Batch,
+        num_samples: int,
+        *,
+        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``log 1/S sum_s p(x, z_s) / q(z_s | x)`` with ``z_s ~ q`` (:func:`latentnlp.objectives.iwae`,
+        ``chunk_size`` samples at a time, drawn with ``generator``), ``[B]``."""
         counts = self._counts(batch)
         q = self.q(batch)
         return objectives.iwae(
-            lambda z: self.log_likelihood(counts, z), q, self.prior().expand(q.batch_shape), num_samples
+            lambda z: self.log_likelihood(counts, z),
+            q,
+            self.prior().expand(q.batch_shape),
+            num_samples,
+            chunk_size=chunk_size,
+            generator=generator,
         )

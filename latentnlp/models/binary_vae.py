@@ -36,8 +36,8 @@ class BinaryVAE(LatentModel):
 
     Args:
         num_pixels: ``D``, the length of each binary vector.
-        latent_dim: ``L``, the dimension of ``z``.
-        hidden_dim: the width of the encoder's and the decoder's hidden layer (tanh).
+        latent_size: ``L``, the dimension of ``z``.
+        hidden_size: the width of the encoder's and the decoder's hidden layer (tanh).
 
     Objectives: ``"elbo"`` (reparameterised; ``kl`` analytic), ``"iwae"`` (``num_samples``,
     reparameterised) and ``"wake-sleep"`` (keywords of :meth:`wake_sleep`).
@@ -45,16 +45,16 @@ class BinaryVAE(LatentModel):
 
     objectives = ("elbo", "iwae", "wake-sleep")
 
-    def __init__(self, num_pixels: int = 64, latent_dim: int = 8, hidden_dim: int = 128) -> None:
+    def __init__(self, num_pixels: int = 64, latent_size: int = 8, hidden_size: int = 128) -> None:
         super().__init__()
-        for name, value in (("num_pixels", num_pixels), ("latent_dim", latent_dim), ("hidden_dim", hidden_dim)):
+        for name, value in (("num_pixels", num_pixels), ("latent_size", latent_size), ("hidden_size", hidden_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        self.num_pixels, self.latent_dim = num_pixels, latent_dim
+        self.num_pixels, self.latent_size = num_pixels, latent_size
         self.encoder = nn.Sequential(
-            nn.Linear(num_pixels, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, 2 * latent_dim)
+            nn.Linear(num_pixels, hidden_size), nn.Tanh(), nn.Linear(hidden_size, 2 * latent_size)
         )
-        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, num_pixels))
+        self.decoder = nn.Sequential(nn.Linear(latent_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, num_pixels))
 
     # ---- pieces -----------------------------------------------------------------------------
     def _pixels(self, batch: Batch) -> Tensor:
@@ -75,7 +75,7 @@ class BinaryVAE(LatentModel):
     def prior(self, batch_shape: torch.Size | tuple = ()) -> DiagonalGaussian:
         """``p(z) = N(0, I_L)`` with the given batch shape."""
         weight = self.decoder[0].weight
-        return DiagonalGaussian.standard(batch_shape, self.latent_dim, dtype=weight.dtype, device=weight.device)
+        return DiagonalGaussian.standard(batch_shape, self.latent_size, dtype=weight.dtype, device=weight.device)
 
     def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
         """``log p(x | z) = sum_d x_d log sigma(g_d) + (1 - x_d) log sigma(-g_d)``.
@@ -91,9 +91,17 @@ class BinaryVAE(LatentModel):
         return torch.full((x.shape[0],), self.num_pixels, dtype=torch.long, device=x.device)
 
     # ---- objectives ---------------------------------------------------------------------------
-    def elbo(self, batch: Batch, *, estimator: str | None = None, num_samples: int = 1, kl_weight: float = 1.0) -> ELBO:
+    def elbo(
+        self,
+        batch: Batch,
+        *,
+        estimator: str | None = None,
+        num_samples: int = 1,
+        kl_weight: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> ELBO:
         """:func:`latentnlp.objectives.elbo` with the analytic Gaussian KL; ``estimator`` ``"reparam"``
-        (default) or ``"score_function"``."""
+        (default) or ``"score_function"``; ``z`` drawn with ``generator``."""
         x = self._pixels(batch)
         q = self.encode(x)
         return objectives.elbo(
@@ -103,40 +111,63 @@ class BinaryVAE(LatentModel):
             num_samples=num_samples,
             kl_weight=kl_weight,
             estimator=estimator or "reparam",
+            generator=generator,
         )
 
-    def iwae(self, batch: Batch, num_samples: int, chunk_size: int | None = None) -> Tensor:
-        """:func:`latentnlp.objectives.iwae`: ``log 1/S sum_s p(x, z_s) / q(z_s | x)``, ``[B]``."""
+    def iwae(
+        self,
+        batch: Batch,
+        num_samples: int,
+        *,
+        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """:func:`latentnlp.objectives.iwae`: ``log 1/S sum_s p(x, z_s) / q(z_s | x)``, ``[B]``
+        (``chunk_size`` samples decoded at a time, drawn with ``generator``)."""
         x = self._pixels(batch)
         return objectives.iwae(
-            lambda z: self.log_likelihood(x, z), self.encode(x), self.prior(), num_samples, chunk_size=chunk_size
+            lambda z: self.log_likelihood(x, z),
+            self.encode(x),
+            self.prior(),
+            num_samples,
+            chunk_size=chunk_size,
+            generator=generator,
         )
 
-    def dream(self, num: int) -> tuple[Tensor, Tensor]:
-        """``num`` draws ``(x~, z~)`` of ``p(x, z)``: ``[num, D]`` binary vectors and ``[num, L]`` latents."""
-        z = self.prior().sample((num,))
-        x = torch.bernoulli(torch.sigmoid(self.decoder(z)))
+    def dream(self, num_samples: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``num_samples`` draws ``(x~, z~)`` of ``p(x, z)`` (from ``generator``, else the global seed):
+        ``[num_samples, D]`` binary vectors and ``[num_samples, L]`` latents."""
+        z = self.prior().sample((num_samples,), generator=generator)
+        x = torch.bernoulli(torch.sigmoid(self.decoder(z)), generator=generator)
         return x, z
 
     def wake_sleep(
-        self, batch: Batch, *, num_samples: int = 1, reweighted: bool = False, q_update: str | None = None
+        self,
+        batch: Batch,
+        *,
+        num_samples: int = 1,
+        reweighted: bool = False,
+        q_update: str | None = None,
+        generator: torch.Generator | None = None,
     ) -> Loss:
         """The wake-sleep loss (:func:`latentnlp.objectives.wake_sleep`), per pixel.
 
-        ``B`` dreams per batch for the sleep phase.  Value: ``-(wake + sleep) / (B D)``; metrics:
-        ``nll`` (``-log 1/S sum_s p(x, z_s) / q(z_s | x)`` on the wake samples, an importance-weighted
-        estimate, the one-sample ELBO for ``S = 1``), ``wake`` and ``tokens``.
+        ``B`` dreams per batch for the sleep phase; wake samples and dreams drawn with
+        ``generator``.  Value: ``-surrogate / (B D)`` (:attr:`~latentnlp.objectives.WakeSleep.surrogate`);
+        metrics: ``nll`` (``-log 1/S sum_s p(x, z_s) / q(z_s | x)`` on the wake samples, an
+        importance-weighted estimate, the one-sample ELBO for ``S = 1``), ``wake`` and ``tokens``.
         """
         x = self._pixels(batch)
         terms = objectives.wake_sleep(
             lambda z: self.log_likelihood(x, z),
             self.encode(x),
             self.prior(),
-            dream_fn=lambda: self.dream(x.shape[0]),
+            dream_fn=lambda: self.dream(x.shape[0], generator=generator),
             encoder_fn=self.encode,
             num_samples=num_samples,
             reweighted=reweighted,
             q_update=q_update,
+            generator=generator,
         )
         tokens = self.num_tokens(batch).to(torch.float64)
         value = -terms.surrogate / tokens.sum().to(terms.wake.dtype)
@@ -146,11 +177,18 @@ class BinaryVAE(LatentModel):
         """The amortised ``q(z | x)`` (the exact posterior is intractable)."""
         return self.encode(self._pixels(batch))
 
-    def generate(self, batch: Batch | None = None, *, num: int | None = None) -> Tensor:
-        """``num`` (default: the batch size) binary vectors drawn from ``p(x)``, ``[num, D]``."""
-        if num is None:
+    def generate(
+        self,
+        batch: Batch | None = None,
+        *,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``num_samples`` (default: the batch size) binary vectors drawn from ``p(x)`` (with
+        ``generator``), ``[num_samples, D]``."""
+        if num_samples is None:
             if batch is None:
-                raise ValueError("generate needs a batch or num")
-            num = self._pixels(batch).shape[0]
+                raise ValueError("generate needs a batch or num_samples")
+            num_samples = self._pixels(batch).shape[0]
         with torch.no_grad():
-            return self.dream(num)[0]
+            return self.dream(num_samples, generator=generator)[0]

@@ -195,7 +195,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
         src_vocab_size: int,
         tgt_vocab_size: int,
         *,
-        embedding_dim: int = 256,
+        embedding_size: int = 256,
         hidden_size: int = 256,
         num_layers: int = 1,
         attention: str = "mlp",
@@ -220,7 +220,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
         core = AttentionalEncoderDecoder(
             src_vocab_size,
             tgt_vocab_size,
-            embedding_dim=embedding_dim,
+            embedding_size=embedding_size,
             hidden_size=hidden_size,
             num_layers=num_layers,
             attention=attention,
@@ -240,7 +240,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
         if mode in TOP_K:
             objective = PrunedMarginal()
         elif estimator is not None:
-            objective = AlignmentELBO(embedding_dim, hidden_size, estimator, tau=tau)
+            objective = AlignmentELBO(embedding_size, hidden_size, estimator, tau=tau)
         else:
             objective = None
         return cls(core, head, objective, bos_id=bos_id, eos_id=eos_id, ignore_index=ignore_index)
@@ -358,7 +358,7 @@ class LatentAlignmentSeq2Seq(LatentModel):
         *,
         method: str = "beam",
         beam_size: int = 5,
-        max_len: int | None = None,
+        max_length: int | None = None,
         length_penalty: float = 0.0,
     ) -> decoding.Hypotheses:
         """Greedy or beam-search translations of ``batch["src"]`` under the head's distribution.
@@ -366,14 +366,15 @@ class LatentAlignmentSeq2Seq(LatentModel):
         A pruned head (``exact-topK``) decodes with its pruned scores (the ``K`` positions of
         highest prior at each step), which is faster, not with the exact marginal.
 
-        ``max_len`` defaults to ``2 * longest source + 10``.  Output ids are target ids
+        ``max_length`` (tokens; :mod:`latentnlp.decoding`'s ``max_len``) defaults to
+        ``2 * longest source + 10``.  Output ids are target ids
         (extended ids for source-only words with the copy head).
         """
         if self.bos_id is None or self.eos_id is None:
             raise ValueError("generate needs bos_id and eos_id (give them to the constructor)")
-        if max_len is None:
-            max_len = 2 * int(batch["src_lengths"].max()) + 10
-        common = dict(bos_id=self.bos_id, eos_id=self.eos_id, max_len=max_len)
+        if max_length is None:
+            max_length = 2 * int(batch["src_lengths"].max()) + 10
+        common = dict(bos_id=self.bos_id, eos_id=self.eos_id, max_len=max_length)
         if method == "greedy":
             return decoding.greedy(self, batch, **common)
         if method == "beam":

@@ -26,7 +26,6 @@ Batches: ``{"counts": [B, V]}``, floating-point word counts (``>= 0``; rows may 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -36,68 +35,20 @@ from torch.distributions import Categorical, kl_divergence
 
 from latentnlp import estimators
 from latentnlp.families import MaskedCategorical
-from latentnlp.models.base import ELBO, Batch, LatentModel
-from latentnlp.validation import describe, is_validating
+from latentnlp.models.bag_of_words import (
+    BASELINES,
+    BagOfWordsModel,
+    frequencies,
+    score_function_with_baseline,
+    taylor_control_variate,
+)
+from latentnlp.models.base import ELBO, Batch
+from latentnlp.validation import describe
 
-__all__ = [
-    "BASELINES",
-    "ESTIMATORS",
-    "MixtureCounts",
-    "MixtureOfCategoricals",
-    "bag_counts",
-    "frequencies",
-    "score_function_with_baseline",
-    "taylor_control_variate",
-]
+__all__ = ["ESTIMATORS", "MixtureCounts", "MixtureOfCategoricals"]
 
 #: the estimators of ``E_q[log p(x | z)]`` that :meth:`MixtureOfCategoricals.elbo` offers
 ESTIMATORS = ("exact", "score_function", "gumbel_softmax")
-#: the score function's baselines (``None``: none)
-BASELINES = (None, "running-mean", "learned", "leave-one-out")
-
-
-def bag_counts(batch: Batch, vocab_size: int, dtype: torch.dtype) -> Tensor:
-    """The batch's ``counts [B, V]`` in ``dtype``, checked (shape always; values when validating)."""
-    counts = batch.get("counts") if hasattr(batch, "get") else None
-    if not isinstance(counts, Tensor) or counts.dim() != 2 or counts.shape[1] != vocab_size:
-        raise ValueError(f"batch['counts'] must be a tensor [B, V] = [B, {vocab_size}], got {describe(counts)}")
-    if not counts.is_floating_point():
-        raise ValueError(f"batch['counts'] must be floating point (word counts), got dtype {counts.dtype}")
-    if is_validating() and not bool(((counts >= 0) & torch.isfinite(counts)).all()):
-        raise ValueError(f"batch['counts'] must be finite and >= 0, got values from {float(counts.min())}")
-    return counts.to(dtype)
-
-
-def frequencies(counts: Tensor) -> Tensor:
-    """``n / N`` per row (zeros for an empty document), the inference networks' input."""
-    return counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
-
-
-def taylor_control_variate(
-    relaxed_log_likelihood: Callable[[Tensor], Tensor], mean: Tensor, one_hot: Callable[[Tensor], Tensor]
-) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-    r"""The first-order Taylor term of a relaxed log-likelihood around ``q``'s mean (MuProp, Gu et al. 2016).
-
-    With ``mu`` the mean of ``q`` (``mean [B, D]``, differentiable in ``q``'s parameters),
-    ``mu^ = stop(mu)`` and ``g = grad f~(mu^)`` (``relaxed_log_likelihood`` maps ``[B, D]`` points to
-    ``[B]``; its parameters are held fixed),
-
-    .. math:: c(z) = g \cdot (e(z) - \hat\mu), \qquad \mathbb{E}_q[c] = g \cdot (\mu - \hat\mu)
-
-    whose value is 0 and whose gradient is ``g . grad mu``: ``e(z)`` is ``z`` as a point of
-    ``[B, D]`` (``one_hot``: ``[S, B] -> [S, B, D]`` for a categorical, the bits for Bernoulli
-    factors).  A baseline predicts the rest of the signal.  Returns ``(c, mean_c)`` for
-    :func:`latentnlp.estimators.score_function`.
-    """
-    point = mean.detach().requires_grad_()
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(relaxed_log_likelihood(point).sum(), point)
-    centre = (grad * point.detach()).sum(-1)
-
-    def c(z: Tensor) -> Tensor:
-        return (grad * one_hot(z)).sum(-1) - centre
-
-    return c, (grad * (mean - mean.detach())).sum(-1)
 
 
 class MixtureCounts(NamedTuple):
@@ -121,7 +72,7 @@ class MixtureCounts(NamedTuple):
         return MixtureCounts(*(a + b for a, b in zip(self, other)))
 
 
-class MixtureOfCategoricals(LatentModel):
+class MixtureOfCategoricals(BagOfWordsModel):
     r"""Document mixture ``z ~ Cat(pi)``, words ``| z ~ Cat(beta_z)`` (the module's equations).
 
     Args:
@@ -147,36 +98,21 @@ class MixtureOfCategoricals(LatentModel):
         baseline_decay: float = 0.9,
         learned_baseline: bool = False,
     ) -> None:
-        super().__init__()
         if vocab_size < 1 or num_components < 1 or hidden_size < 1:
             raise ValueError(
                 f"vocab_size, num_components and hidden_size must be >= 1, got {vocab_size}, "
                 f"{num_components}, {hidden_size}"
             )
-        if not 0.0 <= baseline_decay < 1.0:
-            raise ValueError(f"baseline_decay must lie in [0, 1), got {baseline_decay}")
-        self.vocab_size, self.num_components, self.baseline_decay = vocab_size, num_components, baseline_decay
+        super().__init__(vocab_size, baseline_decay)
+        self.num_components = num_components
         self.prior_logits = nn.Parameter(torch.zeros(num_components))
         self.emission_logits = nn.Parameter(0.1 * torch.randn(num_components, vocab_size))
         self.encoder = nn.Sequential(
             nn.Linear(vocab_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, num_components)
         )
-        self.baseline = (
-            nn.Sequential(nn.Linear(vocab_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, 1))
-            if learned_baseline
-            else None
-        )
-        self.register_buffer("running_sum", torch.zeros(()))
-        self.register_buffer("running_updates", torch.zeros((), dtype=torch.long))
+        self.build_baseline(hidden_size, learned_baseline)
 
     # ---- the model ----------------------------------------------------------------------------
-    def _counts(self, batch: Batch) -> Tensor:
-        return bag_counts(batch, self.vocab_size, self.emission_logits.dtype)
-
-    def num_tokens(self, batch: Batch) -> Tensor:
-        """``N`` of each document, ``[B]``."""
-        return self._counts(batch).sum(-1)
-
     def log_prior(self) -> Tensor:
         """``log pi``, ``[K]``."""
         return F.log_softmax(self.prior_logits, -1)
@@ -207,13 +143,6 @@ class MixtureOfCategoricals(LatentModel):
         return MaskedCategorical(self.encoder(frequencies(self._counts(batch))))
 
     # ---- the ELBO -----------------------------------------------------------------------------
-    def running_mean(self) -> Tensor:
-        """The running-mean baseline's current value (bias-corrected; 0 before any update)."""
-        n = int(self.running_updates)
-        if n == 0:
-            return self.running_sum
-        return self.running_sum / (1.0 - self.baseline_decay**n)
-
     def elbo(
         self,
         batch: Batch,
@@ -234,12 +163,13 @@ class MixtureOfCategoricals(LatentModel):
         - ``"exact"``: ``sum_k q_k log p(x | k)`` (:func:`latentnlp.estimators.exact`).
         - ``"score_function"``: ``num_samples`` draws ``z ~ q`` and the REINFORCE surrogate
           (:func:`latentnlp.estimators.score_function`) with ``baseline`` one of
-          :data:`BASELINES`: ``"running-mean"`` (``N m``, ``m`` a running mean of the per-token
-          signal, updated in training mode), ``"learned"`` (``b(x) = N (m + h(n / N))``, ``h`` a
-          network trained by regression in the same backward pass), ``"leave-one-out"``
-          (``num_samples >= 2``); see :func:`score_function_with_baseline`; and
-          ``control_variate=True`` (:func:`taylor_control_variate` of
-          :meth:`relaxed_log_likelihood`).
+          :data:`~latentnlp.models.bag_of_words.BASELINES`: ``"running-mean"`` (``N m``, ``m``
+          a running mean of the per-token signal, updated in training mode), ``"learned"``
+          (``b(x) = N (m + h(n / N))``, ``h`` a network trained by regression in the same
+          backward pass), ``"leave-one-out"`` (``num_samples >= 2``); see
+          :func:`~latentnlp.models.bag_of_words.score_function_with_baseline`; and
+          ``control_variate=True`` (:func:`~latentnlp.models.bag_of_words.taylor_control_variate`
+          of :meth:`relaxed_log_likelihood`).
         - ``"gumbel_softmax"``: :func:`latentnlp.estimators.relaxed` on
           :meth:`relaxed_log_likelihood`, temperature ``tau``; ``hard=False`` is biased in value
           and gradient (the relaxed points), ``hard=True`` (straight-through) has an unbiased
@@ -337,54 +267,3 @@ class MixtureOfCategoricals(LatentModel):
         counts = self.expected_counts(batch)
         self.m_step(counts, smoothing)
         return counts.log_likelihood
-
-
-def score_function_with_baseline(
-    model: nn.Module,
-    f: Callable[[Tensor], Tensor],
-    q: torch.distributions.Distribution,
-    features: Tensor,
-    tokens: Tensor,
-    baseline: str | None,
-    control_variate: tuple[Callable[[Tensor], Tensor], Tensor] | None,
-    num_samples: int,
-    generator: torch.Generator | None,
-) -> estimators.Estimate:
-    """:func:`latentnlp.estimators.score_function` with one of :data:`BASELINES` taken from ``model``.
-
-    The signal of a document grows with its length ``N`` (``tokens [B]``), so both baselines
-    predict it per token: ``"running-mean"`` is ``N m`` with ``m`` a running mean of the per-token
-    signal ``(f - c) / N`` (``model.running_mean()``, from the buffers ``running_sum`` and
-    ``running_updates`` and ``model.baseline_decay``), moved toward this call's batch mean in
-    training mode; ``"learned"`` is ``N (m + h(features))`` with ``h`` the network
-    ``model.baseline`` (``[B, F] -> [B, 1]``) fitted to what the running mean leaves (Mnih & Gregor
-    2014's centring and input-dependent baseline, NVIL), the running mean moving as for
-    ``"running-mean"``.
-    """
-    seen: dict[str, Tensor] = {}
-
-    def signal(z: Tensor) -> Tensor:
-        seen["z"] = z
-        seen["f"] = f(z)
-        return seen["f"]
-
-    if baseline == "learned":
-        if model.baseline is None:
-            raise ValueError(f"baseline='learned' needs a {type(model).__name__} built with learned_baseline=True")
-        b: Tensor | str | None = tokens * (model.running_mean() + model.baseline(features).squeeze(-1))
-    elif baseline == "running-mean":
-        b = tokens * model.running_mean()
-    else:
-        b = baseline
-    estimate = estimators.score_function(
-        signal, q, baseline=b, control_variate=control_variate, num_samples=num_samples, generator=generator
-    )
-    if baseline in ("running-mean", "learned") and model.training:
-        with torch.no_grad():
-            residual = seen["f"].detach()
-            if control_variate is not None:
-                residual = residual - control_variate[0](seen["z"])
-            per_token = (residual / tokens.clamp_min(1.0)).mean()
-            model.running_sum.mul_(model.baseline_decay).add_((1 - model.baseline_decay) * per_token)
-            model.running_updates.add_(1)
-    return estimate

@@ -138,14 +138,16 @@ class MultiSpaceVAE(LatentModel):
         vocab_size: characters, specials included.
         tag_sizes: ``K_i`` for each feature (``1 +`` its number of values, as
             :attr:`~latentnlp.data.TagInventory.sizes` gives them).
-        embedding_dim, hidden_size: character embeddings, LSTM sizes (the encoder's two directions
+        embedding_size, hidden_size: character embeddings, LSTM sizes (the encoder's two directions
             ``hidden_size`` each).
-        latent_dim: ``D``, the dimension of ``z``.
+        latent_size: ``D``, the dimension of ``z``.
         tag_dim: the tag-embedding size of ``e(y)``.
         num_layers: decoder LSTM layers.
         dropout: on character embeddings and the decoder output.
         estimator: the default of :data:`ESTIMATORS`; ``"score_function"`` adds the learned
-            baseline ``b(h)`` (an MLP of the detached encoder state).
+            baseline ``b(h)`` (an MLP of the detached encoder state), which
+            ``elbo(estimator="score_function")`` needs: a model built for ``"gumbel_softmax"`` has
+            none and refuses it.
         tau: Gumbel-softmax temperature (``elbo(tau=...)`` overrides it, e.g. by a schedule).
         classifier_weight: ``alpha`` of the classifier term of :meth:`loss`.
         bos_id, eos_id: decoder start and end symbols (needed by :meth:`generate`).
@@ -158,9 +160,9 @@ class MultiSpaceVAE(LatentModel):
         vocab_size: int,
         tag_sizes: Sequence[int],
         *,
-        embedding_dim: int = 64,
+        embedding_size: int = 64,
         hidden_size: int = 128,
-        latent_dim: int = 32,
+        latent_size: int = 32,
         tag_dim: int = 32,
         num_layers: int = 1,
         dropout: float = 0.0,
@@ -178,23 +180,23 @@ class MultiSpaceVAE(LatentModel):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if tau <= 0 or classifier_weight < 0:
             raise ValueError(f"tau must be > 0 and classifier_weight >= 0, got {tau} and {classifier_weight}")
-        self.vocab_size, self.tag_sizes, self.latent_dim = vocab_size, tag_sizes, latent_dim
+        self.vocab_size, self.tag_sizes, self.latent_size = vocab_size, tag_sizes, latent_size
         self.estimator, self.tau, self.classifier_weight = estimator, tau, classifier_weight
         self.bos_id, self.eos_id = bos_id, eos_id
         m, k = len(tag_sizes), max(tag_sizes)
         self.register_buffer("tag_mask", torch.arange(k) < torch.tensor(tag_sizes)[:, None], persistent=False)
         self.dropout = nn.Dropout(dropout)
-        self.embedding = nn.Embedding(vocab_size, embedding_dim)
-        self.encoder = nn.LSTM(embedding_dim, hidden_size, batch_first=True, bidirectional=True)
-        self.to_z = nn.Linear(2 * hidden_size, 2 * latent_dim)
+        self.embedding = nn.Embedding(vocab_size, embedding_size)
+        self.encoder = nn.LSTM(embedding_size, hidden_size, batch_first=True, bidirectional=True)
+        self.to_z = nn.Linear(2 * hidden_size, 2 * latent_size)
         self.to_tags = nn.Linear(2 * hidden_size, m * k)
         self.baseline = None
         if estimator == "score_function":
             self.baseline = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, 1))
         self.tag_embedding = nn.Parameter(0.1 * torch.randn(m, k, tag_dim))
-        cond = latent_dim + tag_dim
+        cond = latent_size + tag_dim
         self.to_state = nn.Linear(cond, 2 * num_layers * hidden_size)
-        self.decoder = nn.LSTM(embedding_dim + cond, hidden_size, num_layers=num_layers, batch_first=True)
+        self.decoder = nn.LSTM(embedding_size + cond, hidden_size, num_layers=num_layers, batch_first=True)
         self.output = nn.Linear(hidden_size, vocab_size)
         self.num_layers, self.hidden_size = num_layers, hidden_size
 
@@ -225,7 +227,7 @@ class MultiSpaceVAE(LatentModel):
 
     def tag_prior(self, batch_shape: Sequence[int] = ()) -> MaskedCategorical:
         """The uniform ``p(y_i) = 1 / K_i``, batch ``[*batch_shape, M]``."""
-        logits = torch.zeros(self.tag_mask.shape, device=self.tag_mask.device)
+        logits = torch.zeros(self.tag_mask.shape, dtype=self.tag_embedding.dtype, device=self.tag_mask.device)
         prior = MaskedCategorical(logits, self.tag_mask, validate_args=False)
         return prior.expand(torch.Size(batch_shape) + self.tag_mask.shape[:1])
 
@@ -288,15 +290,26 @@ class MultiSpaceVAE(LatentModel):
         baseline's zero-valued regression term under the score function).
         """
         estimator = self.estimator if estimator is None else estimator
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if estimator == "score_function" and self.baseline is None:
+            raise ValueError(
+                "estimator='score_function' needs the learned baseline of a model built with "
+                f"estimator='score_function'; this one was built with estimator={self.estimator!r}"
+            )
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        _check_batch(batch, self.vocab_size)
         q_z, q_y_net, state = self.encode(batch["src"], batch["src_lengths"])
         q_tags = self.observed(q_y_net if q_y is None else q_y, batch)
-        kl_z = kl_divergence(q_z, DiagonalGaussian.standard(q_z.batch_shape, self.latent_dim, dtype=q_z.loc.dtype))
+        kl_z = kl_divergence(
+            q_z,
+            DiagonalGaussian.standard(q_z.batch_shape, self.latent_size, dtype=q_z.loc.dtype, device=q_z.loc.device),
+        )
         kl_y = kl_divergence(q_tags, self.tag_prior(q_tags.batch_shape[:1])).sum(-1)
         z = q_z.rsample((num_samples,), generator=generator)
         baseline = None
-        if estimator == "score_function" and self.baseline is not None:
+        if estimator == "score_function":
             baseline = self.baseline(state.detach()).squeeze(-1)
         estimate = expect_over_tags(
             lambda y: self.reconstruction(batch, z, y),
@@ -324,9 +337,12 @@ class MultiSpaceVAE(LatentModel):
         use it to evaluate, and ``elbo`` to train the tag posterior."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        _check_batch(batch, self.vocab_size)
         q_z, q_y, _ = self.encode(batch["src"], batch["src_lengths"])
         q_tags = self.observed(q_y, batch)
-        prior_z = DiagonalGaussian.standard(q_z.batch_shape, self.latent_dim, dtype=q_z.loc.dtype)
+        prior_z = DiagonalGaussian.standard(
+            q_z.batch_shape, self.latent_size, dtype=q_z.loc.dtype, device=q_z.loc.device
+        )
         z = q_z.rsample((num_samples,), generator=generator)  # [S, B, D]
         y = q_tags.sample((num_samples,), generator=generator)  # [S, B, M]
         one_hot = F.one_hot(y, self.tag_mask.shape[1]).to(z.dtype)
@@ -361,18 +377,20 @@ class MultiSpaceVAE(LatentModel):
         *,
         method: str = "beam",
         beam_size: int = 5,
-        max_len: int | None = None,
+        max_length: int | None = None,
         length_penalty: float = 0.0,
     ) -> decoding.Hypotheses:
         """Reinflection: the forms ``src`` inflected into ``tags`` (``z`` = the mean of ``q(z | src)``),
-        greedy or by beam search; ``max_len`` defaults to ``2 * longest source + 10``."""
+        greedy or by beam search; ``max_length`` (characters, default ``2 * longest source + 10``) is
+        :mod:`latentnlp.decoding`'s ``max_len``."""
         if self.bos_id is None or self.eos_id is None:
             raise ValueError("generate needs bos_id and eos_id (give them to the constructor)")
         if "tags" not in batch:
             raise ValueError("generate needs the target tags: batch['tags'] [B, M]")
-        if max_len is None:
-            max_len = 2 * int(batch["src_lengths"].max()) + 10
-        common = dict(bos_id=self.bos_id, eos_id=self.eos_id, max_len=max_len)
+        _check_batch(batch, self.vocab_size, decoded=False)
+        if max_length is None:
+            max_length = 2 * int(batch["src_lengths"].max()) + 10
+        common = dict(bos_id=self.bos_id, eos_id=self.eos_id, max_len=max_length)
         if method == "greedy":
             return decoding.greedy(self, batch, **common)
         if method == "beam":
@@ -414,3 +432,46 @@ def _tags(batch: Batch, num_features: int) -> tuple[Tensor | None, Tensor]:
     if labelled.shape != (size,) or labelled.dtype != torch.bool:
         raise ValueError(f"labelled must be a bool tensor [B] = [{size}], got {labelled.dtype} {tuple(labelled.shape)}")
     return tags, labelled
+
+
+def _check_batch(batch: Batch, vocab_size: int, *, decoded: bool = True) -> None:
+    """``ValueError`` naming the key for a missing key, a wrong shape or dtype, a length out of
+    range or a character id outside ``0..vocab_size - 1`` at a real position (values only when
+    validating): ``src``, ``src_lengths`` and, when ``decoded``, ``inputs``, ``targets``,
+    ``lengths`` (see the module docstring)."""
+    keys = ("src", "src_lengths") + (("inputs", "targets", "lengths") if decoded else ())
+    missing = [key for key in keys if key not in batch]
+    if missing:
+        raise ValueError(f"the batch lacks {missing}: a MultiSpaceVAE batch has keys {list(keys)}, got {sorted(batch)}")
+    for key in keys:
+        value = batch[key]
+        if not isinstance(value, Tensor) or value.dtype.is_floating_point or value.dtype.is_complex:
+            raise ValueError(f"batch[{key!r}] must be an integer tensor, got {getattr(value, 'dtype', type(value))}")
+    src, src_lengths = batch["src"], batch["src_lengths"]
+    if src.dim() != 2 or src_lengths.shape != src.shape[:1]:
+        raise ValueError(
+            f"src must be [B, S] with src_lengths [B], got {tuple(src.shape)} and {tuple(src_lengths.shape)}"
+        )
+    if is_validating() and (bool((src_lengths < 1).any()) or bool((src_lengths > src.shape[1]).any())):
+        raise ValueError(f"src_lengths must lie in 1..{src.shape[1]}, got {src_lengths.tolist()}")
+    pairs = [("src", src, src_lengths)]
+    if decoded:
+        inputs, targets, lengths = batch["inputs"], batch["targets"], batch["lengths"]
+        if inputs.dim() != 2 or targets.shape != inputs.shape or lengths.shape != inputs.shape[:1]:
+            raise ValueError(
+                f"inputs and targets must be [B, T] with lengths [B], got {tuple(inputs.shape)}, "
+                f"{tuple(targets.shape)} and {tuple(lengths.shape)}"
+            )
+        if inputs.shape[0] != src.shape[0]:
+            raise ValueError(f"src and inputs must have the same B, got {tuple(src.shape)} and {tuple(inputs.shape)}")
+        if is_validating() and (bool((lengths < 1).any()) or bool((lengths > inputs.shape[1]).any())):
+            raise ValueError(f"lengths must lie in 1..{inputs.shape[1]}, got {lengths.tolist()}")
+        pairs += [("inputs", inputs, lengths), ("targets", targets, lengths)]
+    if is_validating():  # real positions only: padding may hold any id
+        for key, ids, length in pairs:
+            real = ids[lengths_to_mask(length, ids.shape[1])]
+            if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab_size):
+                raise ValueError(
+                    f"batch[{key!r}] ids must lie in 0..{vocab_size - 1} at real positions, "
+                    f"got {int(real.min())}..{int(real.max())}"
+                )

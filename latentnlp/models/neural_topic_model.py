@@ -48,7 +48,7 @@ class NeuralTopicModel(LatentModel):
     Args:
         vocab_size: ``V``.
         num_topics: ``K >= 2``.
-        hidden_dim: the width of the encoder's two softplus layers.
+        hidden_size: the width of the encoder's two softplus layers.
         alpha: the symmetric Dirichlet concentration of the prior on ``theta`` (approximated by a
             logistic normal; Srivastava & Sutton use 1).
 
@@ -57,21 +57,23 @@ class NeuralTopicModel(LatentModel):
 
     objectives = ("elbo", "iwae")
 
-    def __init__(self, vocab_size: int, num_topics: int = 20, hidden_dim: int = 100, alpha: float = 1.0) -> None:
+    def __init__(self, vocab_size: int, num_topics: int = 20, hidden_size: int = 100, alpha: float = 1.0) -> None:
         super().__init__()
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
         if isinstance(num_topics, bool) or not isinstance(num_topics, int) or num_topics < 2:
             raise ValueError(f"num_topics must be an integer >= 2, got {num_topics!r}")
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be an integer >= 1, got {hidden_size!r}")
         if not float(alpha) > 0:
             raise ValueError(f"alpha must be positive, got {alpha!r}")
         self.vocab_size, self.num_topics, self.alpha = vocab_size, num_topics, float(alpha)
         self.encoder = nn.Sequential(
-            nn.Linear(vocab_size, hidden_dim),
+            nn.Linear(vocab_size, hidden_size),
             nn.Softplus(),
-            nn.Linear(hidden_dim, hidden_dim),
+            nn.Linear(hidden_size, hidden_size),
             nn.Softplus(),
-            nn.Linear(hidden_dim, 2 * num_topics),
+            nn.Linear(hidden_size, 2 * num_topics),
         )
         self.topic_logits = nn.Parameter(0.02 * torch.randn(num_topics, vocab_size))
 
@@ -84,6 +86,10 @@ class NeuralTopicModel(LatentModel):
             raise ValueError(
                 f"batch['lengths'] must be [B] = {tuple(targets.shape[:1])}, got {tuple(getattr(lengths, 'shape', ()))}"
             )
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise ValueError(f"batch['lengths'] must be an integer tensor, got {lengths.dtype}")
+        if is_validating() and lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > targets.shape[1]):
+            raise ValueError(f"batch['lengths'] must lie in 1..{targets.shape[1]} (T), got {lengths.tolist()}")
         mask = lengths_to_mask(lengths, targets.shape[1])
         if is_validating():
             seen = targets[mask]
@@ -130,8 +136,17 @@ class NeuralTopicModel(LatentModel):
         return self.word_log_likelihoods(batch, F.log_softmax(z, dim=-1)).sum(-1)
 
     # ---- objectives ---------------------------------------------------------------------------
-    def elbo(self, batch: Batch, *, estimator: str | None = None, num_samples: int = 1, kl_weight: float = 1.0) -> ELBO:
-        """:func:`latentnlp.objectives.elbo`, reparameterised, with the closed-form Gaussian KL."""
+    def elbo(
+        self,
+        batch: Batch,
+        *,
+        estimator: str | None = None,
+        num_samples: int = 1,
+        kl_weight: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> ELBO:
+        """:func:`latentnlp.objectives.elbo`, reparameterised, with the closed-form Gaussian KL; ``z``
+        drawn with ``generator``."""
         q = self.encode(self.counts(batch))
         return objectives.elbo(
             lambda z: self.log_likelihood(batch, z),
@@ -140,13 +155,27 @@ class NeuralTopicModel(LatentModel):
             num_samples=num_samples,
             kl_weight=kl_weight,
             estimator=estimator or "reparam",
+            generator=generator,
         )
 
-    def iwae(self, batch: Batch, num_samples: int, chunk_size: int | None = None) -> Tensor:
-        """:func:`latentnlp.objectives.iwae` over ``z`` (the softmax basis), ``[B]``."""
+    def iwae(
+        self,
+        batch: Batch,
+        num_samples: int,
+        *,
+        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """:func:`latentnlp.objectives.iwae` over ``z`` (the softmax basis), ``[B]`` (``chunk_size``
+        samples decoded at a time, drawn with ``generator``)."""
         q = self.encode(self.counts(batch))
         return objectives.iwae(
-            lambda z: self.log_likelihood(batch, z), q, self.prior(), num_samples, chunk_size=chunk_size
+            lambda z: self.log_likelihood(batch, z),
+            q,
+            self.prior(),
+            num_samples,
+            chunk_size=chunk_size,
+            generator=generator,
         )
 
     def posterior(self, batch: Batch) -> LogisticNormal:

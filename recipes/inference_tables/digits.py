@@ -42,9 +42,9 @@ OBJECTIVES = {
 }
 
 PRESETS = {
-    "smoke": {"latent_dim": 4, "hidden_dim": 32, "max_epochs": 6, "batch_size": 50, "test_samples": 100},
-    "cpu": {"latent_dim": 8, "hidden_dim": 128, "max_epochs": 400, "batch_size": 100, "test_samples": 1000},
-    "full": {"latent_dim": 16, "hidden_dim": 200, "max_epochs": 2000, "batch_size": 100, "test_samples": 1000},
+    "smoke": {"latent_size": 4, "hidden_size": 32, "max_epochs": 6, "batch_size": 50, "test_samples": 100},
+    "cpu": {"latent_size": 8, "hidden_size": 128, "max_epochs": 400, "batch_size": 100, "test_samples": 1000},
+    "full": {"latent_size": 16, "hidden_size": 200, "max_epochs": 2000, "batch_size": 100, "test_samples": 1000},
 }
 
 
@@ -110,7 +110,7 @@ def run(preset: str, out: pathlib.Path, data_dir: pathlib.Path | None, seed: int
         data_note = f"scikit-learn's bundled 8x8 digits (load_digits), binarised at grey level >= {THRESHOLD} of 16"
     batch_size = settings["batch_size"]
     data = {name: ImageBatches(x, batch_size, shuffle=name == "train", seed=seed) for name, x in splits.items()}
-    model_args = {"num_pixels": 64, "latent_dim": settings["latent_dim"], "hidden_dim": settings["hidden_dim"]}
+    model_args = {"num_pixels": 64, "latent_size": settings["latent_size"], "hidden_size": settings["hidden_size"]}
     base = TrainConfig(
         lr=1e-3,
         max_epochs=settings["max_epochs"],
@@ -181,8 +181,8 @@ def run(preset: str, out: pathlib.Path, data_dir: pathlib.Path | None, seed: int
     ]
     lines = [
         f"Data: {data_note}; {len(splits['train'])} train / {len(splits['valid'])} valid / "
-        f"{len(splits['test'])} test images. Model: BinaryVAE, latent {settings['latent_dim']}, hidden "
-        f"{settings['hidden_dim']}; Adam 1e-3, {settings['max_epochs']} epochs of batches of {batch_size}; "
+        f"{len(splits['test'])} test images. Model: BinaryVAE, latent {settings['latent_size']}, hidden "
+        f"{settings['hidden_size']}; Adam 1e-3, {settings['max_epochs']} epochs of batches of {batch_size}; "
         "checkpoint selected on the validation IWAE-50.",
         "",
         f"| objective | test NLL (IWAE-{settings['test_samples']}, nats/image) | test -ELBO (nats/image) "

@@ -89,7 +89,7 @@ class AttentionalEncoderDecoder(nn.Module):
 
     Args:
         src_vocab_size, tgt_vocab_size: vocabulary sizes.
-        embedding_dim, hidden_size: sizes (``hidden_size`` even: each encoder direction has half).
+        embedding_size, hidden_size: sizes (``hidden_size`` even: each encoder direction has half).
         num_layers: LSTM layers of the encoder and of the decoder.
         attention: alignment score, ``"mlp"``, ``"bilinear"`` or ``"dot"``.
         dropout: on embeddings, between LSTM layers and on the attentional vector.
@@ -104,7 +104,7 @@ class AttentionalEncoderDecoder(nn.Module):
         src_vocab_size: int,
         tgt_vocab_size: int,
         *,
-        embedding_dim: int = 256,
+        embedding_size: int = 256,
         hidden_size: int = 256,
         num_layers: int = 1,
         attention: str = "mlp",
@@ -115,12 +115,12 @@ class AttentionalEncoderDecoder(nn.Module):
         if hidden_size % 2:
             raise ValueError(f"hidden_size must be even (two encoder directions), got {hidden_size}")
         self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
-        self.embedding_dim, self.hidden_size = embedding_dim, hidden_size
+        self.embedding_size, self.hidden_size = embedding_size, hidden_size
         self.dropout = nn.Dropout(dropout)
-        self.src_embedding = nn.Embedding(src_vocab_size, embedding_dim)
-        self.tgt_embedding = nn.Embedding(tgt_vocab_size, embedding_dim)
+        self.src_embedding = nn.Embedding(src_vocab_size, embedding_size)
+        self.tgt_embedding = nn.Embedding(tgt_vocab_size, embedding_size)
         self.encoder = nn.LSTM(
-            embedding_dim,
+            embedding_size,
             hidden_size // 2,
             num_layers=num_layers,
             batch_first=True,
@@ -128,7 +128,7 @@ class AttentionalEncoderDecoder(nn.Module):
             dropout=dropout if num_layers > 1 else 0.0,
         )
         self.decoder = nn.ModuleList(
-            nn.LSTMCell(embedding_dim + hidden_size if i == 0 else hidden_size, hidden_size) for i in range(num_layers)
+            nn.LSTMCell(embedding_size + hidden_size if i == 0 else hidden_size, hidden_size) for i in range(num_layers)
         )
         self.attention = LatentAttention(
             hidden_size,

@@ -131,10 +131,10 @@ class InferenceNetwork(nn.Module):
     nothing, as if the row were that much shorter.
     """
 
-    def __init__(self, embedding_dim: int, hidden_size: int) -> None:
+    def __init__(self, embedding_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.src_encoder = nn.LSTM(embedding_dim, hidden_size // 2, batch_first=True, bidirectional=True)
-        self.tgt_encoder = nn.LSTM(embedding_dim, hidden_size // 2, batch_first=True, bidirectional=True)
+        self.src_encoder = nn.LSTM(embedding_size, hidden_size // 2, batch_first=True, bidirectional=True)
+        self.tgt_encoder = nn.LSTM(embedding_size, hidden_size // 2, batch_first=True, bidirectional=True)
         self.score = nn.Linear(hidden_size, hidden_size, bias=False)
 
     def forward(
@@ -160,7 +160,7 @@ class AlignmentELBO(nn.Module):
     """The ELBO over alignments with an inference network (see the module docstring).
 
     Args:
-        embedding_dim, hidden_size: the core's sizes.
+        embedding_size, hidden_size: the core's sizes.
         estimator: ``"exact"`` (:func:`enumerate_alignments`), ``"score_function"``
             (:func:`sample_alignments`, with a learned baseline ``b(h_t, g_t)``) or
             ``"gumbel_softmax"`` (:func:`relax_alignments` at temperature ``tau``).
@@ -170,12 +170,12 @@ class AlignmentELBO(nn.Module):
     #: what :meth:`elbo` may be asked for by name (e.g. the exact bound for evaluation)
     ESTIMATORS: ClassVar[tuple[str, ...]] = ("exact", "score_function", "gumbel_softmax")
 
-    def __init__(self, embedding_dim: int, hidden_size: int, estimator: str = "exact", *, tau: float = 1.0) -> None:
+    def __init__(self, embedding_size: int, hidden_size: int, estimator: str = "exact", *, tau: float = 1.0) -> None:
         super().__init__()
         if estimator not in self.ESTIMATORS:
             raise ValueError(f"estimator must be one of {self.ESTIMATORS}, got {estimator!r}")
         self.tau = tau
-        self.inference = InferenceNetwork(embedding_dim, hidden_size)
+        self.inference = InferenceNetwork(embedding_size, hidden_size)
         self.baseline = None
         if estimator == "score_function":
             self.baseline = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, 1))
