@@ -154,8 +154,9 @@ class BinaryVAE(LatentModel):
 
         ``B`` dreams per batch for the sleep phase; wake samples and dreams drawn with
         ``generator``.  Value: ``-surrogate / (B D)`` (:attr:`~latentnlp.objectives.WakeSleep.surrogate`);
-        metrics: ``nll`` (``-log 1/S sum_s p(x, z_s) / q(z_s | x)`` on the wake samples, an
-        importance-weighted estimate, the one-sample ELBO for ``S = 1``), ``wake`` and ``tokens``.
+        metrics: ``-log 1/S sum_s p(x, z_s) / q(z_s | x)`` on the wake samples -- named ``nll`` for
+        ``S >= 2`` (an importance-weighted estimate) and ``neg_elbo`` for ``S = 1`` (a one-sample
+        ELBO estimate), as :class:`~latentnlp.objectives.Loss` names them -- ``wake`` and ``tokens``.
         """
         x = self._pixels(batch)
         terms = objectives.wake_sleep(
@@ -171,7 +172,8 @@ class BinaryVAE(LatentModel):
         )
         tokens = self.num_tokens(batch).to(torch.float64)
         value = -terms.surrogate / tokens.sum().to(terms.wake.dtype)
-        return Loss(value=value, metrics={"nll": -terms.bound, "wake": terms.wake.detach(), "tokens": tokens})
+        bound = "nll" if num_samples >= 2 else "neg_elbo"
+        return Loss(value=value, metrics={bound: -terms.bound, "wake": terms.wake.detach(), "tokens": tokens})
 
     def posterior(self, batch: Batch) -> DiagonalGaussian:
         """The amortised ``q(z | x)`` (the exact posterior is intractable)."""
