@@ -776,3 +776,21 @@ def test_a_checkpoint_of_another_format_is_refused(tmp_path):
     torch.save({**payload, "format": 1}, tmp_path / "best.pt")
     with pytest.raises(ValueError, match="format 1"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "settings, metric",
+    [
+        ({"objective": "marginal"}, "nll"),
+        ({"objective": "elbo"}, "neg_elbo"),
+        ({"objective": "elbo", "eval_objective": "iwae"}, "nll"),
+        ({"objective": "wake-sleep"}, "neg_elbo"),
+        ({"objective": "wake-sleep", "objective_kwargs": {"num_samples": 5}}, "nll"),
+        ({"objective": "wake-sleep", "objective_kwargs": {"num_samples": 5}, "eval_kwargs": {}}, "neg_elbo"),
+        ({"objective": "marginal", "eval_objective": "elbo", "select_on": "neg_elbo"}, "neg_elbo"),
+    ],
+)
+def test_selection_metric_is_the_one_validation_reports(settings, metric):
+    """best.pt is selected on ``nll`` only where validation reports a likelihood estimate (exact or
+    importance-weighted with several samples); a bound such as a one-sample wake-sleep ELBO is ``neg_elbo``."""
+    assert TrainConfig(**settings).selection_metric == metric

@@ -168,10 +168,16 @@ class TrainConfig:
 
     @property
     def selection_metric(self) -> str:
-        """The validation metric that selects ``best.pt`` (``select_on`` resolved)."""
+        """The validation metric that selects ``best.pt`` (``select_on`` resolved): ``neg_elbo``
+        where validation reports a bound that is not a likelihood estimate (``elbo``, and
+        ``wake-sleep`` with one wake sample, whose bound is a one-sample ELBO), else ``nll``."""
         if self.select_on is not None:
             return self.select_on
-        return "neg_elbo" if (self.eval_objective or self.objective) == "elbo" else "nll"
+        evaluated = self.eval_objective or self.objective
+        kwargs = self.objective_kwargs if self.eval_kwargs is None else self.eval_kwargs
+        if evaluated == "elbo" or (evaluated == "wake-sleep" and kwargs.get("num_samples", 1) < 2):
+            return "neg_elbo"
+        return "nll"
 
     # ---- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
