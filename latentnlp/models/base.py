@@ -127,7 +127,9 @@ class LatentModel(nn.Module):
         raise UnsupportedObjectiveError(f"{type(self).__name__} does not support wake-sleep")
 
     def posterior(self, batch: Batch) -> torch.distributions.Distribution:
-        """Exact posterior ``p(z | x, c)`` where tractable, else the amortised ``q(z | x, c)``."""
+        """The exact posterior ``p(z | x, c)`` where tractable; a model whose only posterior is an
+        amortised family (a VAE) returns ``q(z | x, c)``; a model with an exact posterior beyond the
+        size it can compute raises :class:`IntractableError` (its approximation has its own name)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose a posterior")
 
     def generate(self, batch: Batch, **kwargs) -> object:
