@@ -222,28 +222,47 @@ class _ProductProbabilities(TransitionProbabilities):
     r"""The chains' shifted probabilities ``P^l_t = exp(trans^l_t - s^l_t)``, applied one axis at a time.
 
     Forward: ``x <- [B, K^(L-1), K] (axis l first, seen transposed) @ P^l`` for ``l = 0..L-1``, one
-    ``bmm`` each (a shared ``P^l`` is expanded over the batch, not copied) on the rotating layout
-    of :class:`ProductTransition`, with no copy of the message.  Backward (``P u``) is the same
-    rotation with ``P^l^T``: the chains' products commute, so their order does not matter.
+    ``bmm`` each on the rotating layout of :class:`ProductTransition`: the transposed message is
+    read in place by BLAS, and each chain's ``P^l`` is laid out once per batch size as a
+    contiguous ``[B, K, K]`` (a shared one materialised over the batch: BLAS gets no zero batch
+    stride, which sends it down a slow path) with its transpose beside it for the backward.
+    Intermediate messages go to two preallocated buffers.  Backward (``P u``) is the same rotation
+    with ``P^l^T``: the chains' products commute, so their order does not matter.
     """
 
     def __init__(self, shifted: Sequence[tuple[Tensor, Tensor]], num_states: int):
         self.probs = [p for p, _ in shifted]
         self.shifts = [s for _, s in shifted]
         self.k = num_states
-        # per-step views taken once: at[l][t] = P^l_t as [K, K] or [B, K, K]
+        # per-step views taken once: at[l][t] = P^l_t as [B, K, K] (time-varying chains only)
         self.at = [(None,) + p.unbind(1) if p.dim() == 4 else None for p in self.probs]
+        self._laid: dict[tuple[int, bool], list[Tensor | None]] = {}
+        self._buffers: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def _batched(self, batch: int, transpose: bool) -> list[Tensor | None]:
+        """Each chain's ``P^l`` (or ``P^l^T``) as a contiguous ``[batch, K, K]``; None for time-varying ones."""
+        key = (batch, transpose)
+        if key not in self._laid:
+            k = self.k
+            self._laid[key] = [
+                None if p.dim() == 4 else (p.transpose(-1, -2) if transpose else p).expand(batch, k, k).contiguous()
+                for p in self.probs
+            ]
+        return self._laid[key]
 
     def _rotate(self, vector: Tensor, t: int, out: Tensor, transpose: bool) -> Tensor:
-        batch, k, x = vector.shape[0], self.k, vector
-        last = len(self.probs) - 1
-        for ell, p in enumerate(self.probs):
-            step = p if self.at[ell] is None else self.at[ell][t]
-            step = step.transpose(-1, -2) if transpose else step
-            step = step.expand(batch, k, k) if step.dim() == 2 else step
-            x = torch.bmm(
-                x.view(batch, k, -1).transpose(1, 2), step, out=out.view(batch, -1, k) if ell == last else None
-            )
+        batch, k = vector.shape[0], self.k
+        laid, last = self._batched(batch, transpose), len(self.probs) - 1
+        if batch not in self._buffers:
+            self._buffers[batch] = (torch.empty_like(vector), torch.empty_like(vector))
+        buffers, x = self._buffers[batch], vector
+        for ell in range(last + 1):
+            step = laid[ell]
+            if step is None:
+                step = self.at[ell][t].transpose(-1, -2) if transpose else self.at[ell][t]
+            target = out if ell == last else buffers[ell % 2]
+            torch.bmm(x.view(batch, k, -1).transpose(1, 2), step, out=target.view(batch, -1, k))
+            x = target
         return out
 
     def forward(self, vector, t, out):
@@ -279,37 +298,47 @@ class _ProductProbabilities(TransitionProbabilities):
 
         ``A^l = alpha_{t-1}`` with chains ``0..l-1`` applied forward (the forward pass's state
         before chain ``l``, recomputed here) and ``U^l = u_t`` with chains ``l+1..L-1`` applied
-        backward; both lay the other axes out in the same order, so the sum is one batched
-        matmul ``[K, K^(L-1)] @ [K^(L-1), K]``.  Steps are processed in chunks of about ``T / L``
-        so that the ``L`` saved intermediates stay within ``O(B T K^L)`` memory.
+        backward, both on the rotating layout with the steps and rows of a chunk as one batch of
+        ``N = steps x B`` messages: every contraction is one ``bmm`` over ``N`` with the operands'
+        transposes read in place (no copy of a message), and the statistics of chain ``l`` are one
+        ``bmm`` ``[N, K, K^(L-1)] @ [N, K^(L-1), K]`` summed over the steps (and rows, for a shared
+        chain).  Steps are processed in chunks of about ``T / L`` so that the ``L`` saved
+        intermediates stay within ``O(B T K^L)`` memory.
         """
-        steps, batch, _ = alpha.shape
+        steps, batch, states = alpha.shape
         num_chains, k = len(self.probs), self.k
         grads = [torch.zeros_like(p) for p in self.probs]
-        # each chain's probabilities laid out [T-1 | 1, B | 1, K, K] to broadcast over (step, row)
-        laid = [p.transpose(0, 1) if p.dim() == 4 else (p.unsqueeze(0) if p.dim() == 3 else p) for p in self.probs]
-        varying = [p.dim() == 4 for p in self.probs]
         chunk = max(1, math.ceil(steps / num_chains))
+
+        def laid(ell: int, span: slice, n: int, transpose: bool) -> Tensor:
+            """``P^l`` of the chunk's steps as a contiguous ``[n B, K, K]``, row ``(s, b)``."""
+            p = self.probs[ell]
+            if p.dim() == 4:
+                p = p[:, span].transpose(0, 1)  # [n, B, K, K]
+            p = p.transpose(-1, -2) if transpose else p
+            return p.expand(n, batch, k, k).reshape(n * batch, k, k)
+
         for start in range(0, steps, chunk):
             stop = min(steps, start + chunk)
-            span = slice(start, stop)
-            x, before = alpha[span], []
+            span, n = slice(start, stop), stop - start
+            rows = n * batch
+            x, before = alpha[span].reshape(rows, states), []
             for ell in range(num_chains):
-                step_probs = laid[ell][span] if varying[ell] else laid[ell]
-                before.append(x.reshape(stop - start, batch, k, -1))
-                x = torch.matmul(before[-1].transpose(-1, -2), step_probs)
-            y = u[span]
+                before.append(x.view(rows, k, -1))  # [N, K (axis l), rest]
+                if ell < num_chains - 1:
+                    x = torch.bmm(before[-1].transpose(1, 2), laid(ell, span, n, False)).view(rows, states)
+            y = u[span].reshape(rows, states)
             for ell in reversed(range(num_chains)):
-                step_probs = laid[ell][span] if varying[ell] else laid[ell]
-                after = y.reshape(stop - start, batch, -1, k)
-                statistics = torch.matmul(before[ell], after)  # [n, B, K, K]
-                if varying[ell]:
+                after = y.view(rows, -1, k)  # [N, rest, K (axis l)]
+                statistics = torch.bmm(before[ell], after).view(n, batch, k, k)
+                if self.probs[ell].dim() == 4:
                     grads[ell][:, span] += statistics.transpose(0, 1)
                 elif self.probs[ell].dim() == 3:
                     grads[ell] += statistics.sum(0)
                 else:
                     grads[ell] += statistics.sum((0, 1))
-                y = torch.matmul(after, step_probs.transpose(-1, -2)).transpose(-1, -2)
+                if ell:
+                    y = torch.bmm(laid(ell, span, n, False), after.transpose(1, 2)).view(rows, states)
         return tuple(p * g for p, g in zip(self.probs, grads))
 
 

@@ -27,6 +27,7 @@ from latentnlp.factorial import (
     GaussianEmission,
     JointEmission,
     ProductTransition,
+    _ProductProbabilities,
     structured_mean_field,
 )
 
@@ -597,3 +598,33 @@ def test_probabilities_dense_is_the_kronecker_product_of_the_shifted_chains():
     probs = transition.probabilities()
     log_shift = probs.log_shift_total(torch.ones(1, 1, dtype=torch.float64))
     torch.testing.assert_close(probs.dense().log() + log_shift, transition.dense())
+
+
+def test_probabilities_of_mixed_chain_layouts_equal_the_dense_product():
+    """Forward, backward and the parameter gradients of chains that mix the shared, per-row and
+    time-varying layouts against the dense ``[B, T-1, S, S]`` product, and one probabilities object
+    of shared chains applied to two batch sizes (its laid-out matrices and buffers are kept per
+    batch size)."""
+    gen = torch.Generator().manual_seed(4)
+    batch, steps, k = 3, 5, 3
+    shared, batched = torch.randn(k, k, generator=gen), torch.randn(batch, k, k, generator=gen)
+    timed = torch.randn(batch, steps - 1, k, k, generator=gen)
+    mixed = ProductTransition([batched, timed, shared]).probabilities()
+    only_shared = ProductTransition([shared, shared.T, shared]).probabilities()
+    for probs, batch_sizes in ((mixed, (batch,)), (only_shared, (batch, 1, batch))):
+        dense = probs.dense().expand(batch, steps - 1, k**3, k**3)
+        for rows in batch_sizes:
+            for t in range(1, steps):
+                vector = torch.rand(rows, k**3, generator=gen)
+                out = torch.empty_like(vector)
+                close(probs.forward(vector, t, out), torch.einsum("bi,bij->bj", vector, dense[:rows, t - 1]))
+                close(probs.backward(vector, t, out), torch.einsum("bij,bj->bi", dense[:rows, t - 1], vector))
+    # d/d trans^l of sum_t alpha_{t-1} P_t u_t, by autograd through the per-chain probabilities
+    alpha = torch.rand(steps - 1, batch, k**3, generator=gen)
+    u = torch.rand(steps - 1, batch, k**3, generator=gen)
+    leaves = [p.clone().requires_grad_() for p in mixed.probs]
+    product = _ProductProbabilities([(p, torch.zeros(())) for p in leaves], k).dense()
+    total = torch.einsum("tbi,btij,tbj->", alpha, product, u)
+    expected = torch.autograd.grad(total, leaves)
+    for grad, p, reference in zip(mixed.parameter_gradients(alpha, u), mixed.probs, expected):
+        close(grad, p * reference)
