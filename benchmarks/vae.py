@@ -29,11 +29,14 @@ Two sections, each case in a fresh process (``--worker``):
   not counted, which is why the ratio is above 1.  The matmul rate is that of ``torch.mm`` at the
   output layer's shape ``[N, H_d] x [H_d, V]``, timed in the same rounds as the models.
 
-* ``iwae/<decoder>`` -- evaluation of :meth:`SentenceVAE.iwae` (``torch.no_grad``, eval mode,
+* ``iwae/cpu`` -- evaluation of :meth:`SentenceVAE.iwae` (``torch.no_grad``, eval mode,
   :func:`latentnlp.objectives.iwae` chunked by 10 samples, the ``cpu`` preset's ``iw_chunk``) by
-  the number of samples ``S`` in 1, 10, 100, 500, on a batch of ``B`` sentences at the ``cpu``
-  sizes: tokens/s (the batch's tokens, counted once whatever ``S``) and peak memory, which the
-  chunking keeps that of one chunk.  Each ``S`` is warmed up by a call with one chunk's samples.
+  the number of samples ``S`` in 1, 10, 100, 500, on a batch of ``B`` = 4 sentences at the ``cpu``
+  sizes, the LSTM decoder and the CNN decoder (``R = 15``) in one process: at each ``S``, one
+  warm-up call of each with one chunk's samples, one call of each under
+  :func:`~measurement.peak_memory`, then alternating calls while the budget lasts.  Reported:
+  tokens/s (the batch's tokens, counted once whatever ``S``), time a sample, and peak memory,
+  which the chunking keeps that of one chunk.
 
 Time: medians of the timed calls (as many as fit ``--budget`` seconds per model, at least
 ``--repeats``, at most ``--max-repeats``).  Memory, :func:`measurement.peak_memory`: the working
@@ -207,7 +210,7 @@ def train_worker(spec: dict, device) -> dict:
 
 
 def iwae_worker(spec: dict, device) -> dict:
-    """:meth:`SentenceVAE.iwae` by ``S`` on one batch (module docstring)."""
+    """:meth:`SentenceVAE.iwae` of both decoders by ``S`` on one batch, alternating (module docstring)."""
     import torch
 
     p, (T, V) = spec["params"], (spec["batch"][k] for k in ("T", "V"))
@@ -216,34 +219,38 @@ def iwae_worker(spec: dict, device) -> dict:
     timed = _timer(device)
     torch.manual_seed(SEED)
     batch = make_batch(B, T, V, device)
-    model = build_model(spec["decoder"], p, V).to(device).eval()
+    models = {name: build_model(name, p, V).to(device).eval() for name in IWAE_DECODERS}
     g = torch.Generator(device=device).manual_seed(SEED)
-    out: dict[str, Any] = {"by_samples": []}
+
+    def call(name: str, samples: int):
+        return lambda: models[name].iwae(batch, samples, chunk_size=chunk, generator=g)
+
+    rows: list[dict] = []
     with torch.no_grad():
         for S in settings["S"]:
-            r: dict[str, Any] = {"S": S}
+            here = {name: {"decoder": name, "S": S} for name in IWAE_DECODERS}
             try:
-
-                def call(n=S):
-                    return model.iwae(batch, n, chunk_size=chunk, generator=g)
-
-                r["warmup_s"] = timed(lambda: call(min(S, chunk)))
-                first, r["peak_mb"], r["peak_method"] = peak_memory(lambda: timed(call), device, trim_heap_first=True)
-                times = [first]
-                budget_end = time.perf_counter() + spec["budget_s"]
-                while len(times) < min(spec["repeats"], spec["max_repeats"]) and time.perf_counter() < budget_end:
-                    times.append(timed(call))
-                r.update(
-                    status="ok",
-                    times_s=times,
-                    time_s=statistics.median(times),
-                    tokens_per_s=B * T / statistics.median(times),
-                )
+                for name, r in here.items():
+                    r["warmup_s"] = timed(call(name, min(S, chunk)))
+                for name, r in here.items():
+                    first, r["peak_mb"], r["peak_method"] = peak_memory(
+                        lambda: timed(call(name, S)), device, trim_heap_first=True
+                    )
+                    r["times_s"] = [first]
+                deadline = time.perf_counter() + spec["budget_s"] * len(here)
+                rounds = 1
+                while rounds < min(spec["repeats"], spec["max_repeats"]) and time.perf_counter() < deadline:
+                    for name, r in here.items():
+                        r["times_s"].append(timed(call(name, S)))
+                    rounds += 1
+                for r in here.values():
+                    median = statistics.median(r["times_s"])
+                    r.update(status="ok", time_s=median, time_per_sample_s=median / S, tokens_per_s=B * T / median)
             except (MemoryError, RuntimeError) as e:
-                r.update(failure(e))
-            out["by_samples"].append(r)
-    out.update(status="ok", tokens=B * T, chunk=chunk, sentences=B)
-    return out
+                for r in here.values():
+                    r.update(failure(e))
+            rows += here.values()
+    return {"status": "ok", "by_samples": rows, "tokens": B * T, "chunk": chunk, "sentences": B}
 
 
 def worker(spec: dict) -> dict:
@@ -270,15 +277,12 @@ def cases(quick: bool) -> list[dict]:
     kind = "quick" if quick else "full"
     sizes = QUICK_SIZES if quick else SIZES
     out = [dict(name=f"train/{size}", params=p, batch=BATCH[kind]) for size, p in sizes.items()]
-    out += [
-        dict(name=f"iwae/{decoder}", decoder=decoder, params=sizes["cpu"], batch=BATCH[kind], iwae=IWAE[kind])
-        for decoder in IWAE_DECODERS
-    ]
+    out.append(dict(name="iwae/cpu", params=sizes["cpu"], batch=BATCH[kind], iwae=IWAE[kind]))
     return out
 
 
 def _time(seconds: float) -> str:
-    return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
 
 def _sizes(p: dict) -> str:
@@ -320,20 +324,23 @@ def train_table(results: list[dict]) -> str:
 
 
 def iwae_table(results: list[dict]) -> str:
-    rows = ["| decoder | S | tokens/s | time a batch | peak memory |", "|---|---:|---:|---:|---:|"]
+    rows = [
+        "| decoder | S | tokens/s | time a batch | time a sample | peak memory |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         if not r["name"].startswith("iwae/"):
             continue
-        decoder = r["name"].split("/")[1]
         if r.get("status") != "ok":
-            rows.append(f"| {decoder} | {r.get('status')}: {r.get('error', '')[:80]} | | | |")
+            rows.append(f"| {r.get('status')}: {r.get('error', '')[:80]} | | | | | |")
             continue
-        for s in r["by_samples"]:
+        for s in sorted(r["by_samples"], key=lambda s: (IWAE_DECODERS.index(s["decoder"]), s["S"])):
             if s.get("status") != "ok":
-                rows.append(f"| {decoder} | {s['S']} | {s.get('status')} | | |")
+                rows.append(f"| {s['decoder']} | {s['S']} | {s.get('status')} | | | |")
                 continue
             rows.append(
-                f"| {decoder} | {s['S']} | {s['tokens_per_s']:,.1f} | {_time(s['time_s'])} | {s['peak_mb']:,.0f} MB |"
+                f"| {s['decoder']} | {s['S']} | {s['tokens_per_s']:,.1f} | {_time(s['time_s'])} | "
+                f"{_time(s['time_per_sample_s'])} | {s['peak_mb']:,.0f} MB |"
             )
     return "\n".join(rows)
 
@@ -345,11 +352,13 @@ def markdown(results: list[dict], meta: dict) -> str:
     train = [r for r in results if r["name"].startswith("train/") and r.get("status") == "ok"]
     iwae = next((r for r in results if r["name"].startswith("iwae/") and r.get("status") == "ok"), None)
     batch = results[0]["batch"]
-    notes = [
-        f"Training: one step (forward, backward, clipping, Adam) on B={batch['B']} sentences of T={batch['T']} "
-        f"tokens, V={batch['V']:,}; median of {min((r['rounds'] for r in train), default=0)}+ alternating "
-        f"rounds after one warm-up step of each; flops of a step = 3x the forward matmuls.",
-    ]
+    notes = []
+    if train:
+        notes.append(
+            f"Training: one step (forward, backward, clipping, Adam) on B={batch['B']} sentences of T={batch['T']} "
+            f"tokens, V={batch['V']:,}; median of {min(r['rounds'] for r in train)}+ alternating "
+            f"rounds after one warm-up step of each; flops of a step = 3x the forward matmuls."
+        )
     if iwae:
         notes.append(
             f"IWAE: SentenceVAE.iwae under no_grad on {iwae['sentences']} sentences ({iwae['tokens']} tokens), "
