@@ -466,7 +466,8 @@ class SentenceVAE(LatentModel):
             x = torch.cat([self.decoder_embedding(tokens), z], dim=-1).unsqueeze(1)
             out, (h, c) = self.decoder(x, (state[1], state[2]))
             return self.output_layer.log_probs(self.dropout(out[:, 0])), (z, h, c)
-        history = torch.cat([state[1], tokens.unsqueeze(1)], dim=1)
+        # the last position reads only the last R inputs: keep those, so a step costs O(R), not O(t)
+        history = torch.cat([state[1], tokens.unsqueeze(1)], dim=1)[:, -self.decoder.receptive_field :]
         hidden = self._decoder_states(z, self.decoder_embedding(history))
         return self.output_layer.log_probs(hidden[:, -1]), (z, history)
 
