@@ -592,8 +592,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     plots.training_curves({row["name"]: row["dir"] for row in rows}, out / "curves.png")
     reported = {row["name"] for row in rows}
     dense_hmms = [r for r in preset.runs if r.kind == "hmm" and not r.model["transition_rank"] and r.name in reported]
-    if dense_hmms:
-        largest = max(dense_hmms, key=lambda r: r.model["num_states"])
+    largest = max(dense_hmms, key=lambda r: r.model["num_states"]) if dense_hmms else None
+    if largest is not None and not (out / largest.name / "best.pt").exists():
+        # a folder of committed results keeps no checkpoints: its states plot stays as it was drawn
+        print(f"[{largest.name}] no best.pt in {out / largest.name}: the states plot is not redrawn")
+    elif largest is not None:
         model = build_model(largest, len(vocab))
         model.load_state_dict(torch.load(out / largest.name / "best.pt", map_location="cpu")["model"])
         plot_hmm_states(model, vocab, data["stream"]["valid"], out, largest.name)
