@@ -24,6 +24,7 @@ __all__ = [
     "BASELINES",
     "BagOfWordsModel",
     "bag_counts",
+    "check_elbo_options",
     "frequencies",
     "score_function_with_baseline",
     "taylor_control_variate",
@@ -31,6 +32,24 @@ __all__ = [
 
 #: the score function's baselines (``None``: none)
 BASELINES = (None, "running-mean", "learned", "leave-one-out")
+
+
+def check_elbo_options(
+    estimator: str | None, baseline: str | None, control_variate: bool, estimators: tuple[str, ...]
+) -> str:
+    """The ELBO estimator a bag-of-words model uses (``None``: ``"exact"``), after checking that it is
+    one of ``estimators``, that ``baseline`` is one of :data:`BASELINES`, and that a baseline or a
+    control variate is asked for only with the score function."""
+    estimator = "exact" if estimator is None else estimator
+    if estimator not in estimators:
+        raise ValueError(f"estimator must be one of {estimators}, got {estimator!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if (baseline is not None or control_variate) and estimator != "score_function":
+        raise ValueError(
+            f"baseline and control_variate belong to estimator='score_function', got estimator={estimator!r}"
+        )
+    return estimator
 
 
 def bag_counts(batch: Batch, vocab_size: int, dtype: torch.dtype) -> Tensor:

@@ -36,8 +36,8 @@ from torch.distributions import Categorical, kl_divergence
 from latentnlp import objectives
 from latentnlp.families import MeanFieldBernoulli
 from latentnlp.models.bag_of_words import (
-    BASELINES,
     BagOfWordsModel,
+    check_elbo_options,
     frequencies,
     score_function_with_baseline,
     taylor_control_variate,
@@ -163,15 +163,7 @@ class BernoulliFactorModel(BagOfWordsModel):
         :func:`~latentnlp.models.bag_of_words.taylor_control_variate`), as for
         :meth:`MixtureOfCategoricals.elbo <latentnlp.models.MixtureOfCategoricals.elbo>`.
         """
-        estimator = "exact" if estimator is None else estimator
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-        if (baseline is not None or control_variate) and estimator != "score_function":
-            raise ValueError(
-                f"baseline and control_variate belong to estimator='score_function', got estimator={estimator!r}"
-            )
+        estimator = check_elbo_options(estimator, baseline, control_variate, ESTIMATORS)
         counts = self._counts(batch)
         q = self.q(batch)
         kl = kl_divergence(q, self.prior())

@@ -36,8 +36,8 @@ from torch.distributions import Categorical, kl_divergence
 from latentnlp import estimators
 from latentnlp.families import MaskedCategorical
 from latentnlp.models.bag_of_words import (
-    BASELINES,
     BagOfWordsModel,
+    check_elbo_options,
     frequencies,
     score_function_with_baseline,
     taylor_control_variate,
@@ -178,15 +178,7 @@ class MixtureOfCategoricals(BagOfWordsModel):
         Every estimator's ``surrogate`` has the estimator's gradient for ``reconstruction -
         kl_weight * kl``; ``value`` is the estimated bound.
         """
-        estimator = "exact" if estimator is None else estimator
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-        if (baseline is not None or control_variate) and estimator != "score_function":
-            raise ValueError(
-                f"baseline and control_variate belong to estimator='score_function', got estimator={estimator!r}"
-            )
+        estimator = check_elbo_options(estimator, baseline, control_variate, ESTIMATORS)
         counts = self._counts(batch)
         q = self.q(batch)
         kl = kl_divergence(q, Categorical(logits=self.prior_logits))
