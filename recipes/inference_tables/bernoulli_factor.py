@@ -20,15 +20,12 @@ from inference_tables.mixture import (
     PRESETS as MIXTURE_PRESETS,
 )
 from inference_tables.mixture import (
-    Bags,
     Row,
+    bag_tables_data,
     compare,
     elbo_curves,
     estimator_checks,
-    generated_bags,
-    log_unigram,
     table,
-    yahoo_bags,
 )
 from latentnlp.models import BernoulliFactorModel
 
@@ -61,21 +58,7 @@ def rows_for() -> list[Row]:
 
 def run(preset: str, out: Path, data_dir: Path | None, seed: int) -> TableResult:
     setting = PRESETS[preset]
-    if preset == "smoke":
-        train_docs, valid_docs, test_docs, vocab_size, note = generated_bags(50, 4, (300, 40, 60), seed)
-    else:
-        if data_dir is None:
-            raise ValueError(f"the {preset} preset reads $LATENTNLP_DATA/yahoo: set LATENTNLP_DATA")
-        train_docs, valid_docs, test_docs, vocab_size, note = yahoo_bags(
-            data_dir, setting.held_out, setting.train_docs, setting.test_docs
-        )
-    data = (
-        Bags(train_docs, vocab_size, setting.batch_size, seed=seed),
-        Bags(valid_docs, vocab_size, 256, shuffle=False),
-        Bags(test_docs, vocab_size, 256, shuffle=False),
-    )
-
-    start = log_unigram(train_docs, vocab_size)
+    data, vocab_size, start, note = bag_tables_data(preset, setting, data_dir, seed)
 
     def build(learned_baseline: bool) -> BernoulliFactorModel:
         model = BernoulliFactorModel(vocab_size, setting.latent, setting.hidden, learned_baseline=learned_baseline)

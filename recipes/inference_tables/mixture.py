@@ -424,8 +424,10 @@ def em(build: Callable[..., MixtureOfCategoricals], setting: Setting, data, seed
     return result, history
 
 
-def run(preset: str, out: Path, data_dir: Path | None, seed: int) -> TableResult:
-    setting = PRESETS[preset]
+def bag_tables_data(preset: str, setting: Setting, data_dir: Path | None, seed: int):
+    """The bag-of-words tables' data: ``((train, valid, test) Bags, vocab_size, log unigram [V], note)``:
+    generated bags under ``smoke``, else Yahoo (:func:`yahoo_bags`); the log unigram of the training
+    documents is where the word distributions start."""
     if preset == "smoke":
         train_docs, valid_docs, test_docs, vocab_size, note = generated_bags(50, 4, (300, 40, 60), seed)
     else:
@@ -439,8 +441,12 @@ def run(preset: str, out: Path, data_dir: Path | None, seed: int) -> TableResult
         Bags(valid_docs, vocab_size, 256, shuffle=False),
         Bags(test_docs, vocab_size, 256, shuffle=False),
     )
+    return data, vocab_size, log_unigram(train_docs, vocab_size), note
 
-    start = log_unigram(train_docs, vocab_size)
+
+def run(preset: str, out: Path, data_dir: Path | None, seed: int) -> TableResult:
+    setting = PRESETS[preset]
+    data, vocab_size, start, note = bag_tables_data(preset, setting, data_dir, seed)
 
     def build(learned_baseline: bool) -> MixtureOfCategoricals:
         model = MixtureOfCategoricals(vocab_size, setting.latent, setting.hidden, learned_baseline=learned_baseline)
