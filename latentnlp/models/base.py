@@ -42,6 +42,22 @@ class UnsupportedObjectiveError(ValueError):
     """Raised by :meth:`LatentModel.loss` for an objective the model does not declare."""
 
 
+def language_model_targets(batch: Batch) -> tuple[Tensor, Tensor]:
+    """``(targets [B, T], lengths [B])`` of a language-model batch, their types and shapes checked
+    (integer tensors; ``lengths`` one per row); values are left to the model."""
+    targets, lengths = batch["targets"], batch["lengths"]
+    if not isinstance(targets, Tensor) or targets.dim() != 2 or targets.is_floating_point():
+        raise ValueError(
+            f"batch['targets'] must be an integer tensor of shape [B, T], got {getattr(targets, 'shape', targets)}"
+        )
+    if not isinstance(lengths, Tensor) or lengths.shape != targets.shape[:1] or lengths.is_floating_point():
+        raise ValueError(
+            f"batch['lengths'] must be an integer tensor of shape [B] = [{targets.shape[0]}], got "
+            + (f"{lengths.dtype} {tuple(lengths.shape)}" if isinstance(lengths, Tensor) else repr(lengths))
+        )
+    return targets, lengths
+
+
 class LatentModel(nn.Module):
     """Base class: a latent-variable model of text behind one API.
 

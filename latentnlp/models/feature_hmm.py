@@ -46,7 +46,7 @@ from .. import baum_welch
 from ..masks import lengths_to_mask
 from ..structures import ChainPosterior
 from ..validation import is_validating
-from .base import Batch, LatentModel
+from .base import Batch, LatentModel, language_model_targets
 
 FEATURE_KINDS = ("identity", "suffix", "shape", "digit", "hyphen")
 
@@ -206,16 +206,7 @@ class FeatureHMM(LatentModel):
     def _validate(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """``(targets [B, T], lengths [B])`` with padding set to id 0; shapes always checked, and
         when validating lengths in ``1..T`` and ids in ``0..V-1``."""
-        targets, lengths = batch["targets"], batch["lengths"]
-        if not isinstance(targets, Tensor) or targets.dim() != 2 or targets.is_floating_point():
-            raise ValueError(
-                f"batch['targets'] must be an integer tensor of shape [B, T], got {getattr(targets, 'shape', targets)}"
-            )
-        if not isinstance(lengths, Tensor) or lengths.shape != targets.shape[:1] or lengths.is_floating_point():
-            raise ValueError(
-                f"batch['lengths'] must be an integer tensor of shape [B] = [{targets.shape[0]}], got "
-                + (f"{lengths.dtype} {tuple(lengths.shape)}" if isinstance(lengths, Tensor) else repr(lengths))
-            )
+        targets, lengths = language_model_targets(batch)
         lengths = lengths.to(targets.device, torch.long)
         steps = targets.shape[1]
         targets = targets.masked_fill(~lengths_to_mask(lengths, steps), 0)

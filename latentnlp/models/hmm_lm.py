@@ -38,7 +38,7 @@ from ..masks import lengths_to_mask
 from ..structures import ChainPosterior
 from ..transitions import DenseTransition, LowRankTransition, Transition
 from ..validation import is_validating
-from .base import Batch, LatentModel
+from .base import Batch, LatentModel, language_model_targets
 from .stream_state import CarriesStreamState
 
 
@@ -159,16 +159,7 @@ class HMMLanguageModel(CarriesStreamState, LatentModel):
         Shapes are always checked; when validating (:func:`latentnlp.validation.is_validating`)
         also, in one synchronisation, lengths in ``1..T`` and ids in ``0..V-1`` (or ``ignore_index``).
         """
-        targets, lengths = batch["targets"], batch["lengths"]
-        if not isinstance(targets, Tensor) or targets.dim() != 2 or targets.is_floating_point():
-            raise ValueError(
-                f"batch['targets'] must be an integer tensor of shape [B, T], got {getattr(targets, 'shape', targets)}"
-            )
-        if not isinstance(lengths, Tensor) or lengths.shape != targets.shape[:1] or lengths.is_floating_point():
-            raise ValueError(
-                f"batch['lengths'] must be an integer tensor of shape [B] = [{targets.shape[0]}], got "
-                + (f"{lengths.dtype} {tuple(lengths.shape)}" if isinstance(lengths, Tensor) else repr(lengths))
-            )
+        targets, lengths = language_model_targets(batch)
         steps = targets.shape[1]
         lengths = lengths.to(targets.device, torch.long)
         real = lengths_to_mask(lengths, steps)
