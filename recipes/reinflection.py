@@ -120,10 +120,12 @@ PRESETS = {
         tau=(1.0, 0.5),
         beam_size=3,
     ),
-    # about an hour on 2 CPU cores for the six rows (German and Turkish): on German an MSVED update
-    # of 64 rows took 0.7 s and an encoder-decoder update (attention over tags and characters)
-    # 1.15 s, measured on one thread of a loaded machine, so each row gets about ten minutes of
-    # updates; beam search over the first 2,000 test examples adds under a minute a row.
+    # about an hour on 2 CPU cores for the six rows (German and Turkish).  Measured on German with
+    # 2 free threads: an MSVED update of 64 rows takes 0.14 s (a 900-update row, decoding included,
+    # took 140 s and reached 10% test accuracy: far from trained), so each MSVED row gets 3,000
+    # updates (about 8 epochs of the German labelled rows, 7 minutes) and the encoder-decoder,
+    # whose update attends over tags and characters, 1,500; beam search over the first 2,000 test
+    # examples adds under a minute a row.
     "cpu": Preset(
         languages=["german", "turkish"],
         msved={"embedding_size": 64, "hidden_size": 128, "latent_size": 64, "tag_dim": 64, "dropout": 0.2},
@@ -131,15 +133,15 @@ PRESETS = {
         batch_size=64,
         train={
             "max_epochs": 30,
-            "max_steps": 900,
+            "max_steps": 3000,
             "lr": 2e-3,
             "grad_clip": 5.0,
             "log_every": 50,
-            "eval_every": 150,
-            "checkpoint_every": 150,
+            "eval_every": 300,
+            "checkpoint_every": 300,
         },
-        row_train={"encdec": {"max_steps": 450}},
-        kl_warmup=450,
+        row_train={"encdec": {"max_steps": 1500}},
+        kl_warmup=1500,
         kl_max=0.1,
         tau=(1.0, 0.5),
         beam_size=5,
