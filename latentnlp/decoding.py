@@ -7,13 +7,13 @@ A decoder takes part by implementing the :class:`StepDecoder` protocol::
     state = model.reorder_state(state, index)             # select / repeat rows: index [N']
 
 Sequences start from ``bos_id`` and end at the first ``eos_id`` (included in the
-output and its length) or after ``max_len`` tokens.  Positions after the end
+output and its length) or after ``max_length`` tokens.  Positions after the end
 hold ``pad_id`` (default ``eos_id``).
 
 Beam search keeps ``beam_size`` hypotheses per example ranked by their summed
 log-probability; a finished hypothesis stays in the beam with its score frozen
 (its only continuation is padding at log-probability 0).  The search stops when
-every hypothesis of every example has finished, or after ``max_len`` steps; an
+every hypothesis of every example has finished, or after ``max_length`` steps; an
 example whose best finished hypothesis no running one can overtake stops early with
 the same answer, and the decoder is stepped on the running hypotheses only.
 The returned hypothesis maximises ``score / lp(length)`` with the GNMT length
@@ -55,31 +55,37 @@ def gnmt_length_penalty(lengths: Tensor, alpha: float) -> Tensor:
     return ((5.0 + lengths.to(torch.float64)) / 6.0) ** alpha
 
 
-def _check(max_len: int, beam_size: int = 1) -> None:
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
+def _check(max_length: int, beam_size: int = 1) -> None:
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
 
 
 @torch.no_grad()
 def greedy(
-    model: StepDecoder, batch: Mapping[str, Any], *, bos_id: int, eos_id: int, max_len: int, pad_id: int | None = None
+    model: StepDecoder,
+    batch: Mapping[str, Any],
+    *,
+    bos_id: int,
+    eos_id: int,
+    max_length: int,
+    pad_id: int | None = None,
 ) -> Hypotheses:
     """Pick the most probable token at every step, for the whole batch at once.
 
     Only the sequences still running are stepped: the decoder state keeps their rows alone.
     """
-    _check(max_len)
+    _check(max_length)
     pad_id = eos_id if pad_id is None else pad_id
     state, size = model.decoder_start(batch)
     device = _device(batch)
     running = torch.arange(size, device=device)  # the examples the state's rows belong to
     tokens = torch.full((size,), bos_id, dtype=torch.long, device=device)
-    lengths = torch.full((size,), max_len, dtype=torch.long, device=device)
+    lengths = torch.full((size,), max_length, dtype=torch.long, device=device)
     scores = torch.zeros(size, dtype=torch.float64, device=device)
     out = []
-    for t in range(max_len):
+    for t in range(max_length):
         log_probs, state = model.decoder_step(state, tokens)
         best, word = log_probs.max(-1)
         scores[running] += best.to(torch.float64)
@@ -104,7 +110,7 @@ def beam_search(
     beam_size: int,
     bos_id: int,
     eos_id: int,
-    max_len: int,
+    max_length: int,
     length_penalty: float = 0.0,
     pad_id: int | None = None,
 ) -> Hypotheses:
@@ -112,11 +118,11 @@ def beam_search(
 
     An example stops early, with the same answer, once no running hypothesis can overtake
     its best finished one: log-probabilities are at most 0, so a running score ``s`` can only
-    fall, and its normalised value stays below ``s / max(lp(L + 1), lp(max_len))``.  Only the
+    fall, and its normalised value stays below ``s / max(lp(L + 1), lp(max_length))``.  Only the
     running hypotheses of unsettled examples are stepped: the decoder state keeps their rows
     alone, in flat ``(example, beam)`` order.
     """
-    _check(max_len, beam_size)
+    _check(max_length, beam_size)
     pad_id = eos_id if pad_id is None else pad_id
     k = beam_size
     state, size = model.decoder_start(batch)
@@ -132,7 +138,7 @@ def beam_search(
     seqs = torch.zeros(size, k, 0, dtype=torch.long, device=device)
     same_beam = torch.arange(k, device=device).expand(size, k)
     stepped = torch.ones(size * k, dtype=torch.bool, device=device)  # the hypotheses the state holds
-    for _ in range(max_len):
+    for _ in range(max_length):
         step_log_probs, state = model.decoder_step(state, tokens)
         vocab = step_log_probs.shape[-1]
         # a hypothesis not stepped continues with padding at log-probability 0
@@ -149,7 +155,7 @@ def beam_search(
         finished = torch.where(frozen, finished, was_finished | (word == eos_id))
         word = torch.where(was_finished | frozen, pad_id, word)
         seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, seqs.shape[-1])), word[..., None]], dim=-1)
-        settled |= _cannot_improve(scores, lengths, finished, length_penalty, max_len)
+        settled |= _cannot_improve(scores, lengths, finished, length_penalty, max_length)
         parent = (stepped.long().cumsum(0) - 1)[(beam + rows[:, None] * k).view(-1)]  # its state row
         stepped = (~finished & ~settled[:, None]).view(-1)
         if not bool(stepped.any()):
@@ -162,16 +168,16 @@ def beam_search(
     return Hypotheses(tokens_out, lengths.gather(1, best).squeeze(1), scores.gather(1, best).squeeze(1))
 
 
-def _cannot_improve(scores: Tensor, lengths: Tensor, finished: Tensor, alpha: float, max_len: int) -> Tensor:
+def _cannot_improve(scores: Tensor, lengths: Tensor, finished: Tensor, alpha: float, max_length: int) -> Tensor:
     """``[B]``: True where the best finished hypothesis beats every continuation of the running ones.
 
     A running hypothesis with score ``s <= 0`` and length ``L`` ends at some length in
-    ``(L, max_len]``; its normalised score is at most ``s / max(lp(L + 1), lp(max_len))``.
+    ``(L, max_length]``; its normalised score is at most ``s / max(lp(L + 1), lp(max_length))``.
     """
     normalised = scores / gnmt_length_penalty(lengths, alpha)
     best_finished = torch.where(finished, normalised, float("-inf")).amax(-1)
     largest_lp = torch.maximum(
-        gnmt_length_penalty(lengths + 1, alpha), gnmt_length_penalty(torch.full_like(lengths, max_len), alpha)
+        gnmt_length_penalty(lengths + 1, alpha), gnmt_length_penalty(torch.full_like(lengths, max_length), alpha)
     )
     best_running = torch.where(finished, float("-inf"), scores / largest_lp).amax(-1)
     return (best_finished > float("-inf")) & (best_running <= best_finished)

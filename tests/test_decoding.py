@@ -34,12 +34,12 @@ class MarkovDecoder:
         return total
 
 
-def _brute_force(model, b, max_len, alpha):
+def _brute_force(model, b, max_length, alpha):
     best, best_value = None, -float("inf")
-    for n in range(1, max_len + 1):
+    for n in range(1, max_length + 1):
         for seq in itertools.product(range(V), repeat=n):
-            if EOS in seq[:-1] or (n < max_len and seq[-1] != EOS):
-                continue  # ends at its first <eos>, or runs to max_len
+            if EOS in seq[:-1] or (n < max_length and seq[-1] != EOS):
+                continue  # ends at its first <eos>, or runs to max_length
             value = model.score(b, seq) / float(gnmt_length_penalty(torch.tensor(n), alpha))
             if value > best_value:
                 best, best_value = list(seq), value
@@ -51,12 +51,14 @@ BATCH = {"src": torch.zeros(B, 1, dtype=torch.long)}
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_wide_beam_is_exact_search(alpha):
-    model, max_len = MarkovDecoder(), 4
-    out = beam_search(model, BATCH, beam_size=V**max_len, bos_id=BOS, eos_id=EOS, max_len=max_len, length_penalty=alpha)
+    model, max_length = MarkovDecoder(), 4
+    out = beam_search(
+        model, BATCH, beam_size=V**max_length, bos_id=BOS, eos_id=EOS, max_length=max_length, length_penalty=alpha
+    )
     for b in range(B):
         n = int(out.lengths[b])
         tokens = out.tokens[b, :n].tolist()
-        assert tokens == _brute_force(model, b, max_len, alpha)
+        assert tokens == _brute_force(model, b, max_length, alpha)
         assert float(out.scores[b]) == pytest.approx(model.score(b, tokens))
         assert (out.tokens[b, n:] == EOS).all()
 
@@ -64,8 +66,8 @@ def test_wide_beam_is_exact_search(alpha):
 @pytest.mark.parametrize("seed", range(4))
 def test_beam_of_one_is_greedy(seed):
     model = MarkovDecoder(seed)
-    g = greedy(model, BATCH, bos_id=BOS, eos_id=EOS, max_len=7)
-    b = beam_search(model, BATCH, beam_size=1, bos_id=BOS, eos_id=EOS, max_len=7)
+    g = greedy(model, BATCH, bos_id=BOS, eos_id=EOS, max_length=7)
+    b = beam_search(model, BATCH, beam_size=1, bos_id=BOS, eos_id=EOS, max_length=7)
     assert torch.equal(g.tokens, b.tokens) and torch.equal(g.lengths, b.lengths)
     torch.testing.assert_close(g.scores, b.scores)
     for row in range(B):
@@ -73,7 +75,7 @@ def test_beam_of_one_is_greedy(seed):
         assert float(g.scores[row]) == pytest.approx(model.score(row, g.tokens[row, :n].tolist()))
 
 
-def _plain_beam_search(model, beam_size, max_len, alpha):
+def _plain_beam_search(model, beam_size, max_length, alpha):
     """The module's rules without early stopping: every hypothesis stepped until all finish."""
     k = beam_size
     state, size = model.decoder_start(BATCH)
@@ -84,7 +86,7 @@ def _plain_beam_search(model, beam_size, max_len, alpha):
     finished = torch.zeros(size, k, dtype=torch.bool)
     lengths = torch.zeros(size, k, dtype=torch.long)
     seqs = [[[] for _ in range(k)] for _ in range(size)]
-    for _ in range(max_len):
+    for _ in range(max_length):
         log_probs, state = model.decoder_step(state, tokens)
         log_probs = log_probs.view(size, k, V).clone()
         log_probs[finished] = torch.tensor([0.0 if v == EOS else -float("inf") for v in range(V)], dtype=torch.float64)
@@ -120,9 +122,11 @@ class CountingDecoder(MarkovDecoder):
 @pytest.mark.parametrize("beam_size,alpha", [(2, 0.0), (3, 1.0), (5, 0.6), (4, -0.5)])
 def test_early_stopping_keeps_the_answer(seed, beam_size, alpha):
     """Settled examples and finished hypotheses are not stepped, and the answer is unchanged."""
-    model, max_len = CountingDecoder(seed), 9
-    out = beam_search(model, BATCH, beam_size=beam_size, bos_id=BOS, eos_id=EOS, max_len=max_len, length_penalty=alpha)
-    expected, expected_scores = _plain_beam_search(MarkovDecoder(seed), beam_size, max_len, alpha)
+    model, max_length = CountingDecoder(seed), 9
+    out = beam_search(
+        model, BATCH, beam_size=beam_size, bos_id=BOS, eos_id=EOS, max_length=max_length, length_penalty=alpha
+    )
+    expected, expected_scores = _plain_beam_search(MarkovDecoder(seed), beam_size, max_length, alpha)
     for b in range(B):
         n = int(out.lengths[b])
         assert out.tokens[b, :n].tolist() == expected[b]
@@ -132,21 +136,21 @@ def test_early_stopping_keeps_the_answer(seed, beam_size, alpha):
 
 def test_decoder_is_stepped_on_running_rows_only():
     model = CountingDecoder(1)
-    g = greedy(model, BATCH, bos_id=BOS, eos_id=EOS, max_len=12)
+    g = greedy(model, BATCH, bos_id=BOS, eos_id=EOS, max_length=12)
     # each step holds exactly the examples that had not ended before it
     for t, rows in enumerate(model.rows):
         assert rows == int((g.lengths > t).sum())
     model.rows.clear()
-    beam_search(model, BATCH, beam_size=3, bos_id=BOS, eos_id=EOS, max_len=12)
+    beam_search(model, BATCH, beam_size=3, bos_id=BOS, eos_id=EOS, max_length=12)
     assert model.rows[-1] < B * 3
 
 
 def test_pad_id_and_argument_checks():
     model = MarkovDecoder()
-    g = greedy(model, BATCH, bos_id=BOS, eos_id=EOS, max_len=6, pad_id=-1)
+    g = greedy(model, BATCH, bos_id=BOS, eos_id=EOS, max_length=6, pad_id=-1)
     for row in range(B):
         assert (g.tokens[row, int(g.lengths[row]) :] == -1).all()
-    with pytest.raises(ValueError, match="max_len"):
-        greedy(model, BATCH, bos_id=BOS, eos_id=EOS, max_len=0)
+    with pytest.raises(ValueError, match="max_length"):
+        greedy(model, BATCH, bos_id=BOS, eos_id=EOS, max_length=0)
     with pytest.raises(ValueError, match="beam_size"):
-        beam_search(model, BATCH, beam_size=0, bos_id=BOS, eos_id=EOS, max_len=3)
+        beam_search(model, BATCH, beam_size=0, bos_id=BOS, eos_id=EOS, max_length=3)

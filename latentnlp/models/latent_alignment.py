@@ -366,15 +366,14 @@ class LatentAlignmentSeq2Seq(LatentModel):
         A pruned head (``exact-topK``) decodes with its pruned scores (the ``K`` positions of
         highest prior at each step), which is faster, not with the exact marginal.
 
-        ``max_length`` (tokens; :mod:`latentnlp.decoding`'s ``max_len``) defaults to
-        ``2 * longest source + 10``.  Output ids are target ids
+        ``max_length`` (tokens) defaults to ``2 * longest source + 10``.  Output ids are target ids
         (extended ids for source-only words with the copy head).
         """
         if self.bos_id is None or self.eos_id is None:
             raise ValueError("generate needs bos_id and eos_id (give them to the constructor)")
         if max_length is None:
             max_length = 2 * int(batch["src_lengths"].max()) + 10
-        common = dict(bos_id=self.bos_id, eos_id=self.eos_id, max_len=max_length)
+        common = dict(bos_id=self.bos_id, eos_id=self.eos_id, max_length=max_length)
         if method == "greedy":
             return decoding.greedy(self, batch, **common)
         if method == "beam":

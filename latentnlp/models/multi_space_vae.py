@@ -381,8 +381,7 @@ class MultiSpaceVAE(LatentModel):
         length_penalty: float = 0.0,
     ) -> decoding.Hypotheses:
         """Reinflection: the forms ``src`` inflected into ``tags`` (``z`` = the mean of ``q(z | src)``),
-        greedy or by beam search; ``max_length`` (characters, default ``2 * longest source + 10``) is
-        :mod:`latentnlp.decoding`'s ``max_len``."""
+        greedy or by beam search; ``max_length`` (characters) defaults to ``2 * longest source + 10``."""
         if self.bos_id is None or self.eos_id is None:
             raise ValueError("generate needs bos_id and eos_id (give them to the constructor)")
         if "tags" not in batch:
@@ -390,7 +389,7 @@ class MultiSpaceVAE(LatentModel):
         _check_batch(batch, self.vocab_size, decoded=False)
         if max_length is None:
             max_length = 2 * int(batch["src_lengths"].max()) + 10
-        common = dict(bos_id=self.bos_id, eos_id=self.eos_id, max_len=max_length)
+        common = dict(bos_id=self.bos_id, eos_id=self.eos_id, max_length=max_length)
         if method == "greedy":
             return decoding.greedy(self, batch, **common)
         if method == "beam":

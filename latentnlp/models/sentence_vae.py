@@ -391,7 +391,7 @@ class SentenceVAE(LatentModel):
                 z = torch.randn(num_samples, self.latent_size, generator=generator, device=device, dtype=dtype)
         if z.dim() != 2 or z.shape[1] != self.latent_size:
             raise ValueError(f"SentenceVAE.generate: z must be [N, {self.latent_size}], got {tuple(z.shape)}")
-        common = {"bos_id": self.bos_id, "eos_id": self.eos_id, "max_len": max_length}
+        common = {"bos_id": self.bos_id, "eos_id": self.eos_id, "max_length": max_length}
         if method == "greedy":
             return decoding.greedy(self, {"z": z}, **common)
         if method == "beam":
