@@ -1,7 +1,7 @@
 """Yahoo Answers sentence VAEs: the posterior-collapse table of Kim, Wiseman & Rush (2018).
 
     python recipes/yahoo.py --preset smoke    # seconds, on generated text whose words a latent topic decides
-    python recipes/yahoo.py --preset cpu      # $LATENTNLP_DATA/yahoo (valid and test files), ~1.5 h on 2 cores
+    python recipes/yahoo.py --preset cpu      # $LATENTNLP_DATA/yahoo (valid and test files), ~2 h on 2 cores
     python recipes/yahoo.py --preset full     # the published setup; needs yahoo.train.txt (a GPU)
 
 Rows: an LSTM language model (no latent), then :class:`~latentnlp.models.SentenceVAE` with an LSTM
@@ -125,17 +125,17 @@ PRESETS = {
         cnn={"kernel_size": 2, "dilations": [1]},  # R = 2: the decoder sees the previous word only
         aggressive={"max_inner_steps": 5, "window": 2},
     ),
-    # about 1.5 hours on 2 cores: 9,000 training documents, smaller networks than the paper.  The
-    # 20k-word softmax is the cost: a 64-unit decoder keeps an update near 2e10 flops and the IW
-    # evaluation (500 documents x 100 samples x 79 tokens) near 1.3e13 flops a row.  Timed on a
-    # shared machine (4 GFLOP/s left to the run): 3.5-4.7 s an update, 110-130 s for S = 100 on 32
-    # documents; scaled to two free cores (about 60 GFLOP/s) that is ~1.5 min an epoch and ~2.5 min
-    # of IW evaluation, so 4 epochs a row keep the six rows near 1.5 hours.
+    # about two hours on 2 cores: 9,000 training documents, smaller networks than the paper.  The
+    # 20k-word softmax is the cost: a 64-unit decoder keeps an update near 2e10 flops (0.8-1.1 s on
+    # two free threads, benchmarks/vae.py) and the IW evaluation (500 documents x 100 samples x 79
+    # tokens, near 1.3e13 flops) near 1 s a document, about 8 minutes a VAE row, which no training
+    # setting changes.  Two epochs a row (the KL weight reaches 1 after the first) keep the seven
+    # rows near two hours, the aggressive row's inner steps included.
     "cpu": Preset(
         sizes={"embedding_size": 64, "hidden_size": 128, "decoder_size": 64, "latent_size": 16},
         batch_size=32,
-        train={"max_epochs": 4, "lr": 1e-3, "grad_clip": 5.0, "log_every": 20},
-        warmup_epochs=2,
+        train={"max_epochs": 2, "lr": 1e-3, "grad_clip": 5.0, "log_every": 20},
+        warmup_epochs=1,
         eval_docs=500,
         iw_samples=100,
         iw_chunk=10,
