@@ -83,8 +83,8 @@ SPECIALS = {"pad": "<pad>", "bos": "<w>", "eos": "</w>", "unk": "<unk>"}
 # Published task-3 numbers are not reproduced here: the tables of Zhou & Neubig (2017, ACL,
 # "Multi-space Variational Encoder-Decoders for Semi-supervised Labeled Sequence Transduction")
 # and of the shared task overview (Cotterell et al. 2016, "The SIGMORPHON 2016 Shared Task --
-# Morphological Reinflection") could not be checked from this machine, and a number that cannot
-# be checked is left out.
+# Morphological Reinflection") could not be consulted when this recipe was written, and a number
+# that cannot be checked against its source is left out.
 PUBLISHED_SOURCES = [
     "Zhou & Neubig 2017 (ACL), task-3 exact-match accuracy per language, supervised and semi-supervised MSVED",
     "Cotterell et al. 2016 (SIGMORPHON shared task overview), task-3 results of the submitted systems",
@@ -495,8 +495,8 @@ def write_results(results: list[dict], preset_name: str, preset: Preset, notes: 
         "",
         "## Published",
         "",
-        "No published number is listed: the task-3 tables of these sources could not be checked from "
-        "this machine, and a number that cannot be checked is left out:",
+        "No published number is listed: the task-3 tables of these sources could not be consulted when "
+        "this recipe was written, and a number that cannot be checked against its source is left out:",
         "",
         *(f"- {s}" for s in PUBLISHED_SOURCES),
         "",
