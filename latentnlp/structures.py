@@ -199,7 +199,7 @@ class ChainPosterior(Distribution):
     def _blocked(self, method: str | None = None, transition: Transition | None = None, emit: Tensor | None = None):
         """Whether ``method`` (default :attr:`method`) takes the blocked kernels for ``transition`` and ``emit``
         (default the chain's): ``"blocked"``, or ``"auto"`` where :func:`latentnlp.chain.prefers_blocked` says
-        so (one rule for the sum, Viterbi, the sampler's filters and the entropy)."""
+        so (one rule for the sum, Viterbi and the sampler's filters; the entropy has its own)."""
         method = method or self.method
         transition = self.transition if transition is None else transition
         emit = self.emit if emit is None else emit
@@ -310,13 +310,14 @@ class ChainPosterior(Distribution):
     def entropy(self) -> Tensor:
         """Exact entropy ``-sum_z p(z) log p(z)``: ``[B]`` (differentiable).
 
-        By the forward recursion of :func:`latentnlp.chain.chain_entropy`; where the blocked kernels are
-        taken (``method="blocked"``, or ``"auto"`` by :func:`latentnlp.chain.prefers_blocked`) and no
-        gradient is needed, by :func:`latentnlp.chain.blocked_entropy` (``O(sqrt T)`` sequential steps),
-        with the chains it flags recomputed by the recursion.  Densifies a low-rank transition
-        (``P log P`` does not factor): ``O(K^2)`` memory.
+        By the forward recursion of :func:`latentnlp.chain.chain_entropy`; when no gradient is needed and
+        ``method="blocked"``, or ``"auto"`` where :func:`latentnlp.chain.prefers_blocked_entropy` says so
+        (the entropy's own measured rule), by :func:`latentnlp.chain.blocked_entropy` (``O(sqrt T)``
+        sequential steps), with the chains it flags recomputed by the recursion.  Densifies a low-rank
+        transition (``P log P`` does not factor): ``O(K^2)`` memory.
         """
-        if not self._blocked() or self._requires_grad():
+        auto = self.method == "auto" and chain.prefers_blocked_entropy(self.transition, self.emit)
+        if not (self.method == "blocked" or auto) or self._requires_grad():
             return chain.chain_entropy(self.init, self.transition, self.emit, self.lengths)
         entropy, flagged = chain.blocked_entropy(self.init, self.transition, self.emit, self.lengths)
         if bool(flagged.any()):

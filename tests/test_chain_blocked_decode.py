@@ -143,13 +143,13 @@ def test_flagged_chains_are_recomputed():
     with emission 0: float32 probabilities underflow (every step normaliser 0), the recursions do not."""
     trans = torch.tensor([[0.0, 0.0], [float("-inf"), 0.0]])  # state 1 never reaches state 0
     init = torch.tensor([float("-inf"), 0.0])
-    emit = torch.tensor([0.0, -120.0]).expand(2, 3000, 2).clone()
-    lengths = torch.tensor([3000, 7])
+    emit = torch.tensor([0.0, -120.0]).expand(2, 40, 2).clone()
+    lengths = torch.tensor([40, 7])
     d = ChainPosterior(init, trans, emit, lengths, method="blocked")
     entropy, flagged = chain.blocked_entropy(d.init, d.transition, d.emit, d.lengths)
     assert flagged.all()
     torch.testing.assert_close(d.entropy(), torch.zeros(2))
-    ones = (torch.arange(3000) < lengths.unsqueeze(-1)).long()
+    ones = (torch.arange(40) < lengths.unsqueeze(-1)).long()
     assert torch.equal(d.argmax, ones)
     assert torch.equal(d.sample((3,))[0], ones)
     torch.testing.assert_close(d.log_partition, -120.0 * lengths.float())
@@ -164,7 +164,7 @@ def test_float32_agrees_with_float64_on_a_long_peaked_chain():
     narrow = ChainPosterior(init.float(), trans.float(), emit.float(), lengths, method="blocked")
     entropy = wide.entropy()
     torch.testing.assert_close(entropy, chain.chain_entropy(wide.init, wide.transition, wide.emit, lengths))
-    torch.testing.assert_close(narrow.entropy().double(), entropy, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(narrow.entropy().double(), entropy, rtol=1e-5, atol=0.0)
     # the float32 path is optimal in float64 up to float32's rounding of the scores
     best = wide.max
     torch.testing.assert_close(wide.score(narrow.argmax), best, rtol=1e-6, atol=0.0)
@@ -178,30 +178,45 @@ def test_float32_agrees_with_float64_on_a_long_peaked_chain():
 
 
 # ---------------------------------------------------------------------------------------------- routing
-@pytest.mark.parametrize("steps,blocked", [(2048, True), (2047, False)])
-def test_auto_takes_the_blocked_kernels_where_prefers_blocked_says(monkeypatch, steps, blocked):
+@pytest.mark.parametrize(
+    "steps,k,decode,entropy",
+    [(2048, 4, True, True), (2047, 4, False, True), (2048, 16, False, True), (8, 128, False, False)],
+)
+def test_auto_takes_the_blocked_kernels_by_the_rules(monkeypatch, steps, k, decode, entropy):
+    """Viterbi and the sampler's filters by prefers_blocked, the entropy by prefers_blocked_entropy.  The
+    kernels are replaced by recorders (returning outputs of the right shapes): only the routing is tested."""
     called = []
-    for name in (
-        "blocked_viterbi",
-        "blocked_forward_filter",
-        "blocked_entropy",
-        "viterbi",
-        "forward_filter",
-        "chain_entropy",
-    ):
-        original = getattr(chain, name)
-        monkeypatch.setattr(chain, name, lambda *a, _name=name, _f=original, **k: called.append(_name) or _f(*a, **k))
+
+    def recorder(name, output):
+        def kernel(init, transition, emit, lengths):
+            called.append(name)
+            return output(*emit.shape)
+
+        monkeypatch.setattr(chain, name, kernel)
+
+    def paths(batch, steps, k):
+        return torch.zeros(batch, steps, dtype=torch.long)
+
+    def uniform(batch, steps, k):
+        return torch.full((batch, steps, k), -math.log(k))
+
+    recorder("blocked_viterbi", paths)
+    recorder("viterbi", paths)
+    recorder("blocked_forward_filter", uniform)
+    recorder("forward_filter", uniform)
+    recorder("blocked_entropy", lambda batch, steps, k: (torch.zeros(batch), torch.zeros(batch, dtype=torch.bool)))
+    recorder("chain_entropy", lambda batch, steps, k: torch.zeros(batch))
     gen = torch.Generator().manual_seed(7)
-    init, trans, emit, _ = random_chain(gen, 2, steps, 4, dtype=torch.float32, full=True)
-    d = ChainPosterior(init, trans, emit)
-    assert chain.prefers_blocked(d.transition, d.emit) is blocked
+    d = ChainPosterior(*random_chain(gen, 2, steps, k, dtype=torch.float32, full=True))
+    assert chain.prefers_blocked(d.transition, d.emit) is decode
+    assert chain.prefers_blocked_entropy(d.transition, d.emit) is entropy
     d.argmax, d.sample(), d.entropy()
-    expected = (
-        ["blocked_viterbi", "blocked_forward_filter", "blocked_entropy"]
-        if blocked
-        else ["viterbi", "forward_filter", "chain_entropy"]
-    )
-    assert called == expected
+    prefix = "blocked_" if decode else ""
+    assert called == [prefix + "viterbi", prefix + "forward_filter", "blocked_entropy" if entropy else "chain_entropy"]
+    # a gradient asks for the differentiable recursion whatever the rule
+    called.clear()
+    ChainPosterior(d.init, d.transition, d.emit.requires_grad_(), method="blocked").entropy()
+    assert called == ["chain_entropy"]
 
 
 def test_bad_block_sizes_are_refused():
