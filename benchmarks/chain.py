@@ -60,7 +60,9 @@ float32, every length ``T``), 2 threads by default; every row in this one proces
 in ``--viterbi``; each row's sequential steps (:func:`decode_steps`) beside its times, and the ratio
 blocked / scaled of the fastest and of the median repeat.  The Viterbi paths of the two must score
 the same and the entropies agree to ``1e-4`` (relative).  Writes
-``benchmarks/results/chain-blocked-decode.json``.
+``benchmarks/results/chain-blocked-decode.json``; ``--kernels entropy --sizes ...`` times one kernel
+over other sizes (the grid behind :func:`latentnlp.chain.prefers_blocked_entropy`, written with
+``--out benchmarks/results/chain-blocked-entropy.json``).
 
 Usage::
 
@@ -655,8 +657,8 @@ def viterbi_main(args, sizes) -> int:
     return 0 if all(r["paths_agree"] for r in results) else 1
 
 
-def _decode_rows(B, T, K):
-    """``{(kernel, algorithm): call()}`` over the grid's inputs at one size."""
+def _decode_rows(B, T, K, kernels):
+    """``{(kernel, algorithm): call()}`` over the grid's inputs at one size, for the ``kernels`` named."""
     import torch
 
     from latentnlp import ChainPosterior
@@ -672,6 +674,7 @@ def _decode_rows(B, T, K):
             lambda call=call, algorithm=algorithm: call(ChainPosterior(init, trans, emit, method=algorithm))
         )
         for kernel, call in calls.items()
+        if kernel in kernels
         for algorithm in ("scaled", "blocked")
     }
 
@@ -686,15 +689,16 @@ def decode_benchmark(args, sizes) -> tuple[list, str]:
     results, lines = [], []
     head = f"{'B,T,K':>12}  {'kernel':<8}{'scaled':>11}{'blocked':>11}{'steps':>13}  blocked / scaled (fastest, median)"
     for B, T, K in sizes:
-        rows = _decode_rows(B, T, K)
+        rows = _decode_rows(B, T, K, args.kernels)
         outputs = {name: run() for name, run in rows.items()}  # also the warm-up
         d = ChainPosterior(*_inputs(B, T, K, torch))
-        scores = [d.score(outputs[("viterbi", a)]) for a in ("scaled", "blocked")]
-        entropies = [outputs[("entropy", a)] for a in ("scaled", "blocked")]
-        agree = dict(
-            viterbi_scores=bool(torch.allclose(*scores, rtol=1e-6, atol=0.0)),
-            entropy=bool(torch.allclose(*entropies, rtol=1e-4, atol=0.0)),
-        )
+        agree = {}
+        if "viterbi" in args.kernels:
+            scores = [d.score(outputs[("viterbi", a)]) for a in ("scaled", "blocked")]
+            agree["viterbi_scores"] = bool(torch.allclose(*scores, rtol=1e-6, atol=0.0))
+        if "entropy" in args.kernels:
+            entropies = [outputs[("entropy", a)] for a in ("scaled", "blocked")]
+            agree["entropy"] = bool(torch.allclose(*entropies, rtol=1e-4, atol=0.0))
         times = {name: [] for name in rows}
         order = list(rows)
         for i in range(args.repeats):
@@ -703,7 +707,7 @@ def decode_benchmark(args, sizes) -> tuple[list, str]:
                 rows[name]()
                 times[name].append(time.perf_counter() - t0)
         entry = dict(B=B, T=T, K=K, agree=agree, kernels={})
-        for kernel in DECODE_KERNELS:
+        for kernel in args.kernels:
             pair = {a: times[(kernel, a)] for a in ("scaled", "blocked")}
             fastest = {a: min(ts) for a, ts in pair.items()}
             median = {a: statistics.median(ts) for a, ts in pair.items()}
@@ -749,7 +753,7 @@ def decode_main(args, sizes) -> int:
                 "sample": "one path per chain",
                 "note": args.note,
             },
-            "kernels": DECODE_KERNELS,
+            "kernels": {kernel: DECODE_KERNELS[kernel] for kernel in args.kernels},
             "results": results,
             "table": table,
         }
@@ -830,6 +834,7 @@ def main(argv=None):
         help="--viterbi, --decode: alternating repeats per size (default 30, --decode 5; quick 2)",
     )
     p.add_argument("--note", help="--decode: a remark stored with the results (e.g. the machine's load)")
+    p.add_argument("--kernels", help=f"--decode: comma list out of {', '.join(DECODE_KERNELS)} (default all)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -862,6 +867,10 @@ def main(argv=None):
             if not args.sizes
             else [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
         )
+        args.kernels = list(DECODE_KERNELS) if not args.kernels else args.kernels.split(",")
+        for kernel in args.kernels:
+            if kernel not in DECODE_KERNELS:
+                p.error(f"unknown kernel {kernel!r}; choose from {', '.join(DECODE_KERNELS)}")
         return decode_main(args, sizes)
 
     if args.device == "cuda":

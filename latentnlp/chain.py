@@ -798,6 +798,22 @@ def viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor)
     return path.T.contiguous().mul_(mask)
 
 
+MAX_PLUS_CHUNK = 2**24
+"""The most elements of the broadcast sum of one of :func:`blocked_viterbi`'s max-plus products; a larger
+product is reduced in chunks of its summed-over index (``K^2 B n`` elements a chunk at least)."""
+
+
+def _max_plus_product(transfer: Tensor, product: Tensor) -> Tensor:
+    """``out[j, i] = max_l (product[l, i] + transfer[l, j])`` over ``[K, K, N]`` operands: ``[K, K, N]``."""
+    k, _, flat = product.shape
+    chunk = max(1, MAX_PLUS_CHUNK // (k * k * flat))
+    out = None
+    for start in range(0, k, chunk):
+        part = (transfer[start : start + chunk].unsqueeze(2) + product[start : start + chunk].unsqueeze(1)).amax(0)
+        out = part if out is None else torch.maximum(out, part, out=out)
+    return out
+
+
 def _max_plus_identity(k: int, like: Tensor) -> Tensor:
     """The max-plus identity ``[K, K]``: 0 on the diagonal, ``-inf`` elsewhere."""
     eye = torch.full((k, k), float("-inf"), dtype=like.dtype, device=like.device)
@@ -816,7 +832,8 @@ def blocked_viterbi(
 
     1. the block products ``Q_m = M_{mb+1} (x) ... (x) M_{mb+b}``,
        ``(A (x) M)[i, j] = max_l (A[i, l] + M[l, j])``, of all ``n`` blocks at once: ``b`` batched
-       max-plus products, ``O(B n K^3)`` each;
+       max-plus products, ``O(B n K^3)`` each (a broadcast sum and a max, in chunks of ``l`` past
+       :data:`MAX_PLUS_CHUNK` elements);
     2. the Viterbi scores at the block boundaries, ``a_{(m+1)b}[j] = max_i (a_{mb}[i] + Q_m[i, j])``
        from ``a_0 = init + emit_0``: ``n`` steps;
     3. the scores inside every block at once from its first boundary,
@@ -861,8 +878,8 @@ def blocked_viterbi(
         transfer, valid = transfer_at(s)
         if product is None:
             step = transfer.transpose(0, 1).contiguous()
-        else:  # [l, j, i]: Q[i, l] + M_t[l, j], maximised over l
-            step = (transfer.unsqueeze(2) + product.unsqueeze(1)).amax(0)
+        else:  # Q[i, l] + M_t[l, j], maximised over l
+            step = _max_plus_product(transfer, product)
         if valid is not None:
             step = torch.where(valid, step, eye if product is None else product)
         peak = step.amax((0, 1), keepdim=True)

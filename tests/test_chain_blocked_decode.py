@@ -51,6 +51,14 @@ def test_blocked_viterbi_is_a_brute_force_maximiser(trans_kind, zeros):
             assert_optimal(d, ref, path, f"{trans_kind} zeros={zeros} T={ref.T} K={ref.K} block={block}")
 
 
+def test_blocked_viterbi_in_chunks_of_the_summed_index(monkeypatch):
+    monkeypatch.setattr(chain, "MAX_PLUS_CHUNK", 1)  # every max-plus product one summed-over state at a time
+    for d, ref in chains("time", True, seed=3):
+        for block in (2, 3):
+            path = chain.blocked_viterbi(d.init, d.transition, d.emit, d.lengths, block)
+            assert_optimal(d, ref, path, f"chunks T={ref.T} K={ref.K} block={block}")
+
+
 def test_blocked_viterbi_through_a_low_rank_transition():
     gen = torch.Generator().manual_seed(4)
     init, _, emit, lengths = random_chain(gen, 3, 6, 3, init_kind="batched")
