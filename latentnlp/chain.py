@@ -39,8 +39,8 @@ Algorithms:
   :func:`blocked_viterbi` (max-plus block products, then the boundaries, then every block's
   scores, back-pointers and paths at once), :func:`blocked_forward_filter` (the blocked forward's
   filters, for :func:`backward_sample`: exact samples) and :func:`blocked_entropy`
-  (``log Z - E[s(z)]`` from the blocked marginals); :class:`~latentnlp.structures.ChainPosterior`
-  routes ``argmax``, ``sample`` and ``entropy`` to them by the log-partition's rule.
+  (``log Z - E[s(z)]`` from the blocked marginals); ``method="auto"`` takes the first two by
+  :func:`prefers_blocked`, the entropy by its own :func:`prefers_blocked_entropy`.
 """
 
 from __future__ import annotations
@@ -609,6 +609,13 @@ def prefers_blocked(transition: Transition, emit: Tensor) -> bool:
     than both at every one of these sizes.  Elsewhere (other devices, low-rank and product
     transitions) the scaled algorithm, as before this rule: the blocked algorithm has not been
     measured on a GPU.
+
+    The same rule takes :func:`blocked_viterbi` and :func:`blocked_forward_filter` (sampling) for
+    ``method="auto"``.  Measured (``benchmarks/results/chain-blocked-decode.json``, as above, the
+    machine loaded; blocked / sequential, medians): Viterbi 0.43 at ``(4, 10000, 8)`` and 0.20 at
+    ``(2, 4096, 4)``, but 1.3 at ``(4, 10000, 16)`` and 2.9 at ``(8, 1024, 16)``, outside the rule
+    (max-plus products have no BLAS); sampling 0.79 and 0.91 inside the rule, 0.99-1.01 outside
+    it: the backward sampling's ``T - 1`` steps, the same in both, are most of its time.
     """
     batch, steps, k = emit.shape
     return (
@@ -629,15 +636,16 @@ def prefers_blocked_entropy(transition: Transition, emit: Tensor) -> bool:
     On the CPU, with a dense transition: ``B K^3 <= BLOCKED_ENTROPY_MAX_WORK`` (``2^19``), whatever
     ``T``.  Its own rule, broader than :func:`prefers_blocked`'s: the recursion is a dozen torch
     operations a step (no numpy steps), which the blocked kernel's batched products beat from short
-    chains on.  Measured (float32, 2 threads, alternating in one process, the machine loaded by
-    another process; blocked time / recursion time): 0.02 at ``(B, T, K) = (4, 10000, 8)``, 0.05 at
-    ``(2, 4096, 4)``, 0.06 at ``(4, 10000, 16)``, 0.08 at ``(8, 1024, 16)``, 0.09 at ``(4, 256, 8)``,
-    0.16 at ``(8, 1024, 32)`` (``B K^3 = 2^18``), 0.56 at ``(32, 50, 20)``, 0.61 at ``(1, 16, 4)``,
-    0.62 at ``(16, 16, 16)``, 0.52 at ``(2, 64, 64)`` and 0.80 at ``(16, 64, 32)`` (both ``2^19``);
-    between ``2^20`` and ``2^21`` it depends on ``T`` (0.52 at ``(4, 1024, 64)``, 0.60 at
-    ``(1, 2048, 128)``, 0.92 at ``(8, 64, 64)``, 1.30 at ``(32, 50, 32)``), and past it the block
-    products' ``K^3`` loses: 1.6 at ``(16, 64, 64)``, 4.0 at ``(16, 64, 128)``, 27 at
-    ``(8, 256, 256)``, 40 at ``(4, 128, 512)``.  Elsewhere (other devices, low-rank transitions)
+    chains on.  Measured (``benchmarks/results/chain-blocked-entropy.json``: float32, 2 threads,
+    alternating in one process, the machine loaded by another process; blocked time / recursion
+    time, medians): 0.02-0.05 at ``(B, T, K) = (2, 4096, 4)``, ``(4, 10000, 8)`` and
+    ``(4, 10000, 16)``, 0.12-0.18 at ``(8, 1024, 16)``, ``(4, 256, 8)`` and ``(8, 1024, 32)``
+    (``B K^3 = 2^18``), 0.34-0.66 at ``(2, 64, 64)`` and ``(16, 64, 32)`` (``2^19``),
+    ``(32, 50, 20)``, ``(1, 16, 4)`` and ``(16, 16, 16)``; between ``2^20`` and ``2^21`` 0.40-0.84
+    (``(1, 2048, 128)``, ``(4, 1024, 64)``, ``(32, 50, 32)``, ``(8, 64, 64)``), where an earlier
+    run gave 1.30 at ``(32, 50, 32)`` and 0.92 at ``(8, 64, 64)``, hence the bound below them; past
+    it the block products' ``K^3`` loses: 1.42 at ``(16, 64, 64)``, 6.2 at ``(16, 64, 128)``, 25 at
+    ``(8, 256, 256)``, 27 at ``(4, 128, 512)``.  Elsewhere (other devices, low-rank transitions)
     the recursion: the blocked kernels have not been measured on a GPU.
     """
     batch, _, k = emit.shape
