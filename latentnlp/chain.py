@@ -612,10 +612,11 @@ def prefers_blocked(transition: Transition, emit: Tensor) -> bool:
 
     The same rule takes :func:`blocked_viterbi` and :func:`blocked_forward_filter` (sampling) for
     ``method="auto"``.  Measured (``benchmarks/results/chain-blocked-decode.json``, as above, the
-    machine loaded; blocked / sequential, medians): Viterbi 0.43 at ``(4, 10000, 8)`` and 0.20 at
-    ``(2, 4096, 4)``, but 1.3 at ``(4, 10000, 16)`` and 2.9 at ``(8, 1024, 16)``, outside the rule
-    (max-plus products have no BLAS); sampling 0.79 and 0.91 inside the rule, 0.99-1.01 outside
-    it: the backward sampling's ``T - 1`` steps, the same in both, are most of its time.
+    machine loaded; blocked / sequential, medians): Viterbi 0.29 at ``(4, 10000, 8)`` and 0.18 at
+    ``(2, 4096, 4)``, but 2.7 at ``(8, 1024, 16)`` and 0.94 at ``(4, 10000, 16)`` (fastest repeats
+    1.26; 1.29 in an earlier run), outside the rule (max-plus products have no BLAS); sampling 0.83
+    and 0.74 inside the rule, 0.99-1.01 outside it: the backward sampling's ``T - 1`` steps, the
+    same in both, are most of its time.
     """
     batch, steps, k = emit.shape
     return (
