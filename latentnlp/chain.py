@@ -815,7 +815,7 @@ product is reduced in chunks of its summed-over index (``K^2 B n`` elements a ch
 def _max_plus_product(transfer: Tensor, product: Tensor) -> Tensor:
     """``out[j, i] = max_l (product[l, i] + transfer[l, j])`` over ``[K, K, N]`` operands: ``[K, K, N]``."""
     k, _, flat = product.shape
-    chunk = max(1, MAX_PLUS_CHUNK // (k * k * flat))
+    chunk = max(1, MAX_PLUS_CHUNK // max(1, k * k * flat))
     out = None
     for start in range(0, k, chunk):
         part = (transfer[start : start + chunk].unsqueeze(2) + product[start : start + chunk].unsqueeze(1)).amax(0)
