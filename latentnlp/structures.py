@@ -71,7 +71,8 @@ class ChainPosterior(Distribution):
             :func:`latentnlp.chain.blocked_log_partition`) or ``"auto"`` (scaled, or blocked for
             long chains with few states on the CPU by the measured rule of
             :func:`latentnlp.chain.prefers_blocked`, with the rows the kernel flags as underflowed
-            redone in log space).
+            redone in log space).  ``"blocked"`` and ``"auto"`` also pick the blocked kernels of
+            :attr:`argmax`, :meth:`sample` and :meth:`entropy` (see each).
         validate_args: torch's switch (``None``: the global default,
             :func:`latentnlp.validation.is_validating`).  When validating, the checks that
             synchronise with the device run: lengths in ``1..T``, no NaN or ``+inf`` score,
