@@ -50,12 +50,27 @@ a loop of small ops, and on a 2-core machine shared with other processes a 2-thr
 pytorch-crf's calls stall for ~50 ms at random while a core was taken (with or without
 latentnlp in the process).  Writes ``benchmarks/results/viterbi.json``.
 
+Decoding mode (``--decode``): the blocked kernels against the sequential ones, beyond the sum:
+Viterbi (``ChainPosterior.argmax``), forward filtering, backward sampling (``.sample()``, one path
+per chain; the backward sampling's ``T - 1`` steps are the same in both) and the entropy
+(``.entropy()`` without a gradient), each with ``method="scaled"`` and ``method="blocked"``, at
+``DECODE_SIZES``: long chains with few states, where ``auto`` takes the blocked kernels or is near
+the rule (:func:`latentnlp.chain.prefers_blocked`).  Inputs as the grid's (a shared ``[K, K]``,
+float32, every length ``T``), 2 threads by default; every row in this one process, alternating as
+in ``--viterbi``; each row's sequential steps (:func:`decode_steps`) beside its times, and the ratio
+blocked / scaled of the fastest and of the median repeat.  The Viterbi paths of the two must score
+the same and the entropies agree to ``1e-4`` (relative).  Writes
+``benchmarks/results/chain-blocked-decode.json``; ``--kernels entropy --sizes ...`` times one kernel
+over other sizes (the grid behind :func:`latentnlp.chain.prefers_blocked_entropy`, written with
+``--out benchmarks/results/chain-blocked-entropy.json``).
+
 Usage::
 
     python benchmarks/chain.py                 # full run, writes benchmarks/results/chain.json
     python benchmarks/chain.py --quick         # sanity run: short chains, one repeat, writes nothing
     python benchmarks/chain.py --sizes 16x64x64,8x1024x16 --methods latentnlp,naive,matmul-3T
     python benchmarks/chain.py --viterbi       # decoding against pytorch-crf, writes results/viterbi.json
+    python benchmarks/chain.py --decode        # blocked Viterbi, sampling, entropy against the sequential ones
     python benchmarks/chain.py --device cuda   # the grid on a GPU, writes results/chain-cuda.json
 """
 
@@ -82,6 +97,7 @@ from measurement import failure, peak_memory, repeat_count, run_case, start_work
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "chain.json"
 CUDA_OUT = REPO / "benchmarks" / "results" / "chain-cuda.json"
 VITERBI_OUT = REPO / "benchmarks" / "results" / "viterbi.json"
+DECODE_OUT = REPO / "benchmarks" / "results" / "chain-blocked-decode.json"
 THREADS = 2  # default of --threads
 SEED = 0
 
@@ -115,6 +131,36 @@ VITERBI_ROWS = {
     "latentnlp-argmax-lists": "the same, then .tolist() (pytorch-crf's output)",
     "pytorch-crf": "torchcrf.CRF(K, batch_first=True).decode, lists",
 }
+
+
+# --decode: sizes where method="auto" takes the blocked kernels, (4, 10000, 8) and (2, 4096, 4), or
+# near the rule's bounds, (8, 1024, 16) (T < 2048) and (4, 10000, 16) (B K^3 = 16384 > 4096)
+DECODE_SIZES = [(4, 10000, 8), (2, 4096, 4), (8, 1024, 16), (4, 10000, 16)]
+DECODE_KERNELS = {
+    "viterbi": "ChainPosterior(...).argmax",
+    "sample": "ChainPosterior(...).sample(): forward filters, then backward sampling of one path per chain",
+    "entropy": "ChainPosterior(...).entropy(), no gradient",
+}
+
+
+def decode_steps(kernel: str, algorithm: str, T: int) -> int:
+    """Sequential batched operations of a ``--decode`` row: ``b`` the default block, ``n`` the blocks.
+
+    Viterbi: ``2 (T - 1)`` (max-plus forward and backtracking) or ``3 b + 2 n`` (block products,
+    boundaries, inner scores, inner paths, boundary backtrack); sampling: the filters' ``T - 1`` or
+    ``2 b + n``, plus ``T - 1`` for the backward sampling; entropy: ``T - 1`` (the recursion) or
+    ``3 b + 2 n`` (blocked forward and backward).
+    """
+    from latentnlp import chain
+
+    edges = max(T - 1, 0)
+    block = chain.default_block(T)
+    blocks = -(-edges // block)
+    if algorithm == "scaled":
+        return {"viterbi": 2 * edges, "sample": 2 * edges, "entropy": edges}[kernel]
+    return {"viterbi": 3 * block + 2 * blocks, "sample": 2 * block + blocks + edges, "entropy": 3 * block + 2 * blocks}[
+        kernel
+    ]
 
 
 def sequential_steps(method: str, B: int, T: int, K: int, device: str = "cpu") -> int:
@@ -611,6 +657,112 @@ def viterbi_main(args, sizes) -> int:
     return 0 if all(r["paths_agree"] for r in results) else 1
 
 
+def _decode_rows(B, T, K, kernels):
+    """``{(kernel, algorithm): call()}`` over the grid's inputs at one size, for the ``kernels`` named."""
+    import torch
+
+    from latentnlp import ChainPosterior
+
+    init, trans, emit = _inputs(B, T, K, torch)
+    calls = {
+        "viterbi": lambda d: d.argmax,
+        "sample": lambda d: d.sample(generator=torch.Generator().manual_seed(SEED)),
+        "entropy": lambda d: d.entropy(),
+    }
+    return {
+        (kernel, algorithm): (
+            lambda call=call, algorithm=algorithm: call(ChainPosterior(init, trans, emit, method=algorithm))
+        )
+        for kernel, call in calls.items()
+        if kernel in kernels
+        for algorithm in ("scaled", "blocked")
+    }
+
+
+def decode_benchmark(args, sizes) -> tuple[list, str]:
+    """Time every ``--decode`` row at ``sizes``, alternating; returns results and a table."""
+    import torch
+
+    from latentnlp import ChainPosterior
+
+    torch.set_num_threads(args.threads)
+    results, lines = [], []
+    head = f"{'B,T,K':>12}  {'kernel':<8}{'scaled':>11}{'blocked':>11}{'steps':>13}  blocked / scaled (fastest, median)"
+    for B, T, K in sizes:
+        rows = _decode_rows(B, T, K, args.kernels)
+        outputs = {name: run() for name, run in rows.items()}  # also the warm-up
+        d = ChainPosterior(*_inputs(B, T, K, torch))
+        agree = {}
+        if "viterbi" in args.kernels:
+            scores = [d.score(outputs[("viterbi", a)]) for a in ("scaled", "blocked")]
+            agree["viterbi_scores"] = bool(torch.allclose(*scores, rtol=1e-6, atol=0.0))
+        if "entropy" in args.kernels:
+            entropies = [outputs[("entropy", a)] for a in ("scaled", "blocked")]
+            agree["entropy"] = bool(torch.allclose(*entropies, rtol=1e-4, atol=0.0))
+        times = {name: [] for name in rows}
+        order = list(rows)
+        for i in range(args.repeats):
+            for name in order[i % len(order) :] + order[: i % len(order)]:
+                t0 = time.perf_counter()
+                rows[name]()
+                times[name].append(time.perf_counter() - t0)
+        entry = dict(B=B, T=T, K=K, agree=agree, kernels={})
+        for kernel in args.kernels:
+            pair = {a: times[(kernel, a)] for a in ("scaled", "blocked")}
+            fastest = {a: min(ts) for a, ts in pair.items()}
+            median = {a: statistics.median(ts) for a, ts in pair.items()}
+            steps = {a: decode_steps(kernel, a, T) for a in pair}
+            ratio = dict(fastest=fastest["blocked"] / fastest["scaled"], median=median["blocked"] / median["scaled"])
+            entry["kernels"][kernel] = dict(
+                times_s=pair, fastest_s=fastest, median_s=median, steps=steps, blocked_over_scaled=ratio
+            )
+            lines.append(
+                f"{f'{B},{T},{K}':>12}  {kernel:<8}{median['scaled'] * 1e3:>9.1f}ms{median['blocked'] * 1e3:>9.1f}ms"
+                f"{steps['scaled']:>7}/{steps['blocked']:<5}  {ratio['fastest']:.2f}, {ratio['median']:.2f}"
+            )
+        if not all(agree.values()):
+            lines.append(f"  WARNING: scaled and blocked disagree at B,T,K = {B},{T},{K}: {agree}")
+        results.append(entry)
+    table = "\n".join([head, "-" * len(head)] + lines)
+    return results, table
+
+
+def decode_main(args, sizes) -> int:
+    info = machine_info(args)
+    print(
+        f"# {info['cpu_model']}, {info['cpu_count']} CPUs, torch {info['versions']['torch']}, "
+        f"{args.threads} thread(s), {args.repeats} alternating repeats, "
+        f"load average {info['load_average_start'][0]:.2f}",
+        flush=True,
+    )
+    results, table = decode_benchmark(args, sizes)
+    print(table)
+    info["load_average_end"] = list(os.getloadavg())
+    out = args.out or (None if args.quick else DECODE_OUT)
+    if out:
+        doc = {
+            "benchmark": "blocked Viterbi, FFBS sampling and entropy against the sequential kernels",
+            "date": utc_now(),
+            "machine": info,
+            "settings": {
+                "repeats": args.repeats,
+                "dtype": "float32",
+                "seed": SEED,
+                "trans": "shared [K, K], all lengths T",
+                "statistic": "fastest and median of alternating repeats in one process, after one warm-up call",
+                "sample": "one path per chain",
+                "note": args.note,
+            },
+            "kernels": {kernel: DECODE_KERNELS[kernel] for kernel in args.kernels},
+            "results": results,
+            "table": table,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"# wrote {out}")
+    return 0 if all(all(r["agree"].values()) for r in results) else 1
+
+
 def machine_info(args) -> dict:
     import numpy
     import torch
@@ -675,7 +827,14 @@ def main(argv=None):
         help="where the grid runs: cuda needs a GPU (hmmlearn is left out; default output results/chain-cuda.json)",
     )
     p.add_argument("--viterbi", action="store_true", help="decoding against pytorch-crf (see above)")
-    p.add_argument("--repeats", type=int, help="--viterbi: alternating repeats per size (default 30; quick 2)")
+    p.add_argument("--decode", action="store_true", help="blocked Viterbi, sampling and entropy (see above)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="--viterbi, --decode: alternating repeats per size (default 30, --decode 5; quick 2)",
+    )
+    p.add_argument("--note", help="--decode: a remark stored with the results (e.g. the machine's load)")
+    p.add_argument("--kernels", help=f"--decode: comma list out of {', '.join(DECODE_KERNELS)} (default all)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -696,6 +855,23 @@ def main(argv=None):
             else [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
         )
         return viterbi_main(args, sizes)
+    if args.decode:
+        if args.threads is None:
+            args.threads = THREADS
+        if args.repeats is None:
+            args.repeats = 2 if args.quick else 5
+        sizes = (
+            [(2, 64, K) for _, _, K in DECODE_SIZES]
+            if args.quick
+            else DECODE_SIZES
+            if not args.sizes
+            else [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
+        )
+        args.kernels = list(DECODE_KERNELS) if not args.kernels else args.kernels.split(",")
+        for kernel in args.kernels:
+            if kernel not in DECODE_KERNELS:
+                p.error(f"unknown kernel {kernel!r}; choose from {', '.join(DECODE_KERNELS)}")
+        return decode_main(args, sizes)
 
     if args.device == "cuda":
         import torch

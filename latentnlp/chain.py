@@ -35,6 +35,12 @@ Algorithms:
   ``method="auto"`` takes it where :func:`prefers_blocked` (a measured rule) says.
 * :func:`viterbi`, :func:`kbest_viterbi` (dense), :func:`forward_filter`,
   :func:`backward_sample`, :func:`chain_entropy` (dense), :func:`path_score`.
+* The same blocks beyond the sum, ``O(sqrt T)`` sequential steps each (dense):
+  :func:`blocked_viterbi` (max-plus block products, then the boundaries, then every block's
+  scores, back-pointers and paths at once), :func:`blocked_forward_filter` (the blocked forward's
+  filters, for :func:`backward_sample`: exact samples) and :func:`blocked_entropy`
+  (``log Z - E[s(z)]`` from the blocked marginals); ``method="auto"`` takes the first two by
+  :func:`prefers_blocked`, the entropy by its own :func:`prefers_blocked_entropy`.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from torch import Tensor
 
 from .gumbel import gumbel_argmax
 from .masks import lengths_to_mask
-from .semirings import LogSemiring, finite_max, safe_log
+from .semirings import LogSemiring, expected_score, finite_max, safe_log
 from .transitions import DenseTransition, Transition, TransitionProbabilities, shifted_exp
 
 ARRAY_LOOP_MAX_WORK = 2**19
@@ -367,30 +373,32 @@ class _Blocks:
     steps ``t = m b + s``, ``s = 1 .. b`` (steps at or past ``T`` are padding, as are those past a
     length: both act as the identity).
 
-    ``probs`` is the dense shifted probability matrix (``[K, K]``, ``[B, K, K]`` or
-    ``[B, T-1, K, K]``), ``emit_probs [B, T, K]`` the shifted emission probabilities.
-    :meth:`at` gives step ``s`` of every block at once: the matrix as ``[K, K]``, ``[B, 1, K, K]``
-    or ``[B, n, K, K]``, the emissions ``[B, n, K]`` and the mask of real steps ``[B, n]``.
+    ``matrices`` is a dense per-step matrix layout (``[K, K]``, ``[B, K, K]`` or ``[B, T-1, K, K]``)
+    and ``emit [B, T, K]`` the per-step vectors: the shifted transition and emission probabilities
+    for the sums, the log scores for the max-plus kernels.  :meth:`at` gives step ``s`` of every
+    block at once: the matrix as ``[K, K]``, ``[B, 1, K, K]`` or ``[B, n, K, K]``, the vectors
+    ``[B, n, K]`` and the mask of real steps ``[B, n]`` (the values at padding steps are junk,
+    which the kernels never use).
     """
 
-    def __init__(self, probs: Tensor, emit_probs: Tensor, mask: Tensor, block: int):
-        batch, steps, k = emit_probs.shape
+    def __init__(self, matrices: Tensor, emit: Tensor, mask: Tensor, block: int):
+        batch, steps, k = emit.shape
         self.block, self.count = block, -(-(steps - 1) // block)
         extra = self.count * block - (steps - 1)
         pad = torch.nn.functional.pad
-        self.emit = pad(emit_probs[:, 1:], (0, 0, 0, extra)).view(batch, self.count, block, k)
+        self.emit = pad(emit[:, 1:], (0, 0, 0, extra)).view(batch, self.count, block, k)
         self.mask = pad(mask[:, 1:], (0, extra)).view(batch, self.count, block)
         # steps s at which every block of every chain is real need no padding logic (one sync)
         self.all_valid = self.mask.all(1).all(0).tolist()
-        if probs.dim() == 4:
-            self.probs = pad(probs, (0, 0, 0, 0, 0, extra)).view(batch, self.count, block, k, k)
+        if matrices.dim() == 4:
+            self.matrices = pad(matrices, (0, 0, 0, 0, 0, extra)).view(batch, self.count, block, k, k)
         else:
-            self.probs = probs if probs.dim() == 2 else probs.unsqueeze(1)
+            self.matrices = matrices if matrices.dim() == 2 else matrices.unsqueeze(1)
 
     def at(self, s: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Step ``s`` of every block: matrix, emissions and mask (None when every step is real)."""
-        probs = self.probs[:, :, s - 1] if self.probs.dim() == 5 else self.probs
-        return probs, self.emit[:, :, s - 1], None if self.all_valid[s - 1] else self.mask[:, :, s - 1]
+        """Step ``s`` of every block: matrix, vectors and mask (None when every step is real)."""
+        matrix = self.matrices[:, :, s - 1] if self.matrices.dim() == 5 else self.matrices
+        return matrix, self.emit[:, :, s - 1], None if self.all_valid[s - 1] else self.mask[:, :, s - 1]
 
 
 def _vectors_times(vectors: Tensor, probs: Tensor) -> Tensor:
@@ -548,6 +556,15 @@ def default_block(steps: int) -> int:
     return max(1, math.isqrt(max(steps - 2, 0)) + 1)
 
 
+def _block_size(block: int | None, steps: int) -> int:
+    """The blocked kernels' ``block`` argument: :func:`default_block` when None, else a positive integer."""
+    if block is None:
+        return default_block(steps)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive integer (or None for default_block), got {block!r}")
+    return block
+
+
 def blocked_log_partition(
     init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor, block: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -568,7 +585,7 @@ def blocked_log_partition(
     ``K = 64``, where the block products' ``K^3`` outweighs the steps saved
     (:func:`prefers_blocked` is the rule ``method="auto"`` follows).
     """
-    block = default_block(emit.shape[1]) if block is None else block
+    block = _block_size(block, emit.shape[1])
     return _BlockedLogPartition.apply(init, emit, lengths, block, transition, *transition.parameters)
 
 
@@ -592,6 +609,14 @@ def prefers_blocked(transition: Transition, emit: Tensor) -> bool:
     than both at every one of these sizes.  Elsewhere (other devices, low-rank and product
     transitions) the scaled algorithm, as before this rule: the blocked algorithm has not been
     measured on a GPU.
+
+    The same rule takes :func:`blocked_viterbi` and :func:`blocked_forward_filter` (sampling) for
+    ``method="auto"``.  Measured (``benchmarks/results/chain-blocked-decode.json``, as above, the
+    machine loaded; blocked / sequential, medians): Viterbi 0.29 at ``(4, 10000, 8)`` and 0.18 at
+    ``(2, 4096, 4)``, but 2.7 at ``(8, 1024, 16)`` and 0.94 at ``(4, 10000, 16)`` (fastest repeats
+    1.26; 1.29 in an earlier run), outside the rule (max-plus products have no BLAS); sampling 0.83
+    and 0.74 inside the rule, 0.99-1.01 outside it: the backward sampling's ``T - 1`` steps, the
+    same in both, are most of its time.
     """
     batch, steps, k = emit.shape
     return (
@@ -599,6 +624,36 @@ def prefers_blocked(transition: Transition, emit: Tensor) -> bool:
         and isinstance(transition, DenseTransition)
         and steps >= BLOCKED_MIN_STEPS
         and batch * k**3 <= BLOCKED_MAX_WORK
+    )
+
+
+BLOCKED_ENTROPY_MAX_WORK = 2**19
+
+
+def prefers_blocked_entropy(transition: Transition, emit: Tensor) -> bool:
+    r"""``method="auto"``'s choice for :meth:`ChainPosterior.entropy` without a gradient: :func:`blocked_entropy`
+    rather than the recursion :func:`chain_entropy`, for a chain of ``emit [B, T, K]``.
+
+    On the CPU, with a dense transition: ``B K^3 <= BLOCKED_ENTROPY_MAX_WORK`` (``2^19``), whatever
+    ``T``.  Its own rule, broader than :func:`prefers_blocked`'s: the recursion is a dozen torch
+    operations a step (no numpy steps), which the blocked kernel's batched products beat from short
+    chains on.  Measured (``benchmarks/results/chain-blocked-entropy.json``: float32, 2 threads,
+    alternating in one process, the machine loaded by another process; blocked time / recursion
+    time, medians): 0.02-0.05 at ``(B, T, K) = (2, 4096, 4)``, ``(4, 10000, 8)`` and
+    ``(4, 10000, 16)``, 0.12-0.18 at ``(8, 1024, 16)``, ``(4, 256, 8)`` and ``(8, 1024, 32)``
+    (``B K^3 = 2^18``), 0.34-0.66 at ``(2, 64, 64)`` and ``(16, 64, 32)`` (``2^19``),
+    ``(32, 50, 20)``, ``(1, 16, 4)`` and ``(16, 16, 16)``; between ``2^20`` and ``2^21`` 0.40-0.84
+    (``(1, 2048, 128)``, ``(4, 1024, 64)``, ``(32, 50, 32)``, ``(8, 64, 64)``), where an earlier
+    run gave 1.30 at ``(32, 50, 32)`` and 0.92 at ``(8, 64, 64)``, hence the bound below them; past
+    it the block products' ``K^3`` loses: 1.42 at ``(16, 64, 64)``, 6.2 at ``(16, 64, 128)``, 25 at
+    ``(8, 256, 256)``, 27 at ``(4, 128, 512)``.  Elsewhere (other devices, low-rank transitions)
+    the recursion: the blocked kernels have not been measured on a GPU.
+    """
+    batch, _, k = emit.shape
+    return (
+        emit.device.type == "cpu"
+        and isinstance(transition, DenseTransition)
+        and batch * k**3 <= BLOCKED_ENTROPY_MAX_WORK
     )
 
 
@@ -752,6 +807,125 @@ def viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor)
     return path.T.contiguous().mul_(mask)
 
 
+MAX_PLUS_CHUNK = 2**24
+"""The most elements of the broadcast sum of one of :func:`blocked_viterbi`'s max-plus products; a larger
+product is reduced in chunks of its summed-over index (``K^2 B n`` elements a chunk at least)."""
+
+
+def _max_plus_product(transfer: Tensor, product: Tensor) -> Tensor:
+    """``out[j, i] = max_l (product[l, i] + transfer[l, j])`` over ``[K, K, N]`` operands: ``[K, K, N]``."""
+    k, _, flat = product.shape
+    chunk = max(1, MAX_PLUS_CHUNK // max(1, k * k * flat))
+    out = None
+    for start in range(0, k, chunk):
+        part = (transfer[start : start + chunk].unsqueeze(2) + product[start : start + chunk].unsqueeze(1)).amax(0)
+        out = part if out is None else torch.maximum(out, part, out=out)
+    return out
+
+
+def _max_plus_identity(k: int, like: Tensor) -> Tensor:
+    """The max-plus identity ``[K, K]``: 0 on the diagonal, ``-inf`` elsewhere."""
+    eye = torch.full((k, k), float("-inf"), dtype=like.dtype, device=like.device)
+    return eye.fill_diagonal_(0.0)
+
+
+@torch.no_grad()
+def blocked_viterbi(
+    init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor, block: int | None = None
+) -> Tensor:
+    r"""The highest-scoring path ``argmax_z s(z)`` in ``O(sqrt T)`` sequential steps: ``[B, T]`` long, padding 0.
+
+    The max-plus counterpart of :func:`blocked_log_partition`, with the steps cut into the same
+    ``n`` blocks of ``b`` (default :func:`default_block`; steps past the length are the max-plus
+    identity).  With the transfer matrices ``M_t[i, j] = trans_t[i, j] + emit_t[j]``:
+
+    1. the block products ``Q_m = M_{mb+1} (x) ... (x) M_{mb+b}``,
+       ``(A (x) M)[i, j] = max_l (A[i, l] + M[l, j])``, of all ``n`` blocks at once: ``b`` batched
+       max-plus products, ``O(B n K^3)`` each (a broadcast sum and a max, in chunks of ``l`` past
+       :data:`MAX_PLUS_CHUNK` elements);
+    2. the Viterbi scores at the block boundaries, ``a_{(m+1)b}[j] = max_i (a_{mb}[i] + Q_m[i, j])``
+       from ``a_0 = init + emit_0``: ``n`` steps;
+    3. the scores inside every block at once from its first boundary,
+       ``a_t[j] = max_i (a_{t-1}[i] + trans_t[i, j]) + emit_t[j]``, with each step's back-pointers
+       of every block and state: ``b`` steps;
+    4. for every block and every state ``k`` at its end, the block's best path into ``k``, by
+       following the pointers of all blocks at once (``b`` steps); then from the last state,
+       ``z_{T-1} = argmax_j a_{T-1}[j]`` (``= argmax a_{L-1}``: padding is the identity), the
+       states at the boundaries, each the start of the following block's path into the state
+       after it (``n`` steps), which select each block's path.
+
+    Each block product and each boundary vector is shifted by its largest finite entry (an argmax
+    is invariant to it), so scores stay of the size of one block's, whatever ``T``.  The path
+    is assembled from the pointers of one pass, so it is consistent however rounding breaks
+    near-ties; among tied optima any maximiser may be returned (not necessarily the one
+    :func:`viterbi` returns).  ``3 b + 2 n`` sequential steps for ``O(B T K^3)`` arithmetic
+    against :func:`viterbi`'s ``2 T`` steps of ``O(B K^2)``.  Dense: a low-rank transition is
+    densified, as for :func:`viterbi`.  Returns what :func:`viterbi` returns.
+    """
+    trans = transition.dense().detach()
+    batch, steps, k = emit.shape
+    block = _block_size(block, steps)
+    mask = lengths_to_mask(lengths, steps)
+    first = init + emit[:, 0]
+    if steps == 1:
+        return first.argmax(-1, keepdim=True).mul_(mask)
+    blocks = _Blocks(trans, emit, mask, block)
+    n = blocks.count
+    flat = batch * n
+
+    # every [K, K]-by-block quantity is held as [K, K, B n], the blocks innermost, so that a step's
+    # broadcast sum runs over contiguous rows of both operands and its max reduces the leading dimension
+    def transfer_at(s: int) -> tuple[Tensor, Tensor | None]:
+        """``M_t [K_prev, K_next, B n]`` at step ``s`` of every block, and the mask of real steps ``[B n]``."""
+        trans_s, e_s, valid = blocks.at(s)
+        transfer = (trans_s + e_s.unsqueeze(-2)).permute(2, 3, 0, 1).contiguous().view(k, k, flat)
+        return transfer, None if valid is None else valid.reshape(flat)
+
+    eye = _max_plus_identity(k, emit).unsqueeze(-1)
+    product = None  # Q_m[i, j] as [j, i, B n]
+    for s in range(1, block + 1):  # (1) the block products, all blocks at once
+        transfer, valid = transfer_at(s)
+        if product is None:
+            step = transfer.transpose(0, 1).contiguous()
+        else:  # Q[i, l] + M_t[l, j], maximised over l
+            step = _max_plus_product(transfer, product)
+        if valid is not None:
+            step = torch.where(valid, step, eye if product is None else product)
+        peak = step.amax((0, 1), keepdim=True)
+        product = step - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    blocked_product = product.view(k, k, batch, n)
+    boundary = [(first - finite_max(first, -1)).T]  # a_0 as [K, B]
+    for m in range(n - 1):  # (2) the scores at the boundaries
+        following = (boundary[-1].unsqueeze(0) + blocked_product[..., m]).amax(1)
+        boundary.append(following - finite_max(following, 0))
+    previous = torch.stack(boundary, -1).reshape(k, flat)  # a_{mb}, shifted, [K, B n]
+    states = torch.arange(k, device=emit.device).unsqueeze(-1)
+    pointers = []
+    for s in range(1, block + 1):  # (3) the scores and back-pointers inside the blocks
+        transfer, valid = transfer_at(s)
+        best, pointer = (previous.unsqueeze(1) + transfer).max(0)  # [K_next, B n]
+        if valid is not None:
+            best, pointer = torch.where(valid, best, previous), torch.where(valid, pointer, states)
+        previous = best
+        pointers.append(pointer)
+    # (4) every block's best path into each of its end states, all blocks at once: into[s - 1] holds
+    # the state at m b + s of the path that ends at k at (m + 1) b (padding steps point to themselves)
+    current = states.expand(k, flat)
+    into = [None] * block
+    for s in range(block, 0, -1):
+        into[s - 1] = current
+        current = pointers[s - 1].gather(0, current)
+    start = current.view(k, batch, n)  # the state at m b of the path that ends at k at (m + 1) b
+    end = torch.empty(batch, n, dtype=torch.long, device=emit.device)  # the path's state at (m + 1) b
+    end[:, n - 1] = previous.view(k, batch, n)[..., n - 1].argmax(0)
+    rows = torch.arange(batch, device=emit.device)
+    for m in range(n - 1, 0, -1):
+        end[:, m - 1] = start[end[:, m], rows, m]
+    inner = torch.stack(into).view(block, k, batch, n).gather(1, end.expand(block, 1, batch, n)).squeeze(1)
+    path = torch.cat([start[..., 0].gather(0, end[:, :1].T).T, inner.permute(1, 2, 0).reshape(batch, n * block)], 1)
+    return path[:, :steps].mul_(mask)
+
+
 def _kbest_forward(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor, k: int):
     r"""The k-best recursion, time-major: ``(scores [T, B, K, k], pointers [T, B, K, k], mask, all_valid_until)``.
 
@@ -831,12 +1005,40 @@ def forward_filter(init: Tensor, transition: Transition, emit: Tensor, lengths: 
     r"""Log filtering distributions ``log p(z_t | x_{0..t})``: ``[B, T, K]`` (frozen past the length).
 
     Scaled recursion; if some chain's scaling underflows, the batch is redone in log space
-    (the transition's log propagation, through the factors of a low-rank one).
+    (:func:`_log_space_filter`).
     """
     mask = lengths_to_mask(lengths, emit.shape[1])
     alpha, scale, _, _, lost = _scaled_forward(init, transition.probabilities(), emit, mask)
     if torch.isfinite(alpha).all() and not (_underflowed(scale, mask) | lost).any():
         return safe_log(alpha.transpose(0, 1))
+    return _log_space_filter(init, transition, emit, mask)
+
+
+@torch.no_grad()
+def blocked_forward_filter(
+    init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor, block: int | None = None
+) -> Tensor:
+    r"""The filters of :func:`forward_filter` by the blocked forward pass: ``[B, T, K]``, ``2 b + n`` sequential steps.
+
+    ``alpha_t`` for every ``t`` is what :func:`_blocked_forward` computes on its way to ``log Z``
+    (the boundary filters through the block products, then every block's inner filters at once;
+    ``b`` the block, default :func:`default_block`, ``n = ceil((T-1)/b)``), so with
+    :func:`backward_sample` it draws exact samples, the filter's share of the ``T`` steps cut
+    to ``O(sqrt T)``.  If some chain's step normaliser underflowed (:func:`_underflowed`, as
+    :func:`blocked_log_partition` flags it), the batch is redone in log space, as
+    :func:`forward_filter` does.  Dense: a low-rank transition is densified.
+    """
+    mask = lengths_to_mask(lengths, emit.shape[1])
+    block = _block_size(block, emit.shape[1])
+    alpha, scale, _, _, _ = _blocked_forward(init, transition.probabilities().dense(), emit, mask, block)
+    if torch.isfinite(alpha).all() and not _underflowed(scale, mask).any():
+        return safe_log(alpha.transpose(0, 1))
+    return _log_space_filter(init, transition, emit, mask)
+
+
+def _log_space_filter(init: Tensor, transition: Transition, emit: Tensor, mask: Tensor) -> Tensor:
+    """``log alpha_t`` by the log-space recursion (the transition's log propagation, through the factors
+    of a low-rank one), the fallback of the probability-space filters: ``[B, T, K]``."""
     step = transition.log_propagator()
     log_alpha = torch.empty_like(emit)
     a = init + emit[:, 0]
@@ -920,6 +1122,69 @@ def chain_entropy(init: Tensor, transition: Transition, emit: Tensor, lengths: T
     log_alpha = safe_log(alpha)
     finite_log_alpha = torch.where(alpha > 0, log_alpha, torch.zeros_like(log_alpha))
     return (alpha * (entropy_to - finite_log_alpha)).sum(-1)
+
+
+@torch.no_grad()
+def blocked_entropy(
+    init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor, block: int | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""The entropy of :func:`chain_entropy` by the blocked forward-backward: ``(entropy [B], flagged [B] bool)``.
+
+    ``H = log Z - E_p[s(z)]`` with the marginals of the blocked algorithm (:func:`_blocked_forward`,
+    :func:`_blocked_backward`; ``b`` the block, default :func:`default_block`): ``2 b + n``
+    sequential steps forward, ``b + n`` backward.  In the scores the kernels shift (``init - m``,
+    ``log e_t = emit_t - m_t``, ``log P_t = trans_t - s_t``, each shift a constant added to
+    every path's score and to ``log Z`` alike) ``log Z`` is ``sum_{t<L} log c_t``, so
+
+    .. math:: H = \sum_{t<L} \log c_t - \langle \gamma_0, \mathrm{init} - m \rangle
+              - \sum_{t<L} \langle \gamma_t, \log e_t \rangle
+              - \sum_{1 \le t < L} \sum_{i,j} \xi_t(i, j) \log P_t(i, j)
+
+    with ``gamma_t = alpha_t * beta_t`` and ``xi_t(i, j) = alpha_{t-1}(i) P_t(i, j) u_t(j)``; the
+    terms of zero marginal are left out (``0 * -inf = 0``: structural zeros), the sums accumulated
+    in float64.  The shifts keep both sides of the difference of the size of the entropy's own
+    terms instead of ``log Z``'s, which in float32 would cost ``eps |log Z|``.  A shared or per-row
+    transition needs only ``sum_t xi_t = P * sum_t alpha_{t-1}^T u_t`` (``[B, K, K]``, one batched
+    product); a time-varying one ``alpha_{t-1} . ((P_t log P_t) u_t)`` a step, all steps at once.
+
+    Not differentiable (the blocked backward is first-order: :meth:`ChainPosterior.entropy` takes
+    :func:`chain_entropy` when a gradient is needed).  ``flagged`` marks the chains whose result
+    should be recomputed by :func:`chain_entropy`: a step normaliser underflowed (as
+    :func:`blocked_log_partition` flags it), some marginal ``gamma_t`` does not sum to 1 within
+    ``sqrt(eps)`` (the backward lost precision), or the entropy is not finite.  Dense: a low-rank
+    transition is densified (``P log P`` does not factor).
+    """
+    trans = transition.dense().detach()
+    init, emit = init.detach(), emit.detach()
+    batch, steps, k = emit.shape
+    block = _block_size(block, steps)
+    mask = lengths_to_mask(lengths, steps)
+    probs, shift = shifted_exp(trans, 2)
+    alpha, scale, emit_probs, product, _ = _blocked_forward(init, probs, emit, mask, block)
+    if product is None:  # T = 1
+        gamma, u = alpha, torch.zeros_like(alpha)
+    else:
+        gamma, u = _blocked_backward(alpha, probs, emit_probs, scale, mask, product, block)
+    wide = torch.float64
+    states = gamma.transpose(0, 1) * mask.unsqueeze(-1)  # [B, T, K], 0 past the length
+    log_z = torch.log(scale).to(wide).sum(0)  # c_t = 1 past the length
+    first = expected_score(gamma[0].to(wide), (init - finite_max(init, -1)).to(wide), (-1,))
+    emitted = expected_score(states.to(wide), (emit - finite_max(emit, -1)).to(wide), (-2, -1))
+    log_probs = trans - shift[(...,) + (None,) * 2]
+    if steps == 1:
+        moved = torch.zeros_like(log_z)
+    elif trans.dim() == 4:
+        probs_log_probs = torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs))
+        following = (probs_log_probs @ u[1:].transpose(0, 1).unsqueeze(-1)).squeeze(-1)  # [B, T-1, K]
+        moved = (alpha[:-1].transpose(0, 1) * following).sum(-1).to(wide).sum(-1)
+    else:
+        pairs = torch.bmm(alpha[:-1].permute(1, 2, 0), u[1:].transpose(0, 1)) * probs  # sum_t xi_t [B, K, K]
+        moved = expected_score(pairs.to(wide), log_probs.to(wide), (-2, -1))
+    entropy = log_z - first - emitted - moved
+    tolerance = math.sqrt(torch.finfo(emit.dtype).eps)
+    unnormalised = (((gamma.sum(-1) - 1).abs() > tolerance) & mask.T).any(0)
+    flagged = _underflowed(scale, mask) | unnormalised | ~torch.isfinite(entropy)
+    return entropy.to(emit.dtype), flagged
 
 
 def path_score(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor, path: Tensor) -> Tensor:

@@ -71,7 +71,8 @@ class ChainPosterior(Distribution):
             :func:`latentnlp.chain.blocked_log_partition`) or ``"auto"`` (scaled, or blocked for
             long chains with few states on the CPU by the measured rule of
             :func:`latentnlp.chain.prefers_blocked`, with the rows the kernel flags as underflowed
-            redone in log space).
+            redone in log space).  ``"blocked"`` and ``"auto"`` also pick the blocked kernels of
+            :attr:`argmax`, :meth:`sample` and :meth:`entropy` (see each).
         validate_args: torch's switch (``None``: the global default,
             :func:`latentnlp.validation.is_validating`).  When validating, the checks that
             synchronise with the device run: lengths in ``1..T``, no NaN or ``+inf`` score,
@@ -190,12 +191,20 @@ class ChainPosterior(Distribution):
             return chain.log_space_forward(init, transition, emit, self.lengths)
         if method == "scan":
             return chain.scan_log_partition(init, transition, emit, self.lengths), None
-        blocked = method == "blocked" or (method == "auto" and chain.prefers_blocked(transition, emit))
-        kernel = chain.blocked_log_partition if blocked else chain.scaled_log_partition
+        kernel = chain.blocked_log_partition if self._blocked(method, transition, emit) else chain.scaled_log_partition
         log_z, final_filter, underflowed = kernel(init, transition, emit, self.lengths)
         if method in ("auto", "blocked") and bool(underflowed.any()):
             return self._redo_underflowed(kernel, init, transition, emit, log_z, final_filter, underflowed)
         return log_z, final_filter
+
+    def _blocked(self, method: str | None = None, transition: Transition | None = None, emit: Tensor | None = None):
+        """Whether ``method`` (default :attr:`method`) takes the blocked kernels for ``transition`` and ``emit``
+        (default the chain's): ``"blocked"``, or ``"auto"`` where :func:`latentnlp.chain.prefers_blocked` says
+        so (one rule for the sum, Viterbi and the sampler's filters; the entropy has its own)."""
+        method = method or self.method
+        transition = self.transition if transition is None else transition
+        emit = self.emit if emit is None else emit
+        return method == "blocked" or (method == "auto" and chain.prefers_blocked(transition, emit))
 
     def _redo_underflowed(self, kernel, init, transition, emit, log_z, final_filter, underflowed):
         """``log Z`` with the flagged rows recomputed in log space.  When gradients are needed the
@@ -300,17 +309,37 @@ class ChainPosterior(Distribution):
         return grad_trans if grad_trans is not None else torch.zeros_like(pairs)
 
     def entropy(self) -> Tensor:
-        """Exact entropy ``-sum_z p(z) log p(z)`` by a forward recursion: ``[B]`` (differentiable).
+        """Exact entropy ``-sum_z p(z) log p(z)``: ``[B]`` (differentiable).
 
-        Densifies a low-rank transition (``P log P`` does not factor): ``O(K^2)`` memory.
+        By the forward recursion of :func:`latentnlp.chain.chain_entropy`; when no gradient is needed and
+        ``method="blocked"``, or ``"auto"`` where :func:`latentnlp.chain.prefers_blocked_entropy` says so
+        (the entropy's own measured rule), by :func:`latentnlp.chain.blocked_entropy` (``O(sqrt T)``
+        sequential steps), with the chains it flags recomputed by the recursion.  Densifies a low-rank
+        transition (``P log P`` does not factor): ``O(K^2)`` memory.
         """
-        return chain.chain_entropy(self.init, self.transition, self.emit, self.lengths)
+        auto = self.method == "auto" and chain.prefers_blocked_entropy(self.transition, self.emit)
+        if not (self.method == "blocked" or auto) or self._requires_grad():
+            return chain.chain_entropy(self.init, self.transition, self.emit, self.lengths)
+        entropy, flagged = chain.blocked_entropy(self.init, self.transition, self.emit, self.lengths)
+        if bool(flagged.any()):
+            rows = flagged.nonzero().squeeze(-1)
+            redone = chain.chain_entropy(
+                self.init[rows], self.transition.select_rows(rows), self.emit[rows], self.lengths[rows]
+            )
+            entropy = entropy.index_put((rows,), redone.detach())
+        return entropy
 
     # ---- maxima -----------------------------------------------------------------------------
     @lazy_property
     def argmax(self) -> Tensor:
-        """The Viterbi path ``argmax_z s(z)``: ``[B, T]`` long, padding 0 (densifies a low-rank transition)."""
-        return chain.viterbi(self.init, self.transition, self.emit, self.lengths)
+        """The Viterbi path ``argmax_z s(z)``: ``[B, T]`` long, padding 0 (densifies a low-rank transition).
+
+        By :func:`latentnlp.chain.viterbi`, or :func:`latentnlp.chain.blocked_viterbi` where the blocked
+        kernels are taken (``method="blocked"``, or ``"auto"`` by :func:`latentnlp.chain.prefers_blocked`).
+        Among tied optima either may return any maximiser.
+        """
+        decode = chain.blocked_viterbi if self._blocked() else chain.viterbi
+        return decode(self.init, self.transition, self.emit, self.lengths)
 
     @lazy_property
     def max(self) -> Tensor:
@@ -333,13 +362,18 @@ class ChainPosterior(Distribution):
     def sample(self, sample_shape=torch.Size(), generator: torch.Generator | None = None) -> Tensor:
         """Exact samples by forward filtering, backward sampling: ``sample_shape + [B, T]`` long.
 
-        Through the rank of a low-rank transition (no ``K x K`` matrix).
+        The filters by :func:`latentnlp.chain.forward_filter`, or by
+        :func:`latentnlp.chain.blocked_forward_filter` where the blocked kernels are taken
+        (``method="blocked"``, or ``"auto"`` by :func:`latentnlp.chain.prefers_blocked`; dense), then
+        :func:`latentnlp.chain.backward_sample`.  Otherwise through the rank of a low-rank transition
+        (no ``K x K`` matrix).
         """
         sample_shape = torch.Size(sample_shape)
         if sample_shape.numel() == 0 or self.batch_shape.numel() == 0:
             return torch.zeros(sample_shape + self.emit.shape[:2], dtype=torch.long, device=self.emit.device)
         transition = self.transition.detach()
-        log_filter = chain.forward_filter(self.init.detach(), transition, self.emit.detach(), self.lengths)
+        filters = chain.blocked_forward_filter if self._blocked() else chain.forward_filter
+        log_filter = filters(self.init.detach(), transition, self.emit.detach(), self.lengths)
         paths = chain.backward_sample(log_filter, transition, self.lengths, sample_shape.numel(), generator)
         return paths.reshape(sample_shape + paths.shape[1:])
 
