@@ -30,11 +30,13 @@ import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy
 import torch
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 from torch.distributions.utils import lazy_property
 
+from .chain import ARRAY_LOOP_MAX_WORK
 from .gumbel import gumbel_argmax
 from .masks import lengths_to_mask
 from .precision import computation_dtype
@@ -221,13 +223,19 @@ class ProductTransition(Transition):
 class _ProductProbabilities(TransitionProbabilities):
     r"""The chains' shifted probabilities ``P^l_t = exp(trans^l_t - s^l_t)``, applied one axis at a time.
 
-    Forward: ``x <- [B, K^(L-1), K] (axis l first, seen transposed) @ P^l`` for ``l = 0..L-1``, one
-    ``bmm`` each on the rotating layout of :class:`ProductTransition`: the transposed message is
-    read in place by BLAS, and each chain's ``P^l`` is laid out once per batch size as a
-    contiguous ``[B, K, K]`` (a shared one materialised over the batch: BLAS gets no zero batch
-    stride, which sends it down a slow path) with its transpose beside it for the backward.
-    Intermediate messages go to two preallocated buffers.  Backward (``P u``) is the same rotation
-    with ``P^l^T``: the chains' products commute, so their order does not matter.
+    A step is the rotation of :class:`ProductTransition`: for ``l = 0..L-1``,
+    ``x <- [B, K^(L-1), K] (axis l first, seen transposed) @ P^l`` row by row, the result's axis
+    last, so that after ``L`` products the axes are back in order, the intermediate messages in two
+    preallocated buffers.  Backward (``P u``) is the same rotation with ``P^l^T``: the chains'
+    products commute, so their order does not matter.  The ``L`` products of a step are small
+    (inner size ``K``), so their calls cost as much as their arithmetic: on the CPU, while one
+    chain's product ``B K^L K`` is at most :data:`~latentnlp.chain.ARRAY_LOOP_MAX_WORK` (the bound
+    measured for the chain kernels' numpy steps: past it numpy's BLAS splits a product over threads
+    of its own), they are ``numpy.matmul`` calls on views of the tensors (:meth:`array_steps`,
+    which those numpy loops take too), a microsecond or two each to call where ``torch.bmm`` takes
+    several; elsewhere one ``torch.bmm`` per chain, each chain's ``P^l`` laid out
+    once per batch size as a contiguous ``[B, K, K]`` (a shared one materialised over the batch:
+    BLAS gets no zero batch stride, which sends it down a slow path).
     """
 
     def __init__(self, shifted: Sequence[tuple[Tensor, Tensor]], num_states: int):
@@ -238,6 +246,7 @@ class _ProductProbabilities(TransitionProbabilities):
         self.at = [(None,) + p.unbind(1) if p.dim() == 4 else None for p in self.probs]
         self._laid: dict[tuple[int, bool], list[Tensor | None]] = {}
         self._buffers: dict[int, tuple[Tensor, Tensor]] = {}
+        self._arrays: tuple[Callable, Callable] | None = None
 
     def _batched(self, batch: int, transpose: bool) -> list[Tensor | None]:
         """Each chain's ``P^l`` (or ``P^l^T``) as a contiguous ``[batch, K, K]``; None for time-varying ones."""
@@ -265,10 +274,53 @@ class _ProductProbabilities(TransitionProbabilities):
             x = target
         return out
 
+    def array_steps(self) -> tuple[Callable, Callable]:
+        """The rotation on numpy arrays ``[B, K^L]`` (views of CPU tensors): ``(forward, backward)``."""
+        if self._arrays is None:
+            k, last, matmul = self.k, len(self.probs) - 1, numpy.matmul
+            buffers: dict[int, tuple[numpy.ndarray, numpy.ndarray]] = {}
+
+            def laid(transpose: bool) -> list:
+                """Per chain ``P^l`` (``P^l^T``) as an array, or per step (``[t]``) for a time-varying one."""
+                matrices = []
+                for p in self.probs:
+                    a = p.detach().numpy()
+                    a = a.swapaxes(-1, -2) if transpose else a
+                    matrices.append((None,) + tuple(a[:, s] for s in range(a.shape[1])) if a.ndim == 4 else a)
+                return matrices
+
+            def rotation(matrices: list) -> Callable:
+                def step(vector, t, out):
+                    batch = vector.shape[0]
+                    if batch not in buffers:
+                        buffers[batch] = (numpy.empty_like(vector), numpy.empty_like(vector))
+                    scratch, x = buffers[batch], vector
+                    for ell, m in enumerate(matrices):
+                        target = out if ell == last else scratch[ell % 2]
+                        into = m[t] if isinstance(m, tuple) else m
+                        matmul(x.reshape(batch, k, -1).swapaxes(1, 2), into, out=target.reshape(batch, -1, k))
+                        x = target
+                    return out
+
+                return step
+
+            self._arrays = rotation(laid(False)), rotation(laid(True))
+        return self._arrays
+
+    def _on_arrays(self, vector: Tensor, out: Tensor) -> bool:
+        """Step on numpy views: CPU tensors, ``out`` contiguous, one chain's product ``B K^L K`` small."""
+        return vector.device.type == "cpu" and vector.numel() * self.k <= ARRAY_LOOP_MAX_WORK and out.is_contiguous()
+
     def forward(self, vector, t, out):
+        if self._on_arrays(vector, out):
+            self.array_steps()[0](vector.numpy(), t, out.numpy())
+            return out
         return self._rotate(vector, t, out, transpose=False)
 
     def backward(self, vector, t, out):
+        if self._on_arrays(vector, out):
+            self.array_steps()[1](vector.numpy(), t, out.numpy())
+            return out
         return self._rotate(vector, t, out, transpose=True)
 
     def dense(self):
