@@ -355,31 +355,32 @@ class _ProductProbabilities(TransitionProbabilities):
         transposes read in place (no copy of a message), and the statistics of chain ``l`` are one
         ``bmm`` ``[N, K, K^(L-1)] @ [N, K^(L-1), K]`` summed over the steps (and rows, for a shared
         chain).  Steps are processed in chunks of about ``T / L`` so that the ``L`` saved
-        intermediates stay within ``O(B T K^L)`` memory.
+        intermediates stay within ``O(B T K^L)`` memory; the ``L - 1`` recomputed ``A^l`` and the two
+        ``U^l`` being stepped go to ``L + 1`` chunk-sized buffers taken once, not to new tensors per
+        chunk and chain (fresh memory costs a page fault per page, more than the product that fills it).
         """
         steps, batch, states = alpha.shape
         num_chains, k = len(self.probs), self.k
         grads = [torch.zeros_like(p) for p in self.probs]
         chunk = max(1, math.ceil(steps / num_chains))
+        buffers = alpha.new_empty(num_chains + 1, min(chunk, steps) * batch, states)
 
-        def laid(ell: int, span: slice, n: int, transpose: bool) -> Tensor:
+        def laid(ell: int, span: slice, n: int) -> Tensor:
             """``P^l`` of the chunk's steps as a contiguous ``[n B, K, K]``, row ``(s, b)``."""
             p = self.probs[ell]
             if p.dim() == 4:
                 p = p[:, span].transpose(0, 1)  # [n, B, K, K]
-            p = p.transpose(-1, -2) if transpose else p
             return p.expand(n, batch, k, k).reshape(n * batch, k, k)
 
         for start in range(0, steps, chunk):
             stop = min(steps, start + chunk)
             span, n = slice(start, stop), stop - start
             rows = n * batch
-            x, before = alpha[span].reshape(rows, states), []
-            for ell in range(num_chains):
-                before.append(x.view(rows, k, -1))  # [N, K (axis l), rest]
-                if ell < num_chains - 1:
-                    x = torch.bmm(before[-1].transpose(1, 2), laid(ell, span, n, False)).view(rows, states)
-            y = u[span].reshape(rows, states)
+            before = [alpha[span].view(rows, k, -1)]  # [N, K (axis l), rest]
+            for ell in range(num_chains - 1):
+                x = torch.bmm(before[-1].transpose(1, 2), laid(ell, span, n), out=buffers[ell, :rows].view(rows, -1, k))
+                before.append(x.view(rows, k, -1))
+            y = u[span].view(rows, states)
             for ell in reversed(range(num_chains)):
                 after = y.view(rows, -1, k)  # [N, rest, K (axis l)]
                 statistics = torch.bmm(before[ell], after).view(n, batch, k, k)
@@ -390,7 +391,8 @@ class _ProductProbabilities(TransitionProbabilities):
                 else:
                     grads[ell] += statistics.sum((0, 1))
                 if ell:
-                    y = torch.bmm(laid(ell, span, n, False), after.transpose(1, 2)).view(rows, states)
+                    target = buffers[num_chains - 1 + ell % 2, :rows]
+                    y = torch.bmm(laid(ell, span, n), after.transpose(1, 2), out=target.view(rows, k, -1))
         return tuple(p * g for p, g in zip(self.probs, grads))
 
 
@@ -459,7 +461,8 @@ def _check_transitions_finite(transitions: Sequence[Transition]) -> None:
 
 
 def _check_finite(name: str, x: Tensor) -> None:
-    if not bool((x < float("inf")).all()):  # one pass: False for NaN and +inf
+    # one reduction, no temporary: the max is NaN if any entry is, +inf if any entry is
+    if x.numel() and not bool(x.detach().amax() < float("inf")):
         raise ValueError(
             f"{name} ({describe(x)}) contains NaN or +inf at {int((~(x < float('inf'))).sum())} positions; "
             "scores must be finite or -inf"
