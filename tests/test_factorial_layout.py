@@ -108,12 +108,16 @@ def test_log_partition_and_gradients_equal_the_product_state_chain(monkeypatch, 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("num_chains,steps", ((2, 6), (3, 8), (3, 2)))
-def test_parameter_gradients_over_uneven_chunks(layout, num_chains, steps):
+@pytest.mark.parametrize("chunk_steps", (None, 2, 0.5))
+def test_parameter_gradients_over_uneven_chunks(monkeypatch, layout, num_chains, steps, chunk_steps):
     """``parameter_gradients(alpha, u)`` is the gradient of ``sum_t alpha_{t-1} P_t u_t`` w.r.t. each
-    chain's ``P^l`` times ``P^l``, for ``T - 1`` steps that the chunks of ``ceil((T-1) / L)`` do not
-    divide (5 = 3 + 2, 7 = 3 + 3 + 1) and a single step."""
+    chain's ``P^l`` times ``P^l``, for ``T - 1`` steps that the chunks do not divide: chunks of
+    ``ceil((T-1) / L)`` steps (5 = 3 + 2, 7 = 3 + 3 + 1), of 2 steps (``GRADIENT_CHUNK_STATES`` set to
+    two steps' joint states) and of 1 (set to half a step's), and a single step."""
     gen = torch.Generator().manual_seed(2)
     batch, k = 3, 2
+    if chunk_steps is not None:
+        monkeypatch.setattr(latentnlp.factorial, "GRADIENT_CHUNK_STATES", int(chunk_steps * batch * k**num_chains))
     logs = chain_logs(layout, batch, steps, num_chains, k, gen)
     if layout == "mixed":
         logs = logs + [torch.randn(k, k, generator=gen).log_softmax(-1)] * (num_chains - len(logs))
