@@ -100,9 +100,9 @@ class ProductTransition(Transition):
     ``[B, K^L]`` is propagated as ``[B, K, ..., K]`` by contracting chain ``l``'s axis with
     ``P^l``, for ``l = 0..L-1``: the axis being contracted is first, the product
     ``[B, K^(L-1), K] @ P^l`` (the message seen transposed, as BLAS takes it) puts the result
-    last, so after ``L`` contractions the axes are back in order, with one ``bmm`` per chain and
-    no copy of the message (``O(B L K^(L+1))`` a step).  Only
-    :meth:`dense` builds the ``K^L x K^L`` matrix.
+    last, so after ``L`` contractions the axes are back in order, with one batched product per
+    chain (numpy's on the CPU while a step is small, else ``torch.bmm``) and no copy of the message
+    (``O(B L K^(L+1))`` a step).  Only :meth:`dense` builds the ``K^L x K^L`` matrix.
     """
 
     def __init__(self, chains: Sequence[Tensor]):
@@ -387,11 +387,11 @@ class _ProductProbabilities(TransitionProbabilities):
             stop = min(steps, start + chunk)
             span, n = slice(start, stop), stop - start
             rows = n * batch
-            before = [alpha[span].view(rows, k, -1)]  # [N, K (axis l), rest]
+            before = [alpha[span].reshape(rows, k, -1)]  # [N, K (axis l), rest]
             for ell in range(num_chains - 1):
                 x = torch.bmm(before[-1].transpose(1, 2), laid(ell, span, n), out=buffers[ell, :rows].view(rows, -1, k))
                 before.append(x.view(rows, k, -1))
-            y = u[span].view(rows, states)
+            y = u[span].reshape(rows, states)
             for ell in reversed(range(num_chains)):
                 after = y.view(rows, -1, k)  # [N, rest, K (axis l)]
                 statistics = torch.bmm(before[ell], after).view(n, batch, k, k)
