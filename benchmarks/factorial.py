@@ -5,7 +5,11 @@ fixed, ``RLIMIT_AS`` capped by ``--mem-cap-gb``, a failure recorded as a result)
 implementations of a case alternating inside it (rotating order every repeat, so that load from
 other processes falls on all of them alike); times are medians of the repeats and the ratios are
 ratios of medians.  Memory is :func:`measurement.peak_memory` of one call (peak RSS above the RSS
-before it on the CPU, ``max_memory_allocated`` above the allocation before it on CUDA).
+before it on the CPU, ``max_memory_allocated`` above the allocation before it on CUDA).  Workers
+mmap every block over 256 KB and return it to the system when freed, which the peak RSS needs;
+every large tensor then faults its pages in afresh, which a training loop (glibc's default
+allocator reusing freed blocks) does not pay, so ``--allocator default`` times with that instead
+(the peaks are then lower bounds).
 
 1. **Exact contraction against the flattened product state** (``contraction`` in the JSON): one
    forward + backward of ``log_partition.sum()`` w.r.t. ``emit`` and the chains' ``trans``, for
@@ -13,7 +17,10 @@ before it on the CPU, ``max_memory_allocated`` above the allocation before it on
    ``FactorialChainPosterior(init [L, K], trans [L, K, K], emit [B, T, K, ..., K])``
    (``O(T L K^(L+1))``) against ``ChainPosterior`` over the ``K^L`` joint states with the dense
    Kronecker transition ``ProductTransition(trans).dense()`` ``[K^L, K^L]`` built inside the timed
-   call (``O(T K^(2L))``), both ``method="auto"``, float32.  The values must agree.
+   call (``O(T K^(2L))``), both ``method="auto"``, float32.  The values must agree.  With
+   ``--baseline COMMIT`` the library at that commit (``git archive`` of its ``latentnlp/``, imported
+   as a second package) is a third call alternating with the two, ``exact-before``: the code
+   before a change measured against it in the same process.
 2. **Structured mean field against exact as L grows** (``mean_field``), ``K = 8``, ``L = 1..8``,
    ``B = 8, T = 128``, Bernoulli emissions with additive logits over ``V = 51`` tones
    (``eta(z) = bias + sum_l W_l[z^l]``, the piano-roll model).  Exact: the joint emission
@@ -47,6 +54,7 @@ Usage::
     python benchmarks/factorial.py                 # all parts, writes benchmarks/results/factorial.json
     python benchmarks/factorial.py --quick         # small sizes, one epoch on a slice: a sanity run
     python benchmarks/factorial.py --parts jsb --epochs 3
+    python benchmarks/factorial.py --parts contraction --baseline HEAD~1 --out benchmarks/results/x.json
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -139,8 +148,23 @@ def _measure_memory(calls: dict, device, rows: dict) -> dict:
     return values
 
 
+def import_baseline(root: str):
+    """The package ``root/latentnlp`` (another version of the library) imported as ``latentnlp_baseline``."""
+    import importlib.util
+
+    package = Path(root) / "latentnlp"
+    spec = importlib.util.spec_from_file_location(
+        "latentnlp_baseline", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def contraction_worker(spec: dict) -> dict:
-    """Part 1 at one ``(L, K)``: exact factorial against the flattened product-state chain."""
+    """Part 1 at one ``(L, K)``: exact factorial against the flattened product-state chain (and, with a
+    baseline, against the exact factorial of the baseline library)."""
     import torch
 
     from latentnlp import ChainPosterior, FactorialChainPosterior
@@ -168,18 +192,34 @@ def contraction_worker(spec: dict) -> dict:
         return value.detach()
 
     calls = {"exact": exact, "flattened": flattened}
+    if spec.get("baseline"):
+        baseline = import_baseline(spec["baseline"])
+
+        def exact_before():
+            trans.grad = emit.grad = None
+            value = baseline.FactorialChainPosterior(init, trans, emit).log_partition
+            value.sum().backward()
+            return value.detach()
+
+        calls["exact-before"] = exact_before
     out = dict(part="contraction", L=num_chains, K=k, B=batch, T=steps, states=k**num_chains, rows={})
     values = _measure_memory(calls, device, out["rows"])
-    if len(values) == 2:
+    if "exact" in values and "flattened" in values:
         scale = values["exact"].abs().max().item()
         out["max_abs_difference"] = (values["exact"] - values["flattened"]).abs().max().item()
         out["values_agree"] = out["max_abs_difference"] <= 1e-4 * max(1.0, scale)
+    if "exact" in values and "exact-before" in values:
+        out["max_abs_difference_before"] = (values["exact"] - values["exact-before"]).abs().max().item()
     first = _alternate(calls, device, 1)
     times = _alternate(calls, device, _repeats(max(t[0] for t in first.values()), spec))
     for name in calls:
         out["rows"][name].update(_summary(times[name]))
-    if len(calls) == 2:
+    if "exact" in calls and "flattened" in calls:
         out["speedup"] = out["rows"]["flattened"]["time_s"] / out["rows"]["exact"]["time_s"]
+    if "exact-before" in calls:
+        out["speedup_over_before"] = out["rows"]["exact-before"]["time_s"] / out["rows"]["exact"]["time_s"]
+        if "flattened" in calls:
+            out["speedup_before"] = out["rows"]["flattened"]["time_s"] / out["rows"]["exact-before"]["time_s"]
     out["status"] = "ok"
     return out
 
@@ -531,19 +571,27 @@ def targets(results: dict) -> list:
 def tables(results: dict, limit: dict) -> str:
     md = []
     if results.get("contraction"):
+        before = any("speedup_over_before" in r for r in results["contraction"])
+        extra = " exact before | its speed-up | before / exact |" if before else ""
         md += [
-            "| L, K (K^L) | B, T | exact factorial | peak | flattened product state | peak | speed-up |",
-            "|---|---|---|---|---|---|---|",
+            "| L, K (K^L) | B, T | exact factorial | peak | flattened product state | peak | speed-up |" + extra,
+            "|---|---|---|---|---|---|---|" + "---|" * (3 if before else 0),
         ]
         for r in results["contraction"]:
             if r.get("status") != "ok":
                 md.append(f"| {r.get('L')}, {r.get('K')} | | {r.get('status')}: {r.get('error', '')[:80]} | | | | |")
                 continue
-            md.append(
+            row = (
                 f"| {r['L']}, {r['K']} ({r['states']:,}) | {r['B']}, {r['T']} | {_ms(_row(r, 'exact', 'time_s'))} | "
                 f"{_mb(_row(r, 'exact', 'peak_mb'))} | {_ms(_row(r, 'flattened', 'time_s'))} | "
                 f"{_mb(_row(r, 'flattened', 'peak_mb'))} | {r['speedup']:.1f}x |"
             )
+            if before:
+                row += (
+                    f" {_ms(_row(r, 'exact-before', 'time_s'))} | {r['speedup_before']:.1f}x | "
+                    f"{r['speedup_over_before']:.2f}x |"
+                )
+            md.append(row)
         md.append("")
     if results.get("mean_field"):
         md += [
@@ -598,6 +646,24 @@ def tables(results: dict, limit: dict) -> str:
     return "\n".join(md)
 
 
+def extract_baseline(commit: str) -> dict:
+    """``git archive`` of ``latentnlp/`` at ``commit`` into a temporary folder: ``{root, commit, head}``
+    (``head``: the commit of the working tree measured against it)."""
+    import io
+    import subprocess
+    import tarfile
+    import tempfile
+
+    def git(*arguments) -> bytes:
+        return subprocess.run(["git", "-C", str(REPO), *arguments], check=True, capture_output=True).stdout
+
+    root = Path(tempfile.mkdtemp(prefix="latentnlp-baseline-"))
+    with tarfile.open(fileobj=io.BytesIO(git("archive", commit, "latentnlp"))) as archive:
+        archive.extractall(root, filter="data")
+    resolved = git("rev-parse", commit).decode().strip()
+    return dict(root=root, commit=resolved, head=git("rev-parse", "HEAD").decode().strip())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -612,6 +678,19 @@ def main(argv=None) -> int:
     p.add_argument("--mem-cap-gb", type=float, default=10.0, help="CPU address-space cap per case, 0 = none")
     p.add_argument("--data", type=Path, default=None, help="JSB json (default $LATENTNLP_DATA/jsb_chorales/...)")
     p.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT}; none with --quick)")
+    p.add_argument(
+        "--allocator",
+        choices=("returning", "default"),
+        default="returning",
+        help="returning (default): workers mmap every block over 256 KB and return it when freed, so peaks are "
+        "exact but every large tensor faults its pages in afresh; default: glibc's own threshold, which reuses "
+        "freed blocks as a training loop does (times without those faults; peaks a lower bound)",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="a commit: part 1 also times the exact contraction of the library at it, in the same workers",
+    )
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -627,11 +706,17 @@ def main(argv=None) -> int:
     base = dict(device=args.device, threads=args.threads, mem_cap_gb=args.mem_cap_gb, budget_s=budget)
     base["max_repeats"] = 1 if args.quick else args.max_repeats
     base["min_repeats"] = 1 if args.quick else min(3, args.max_repeats)
+    baseline = extract_baseline(args.baseline) if args.baseline else None
 
     def case(spec, identity):
         spec = dict(base, **spec)
         r = run_case(
-            __file__, spec, identity=identity, threads=args.threads, timeout=args.timeout, fixed_mmap_threshold=True
+            __file__,
+            spec,
+            identity=identity,
+            threads=args.threads,
+            timeout=args.timeout,
+            fixed_mmap_threshold=args.allocator == "returning",
         )
         print(f"  {json.dumps({k: v for k, v in r.items() if not isinstance(v, (dict, list))})[:300]}", flush=True)
         return r
@@ -654,7 +739,10 @@ def main(argv=None) -> int:
     results, t_start = {}, time.perf_counter()
     if "contraction" in parts:
         results["contraction"] = [
-            case(dict(part="contraction", L=ell, K=k, B=batch, T=steps), dict(part="contraction", L=ell, K=k, B=batch))
+            case(
+                dict(part="contraction", L=ell, K=k, B=batch, T=steps, baseline=baseline and str(baseline["root"])),
+                dict(part="contraction", L=ell, K=k, B=batch),
+            )
             for batch, steps in (QUICK_CONTRACTION_SHAPES if args.quick else CONTRACTION_SHAPES)
             for ell, k in CONTRACTION_SIZES
         ]
@@ -678,6 +766,8 @@ def main(argv=None) -> int:
                 )
                 for m in JSB_MODELS
             ]
+    if baseline:
+        shutil.rmtree(baseline["root"])
     limit = fit_limit(results.get("mean_field", []))
     goals = targets(results)
     md = tables(results, limit) + "\n" + "\n".join(f"- [{g['status']}] {g['target']}: {g['value']}" for g in goals)
@@ -697,11 +787,13 @@ def main(argv=None) -> int:
                 budget_s=budget,
                 max_repeats=base["max_repeats"],
                 mem_cap_gb=args.mem_cap_gb,
+                allocator=args.allocator,
                 epochs=epochs,
                 jsb_batch=JSB_BATCH,
                 lr=JSB_LR,
                 data="$LATENTNLP_DATA/jsb_chorales/jsb_chorales.json",
                 statistic="median of alternating repeats in one process per case; ratios of medians",
+                baseline=baseline and {key: value for key, value in baseline.items() if key != "root"},
             ),
             results=results,
             exact_memory_limit=limit,

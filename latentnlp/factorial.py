@@ -30,11 +30,13 @@ import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy
 import torch
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 from torch.distributions.utils import lazy_property
 
+from .chain import ARRAY_LOOP_MAX_WORK
 from .gumbel import gumbel_argmax
 from .masks import lengths_to_mask
 from .precision import computation_dtype
@@ -55,6 +57,15 @@ __all__ = [
 ]
 
 FACTORIAL_METHODS = ("auto", "scaled", "log")
+
+GRADIENT_CHUNK_STATES = 2**18
+"""The most joint states (``steps x B x K^L``) in one chunk of the product transition's gradient
+(:meth:`_ProductProbabilities.parameter_gradients`), 1 MB of float32 in each of its ``L + 1`` buffers.
+
+Measured (2 threads, alternating in one process, the benchmark's allocator that returns every
+large block to the system): the gradient at ``(L, K, B, T) = (4, 8, 8, 128)`` took 52 ms against
+75 ms with chunks of ``T / L`` steps, 22 against 29 ms at ``(3, 12, 8, 128)``; the same with
+glibc's default allocator, which reuses freed blocks (no page faults to save)."""
 
 
 def _digits(index: Tensor, num_chains: int, num_states: int) -> list[Tensor]:
@@ -89,9 +100,9 @@ class ProductTransition(Transition):
     ``[B, K^L]`` is propagated as ``[B, K, ..., K]`` by contracting chain ``l``'s axis with
     ``P^l``, for ``l = 0..L-1``: the axis being contracted is first, the product
     ``[B, K^(L-1), K] @ P^l`` (the message seen transposed, as BLAS takes it) puts the result
-    last, so after ``L`` contractions the axes are back in order, with one ``bmm`` per chain and
-    no copy of the message (``O(B L K^(L+1))`` a step).  Only
-    :meth:`dense` builds the ``K^L x K^L`` matrix.
+    last, so after ``L`` contractions the axes are back in order, with one batched product per
+    chain (numpy's on the CPU while a step is small, else ``torch.bmm``) and no copy of the message
+    (``O(B L K^(L+1))`` a step).  Only :meth:`dense` builds the ``K^L x K^L`` matrix.
     """
 
     def __init__(self, chains: Sequence[Tensor]):
@@ -221,13 +232,19 @@ class ProductTransition(Transition):
 class _ProductProbabilities(TransitionProbabilities):
     r"""The chains' shifted probabilities ``P^l_t = exp(trans^l_t - s^l_t)``, applied one axis at a time.
 
-    Forward: ``x <- [B, K^(L-1), K] (axis l first, seen transposed) @ P^l`` for ``l = 0..L-1``, one
-    ``bmm`` each on the rotating layout of :class:`ProductTransition`: the transposed message is
-    read in place by BLAS, and each chain's ``P^l`` is laid out once per batch size as a
-    contiguous ``[B, K, K]`` (a shared one materialised over the batch: BLAS gets no zero batch
-    stride, which sends it down a slow path) with its transpose beside it for the backward.
-    Intermediate messages go to two preallocated buffers.  Backward (``P u``) is the same rotation
-    with ``P^l^T``: the chains' products commute, so their order does not matter.
+    A step is the rotation of :class:`ProductTransition`: for ``l = 0..L-1``,
+    ``x <- [B, K^(L-1), K] (axis l first, seen transposed) @ P^l`` row by row, the result's axis
+    last, so that after ``L`` products the axes are back in order, the intermediate messages in two
+    preallocated buffers.  Backward (``P u``) is the same rotation with ``P^l^T``: the chains'
+    products commute, so their order does not matter.  The ``L`` products of a step are small
+    (inner size ``K``), so their calls cost as much as their arithmetic: on the CPU, while one
+    chain's product ``B K^L K`` is at most :data:`~latentnlp.chain.ARRAY_LOOP_MAX_WORK` (the bound
+    measured for the chain kernels' numpy steps: past it numpy's BLAS splits a product over threads
+    of its own), they are ``numpy.matmul`` calls on views of the tensors (:meth:`array_steps`,
+    which those numpy loops take too), a microsecond or two each to call where ``torch.bmm`` takes
+    several; elsewhere one ``torch.bmm`` per chain, each chain's ``P^l`` laid out
+    once per batch size as a contiguous ``[B, K, K]`` (a shared one materialised over the batch:
+    BLAS gets no zero batch stride, which sends it down a slow path).
     """
 
     def __init__(self, shifted: Sequence[tuple[Tensor, Tensor]], num_states: int):
@@ -238,6 +255,7 @@ class _ProductProbabilities(TransitionProbabilities):
         self.at = [(None,) + p.unbind(1) if p.dim() == 4 else None for p in self.probs]
         self._laid: dict[tuple[int, bool], list[Tensor | None]] = {}
         self._buffers: dict[int, tuple[Tensor, Tensor]] = {}
+        self._arrays: tuple[Callable, Callable] | None = None
 
     def _batched(self, batch: int, transpose: bool) -> list[Tensor | None]:
         """Each chain's ``P^l`` (or ``P^l^T``) as a contiguous ``[batch, K, K]``; None for time-varying ones."""
@@ -265,10 +283,53 @@ class _ProductProbabilities(TransitionProbabilities):
             x = target
         return out
 
+    def array_steps(self) -> tuple[Callable, Callable]:
+        """The rotation on numpy arrays ``[B, K^L]`` (views of CPU tensors): ``(forward, backward)``."""
+        if self._arrays is None:
+            k, last, matmul = self.k, len(self.probs) - 1, numpy.matmul
+            buffers: dict[int, tuple[numpy.ndarray, numpy.ndarray]] = {}
+
+            def laid(transpose: bool) -> list:
+                """Per chain ``P^l`` (``P^l^T``) as an array, or per step (``[t]``) for a time-varying one."""
+                matrices = []
+                for p in self.probs:
+                    a = p.detach().numpy()
+                    a = a.swapaxes(-1, -2) if transpose else a
+                    matrices.append((None,) + tuple(a[:, s] for s in range(a.shape[1])) if a.ndim == 4 else a)
+                return matrices
+
+            def rotation(matrices: list) -> Callable:
+                def step(vector, t, out):
+                    batch = vector.shape[0]
+                    if batch not in buffers:
+                        buffers[batch] = (numpy.empty_like(vector), numpy.empty_like(vector))
+                    scratch, x = buffers[batch], vector
+                    for ell, m in enumerate(matrices):
+                        target = out if ell == last else scratch[ell % 2]
+                        into = m[t] if isinstance(m, tuple) else m
+                        matmul(x.reshape(batch, k, -1).swapaxes(1, 2), into, out=target.reshape(batch, -1, k))
+                        x = target
+                    return out
+
+                return step
+
+            self._arrays = rotation(laid(False)), rotation(laid(True))
+        return self._arrays
+
+    def _on_arrays(self, vector: Tensor, out: Tensor) -> bool:
+        """Step on numpy views: CPU tensors, ``out`` contiguous, one chain's product ``B K^L K`` small."""
+        return vector.device.type == "cpu" and vector.numel() * self.k <= ARRAY_LOOP_MAX_WORK and out.is_contiguous()
+
     def forward(self, vector, t, out):
+        if self._on_arrays(vector, out):
+            self.array_steps()[0](vector.numpy(), t, out.numpy())
+            return out
         return self._rotate(vector, t, out, transpose=False)
 
     def backward(self, vector, t, out):
+        if self._on_arrays(vector, out):
+            self.array_steps()[1](vector.numpy(), t, out.numpy())
+            return out
         return self._rotate(vector, t, out, transpose=True)
 
     def dense(self):
@@ -302,31 +363,34 @@ class _ProductProbabilities(TransitionProbabilities):
         ``N = steps x B`` messages: every contraction is one ``bmm`` over ``N`` with the operands'
         transposes read in place (no copy of a message), and the statistics of chain ``l`` are one
         ``bmm`` ``[N, K, K^(L-1)] @ [N, K^(L-1), K]`` summed over the steps (and rows, for a shared
-        chain).  Steps are processed in chunks of about ``T / L`` so that the ``L`` saved
-        intermediates stay within ``O(B T K^L)`` memory.
+        chain).  The ``L - 1`` recomputed ``A^l`` and the two ``U^l`` being stepped go to ``L + 1``
+        buffers taken once and reused by every chunk of steps, not to new tensors per chunk and
+        chain: fresh memory costs a page fault per page, more than the product that fills it.  A
+        chunk is at most ``T / L`` steps (the buffers within ``O(B T K^L)`` memory) and at most
+        :data:`GRADIENT_CHUNK_STATES` joint states (``steps x B x K^L``, at least one step), so that
+        the buffers' pages, touched once, are few.
         """
         steps, batch, states = alpha.shape
         num_chains, k = len(self.probs), self.k
         grads = [torch.zeros_like(p) for p in self.probs]
-        chunk = max(1, math.ceil(steps / num_chains))
+        chunk = max(1, min(math.ceil(steps / num_chains), GRADIENT_CHUNK_STATES // (batch * states)))
+        buffers = alpha.new_empty(num_chains + 1, min(chunk, steps) * batch, states)
 
-        def laid(ell: int, span: slice, n: int, transpose: bool) -> Tensor:
+        def laid(ell: int, span: slice, n: int) -> Tensor:
             """``P^l`` of the chunk's steps as a contiguous ``[n B, K, K]``, row ``(s, b)``."""
             p = self.probs[ell]
             if p.dim() == 4:
                 p = p[:, span].transpose(0, 1)  # [n, B, K, K]
-            p = p.transpose(-1, -2) if transpose else p
             return p.expand(n, batch, k, k).reshape(n * batch, k, k)
 
         for start in range(0, steps, chunk):
             stop = min(steps, start + chunk)
             span, n = slice(start, stop), stop - start
             rows = n * batch
-            x, before = alpha[span].reshape(rows, states), []
-            for ell in range(num_chains):
-                before.append(x.view(rows, k, -1))  # [N, K (axis l), rest]
-                if ell < num_chains - 1:
-                    x = torch.bmm(before[-1].transpose(1, 2), laid(ell, span, n, False)).view(rows, states)
+            before = [alpha[span].reshape(rows, k, -1)]  # [N, K (axis l), rest]
+            for ell in range(num_chains - 1):
+                x = torch.bmm(before[-1].transpose(1, 2), laid(ell, span, n), out=buffers[ell, :rows].view(rows, -1, k))
+                before.append(x.view(rows, k, -1))
             y = u[span].reshape(rows, states)
             for ell in reversed(range(num_chains)):
                 after = y.view(rows, -1, k)  # [N, rest, K (axis l)]
@@ -338,7 +402,8 @@ class _ProductProbabilities(TransitionProbabilities):
                 else:
                     grads[ell] += statistics.sum((0, 1))
                 if ell:
-                    y = torch.bmm(laid(ell, span, n, False), after.transpose(1, 2)).view(rows, states)
+                    target = buffers[num_chains - 1 + ell % 2, :rows]
+                    y = torch.bmm(laid(ell, span, n), after.transpose(1, 2), out=target.view(rows, k, -1))
         return tuple(p * g for p, g in zip(self.probs, grads))
 
 
@@ -407,7 +472,8 @@ def _check_transitions_finite(transitions: Sequence[Transition]) -> None:
 
 
 def _check_finite(name: str, x: Tensor) -> None:
-    if not bool((x < float("inf")).all()):  # one pass: False for NaN and +inf
+    # one reduction, no temporary: the max is NaN if any entry is, +inf if any entry is
+    if x.numel() and not bool(x.detach().amax() < float("inf")):
         raise ValueError(
             f"{name} ({describe(x)}) contains NaN or +inf at {int((~(x < float('inf'))).sum())} positions; "
             "scores must be finite or -inf"
