@@ -24,7 +24,7 @@ Algorithms:
   backward recursion written by hand (an ``autograd.Function``), so no graph is kept over
   ``T`` and memory is ``O(B T K)``.  Underflow is reported by a flag, never by a NaN; rows whose
   backward overflows (the smoother far from the filter) get their gradient from log space.  On
-  the CPU, up to ``B K^2 = ARRAY_LOOP_MAX_WORK``, its time loops step on numpy views of their
+  the CPU, up to ``B K^2 = ARRAY_LOOP_MAX_WORK`` (``2^18``), its time loops step on numpy views of their
   buffers, whose calls cost a fraction of a torch operation's dispatch.
 * :func:`log_space_forward` -- the same recursion in the log semiring, autograd through it.
 * :func:`scan_log_partition` -- parallel prefix: a balanced tree of log-space ``K x K``
@@ -56,14 +56,18 @@ from .masks import lengths_to_mask
 from .semirings import LogSemiring, expected_score, finite_max, safe_log
 from .transitions import DenseTransition, Transition, TransitionProbabilities, shifted_exp
 
-ARRAY_LOOP_MAX_WORK = 2**19
+ARRAY_LOOP_MAX_WORK = 2**18
 """The largest ``B K^2`` whose scaled recursion steps on numpy views of CPU tensors (see :func:`_array_steps`).
 
-Measured on a 2-core machine, 2 torch threads, one ``[B, K] x [K, K]`` product (numpy's OpenBLAS
-against ``torch.mm``): 1.5 against 2.3 us at ``(B, K) = (16, 64)``, 6.8 against 13 at ``(16, 128)``,
-12 against 16 at ``(8, 256)``, 14 against 89 at ``(32, 128)`` (``B K^2 = 2^19``); but 3,100 against
-35 us at ``(16, 256)`` (``2^20``), where OpenBLAS splits the product over its own threads, which then
-wait for the cores torch's threads hold.  Past the bound the step's overhead no longer dominates anyway.
+Up to ``2^18`` multiply-adds a product (``65536 x 4``, OpenBLAS's default
+``GEMM_MULTITHREAD_THRESHOLD``) numpy's OpenBLAS runs a ``[B, K] x [K, K]`` product on one thread;
+past it, it splits the product over threads of its own, which then wait for the cores torch's
+threads hold.  Measured on a 2-core machine, 2 torch threads (numpy against ``torch.mm``, one
+product): 1.5 against 2.3 us at ``(B, K) = (16, 64)``, 6.8 against 13 at ``(16, 128)`` (``2^18``);
+past the bound the gain, where there is one, is not safe: 14 against 89 us at ``(32, 128)``
+(``2^19``) on a quiet machine, but 3,100 against 35 at ``(16, 256)`` (``2^20``), and the flattened
+factorial chain at ``(8, 256)`` (``2^19``) took 1.0 s a pass against 19 ms through torch while
+another process held a core.
 """
 
 
