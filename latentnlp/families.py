@@ -532,7 +532,7 @@ unit_sphere = _UnitSphere()
 
 def _check_dimension(d: object) -> int:
     if isinstance(d, bool) or not isinstance(d, int) or d < 2:
-        raise ValueError(f"the sphere S^(d-1) needs a dimension d >= 2 (an integer), got d = {d!r}")
+        raise ValueError(f"d must be an integer >= 2 (the sphere S^(d-1) in R^d), got d = {d!r}")
     return d
 
 
@@ -575,7 +575,8 @@ class VonMisesFisher(torch.distributions.Distribution):
     def __init__(self, loc: Tensor, concentration: Tensor | float, validate_args: bool | None = None) -> None:
         if not isinstance(loc, Tensor) or loc.dim() < 1 or not loc.is_floating_point():
             raise ValueError(f"loc must be a floating tensor [*batch, d], got {getattr(loc, 'shape', type(loc))}")
-        _check_dimension(loc.shape[-1])
+        if loc.shape[-1] < 2:
+            raise ValueError(f"loc must be [*batch, d] with d >= 2 (a sphere S^(d-1)), got shape {tuple(loc.shape)}")
         kappa = torch.as_tensor(concentration, dtype=loc.dtype, device=loc.device)
         try:
             batch_shape = torch.broadcast_shapes(loc.shape[:-1], kappa.shape)
