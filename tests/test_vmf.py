@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from contract import lm_batch
 from torch.distributions import kl_divergence
 
 from latentnlp.families import (
@@ -20,6 +21,8 @@ from latentnlp.families import (
     vmf_log_normalizer,
     vmf_mean_resultant_length,
 )
+from latentnlp.models import SentenceVAE
+from latentnlp.models.sentence_vae import slerp
 
 # ---- log I_v ----------------------------------------------------------------------------------------
 
@@ -221,3 +224,106 @@ def test_bad_inputs_name_the_argument():
         VonMisesFisher(torch.tensor([1.0, 0.0]), 1.0).log_prob(torch.tensor([2.0, 0.0]))
     # with validation off the checks that read values are skipped
     VonMisesFisher(torch.tensor([1.0, 1.0]), 2.0, validate_args=False)
+
+
+# ---- the vMF SentenceVAE ------------------------------------------------------------------------------
+
+V = 12
+
+
+def vmf_vae(latent_size=3, concentration=10.0, **kwargs):
+    torch.manual_seed(0)
+    return SentenceVAE(
+        V, 8, 10, latent_size, latent="vmf", concentration=concentration, bos_id=0, eos_id=1, **kwargs
+    ).double()
+
+
+def batch(seed=0, **kwargs):
+    return lm_batch(torch.Generator().manual_seed(seed), vocab_size=V, **kwargs)
+
+
+def test_vmf_posterior_and_the_constant_kl():
+    model, data = vmf_vae(), batch()
+    q = model.posterior(data)
+    assert isinstance(q, VonMisesFisher) and q.batch_shape == (5,) and q.event_shape == (3,)
+    assert torch.allclose(q.loc.norm(dim=-1), torch.ones(5, dtype=torch.float64))
+    bound = model.elbo(data, generator=torch.Generator().manual_seed(0))
+    expected = kl_divergence(VonMisesFisher(q.loc, 10.0), HypersphericalUniform(3))
+    assert torch.allclose(bound.kl, expected) and torch.allclose(bound.kl, bound.kl[0].expand(5))
+    assert torch.allclose(bound.value, bound.reconstruction - bound.kl)
+    # the KL weight changes the surrogate's value, not one gradient: the KL is constant in the encoder
+    grads = []
+    for weight in (0.0, 1.0):
+        model.zero_grad()
+        model.elbo(data, kl_weight=weight, generator=torch.Generator().manual_seed(0)).surrogate.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1])
+
+
+def _circle_model():
+    """A 2-d vMF latent whose decoder leans on z, and log p(x) by quadrature over the circle."""
+    model = vmf_vae(latent_size=2, concentration=3.0).eval()
+    with torch.no_grad():
+        model.initial_cell.weight.mul_(4.0)
+        model.decoder.weight_ih_l0[:, -2:].mul_(6.0)
+    data = batch(3, batch_size=3, max_len=4)
+    inputs, targets, _, mask = model._check_batch(data)
+    theta = torch.linspace(-math.pi, math.pi, 2001, dtype=torch.float64)[:-1]
+    z = torch.stack([torch.cos(theta), torch.sin(theta)], -1)
+    with torch.no_grad():
+        log_lik = model._log_likelihood(z.view(-1, 1, 2).expand(-1, 3, 2), inputs, targets, mask)  # [Z, B]
+    log_px = torch.logsumexp(log_lik, 0) - math.log(theta.numel())  # the uniform prior: a plain average
+    return model, data, log_px
+
+
+def test_vmf_bounds_against_the_quadrature_marginal():
+    model, data, log_px = _circle_model()
+    repeats = 40
+    copies = {k: v.repeat(repeats, *([1] * (v.dim() - 1))) for k, v in data.items()}
+    torch.manual_seed(1)
+    with torch.no_grad():
+        elbo = model.elbo(copies).value.view(repeats, -1)
+        iw = {s: model.iwae(copies, s).view(repeats, -1) for s in (1, 256)}
+    for draws in (elbo, iw[1], iw[256]):
+        assert torch.all(draws.mean(0) <= log_px + 4 * _se(draws) + 1e-9), (draws.mean(0), log_px)
+    gap_elbo, gap_iw = float((log_px - elbo.mean(0)).sum()), float((log_px - iw[256].mean(0)).sum())
+    assert gap_elbo > 0.2 and gap_iw < 0.2 * gap_elbo, (gap_elbo, gap_iw)
+    se = (_se(iw[1]) ** 2 + _se(elbo) ** 2).sqrt()
+    assert torch.all((iw[1].mean(0) - elbo.mean(0)).abs() <= 4 * se)  # one-sample IWAE = ELBO in expectation
+
+
+def test_vmf_generation_from_the_uniform_prior_and_the_posterior_directions():
+    model, data = vmf_vae().eval(), batch()
+    drawn = model.generate(num_samples=4, generator=torch.Generator().manual_seed(7), max_length=6)
+    z = HypersphericalUniform(3, dtype=torch.float64).sample((4,), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(drawn.tokens, model.generate(z=z, max_length=6).tokens)
+    from_batch = model.generate(data, max_length=6)
+    assert torch.equal(from_batch.tokens, model.generate(z=model.posterior(data).loc, max_length=6).tokens)
+
+
+def test_vmf_interpolation_follows_the_great_circle():
+    g = torch.Generator().manual_seed(0)
+    a, b = F.normalize(torch.randn(2, 5, dtype=torch.float64, generator=g), dim=-1)
+    t = torch.linspace(0, 1, 6, dtype=torch.float64).view(-1, 1)
+    path = slerp(a, b, t)
+    assert torch.allclose(path.norm(dim=-1), torch.ones(6, dtype=torch.float64))
+    assert torch.allclose(path[0], a) and torch.allclose(path[-1], b)
+    steps = torch.arccos((path[1:] * path[:-1]).sum(-1).clamp(-1, 1))
+    assert torch.allclose(steps, steps[0].expand(5))  # equal angles: constant speed along the circle
+    assert torch.allclose(slerp(a, a, t), a.expand(6, 5))
+    model = vmf_vae().eval()
+    one, two = batch(1, batch_size=2), batch(2, batch_size=2)
+    out = model.interpolate(one, two, steps=3, max_length=6)
+    assert out.tokens.shape[:2] == (3, 2)
+    assert torch.equal(out.tokens[0], model.generate(one, max_length=6).tokens[:, : out.tokens.shape[2]])
+
+
+def test_vmf_option_errors():
+    with pytest.raises(ValueError, match="free_bits.*vmf"):
+        vmf_vae().elbo(batch(), free_bits=0.5)
+    with pytest.raises(ValueError, match="latent must be"):
+        SentenceVAE(V, 8, 10, 3, latent="spherical")
+    with pytest.raises(ValueError, match="latent_size >= 2"):
+        SentenceVAE(V, 8, 10, 1, latent="vmf")
+    with pytest.raises(ValueError, match="concentration must be"):
+        SentenceVAE(V, 8, 10, 3, latent="vmf", concentration=0.0)
