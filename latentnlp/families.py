@@ -517,14 +517,18 @@ def log_sphere_area(d: int) -> float:
     return math.log(2.0) + 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d)
 
 
+def _sphere_tolerance(dtype: torch.dtype) -> float:
+    """``max(sqrt(eps), 1e-6)``: float32 unit vectors cast to float64 still count as unit vectors."""
+    return max(torch.finfo(dtype).eps ** 0.5, 1e-6)
+
+
 class _UnitSphere(torch.distributions.constraints.Constraint):
-    """Vectors ``[..., d]`` of unit Euclidean norm, within ``sqrt(eps)`` of the dtype."""
+    """Vectors ``[..., d]`` of unit Euclidean norm, within ``max(sqrt(eps), 1e-6)`` of the dtype."""
 
     event_dim = 1
 
     def check(self, value: Tensor) -> Tensor:
-        tol = torch.finfo(value.dtype).eps ** 0.5
-        return (torch.linalg.vector_norm(value, dim=-1) - 1).abs() <= tol
+        return (torch.linalg.vector_norm(value, dim=-1) - 1).abs() <= _sphere_tolerance(value.dtype)
 
 
 unit_sphere = _UnitSphere()
@@ -561,7 +565,7 @@ class VonMisesFisher(torch.distributions.Distribution):
 
     Args:
         loc: ``[*batch, d]``, unit vectors (``d >= 2``); with validation on, their norms must be 1
-            within ``sqrt(eps)`` of the dtype (normalise them first, e.g. ``F.normalize``).
+            within ``max(sqrt(eps), 1e-6)`` of the dtype (normalise them first, e.g. ``F.normalize``).
         concentration: ``kappa > 0``, a float or a tensor broadcastable to ``[*batch]``.
 
     Batch shape ``[*batch]`` (``loc``'s leading dimensions broadcast with ``concentration``'s), event
@@ -591,7 +595,7 @@ class VonMisesFisher(torch.distributions.Distribution):
             norms = torch.linalg.vector_norm(loc.detach(), dim=-1)
             if not bool(unit_sphere.check(loc.detach()).all()):
                 raise ValueError(
-                    f"loc must hold unit vectors (within {torch.finfo(loc.dtype).eps ** 0.5:.1e}), got norms "
+                    f"loc must hold unit vectors (within {_sphere_tolerance(loc.dtype):.1e}), got norms "
                     f"from {float(norms.min()):.6g} to {float(norms.max()):.6g}"
                 )
         self.dim = loc.shape[-1]
