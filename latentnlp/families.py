@@ -22,12 +22,16 @@ differentiable.
   (Maddison et al. 2017; Jang et al. 2017), reparameterised, optionally straight-through (``hard``).
   No closed-form KL exists between two of them, so an ELBO over one uses the Monte Carlo KL
   (:func:`latentnlp.objectives.elbo` with ``kl="auto"``).
+- :class:`VonMisesFisher`: ``C_d(kappa) exp(kappa mu^T z)`` on the unit sphere ``S^(d-1)``, of fixed
+  concentration, reparameterised in ``mu`` (Wood's sampler), with :class:`HypersphericalUniform` as
+  its prior (Xu & Durrett 2018); the KL between them depends on ``kappa`` and ``d`` only.
 
 Closed forms (summed over the event dimension where there is one)::
 
     KL(q || p) categorical   = sum_{k: mask_q[k]} q_k (log q_k - log p_k)   (+inf if p_k = 0 < q_k)
     KL(q || p) gaussian      = sum_d log(s_p / s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2
     KL(q || p) bernoulli     = sum_d q_d (log q_d - log p_d) + (1 - q_d) (log(1 - q_d) - log(1 - p_d))
+    KL(vMF || uniform)       = kappa A_d(kappa) + log C_d(kappa) + log |S^(d-1)|
 
 The categorical and Bernoulli KLs are registered here (masked support; finite at saturated
 logits); the Gaussian one is torch's ``Independent``/``Normal`` registration, and is the one
