@@ -604,6 +604,7 @@ class VonMisesFisher(torch.distributions.Distribution):
                 )
         self.dim = loc.shape[-1]
         self.loc = loc.expand(batch_shape + (self.dim,))
+        self._kappa = kappa  # unexpanded: the Bessel functions are evaluated once per distinct kappa
         self.concentration = kappa.expand(batch_shape)
         super().__init__(batch_shape, torch.Size((self.dim,)), validate_args=validate_args)
 
@@ -612,7 +613,8 @@ class VonMisesFisher(torch.distributions.Distribution):
         batch_shape = torch.Size(batch_shape)
         new.dim = self.dim
         new.loc = self.loc.expand(batch_shape + (self.dim,))
-        new.concentration = self.concentration.expand(batch_shape)
+        new._kappa = self._kappa
+        new.concentration = self._kappa.expand(batch_shape)
         super(VonMisesFisher, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -620,12 +622,12 @@ class VonMisesFisher(torch.distributions.Distribution):
     @lazy_property
     def log_normalizer(self) -> Tensor:
         """``log C_d(kappa)``, ``[*batch]``."""
-        return vmf_log_normalizer(self.dim, self.concentration)
+        return vmf_log_normalizer(self.dim, self._kappa).expand(self.batch_shape)
 
     @lazy_property
     def mean_resultant_length(self) -> Tensor:
         """``A_d(kappa) = I_{d/2}(kappa) / I_{d/2-1}(kappa) = E[mu^T z]``, ``[*batch]``."""
-        return vmf_mean_resultant_length(self.dim, self.concentration)
+        return vmf_mean_resultant_length(self.dim, self._kappa).expand(self.batch_shape)
 
     @property
     def mean(self) -> Tensor:

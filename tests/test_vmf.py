@@ -105,6 +105,22 @@ def test_uniform_prior_is_the_inverse_area():
     assert torch.allclose(p.entropy(), torch.full((2,), math.log(4 * math.pi), dtype=torch.float64))
 
 
+def test_log_prob_entropy_and_bessel_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    special = pytest.importorskip("scipy.special")
+    for d, kappa in ((3, 0.4), (5, 12.0), (32, 80.0), (64, 300.0)):
+        g = torch.Generator().manual_seed(d)
+        mu = F.normalize(torch.randn(d, dtype=torch.float64, generator=g), dim=0)
+        q = VonMisesFisher(mu, kappa)
+        z = q.sample((7,), generator=g)
+        peer = stats.vonmises_fisher(mu.numpy(), kappa)
+        assert torch.allclose(q.log_prob(z), torch.from_numpy(peer.logpdf(z.numpy())), rtol=1e-9, atol=1e-9)
+        assert float(q.entropy()) == pytest.approx(float(peer.entropy()), rel=1e-9, abs=1e-9)
+    v, x = torch.tensor([0.0, 3.5, 30.0]).double().view(-1, 1), torch.tensor([0.5, 99.5, 100.5, 2e3]).double()
+    scaled = torch.from_numpy(special.ive(v.numpy(), x.numpy()))  # I_v(x) e^-x
+    assert torch.allclose(log_bessel_iv(v, x), torch.log(scaled) + x, rtol=1e-12, atol=1e-12)
+
+
 # ---- Wood's sampler ---------------------------------------------------------------------------------
 
 
@@ -127,6 +143,15 @@ def test_samples_have_the_mean_resultant_length_and_second_moment(d, kappa):
     assert abs(float((w * w).mean()) - second) <= 4 * float(_se(w * w)) + 1e-12
     # the sample mean is A_d mu: the mean direction is mu
     assert torch.all((z.mean(0) - a * mu).abs() <= 4 * _se(z) + 1e-12)
+
+
+def test_samples_around_e1_need_no_reflection():
+    """``mu = e_1`` is the sampler's own axis: the reflection is the identity there, and the draws stay finite."""
+    e1 = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    z = VonMisesFisher(e1, 7.0).sample((20_000,), generator=torch.Generator().manual_seed(4))
+    assert torch.isfinite(z).all()
+    a = float(vmf_mean_resultant_length(4, 7.0))
+    assert torch.all((z.mean(0) - a * e1).abs() <= 4 * _se(z))
 
 
 def test_rsample_shapes_and_batched_concentrations():
