@@ -639,3 +639,10 @@ def _feature_hmm() -> LatentModel:
 
 
 MODEL_CASES.append(ModelCase("feature-hmm", make_model=_feature_hmm, make_batch=lambda g: lm_batch(g, vocab_size=12)))
+MODEL_CASES.append(
+    ModelCase(
+        "sentence-vae/vmf",
+        make_model=lambda: SentenceVAE(12, 8, 10, 3, latent="vmf", concentration=10.0, bos_id=0, eos_id=1),
+        make_batch=lambda g: lm_batch(g, vocab_size=12),
+    )
+)
