@@ -428,15 +428,24 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
 
     With ``S_t = P_t diag(e_t)`` (the identity past the length) the filter is
     ``alpha_t \propto alpha_0 S_1 ... S_t``.  (1) The block products ``R_m = S_{mb+1} ... S_{mb+b}``
-    of all ``n`` blocks at once, ``b`` batched matrix products, each renormalised to sum 1;
+    of all ``n`` blocks at once, ``b`` batched matrix products, each row renormalised to sum 1;
     (2) the filters at the block boundaries, ``alpha_{(m+1)b} \propto alpha_{mb} R_m``, ``n``
     steps; (3) the filters inside every block at once from its first boundary, the scaled
     recursion ``a_t = (alpha_{t-1} P_t) * e_t``, ``c_t = sum a_t``, ``alpha_t = a_t / c_t``,
     ``b`` steps.  The shift of ``e_t`` is the largest emission score of step ``t`` (no
     reachability pass: a peak on a state the chain cannot be in costs precision, which the
-    underflow flag reports).  Returns ``alpha [T, B, K]``, ``scale [T, B]`` (the ``c_t``, 1 past
-    the length), ``emit_probs [B, T, K]``, the block products ``R [B, n, K, K]`` (None when
-    ``T = 1``) and ``log_shift [B]``: ``log Z = sum_t log c_t + log_shift + transition shifts``.
+    underflow flag reports).
+
+    Each row of a block product (one start state) is normalised on its own, its log scale kept:
+    ``R_m = diag(exp(r_m)) R'_m`` with the rows of ``R'_m`` summing to 1.  One normaliser for the
+    whole matrix would let the row of a start state whose paths through the block score far below
+    another's (a state that cannot reach the high emissions) fall below the smallest normal number,
+    and a boundary filter on that state would then come from subnormal numbers, or from none.  The
+    boundary step weighs the rows by ``alpha_{mb}(i) exp(r_m(i))`` shifted by its largest entry, so
+    the dominant row has weight 1.  Returns ``alpha [T, B, K]``, ``scale [T, B]`` (the ``c_t``, 1
+    past the length), ``emit_probs [B, T, K]``, the block products as ``(R' [B, n, K, K],
+    r [B, n, K])`` (None when ``T = 1``) and ``log_shift [B]``:
+    ``log Z = sum_t log c_t + log_shift + transition shifts``.
     """
     batch, steps, k = emit.shape
     shift = finite_max(emit, -1)
@@ -449,14 +458,22 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
         return alpha0.unsqueeze(0), scale0.unsqueeze(0), emit_probs, None, log_shift
     blocks = _Blocks(probs, emit_probs, mask, block)
     n = blocks.count
+    tiny = torch.finfo(emit.dtype).tiny
     product = torch.eye(k, dtype=emit.dtype, device=emit.device).expand(batch, n, k, k)
+    log_rows = emit.new_zeros(batch, n, k)  # r_m: the log scale of each row of R'_m
     for s in range(1, block + 1):  # (1) the block products, all blocks at once
         p_s, e_s, valid = blocks.at(s)
         step = product @ (p_s * e_s.unsqueeze(-2))  # times P_t diag(e_t)
-        product = _normalised(step if valid is None else torch.where(valid[..., None, None], step, product), (-1, -2))
+        if valid is not None:
+            step = torch.where(valid[..., None, None], step, product)
+        rows = step.sum(-1).clamp_min(tiny)  # a dead row stays 0; padding rows sum to 1
+        product = step / rows.unsqueeze(-1)
+        log_rows += torch.log(rows)
     boundary = [alpha0]
     for m in range(n - 1):  # (2) the filters at the boundaries
-        boundary.append(_normalised(torch.bmm(boundary[-1].unsqueeze(1), product[:, m]).squeeze(1), (-1,)))
+        weights = safe_log(boundary[-1]) + log_rows[:, m]  # log alpha_{mb}(i) + r_m(i)
+        weights = torch.exp(weights - finite_max(weights, -1))
+        boundary.append(_normalised(torch.bmm(weights.unsqueeze(1), product[:, m]).squeeze(1), (-1,)))
     previous = torch.stack(boundary, 1)  # [B, n, K]: alpha_{mb}
     alpha, scale = [], []
     for s in range(1, block + 1):  # (3) the filters inside the blocks
@@ -477,7 +494,7 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
         torch.cat([alpha0.unsqueeze(0), alpha]),
         torch.cat([scale0.unsqueeze(0), scale]),
         emit_probs,
-        product,
+        (product, log_rows),
         log_shift,
     )
 
@@ -485,27 +502,47 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
 def _blocked_backward(alpha: Tensor, probs: Tensor, emit_probs: Tensor, scale: Tensor, mask: Tensor, product, block):
     r"""Backward pass of the blocked algorithm: ``gamma [T, B, K]`` and ``u [T, B, K]`` as :func:`_scaled_backward`.
 
-    Backward vectors in any positive scale, ``beta'_{t-1} \propto S_t beta'_t`` from
-    ``beta'_{T-1} = 1``: at the block boundaries through the saved block products,
-    ``beta'_{mb} \propto R_m beta'_{(m+1)b}`` (``n`` steps), then inside every block at once
-    (``b`` steps).  The scaled algorithm's ``beta_t`` is ``beta'_t / (alpha_t . beta'_t)``
-    (its marginals ``gamma_t = alpha_t * beta_t`` sum to 1), and ``u_t = e_t * beta_t / c_t``
-    (0 at ``t = 0`` and past the length).
+    The scaled algorithm's backward vectors, ``alpha_t . beta_t = 1`` at every ``t``, from
+    ``beta_{T-1} = 1``: at the block boundaries through the saved block products
+    (:func:`_blocked_forward`: ``R_m = diag(exp(r_m)) R'_m``),
+    ``beta_{mb} = R_m beta_{(m+1)b} / (alpha_{mb} . R_m beta_{(m+1)b})`` (``n`` steps), then inside
+    every block at once, ``beta_{t-1} = P_t (e_t * beta_t) / c_t`` (``b`` steps, the ``c_t`` of the
+    forward pass).  Normalising by the filter rather than by the vector's own sum keeps precise the
+    entries the marginals ``gamma_t = alpha_t * beta_t`` use: a sum would be set by a state the
+    chain cannot be in (an emission peak there), beside which the states it is in fall below the
+    smallest normal number.  Entries of states with ``alpha_t = 0`` are set to 0 (they meet only
+    zero probabilities, and would otherwise grow without bound); as in :func:`_scaled_backward`, an
+    entry can still overflow where the smoother puts its mass on a state the filter all but
+    excludes.  ``u_t = e_t * beta_t / c_t`` (0 at ``t = 0`` and past the length).
     """
     steps, batch, k = alpha.shape
+    product, log_rows = product
     blocks = _Blocks(probs, emit_probs, mask, block)
     n = blocks.count
-    boundary = [alpha.new_ones(batch, k)]  # beta'_{nb} = 1: padding steps are the identity
+    padding = n * block + 1 - steps  # positions t = T .. n b act as the identity: alpha and c frozen
+    filters = torch.cat([alpha, alpha[-1:].expand(padding, batch, k)])  # alpha_t, t = 0 .. n b
+    scales = torch.cat([scale, scale.new_ones(padding, batch)])
+    reached = filters > 0
+    boundary = [reached[n * block].to(alpha.dtype)]  # beta_{nb} = 1 (0 where alpha is)
     for m in range(n - 1, 0, -1):
-        boundary.append(_normalised(torch.bmm(product[:, m], boundary[-1].unsqueeze(-1)).squeeze(-1), (-1,)))
-    following = torch.stack(boundary[::-1], 1)  # [B, n, K]: beta'_{(m+1)b}
+        before, seen = filters[m * block], reached[m * block]
+        shift = finite_max(torch.where(seen, log_rows[:, m], torch.full_like(log_rows[:, m], float("-inf"))), -1)
+        rows = torch.where(seen, torch.exp(log_rows[:, m] - shift), torch.zeros_like(before))
+        step = rows * torch.bmm(product[:, m], boundary[-1].unsqueeze(-1)).squeeze(-1)
+        norm = (before * step).sum(-1, keepdim=True)
+        boundary.append(step / torch.where(norm > 0, norm, torch.ones_like(norm)))
+    following = torch.stack(boundary[::-1], 1)  # [B, n, K]: beta_{(m+1)b}
+    inner_filters = filters[: n * block].view(n, block, batch, k)  # alpha_{mb+s-1} at [m, s - 1]
+    inner_scales = scales[1:].view(n, block, batch)  # c_{mb+s} at [m, s - 1]
     backward = [following]
-    for s in range(block, 0, -1):  # beta'_{mb+s-1} from beta'_{mb+s}
+    for s in range(block, 0, -1):  # beta_{mb+s-1} from beta_{mb+s}
         p_s, e_s, valid = blocks.at(s)
-        step = _normalised(_times_vectors(p_s, e_s * following), (-1,))
+        c = inner_scales[:, s - 1].T.unsqueeze(-1)
+        step = _times_vectors(p_s, e_s * following) / torch.where(c > 0, c, torch.ones_like(c))
+        step = torch.where(inner_filters[:, s - 1].transpose(0, 1) > 0, step, torch.zeros_like(step))
         following = step if valid is None else torch.where(valid.unsqueeze(-1), step, following)
         backward.append(following)
-    # backward[i] holds beta' at s = b - i; reversed and cut, s = 0 .. b - 1 (positions m b + s)
+    # backward[i] holds beta at s = b - i; reversed and cut, s = 0 .. b - 1 (positions m b + s)
     vectors = torch.stack(backward[::-1][:block])  # [b, B, n, K]
     beta = vectors.permute(2, 0, 1, 3).reshape(n * block, batch, k)[:steps]
     if beta.shape[0] < steps:  # T - 1 = n b: the last position is the final boundary
@@ -533,8 +570,8 @@ class _BlockedLogPartition(torch.autograd.Function):
         alpha, scale, emit_probs, product, log_shift = _blocked_forward(init, probs.dense(), emit, mask, block)
         log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
         underflowed = _underflowed(scale, mask)
-        ctx.save_for_backward(alpha, scale, emit_probs, mask)
-        ctx.probs, ctx.product, ctx.block = probs, product, block
+        ctx.save_for_backward(alpha, scale, emit_probs, mask, init, emit, lengths)
+        ctx.probs, ctx.product, ctx.block, ctx.transition = probs, product, block, transition
         final_filter = alpha[-1]
         ctx.mark_non_differentiable(final_filter, underflowed)
         return log_z.to(emit.dtype), final_filter, underflowed
@@ -542,17 +579,30 @@ class _BlockedLogPartition(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _grad_final_filter, _grad_underflowed):
-        alpha, scale, emit_probs, mask = ctx.saved_tensors
+        alpha, scale, emit_probs, mask, init, emit, lengths = ctx.saved_tensors
         probs = ctx.probs
         if ctx.product is None:  # T = 1
             gamma, u = alpha, torch.zeros_like(alpha)
         else:
             gamma, u = _blocked_backward(alpha, probs.dense(), emit_probs, scale, mask, ctx.product, ctx.block)
+        # as in _ScaledLogPartition.backward: rows whose backward overflowed get their gradient from log space
+        overflowed = ~torch.isfinite((gamma.sum(-1) + u.sum(-1)).sum(0))
+        redo = bool(overflowed.any())
+        if redo:
+            keep = ~overflowed.unsqueeze(-1)
+            gamma = torch.where(keep, gamma, torch.zeros_like(gamma))
+            u = torch.where(keep, u, torch.zeros_like(u))
         g = grad.unsqueeze(-1)
         grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
         grad_init = gamma[0] * g
-        grad_parameters = probs.parameter_gradients(alpha[:-1] * g, u[1:])
-        return (grad_init, grad_emit, None, None, None) + tuple(grad_parameters)
+        grad_parameters = tuple(probs.parameter_gradients(alpha[:-1] * g, u[1:]))
+        if redo:
+            rows = overflowed.nonzero().squeeze(-1)
+            redone = _log_space_gradient(init, emit, lengths, ctx.transition, grad, rows)
+            grad_init = grad_init.index_put((rows,), redone[0])
+            grad_emit = grad_emit.index_put((rows,), redone[1])
+            grad_parameters = tuple(a + b for a, b in zip(grad_parameters, redone[2:]))
+        return (grad_init, grad_emit, None, None, None) + grad_parameters
 
 
 def default_block(steps: int) -> int:
