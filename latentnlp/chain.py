@@ -444,8 +444,12 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
     boundary step weighs the rows by ``alpha_{mb}(i) exp(r_m(i))`` shifted by its largest entry, so
     the dominant row has weight 1.  Returns ``alpha [T, B, K]``, ``scale [T, B]`` (the ``c_t``, 1
     past the length), ``emit_probs [B, T, K]``, the block products as ``(R' [B, n, K, K],
-    r [B, n, K])`` (None when ``T = 1``) and ``log_shift [B]``:
-    ``log Z = sum_t log c_t + log_shift + transition shifts``.
+    r [B, n, K])`` (None when ``T = 1``), ``log_shift [B]``:
+    ``log Z = sum_t log c_t + log_shift + transition shifts``, and ``lost [B]`` (bool), which marks,
+    as :func:`_scaled_forward`'s does and only where not every state is reachable, chains where a
+    state the chain can be in was rounded below the smallest normal number (at a step inside a
+    block, in a block product's row, or in a boundary's weight or entry): the paths through it are
+    gone, with no step normaliser small.
     """
     batch, steps, k = emit.shape
     shift = finite_max(emit, -1)
@@ -454,31 +458,54 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
     a = torch.exp(init - init_shift) * emit_probs[:, 0]
     log_shift = (shift.squeeze(-1) * mask).sum(-1) + init_shift.squeeze(-1)
     alpha0, scale0 = _normalised(a, (-1,)), a.sum(-1)
+    tiny = torch.finfo(emit.dtype).tiny
+    # as in _scaled_forward: lost mass is looked for only where a state may not be re-entered
+    watch = not (bool((init != float("-inf")).all()) and bool((probs > 0).all()))
+    lost = ((init + emit[:, 0] > float("-inf")) & (a < tiny)).any(-1) if watch else torch.zeros_like(mask[:, 0])
     if steps == 1:
-        return alpha0.unsqueeze(0), scale0.unsqueeze(0), emit_probs, None, log_shift
+        return alpha0.unsqueeze(0), scale0.unsqueeze(0), emit_probs, None, log_shift, lost
     blocks = _Blocks(probs, emit_probs, mask, block)
     n = blocks.count
-    tiny = torch.finfo(emit.dtype).tiny
+    if watch:  # which emission scores are finite, as the blocks lay them out: [B, n, b, K]
+        pad = (0, 0, 0, n * block - (steps - 1))
+        finite = torch.nn.functional.pad(emit[:, 1:] > float("-inf"), pad).view(batch, n, block, k)
+        lost_rows = torch.zeros(batch, n, k, dtype=torch.bool, device=emit.device)  # row i of R_m lost mass
     product = torch.eye(k, dtype=emit.dtype, device=emit.device).expand(batch, n, k, k)
     log_rows = emit.new_zeros(batch, n, k)  # r_m: the log scale of each row of R'_m
     for s in range(1, block + 1):  # (1) the block products, all blocks at once
         p_s, e_s, valid = blocks.at(s)
-        step = product @ (p_s * e_s.unsqueeze(-2))  # times P_t diag(e_t)
+        if watch:
+            reach = product @ p_s
+            step = reach * e_s.unsqueeze(-2)  # times P_t diag(e_t)
+            possible = (reach > 0) & finite[:, :, s - 1].unsqueeze(-2) & (step < tiny)
+            lost_rows |= possible.any(-1) & (True if valid is None else valid.unsqueeze(-1))
+        else:
+            step = product @ (p_s * e_s.unsqueeze(-2))  # times P_t diag(e_t)
         if valid is not None:
             step = torch.where(valid[..., None, None], step, product)
-        rows = step.sum(-1).clamp_min(tiny)  # a dead row stays 0; padding rows sum to 1
-        product = step / rows.unsqueeze(-1)
-        log_rows += torch.log(rows)
+        rows = step.sum(-1)  # padding rows sum to 1; a dead row stays 0, its log scale -inf
+        product = step / rows.clamp_min(tiny).unsqueeze(-1)
+        log_rows += torch.where(rows > 0, torch.log(rows.clamp_min(tiny)), torch.full_like(rows, float("-inf")))
     boundary = [alpha0]
     for m in range(n - 1):  # (2) the filters at the boundaries
-        weights = safe_log(boundary[-1]) + log_rows[:, m]  # log alpha_{mb}(i) + r_m(i)
-        weights = torch.exp(weights - finite_max(weights, -1))
-        boundary.append(_normalised(torch.bmm(weights.unsqueeze(1), product[:, m]).squeeze(1), (-1,)))
+        log_weights = safe_log(boundary[-1]) + log_rows[:, m]  # log alpha_{mb}(i) + r_m(i)
+        weights = torch.exp(log_weights - finite_max(log_weights, -1))
+        reached = torch.bmm(weights.unsqueeze(1), product[:, m]).squeeze(1)
+        if watch:  # a row that lost mass, a weight or an entry rounded below the smallest normal number
+            rows_in = log_weights > float("-inf")
+            entries_in = torch.bmm(rows_in.to(reached.dtype).unsqueeze(1), (product[:, m] > 0).to(reached.dtype))
+            lost |= (rows_in & (lost_rows[:, m] | (weights < tiny))).any(-1)
+            lost |= ((entries_in.squeeze(1) > 0) & (reached < tiny)).any(-1)
+        boundary.append(_normalised(reached, (-1,)))
     previous = torch.stack(boundary, 1)  # [B, n, K]: alpha_{mb}
     alpha, scale = [], []
     for s in range(1, block + 1):  # (3) the filters inside the blocks
         p_s, e_s, valid = blocks.at(s)
-        a = _vectors_times(previous, p_s) * e_s
+        reach = _vectors_times(previous, p_s)
+        a = reach * e_s
+        if watch:
+            possible = ((reach > 0) & finite[:, :, s - 1] & (a < tiny)).any(-1)
+            lost |= (possible if valid is None else possible & valid).any(-1)
         c = a.sum(-1)
         if valid is None:
             previous = a / c.unsqueeze(-1).clamp_min(torch.finfo(a.dtype).tiny)
@@ -496,6 +523,7 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
         emit_probs,
         (product, log_rows),
         log_shift,
+        lost,
     )
 
 
@@ -567,9 +595,9 @@ class _BlockedLogPartition(torch.autograd.Function):
     def forward(ctx, init, emit, lengths, block, transition, *parameters):
         mask = lengths_to_mask(lengths, emit.shape[1])
         probs = transition.probabilities()
-        alpha, scale, emit_probs, product, log_shift = _blocked_forward(init, probs.dense(), emit, mask, block)
+        alpha, scale, emit_probs, product, log_shift, lost = _blocked_forward(init, probs.dense(), emit, mask, block)
         log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
-        underflowed = _underflowed(scale, mask)
+        underflowed = _underflowed(scale, mask) | lost
         ctx.save_for_backward(alpha, scale, emit_probs, mask, init, emit, lengths)
         ctx.probs, ctx.product, ctx.block, ctx.transition = probs, product, block, transition
         final_filter = alpha[-1]
@@ -1078,14 +1106,14 @@ def blocked_forward_filter(
     (the boundary filters through the block products, then every block's inner filters at once;
     ``b`` the block, default :func:`default_block`, ``n = ceil((T-1)/b)``), so with
     :func:`backward_sample` it draws exact samples, the filter's share of the ``T`` steps cut
-    to ``O(sqrt T)``.  If some chain's step normaliser underflowed (:func:`_underflowed`, as
+    to ``O(sqrt T)``.  If some chain's step normaliser underflowed or its mass was lost (as
     :func:`blocked_log_partition` flags it), the batch is redone in log space, as
     :func:`forward_filter` does.  Dense: a low-rank transition is densified.
     """
     mask = lengths_to_mask(lengths, emit.shape[1])
     block = _block_size(block, emit.shape[1])
-    alpha, scale, _, _, _ = _blocked_forward(init, transition.probabilities().dense(), emit, mask, block)
-    if torch.isfinite(alpha).all() and not _underflowed(scale, mask).any():
+    alpha, scale, _, _, _, lost = _blocked_forward(init, transition.probabilities().dense(), emit, mask, block)
+    if torch.isfinite(alpha).all() and not (_underflowed(scale, mask) | lost).any():
         return safe_log(alpha.transpose(0, 1))
     return _log_space_filter(init, transition, emit, mask)
 
@@ -1203,7 +1231,7 @@ def blocked_entropy(
 
     Not differentiable (the blocked backward is first-order: :meth:`ChainPosterior.entropy` takes
     :func:`chain_entropy` when a gradient is needed).  ``flagged`` marks the chains whose result
-    should be recomputed by :func:`chain_entropy`: a step normaliser underflowed (as
+    should be recomputed by :func:`chain_entropy`: a step normaliser underflowed or mass was lost (as
     :func:`blocked_log_partition` flags it), some marginal ``gamma_t`` does not sum to 1 within
     ``sqrt(eps)`` (the backward lost precision), or the entropy is not finite.  Dense: a low-rank
     transition is densified (``P log P`` does not factor).
@@ -1214,7 +1242,7 @@ def blocked_entropy(
     block = _block_size(block, steps)
     mask = lengths_to_mask(lengths, steps)
     probs, shift = shifted_exp(trans, 2)
-    alpha, scale, emit_probs, product, _ = _blocked_forward(init, probs, emit, mask, block)
+    alpha, scale, emit_probs, product, _, lost = _blocked_forward(init, probs, emit, mask, block)
     if product is None:  # T = 1
         gamma, u = alpha, torch.zeros_like(alpha)
     else:
@@ -1237,7 +1265,7 @@ def blocked_entropy(
     entropy = log_z - first - emitted - moved
     tolerance = math.sqrt(torch.finfo(emit.dtype).eps)
     unnormalised = (((gamma.sum(-1) - 1).abs() > tolerance) & mask.T).any(0)
-    flagged = _underflowed(scale, mask) | unnormalised | ~torch.isfinite(entropy)
+    flagged = _underflowed(scale, mask) | lost | unnormalised | ~torch.isfinite(entropy)
     return entropy.to(emit.dtype), flagged
 
 
