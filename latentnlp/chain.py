@@ -483,13 +483,16 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
             step = product @ (p_s * e_s.unsqueeze(-2))  # times P_t diag(e_t)
         if valid is not None:
             step = torch.where(valid[..., None, None], step, product)
-        rows = step.sum(-1)  # padding rows sum to 1; a dead row stays 0, its log scale -inf
-        product = step / rows.clamp_min(tiny).unsqueeze(-1)
-        log_rows += torch.where(rows > 0, torch.log(rows.clamp_min(tiny)), torch.full_like(rows, float("-inf")))
+        rows = step.sum(-1).clamp_min(tiny)  # padding rows sum to 1
+        product = step / rows.unsqueeze(-1)
+        log_rows += torch.log(rows)
+    # a dead row (no path from its state through the block) stays 0: its log scale is -inf
+    log_rows = torch.where(product.sum(-1) > 0, log_rows, torch.full_like(log_rows, float("-inf")))
+    lowest = torch.finfo(emit.dtype).min  # the shift of a dead chain's weights: they stay -inf
     boundary = [alpha0]
     for m in range(n - 1):  # (2) the filters at the boundaries
-        log_weights = safe_log(boundary[-1]) + log_rows[:, m]  # log alpha_{mb}(i) + r_m(i)
-        weights = torch.exp(log_weights - finite_max(log_weights, -1))
+        log_weights = torch.log(boundary[-1]) + log_rows[:, m]  # log alpha_{mb}(i) + r_m(i)
+        weights = torch.exp(log_weights - log_weights.amax(-1, keepdim=True).clamp_min(lowest))
         reached = torch.bmm(weights.unsqueeze(1), product[:, m]).squeeze(1)
         if watch:  # a row that lost mass, a weight or an entry rounded below the smallest normal number
             rows_in = log_weights > float("-inf")
@@ -521,7 +524,7 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
         torch.cat([alpha0.unsqueeze(0), alpha]),
         torch.cat([scale0.unsqueeze(0), scale]),
         emit_probs,
-        (product, log_rows),
+        (product, log_rows, watch),
         log_shift,
         lost,
     )
@@ -544,30 +547,31 @@ def _blocked_backward(alpha: Tensor, probs: Tensor, emit_probs: Tensor, scale: T
     excludes.  ``u_t = e_t * beta_t / c_t`` (0 at ``t = 0`` and past the length).
     """
     steps, batch, k = alpha.shape
-    product, log_rows = product
-    blocks = _Blocks(probs, emit_probs, mask, block)
-    n = blocks.count
-    padding = n * block + 1 - steps  # positions t = T .. n b act as the identity: alpha and c frozen
+    product, log_rows, watch = product
+    tiny = torch.finfo(alpha.dtype).tiny
+    padding = -(-(steps - 1) // block) * block + 1 - steps  # positions T .. n b: the identity, alpha frozen
     filters = torch.cat([alpha, alpha[-1:].expand(padding, batch, k)])  # alpha_t, t = 0 .. n b
-    scales = torch.cat([scale, scale.new_ones(padding, batch)])
-    reached = filters > 0
-    boundary = [reached[n * block].to(alpha.dtype)]  # beta_{nb} = 1 (0 where alpha is)
+    # u_t = e_t * beta_t / c_t: the weights e_t / c_t, laid out in blocks with the P_t (c_t = 1 past the length)
+    weights = emit_probs / scale.T.clamp_min(tiny).unsqueeze(-1)
+    blocks = _Blocks(probs, weights, mask, block)
+    n = blocks.count
+    at_boundaries = filters[::block].transpose(0, 1)  # [B, n + 1, K]: alpha_{mb}
+    # the rows' scales at the boundaries, 0 where the filter is: exp(r_m - max over the filter's states)
+    seen = torch.where(at_boundaries[:, :n] > 0, log_rows, torch.full_like(log_rows, float("-inf")))
+    rows = torch.exp(seen - seen.amax(-1, keepdim=True).clamp_min(torch.finfo(alpha.dtype).min))
+    boundary = [(at_boundaries[:, n] > 0).to(alpha.dtype)]  # beta_{nb} = 1 (0 where alpha is)
     for m in range(n - 1, 0, -1):
-        before, seen = filters[m * block], reached[m * block]
-        shift = finite_max(torch.where(seen, log_rows[:, m], torch.full_like(log_rows[:, m], float("-inf"))), -1)
-        rows = torch.where(seen, torch.exp(log_rows[:, m] - shift), torch.zeros_like(before))
-        step = rows * torch.bmm(product[:, m], boundary[-1].unsqueeze(-1)).squeeze(-1)
-        norm = (before * step).sum(-1, keepdim=True)
-        boundary.append(step / torch.where(norm > 0, norm, torch.ones_like(norm)))
+        step = rows[:, m] * torch.bmm(product[:, m], boundary[-1].unsqueeze(-1)).squeeze(-1)
+        boundary.append(step / (at_boundaries[:, m] * step).sum(-1, keepdim=True).clamp_min(tiny))
     following = torch.stack(boundary[::-1], 1)  # [B, n, K]: beta_{(m+1)b}
-    inner_filters = filters[: n * block].view(n, block, batch, k)  # alpha_{mb+s-1} at [m, s - 1]
-    inner_scales = scales[1:].view(n, block, batch)  # c_{mb+s} at [m, s - 1]
+    if watch:  # where a state may be unreachable: its beta is set to 0 (alpha_{mb+s-1} at [m, s - 1])
+        inner_reached = (filters[: n * block] > 0).to(alpha.dtype).view(n, block, batch, k).transpose(0, 2)
     backward = [following]
     for s in range(block, 0, -1):  # beta_{mb+s-1} from beta_{mb+s}
-        p_s, e_s, valid = blocks.at(s)
-        c = inner_scales[:, s - 1].T.unsqueeze(-1)
-        step = _times_vectors(p_s, e_s * following) / torch.where(c > 0, c, torch.ones_like(c))
-        step = torch.where(inner_filters[:, s - 1].transpose(0, 1) > 0, step, torch.zeros_like(step))
+        p_s, w_s, valid = blocks.at(s)
+        step = _times_vectors(p_s, w_s * following)
+        if watch:
+            step = step * inner_reached[:, s - 1]
         following = step if valid is None else torch.where(valid.unsqueeze(-1), step, following)
         backward.append(following)
     # backward[i] holds beta at s = b - i; reversed and cut, s = 0 .. b - 1 (positions m b + s)
