@@ -466,9 +466,9 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
         return alpha0.unsqueeze(0), scale0.unsqueeze(0), emit_probs, None, log_shift, lost
     blocks = _Blocks(probs, emit_probs, mask, block)
     n = blocks.count
-    if watch:  # which emission scores are finite, as the blocks lay them out: [B, n, b, K]
+    if watch:  # tiny where the emission score is finite, else 0, as the blocks lay them out: [B, n, b, K]
         pad = (0, 0, 0, n * block - (steps - 1))
-        finite = torch.nn.functional.pad(emit[:, 1:] > float("-inf"), pad).view(batch, n, block, k)
+        floor = torch.nn.functional.pad((emit[:, 1:] > float("-inf")) * tiny, pad).view(batch, n, block, k)
         lost_rows = torch.zeros(batch, n, k, dtype=torch.bool, device=emit.device)  # row i of R_m lost mass
     product = torch.eye(k, dtype=emit.dtype, device=emit.device).expand(batch, n, k, k)
     log_rows = emit.new_zeros(batch, n, k)  # r_m: the log scale of each row of R'_m
@@ -477,8 +477,8 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
         if watch:
             reach = product @ p_s
             step = reach * e_s.unsqueeze(-2)  # times P_t diag(e_t)
-            possible = (reach > 0) & finite[:, :, s - 1].unsqueeze(-2) & (step < tiny)
-            lost_rows |= possible.any(-1) & (True if valid is None else valid.unsqueeze(-1))
+            rounded = ((reach > 0) & (step < floor[:, :, s - 1].unsqueeze(-2))).any(-1)  # a possible entry
+            lost_rows |= rounded if valid is None else rounded & valid.unsqueeze(-1)
         else:
             step = product @ (p_s * e_s.unsqueeze(-2))  # times P_t diag(e_t)
         if valid is not None:
@@ -489,26 +489,28 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
     # a dead row (no path from its state through the block) stays 0: its log scale is -inf
     log_rows = torch.where(product.sum(-1) > 0, log_rows, torch.full_like(log_rows, float("-inf")))
     lowest = torch.finfo(emit.dtype).min  # the shift of a dead chain's weights: they stay -inf
-    boundary = [alpha0]
+    boundary, weighed, reaching = [alpha0], [], []
     for m in range(n - 1):  # (2) the filters at the boundaries
         log_weights = torch.log(boundary[-1]) + log_rows[:, m]  # log alpha_{mb}(i) + r_m(i)
         weights = torch.exp(log_weights - log_weights.amax(-1, keepdim=True).clamp_min(lowest))
         reached = torch.bmm(weights.unsqueeze(1), product[:, m]).squeeze(1)
-        if watch:  # a row that lost mass, a weight or an entry rounded below the smallest normal number
-            rows_in = log_weights > float("-inf")
-            entries_in = torch.bmm(rows_in.to(reached.dtype).unsqueeze(1), (product[:, m] > 0).to(reached.dtype))
-            lost |= (rows_in & (lost_rows[:, m] | (weights < tiny))).any(-1)
-            lost |= ((entries_in.squeeze(1) > 0) & (reached < tiny)).any(-1)
         boundary.append(_normalised(reached, (-1,)))
+        weighed.append((log_weights > float("-inf")) & (lost_rows[:, m] | (weights < tiny)) if watch else None)
+        reaching.append(reached)
     previous = torch.stack(boundary, 1)  # [B, n, K]: alpha_{mb}
+    if watch and n > 1:  # a row that lost mass, or a weight or an entry rounded below the smallest normal number
+        rows_lost, reached = torch.stack(weighed, 1), torch.stack(reaching, 1)  # [B, n - 1, K]
+        rows_in = (previous[:, :-1] > 0) & (log_rows[:, : n - 1] > float("-inf"))
+        entries_in = (rows_in.to(reached.dtype).unsqueeze(-2) @ (product[:, : n - 1] > 0).to(reached.dtype)).squeeze(-2)
+        lost |= rows_lost.any(-1).any(-1) | ((entries_in > 0) & (reached < tiny)).any(-1).any(-1)
     alpha, scale = [], []
     for s in range(1, block + 1):  # (3) the filters inside the blocks
         p_s, e_s, valid = blocks.at(s)
         reach = _vectors_times(previous, p_s)
         a = reach * e_s
         if watch:
-            possible = ((reach > 0) & finite[:, :, s - 1] & (a < tiny)).any(-1)
-            lost |= (possible if valid is None else possible & valid).any(-1)
+            rounded = ((reach > 0) & (a < floor[:, :, s - 1])).any(-1)
+            lost |= (rounded if valid is None else rounded & valid).any(-1)
         c = a.sum(-1)
         if valid is None:
             previous = a / c.unsqueeze(-1).clamp_min(torch.finfo(a.dtype).tiny)
