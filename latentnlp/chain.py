@@ -428,15 +428,28 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
 
     With ``S_t = P_t diag(e_t)`` (the identity past the length) the filter is
     ``alpha_t \propto alpha_0 S_1 ... S_t``.  (1) The block products ``R_m = S_{mb+1} ... S_{mb+b}``
-    of all ``n`` blocks at once, ``b`` batched matrix products, each renormalised to sum 1;
+    of all ``n`` blocks at once, ``b`` batched matrix products, each row renormalised to sum 1;
     (2) the filters at the block boundaries, ``alpha_{(m+1)b} \propto alpha_{mb} R_m``, ``n``
     steps; (3) the filters inside every block at once from its first boundary, the scaled
     recursion ``a_t = (alpha_{t-1} P_t) * e_t``, ``c_t = sum a_t``, ``alpha_t = a_t / c_t``,
     ``b`` steps.  The shift of ``e_t`` is the largest emission score of step ``t`` (no
     reachability pass: a peak on a state the chain cannot be in costs precision, which the
-    underflow flag reports).  Returns ``alpha [T, B, K]``, ``scale [T, B]`` (the ``c_t``, 1 past
-    the length), ``emit_probs [B, T, K]``, the block products ``R [B, n, K, K]`` (None when
-    ``T = 1``) and ``log_shift [B]``: ``log Z = sum_t log c_t + log_shift + transition shifts``.
+    underflow flag reports).
+
+    Each row of a block product (one start state) is normalised on its own, its log scale kept:
+    ``R_m = diag(exp(r_m)) R'_m`` with the rows of ``R'_m`` summing to 1.  One normaliser for the
+    whole matrix would let the row of a start state whose paths through the block score far below
+    another's (a state that cannot reach the high emissions) fall below the smallest normal number,
+    and a boundary filter on that state would then come from subnormal numbers, or from none.  The
+    boundary step weighs the rows by ``alpha_{mb}(i) exp(r_m(i))`` shifted by its largest entry, so
+    the dominant row has weight 1.  Returns ``alpha [T, B, K]``, ``scale [T, B]`` (the ``c_t``, 1
+    past the length), ``emit_probs [B, T, K]``, the block products as ``(R' [B, n, K, K],
+    r [B, n, K])`` (None when ``T = 1``), ``log_shift [B]``:
+    ``log Z = sum_t log c_t + log_shift + transition shifts``, and ``lost [B]`` (bool), which marks,
+    as :func:`_scaled_forward`'s does and only where not every state is reachable, chains where a
+    state the chain can be in was rounded below the smallest normal number (at a step inside a
+    block, in a block product's row, or in a boundary's weight or entry): the paths through it are
+    gone, with no step normaliser small.
     """
     batch, steps, k = emit.shape
     shift = finite_max(emit, -1)
@@ -445,23 +458,59 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
     a = torch.exp(init - init_shift) * emit_probs[:, 0]
     log_shift = (shift.squeeze(-1) * mask).sum(-1) + init_shift.squeeze(-1)
     alpha0, scale0 = _normalised(a, (-1,)), a.sum(-1)
+    tiny = torch.finfo(emit.dtype).tiny
+    # as in _scaled_forward: lost mass is looked for only where a state may not be re-entered
+    watch = not (bool((init != float("-inf")).all()) and bool((probs > 0).all()))
+    lost = ((init + emit[:, 0] > float("-inf")) & (a < tiny)).any(-1) if watch else torch.zeros_like(mask[:, 0])
     if steps == 1:
-        return alpha0.unsqueeze(0), scale0.unsqueeze(0), emit_probs, None, log_shift
+        return alpha0.unsqueeze(0), scale0.unsqueeze(0), emit_probs, None, log_shift, lost
     blocks = _Blocks(probs, emit_probs, mask, block)
     n = blocks.count
+    if watch:  # tiny where the emission score is finite, else 0, as the blocks lay them out: [B, n, b, K]
+        pad = (0, 0, 0, n * block - (steps - 1))
+        floor = torch.nn.functional.pad((emit[:, 1:] > float("-inf")) * tiny, pad).view(batch, n, block, k)
+        lost_rows = torch.zeros(batch, n, k, dtype=torch.bool, device=emit.device)  # row i of R_m lost mass
     product = torch.eye(k, dtype=emit.dtype, device=emit.device).expand(batch, n, k, k)
+    log_rows = emit.new_zeros(batch, n, k)  # r_m: the log scale of each row of R'_m
     for s in range(1, block + 1):  # (1) the block products, all blocks at once
         p_s, e_s, valid = blocks.at(s)
-        step = product @ (p_s * e_s.unsqueeze(-2))  # times P_t diag(e_t)
-        product = _normalised(step if valid is None else torch.where(valid[..., None, None], step, product), (-1, -2))
-    boundary = [alpha0]
+        if watch:
+            reach = product @ p_s
+            step = reach * e_s.unsqueeze(-2)  # times P_t diag(e_t)
+            rounded = ((reach > 0) & (step < floor[:, :, s - 1].unsqueeze(-2))).any(-1)  # a possible entry
+            lost_rows |= rounded if valid is None else rounded & valid.unsqueeze(-1)
+        else:
+            step = product @ (p_s * e_s.unsqueeze(-2))  # times P_t diag(e_t)
+        if valid is not None:
+            step = torch.where(valid[..., None, None], step, product)
+        rows = step.sum(-1).clamp_min(tiny)  # padding rows sum to 1
+        product = step / rows.unsqueeze(-1)
+        log_rows += torch.log(rows)
+    # a dead row (no path from its state through the block) stays 0: its log scale is -inf
+    log_rows = torch.where(product.sum(-1) > 0, log_rows, torch.full_like(log_rows, float("-inf")))
+    lowest = torch.finfo(emit.dtype).min  # the shift of a dead chain's weights: they stay -inf
+    boundary, weighed, reaching = [alpha0], [], []
     for m in range(n - 1):  # (2) the filters at the boundaries
-        boundary.append(_normalised(torch.bmm(boundary[-1].unsqueeze(1), product[:, m]).squeeze(1), (-1,)))
+        log_weights = torch.log(boundary[-1]) + log_rows[:, m]  # log alpha_{mb}(i) + r_m(i)
+        weights = torch.exp(log_weights - log_weights.amax(-1, keepdim=True).clamp_min(lowest))
+        reached = torch.bmm(weights.unsqueeze(1), product[:, m]).squeeze(1)
+        boundary.append(_normalised(reached, (-1,)))
+        weighed.append((log_weights > float("-inf")) & (lost_rows[:, m] | (weights < tiny)) if watch else None)
+        reaching.append(reached)
     previous = torch.stack(boundary, 1)  # [B, n, K]: alpha_{mb}
+    if watch and n > 1:  # a row that lost mass, or a weight or an entry rounded below the smallest normal number
+        rows_lost, reached = torch.stack(weighed, 1), torch.stack(reaching, 1)  # [B, n - 1, K]
+        rows_in = (previous[:, :-1] > 0) & (log_rows[:, : n - 1] > float("-inf"))
+        entries_in = (rows_in.to(reached.dtype).unsqueeze(-2) @ (product[:, : n - 1] > 0).to(reached.dtype)).squeeze(-2)
+        lost |= rows_lost.any(-1).any(-1) | ((entries_in > 0) & (reached < tiny)).any(-1).any(-1)
     alpha, scale = [], []
     for s in range(1, block + 1):  # (3) the filters inside the blocks
         p_s, e_s, valid = blocks.at(s)
-        a = _vectors_times(previous, p_s) * e_s
+        reach = _vectors_times(previous, p_s)
+        a = reach * e_s
+        if watch:
+            rounded = ((reach > 0) & (a < floor[:, :, s - 1])).any(-1)
+            lost |= (rounded if valid is None else rounded & valid).any(-1)
         c = a.sum(-1)
         if valid is None:
             previous = a / c.unsqueeze(-1).clamp_min(torch.finfo(a.dtype).tiny)
@@ -477,35 +526,57 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
         torch.cat([alpha0.unsqueeze(0), alpha]),
         torch.cat([scale0.unsqueeze(0), scale]),
         emit_probs,
-        product,
+        (product, log_rows, watch),
         log_shift,
+        lost,
     )
 
 
 def _blocked_backward(alpha: Tensor, probs: Tensor, emit_probs: Tensor, scale: Tensor, mask: Tensor, product, block):
     r"""Backward pass of the blocked algorithm: ``gamma [T, B, K]`` and ``u [T, B, K]`` as :func:`_scaled_backward`.
 
-    Backward vectors in any positive scale, ``beta'_{t-1} \propto S_t beta'_t`` from
-    ``beta'_{T-1} = 1``: at the block boundaries through the saved block products,
-    ``beta'_{mb} \propto R_m beta'_{(m+1)b}`` (``n`` steps), then inside every block at once
-    (``b`` steps).  The scaled algorithm's ``beta_t`` is ``beta'_t / (alpha_t . beta'_t)``
-    (its marginals ``gamma_t = alpha_t * beta_t`` sum to 1), and ``u_t = e_t * beta_t / c_t``
-    (0 at ``t = 0`` and past the length).
+    The scaled algorithm's backward vectors, ``alpha_t . beta_t = 1`` at every ``t``, from
+    ``beta_{T-1} = 1``: at the block boundaries through the saved block products
+    (:func:`_blocked_forward`: ``R_m = diag(exp(r_m)) R'_m``),
+    ``beta_{mb} = R_m beta_{(m+1)b} / (alpha_{mb} . R_m beta_{(m+1)b})`` (``n`` steps), then inside
+    every block at once, ``beta_{t-1} = P_t (e_t * beta_t) / c_t`` (``b`` steps, the ``c_t`` of the
+    forward pass).  Normalising by the filter rather than by the vector's own sum keeps precise the
+    entries the marginals ``gamma_t = alpha_t * beta_t`` use: a sum would be set by a state the
+    chain cannot be in (an emission peak there), beside which the states it is in fall below the
+    smallest normal number.  Entries of states with ``alpha_t = 0`` are set to 0 (they meet only
+    zero probabilities, and would otherwise grow without bound); as in :func:`_scaled_backward`, an
+    entry can still overflow where the smoother puts its mass on a state the filter all but
+    excludes.  ``u_t = e_t * beta_t / c_t`` (0 at ``t = 0`` and past the length).
     """
     steps, batch, k = alpha.shape
-    blocks = _Blocks(probs, emit_probs, mask, block)
+    product, log_rows, watch = product
+    tiny = torch.finfo(alpha.dtype).tiny
+    padding = -(-(steps - 1) // block) * block + 1 - steps  # positions T .. n b: the identity, alpha frozen
+    filters = torch.cat([alpha, alpha[-1:].expand(padding, batch, k)])  # alpha_t, t = 0 .. n b
+    # u_t = e_t * beta_t / c_t: the weights e_t / c_t, laid out in blocks with the P_t (c_t = 1 past the length)
+    weights = emit_probs / scale.T.clamp_min(tiny).unsqueeze(-1)
+    blocks = _Blocks(probs, weights, mask, block)
     n = blocks.count
-    boundary = [alpha.new_ones(batch, k)]  # beta'_{nb} = 1: padding steps are the identity
+    at_boundaries = filters[::block].transpose(0, 1)  # [B, n + 1, K]: alpha_{mb}
+    # the rows' scales at the boundaries, 0 where the filter is: exp(r_m - max over the filter's states)
+    seen = torch.where(at_boundaries[:, :n] > 0, log_rows, torch.full_like(log_rows, float("-inf")))
+    rows = torch.exp(seen - seen.amax(-1, keepdim=True).clamp_min(torch.finfo(alpha.dtype).min))
+    boundary = [(at_boundaries[:, n] > 0).to(alpha.dtype)]  # beta_{nb} = 1 (0 where alpha is)
     for m in range(n - 1, 0, -1):
-        boundary.append(_normalised(torch.bmm(product[:, m], boundary[-1].unsqueeze(-1)).squeeze(-1), (-1,)))
-    following = torch.stack(boundary[::-1], 1)  # [B, n, K]: beta'_{(m+1)b}
+        step = rows[:, m] * torch.bmm(product[:, m], boundary[-1].unsqueeze(-1)).squeeze(-1)
+        boundary.append(step / (at_boundaries[:, m] * step).sum(-1, keepdim=True).clamp_min(tiny))
+    following = torch.stack(boundary[::-1], 1)  # [B, n, K]: beta_{(m+1)b}
+    if watch:  # where a state may be unreachable: its beta is set to 0 (alpha_{mb+s-1} at [m, s - 1])
+        inner_reached = (filters[: n * block] > 0).to(alpha.dtype).view(n, block, batch, k).transpose(0, 2)
     backward = [following]
-    for s in range(block, 0, -1):  # beta'_{mb+s-1} from beta'_{mb+s}
-        p_s, e_s, valid = blocks.at(s)
-        step = _normalised(_times_vectors(p_s, e_s * following), (-1,))
+    for s in range(block, 0, -1):  # beta_{mb+s-1} from beta_{mb+s}
+        p_s, w_s, valid = blocks.at(s)
+        step = _times_vectors(p_s, w_s * following)
+        if watch:
+            step = step * inner_reached[:, s - 1]
         following = step if valid is None else torch.where(valid.unsqueeze(-1), step, following)
         backward.append(following)
-    # backward[i] holds beta' at s = b - i; reversed and cut, s = 0 .. b - 1 (positions m b + s)
+    # backward[i] holds beta at s = b - i; reversed and cut, s = 0 .. b - 1 (positions m b + s)
     vectors = torch.stack(backward[::-1][:block])  # [b, B, n, K]
     beta = vectors.permute(2, 0, 1, 3).reshape(n * block, batch, k)[:steps]
     if beta.shape[0] < steps:  # T - 1 = n b: the last position is the final boundary
@@ -530,11 +601,11 @@ class _BlockedLogPartition(torch.autograd.Function):
     def forward(ctx, init, emit, lengths, block, transition, *parameters):
         mask = lengths_to_mask(lengths, emit.shape[1])
         probs = transition.probabilities()
-        alpha, scale, emit_probs, product, log_shift = _blocked_forward(init, probs.dense(), emit, mask, block)
+        alpha, scale, emit_probs, product, log_shift, lost = _blocked_forward(init, probs.dense(), emit, mask, block)
         log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
-        underflowed = _underflowed(scale, mask)
-        ctx.save_for_backward(alpha, scale, emit_probs, mask)
-        ctx.probs, ctx.product, ctx.block = probs, product, block
+        underflowed = _underflowed(scale, mask) | lost
+        ctx.save_for_backward(alpha, scale, emit_probs, mask, init, emit, lengths)
+        ctx.probs, ctx.product, ctx.block, ctx.transition = probs, product, block, transition
         final_filter = alpha[-1]
         ctx.mark_non_differentiable(final_filter, underflowed)
         return log_z.to(emit.dtype), final_filter, underflowed
@@ -542,17 +613,30 @@ class _BlockedLogPartition(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _grad_final_filter, _grad_underflowed):
-        alpha, scale, emit_probs, mask = ctx.saved_tensors
+        alpha, scale, emit_probs, mask, init, emit, lengths = ctx.saved_tensors
         probs = ctx.probs
         if ctx.product is None:  # T = 1
             gamma, u = alpha, torch.zeros_like(alpha)
         else:
             gamma, u = _blocked_backward(alpha, probs.dense(), emit_probs, scale, mask, ctx.product, ctx.block)
+        # as in _ScaledLogPartition.backward: rows whose backward overflowed get their gradient from log space
+        overflowed = ~torch.isfinite((gamma.sum(-1) + u.sum(-1)).sum(0))
+        redo = bool(overflowed.any())
+        if redo:
+            keep = ~overflowed.unsqueeze(-1)
+            gamma = torch.where(keep, gamma, torch.zeros_like(gamma))
+            u = torch.where(keep, u, torch.zeros_like(u))
         g = grad.unsqueeze(-1)
         grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
         grad_init = gamma[0] * g
-        grad_parameters = probs.parameter_gradients(alpha[:-1] * g, u[1:])
-        return (grad_init, grad_emit, None, None, None) + tuple(grad_parameters)
+        grad_parameters = tuple(probs.parameter_gradients(alpha[:-1] * g, u[1:]))
+        if redo:
+            rows = overflowed.nonzero().squeeze(-1)
+            redone = _log_space_gradient(init, emit, lengths, ctx.transition, grad, rows)
+            grad_init = grad_init.index_put((rows,), redone[0])
+            grad_emit = grad_emit.index_put((rows,), redone[1])
+            grad_parameters = tuple(a + b for a, b in zip(grad_parameters, redone[2:]))
+        return (grad_init, grad_emit, None, None, None) + grad_parameters
 
 
 def default_block(steps: int) -> int:
@@ -1028,14 +1112,14 @@ def blocked_forward_filter(
     (the boundary filters through the block products, then every block's inner filters at once;
     ``b`` the block, default :func:`default_block`, ``n = ceil((T-1)/b)``), so with
     :func:`backward_sample` it draws exact samples, the filter's share of the ``T`` steps cut
-    to ``O(sqrt T)``.  If some chain's step normaliser underflowed (:func:`_underflowed`, as
+    to ``O(sqrt T)``.  If some chain's step normaliser underflowed or its mass was lost (as
     :func:`blocked_log_partition` flags it), the batch is redone in log space, as
     :func:`forward_filter` does.  Dense: a low-rank transition is densified.
     """
     mask = lengths_to_mask(lengths, emit.shape[1])
     block = _block_size(block, emit.shape[1])
-    alpha, scale, _, _, _ = _blocked_forward(init, transition.probabilities().dense(), emit, mask, block)
-    if torch.isfinite(alpha).all() and not _underflowed(scale, mask).any():
+    alpha, scale, _, _, _, lost = _blocked_forward(init, transition.probabilities().dense(), emit, mask, block)
+    if torch.isfinite(alpha).all() and not (_underflowed(scale, mask) | lost).any():
         return safe_log(alpha.transpose(0, 1))
     return _log_space_filter(init, transition, emit, mask)
 
@@ -1153,7 +1237,7 @@ def blocked_entropy(
 
     Not differentiable (the blocked backward is first-order: :meth:`ChainPosterior.entropy` takes
     :func:`chain_entropy` when a gradient is needed).  ``flagged`` marks the chains whose result
-    should be recomputed by :func:`chain_entropy`: a step normaliser underflowed (as
+    should be recomputed by :func:`chain_entropy`: a step normaliser underflowed or mass was lost (as
     :func:`blocked_log_partition` flags it), some marginal ``gamma_t`` does not sum to 1 within
     ``sqrt(eps)`` (the backward lost precision), or the entropy is not finite.  Dense: a low-rank
     transition is densified (``P log P`` does not factor).
@@ -1164,7 +1248,7 @@ def blocked_entropy(
     block = _block_size(block, steps)
     mask = lengths_to_mask(lengths, steps)
     probs, shift = shifted_exp(trans, 2)
-    alpha, scale, emit_probs, product, _ = _blocked_forward(init, probs, emit, mask, block)
+    alpha, scale, emit_probs, product, _, lost = _blocked_forward(init, probs, emit, mask, block)
     if product is None:  # T = 1
         gamma, u = alpha, torch.zeros_like(alpha)
     else:
@@ -1187,7 +1271,7 @@ def blocked_entropy(
     entropy = log_z - first - emitted - moved
     tolerance = math.sqrt(torch.finfo(emit.dtype).eps)
     unnormalised = (((gamma.sum(-1) - 1).abs() > tolerance) & mask.T).any(0)
-    flagged = _underflowed(scale, mask) | unnormalised | ~torch.isfinite(entropy)
+    flagged = _underflowed(scale, mask) | lost | unnormalised | ~torch.isfinite(entropy)
     return entropy.to(emit.dtype), flagged
 
 
