@@ -544,7 +544,7 @@ class FactorialChainPosterior(Distribution):
             joint_init.reshape(batch, -1),
             product,
             emit.reshape(batch, steps, -1),
-            self.lengths,
+            None if lengths is None else self.lengths,  # None: no padding for the chain to zero
             method,
             validate_args=False,
         )

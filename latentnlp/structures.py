@@ -128,7 +128,8 @@ class ChainPosterior(Distribution):
                 f"{describe(emit)}, got {describe(init)}"
             )
         transition.check_shape(batch, steps, k)
-        if lengths is None:
+        full = lengths is None  # every chain has length T: no padding to zero
+        if full:
             lengths = torch.full((batch,), steps, dtype=torch.long, device=emit.device)
         if not isinstance(lengths, Tensor) or lengths.shape != (batch,) or lengths.is_floating_point():
             raise ValueError(
@@ -136,8 +137,7 @@ class ChainPosterior(Distribution):
                 + (f"{lengths.dtype} {describe(lengths)}" if isinstance(lengths, Tensor) else type(lengths).__name__)
             )
         lengths = lengths.to(device=emit.device, dtype=torch.long)
-        full = False
-        if validating and batch:
+        if validating and batch and not full:
             low, high = torch.stack([lengths.min(), lengths.max()]).tolist()
             if low < 1 or high > steps:
                 raise ValueError(f"lengths must lie in 1..T = 1..{steps}, got values from {low} to {high}")
@@ -155,7 +155,7 @@ class ChainPosterior(Distribution):
 
     def _check_finite(self) -> None:
         for name, x in (("init", self.init), ("emit", self.emit)):
-            if not bool((x < float("inf")).all()):  # one pass: False for NaN and +inf
+            if x.numel() and not bool(x.amax() < float("inf")):  # one reduction: False for NaN and +inf
                 bad = ~(x < float("inf"))
                 raise ValueError(
                     f"{name} ({describe(x)}) contains NaN or +inf at "
