@@ -177,7 +177,7 @@ class ProductTransition(Transition):
         def step(belief: Tensor, t: int) -> Tensor:
             x = belief
             for c, exponentiated in zip(self.chains, shared):
-                rotated = x.reshape(x.shape[0], k, -1).transpose(1, 2)  # [B, K^(L-1), K_from]
+                rotated = x.reshape(x.shape[0], k, belief.shape[-1] // k).transpose(1, 2)  # [B, K^(L-1), K_from]
                 if exponentiated is None:
                     x = LogSemiring.matmul(rotated, c.at(t))
                 else:
@@ -273,13 +273,13 @@ class _ProductProbabilities(TransitionProbabilities):
         laid, last = self._batched(batch, transpose), len(self.probs) - 1
         if batch not in self._buffers:
             self._buffers[batch] = (torch.empty_like(vector), torch.empty_like(vector))
-        buffers, x = self._buffers[batch], vector
+        buffers, x, rest = self._buffers[batch], vector, vector.shape[1] // k
         for ell in range(last + 1):
             step = laid[ell]
             if step is None:
                 step = self.at[ell][t].transpose(-1, -2) if transpose else self.at[ell][t]
             target = out if ell == last else buffers[ell % 2]
-            torch.bmm(x.view(batch, k, -1).transpose(1, 2), step, out=target.view(batch, -1, k))
+            torch.bmm(x.view(batch, k, rest).transpose(1, 2), step, out=target.view(batch, rest, k))
             x = target
         return out
 
@@ -303,11 +303,11 @@ class _ProductProbabilities(TransitionProbabilities):
                     batch = vector.shape[0]
                     if batch not in buffers:
                         buffers[batch] = (numpy.empty_like(vector), numpy.empty_like(vector))
-                    scratch, x = buffers[batch], vector
+                    scratch, x, rest = buffers[batch], vector, vector.shape[1] // k
                     for ell, m in enumerate(matrices):
                         target = out if ell == last else scratch[ell % 2]
                         into = m[t] if isinstance(m, tuple) else m
-                        matmul(x.reshape(batch, k, -1).swapaxes(1, 2), into, out=target.reshape(batch, -1, k))
+                        matmul(x.reshape(batch, k, rest).swapaxes(1, 2), into, out=target.reshape(batch, rest, k))
                         x = target
                     return out
 
@@ -373,7 +373,7 @@ class _ProductProbabilities(TransitionProbabilities):
         steps, batch, states = alpha.shape
         num_chains, k = len(self.probs), self.k
         grads = [torch.zeros_like(p) for p in self.probs]
-        chunk = max(1, min(math.ceil(steps / num_chains), GRADIENT_CHUNK_STATES // (batch * states)))
+        chunk = max(1, min(math.ceil(steps / num_chains), GRADIENT_CHUNK_STATES // max(1, batch * states)))
         buffers = alpha.new_empty(num_chains + 1, min(chunk, steps) * batch, states)
 
         def laid(ell: int, span: slice, n: int) -> Tensor:
@@ -387,13 +387,15 @@ class _ProductProbabilities(TransitionProbabilities):
             stop = min(steps, start + chunk)
             span, n = slice(start, stop), stop - start
             rows = n * batch
-            before = [alpha[span].reshape(rows, k, -1)]  # [N, K (axis l), rest]
+            before = [alpha[span].reshape(rows, k, states // k)]  # [N, K (axis l), rest]
             for ell in range(num_chains - 1):
-                x = torch.bmm(before[-1].transpose(1, 2), laid(ell, span, n), out=buffers[ell, :rows].view(rows, -1, k))
-                before.append(x.view(rows, k, -1))
+                x = torch.bmm(
+                    before[-1].transpose(1, 2), laid(ell, span, n), out=buffers[ell, :rows].view(rows, states // k, k)
+                )
+                before.append(x.view(rows, k, states // k))
             y = u[span].reshape(rows, states)
             for ell in reversed(range(num_chains)):
-                after = y.view(rows, -1, k)  # [N, rest, K (axis l)]
+                after = y.view(rows, states // k, k)  # [N, rest, K (axis l)]
                 statistics = torch.bmm(before[ell], after).view(n, batch, k, k)
                 if self.probs[ell].dim() == 4:
                     grads[ell][:, span] += statistics.transpose(0, 1)
@@ -403,7 +405,7 @@ class _ProductProbabilities(TransitionProbabilities):
                     grads[ell] += statistics.sum((0, 1))
                 if ell:
                     target = buffers[num_chains - 1 + ell % 2, :rows]
-                    y = torch.bmm(laid(ell, span, n), after.transpose(1, 2), out=target.view(rows, k, -1))
+                    y = torch.bmm(laid(ell, span, n), after.transpose(1, 2), out=target.view(rows, k, states // k))
         return tuple(p * g for p, g in zip(self.probs, grads))
 
 
@@ -541,9 +543,9 @@ class FactorialChainPosterior(Distribution):
         joint_init = sum(_on_axis(init[:, ell].to(dtype), ell, num_chains) for ell in range(num_chains))
         product = ProductTransition([t.dense().to(dtype) for t in transitions])
         self.chain = ChainPosterior(
-            joint_init.reshape(batch, -1),
+            joint_init.reshape(batch, k**num_chains),
             product,
-            emit.reshape(batch, steps, -1),
+            emit.reshape(batch, steps, k**num_chains),
             None if lengths is None else self.lengths,  # None: no padding for the chain to zero
             method,
             validate_args=False,
@@ -684,7 +686,7 @@ def factorial_viterbi(init: Tensor, transition: ProductTransition, emit: Tensor,
         for c in transition.chains:
             log = c.at(t)
             # [B, rest, K_from, K_to]: the chain's axis first, moved last, meets its transition
-            candidates = x.reshape(batch, k, -1).transpose(1, 2).unsqueeze(-1) + (
+            candidates = x.reshape(batch, k, size // k).transpose(1, 2).unsqueeze(-1) + (
                 log if log.dim() == 2 else log[:, None]
             )
             x, pointer = candidates.max(-2)  # [B, rest, K_to]

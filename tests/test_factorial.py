@@ -628,3 +628,17 @@ def test_probabilities_of_mixed_chain_layouts_equal_the_dense_product():
     expected = torch.autograd.grad(total, leaves)
     for grad, p, reference in zip(mixed.parameter_gradients(alpha, u), mixed.probs, expected):
         close(grad, p * reference)
+
+
+def test_empty_batch_gives_empty_results():
+    """B = 0: every member is an empty tensor of the right shape (no reshape or division error)."""
+    init = torch.zeros(2, 3).log_softmax(-1)
+    trans = torch.zeros(2, 3, 3).log_softmax(-1)
+    emit = torch.randn(0, 4, 3, 3, requires_grad=True)
+    p = FactorialChainPosterior(init, trans, emit)
+    assert p.log_partition.shape == (0,) and p.max.shape == (0,) and p.entropy().shape == (0,)
+    assert p.marginals.shape == (0, 4, 2, 3) and p.joint_marginals.shape == (0, 4, 3, 3)
+    assert p.argmax.shape == (0, 4, 2) and p.sample((2,)).shape == (2, 0, 4, 2)
+    assert p.log_prob(torch.zeros(0, 4, 2, dtype=torch.long)).shape == (0,)
+    p.log_partition.sum().backward()
+    assert emit.grad.shape == emit.shape
