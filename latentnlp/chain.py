@@ -318,6 +318,7 @@ class _ScaledLogPartition(torch.autograd.Function):
             keep = ~overflowed.unsqueeze(-1)
             gamma = torch.where(keep, gamma, torch.zeros_like(gamma))
             u = torch.where(keep, u, torch.zeros_like(u))
+            alpha = torch.where(keep, alpha, torch.zeros_like(alpha))  # a NaN filter times u = 0 is NaN
         g = grad.unsqueeze(-1)  # [B, 1]
         grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
         grad_init = gamma[0] * g
@@ -626,6 +627,7 @@ class _BlockedLogPartition(torch.autograd.Function):
             keep = ~overflowed.unsqueeze(-1)
             gamma = torch.where(keep, gamma, torch.zeros_like(gamma))
             u = torch.where(keep, u, torch.zeros_like(u))
+            alpha = torch.where(keep, alpha, torch.zeros_like(alpha))  # a NaN filter times u = 0 is NaN
         g = grad.unsqueeze(-1)
         grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
         grad_init = gamma[0] * g
