@@ -53,7 +53,7 @@ from torch import Tensor
 
 from .gumbel import gumbel_argmax
 from .masks import lengths_to_mask
-from .semirings import LogSemiring, expected_score, finite_max, safe_log
+from .semirings import LogSemiring, expected_score, finite_max, logsumexp, safe_log
 from .transitions import DenseTransition, Transition, TransitionProbabilities, shifted_exp
 
 ARRAY_LOOP_MAX_WORK = 2**18
@@ -318,6 +318,7 @@ class _ScaledLogPartition(torch.autograd.Function):
             keep = ~overflowed.unsqueeze(-1)
             gamma = torch.where(keep, gamma, torch.zeros_like(gamma))
             u = torch.where(keep, u, torch.zeros_like(u))
+            alpha = torch.where(keep, alpha, torch.zeros_like(alpha))  # a NaN filter times u = 0 is NaN
         g = grad.unsqueeze(-1)  # [B, 1]
         grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
         grad_init = gamma[0] * g
@@ -626,6 +627,7 @@ class _BlockedLogPartition(torch.autograd.Function):
             keep = ~overflowed.unsqueeze(-1)
             gamma = torch.where(keep, gamma, torch.zeros_like(gamma))
             u = torch.where(keep, u, torch.zeros_like(u))
+            alpha = torch.where(keep, alpha, torch.zeros_like(alpha))  # a NaN filter times u = 0 is NaN
         g = grad.unsqueeze(-1)
         grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
         grad_init = gamma[0] * g
@@ -1173,43 +1175,48 @@ def backward_sample(
 def chain_entropy(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor) -> Tensor:
     r"""Entropy of the chain distribution ``p(z) = exp(s(z) - log Z)``: ``[B]``, differentiable.
 
-    Uses the backward factorisation ``p(z) = p(z_{L-1}) prod_t p(z_{t-1} | z_t, x_{<t})`` with
-    ``w_t(i, j) = alpha_{t-1}(i) P_t(i, j) / c'_t(j)``, ``c'_t = alpha_{t-1} P_t``:
+    Uses the backward factorisation ``p(z) = p(z_{L-1}) prod_t p(z_{t-1} | z_t, x_{<t})`` with the
+    backward conditionals ``w_t(i, j) = alpha_{t-1}(i) P_t(i, j) / c'_t(j)``,
+    ``c'_t(j) = sum_i alpha_{t-1}(i) P_t(i, j)``:
 
-    ``H_t(j) = sum_i w_t(i, j) (H_{t-1}(i) - log w_t(i, j))``
-    ``       = [(alpha (H - log alpha)) P_t - alpha (P_t log P_t)]_j / c'_t(j) + log c'_t(j)``
+    ``H_t(j) = sum_i w_t(i, j) (H_{t-1}(i) - log w_t(i, j))``, ``H_0 = 0``, and
+    ``H = sum_j alpha_{L-1}(j) (H_{L-1}(j) - log alpha_{L-1}(j))``.
 
-    and ``H = sum_j alpha_{L-1}(j) (H_{L-1}(j) - log alpha_{L-1}(j))``: two matmuls a step.
-    (The formula is invariant to rescaling ``P_t``, so shifted exponentials are used.)
-    Dense: ``P log P`` of a low-rank ``P`` does not factor, so a low-rank transition is
-    densified (``O(K^2)`` memory, ``O(B K^2)`` a step).
+    All in log space: ``log w_t(i, j) = log alpha_{t-1}(i) + trans_t[i, j] - log c'_t(j)`` with
+    ``log c'_t(j)`` a logsumexp over ``i`` shifted per column ``j`` (``[B, K, K]`` a step,
+    ``O(B K^2)`` exponentials), and the filter ``log alpha_t = log c'_t + emit_t`` normalised by
+    a logsumexp.  Each ``w_t(i, j)`` and ``log w_t(i, j)`` is so exact to rounding, however far a
+    path's score is below the others, and every term of the sums is ``>= 0``: the entropy is
+    finite and ``>= 0`` in float32 as in float64, with a relative error of ``O(T K eps)``.  Terms
+    of zero weight (structural zeros, ``-inf`` scores) are left out, value and gradient (0, never
+    NaN).  Dense: ``P log P`` of a low-rank ``P`` does not factor, so a low-rank transition is
+    densified (``O(K^2)`` memory).
     """
     mask = lengths_to_mask(lengths, emit.shape[1])
-    probs, _ = shifted_exp(transition.dense(), 2)
-    log_probs = safe_log(probs)
-    probs_log_probs = probs * torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))
-    a, _ = _reachable_shift((init != float("-inf")).to(emit.dtype), init + emit[:, 0])
-    alpha = a / a.sum(-1, keepdim=True)
-    entropy_to = torch.zeros_like(alpha)
+    trans = transition.dense()
+
+    def normalised(log_a: Tensor) -> Tensor:
+        total = logsumexp(log_a, -1).unsqueeze(-1)
+        return log_a - torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+
+    def weighted(log_w: Tensor, entropy: Tensor, dim: int) -> Tensor:
+        """``sum_dim w (entropy - log w)`` over the entries of nonzero ``w = exp(log w)``."""
+        kept = log_w > float("-inf")
+        finite_log_w = torch.where(kept, log_w, torch.zeros_like(log_w))
+        terms = torch.exp(finite_log_w) * (entropy - finite_log_w)
+        return torch.where(kept, terms, torch.zeros_like(terms)).sum(dim)
+
+    log_alpha = normalised(init + emit[:, 0])
+    entropy_to = torch.zeros_like(log_alpha)
     for t in range(1, emit.shape[1]):
-        probs_t, plogp_t = _dense_at(probs, t), _dense_at(probs_log_probs, t)
-        log_alpha = safe_log(alpha)
-        finite_log_alpha = torch.where(alpha > 0, log_alpha, torch.zeros_like(log_alpha))
-        reach = _vector_times_matrix(alpha, probs_t)  # c'_t [B, K]
-        reachable = reach > 0
-        safe_reach = torch.where(reachable, reach, torch.ones_like(reach))
-        carried = _vector_times_matrix(alpha * (entropy_to - finite_log_alpha), probs_t)
-        carried = carried - _vector_times_matrix(alpha, plogp_t)
-        new_entropy = torch.where(reachable, carried / safe_reach + torch.log(safe_reach), torch.zeros_like(reach))
-        e_t, _ = _reachable_shift(reach, emit[:, t])
-        a = reach * e_t
-        new_alpha = a / a.sum(-1, keepdim=True)
+        scores = log_alpha.unsqueeze(-1) + _dense_at(trans, t)  # log alpha_{t-1}(i) + trans_t[i, j]: [B, K, K]
+        log_reach = logsumexp(scores, -2)  # log c'_t [B, K]
+        reach_shift = torch.where(torch.isfinite(log_reach), log_reach, torch.zeros_like(log_reach))
+        new_entropy = weighted(scores - reach_shift.unsqueeze(-2), entropy_to.unsqueeze(-1), -2)
         valid = mask[:, t].unsqueeze(-1)
-        alpha = torch.where(valid, new_alpha, alpha)
+        log_alpha = torch.where(valid, normalised(log_reach + emit[:, t]), log_alpha)
         entropy_to = torch.where(valid, new_entropy, entropy_to)
-    log_alpha = safe_log(alpha)
-    finite_log_alpha = torch.where(alpha > 0, log_alpha, torch.zeros_like(log_alpha))
-    return (alpha * (entropy_to - finite_log_alpha)).sum(-1)
+    return weighted(log_alpha, entropy_to, -1)
 
 
 @torch.no_grad()

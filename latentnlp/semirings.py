@@ -20,6 +20,8 @@ backtracking recomputes for the chosen state only).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -43,6 +45,39 @@ def finite_max(x: Tensor, dim: int) -> Tensor:
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
+class Exponentiated(NamedTuple):
+    """The right operand ``b [..., K, N]`` of :meth:`LogSemiring.matmul` prepared once for many products.
+
+    ``probs = exp(b - shift - rows)`` with ``shift [..., 1, N]`` the max of each column of ``b`` and
+    ``rows [..., 1, K]`` the max of each row of ``b - shift`` (``-inf`` for a row of ``-inf``); ``log``
+    is ``b`` itself (for the exact products the shifted one cannot give) and ``support`` the
+    indicator ``b > -inf`` in ``b``'s dtype.
+    """
+
+    probs: Tensor
+    shift: Tensor
+    rows: Tensor
+    log: Tensor
+    support: Tensor
+
+
+_EXACT_CHUNK = 1 << 22
+"""The most elements of one ``[..., M, k, N]`` broadcast in :func:`_exact_log_matmul` (16 MiB in float32)."""
+
+
+def _exact_log_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``C_ij = logsumexp_k(a_ik + b_kj)`` with a shift per ``(i, j)``, as a broadcast over the
+    contracted axis in chunks of at most ``_EXACT_CHUNK`` elements: each entry is exact to rounding
+    (``-inf`` with gradient 0 where every term is ``-inf``), ``O(M K N)`` exponentials."""
+    size = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]).numel() * a.shape[-2] * b.shape[-1]
+    width = max(1, _EXACT_CHUNK // max(size, 1))
+    parts = [
+        logsumexp(a[..., start : start + width].unsqueeze(-1) + b[..., start : start + width, :].unsqueeze(-3), -2)
+        for start in range(0, a.shape[-1], width)
+    ]
+    return parts[0] if len(parts) == 1 else logsumexp(torch.stack(parts, -1), -1)
+
+
 class LogSemiring:
     """``(logsumexp, +)``: sums over paths of exponentiated scores, in log space."""
 
@@ -52,42 +87,54 @@ class LogSemiring:
 
     @staticmethod
     def matmul(a: Tensor, b: Tensor) -> Tensor:
-        """``C_ij = log sum_k exp(a_ik + b_kj)`` by the shift-exp-matmul trick.
+        """``C_ij = log sum_k exp(a_ik + b_kj)``, every entry exact to rounding (:meth:`matmul_exponentiated`).
 
-        ``a [..., M, K]``, ``b [..., K, N]`` -> ``[..., M, N]``.  ``b`` is shifted by the max of
-        each column and then of each row (:meth:`exponentiate`), ``a`` by the max of
-        ``a_ik + (row shift of b)_k``, so the product is one BLAS call on numbers in ``[0, 1]``
-        whose largest term is 1; memory is that of the operands.
+        ``a [..., M, K]``, ``b [..., K, N]`` -> ``[..., M, N]``.
         """
         return LogSemiring.matmul_exponentiated(a, *LogSemiring.exponentiate(b))
 
     @staticmethod
-    def exponentiate(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The right operand of :meth:`matmul` in probability space: ``(exp(b - s - r), s, r)``.
+    def exponentiate(b: Tensor) -> Exponentiated:
+        """The right operand of :meth:`matmul` in probability space (:class:`Exponentiated`).
 
-        ``s [..., 1, N]`` is the max of each column of ``b`` and ``r [..., 1, K]`` the max of each
-        row of ``b - s`` (``-inf`` for a row of ``-inf``, whose probabilities are 0), so every row
-        that reaches a column has largest entry 1.  A matrix used by many products is
-        exponentiated once.
+        Every row of ``probs`` that reaches a column has largest entry 1.  A matrix used by many
+        products is exponentiated once.
         """
         b_shift = finite_max(b, -2)
         centred = b - b_shift
         rows = centred.detach().amax(-1, keepdim=True)  # [..., K, 1]
         probs = torch.exp(centred - torch.where(torch.isfinite(rows), rows, torch.zeros_like(rows)))
-        return probs, b_shift, rows.transpose(-1, -2)
+        support = (b.detach() > float("-inf")).to(b.dtype)
+        return Exponentiated(probs, b_shift, rows.transpose(-1, -2), b, support)
 
     @staticmethod
-    def matmul_exponentiated(a: Tensor, b_probs: Tensor, b_shift: Tensor, b_rows: Tensor) -> Tensor:
-        """:meth:`matmul` of ``a`` and the matrix ``b`` given as :meth:`exponentiate` returns it.
+    def matmul_exponentiated(
+        a: Tensor, b_probs: Tensor, b_shift: Tensor, b_rows: Tensor, b: Tensor, b_support: Tensor
+    ) -> Tensor:
+        r""":meth:`matmul` of ``a`` and the matrix ``b`` given as :meth:`exponentiate` returns it.
 
-        ``sum_k exp(a_ik + r_k - m_i) exp(b_kj - s_j - r_k)`` with ``m_i = max_k (a_ik + r_k)``: a
-        large entry of ``a`` on a row of ``b`` that is far below the others (or ``-inf``) neither
-        sets the shift nor underflows the terms that matter, which would leave a subnormal sum
-        whose log has an infinite gradient.
+        Fast path, one BLAS product: ``S_ij = sum_k exp(a_ik + r_k - m_i) exp(b_kj - s_j - r_k)``
+        with ``m_i = max_k (a_ik + r_k)``, ``C_ij = log S_ij + m_i + s_j``.  Its factors lie in
+        ``[0, 1]``, so a term it loses to underflow is below the smallest normal number ``tiny``
+        and an entry with ``S_ij >= K tiny / eps`` (:func:`latentnlp.chain.underflow_threshold`
+        times ``K``) is exact to rounding.  An entry below that bound whose terms are not all
+        ``-inf`` (a path, of log-mass far below its row's maximum, that is the only way into
+        column ``j``: one shift per row loses it, and with it whole chains in float32) is
+        recomputed by the exact ``logsumexp_k`` with a shift per ``(i, j)`` (the broadcast
+        ``[..., M, K, N]``, chunked), so every entry is exact to rounding, in value and gradient;
+        an entry with no finite term is ``-inf`` with gradient 0.
         """
         weighted = a + b_rows
         a_shift = finite_max(weighted, -1)
-        return safe_log(torch.matmul(torch.exp(weighted - a_shift), b_probs)) + a_shift + b_shift
+        product = torch.matmul(torch.exp(weighted - a_shift), b_probs)
+        info = torch.finfo(product.dtype)
+        low = product < a.shape[-1] * info.tiny / info.eps
+        if bool(low.any()):
+            low = low & (torch.matmul((a.detach() > float("-inf")).to(b_support.dtype), b_support) > 0)
+        if not bool(low.any()):
+            return safe_log(product) + a_shift + b_shift
+        fast = safe_log(torch.where(low, torch.ones_like(product), product)) + a_shift + b_shift
+        return torch.where(low, _exact_log_matmul(a, b), fast)
 
 
 class MaxSemiring:
