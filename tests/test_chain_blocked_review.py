@@ -83,8 +83,8 @@ def test_mass_a_left_to_right_chain_loses_is_flagged():
     of state 0, the one the best paths stay in, falls below the smallest normal number beside state 2's
     and is rounded away, with no step normaliser small (the blocked log Z was 3,000 nats off,
     unflagged): the blocked kernels flag it as the scaled algorithm does, and ``method="auto"``, which
-    takes them here, gives what the scaled algorithm and its fallbacks give.  (Float64 gets the chain
-    right; so, here, does no float32 kernel.)"""
+    takes them here, gives what the scaled algorithm and its fallbacks give.  (The float32 log-space
+    fallback now gets it right too: tests/test_chain_float32_fallback.py.)"""
     steps = 2048
     gen = torch.Generator().manual_seed(3)
     trans = torch.tensor([[-0.1, -3.0, -3.0], [NINF, -0.1, -3.0], [NINF, NINF, 0.0]], dtype=F64)
@@ -158,4 +158,4 @@ def test_auto_entropy_is_the_recursions(batch, steps, k, scale, trans_kind, zero
     entropy = narrow.entropy()
     torch.testing.assert_close(entropy[~flagged].double(), reference[~flagged], rtol=1e-4, atol=1e-3)
     recursion = chain.chain_entropy(narrow.init, narrow.transition, narrow.emit, narrow.lengths)
-    torch.testing.assert_close(entropy[flagged], recursion[flagged], equal_nan=True)  # NaN: float32 recursion
+    torch.testing.assert_close(entropy[flagged], recursion[flagged], equal_nan=True)  # flagged: the recursion's value
