@@ -707,6 +707,12 @@ def prefers_blocked(transition: Transition, emit: Tensor) -> bool:
     1.26; 1.29 in an earlier run), outside the rule (max-plus products have no BLAS); sampling 0.83
     and 0.74 inside the rule, 0.99-1.01 outside it: the backward sampling's ``T - 1`` steps, the
     same in both, are most of its time.
+
+    These ratios predate the blocked forward's per-row block normalisation and lost-mass checks
+    (the float32 fixes), which made it 1.3-1.4x slower (1.8-2.4x with structural zeros); remeasured
+    after them, inside the rule it still took 0.58-0.60 of the sequential kernels' time (0.25-0.82
+    with structural zeros; ``docs/benchmarks.md``, a loaded machine).  The bound has not been
+    remeasured since.
     """
     batch, steps, k = emit.shape
     return (
@@ -738,6 +744,11 @@ def prefers_blocked_entropy(transition: Transition, emit: Tensor) -> bool:
     it the block products' ``K^3`` loses: 1.42 at ``(16, 64, 64)``, 6.2 at ``(16, 64, 128)``, 25 at
     ``(8, 256, 256)``, 27 at ``(4, 128, 512)``.  Elsewhere (other devices, low-rank transitions)
     the recursion: the blocked kernels have not been measured on a GPU.
+
+    Both sides have changed since: the blocked kernels' float32 fixes cost 1.3-2.4x, and the
+    recursion now runs in log space (0.8-4.6x its former time, more at large ``K``), so at
+    ``(16, 64, 32)`` with structural zeros the blocked entropy measured 1.07 of the recursion's
+    time before the recursion's change; the bound has not been remeasured against the new recursion.
     """
     batch, _, k = emit.shape
     return (
