@@ -307,29 +307,43 @@ class _ScaledLogPartition(torch.autograd.Function):
         alpha, scale, emit_probs, mask, init, emit, lengths = ctx.saved_tensors
         probs = ctx.probs
         gamma, u = _scaled_backward(alpha, probs, emit_probs, scale, mask)
-        # beta_t = gamma_t / alpha_t overflows where the smoother puts its mass on a state the filter
-        # all but excludes (no step normaliser is small then, so the forward cannot flag it): such
-        # rows get their gradient from the log-space recursion.  One check after the recursion, by a
-        # sum (inf and NaN propagate; a sum of huge finite u that overflows only costs a redo), which
-        # is an order of magnitude cheaper than isfinite().all() over [T, B, K].
-        overflowed = ~torch.isfinite((gamma.sum(-1) + u.sum(-1)).sum(0))
-        redo = bool(overflowed.any())
-        if redo:
-            keep = ~overflowed.unsqueeze(-1)
-            gamma = torch.where(keep, gamma, torch.zeros_like(gamma))
-            u = torch.where(keep, u, torch.zeros_like(u))
-            alpha = torch.where(keep, alpha, torch.zeros_like(alpha))  # a NaN filter times u = 0 is NaN
-        g = grad.unsqueeze(-1)  # [B, 1]
-        grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
-        grad_init = gamma[0] * g
-        grad_parameters = tuple(probs.parameter_gradients(alpha[:-1] * g, u[1:]))
-        if redo:
-            rows = overflowed.nonzero().squeeze(-1)
-            redone = _log_space_gradient(init, emit, lengths, ctx.transition, grad, rows)
-            grad_init = grad_init.index_put((rows,), redone[0])
-            grad_emit = grad_emit.index_put((rows,), redone[1])
-            grad_parameters = tuple(a + b for a, b in zip(grad_parameters, redone[2:]))
+        grad_init, grad_emit, grad_parameters = _smoother_gradients(
+            grad, alpha, gamma, u, mask, probs, ctx.transition, init, emit, lengths
+        )
         return (grad_init, grad_emit, None, None) + grad_parameters
+
+
+def _smoother_gradients(grad, alpha, gamma, u, mask, probs, transition, init, emit, lengths):
+    r"""The gradient of ``sum_b grad[b] log Z[b]`` from a probability-space smoother: ``(init [B, K],
+    emit [B, T, K], transition parameter gradients)``.
+
+    ``d log Z / d emit_t = gamma_t`` (inside the length), ``d log Z / d init = gamma_0``, and the
+    transition's from its filters and backward weights (``alpha [T, B, K]``, ``u [T, B, K]``,
+    :meth:`TransitionProbabilities.parameter_gradients`).  ``beta_t = gamma_t / alpha_t`` overflows
+    where the smoother puts its mass on a state the filter all but excludes (no step normaliser is
+    small then, so the forward cannot flag it): such rows get their gradient from the log-space
+    recursion (:func:`_log_space_gradient`).  One check, by a sum (inf and NaN propagate; a sum of
+    huge finite ``u`` that overflows only costs a redo), an order of magnitude cheaper than
+    ``isfinite().all()`` over ``[T, B, K]``.
+    """
+    overflowed = ~torch.isfinite((gamma.sum(-1) + u.sum(-1)).sum(0))
+    redo = bool(overflowed.any())
+    if redo:
+        keep = ~overflowed.unsqueeze(-1)
+        gamma = torch.where(keep, gamma, torch.zeros_like(gamma))
+        u = torch.where(keep, u, torch.zeros_like(u))
+        alpha = torch.where(keep, alpha, torch.zeros_like(alpha))  # a NaN filter times u = 0 is NaN
+    g = grad.unsqueeze(-1)  # [B, 1]
+    grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
+    grad_init = gamma[0] * g
+    grad_parameters = tuple(probs.parameter_gradients(alpha[:-1] * g, u[1:]))
+    if redo:
+        rows = overflowed.nonzero().squeeze(-1)
+        redone = _log_space_gradient(init, emit, lengths, transition, grad, rows)
+        grad_init = grad_init.index_put((rows,), redone[0])
+        grad_emit = grad_emit.index_put((rows,), redone[1])
+        grad_parameters = tuple(a + b for a, b in zip(grad_parameters, redone[2:]))
+    return grad_init, grad_emit, grad_parameters
 
 
 def _log_space_gradient(
@@ -620,24 +634,9 @@ class _BlockedLogPartition(torch.autograd.Function):
             gamma, u = alpha, torch.zeros_like(alpha)
         else:
             gamma, u = _blocked_backward(alpha, probs.dense(), emit_probs, scale, mask, ctx.product, ctx.block)
-        # as in _ScaledLogPartition.backward: rows whose backward overflowed get their gradient from log space
-        overflowed = ~torch.isfinite((gamma.sum(-1) + u.sum(-1)).sum(0))
-        redo = bool(overflowed.any())
-        if redo:
-            keep = ~overflowed.unsqueeze(-1)
-            gamma = torch.where(keep, gamma, torch.zeros_like(gamma))
-            u = torch.where(keep, u, torch.zeros_like(u))
-            alpha = torch.where(keep, alpha, torch.zeros_like(alpha))  # a NaN filter times u = 0 is NaN
-        g = grad.unsqueeze(-1)
-        grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
-        grad_init = gamma[0] * g
-        grad_parameters = tuple(probs.parameter_gradients(alpha[:-1] * g, u[1:]))
-        if redo:
-            rows = overflowed.nonzero().squeeze(-1)
-            redone = _log_space_gradient(init, emit, lengths, ctx.transition, grad, rows)
-            grad_init = grad_init.index_put((rows,), redone[0])
-            grad_emit = grad_emit.index_put((rows,), redone[1])
-            grad_parameters = tuple(a + b for a, b in zip(grad_parameters, redone[2:]))
+        grad_init, grad_emit, grad_parameters = _smoother_gradients(
+            grad, alpha, gamma, u, mask, probs, ctx.transition, init, emit, lengths
+        )
         return (grad_init, grad_emit, None, None, None) + grad_parameters
 
 
