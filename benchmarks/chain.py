@@ -621,7 +621,10 @@ def viterbi_benchmark(args, sizes) -> tuple[list, str]:
     return results, table
 
 
-def viterbi_main(args, sizes) -> int:
+def _side_by_side(args, sizes, benchmark, default_out, title: str, settings: dict, described: dict) -> list:
+    """Run ``benchmark(args, sizes)`` (a side-by-side comparison of alternating repeats in one process),
+    print its table, and write the JSON (machine, settings common to these comparisons plus
+    ``settings``, ``described``, results, table) to ``args.out`` or ``default_out`` (none with ``--quick``)."""
     info = machine_info(args)
     print(
         f"# {info['cpu_model']}, {info['cpu_count']} CPUs, torch {info['versions']['torch']}, "
@@ -629,13 +632,13 @@ def viterbi_main(args, sizes) -> int:
         f"load average {info['load_average_start'][0]:.2f}",
         flush=True,
     )
-    results, table = viterbi_benchmark(args, sizes)
+    results, table = benchmark(args, sizes)
     print(table)
     info["load_average_end"] = list(os.getloadavg())
-    out = args.out or (None if args.quick else VITERBI_OUT)
+    out = args.out or (None if args.quick else default_out)
     if out:
         doc = {
-            "benchmark": "Viterbi decoding, ChainPosterior.argmax against pytorch-crf CRF.decode",
+            "benchmark": title,
             "date": utc_now(),
             "machine": info,
             "settings": {
@@ -644,16 +647,31 @@ def viterbi_main(args, sizes) -> int:
                 "seed": SEED,
                 "trans": "shared [K, K], all lengths T",
                 "statistic": "fastest and median of alternating repeats in one process, after one warm-up call",
-                "outputs": "latentnlp a [B, T] tensor, pytorch-crf Python lists (latentnlp-argmax-lists: "
-                "tensor then .tolist())",
+                **settings,
             },
-            "rows": VITERBI_ROWS,
+            **described,
             "results": results,
             "table": table,
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"# wrote {out}")
+    return results
+
+
+def viterbi_main(args, sizes) -> int:
+    results = _side_by_side(
+        args,
+        sizes,
+        viterbi_benchmark,
+        VITERBI_OUT,
+        "Viterbi decoding, ChainPosterior.argmax against pytorch-crf CRF.decode",
+        {
+            "outputs": "latentnlp a [B, T] tensor, pytorch-crf Python lists (latentnlp-argmax-lists: "
+            "tensor then .tolist())"
+        },
+        {"rows": VITERBI_ROWS},
+    )
     return 0 if all(r["paths_agree"] for r in results) else 1
 
 
@@ -728,38 +746,15 @@ def decode_benchmark(args, sizes) -> tuple[list, str]:
 
 
 def decode_main(args, sizes) -> int:
-    info = machine_info(args)
-    print(
-        f"# {info['cpu_model']}, {info['cpu_count']} CPUs, torch {info['versions']['torch']}, "
-        f"{args.threads} thread(s), {args.repeats} alternating repeats, "
-        f"load average {info['load_average_start'][0]:.2f}",
-        flush=True,
+    results = _side_by_side(
+        args,
+        sizes,
+        decode_benchmark,
+        DECODE_OUT,
+        "blocked Viterbi, FFBS sampling and entropy against the sequential kernels",
+        {"sample": "one path per chain", "note": args.note},
+        {"kernels": {kernel: DECODE_KERNELS[kernel] for kernel in args.kernels}},
     )
-    results, table = decode_benchmark(args, sizes)
-    print(table)
-    info["load_average_end"] = list(os.getloadavg())
-    out = args.out or (None if args.quick else DECODE_OUT)
-    if out:
-        doc = {
-            "benchmark": "blocked Viterbi, FFBS sampling and entropy against the sequential kernels",
-            "date": utc_now(),
-            "machine": info,
-            "settings": {
-                "repeats": args.repeats,
-                "dtype": "float32",
-                "seed": SEED,
-                "trans": "shared [K, K], all lengths T",
-                "statistic": "fastest and median of alternating repeats in one process, after one warm-up call",
-                "sample": "one path per chain",
-                "note": args.note,
-            },
-            "kernels": {kernel: DECODE_KERNELS[kernel] for kernel in args.kernels},
-            "results": results,
-            "table": table,
-        }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"# wrote {out}")
     return 0 if all(all(r["agree"].values()) for r in results) else 1
 
 
