@@ -1198,9 +1198,9 @@ def chain_entropy(init: Tensor, transition: Transition, emit: Tensor, lengths: T
     a logsumexp.  Each ``w_t(i, j)`` and ``log w_t(i, j)`` is so exact to rounding, however far a
     path's score is below the others, and every term of the sums is ``>= 0``: the entropy is
     finite and ``>= 0`` in float32 as in float64, with a relative error of ``O(T K eps)``.  Terms
-    of zero weight (structural zeros, ``-inf`` scores) are left out, value and gradient (0, never
-    NaN).  Dense: ``P log P`` of a low-rank ``P`` does not factor, so a low-rank transition is
-    densified (``O(K^2)`` memory).
+    of zero or subnormal weight (structural zeros, ``-inf`` scores, ``w`` below the dtype's smallest
+    normal number) are left out, value and gradient (0, never NaN).  Dense: ``P log P`` of a
+    low-rank ``P`` does not factor, so a low-rank transition is densified (``O(K^2)`` memory).
     """
     mask = lengths_to_mask(lengths, emit.shape[1])
     trans = transition.dense()
@@ -1209,9 +1209,14 @@ def chain_entropy(init: Tensor, transition: Transition, emit: Tensor, lengths: T
         total = logsumexp(log_a, -1).unsqueeze(-1)
         return log_a - torch.where(torch.isfinite(total), total, torch.zeros_like(total))
 
+    # weights below the smallest normal number are left out: each term is under tiny * (H - log w),
+    # beneath the resolution of any entropy the dtype can hold, and exp() of such arguments takes
+    # a subnormal slow path (about 100x a normal one on the CPU)
+    smallest_log_weight = math.log(torch.finfo(emit.dtype).tiny)
+
     def weighted(log_w: Tensor, entropy: Tensor, dim: int) -> Tensor:
-        """``sum_dim w (entropy - log w)`` over the entries of nonzero ``w = exp(log w)``."""
-        kept = log_w > float("-inf")
+        """``sum_dim w (entropy - log w)`` over the entries of normal ``w = exp(log w)``."""
+        kept = log_w > smallest_log_weight
         finite_log_w = torch.where(kept, log_w, torch.zeros_like(log_w))
         terms = torch.exp(finite_log_w) * (entropy - finite_log_w)
         return torch.where(kept, terms, torch.zeros_like(terms)).sum(dim)
