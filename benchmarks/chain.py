@@ -758,6 +758,16 @@ def decode_main(args, sizes) -> int:
     return 0 if all(all(r["agree"].values()) for r in results) else 1
 
 
+def _grid(args, default: list, quick_steps: int) -> list:
+    """The ``(B, T, K)`` sizes of a comparison: ``--sizes`` ("BxTxK,..."), else ``default``; with
+    ``--quick`` each default size's ``K`` at ``B = 2``, ``T = quick_steps``."""
+    if args.quick:
+        return [(2, quick_steps, K) for _, _, K in default]
+    if not args.sizes:
+        return default
+    return [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes.split(",")]
+
+
 def machine_info(args) -> dict:
     import numpy
     import torch
@@ -842,26 +852,13 @@ def main(argv=None):
             args.threads = 1
         if args.repeats is None:
             args.repeats = 2 if args.quick else 30
-        sizes = (
-            [(2, 8, K) for _, _, K in VITERBI_SIZES]
-            if args.quick
-            else VITERBI_SIZES
-            if not args.sizes
-            else [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
-        )
-        return viterbi_main(args, sizes)
+        return viterbi_main(args, _grid(args, VITERBI_SIZES, quick_steps=8))
     if args.decode:
         if args.threads is None:
             args.threads = THREADS
         if args.repeats is None:
             args.repeats = 2 if args.quick else 5
-        sizes = (
-            [(2, 64, K) for _, _, K in DECODE_SIZES]
-            if args.quick
-            else DECODE_SIZES
-            if not args.sizes
-            else [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
-        )
+        sizes = _grid(args, DECODE_SIZES, quick_steps=64)
         args.kernels = list(DECODE_KERNELS) if not args.kernels else args.kernels.split(",")
         for kernel in args.kernels:
             if kernel not in DECODE_KERNELS:
