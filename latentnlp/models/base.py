@@ -58,6 +58,24 @@ def language_model_targets(batch: Batch) -> tuple[Tensor, Tensor]:
     return targets, lengths
 
 
+def check_language_model_values(targets: Tensor, lengths: Tensor, vocab_size: int, ids_note: str = "") -> None:
+    """Lengths in ``1..T`` and ids in ``0..V-1`` of a language-model batch whose padding (and any
+    ignored target) is already id 0, in one synchronisation; ``ValueError`` naming the range seen,
+    with ``ids_note`` after the ids' range (e.g. what else an id may be)."""
+    if not targets.numel():
+        return
+    steps = targets.shape[1]
+    low_len, high_len, low_id, high_id = torch.stack(
+        [lengths.min(), lengths.max(), targets.min(), targets.max()]
+    ).tolist()
+    if low_len < 1 or high_len > steps:
+        raise ValueError(f"batch['lengths'] must lie in 1..T = 1..{steps}, got {low_len}..{high_len}")
+    if low_id < 0 or high_id >= vocab_size:
+        raise ValueError(
+            f"batch['targets'] must lie in 0..V-1 = 0..{vocab_size - 1}{ids_note}, got {low_id}..{high_id}"
+        )
+
+
 class LatentModel(nn.Module):
     """Base class: a latent-variable model of text behind one API.
 

@@ -46,7 +46,7 @@ from .. import baum_welch
 from ..masks import lengths_to_mask
 from ..structures import ChainPosterior
 from ..validation import is_validating
-from .base import Batch, LatentModel, language_model_targets
+from .base import Batch, LatentModel, check_language_model_values, language_model_targets
 
 FEATURE_KINDS = ("identity", "suffix", "shape", "digit", "hyphen")
 
@@ -210,16 +210,8 @@ class FeatureHMM(LatentModel):
         lengths = lengths.to(targets.device, torch.long)
         steps = targets.shape[1]
         targets = targets.masked_fill(~lengths_to_mask(lengths, steps), 0)
-        if is_validating() and targets.numel():
-            low_len, high_len, low_id, high_id = torch.stack(
-                [lengths.min(), lengths.max(), targets.min(), targets.max()]
-            ).tolist()
-            if low_len < 1 or high_len > steps:
-                raise ValueError(f"batch['lengths'] must lie in 1..T = 1..{steps}, got {low_len}..{high_len}")
-            if low_id < 0 or high_id >= self.vocab_size:
-                raise ValueError(
-                    f"batch['targets'] must lie in 0..V-1 = 0..{self.vocab_size - 1}, got {low_id}..{high_id}"
-                )
+        if is_validating():
+            check_language_model_values(targets, lengths, self.vocab_size)
         return targets, lengths
 
     def posterior(self, batch: Batch) -> ChainPosterior:

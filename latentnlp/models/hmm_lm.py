@@ -38,7 +38,7 @@ from ..masks import lengths_to_mask
 from ..structures import ChainPosterior
 from ..transitions import DenseTransition, LowRankTransition, Transition
 from ..validation import is_validating
-from .base import Batch, LatentModel, language_model_targets
+from .base import Batch, LatentModel, check_language_model_values, language_model_targets
 from .stream_state import CarriesStreamState
 
 
@@ -165,17 +165,8 @@ class HMMLanguageModel(CarriesStreamState, LatentModel):
         real = lengths_to_mask(lengths, steps)
         ignored = real & (targets == self.ignore_index)
         targets = targets.masked_fill(~real | ignored, 0)
-        if is_validating() and targets.numel():
-            low_len, high_len, low_id, high_id = torch.stack(
-                [lengths.min(), lengths.max(), targets.min(), targets.max()]
-            ).tolist()
-            if low_len < 1 or high_len > steps:
-                raise ValueError(f"batch['lengths'] must lie in 1..T = 1..{steps}, got {low_len}..{high_len}")
-            if low_id < 0 or high_id >= self.vocab_size:
-                raise ValueError(
-                    f"batch['targets'] must lie in 0..V-1 = 0..{self.vocab_size - 1} or be ignore_index = "
-                    f"{self.ignore_index}, got {low_id}..{high_id}"
-                )
+        if is_validating():
+            check_language_model_values(targets, lengths, self.vocab_size, f" or be ignore_index = {self.ignore_index}")
         return targets, lengths, ignored
 
     def num_tokens(self, batch: Batch) -> Tensor:
