@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -43,8 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from latentnlp import plots  # noqa: E402
 from latentnlp.data import SentenceBatches, Vocabulary, read_yahoo  # noqa: E402
-from latentnlp.families import VonMisesFisher  # noqa: E402
-from latentnlp.metrics.posterior_collapse import active_units, mutual_information  # noqa: E402
+from latentnlp.metrics.posterior_collapse import (  # noqa: E402
+    active_units,
+    concatenate_posteriors,
+    posterior_mutual_information,
+)
 from latentnlp.models import LSTMLanguageModel, SentenceVAE  # noqa: E402
 from latentnlp.schedules import Cyclical, LinearWarmup, Schedule  # noqa: E402
 from latentnlp.training import (  # noqa: E402
@@ -300,51 +302,22 @@ def train_config(run: Run, preset: Preset, args, run_dir: Path, seed: int, steps
         eval_objective="elbo",
         eval_kwargs={},
         aggressive_inference=aggressive,
-        # the trainer's diagnostics read a diagonal Gaussian; a vMF row's are computed at evaluation
-        posterior_diagnostics=run.model.get("latent", "gaussian") == "gaussian",
+        posterior_diagnostics=True,
     )
 
 
 # ---- evaluation --------------------------------------------------------------------------------
 @torch.no_grad()
-def posterior_collapse(model: SentenceVAE, batches: SentenceBatches, seed: int) -> dict[str, float]:
-    """MI under the aggregate posterior of the whole subset, and active units."""
+def posterior_collapse(model: SentenceVAE, batches: SentenceBatches, seed: int, num_samples: int = 10) -> dict:
+    """MI under the aggregate posterior of the whole subset (``num_samples`` draws a document),
+    and active units from the posterior means (a vMF row's ``E_q[z | x_i] = A_D(kappa) mu_i``)."""
     model.eval()
-    if model.latent == "vmf":
-        return vmf_posterior_collapse(model, batches, seed)
-    locs, logvars = [], []
-    for batch in batches.iterate(0):
-        q = model.posterior(batch)
-        locs.append(q.loc)
-        logvars.append(2 * q.log_scale)
-    mu, logvar = torch.cat(locs).double(), torch.cat(logvars).double()
+    q = concatenate_posteriors([model.posterior(batch) for batch in batches.iterate(0)])
     g = torch.Generator().manual_seed(seed)
     return {
-        "mi": mutual_information(mu, logvar, num_samples=10, generator=g),
-        "au": active_units(mu),
-        "posterior_docs": mu.shape[0],
-    }
-
-
-def vmf_posterior_collapse(
-    model: SentenceVAE, batches: SentenceBatches, seed: int, num_samples: int = 10
-) -> dict[str, float]:
-    """The same two numbers for a vMF posterior ``q(z | x_i) = vMF(mu_i, kappa)`` of the ``N`` documents::
-
-        I(x; z) = 1/(S N) sum_{s, i} [log q(z_si | x_i) - log 1/N sum_j q(z_si | x_j)],  z_si ~ q(z | x_i)
-
-    (the aggregate-posterior estimate of the Gaussian rows, with vMF components), and active units
-    from the posterior means ``E_q[z | x_i] = A_D(kappa) mu_i``."""
-    mu = torch.cat([model.posterior(batch).loc for batch in batches.iterate(0)]).double()
-    q = VonMisesFisher(mu, model.concentration)
-    z = q.sample((num_samples,), generator=torch.Generator().manual_seed(seed))  # [S, N, D]
-    log_own = q.log_prob(z)  # [S, N]
-    log_all = q.log_normalizer[0] + model.concentration * z @ mu.T  # [S, N, N]: z_si against every q(z | x_j)
-    log_aggregate = torch.logsumexp(log_all, dim=-1) - math.log(mu.shape[0])
-    return {
-        "mi": float((log_own - log_aggregate).mean()),
+        "mi": posterior_mutual_information(q, num_samples=num_samples, generator=g),
         "au": active_units(q.mean),
-        "posterior_docs": mu.shape[0],
+        "posterior_docs": q.batch_shape[0],
     }
 
 

@@ -178,6 +178,16 @@ def test_posterior_diagnostics_are_logged_every_epoch(tmp_path):
     assert all("inner_steps" not in e for e in events(tmp_path / "b", "log"))
 
 
+def test_a_vmf_latent_gets_the_diagnostics_and_the_schedule(tmp_path):
+    """A vMF posterior (batch [B], event [D]) is read like a Gaussian one: the aggressive schedule
+    and the per-epoch diagnostics run, MI within [0, log N], active units within [0, D]."""
+    Trainer(vae(latent="vmf", concentration=5.0), config(tmp_path, max_epochs=2), *data()).fit()
+    checks = events(tmp_path, "posterior")
+    assert [e["epoch"] for e in checks] == [0, 1]
+    assert all(-0.1 <= e["mi"] <= math.log(2 * 8) + 0.1 and 0 <= e["active_units"] <= 3 for e in checks)
+    assert sum(e["inner_steps"] for e in events(tmp_path, "log")) > 0
+
+
 def test_nan_inner_batches_are_skipped(tmp_path):
     """One training batch gives a NaN loss: inner steps drawing it are skipped, nothing turns NaN."""
     train, valid = data()

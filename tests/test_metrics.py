@@ -6,16 +6,18 @@ import pytest
 import torch
 from torch.distributions import kl_divergence
 
-from latentnlp.families import DiagonalGaussian
+from latentnlp.families import DiagonalGaussian, MeanFieldBernoulli, VonMisesFisher
 from latentnlp.metrics import (
     MetricSums,
     active_units,
     average_kl,
+    concatenate_posteriors,
     corpus_bleu,
     corpus_summary,
     gaussian_kl,
     mutual_information,
     perplexity,
+    posterior_mutual_information,
     tokenized_bleu,
 )
 
@@ -164,6 +166,69 @@ def test_mutual_information_limits():
     # identical posteriors: z says nothing about x
     mi = mutual_information(torch.zeros(4, 3), torch.zeros(4, 3), num_samples=4000, generator=g)
     assert abs(mi) < 0.05
+
+
+def _circle_i0(kappa):
+    """``I_0(kappa) = 1/pi int_0^pi exp(kappa cos t) dt`` by the midpoint rule."""
+    n = 20000
+    return sum(math.exp(kappa * math.cos((k + 0.5) * math.pi / n)) for k in range(n)) / n
+
+
+def _circle_vmf_pdf(z, angle, kappa, i0):
+    """vMF density on the unit circle at the point ``z``: ``exp(kappa mu^T z) / (2 pi I_0(kappa))``."""
+    return math.exp(kappa * (math.cos(angle) * z[0] + math.sin(angle) * z[1])) / (2 * math.pi * i0)
+
+
+def _circle_vmf_entropy(angle, kappa, i0):
+    n = 4000
+    points = [(k + 0.5) * 2 * math.pi / n for k in range(n)]
+    densities = [_circle_vmf_pdf((math.cos(t), math.sin(t)), angle, kappa, i0) for t in points]
+    return -sum(p * math.log(p) for p in densities) * 2 * math.pi / n
+
+
+def test_posterior_mutual_information_of_a_vmf_by_quadrature():
+    """Two vMF posteriors on the circle, two given points: the estimate is the negative entropy
+    (by quadrature) minus the log aggregate density (from the circle densities), averaged."""
+    angles, kappas = (0.3, 2.0), (1.5, 4.0)
+    loc = torch.tensor([[math.cos(a), math.sin(a)] for a in angles], dtype=torch.float64)
+    q = VonMisesFisher(loc, torch.tensor(kappas, dtype=torch.float64))
+    z = torch.tensor([[math.cos(1.0), math.sin(1.0)], [math.cos(-2.5), math.sin(-2.5)]], dtype=torch.float64)
+    i0 = [_circle_i0(k) for k in kappas]
+    neg_entropy = -sum(_circle_vmf_entropy(a, k, i) for a, k, i in zip(angles, kappas, i0)) / 2
+    log_qz = [math.log(sum(_circle_vmf_pdf(v.tolist(), *c) for c in zip(angles, kappas, i0)) / 2) for v in z]
+    expected = neg_entropy - sum(log_qz) / 2
+    assert posterior_mutual_information(q, z) == pytest.approx(expected, rel=1e-6)
+    # sampled z are the family's draws from the generator
+    drawn = q.sample((4,), generator=torch.Generator().manual_seed(3))
+    sampled = posterior_mutual_information(q, num_samples=4, generator=torch.Generator().manual_seed(3))
+    assert sampled == pytest.approx(posterior_mutual_information(q, drawn), rel=1e-12)
+    # the Gaussian form is the same estimator of the same family
+    mu, logvar = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    zs = torch.randn(2, 5, 3, dtype=torch.float64)
+    gaussian = DiagonalGaussian.from_logvar(mu, logvar)
+    assert posterior_mutual_information(gaussian, zs) == pytest.approx(mutual_information(mu, logvar, zs), rel=1e-12)
+
+
+def test_concatenate_posteriors_joins_batches_and_refuses_other_families():
+    a = DiagonalGaussian(torch.zeros(2, 3), torch.ones(2, 3))
+    b = DiagonalGaussian(torch.ones(1, 3), torch.full((1, 3), 2.0))
+    q = concatenate_posteriors([a, b])
+    assert isinstance(q, DiagonalGaussian) and q.batch_shape == (3,) and q.loc.dtype == torch.float64
+    assert q.loc[:, 0].tolist() == [0.0, 0.0, 1.0] and q.scale[:, 0].tolist() == [1.0, 1.0, 2.0]
+    loc = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)
+    v = concatenate_posteriors([VonMisesFisher(loc[:3], 5.0), VonMisesFisher(loc[3:], 7.0)])
+    assert isinstance(v, VonMisesFisher) and v.concentration.tolist() == [5.0, 5.0, 5.0, 7.0]
+    # active units read the family's posterior mean: A_D(kappa) mu_i for a vMF
+    assert torch.allclose(v.mean, v.mean_resultant_length.unsqueeze(-1) * loc.double())
+    assert 0 <= active_units(v.mean) <= 3
+    with pytest.raises(ValueError, match="all be DiagonalGaussian or all VonMisesFisher"):
+        concatenate_posteriors([a, VonMisesFisher(loc[:2], 5.0)])
+    with pytest.raises(ValueError, match="MeanFieldBernoulli"):
+        concatenate_posteriors([MeanFieldBernoulli(logits=torch.zeros(2, 3))])
+    with pytest.raises(ValueError, match="one event shape"):
+        concatenate_posteriors([a, DiagonalGaussian(torch.zeros(1, 4), torch.ones(1, 4))])
+    with pytest.raises(ValueError, match="at least one"):
+        concatenate_posteriors([])
 
 
 def test_active_units_hand_computation():

@@ -21,7 +21,7 @@ off for the rest of the run and training continues with ordinary joint updates.
 He et al.'s code compares windows of 15 inner steps (``window``) and takes ``max_inner_steps``
 = 100; their MI is the average of per-batch estimates, capped at ``log(batch size)``; here it
 is the estimate under the aggregate posterior of the whole validation set
-(:func:`latentnlp.metrics.posterior_collapse.mutual_information`).
+(:func:`latentnlp.metrics.posterior_collapse.posterior_mutual_information`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from latentnlp.metrics.posterior_collapse import active_units, mutual_information
+from latentnlp.metrics.posterior_collapse import active_units, concatenate_posteriors, posterior_mutual_information
 from latentnlp.models.base import LatentModel
 from latentnlp.training.distributed import DataSource, to_device
 
@@ -106,28 +106,24 @@ def validation_posterior(
     """Posterior-collapse diagnostics of ``data`` in evaluation mode: ``mi``, ``I_q(x; z)`` under
     the aggregate posterior of every example, and ``active_units`` (``Var_x E_q[z_d] > 0.01``).
 
-    ``model.posterior(batch)`` must be a diagonal Gaussian (``loc``, ``log_scale`` ``[B, D]``,
-    as :class:`~latentnlp.families.DiagonalGaussian`); the samples come from a generator seeded
-    with ``seed``, so the training RNG is not touched.  The model's mode is restored.
+    ``model.posterior(batch)`` must be a family that
+    :func:`~latentnlp.metrics.posterior_collapse.concatenate_posteriors` joins (a diagonal
+    Gaussian or a von Mises-Fisher, batch shape ``[B]``); the samples come from a generator
+    seeded with ``seed``, so the training RNG is not touched.  The model's mode is restored.
     """
     was_training = model.training
     model.eval()
-    locs, logvars = [], []
     try:
-        for batch in data.iterate(0):
-            q = model.posterior(to_device(batch, device))
-            if not (hasattr(q, "loc") and hasattr(q, "log_scale")):
-                raise ValueError(
-                    f"the posterior diagnostics need a diagonal-Gaussian posterior (loc, log_scale) to "
-                    f"estimate I(x; z); {type(model).__name__}.posterior gives {type(q).__name__}"
-                )
-            locs.append(q.loc.double().cpu())
-            logvars.append(2 * q.log_scale.double().cpu())
+        posteriors = [model.posterior(to_device(batch, device)) for batch in data.iterate(0)]
     finally:
         model.train(was_training)
-    mu, logvar = torch.cat(locs), torch.cat(logvars)
+    try:
+        q = concatenate_posteriors(posteriors)
+    except ValueError as exc:
+        raise ValueError(f"the posterior diagnostics cannot read {type(model).__name__}.posterior: {exc}") from None
     generator = torch.Generator().manual_seed(seed)
+    mean = q.mean
     return {
-        "mi": mutual_information(mu, logvar, num_samples=num_samples, generator=generator),
-        "active_units": active_units(mu) if mu.shape[0] > 1 else 0,
+        "mi": posterior_mutual_information(q, num_samples=num_samples, generator=generator),
+        "active_units": active_units(mean) if mean.shape[0] > 1 else 0,
     }

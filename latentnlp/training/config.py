@@ -69,7 +69,8 @@ class TrainConfig:
     after the first epoch whose validation ``I(x; z)`` falls (:mod:`~latentnlp.training.aggressive`).
     ``posterior_diagnostics`` logs the validation ``I(x; z)`` and active units after every epoch
     (a ``posterior`` event; the aggressive schedule logs them while it is on); both need a model
-    whose posterior is a diagonal Gaussian.
+    whose posterior is a diagonal Gaussian or a von Mises-Fisher
+    (:func:`~latentnlp.metrics.posterior_collapse.concatenate_posteriors`).
 
     ``TrainConfig.from_dict(config.to_dict()) == config``: the JSON form round-trips.
     """
