@@ -572,30 +572,36 @@ def valid_timeline(run_dir: Path) -> list[tuple[float, int, float]]:
 
 
 def same_wall_clock(rows: list[dict]) -> list[str]:
-    """``exact`` against the ``exact-topK`` modes: updates/s, and the validation perplexity (exact
-    marginal) of each at its last validation within the shortest of their training times."""
+    """``exact`` against the ``exact-topK`` modes: updates/s, the validation perplexity (exact
+    marginal) of each at its last validation within the shortest of their training times, and at
+    the number of updates ``exact`` made (where that run validated then), which says what pruning
+    costs an update."""
     compared = [r for r in rows if r["mode"] == "exact" or r["mode"] in PRUNED_MODES]
     if not any(r["mode"] == "exact" for r in compared) or len(compared) < 2:
         return []
     budget = min(r["wall_time"] for r in compared)
+    exact_steps = next(r["steps"] for r in compared if r["mode"] == "exact")
     lines = [
         f"## Pruned latent attention against exact, after the same wall-clock time ({budget:.0f} s)",
         "",
         "Validation PPL is the exact marginal (every source position) at each run's last "
-        f"validation within {budget:.0f} s of training (the shortest of these runs); updates/s is "
-        "the training rate (train tokens/s over tokens per batch), validations excluded.",
+        f"validation within {budget:.0f} s of training (the shortest of these runs), and after "
+        f"{exact_steps:,} updates (as many as exact made); updates/s is the training rate (train "
+        "tokens/s over tokens per batch), validations excluded.",
         "",
-        "| mode | k | updates/s | updates by then | validation PPL by then | final updates | final validation PPL |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| mode | k | updates/s | updates by then | validation PPL by then | validation PPL at {exact_steps:,} "
+        "updates | final updates | final validation PPL |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in compared:
         within = [(step, ppl) for wall, step, ppl in r["valid_timeline"] if wall <= budget * (1 + 1e-9)]
         step, ppl = within[-1] if within else (None, None)
+        at_exact_steps = {s: p for _, s, p in r["valid_timeline"]}.get(exact_steps)
         final = r["valid_timeline"][-1] if r["valid_timeline"] else (None, None, None)
         k = TOP_K.get(r["mode"], "all")
         lines.append(
             f"| {r['mode']} | {k} | {_fmt(r.get('updates_per_s'))} | {'-' if step is None else f'{step:,}'} | "
-            f"{_fmt(ppl)} | {r['steps']:,} | {_fmt(final[2])} |"
+            f"{_fmt(ppl)} | {_fmt(at_exact_steps)} | {r['steps']:,} | {_fmt(final[2])} |"
         )
     return [*lines, ""]
 

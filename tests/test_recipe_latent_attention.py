@@ -161,3 +161,33 @@ def test_soft_exact_check_uses_equal_updates(recipe):
     ((name, passed, detail),) = longer
     assert "equal updates" in name and not passed
     assert detail == "exact 32.00 vs soft 30.00 (validation, both after 600 updates)"
+
+
+def test_pruned_modes_are_compared_at_equal_time_and_equal_updates(recipe):
+    """Budget = the shortest training time (the top-3 run's 100 s): each run's last validation by
+    then, its validation at exact's 600 updates (none: '-'), and its final one."""
+
+    def row(mode, steps, wall_time, timeline):
+        return {
+            "mode": mode,
+            "steps": steps,
+            "wall_time": wall_time,
+            "updates_per_s": steps / wall_time,
+            "valid_timeline": timeline,
+        }
+
+    rows = [
+        row("soft", 900, 50.0, [(50.0, 900, 9.0)]),  # not part of the comparison
+        row("exact", 600, 150.0, [(70.0, 300, 40.0), (150.0, 600, 30.0)]),
+        row("exact-top3", 1200, 100.0, [(30.0, 300, 45.0), (60.0, 600, 35.0), (100.0, 1200, 25.0)]),
+        row("exact-top5", 800, 120.0, [(60.0, 400, 42.0), (120.0, 800, 33.0)]),
+    ]
+    lines = recipe.same_wall_clock(rows)
+    assert lines[0] == "## Pruned latent attention against exact, after the same wall-clock time (100 s)"
+    table = [line for line in lines if line.startswith("| exact")]
+    assert table == [
+        "| exact | all | 4.00 | 300 | 40.00 | 30.00 | 600 | 30.00 |",
+        "| exact-top3 | 3 | 12.00 | 1,200 | 25.00 | 35.00 | 1,200 | 25.00 |",
+        "| exact-top5 | 5 | 6.67 | 400 | 42.00 | - | 800 | 33.00 |",
+    ]
+    assert recipe.same_wall_clock(rows[:2]) == []  # nothing pruned to compare
