@@ -76,13 +76,6 @@ def _dense_at(trans: Tensor, t: int) -> Tensor:
     return trans[:, t - 1] if trans.dim() == 4 else trans
 
 
-def _vector_times_matrix(vector: Tensor, matrix: Tensor) -> Tensor:
-    """``out[b] = vector[b] @ matrix[(b)]`` for ``vector [B, K]``, ``matrix [K, N] | [B, K, N]``."""
-    if matrix.dim() == 2:
-        return vector @ matrix
-    return torch.bmm(vector.unsqueeze(1), matrix).squeeze(1)
-
-
 # ----------------------------------------------------------------------------------------------
 # scaled (probability-space) forward-backward
 # ----------------------------------------------------------------------------------------------
