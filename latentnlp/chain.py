@@ -24,8 +24,9 @@ Algorithms:
   backward recursion written by hand (an ``autograd.Function``), so no graph is kept over
   ``T`` and memory is ``O(B T K)``.  Underflow is reported by a flag, never by a NaN; rows whose
   backward overflows (the smoother far from the filter) get their gradient from log space.  On
-  the CPU, up to ``B K^2 = ARRAY_LOOP_MAX_WORK`` (``2^18``), its time loops step on numpy views of their
-  buffers, whose calls cost a fraction of a torch operation's dispatch.
+  the CPU, while a step's largest product is at most ``ARRAY_LOOP_MAX_WORK`` (``2^18`` multiply-adds:
+  ``B K^2`` for a dense matrix, ``B K^L K`` for a factorial chain's), its time loops step on numpy views
+  of their buffers, whose calls cost a fraction of a torch operation's dispatch.
 * :func:`log_space_forward` -- the same recursion in the log semiring, autograd through it.
 * :func:`scan_log_partition` -- parallel prefix: a balanced tree of log-space ``K x K``
   products, depth ``log T`` (dense).
@@ -57,7 +58,9 @@ from .semirings import LogSemiring, expected_score, finite_max, logsumexp, safe_
 from .transitions import DenseTransition, Transition, TransitionProbabilities, shifted_exp
 
 ARRAY_LOOP_MAX_WORK = 2**18
-"""The largest ``B K^2`` whose scaled recursion steps on numpy views of CPU tensors (see :func:`_array_steps`).
+"""The largest step product (``B K^2`` multiply-adds for a dense matrix, see
+:meth:`~latentnlp.transitions.TransitionProbabilities.step_work`) whose scaled recursion steps on numpy
+views of CPU tensors (see :func:`_array_steps`).
 
 Up to ``2^18`` multiply-adds a product (``65536 x 4``, OpenBLAS's default
 ``GEMM_MULTITHREAD_THRESHOLD``) numpy's OpenBLAS runs a ``[B, K] x [K, K]`` product on one thread;
@@ -133,7 +136,9 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     reachable = bool((init != float("-inf")).all()) and probs.all_positive()  # NaN stays NaN
     if reachable:
         shift = finite_max(emit, -1)
-        emit_probs = torch.exp(emit - shift).transpose(0, 1).contiguous()
+        # e_t = exp(emit_t - m_t), written time-major in one buffer (two passes, one allocation)
+        emit_probs = emit.new_empty(steps, batch, k)
+        torch.sub(emit.transpose(0, 1), shift.transpose(0, 1), out=emit_probs).exp_()
         shifts = (shift.squeeze(-1) * mask).transpose(0, 1).contiguous()
         init_shift = finite_max(init, -1)
         a = torch.exp(init - init_shift) * emit_probs[0]
@@ -178,9 +183,10 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
 
 def _array_steps(probs: TransitionProbabilities, beliefs: Tensor):
     """The transition's numpy steps (:meth:`TransitionProbabilities.array_steps`) when the recursion's loop
-    over the time-major ``beliefs [T, B, K]`` runs on numpy views: CPU tensors and ``B K^2`` at most
+    over the time-major ``beliefs [T, B, K]`` runs on numpy views: CPU tensors and a step's largest product
+    (:meth:`TransitionProbabilities.step_work`, ``B K^2`` for a dense matrix) at most
     :data:`ARRAY_LOOP_MAX_WORK`; else None (the loop steps with torch)."""
-    if beliefs.device.type != "cpu" or beliefs.shape[1] * beliefs.shape[2] ** 2 > ARRAY_LOOP_MAX_WORK:
+    if beliefs.device.type != "cpu" or probs.step_work(beliefs.shape[1], beliefs.shape[2]) > ARRAY_LOOP_MAX_WORK:
         return None
     return probs.array_steps()
 
@@ -242,24 +248,25 @@ def _backward_steps_on_arrays(beta, u, weights, mask, propagate_back, all_valid_
                 copyto(beta_t[t - 1], beta_t[t], where=pad)
 
 
-def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, emit_probs: Tensor, scale: Tensor, mask: Tensor):
+def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, weights: Tensor, mask: Tensor):
     r"""Backward recursion of the scaled algorithm (time-major), fused with the gradient.
 
     ``beta_{L-1} = 1``; ``beta_{t-1} = P_t u_t`` with ``u_t = e_t * beta_t / c_t``.  Posterior
     marginals are ``gamma_t = alpha_t * beta_t`` and edge marginals
-    ``xi_t(i, j) = alpha_{t-1}(i) P_t(i, j) u_t(j)``.
-    Returns ``gamma [T, B, K]`` and ``u [T, B, K]`` (``u_0 = 0``, ``u_t = 0`` past the length).
+    ``xi_t(i, j) = alpha_{t-1}(i) P_t(i, j) u_t(j)``.  ``weights [T, B, K]`` are ``e_t / c_t``.
+    Returns ``gamma [T, B, K]`` (in ``beta``'s buffer) and ``u [T, B, K]`` (``u_0 = 0``, ``u_t = 0``
+    past the length).
     """
     steps = alpha.shape[0]
-    weights = emit_probs / scale.unsqueeze(-1)  # u_t = weights_t * beta_t
     beta = torch.empty_like(alpha)
     beta[steps - 1] = 1.0
-    u = torch.zeros_like(alpha)
+    u = torch.empty_like(alpha)  # the loop writes u_t for every t >= 1
+    u[0] = 0.0
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps
     array_steps = _array_steps(probs, alpha)
     if array_steps is not None:
         _backward_steps_on_arrays(beta, u, weights, mask, array_steps[1], all_valid_until)
-        return alpha * beta, u
+        return beta.mul_(alpha), u
     weights, beta_t, u_t = weights.unbind(0), beta.unbind(0), u.unbind(0)
     propagate_back = probs.backward
     for t in range(steps - 1, 0, -1):
@@ -269,7 +276,7 @@ def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, emit_probs: 
             valid = mask[:, t].unsqueeze(-1)
             u_t[t].copy_(torch.where(valid, u_t[t], torch.zeros_like(u_t[t])))
             beta_t[t - 1].copy_(torch.where(valid, beta_t[t - 1], beta_t[t]))
-    return alpha * beta, u
+    return beta.mul_(alpha), u
 
 
 class _ScaledLogPartition(torch.autograd.Function):
@@ -285,10 +292,11 @@ class _ScaledLogPartition(torch.autograd.Function):
         mask = lengths_to_mask(lengths, emit.shape[1])
         probs = transition.probabilities()
         alpha, scale, emit_probs, log_shift, lost = _scaled_forward(init, probs, emit, mask)
+        weights = emit_probs.div_(scale.unsqueeze(-1))  # e_t / c_t, in place: the backward's u_t = weights_t * beta_t
         # accumulate in float64: T terms of magnitude |log c| lose precision in float32
         log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
         underflowed = _underflowed(scale, mask) | lost
-        ctx.save_for_backward(alpha, scale, emit_probs, mask, init, emit, lengths)
+        ctx.save_for_backward(alpha, weights, mask, init, emit, lengths)
         ctx.probs, ctx.transition = probs, transition
         final_filter = alpha[-1]  # frozen past the length: p(z_{L-1} | x)
         ctx.mark_non_differentiable(final_filter, underflowed)
@@ -297,9 +305,9 @@ class _ScaledLogPartition(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor, _grad_final_filter: Tensor, _grad_underflowed: Tensor):
-        alpha, scale, emit_probs, mask, init, emit, lengths = ctx.saved_tensors
+        alpha, weights, mask, init, emit, lengths = ctx.saved_tensors
         probs = ctx.probs
-        gamma, u = _scaled_backward(alpha, probs, emit_probs, scale, mask)
+        gamma, u = _scaled_backward(alpha, probs, weights, mask)
         grad_init, grad_emit, grad_parameters = _smoother_gradients(
             grad, alpha, gamma, u, mask, probs, ctx.transition, init, emit, lengths
         )
@@ -317,7 +325,7 @@ def _smoother_gradients(grad, alpha, gamma, u, mask, probs, transition, init, em
     small then, so the forward cannot flag it): such rows get their gradient from the log-space
     recursion (:func:`_log_space_gradient`).  One check, by a sum (inf and NaN propagate; a sum of
     huge finite ``u`` that overflows only costs a redo), an order of magnitude cheaper than
-    ``isfinite().all()`` over ``[T, B, K]``.
+    ``isfinite().all()`` over ``[T, B, K]``.  ``u`` is the backward pass's own buffer, scaled in place.
     """
     overflowed = ~torch.isfinite((gamma.sum(-1) + u.sum(-1)).sum(0))
     redo = bool(overflowed.any())
@@ -327,9 +335,14 @@ def _smoother_gradients(grad, alpha, gamma, u, mask, probs, transition, init, em
         u = torch.where(keep, u, torch.zeros_like(u))
         alpha = torch.where(keep, alpha, torch.zeros_like(alpha))  # a NaN filter times u = 0 is NaN
     g = grad.unsqueeze(-1)  # [B, 1]
-    grad_emit = gamma.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1))
     grad_init = gamma[0] * g
-    grad_parameters = tuple(probs.parameter_gradients(alpha[:-1] * g, u[1:]))
+    # batch-major and contiguous, so that a caller's reshape of emit passes it back as a view
+    emit_weight = mask.unsqueeze(-1) * g.unsqueeze(-1)
+    grad_emit = torch.mul(
+        gamma.transpose(0, 1), emit_weight, out=gamma.new_empty(emit_weight.shape[:2] + gamma.shape[-1:])
+    )
+    # xi_t = alpha_{t-1} P_t (g u_t): u is the backward pass's own buffer, scaled in place
+    grad_parameters = tuple(probs.parameter_gradients(alpha[:-1], u[1:].mul_(g)))
     if redo:
         rows = overflowed.nonzero().squeeze(-1)
         redone = _log_space_gradient(init, emit, lengths, transition, grad, rows)

@@ -241,7 +241,8 @@ class _ProductProbabilities(TransitionProbabilities):
     chain's product ``B K^L K`` is at most :data:`~latentnlp.chain.ARRAY_LOOP_MAX_WORK` (the bound
     measured for the chain kernels' numpy steps: past it numpy's BLAS splits a product over threads
     of its own), they are ``numpy.matmul`` calls on views of the tensors (:meth:`array_steps`,
-    which those numpy loops take too), a microsecond or two each to call where ``torch.bmm`` takes
+    which the chain kernels' numpy loops take too, chosen by the same bound through
+    :meth:`step_work`), a microsecond or two each to call where ``torch.bmm`` takes
     several; elsewhere one ``torch.bmm`` per chain, each chain's ``P^l`` laid out
     once per batch size as a contiguous ``[B, K, K]`` (a shared one materialised over the batch:
     BLAS gets no zero batch stride, which sends it down a slow path).
@@ -316,9 +317,15 @@ class _ProductProbabilities(TransitionProbabilities):
             self._arrays = rotation(laid(False)), rotation(laid(True))
         return self._arrays
 
+    def step_work(self, batch, states):
+        """One chain's product, ``B K^L K``: the largest of a step's ``L``."""
+        return batch * states * self.k
+
     def _on_arrays(self, vector: Tensor, out: Tensor) -> bool:
-        """Step on numpy views: CPU tensors, ``out`` contiguous, one chain's product ``B K^L K`` small."""
-        return vector.device.type == "cpu" and vector.numel() * self.k <= ARRAY_LOOP_MAX_WORK and out.is_contiguous()
+        """Step on numpy views: CPU tensors, ``out`` contiguous, one chain's product (:meth:`step_work`) small."""
+        return (
+            vector.device.type == "cpu" and self.step_work(*vector.shape) <= ARRAY_LOOP_MAX_WORK and out.is_contiguous()
+        )
 
     def forward(self, vector, t, out):
         if self._on_arrays(vector, out):

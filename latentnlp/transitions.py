@@ -70,6 +70,12 @@ class TransitionProbabilities(ABC):
     def backward(self, vector: Tensor, t: int, out: Tensor) -> Tensor:
         """``out[b] = P_t[(b)] @ vector[b]`` for ``vector [B, K]``, written into ``out [B, K]``."""
 
+    def step_work(self, batch: int, states: int) -> int:
+        """Multiply-adds of the largest single product in one step over ``batch`` rows of ``states``
+        (``B K^2`` for a dense matrix): the size by which the chain kernels decide whether a step runs on
+        numpy (:data:`~latentnlp.chain.ARRAY_LOOP_MAX_WORK`)."""
+        return batch * states * states
+
     def array_steps(self) -> tuple[Callable, Callable] | None:
         """:meth:`forward` and :meth:`backward` over numpy arrays (views of CPU tensors), ``(forward, backward)``
         with the same ``(vector, t, out)`` arguments, or None when the transition has none (the kernels then

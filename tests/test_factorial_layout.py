@@ -2,12 +2,13 @@
 
 On the CPU a step of :class:`~latentnlp.factorial.ProductTransition` runs its ``L`` products on numpy
 views while one chain's product ``B K^L K`` is at most ``ARRAY_LOOP_MAX_WORK``, else one
-``torch.bmm`` per chain (the path on other devices); the chain kernels' own numpy loop (for small
-``B (K^L)^2``) takes the same numpy steps.  Each path is forced by setting its bound to 0 and compared
-with the dense Kronecker product (one step), and with the ``K^L``-state ``ChainPosterior`` in log space
-(``log Z`` and its gradients, shared, per-row and time-varying chains, variable lengths).  The
-parameter gradients, which step through chunks of ``ceil((T-1) / L)`` steps in reused buffers, are
-checked against autograd on chunkings that do not divide the steps.
+``torch.bmm`` per chain (the path on other devices); the chain kernels' own numpy loop, chosen by the
+same ``B K^L K`` (the product's step work), takes the same numpy steps.  Each path is forced by
+setting its bound to 0 and compared with the dense Kronecker product (one step), and with the
+``K^L``-state ``ChainPosterior`` in log space (``log Z`` and its gradients, shared, per-row and
+time-varying chains, variable lengths).  The parameter gradients, which step through chunks of
+``ceil((T-1) / L)`` steps in reused buffers, are checked against autograd on chunkings that do not
+divide the steps.
 """
 
 from __future__ import annotations
@@ -131,6 +132,34 @@ def test_parameter_gradients_over_uneven_chunks(monkeypatch, layout, num_chains,
     expected = torch.autograd.grad(total, leaves)
     for grad, p, reference in zip(probs.parameter_gradients(alpha, u), probs.probs, expected):
         close(grad, p * reference)
+
+
+def test_chain_kernels_step_on_arrays_by_one_chains_product(monkeypatch):
+    """The chain kernels' numpy loop is chosen by the product transition's step work ``B K^L K`` (one
+    chain's product), not by the ``B (K^L)^2`` of a dense matrix over the joint states: with the bound
+    between the two, the loop steps on arrays, and the values equal the torch loop's."""
+    from latentnlp.chain import _array_steps
+
+    gen = torch.Generator().manual_seed(4)
+    batch, steps, k, num_chains = 2, 5, 3, 2
+    states = k**num_chains
+    probs = ProductTransition(chain_logs("shared", batch, steps, num_chains, k, gen)).probabilities()
+    assert probs.step_work(batch, states) == batch * states * k
+    beliefs = torch.empty(steps, batch, states)
+    monkeypatch.setattr(latentnlp.chain, "ARRAY_LOOP_MAX_WORK", batch * states * k)
+    assert _array_steps(probs, beliefs) is not None
+    assert DenseTransition(torch.zeros(states, states)).probabilities().step_work(batch, states) > batch * states * k
+    init = torch.randn(num_chains, k, generator=gen).log_softmax(-1)
+    trans = torch.randn(num_chains, k, k, generator=gen).log_softmax(-1).requires_grad_()
+    emit = torch.randn(batch, steps, k, k, generator=gen).requires_grad_()
+    on_arrays = FactorialChainPosterior(init, trans, emit).log_partition
+    grads = torch.autograd.grad(on_arrays.sum(), (trans, emit))
+    monkeypatch.setattr(latentnlp.chain, "ARRAY_LOOP_MAX_WORK", batch * states * k - 1)
+    assert _array_steps(probs, beliefs) is None
+    on_torch = FactorialChainPosterior(init, trans, emit).log_partition
+    close(on_arrays, on_torch)
+    for grad, reference in zip(grads, torch.autograd.grad(on_torch.sum(), (trans, emit))):
+        close(grad, reference)
 
 
 def test_finiteness_check_flags_nan_and_inf_but_not_minus_inf():
