@@ -99,6 +99,8 @@ class Preset:
     iw_samples: int
     iw_chunk: int
     runs: list[Run]
+    # the most vocabulary scores the output layer builds at once (SoftmaxOutput's max_chunk_elements)
+    max_chunk_elements: int | None = None
     cnn: dict = field(default_factory=lambda: {"kernel_size": 3, "dilations": [1, 2, 4]})
     # AggressiveInference fields; He et al.'s code: at most 100 inner steps, windows of 15
     aggressive: dict = field(default_factory=lambda: {"max_inner_steps": 100, "window": 15})
@@ -138,12 +140,13 @@ PRESETS = {
         cnn={"kernel_size": 2, "dilations": [1]},  # R = 2: the decoder sees the previous word only
         aggressive={"max_inner_steps": 5, "window": 2},
     ),
-    # about two hours on 2 cores: 9,000 training documents, smaller networks than the paper.  The
-    # 20k-word softmax is the cost: a 64-unit decoder keeps an update near 2e10 flops (0.8-1.1 s on
-    # two free threads, benchmarks/vae.py) and the IW evaluation (500 documents x 100 samples x 79
-    # tokens, near 1.3e13 flops) near 1 s a document, about 8 minutes a VAE row, which no training
-    # setting changes.  Two epochs a row (the KL weight reaches 1 after the first) keep the seven
-    # rows near two hours, the aggressive row's inner steps included.
+    # 9,000 training documents, smaller networks than the paper.  The 20k-word softmax is the cost: a
+    # 64-unit decoder keeps an update near 2e10 flops (0.8-1.1 s on two free threads, benchmarks/vae.py)
+    # and the IW evaluation (500 documents x 100 samples x 79 tokens) near 1e13 flops, which no
+    # training setting changes.  Built whole, the [S B T, V] scores of one sample chunk are 2 GB that
+    # the normaliser reads from memory; in chunks of 2^22 (16 MB) the IW pass over 32 documents took
+    # 17.5 s against 41 s on one thread, and a training update 0.54-0.58 s against 0.70-0.81 s (the
+    # LM; the VAE 0.97 against 1.04-1.15).  Two epochs a row (the KL weight reaches 1 after the first).
     "cpu": Preset(
         sizes={"embedding_size": 64, "hidden_size": 128, "decoder_size": 64, "latent_size": 16},
         batch_size=32,
@@ -153,10 +156,12 @@ PRESETS = {
         iw_samples=100,
         iw_chunk=10,
         runs=rows(0.5, 0.25),
+        max_chunk_elements=2**22,
         # an inner step costs about an update (timed: 4 updates with 24 inner steps at max 8 took
-        # 92 s against 11 s without, on the shared machine), so the cpu preset takes exactly two
-        # windows of 2: an aggressive epoch is about 5x an ordinary one while the MI climbs
-        aggressive={"max_inner_steps": 4, "window": 2},
+        # 92 s against 11 s without, on the shared machine), so the cpu preset stops the inner loop
+        # at the first step that does not lower the loss (windows of 1), after 3 at most: four
+        # fixed steps (max 4, windows of 2) made the aggressive row 71 minutes, 4.7x an ordinary one
+        aggressive={"max_inner_steps": 3, "window": 1},
     ),
     # He et al. (2019) / Kim et al. (2018): embedding 512, LSTM 1024, latent 32, batch 32,
     # SGD lr 1 halved when validation stalls, KL weight 0.1 -> 1 over 10 epochs
@@ -257,7 +262,9 @@ def test_subset(docs: list[list[str]], count: int, seed: int) -> list[list[str]]
 def build_model(run: Run, preset: Preset, vocab: Vocabulary) -> LSTMLanguageModel | SentenceVAE:
     sizes = preset.sizes
     if run.kind == "lm":
-        return LSTMLanguageModel(len(vocab), sizes["embedding_size"], sizes["decoder_size"])
+        return LSTMLanguageModel(
+            len(vocab), sizes["embedding_size"], sizes["decoder_size"], max_chunk_elements=preset.max_chunk_elements
+        )
     options = dict(run.model)
     if options.get("decoder") == "cnn":
         options.update(preset.cnn)
@@ -272,6 +279,7 @@ def build_model(run: Run, preset: Preset, vocab: Vocabulary) -> LSTMLanguageMode
         bos_id=vocab.bos_id,
         eos_id=vocab.eos_id,
         iwae_chunk_size=preset.iw_chunk,
+        max_chunk_elements=preset.max_chunk_elements,
         **options,
     )
 
