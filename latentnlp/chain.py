@@ -1207,9 +1207,25 @@ def chain_entropy(init: Tensor, transition: Transition, emit: Tensor, lengths: T
     of zero or subnormal weight (structural zeros, ``-inf`` scores, ``w`` below the dtype's smallest
     normal number) are left out, value and gradient (0, never NaN).  Dense: ``P log P`` of a
     low-rank ``P`` does not factor, so a low-rank transition is densified (``O(K^2)`` memory).
+
+    The gradient is written by hand (:class:`_ChainEntropy`): with ``theta`` the scores (init, the
+    transition's dense log matrix, emit) and ``mu = d log Z / d theta`` the marginals,
+    ``H = log Z - <mu, theta>`` and ``dH / d theta = -(d^2 log Z / d theta^2) theta = -Cov_p(f, s)``:
+    the derivative of the marginals along the scores themselves, one forward and one backward
+    tangent recursion of the scaled algorithm (:func:`_entropy_gradient`), ``O(B T K^2)`` time and
+    ``O(B T K)`` memory instead of autograd's ``[B, K, K]`` a step.  Rows the scaled algorithm
+    flags (underflow, an overflowing backward) get theirs by autograd through the recursion.
+    First-order only.
     """
-    mask = lengths_to_mask(lengths, emit.shape[1])
     trans = transition.dense()
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (init, trans, emit)):
+        return _ChainEntropy.apply(init, emit, lengths, trans)
+    return _entropy_recursion(init, trans, emit, lengths)
+
+
+def _entropy_recursion(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
+    """The recursion of :func:`chain_entropy` on the dense log transition ``trans`` (autograd through it)."""
+    mask = lengths_to_mask(lengths, emit.shape[1])
 
     def normalised(log_a: Tensor) -> Tensor:
         total = logsumexp(log_a, -1).unsqueeze(-1)
@@ -1238,6 +1254,120 @@ def chain_entropy(init: Tensor, transition: Transition, emit: Tensor, lengths: T
         log_alpha = torch.where(valid, normalised(log_reach + emit[:, t]), log_alpha)
         entropy_to = torch.where(valid, new_entropy, entropy_to)
     return weighted(log_alpha, entropy_to, -1)
+
+
+class _ChainEntropy(torch.autograd.Function):
+    """The entropy of :func:`chain_entropy`, its gradient by :func:`_entropy_gradient`.
+
+    ``apply(init, emit, lengths, trans)`` with ``trans`` the dense log transition (a low-rank one's
+    ``dense()``, through which autograd takes the gradient on to its factors).
+    """
+
+    @staticmethod
+    def forward(ctx, init: Tensor, emit: Tensor, lengths: Tensor, trans: Tensor):
+        ctx.save_for_backward(init, emit, lengths, trans)
+        return _entropy_recursion(init, trans, emit, lengths)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        init, emit, lengths, trans = ctx.saved_tensors
+        grad_init, grad_emit, grad_trans, redo = _entropy_gradient(grad, init, trans, emit, lengths)
+        if bool(redo.any()):  # those rows by autograd through the recursion
+            rows = redo.nonzero().squeeze(-1)
+            batched_init, batched_trans = init.dim() > 1, trans.dim() > 2
+            with torch.enable_grad():
+                leaves = (
+                    (init.detach()[rows] if batched_init else init.detach()).requires_grad_(),
+                    (trans.detach()[rows] if batched_trans else trans.detach()).requires_grad_(),
+                    emit.detach()[rows].requires_grad_(),
+                )
+                value = _entropy_recursion(leaves[0], leaves[1], leaves[2], lengths[rows])
+                redone = torch.autograd.grad(value, leaves, grad[rows].to(value.dtype), allow_unused=True)
+            redo_init, redo_trans, redo_emit = (torch.zeros_like(x) if r is None else r for x, r in zip(leaves, redone))
+            grad_init = grad_init.index_put((rows,), redo_init) if batched_init else grad_init + redo_init
+            grad_emit = grad_emit.index_put((rows,), redo_emit)
+            grad_trans = grad_trans.index_put((rows,), redo_trans) if batched_trans else grad_trans + redo_trans
+        return grad_init.to(init.dtype), grad_emit.to(emit.dtype), None, grad_trans.to(trans.dtype)
+
+
+def _edge_statistics(previous: Tensor, following: Tensor, layout: int) -> Tensor:
+    """``sum_t previous_{t-1}^T following_t`` for ``[T, B, K]`` vectors in the layout of a dense
+    transition of ``layout`` dimensions: ``[K, K]`` (summed over rows), ``[B, K, K]`` or ``[B, T-1, K, K]``."""
+    a, b = previous[:-1], following[1:]
+    if layout == 2:
+        return torch.einsum("tbi,tbj->ij", a, b)
+    if layout == 3:
+        return torch.einsum("tbi,tbj->bij", a, b)
+    return torch.einsum("tbi,tbj->btij", a, b)
+
+
+def _entropy_gradient(grad: Tensor, init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor):
+    r"""``d sum_b grad[b] H_b / d (init, emit, trans)`` as ``-grad[b]`` times the derivative of the
+    marginals along the scores, and the rows to redo: ``(grad_init, grad_emit, grad_trans, redo [B] bool)``.
+
+    Directions (shifted by constants per matrix and step, which ``Cov(f, s)`` ignores; 0 where a
+    score is ``-inf``): ``v_0 = init - max``, ``V_t = trans_t - max``, ``d_t = emit_t - max``, and
+    ``Q_t = P_t * V_t``.  With the scaled algorithm's ``alpha_t``, ``c_t``, ``w_t = e_t / c_t``, the
+    forward tangent is ``x_t = (dalpha_{t-1} P_t + alpha_{t-1} Q_t) * w_t + alpha_t * d_t``
+    (``x_0 = alpha_0 * (v_0 + d_0)``), ``kappa_t = sum x_t`` (``dc_t / c_t``),
+    ``dalpha_t = x_t - alpha_t kappa_t``; the backward one, from ``beta_{T-1} = 1``,
+    ``dbeta_{T-1} = 0``: ``u_t = w_t * beta_t``, ``du_t = u_t * (d_t - kappa_t) + w_t * dbeta_t``,
+    ``beta_{t-1} = P_t u_t``, ``dbeta_{t-1} = Q_t u_t + P_t du_t`` (padding: ``dalpha`` and ``dbeta``
+    frozen, ``u = du = 0``).  Then ``dgamma_t = dalpha_t * beta_t + alpha_t * dbeta_t`` (init and
+    emit) and ``sum_t dxi_t = P * (S(dalpha, u) + S(alpha, du) + V * S(alpha, u))`` with
+    ``S(a, b) = sum_t a_{t-1}^T b_t`` (:func:`_edge_statistics`).
+    """
+    batch, steps, k = emit.shape
+    mask = lengths_to_mask(lengths, steps)
+    probs = DenseTransition(trans).probabilities()
+    alpha, scale, emit_probs, _, lost = _scaled_forward(init, probs, emit, mask)
+    weights = emit_probs / scale.unsqueeze(-1)
+    P = probs.dense()
+    finite = torch.isfinite(trans)
+    V = torch.where(finite, trans - finite_max(trans.flatten(-2), -1).unsqueeze(-1), torch.zeros_like(trans))
+    Q = P * V
+    d = torch.where(torch.isfinite(emit), emit - finite_max(emit, -1), torch.zeros_like(emit)).transpose(0, 1)
+    v0 = torch.where(torch.isfinite(init), init - finite_max(init, -1), torch.zeros_like(init))
+    alpha_dot, kappa = torch.empty_like(alpha), torch.zeros_like(scale)  # [T, B, K], [T, B]
+    x = alpha[0] * (v0 + d[0])
+    kappa[0] = x.sum(-1)
+    alpha_dot[0] = x - alpha[0] * kappa[0].unsqueeze(-1)
+    for t in range(1, steps):
+        p_t, q_t = _dense_at(P, t), _dense_at(Q, t)
+        reach = torch.matmul(alpha_dot[t - 1].unsqueeze(-2), p_t) + torch.matmul(alpha[t - 1].unsqueeze(-2), q_t)
+        x = reach.squeeze(-2) * weights[t] + alpha[t] * d[t]
+        total = x.sum(-1, keepdim=True)
+        valid = mask[:, t].unsqueeze(-1)
+        alpha_dot[t] = torch.where(valid, x - alpha[t] * total, alpha_dot[t - 1])
+        kappa[t] = torch.where(valid, total, torch.zeros_like(total)).squeeze(-1)
+    gamma_dot, u, u_dot = torch.empty_like(alpha), torch.zeros_like(alpha), torch.zeros_like(alpha)
+    beta, beta_dot = torch.ones_like(alpha[0]), torch.zeros_like(alpha[0])
+    for t in range(steps - 1, 0, -1):
+        gamma_dot[t] = alpha_dot[t] * beta + alpha[t] * beta_dot
+        valid = mask[:, t].unsqueeze(-1)
+        u_t = torch.where(valid, weights[t] * beta, torch.zeros_like(beta))
+        du_t = torch.where(valid, u_t * (d[t] - kappa[t].unsqueeze(-1)) + weights[t] * beta_dot, torch.zeros_like(beta))
+        u[t], u_dot[t] = u_t, du_t
+        p_t, q_t = _dense_at(P, t), _dense_at(Q, t)
+        following = torch.matmul(p_t, u_t.unsqueeze(-1)).squeeze(-1)
+        following_dot = (torch.matmul(q_t, u_t.unsqueeze(-1)) + torch.matmul(p_t, du_t.unsqueeze(-1))).squeeze(-1)
+        beta = torch.where(valid, following, beta)
+        beta_dot = torch.where(valid, following_dot, beta_dot)
+    gamma_dot[0] = alpha_dot[0] * beta + alpha[0] * beta_dot
+    redo = _underflowed(scale, mask) | lost | ~torch.isfinite(gamma_dot.sum((0, 2)) + u_dot.sum((0, 2)))
+    g = torch.where(redo, torch.zeros_like(grad), grad).to(alpha.dtype).unsqueeze(-1)  # [B, 1]
+    keep = ~redo.unsqueeze(-1)
+    gamma_dot, alpha_dot = torch.where(keep, gamma_dot, 0.0), torch.where(keep, alpha_dot, 0.0)
+    u, u_dot, a = torch.where(keep, u, 0.0), torch.where(keep, u_dot, 0.0), torch.where(keep, alpha, 0.0)
+    grad_emit = -(gamma_dot.transpose(0, 1) * (mask.unsqueeze(-1) * g.unsqueeze(-1)))
+    grad_init = -gamma_dot[0] * g
+    if init.dim() == 1:
+        grad_init = grad_init.sum(0)
+    layout = trans.dim()
+    statistics = _edge_statistics(alpha_dot * g, u, layout) + _edge_statistics(a * g, u_dot, layout)
+    grad_trans = -P * (statistics + V * _edge_statistics(a * g, u, layout))
+    return grad_init, grad_emit, grad_trans, redo
 
 
 @torch.no_grad()
