@@ -148,8 +148,8 @@ def decode_steps(kernel: str, algorithm: str, T: int) -> int:
 
     Viterbi: ``2 (T - 1)`` (max-plus forward and backtracking) or ``3 b + 2 n`` (block products,
     boundaries, inner scores, inner paths, boundary backtrack); sampling: the filters' ``T - 1`` or
-    ``2 b + n``, plus ``T - 1`` for the backward sampling; entropy: ``T - 1`` (the recursion) or
-    ``3 b + 2 n`` (blocked forward and backward).
+    ``2 b + n``, plus ``T - 1`` for the backward sampling; entropy: ``2 (T - 1)`` (the scaled forward
+    and backward) or ``3 b + 2 n`` (blocked forward and backward).
     """
     from latentnlp import chain
 
@@ -157,7 +157,7 @@ def decode_steps(kernel: str, algorithm: str, T: int) -> int:
     block = chain.default_block(T)
     blocks = -(-edges // block)
     if algorithm == "scaled":
-        return {"viterbi": 2 * edges, "sample": 2 * edges, "entropy": edges}[kernel]
+        return {"viterbi": 2 * edges, "sample": 2 * edges, "entropy": 2 * edges}[kernel]
     return {"viterbi": 3 * block + 2 * blocks, "sample": 2 * block + blocks + edges, "entropy": 3 * block + 2 * blocks}[
         kernel
     ]

@@ -74,6 +74,12 @@ another process held a core.
 """
 
 
+ENTROPY_RESOLUTION = 16.0
+"""The resolution of an entropy from the marginals (``log Z - E_p[s]``, :func:`_smoother_entropy`) in
+``eps`` times the size of its terms: a value below minus it is flagged (the exact recursion recomputes
+it), one within it of zero is returned clamped at 0."""
+
+
 def _dense_at(trans: Tensor, t: int) -> Tensor:
     """The dense log matrix into position ``t >= 1`` of ``[K, K]``, ``[B, K, K]`` or ``[B, T-1, K, K]``."""
     return trans[:, t - 1] if trans.dim() == 4 else trans
@@ -117,8 +123,9 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     Deciding which costs one synchronisation (no ``-inf`` in ``init``, ``P > 0``): an algorithm
     choice, made once per call.  Padding steps (``t >= L``) keep ``alpha`` and set ``c_t = 1``.
     Returns ``alpha [T, B, K]`` (each row a filtering distribution), ``scale [T, B]`` (the
-    ``c_t``), ``emit_probs [T, B, K]`` (the ``e_t``), ``log_shift [B]`` (``sum_{t<L} m_t``),
-    so that ``log Z = sum_t log c_t + log_shift + transition shifts``, and ``lost [B]`` (bool).
+    ``c_t``), ``emit_probs [T, B, K]`` (the ``e_t``), ``shifts [T, B]`` (``m_t``, 0 past the length;
+    ``shifts[0]`` also holds the shift of ``init``), so that
+    ``log Z = sum_t log c_t + sum_t shifts_t + transition shifts``, and ``lost [B]`` (bool).
 
     ``lost`` marks chains where, when not every state is reachable, a state the chain can be in
     (``alpha_{t-1} P_t > 0`` and a finite emission score) got ``a_t`` below the smallest normal
@@ -156,7 +163,7 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
         _forward_steps_on_arrays(
             alpha, scale, emit_probs, shifts, lost, emit, mask, reachable, array_steps[0], all_valid_until
         )
-        return alpha, scale, emit_probs, shifts.sum(0), lost
+        return alpha, scale, emit_probs, shifts, lost
     # per-step views taken once: indexing inside the loop costs more than the small matmuls
     alpha_t, scale_t, emit_probs_t = alpha.unbind(0), scale.unsqueeze(-1).unbind(0), emit_probs.unbind(0)
     propagate = probs.forward
@@ -178,7 +185,7 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
             valid = mask[:, t].unsqueeze(-1)
             current.copy_(torch.where(valid, current, alpha_t[t - 1]))
             c.copy_(torch.where(valid, c, torch.ones_like(c)))
-    return alpha, scale, emit_probs, shifts.sum(0), lost
+    return alpha, scale, emit_probs, shifts, lost
 
 
 def _array_steps(probs: TransitionProbabilities, beliefs: Tensor):
@@ -291,7 +298,8 @@ class _ScaledLogPartition(torch.autograd.Function):
     def forward(ctx, init: Tensor, emit: Tensor, lengths: Tensor, transition: Transition, *parameters: Tensor):
         mask = lengths_to_mask(lengths, emit.shape[1])
         probs = transition.probabilities()
-        alpha, scale, emit_probs, log_shift, lost = _scaled_forward(init, probs, emit, mask)
+        alpha, scale, emit_probs, shifts, lost = _scaled_forward(init, probs, emit, mask)
+        log_shift = shifts.sum(0)
         weights = emit_probs.div_(scale.unsqueeze(-1))  # e_t / c_t, in place: the backward's u_t = weights_t * beta_t
         # accumulate in float64: T terms of magnitude |log c| lose precision in float32
         log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
@@ -1191,6 +1199,33 @@ def backward_sample(
 def chain_entropy(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor) -> Tensor:
     r"""Entropy of the chain distribution ``p(z) = exp(s(z) - log Z)``: ``[B]``, differentiable.
 
+    ``H = log Z - E_p[s(z)]`` from the scaled forward-backward (:func:`_scaled_entropy`: the
+    marginals and the step normalisers in the scores as the kernel shifted them, accumulated in
+    float64, as :func:`blocked_entropy` does with the blocked one), ``O(T)`` steps of one
+    ``[B, K] x [K, K]`` product each.  Rows it flags (a normaliser underflowed, mass was lost, a
+    marginal does not sum to 1, a non-finite value) are recomputed by the exact log-space recursion
+    :func:`_entropy_recursion`, which is finite and ``>= 0`` in float32 as in float64.  Terms of zero
+    weight (structural zeros, ``-inf`` scores) are left out, value and gradient (0, never NaN).
+    Dense: ``P log P`` of a low-rank ``P`` does not factor, so a low-rank transition is densified
+    (``O(K^2)`` memory).
+
+    The gradient is written by hand (:class:`_ChainEntropy`): with ``theta`` the scores (init, the
+    transition's dense log matrix, emit) and ``mu = d log Z / d theta`` the marginals,
+    ``H = log Z - <mu, theta>`` and ``dH / d theta = -(d^2 log Z / d theta^2) theta = -Cov_p(f, s)``:
+    the derivative of the marginals along the scores themselves, one forward and one backward
+    tangent recursion of the scaled algorithm (:func:`_entropy_gradient`), ``O(B T K^2)`` time and
+    ``O(B T K)`` memory.  Flagged rows get theirs by autograd through the recursion.  First-order only.
+    """
+    trans = transition.dense()
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (init, trans, emit)):
+        return _ChainEntropy.apply(init, emit, lengths, trans)
+    return _ChainEntropy.value(init, trans, emit, lengths)[0]
+
+
+def _entropy_recursion(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
+    r"""The entropy of :func:`chain_entropy` by an exact log-space recursion on the dense log transition
+    ``trans`` (autograd through it), for the rows the scaled algorithm flags.
+
     Uses the backward factorisation ``p(z) = p(z_{L-1}) prod_t p(z_{t-1} | z_t, x_{<t})`` with the
     backward conditionals ``w_t(i, j) = alpha_{t-1}(i) P_t(i, j) / c'_t(j)``,
     ``c'_t(j) = sum_i alpha_{t-1}(i) P_t(i, j)``:
@@ -1204,27 +1239,8 @@ def chain_entropy(init: Tensor, transition: Transition, emit: Tensor, lengths: T
     a logsumexp.  Each ``w_t(i, j)`` and ``log w_t(i, j)`` is so exact to rounding, however far a
     path's score is below the others, and every term of the sums is ``>= 0``: the entropy is
     finite and ``>= 0`` in float32 as in float64, with a relative error of ``O(T K eps)``.  Terms
-    of zero or subnormal weight (structural zeros, ``-inf`` scores, ``w`` below the dtype's smallest
-    normal number) are left out, value and gradient (0, never NaN).  Dense: ``P log P`` of a
-    low-rank ``P`` does not factor, so a low-rank transition is densified (``O(K^2)`` memory).
-
-    The gradient is written by hand (:class:`_ChainEntropy`): with ``theta`` the scores (init, the
-    transition's dense log matrix, emit) and ``mu = d log Z / d theta`` the marginals,
-    ``H = log Z - <mu, theta>`` and ``dH / d theta = -(d^2 log Z / d theta^2) theta = -Cov_p(f, s)``:
-    the derivative of the marginals along the scores themselves, one forward and one backward
-    tangent recursion of the scaled algorithm (:func:`_entropy_gradient`), ``O(B T K^2)`` time and
-    ``O(B T K)`` memory instead of autograd's ``[B, K, K]`` a step.  Rows the scaled algorithm
-    flags (underflow, an overflowing backward) get theirs by autograd through the recursion.
-    First-order only.
+    of zero or subnormal weight are left out, value and gradient (0, never NaN).
     """
-    trans = transition.dense()
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (init, trans, emit)):
-        return _ChainEntropy.apply(init, emit, lengths, trans)
-    return _entropy_recursion(init, trans, emit, lengths)
-
-
-def _entropy_recursion(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
-    """The recursion of :func:`chain_entropy` on the dense log transition ``trans`` (autograd through it)."""
     mask = lengths_to_mask(lengths, emit.shape[1])
 
     def normalised(log_a: Tensor) -> Tensor:
@@ -1264,15 +1280,34 @@ class _ChainEntropy(torch.autograd.Function):
     """
 
     @staticmethod
+    def value(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor):
+        """``(entropy [B], flagged [B], (alpha, scale, weights))``: the scaled value, flagged rows by the
+        recursion; the scaled state is what :func:`_entropy_gradient` starts from."""
+        entropy, flagged, state = _scaled_entropy(init, trans, emit, lengths)
+        if bool(flagged.any()):
+            rows = flagged.nonzero().squeeze(-1)
+            redone = _entropy_recursion(
+                init[rows] if init.dim() > 1 else init,
+                trans[rows] if trans.dim() > 2 else trans,
+                emit[rows],
+                lengths[rows],
+            )
+            entropy = entropy.index_put((rows,), redone)
+        return entropy, flagged, state
+
+    @staticmethod
     def forward(ctx, init: Tensor, emit: Tensor, lengths: Tensor, trans: Tensor):
-        ctx.save_for_backward(init, emit, lengths, trans)
-        return _entropy_recursion(init, trans, emit, lengths)
+        entropy, flagged, (alpha, scale, weights) = _ChainEntropy.value(init, trans, emit, lengths)
+        ctx.save_for_backward(init, emit, lengths, trans, alpha, scale, weights, flagged)
+        return entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        init, emit, lengths, trans = ctx.saved_tensors
-        grad_init, grad_emit, grad_trans, redo = _entropy_gradient(grad, init, trans, emit, lengths)
+        init, emit, lengths, trans, alpha, scale, weights, flagged = ctx.saved_tensors
+        grad_init, grad_emit, grad_trans, redo = _entropy_gradient(
+            grad, init, trans, emit, lengths, alpha, scale, weights, flagged
+        )
         if bool(redo.any()):  # those rows by autograd through the recursion
             rows = redo.nonzero().squeeze(-1)
             batched_init, batched_trans = init.dim() > 1, trans.dim() > 2
@@ -1291,6 +1326,23 @@ class _ChainEntropy(torch.autograd.Function):
         return grad_init.to(init.dtype), grad_emit.to(emit.dtype), None, grad_trans.to(trans.dtype)
 
 
+def _scaled_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor):
+    """``H = log Z - E_p[s]`` by the scaled forward-backward (:func:`_smoother_entropy`) on the dense log
+    transition: ``(entropy [B], flagged [B] bool, (alpha, scale, weights))`` (``weights = e_t / c_t``)."""
+    mask = lengths_to_mask(lengths, emit.shape[1])
+    probs = DenseTransition(trans).probabilities()
+    alpha, scale, emit_probs, shifts, lost = _scaled_forward(init, probs, emit, mask)
+    weights = emit_probs.div_(scale.unsqueeze(-1))
+    gamma, u = _scaled_backward(alpha, probs, weights, mask)
+    emit_scores = emit - shifts.T.unsqueeze(-1)  # e_t = exp(emit_t - m_t) wherever e_t > 0
+    first_scores = init + emit[:, 0] - shifts[0].unsqueeze(-1)  # a_0 = exp(init + emit_0 - m_0)
+    shift = finite_max(trans.flatten(-2), -1).squeeze(-1)  # as shifted_exp: P = exp(trans - shift)
+    entropy, flagged = _smoother_entropy(
+        first_scores, emit_scores, trans, mask, probs.dense(), shift, alpha, scale, gamma, u
+    )
+    return entropy, flagged | lost, (alpha, scale, weights)
+
+
 def _edge_statistics(previous: Tensor, following: Tensor, layout: int) -> Tensor:
     """``sum_t previous_{t-1}^T following_t`` for ``[T, B, K]`` vectors in the layout of a dense
     transition of ``layout`` dimensions: ``[K, K]`` (summed over rows), ``[B, K, K]`` or ``[B, T-1, K, K]``."""
@@ -1302,9 +1354,11 @@ def _edge_statistics(previous: Tensor, following: Tensor, layout: int) -> Tensor
     return torch.einsum("tbi,tbj->btij", a, b)
 
 
-def _entropy_gradient(grad: Tensor, init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor):
+def _entropy_gradient(grad, init, trans, emit, lengths, alpha, scale, weights, flagged):
     r"""``d sum_b grad[b] H_b / d (init, emit, trans)`` as ``-grad[b]`` times the derivative of the
-    marginals along the scores, and the rows to redo: ``(grad_init, grad_emit, grad_trans, redo [B] bool)``.
+    marginals along the scores, and the rows to redo: ``(grad_init, grad_emit, grad_trans, redo [B] bool)``,
+    from the scaled forward's ``alpha``, ``scale`` and ``weights`` (:func:`_scaled_entropy`) and the rows it
+    ``flagged`` (redone too, with those whose tangents are not finite).
 
     Directions (shifted by constants per matrix and step, which ``Cov(f, s)`` ignores; 0 where a
     score is ``-inf``): ``v_0 = init - max``, ``V_t = trans_t - max``, ``d_t = emit_t - max``, and
@@ -1320,10 +1374,7 @@ def _entropy_gradient(grad: Tensor, init: Tensor, trans: Tensor, emit: Tensor, l
     """
     batch, steps, k = emit.shape
     mask = lengths_to_mask(lengths, steps)
-    probs = DenseTransition(trans).probabilities()
-    alpha, scale, emit_probs, _, lost = _scaled_forward(init, probs, emit, mask)
-    weights = emit_probs / scale.unsqueeze(-1)
-    P = probs.dense()
+    P = DenseTransition(trans).probabilities().dense()
     finite = torch.isfinite(trans)
     V = torch.where(finite, trans - finite_max(trans.flatten(-2), -1).unsqueeze(-1), torch.zeros_like(trans))
     Q = P * V
@@ -1355,7 +1406,7 @@ def _entropy_gradient(grad: Tensor, init: Tensor, trans: Tensor, emit: Tensor, l
         beta = torch.where(valid, following, beta)
         beta_dot = torch.where(valid, following_dot, beta_dot)
     gamma_dot[0] = alpha_dot[0] * beta + alpha[0] * beta_dot
-    redo = _underflowed(scale, mask) | lost | ~torch.isfinite(gamma_dot.sum((0, 2)) + u_dot.sum((0, 2)))
+    redo = flagged | ~torch.isfinite(gamma_dot.sum((0, 2)) + u_dot.sum((0, 2)))
     g = torch.where(redo, torch.zeros_like(grad), grad).to(alpha.dtype).unsqueeze(-1)  # [B, 1]
     keep = ~redo.unsqueeze(-1)
     gamma_dot, alpha_dot = torch.where(keep, gamma_dot, 0.0), torch.where(keep, alpha_dot, 0.0)
@@ -1411,11 +1462,27 @@ def blocked_entropy(
         gamma, u = alpha, torch.zeros_like(alpha)
     else:
         gamma, u = _blocked_backward(alpha, probs, emit_probs, scale, mask, product, block)
+    emit_scores = emit - finite_max(emit, -1)  # the shifts of _blocked_forward
+    first_scores = init - finite_max(init, -1) + emit_scores[:, 0]
+    entropy, flagged = _smoother_entropy(first_scores, emit_scores, trans, mask, probs, shift, alpha, scale, gamma, u)
+    return entropy, flagged | lost
+
+
+def _smoother_entropy(first_scores, emit_scores, trans, mask, probs, shift, alpha, scale, gamma, u):
+    r"""``H = log Z - E_p[s(z)]`` from a probability-space smoother (see :func:`blocked_entropy` for the
+    equation): ``(entropy [B], flagged [B] bool)`` from the filters ``alpha``, normalisers ``scale``,
+    marginals ``gamma`` and backward weights ``u`` (``[T, B, K]``) of the shifted probabilities
+    ``probs = exp(trans - shift)``, and the scores as the kernel shifted them: ``first_scores [B, K]``
+    with ``a_0 = exp(first_scores)`` and ``emit_scores [B, T, K]`` with ``e_t = exp(emit_scores_t)``
+    (``t >= 1``).  ``flagged``: a normaliser underflowed, a marginal does not sum to 1 within
+    ``sqrt(eps)``, the entropy is not finite, or below minus :data:`ENTROPY_RESOLUTION` ``eps`` times
+    the size of its terms (the caller adds its own lost-mass flag); the entropy is clamped at 0."""
+    steps = emit_scores.shape[1]
     wide = torch.float64
-    states = gamma.transpose(0, 1) * mask.unsqueeze(-1)  # [B, T, K], 0 past the length
+    states = (gamma.transpose(0, 1) * mask.unsqueeze(-1))[:, 1:]  # [B, T-1, K], 0 past the length
     log_z = torch.log(scale).to(wide).sum(0)  # c_t = 1 past the length
-    first = expected_score(gamma[0].to(wide), (init - finite_max(init, -1)).to(wide), (-1,))
-    emitted = expected_score(states.to(wide), (emit - finite_max(emit, -1)).to(wide), (-2, -1))
+    first = expected_score(gamma[0].to(wide), first_scores.to(wide), (-1,))
+    emitted = expected_score(states.to(wide), emit_scores[:, 1:].to(wide), (-2, -1))
     log_probs = trans - shift[(...,) + (None,) * 2]
     if steps == 1:
         moved = torch.zeros_like(log_z)
@@ -1427,10 +1494,13 @@ def blocked_entropy(
         pairs = torch.bmm(alpha[:-1].permute(1, 2, 0), u[1:].transpose(0, 1)) * probs  # sum_t xi_t [B, K, K]
         moved = expected_score(pairs.to(wide), log_probs.to(wide), (-2, -1))
     entropy = log_z - first - emitted - moved
-    tolerance = math.sqrt(torch.finfo(emit.dtype).eps)
-    unnormalised = (((gamma.sum(-1) - 1).abs() > tolerance) & mask.T).any(0)
-    flagged = _underflowed(scale, mask) | lost | unnormalised | ~torch.isfinite(entropy)
-    return entropy.to(emit.dtype), flagged
+    eps = torch.finfo(emit_scores.dtype).eps
+    unnormalised = (((gamma.sum(-1) - 1).abs() > math.sqrt(eps)) & mask.T).any(0)
+    # a difference of terms each accurate to about eps times its size: within that of zero (a chain
+    # all but deterministic) the entropy is 0 to the precision there is, and is returned >= 0
+    resolution = ENTROPY_RESOLUTION * eps * (log_z.abs() + first.abs() + emitted.abs() + moved.abs())
+    flagged = _underflowed(scale, mask) | unnormalised | ~torch.isfinite(entropy) | (entropy < -resolution)
+    return entropy.clamp_min(0.0).to(emit_scores.dtype), flagged
 
 
 def path_score(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor, path: Tensor) -> Tensor:

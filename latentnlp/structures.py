@@ -311,7 +311,8 @@ class ChainPosterior(Distribution):
     def entropy(self) -> Tensor:
         """Exact entropy ``-sum_z p(z) log p(z)``: ``[B]`` (differentiable).
 
-        By the forward recursion of :func:`latentnlp.chain.chain_entropy`; when no gradient is needed and
+        By :func:`latentnlp.chain.chain_entropy` (the scaled forward-backward, ``log Z - E_p[s]``, flagged
+        rows by an exact log-space recursion; a hand-written gradient); when no gradient is needed and
         ``method="blocked"``, or ``"auto"`` where :func:`latentnlp.chain.prefers_blocked_entropy` says so
         (the entropy's own measured rule), by :func:`latentnlp.chain.blocked_entropy` (``O(sqrt T)``
         sequential steps), with the chains it flags recomputed by the recursion.  Densifies a low-rank

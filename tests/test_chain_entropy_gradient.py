@@ -1,4 +1,4 @@
-"""The hand-written gradient of the chain entropy (:class:`latentnlp.chain._ChainEntropy`).
+"""The chain entropy's scaled value and hand-written gradient (:class:`latentnlp.chain._ChainEntropy`).
 
 ``dH / d theta = -Cov_p(f, s)``, computed as the derivative of the marginals along the scores by
 tangent recursions of the scaled algorithm, against autograd through the brute-force enumeration
@@ -133,10 +133,10 @@ def test_float32_peaked_chain_is_redone_and_finite():
     _, wide = entropy_gradients(init, trans, emit, lengths, weights)
     narrow_inputs = [x.float() for x in (init, trans, emit)]
     narrow_chain = ChainPosterior(*narrow_inputs, lengths)
-    *_, redo = chain._entropy_gradient(
-        torch.ones(3), narrow_chain.init, narrow_chain.transition.dense(), narrow_chain.emit, lengths
+    _, flagged, _ = chain._scaled_entropy(
+        narrow_chain.init, narrow_chain.transition.dense(), narrow_chain.emit, lengths
     )
-    assert redo.any(), "the chain was meant to underflow in float32"
+    assert flagged.any(), "the chain was meant to underflow in float32"
     _, narrow = entropy_gradients(*narrow_inputs, lengths, weights.float())
     for a, b in zip(narrow, wide):
         assert torch.isfinite(a).all()
