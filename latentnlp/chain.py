@@ -1384,28 +1384,12 @@ def _entropy_gradient(grad, init, trans, emit, lengths, alpha, scale, weights, f
     x = alpha[0] * (v0 + d[0])
     kappa[0] = x.sum(-1)
     alpha_dot[0] = x - alpha[0] * kappa[0].unsqueeze(-1)
-    for t in range(1, steps):
-        p_t, q_t = _dense_at(P, t), _dense_at(Q, t)
-        reach = torch.matmul(alpha_dot[t - 1].unsqueeze(-2), p_t) + torch.matmul(alpha[t - 1].unsqueeze(-2), q_t)
-        x = reach.squeeze(-2) * weights[t] + alpha[t] * d[t]
-        total = x.sum(-1, keepdim=True)
-        valid = mask[:, t].unsqueeze(-1)
-        alpha_dot[t] = torch.where(valid, x - alpha[t] * total, alpha_dot[t - 1])
-        kappa[t] = torch.where(valid, total, torch.zeros_like(total)).squeeze(-1)
     gamma_dot, u, u_dot = torch.empty_like(alpha), torch.zeros_like(alpha), torch.zeros_like(alpha)
-    beta, beta_dot = torch.ones_like(alpha[0]), torch.zeros_like(alpha[0])
-    for t in range(steps - 1, 0, -1):
-        gamma_dot[t] = alpha_dot[t] * beta + alpha[t] * beta_dot
-        valid = mask[:, t].unsqueeze(-1)
-        u_t = torch.where(valid, weights[t] * beta, torch.zeros_like(beta))
-        du_t = torch.where(valid, u_t * (d[t] - kappa[t].unsqueeze(-1)) + weights[t] * beta_dot, torch.zeros_like(beta))
-        u[t], u_dot[t] = u_t, du_t
-        p_t, q_t = _dense_at(P, t), _dense_at(Q, t)
-        following = torch.matmul(p_t, u_t.unsqueeze(-1)).squeeze(-1)
-        following_dot = (torch.matmul(q_t, u_t.unsqueeze(-1)) + torch.matmul(p_t, du_t.unsqueeze(-1))).squeeze(-1)
-        beta = torch.where(valid, following, beta)
-        beta_dot = torch.where(valid, following_dot, beta_dot)
-    gamma_dot[0] = alpha_dot[0] * beta + alpha[0] * beta_dot
+    tangents = (alpha, weights, P, Q, d, mask, alpha_dot, kappa, gamma_dot, u, u_dot)
+    if alpha.device.type == "cpu" and batch * k * k <= ARRAY_LOOP_MAX_WORK:
+        _tangent_steps_on_arrays(*(x.numpy() for x in tangents))
+    else:
+        _tangent_steps(*tangents)
     redo = flagged | ~torch.isfinite(gamma_dot.sum((0, 2)) + u_dot.sum((0, 2)))
     g = torch.where(redo, torch.zeros_like(grad), grad).to(alpha.dtype).unsqueeze(-1)  # [B, 1]
     keep = ~redo.unsqueeze(-1)
@@ -1419,6 +1403,86 @@ def _entropy_gradient(grad, init, trans, emit, lengths, alpha, scale, weights, f
     statistics = _edge_statistics(alpha_dot * g, u, layout) + _edge_statistics(a * g, u_dot, layout)
     grad_trans = -P * (statistics + V * _edge_statistics(a * g, u, layout))
     return grad_init, grad_emit, grad_trans, redo
+
+
+def _tangent_steps(alpha, weights, P, Q, d, mask, alpha_dot, kappa, gamma_dot, u, u_dot) -> None:
+    """The tangent recursions of :func:`_entropy_gradient` (``t >= 1``; ``alpha_dot[0]`` and ``kappa[0]``
+    given), written into ``alpha_dot``, ``kappa``, ``gamma_dot``, ``u`` and ``u_dot``."""
+    steps = alpha.shape[0]
+    for t in range(1, steps):
+        p_t, q_t = _dense_at(P, t), _dense_at(Q, t)
+        reach = torch.matmul(alpha_dot[t - 1].unsqueeze(-2), p_t) + torch.matmul(alpha[t - 1].unsqueeze(-2), q_t)
+        x = reach.squeeze(-2) * weights[t] + alpha[t] * d[t]
+        total = x.sum(-1, keepdim=True)
+        valid = mask[:, t].unsqueeze(-1)
+        alpha_dot[t] = torch.where(valid, x - alpha[t] * total, alpha_dot[t - 1])
+        kappa[t] = torch.where(valid, total, torch.zeros_like(total)).squeeze(-1)
+    beta, beta_dot = torch.ones_like(alpha[0]), torch.zeros_like(alpha[0])
+    for t in range(steps - 1, 0, -1):
+        gamma_dot[t] = alpha_dot[t] * beta + alpha[t] * beta_dot
+        valid = mask[:, t].unsqueeze(-1)
+        u_t = torch.where(valid, weights[t] * beta, torch.zeros_like(beta))
+        du_t = torch.where(valid, u_t * (d[t] - kappa[t].unsqueeze(-1)) + weights[t] * beta_dot, torch.zeros_like(beta))
+        u[t], u_dot[t] = u_t, du_t
+        p_t, q_t = _dense_at(P, t), _dense_at(Q, t)
+        following = torch.matmul(p_t, u_t.unsqueeze(-1)).squeeze(-1)
+        following_dot = (torch.matmul(q_t, u_t.unsqueeze(-1)) + torch.matmul(p_t, du_t.unsqueeze(-1))).squeeze(-1)
+        beta = torch.where(valid, following, beta)
+        beta_dot = torch.where(valid, following_dot, beta_dot)
+    gamma_dot[0] = alpha_dot[0] * beta + alpha[0] * beta_dot
+
+
+def _tangent_steps_on_arrays(alpha, weights, P, Q, d, mask, alpha_dot, kappa, gamma_dot, u, u_dot) -> None:
+    """:func:`_tangent_steps` on numpy views of CPU tensors (small ``B K^2``: a numpy call costs a
+    fraction of a torch operation's dispatch, as in the scaled kernels' loops)."""
+    steps = alpha.shape[0]
+    matmul, multiply = numpy.matmul, numpy.multiply
+    if P.ndim == 2:  # x @ M and M @ y for a shared [K, K], per-row [B, K, K] or per-step [B, T-1, K, K]
+        P_t, Q_t = P.T, Q.T
+
+        def times(x, m, t):
+            return x @ m
+
+        def into(m_t, y, t):
+            return y @ m_t
+    else:
+
+        def times(x, m, t):
+            m = m[:, t - 1] if m.ndim == 4 else m
+            return matmul(x[:, None, :], m)[:, 0]
+
+        def into(m, y, t):
+            m = m[:, t - 1] if m.ndim == 4 else m
+            return matmul(m, y[:, :, None])[:, :, 0]
+
+        P_t, Q_t = P, Q
+    padding = ~mask
+    all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps
+    with numpy.errstate(all="ignore"):
+        for t in range(1, steps):
+            x = times(alpha_dot[t - 1], P, t) + times(alpha[t - 1], Q, t)
+            multiply(x, weights[t], out=x)
+            x += alpha[t] * d[t]
+            total = x.sum(-1)
+            x -= alpha[t] * total[:, None]
+            if t >= all_valid_until:
+                x[padding[:, t]] = alpha_dot[t - 1][padding[:, t]]
+                total[padding[:, t]] = 0.0
+            alpha_dot[t], kappa[t] = x, total
+        beta, beta_dot = numpy.ones_like(alpha[0]), numpy.zeros_like(alpha[0])
+        for t in range(steps - 1, 0, -1):
+            gamma_dot[t] = alpha_dot[t] * beta + alpha[t] * beta_dot
+            u_t = weights[t] * beta
+            du_t = u_t * (d[t] - kappa[t][:, None]) + weights[t] * beta_dot
+            following = into(P_t, u_t, t)
+            following_dot = into(Q_t, u_t, t) + into(P_t, du_t, t)
+            if t >= all_valid_until:
+                pad = padding[:, t]
+                u_t[pad], du_t[pad] = 0.0, 0.0
+                following[pad], following_dot[pad] = beta[pad], beta_dot[pad]
+            u[t], u_dot[t] = u_t, du_t
+            beta, beta_dot = following, following_dot
+        gamma_dot[0] = alpha_dot[0] * beta + alpha[0] * beta_dot
 
 
 @torch.no_grad()

@@ -1,11 +1,11 @@
 """The chain entropy's scaled value and hand-written gradient (:class:`latentnlp.chain._ChainEntropy`).
 
 ``dH / d theta = -Cov_p(f, s)``, computed as the derivative of the marginals along the scores by
-tangent recursions of the scaled algorithm, against autograd through the brute-force enumeration
-(float64; every transition layout, shared and per-row ``init``, structural zeros, lengths below
-``T``, a weighted sum over rows); against ``gradcheck``; through a low-rank transition to its
-factors; and the rows the scaled algorithm flags, redone by autograd through the recursion, equal
-to the rows that were not.
+tangent recursions of the scaled algorithm (on numpy views and with torch), against autograd
+through the brute-force enumeration (float64; every transition layout, shared and per-row ``init``,
+structural zeros, lengths below ``T``, a weighted sum over rows); against ``gradcheck``; through a
+low-rank transition to its factors; and the rows the scaled algorithm flags, redone by autograd
+through the recursion, equal to the rows that were not.
 """
 
 from __future__ import annotations
@@ -42,10 +42,18 @@ def assert_gradients_close(got, expected, msg):
         torch.testing.assert_close(a, b, **TOLERANCE, msg=f"{msg}: {name}")
 
 
+@pytest.fixture(params=["arrays", "torch"])
+def loop(request, monkeypatch):
+    """The tangent recursions on numpy views (small ``B K^2`` on the CPU) or with torch (elsewhere)."""
+    if request.param == "torch":
+        monkeypatch.setattr(chain, "ARRAY_LOOP_MAX_WORK", -1)
+    return request.param
+
+
 @pytest.mark.parametrize("zeros", [False, True])
 @pytest.mark.parametrize("init_kind", INIT_KINDS)
 @pytest.mark.parametrize("trans_kind", TRANS_KINDS)
-def test_gradient_matches_enumeration(trans_kind, init_kind, zeros):
+def test_gradient_matches_enumeration(loop, trans_kind, init_kind, zeros):
     gen = torch.Generator().manual_seed(11 + TRANS_KINDS.index(trans_kind) + 3 * zeros + 7 * (init_kind == "batched"))
     for steps, k in ((1, 3), (2, 2), (4, 3), (5, 2)):
         init, trans, emit, lengths = random_chain(
@@ -54,7 +62,7 @@ def test_gradient_matches_enumeration(trans_kind, init_kind, zeros):
         weights = torch.randn(3, generator=gen, dtype=F64)
         value, got = entropy_gradients(init, trans, emit, lengths, weights)
         reference, expected = enumerated_gradients(init, trans, emit, lengths, weights)
-        msg = f"{trans_kind} init={init_kind} zeros={zeros} T={steps} K={k} lengths={lengths.tolist()}"
+        msg = f"{loop} {trans_kind} init={init_kind} zeros={zeros} T={steps} K={k} lengths={lengths.tolist()}"
         torch.testing.assert_close(value, reference, **TOLERANCE, msg=msg)
         assert_gradients_close(got, expected, msg)
         if zeros:  # a -inf score never occurs: its gradient is 0
