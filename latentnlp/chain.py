@@ -736,37 +736,33 @@ def prefers_blocked(transition: Transition, emit: Tensor) -> bool:
     )
 
 
-BLOCKED_ENTROPY_MAX_WORK = 2**19
+BLOCKED_ENTROPY_MIN_STEPS = 4096
+BLOCKED_ENTROPY_MAX_WORK = 2**14
 
 
 def prefers_blocked_entropy(transition: Transition, emit: Tensor) -> bool:
     r"""``method="auto"``'s choice for :meth:`ChainPosterior.entropy` without a gradient: :func:`blocked_entropy`
-    rather than the recursion :func:`chain_entropy`, for a chain of ``emit [B, T, K]``.
+    rather than the scaled forward-backward of :func:`chain_entropy`, for a chain of ``emit [B, T, K]``.
 
-    On the CPU, with a dense transition: ``B K^3 <= BLOCKED_ENTROPY_MAX_WORK`` (``2^19``), whatever
-    ``T``.  Its own rule, broader than :func:`prefers_blocked`'s: the recursion is a dozen torch
-    operations a step (no numpy steps), which the blocked kernel's batched products beat from short
-    chains on.  Measured (``benchmarks/results/chain-blocked-entropy.json``: float32, 2 threads,
-    alternating in one process, the machine loaded by another process; blocked time / recursion
-    time, medians): 0.02-0.05 at ``(B, T, K) = (2, 4096, 4)``, ``(4, 10000, 8)`` and
-    ``(4, 10000, 16)``, 0.12-0.18 at ``(8, 1024, 16)``, ``(4, 256, 8)`` and ``(8, 1024, 32)``
-    (``B K^3 = 2^18``), 0.34-0.66 at ``(2, 64, 64)`` and ``(16, 64, 32)`` (``2^19``),
-    ``(32, 50, 20)``, ``(1, 16, 4)`` and ``(16, 16, 16)``; between ``2^20`` and ``2^21`` 0.40-0.84
-    (``(1, 2048, 128)``, ``(4, 1024, 64)``, ``(32, 50, 32)``, ``(8, 64, 64)``), where an earlier
-    run gave 1.30 at ``(32, 50, 32)`` and 0.92 at ``(8, 64, 64)``, hence the bound below them; past
-    it the block products' ``K^3`` loses: 1.42 at ``(16, 64, 64)``, 6.2 at ``(16, 64, 128)``, 25 at
-    ``(8, 256, 256)``, 27 at ``(4, 128, 512)``.  Elsewhere (other devices, low-rank transitions)
-    the recursion: the blocked kernels have not been measured on a GPU.
-
-    Both sides have changed since: the blocked kernels' float32 fixes cost 1.3-2.4x, and the
-    recursion now runs in log space (0.8-4.6x its former time, more at large ``K``), so at
-    ``(16, 64, 32)`` with structural zeros the blocked entropy measured 1.07 of the recursion's
-    time before the recursion's change; the bound has not been remeasured against the new recursion.
+    On the CPU, with a dense transition: ``T >= BLOCKED_ENTROPY_MIN_STEPS`` (4096) and
+    ``B K^3 <= BLOCKED_ENTROPY_MAX_WORK`` (``2^14``): long chains of few states.  Measured
+    (``benchmarks/results/chain-blocked-entropy-scaled.json``: float32, 2 threads, alternating in one
+    process on a quiet machine; blocked time / scaled time, fastest and median of 5): 0.54-0.59 at
+    ``(B, T, K) = (2, 4096, 4)``, 0.59-0.85 at ``(4, 10000, 8)``, 0.72-0.74 at ``(4, 10000, 16)``
+    (``B K^3 = 2^14``); the scaled one wins everywhere else on the grid: 1.2-1.6 at ``(8, 1024, 16)``,
+    ``(4, 256, 8)``, ``(1, 16, 4)`` and ``(16, 16, 16)``, 1.9-2.8 at ``(8, 1024, 32)``,
+    ``(32, 50, 20)``, ``(2, 64, 64)``, ``(16, 64, 32)``, ``(4, 1024, 64)``, ``(8, 64, 64)``,
+    ``(32, 50, 32)``, 3.5-10 at ``(16, 64, 64)``, ``(1, 2048, 128)`` and ``(16, 64, 128)``, 36-63 at
+    ``(8, 256, 256)`` and ``(4, 128, 512)``.  (The rule was broader, ``B K^3 <= 2^19`` at any ``T``,
+    while :func:`chain_entropy` was a log-space recursion of a dozen torch operations a step.)
+    Elsewhere (other devices, low-rank transitions) the scaled one: the blocked kernels have not been
+    measured on a GPU.
     """
-    batch, _, k = emit.shape
+    batch, steps, k = emit.shape
     return (
         emit.device.type == "cpu"
         and isinstance(transition, DenseTransition)
+        and steps >= BLOCKED_ENTROPY_MIN_STEPS
         and batch * k**3 <= BLOCKED_ENTROPY_MAX_WORK
     )
 

@@ -188,7 +188,13 @@ def test_float32_agrees_with_float64_on_a_long_peaked_chain():
 # ---------------------------------------------------------------------------------------------- routing
 @pytest.mark.parametrize(
     "steps,k,decode,entropy",
-    [(2048, 4, True, True), (2047, 4, False, True), (2048, 16, False, True), (8, 128, False, False)],
+    [
+        (4096, 4, True, True),
+        (2048, 4, True, False),
+        (2047, 4, False, False),
+        (4096, 16, False, True),
+        (8, 128, False, False),
+    ],
 )
 def test_auto_takes_the_blocked_kernels_by_the_rules(monkeypatch, steps, k, decode, entropy):
     """Viterbi and the sampler's filters by prefers_blocked, the entropy by prefers_blocked_entropy.  The

@@ -94,13 +94,14 @@ def test_mass_a_left_to_right_chain_loses_is_flagged():
     emit[:, 300:, 2] -= 2.0
     lengths = torch.tensor([steps])
     d = ChainPosterior(init.float(), trans.float(), emit.float(), lengths)
-    assert chain.prefers_blocked(d.transition, d.emit) and chain.prefers_blocked_entropy(d.transition, d.emit)
+    assert chain.prefers_blocked(d.transition, d.emit)
     assert chain.scaled_log_partition(d.init, d.transition, d.emit, lengths)[2].all()
     assert chain.blocked_log_partition(d.init, d.transition, d.emit, lengths)[2].all()
     assert chain.blocked_entropy(d.init, d.transition, d.emit, lengths)[1].all()
     scaled = ChainPosterior(d.init, d.transition, d.emit, lengths, method="scaled")
     torch.testing.assert_close(d.log_partition, chain.log_space_forward(d.init, d.transition, d.emit, lengths)[0])
-    torch.testing.assert_close(d.entropy(), chain.chain_entropy(d.init, d.transition, d.emit, lengths))
+    blocked = ChainPosterior(d.init, d.transition, d.emit, lengths, method="blocked")
+    torch.testing.assert_close(blocked.entropy(), chain.chain_entropy(d.init, d.transition, d.emit, lengths))
     filters = chain.blocked_forward_filter(d.init, d.transition, d.emit, lengths)
     torch.testing.assert_close(filters, chain.forward_filter(d.init, d.transition, d.emit, lengths))
     torch.testing.assert_close(d.entropy(), scaled.entropy())
@@ -142,18 +143,17 @@ def test_time_varying_rows_of_minus_infinity(trans_kind):
     zeros=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_auto_entropy_is_the_recursions(batch, steps, k, scale, trans_kind, zeros, seed):
-    """``method="auto"`` (the blocked entropy at these sizes, flagged chains redone) against
-    :func:`chain_entropy` in float64, lengths 1 to ``T`` mixed; in float32 too where not flagged."""
+def test_blocked_entropy_is_chain_entropys(batch, steps, k, scale, trans_kind, zeros, seed):
+    """``method="blocked"`` (the blocked entropy, flagged chains redone) against :func:`chain_entropy`
+    in float64, lengths 1 to ``T`` mixed; in float32 too where not flagged."""
     gen = torch.Generator().manual_seed(seed)
     init, trans, emit, lengths = random_chain(gen, batch, steps, k, trans_kind=trans_kind, scale=scale, zeros=zeros)
     lengths[0] = 1
-    wide = ChainPosterior(init, trans, emit, lengths)
-    assert chain.prefers_blocked_entropy(wide.transition, wide.emit)
+    wide = ChainPosterior(init, trans, emit, lengths, method="blocked")
     reference = chain.chain_entropy(wide.init, wide.transition, wide.emit, wide.lengths)
     torch.testing.assert_close(wide.entropy(), reference, rtol=1e-9, atol=1e-9)
     # float32: the chains the blocked kernel does not flag are right; the flagged ones are the recursion's
-    narrow = ChainPosterior(init.float(), trans.float(), emit.float(), lengths)
+    narrow = ChainPosterior(init.float(), trans.float(), emit.float(), lengths, method="blocked")
     _, flagged = chain.blocked_entropy(narrow.init, narrow.transition, narrow.emit, narrow.lengths)
     entropy = narrow.entropy()
     torch.testing.assert_close(entropy[~flagged].double(), reference[~flagged], rtol=1e-4, atol=1e-3)
