@@ -1,7 +1,8 @@
 """Yahoo Answers sentence VAEs: the posterior-collapse table of Kim, Wiseman & Rush (2018).
 
     python recipes/yahoo.py --preset smoke    # seconds, on generated text whose words a latent topic decides
-    python recipes/yahoo.py --preset cpu      # $LATENTNLP_DATA/yahoo (valid and test files), ~2 h on 2 cores
+    python recipes/yahoo.py --preset cpu      # $LATENTNLP_DATA/yahoo (valid and test files), 74 min on 2 cores as two
+                                              # one-thread processes of --model rows side by side
     python recipes/yahoo.py --preset full     # the published setup; needs yahoo.train.txt (a GPU)
 
 Rows: an LSTM language model (no latent), then :class:`~latentnlp.models.SentenceVAE` with an LSTM
