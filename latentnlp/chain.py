@@ -1277,7 +1277,7 @@ class _ChainEntropy(torch.autograd.Function):
 
     @staticmethod
     def value(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor):
-        """``(entropy [B], flagged [B], (alpha, scale, weights))``: the scaled value, flagged rows by the
+        """``(entropy [B], flagged [B], (alpha, weights, probs))``: the scaled value, flagged rows by the
         recursion; the scaled state is what :func:`_entropy_gradient` starts from."""
         entropy, flagged, state = _scaled_entropy(init, trans, emit, lengths)
         if bool(flagged.any()):
@@ -1293,16 +1293,17 @@ class _ChainEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, init: Tensor, emit: Tensor, lengths: Tensor, trans: Tensor):
-        entropy, flagged, (alpha, scale, weights) = _ChainEntropy.value(init, trans, emit, lengths)
-        ctx.save_for_backward(init, emit, lengths, trans, alpha, scale, weights, flagged)
+        entropy, flagged, (alpha, weights, probs) = _ChainEntropy.value(init, trans, emit, lengths)
+        ctx.save_for_backward(init, emit, lengths, trans, alpha, weights, flagged)
+        ctx.probs = probs
         return entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        init, emit, lengths, trans, alpha, scale, weights, flagged = ctx.saved_tensors
+        init, emit, lengths, trans, alpha, weights, flagged = ctx.saved_tensors
         grad_init, grad_emit, grad_trans, redo = _entropy_gradient(
-            grad, init, trans, emit, lengths, alpha, scale, weights, flagged
+            grad, init, trans, emit, lengths, alpha, weights, ctx.probs, flagged
         )
         if bool(redo.any()):  # those rows by autograd through the recursion
             rows = redo.nonzero().squeeze(-1)
@@ -1324,7 +1325,8 @@ class _ChainEntropy(torch.autograd.Function):
 
 def _scaled_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor):
     """``H = log Z - E_p[s]`` by the scaled forward-backward (:func:`_smoother_entropy`) on the dense log
-    transition: ``(entropy [B], flagged [B] bool, (alpha, scale, weights))`` (``weights = e_t / c_t``)."""
+    transition: ``(entropy [B], flagged [B] bool, (alpha, weights, probs))`` (``weights = e_t / c_t``,
+    ``probs`` the transition's shifted probabilities)."""
     mask = lengths_to_mask(lengths, emit.shape[1])
     probs = DenseTransition(trans).probabilities()
     alpha, scale, emit_probs, shifts, lost = _scaled_forward(init, probs, emit, mask)
@@ -1336,25 +1338,15 @@ def _scaled_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor):
     entropy, flagged = _smoother_entropy(
         first_scores, emit_scores, trans, mask, probs.dense(), shift, alpha, scale, gamma, u
     )
-    return entropy, flagged | lost, (alpha, scale, weights)
+    return entropy, flagged | lost, (alpha, weights, probs)
 
 
-def _edge_statistics(previous: Tensor, following: Tensor, layout: int) -> Tensor:
-    """``sum_t previous_{t-1}^T following_t`` for ``[T, B, K]`` vectors in the layout of a dense
-    transition of ``layout`` dimensions: ``[K, K]`` (summed over rows), ``[B, K, K]`` or ``[B, T-1, K, K]``."""
-    a, b = previous[:-1], following[1:]
-    if layout == 2:
-        return torch.einsum("tbi,tbj->ij", a, b)
-    if layout == 3:
-        return torch.einsum("tbi,tbj->bij", a, b)
-    return torch.einsum("tbi,tbj->btij", a, b)
-
-
-def _entropy_gradient(grad, init, trans, emit, lengths, alpha, scale, weights, flagged):
+def _entropy_gradient(grad, init, trans, emit, lengths, alpha, weights, probs, flagged):
     r"""``d sum_b grad[b] H_b / d (init, emit, trans)`` as ``-grad[b]`` times the derivative of the
     marginals along the scores, and the rows to redo: ``(grad_init, grad_emit, grad_trans, redo [B] bool)``,
-    from the scaled forward's ``alpha``, ``scale`` and ``weights`` (:func:`_scaled_entropy`) and the rows it
-    ``flagged`` (redone too, with those whose tangents are not finite).
+    from the scaled forward's ``alpha``, ``weights`` and shifted probabilities ``probs``
+    (:func:`_scaled_entropy`) and the rows it ``flagged`` (redone too, with those whose tangents are
+    not finite).
 
     Directions (shifted by constants per matrix and step, which ``Cov(f, s)`` ignores; 0 where a
     score is ``-inf``): ``v_0 = init - max``, ``V_t = trans_t - max``, ``d_t = emit_t - max``, and
@@ -1366,17 +1358,18 @@ def _entropy_gradient(grad, init, trans, emit, lengths, alpha, scale, weights, f
     ``beta_{t-1} = P_t u_t``, ``dbeta_{t-1} = Q_t u_t + P_t du_t`` (padding: ``dalpha`` and ``dbeta``
     frozen, ``u = du = 0``).  Then ``dgamma_t = dalpha_t * beta_t + alpha_t * dbeta_t`` (init and
     emit) and ``sum_t dxi_t = P * (S(dalpha, u) + S(alpha, du) + V * S(alpha, u))`` with
-    ``S(a, b) = sum_t a_{t-1}^T b_t`` (:func:`_edge_statistics`).
+    ``P * S(a, b) = P * sum_t a_{t-1}^T b_t`` the transition's
+    :meth:`~latentnlp.transitions.TransitionProbabilities.parameter_gradients`.
     """
     batch, steps, k = emit.shape
     mask = lengths_to_mask(lengths, steps)
-    P = DenseTransition(trans).probabilities().dense()
+    P = probs.dense()
     finite = torch.isfinite(trans)
     V = torch.where(finite, trans - finite_max(trans.flatten(-2), -1).unsqueeze(-1), torch.zeros_like(trans))
     Q = P * V
     d = torch.where(torch.isfinite(emit), emit - finite_max(emit, -1), torch.zeros_like(emit)).transpose(0, 1)
     v0 = torch.where(torch.isfinite(init), init - finite_max(init, -1), torch.zeros_like(init))
-    alpha_dot, kappa = torch.empty_like(alpha), torch.zeros_like(scale)  # [T, B, K], [T, B]
+    alpha_dot, kappa = torch.empty_like(alpha), alpha.new_zeros(steps, batch)  # [T, B, K], [T, B]
     x = alpha[0] * (v0 + d[0])
     kappa[0] = x.sum(-1)
     alpha_dot[0] = x - alpha[0] * kappa[0].unsqueeze(-1)
@@ -1395,9 +1388,10 @@ def _entropy_gradient(grad, init, trans, emit, lengths, alpha, scale, weights, f
     grad_init = -gamma_dot[0] * g
     if init.dim() == 1:
         grad_init = grad_init.sum(0)
-    layout = trans.dim()
-    statistics = _edge_statistics(alpha_dot * g, u, layout) + _edge_statistics(a * g, u_dot, layout)
-    grad_trans = -P * (statistics + V * _edge_statistics(a * g, u, layout))
+    (moved,), (dmoved,), (edges,) = (
+        probs.parameter_gradients(x[:-1], y[1:]) for x, y in ((alpha_dot * g, u), (a * g, u_dot), (a * g, u))
+    )
+    grad_trans = -(moved + dmoved + V * edges)
     return grad_init, grad_emit, grad_trans, redo
 
 
