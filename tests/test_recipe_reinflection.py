@@ -77,3 +77,16 @@ def test_generated_morphology(recipe):
     for source, tags, target in data["train"]:
         stem = target[: len(target) - len(recipe._inflect("", tags))]
         assert target == recipe._inflect(stem, tags) and source.startswith(stem)  # one lemma, suffixes only
+
+
+def test_published_lines_list_the_shared_task_for_the_languages_run(recipe):
+    from latentnlp.data import SIGMORPHON_LANGUAGES
+
+    for track in recipe.SHARED_TASK_TASK3.values():
+        assert set(track) == set(SIGMORPHON_LANGUAGES)
+        for first, other in track.values():
+            assert first[0] == "LMU-1" and 0 < other[1] <= first[1] <= 100
+    text = "\n".join(recipe.published_lines(["german", "german", "turkish"]))
+    assert re.search(r"^\| german \| 0\.924 \(LMU-1\) \| 0\.896 \(BIU/MIT-1\) \| 0\.956 \(LMU-1\) \|", text, re.M)
+    assert len(re.findall(r"^\| (german|turkish) \|", text, re.M)) == 2
+    assert "No published number" in "\n".join(recipe.published_lines(["generated"]))
