@@ -40,8 +40,14 @@ Algorithms:
   :func:`blocked_viterbi` (max-plus block products, then the boundaries, then every block's
   scores, back-pointers and paths at once), :func:`blocked_forward_filter` (the blocked forward's
   filters, for :func:`backward_sample`: exact samples) and :func:`blocked_entropy`
-  (``log Z - E[s(z)]`` from the blocked marginals); ``method="auto"`` takes the first two by
-  :func:`prefers_blocked`, the entropy by its own :func:`prefers_blocked_entropy`.
+  (``log Z - E[s(z)]`` from the blocked marginals); ``method="auto"`` takes Viterbi by
+  :func:`prefers_blocked_viterbi`, the filters by :func:`prefers_blocked`, the entropy by
+  :func:`prefers_blocked_entropy`.
+
+Compiled loops: where one dense matrix serves every step and ``B K^2 <= COMPILED_LOOP_MAX_WORK``
+(:func:`compiled_loops_apply`), the scaled forward and backward loops run in C
+(``latentnlp._chain_loops``, built by the install where a C compiler is found), a step costing its
+arithmetic; the blocked sum, filters and entropy then no longer win and ``"auto"`` keeps the scaled ones.
 """
 
 from __future__ import annotations
@@ -56,6 +62,11 @@ from .gumbel import gumbel_argmax
 from .masks import lengths_to_mask
 from .semirings import LogSemiring, expected_score, finite_max, logsumexp, safe_log
 from .transitions import DenseTransition, Transition, TransitionProbabilities, shifted_exp
+
+try:  # built by the install where a C compiler is found (setup.py); else the loops step with numpy
+    from . import _chain_loops
+except ImportError:  # pragma: no cover - depends on the install
+    _chain_loops = None
 
 ARRAY_LOOP_MAX_WORK = 2**18
 """The largest step product (``B K^2`` multiply-adds for a dense matrix, see
@@ -158,6 +169,12 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     torch.sum(a, -1, keepdim=True, out=scale[0].unsqueeze(-1))
     torch.div(a, scale[0].unsqueeze(-1), out=alpha[0])
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps  # steps before this need no padding
+    matrix = _compiled_loop_matrix(probs, alpha) if reachable else None
+    if matrix is not None:
+        _chain_loops.scaled_forward(
+            alpha.numpy(), scale.numpy(), emit_probs.numpy(), matrix.numpy(), (~mask).numpy(), all_valid_until
+        )
+        return alpha, scale, emit_probs, shifts, lost
     array_steps = _array_steps(probs, alpha)
     if array_steps is not None:
         _forward_steps_on_arrays(
@@ -196,6 +213,25 @@ def _array_steps(probs: TransitionProbabilities, beliefs: Tensor):
     if beliefs.device.type != "cpu" or probs.step_work(beliefs.shape[1], beliefs.shape[2]) > ARRAY_LOOP_MAX_WORK:
         return None
     return probs.array_steps()
+
+
+COMPILED_LOOP_MAX_WORK = 2**16
+"""The largest step product ``B K^2`` (a dense matrix shared by every step) whose scaled forward and
+backward loops run compiled (``latentnlp._chain_loops``, plain C: a step costs its arithmetic, where
+a numpy call costs about a microsecond).  Past it numpy's BLAS product is the faster step."""
+
+
+def _compiled_loop_matrix(probs: TransitionProbabilities, beliefs: Tensor) -> Tensor | None:
+    """The step matrix (:meth:`TransitionProbabilities.step_matrix`, contiguous, detached) when the scaled
+    loops over the time-major ``beliefs [T, B, K]`` run compiled: the module built, CPU float32 or float64
+    tensors, one dense matrix for every step and ``B K^2 <= COMPILED_LOOP_MAX_WORK``; else None."""
+    if _chain_loops is None or beliefs.device.type != "cpu" or beliefs.dtype not in (torch.float32, torch.float64):
+        return None
+    _, batch, k = beliefs.shape
+    matrix = probs.step_matrix()
+    if matrix is None or matrix.dtype != beliefs.dtype or batch * k * k > COMPILED_LOOP_MAX_WORK:
+        return None
+    return matrix.detach().contiguous()
 
 
 def _reachable_shift_array(reach, scores):
@@ -270,6 +306,13 @@ def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, weights: Ten
     u = torch.empty_like(alpha)  # the loop writes u_t for every t >= 1
     u[0] = 0.0
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps
+    matrix = _compiled_loop_matrix(probs, alpha) if weights.is_contiguous() else None
+    if matrix is not None:
+        matrix_t = matrix.transpose(-1, -2).contiguous()
+        _chain_loops.scaled_backward(
+            beta.numpy(), u.numpy(), weights.numpy(), matrix_t.numpy(), (~mask).numpy(), all_valid_until
+        )
+        return beta.mul_(alpha), u
     array_steps = _array_steps(probs, alpha)
     if array_steps is not None:
         _backward_steps_on_arrays(beta, u, weights, mask, array_steps[1], all_valid_until)
@@ -724,15 +767,45 @@ def prefers_blocked(transition: Transition, emit: Tensor) -> bool:
     These ratios predate the blocked forward's per-row block normalisation and lost-mass checks
     (the float32 fixes), which made it 1.3-1.4x slower (1.8-2.4x with structural zeros); remeasured
     after them, inside the rule it still took 0.58-0.60 of the sequential kernels' time (0.25-0.82
-    with structural zeros; ``docs/benchmarks.md``, a loaded machine).  The bound has not been
-    remeasured since.
+    with structural zeros; ``docs/benchmarks.md``, a loaded machine).
+
+    Not where the scaled loops run compiled (:func:`compiled_loops_apply`: one matrix for every step,
+    which covers the whole rule but time-varying matrices): a step there costs its arithmetic, and the
+    blocked kernels took 3.3-6.3x the scaled time for ``log Z`` forward + backward and 1.05-1.2x for
+    sampling (2 threads, quiet machine, one process; ``(4, 10000, 8)``, ``(2, 4096, 4)``,
+    ``(1, 4096, 16)``, ``(4, 10000, 16)``, ``(1, 2048, 8)``).  Viterbi has no compiled loop and keeps
+    the rule (:func:`prefers_blocked_viterbi`).
     """
+    return prefers_blocked_viterbi(transition, emit) and not compiled_loops_apply(transition, emit)
+
+
+def prefers_blocked_viterbi(transition: Transition, emit: Tensor) -> bool:
+    """``method="auto"``'s choice of :func:`blocked_viterbi` over :func:`viterbi`: the rule of
+    :func:`prefers_blocked` before the compiled loops (CPU, dense, ``T >= BLOCKED_MIN_STEPS``,
+    ``B K^3 <= BLOCKED_MAX_WORK``).  Remeasured beside them (as there): blocked / sequential 0.29 at
+    ``(4, 10000, 8)``, 0.18 at ``(2, 4096, 4)``, 0.38 at ``(1, 2048, 8)``."""
     batch, steps, k = emit.shape
     return (
         emit.device.type == "cpu"
         and isinstance(transition, DenseTransition)
         and steps >= BLOCKED_MIN_STEPS
         and batch * k**3 <= BLOCKED_MAX_WORK
+    )
+
+
+def compiled_loops_apply(transition: Transition, emit: Tensor) -> bool:
+    """Whether the scaled forward and backward of a chain of ``emit [B, T, K]`` run compiled
+    (``latentnlp._chain_loops``): the module built, CPU float32 or float64, a dense transition with one
+    matrix for every step (``[K, K]`` or ``[B, K, K]``), ``B K^2 <= COMPILED_LOOP_MAX_WORK`` (and, decided
+    per call, every state reachable: no ``-inf`` in ``init`` or the matrix)."""
+    batch, _, k = emit.shape
+    return (
+        _chain_loops is not None
+        and emit.device.type == "cpu"
+        and emit.dtype in (torch.float32, torch.float64)
+        and isinstance(transition, DenseTransition)
+        and transition.log.dim() <= 3
+        and batch * k * k <= COMPILED_LOOP_MAX_WORK
     )
 
 
@@ -756,7 +829,8 @@ def prefers_blocked_entropy(transition: Transition, emit: Tensor) -> bool:
     ``(8, 256, 256)`` and ``(4, 128, 512)``.  (The rule was broader, ``B K^3 <= 2^19`` at any ``T``,
     while :func:`chain_entropy` was a log-space recursion of a dozen torch operations a step.)
     Elsewhere (other devices, low-rank transitions) the scaled one: the blocked kernels have not been
-    measured on a GPU.
+    measured on a GPU.  Not where the scaled loops run compiled (:func:`compiled_loops_apply`): there the
+    blocked entropy took 2.3-12x the scaled one's time (the five sizes of :func:`prefers_blocked`).
     """
     batch, steps, k = emit.shape
     return (
@@ -764,6 +838,7 @@ def prefers_blocked_entropy(transition: Transition, emit: Tensor) -> bool:
         and isinstance(transition, DenseTransition)
         and steps >= BLOCKED_ENTROPY_MIN_STEPS
         and batch * k**3 <= BLOCKED_ENTROPY_MAX_WORK
+        and not compiled_loops_apply(transition, emit)
     )
 
 

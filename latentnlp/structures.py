@@ -200,7 +200,7 @@ class ChainPosterior(Distribution):
     def _blocked(self, method: str | None = None, transition: Transition | None = None, emit: Tensor | None = None):
         """Whether ``method`` (default :attr:`method`) takes the blocked kernels for ``transition`` and ``emit``
         (default the chain's): ``"blocked"``, or ``"auto"`` where :func:`latentnlp.chain.prefers_blocked` says
-        so (one rule for the sum, Viterbi and the sampler's filters; the entropy has its own)."""
+        so (one rule for the sum and the sampler's filters; Viterbi and the entropy have their own)."""
         method = method or self.method
         transition = self.transition if transition is None else transition
         emit = self.emit if emit is None else emit
@@ -335,11 +335,14 @@ class ChainPosterior(Distribution):
     def argmax(self) -> Tensor:
         """The Viterbi path ``argmax_z s(z)``: ``[B, T]`` long, padding 0 (densifies a low-rank transition).
 
-        By :func:`latentnlp.chain.viterbi`, or :func:`latentnlp.chain.blocked_viterbi` where the blocked
-        kernels are taken (``method="blocked"``, or ``"auto"`` by :func:`latentnlp.chain.prefers_blocked`).
+        By :func:`latentnlp.chain.viterbi`, or :func:`latentnlp.chain.blocked_viterbi` for ``method="blocked"``,
+        or ``"auto"`` where :func:`latentnlp.chain.prefers_blocked_viterbi` says so.
         Among tied optima either may return any maximiser.
         """
-        decode = chain.blocked_viterbi if self._blocked() else chain.viterbi
+        blocked = self.method == "blocked" or (
+            self.method == "auto" and chain.prefers_blocked_viterbi(self.transition, self.emit)
+        )
+        decode = chain.blocked_viterbi if blocked else chain.viterbi
         return decode(self.init, self.transition, self.emit, self.lengths)
 
     @lazy_property

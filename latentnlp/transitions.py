@@ -83,6 +83,12 @@ class TransitionProbabilities(ABC):
         step's time when ``B K^2`` is small (the kernels' CPU loops)."""
         return None
 
+    def step_matrix(self) -> Tensor | None:
+        """The one dense matrix every step multiplies by, ``[K, K]`` (shared) or ``[B, K, K]`` (one per
+        chain), for the chain's compiled time loops (:data:`~latentnlp.chain.COMPILED_LOOP_MAX_WORK`);
+        None when the steps differ or are not dense (time-varying, low-rank)."""
+        return None
+
     @abstractmethod
     def dense(self) -> Tensor:
         """The shifted matrices ``P_t`` in the dense layout, ``[K, K]``, ``[B, K, K]`` or ``[B, T-1, K, K]``
@@ -363,6 +369,9 @@ class _SharedProbabilities(TransitionProbabilities):
             lambda vector, t, out: numpy.dot(vector, probs_t, out=out)
         )
 
+    def step_matrix(self):
+        return self.probs
+
     def dense(self):
         return self.probs
 
@@ -394,6 +403,9 @@ class _BatchedProbabilities(TransitionProbabilities):
         return (lambda vector, t, out: matmul(vector[:, None], probs, out=out[:, None])), (
             lambda vector, t, out: matmul(vector[:, None], probs_t, out=out[:, None])
         )
+
+    def step_matrix(self):
+        return self.probs
 
     def dense(self):
         return self.probs

@@ -186,6 +186,7 @@ def test_float32_agrees_with_float64_on_a_long_peaked_chain():
 
 
 # ---------------------------------------------------------------------------------------------- routing
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize(
     "steps,k,decode,entropy",
     [
@@ -196,9 +197,16 @@ def test_float32_agrees_with_float64_on_a_long_peaked_chain():
         (8, 128, False, False),
     ],
 )
-def test_auto_takes_the_blocked_kernels_by_the_rules(monkeypatch, steps, k, decode, entropy):
-    """Viterbi and the sampler's filters by prefers_blocked, the entropy by prefers_blocked_entropy.  The
-    kernels are replaced by recorders (returning outputs of the right shapes): only the routing is tested."""
+def test_auto_takes_the_blocked_kernels_by_the_rules(monkeypatch, steps, k, decode, entropy, compiled):
+    """Viterbi by prefers_blocked_viterbi, the sampler's filters by prefers_blocked, the entropy by
+    prefers_blocked_entropy; where the scaled loops run compiled (every size here, one shared matrix) the
+    filters and the entropy stay scaled.  The kernels are replaced by recorders (returning outputs of the
+    right shapes): only the routing is tested."""
+    if compiled and chain._chain_loops is None:
+        pytest.skip("latentnlp._chain_loops was not built by this install")
+    if not compiled:
+        monkeypatch.setattr(chain, "COMPILED_LOOP_MAX_WORK", -1)
+    filters, entropy = decode and not compiled, entropy and not compiled
     called = []
 
     def recorder(name, output):
@@ -222,11 +230,15 @@ def test_auto_takes_the_blocked_kernels_by_the_rules(monkeypatch, steps, k, deco
     recorder("chain_entropy", lambda batch, steps, k: torch.zeros(batch))
     gen = torch.Generator().manual_seed(7)
     d = ChainPosterior(*random_chain(gen, 2, steps, k, dtype=torch.float32, full=True))
-    assert chain.prefers_blocked(d.transition, d.emit) is decode
+    assert chain.prefers_blocked_viterbi(d.transition, d.emit) is decode
+    assert chain.prefers_blocked(d.transition, d.emit) is filters
     assert chain.prefers_blocked_entropy(d.transition, d.emit) is entropy
     d.argmax, d.sample(), d.entropy()
-    prefix = "blocked_" if decode else ""
-    assert called == [prefix + "viterbi", prefix + "forward_filter", "blocked_entropy" if entropy else "chain_entropy"]
+    assert called == [
+        "blocked_viterbi" if decode else "viterbi",
+        "blocked_forward_filter" if filters else "forward_filter",
+        "blocked_entropy" if entropy else "chain_entropy",
+    ]
     # a gradient asks for the differentiable recursion whatever the rule
     called.clear()
     ChainPosterior(d.init, d.transition, d.emit.requires_grad_(), method="blocked").entropy()

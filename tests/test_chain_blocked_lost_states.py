@@ -78,7 +78,7 @@ def test_a_closed_class_beside_an_unreachable_peak(trans_kind, gap):
     check_float32_blocked(*closed_class(trans_kind, gap))
 
 
-def test_mass_a_left_to_right_chain_loses_is_flagged():
+def test_mass_a_left_to_right_chain_loses_is_flagged(monkeypatch):
     """0 -> 1 -> 2 only: state 2 (absorbing) emits best for 300 steps, then worst.  The float32 filter
     of state 0, the one the best paths stay in, falls below the smallest normal number beside state 2's
     and is rounded away, with no step normaliser small (the blocked log Z was 3,000 nats off,
@@ -94,6 +94,7 @@ def test_mass_a_left_to_right_chain_loses_is_flagged():
     emit[:, 300:, 2] -= 2.0
     lengths = torch.tensor([steps])
     d = ChainPosterior(init.float(), trans.float(), emit.float(), lengths)
+    monkeypatch.setattr(chain, "COMPILED_LOOP_MAX_WORK", -1)  # "auto" takes the blocked kernels
     assert chain.prefers_blocked(d.transition, d.emit)
     assert chain.scaled_log_partition(d.init, d.transition, d.emit, lengths)[2].all()
     assert chain.blocked_log_partition(d.init, d.transition, d.emit, lengths)[2].all()

@@ -1,14 +1,19 @@
-"""The scaled recursion's two loops and ``method="auto"``'s choice of kernel.
+"""The scaled recursion's three loops and ``method="auto"``'s choice of kernel.
 
-On the CPU the scaled forward and backward step on numpy views of their buffers when
-``B K^2 <= latentnlp.chain.ARRAY_LOOP_MAX_WORK``, elsewhere (larger sizes, other devices, transitions
-without an array form) with torch.  Both loops are checked here against the float64 enumeration
-on CPU tensors, the torch loop by lowering the bound; and ``"auto"`` is checked to take the blocked
-kernel exactly where :func:`latentnlp.chain.prefers_blocked` says, with the same results.
+On the CPU the scaled forward and backward run compiled (``latentnlp._chain_loops``) when one dense
+matrix serves every step and ``B K^2 <= latentnlp.chain.COMPILED_LOOP_MAX_WORK``, else step on numpy
+views of their buffers when ``B K^2 <= latentnlp.chain.ARRAY_LOOP_MAX_WORK``, elsewhere (larger
+sizes, other devices, transitions without an array form) with torch.  Each loop is checked here
+against the float64 enumeration on CPU tensors, the numpy and torch loops by lowering the bounds;
+and ``"auto"`` is checked to take the blocked kernel exactly where
+:func:`latentnlp.chain.prefers_blocked` says, with the same results.
 """
 
 from __future__ import annotations
 
+import shutil
+
+import numpy
 import pytest
 import torch
 from chain_oracle import F64, TRANS_KINDS, Enumeration, forward_log, low_rank_dense, random_chain, random_low_rank
@@ -19,11 +24,38 @@ from latentnlp import ChainPosterior, LowRankTransition, chain
 TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
 
-@pytest.fixture(params=["arrays", "torch"])
+@pytest.fixture(params=["compiled", "arrays", "torch"])
 def loop(request, monkeypatch):
+    if request.param == "compiled" and chain._chain_loops is None:
+        pytest.skip("latentnlp._chain_loops was not built by this install")
+    if request.param != "compiled":
+        monkeypatch.setattr(chain, "COMPILED_LOOP_MAX_WORK", -1)
     if request.param == "torch":
         monkeypatch.setattr(chain, "ARRAY_LOOP_MAX_WORK", -1)
     return request.param
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here")
+def test_the_install_built_the_compiled_loops():
+    assert chain._chain_loops is not None, "setup.py's optional extension latentnlp._chain_loops failed to build"
+
+
+@pytest.mark.skipif(chain._chain_loops is None, reason="latentnlp._chain_loops was not built by this install")
+def test_the_compiled_loops_reject_mismatched_buffers():
+    loops = chain._chain_loops
+    alpha, scale = numpy.zeros((4, 2, 3)), numpy.ones((4, 2))
+    emit_probs, probs, padding = numpy.ones((4, 2, 3)), numpy.eye(3), numpy.zeros((2, 4), bool)
+    loops.scaled_forward(alpha, scale, emit_probs, probs, padding, 4)  # the well-formed call
+    with pytest.raises(ValueError, match="emit_probs: expected the item format of alpha"):
+        loops.scaled_forward(alpha, scale, emit_probs.astype(numpy.float32), probs, padding, 4)
+    with pytest.raises(ValueError, match=r"probs: expected \[K, K\] or \[B, K, K\] with B=2, K=3"):
+        loops.scaled_forward(alpha, scale, emit_probs, numpy.eye(4), padding, 4)
+    with pytest.raises(ValueError, match=r"padding: expected \[B=2, T=4\]"):
+        loops.scaled_forward(alpha, scale, emit_probs, probs, padding.T.copy(), 4)
+    with pytest.raises(ValueError, match="beta: expected a C-contiguous writable array"):
+        loops.scaled_backward(alpha[:, :, :2].T, alpha, emit_probs, probs, padding, 4)
+    with pytest.raises(ValueError, match="expected float32 or float64 items"):
+        loops.scaled_forward(numpy.zeros((4, 2, 3), numpy.int64), scale, emit_probs, probs, padding, 4)
 
 
 def check(d, ref, dtype, msg):
@@ -61,8 +93,15 @@ def test_both_loops_through_a_low_rank_transition(loop, zeros):
     check(ChainPosterior(init, LowRankTransition(log_left, log_right), emit, lengths), ref, F64, f"{loop} low rank")
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("steps,k,expected", [(2048, 4, True), (2048, 16, False), (2047, 4, False)])
-def test_auto_takes_the_blocked_kernel_where_the_rule_says(steps, k, expected, monkeypatch):
+def test_auto_takes_the_blocked_kernel_where_the_rule_says(steps, k, expected, compiled, monkeypatch):
+    """Where the scaled loops run compiled (one shared matrix, a small step) the blocked kernel is never taken."""
+    if compiled and chain._chain_loops is None:
+        pytest.skip("latentnlp._chain_loops was not built by this install")
+    if not compiled:
+        monkeypatch.setattr(chain, "COMPILED_LOOP_MAX_WORK", -1)
+    expected = expected and not compiled
     gen = torch.Generator().manual_seed(steps + k)
     init, trans, emit, lengths = random_chain(gen, 2, steps, k, scale=3.0, full=True)
     assert chain.prefers_blocked(ChainPosterior(init, trans, emit).transition, emit) == expected
