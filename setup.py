@@ -8,7 +8,7 @@ import sys
 
 from setuptools import Extension, setup
 
-compile_args = [] if sys.platform == "win32" else ["-O3", "-std=c99"]
+compile_args = [] if sys.platform == "win32" else ["-O3", "-std=gnu99"]
 setup(
     ext_modules=[
         Extension(

@@ -12,43 +12,132 @@
  * t >= all_valid_until only) keeps the previous alpha with c_t = 1, and sets u_t = 0 with
  * beta_{t-1} = beta_t.  The backward takes the transposed matrix P^T (contiguous), so both loops
  * run over rows of a contiguous matrix.  The GIL is released while a loop runs.
+ *
+ * A step's product out[b] = in[b] m_b (m_b = P, or P_b) is plain C (any compiler and CPU), or, on
+ * x86-64 CPUs with AVX2 and FMA (checked when the module loads), tiles of 4 rows against two 32-byte
+ * vectors of columns with the accumulators in registers (GCC's vector extension): 23-26 against 4-6
+ * billion multiply-adds a second on one core here, from K = 16 to 128.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <string.h>
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define LOOP_TARGETS __attribute__((target_clones("avx2", "default")))
-#else
-#define LOOP_TARGETS
-#endif
+typedef enum { PLAIN, TILED } product_kind;
+static product_kind product_in_use = PLAIN;
 
-/* out[j] = sum_i in[i] * m[i, j] for a row-major K x K matrix m. */
-#define ROW_TIMES_MATRIX(REAL)                                                                          \
-    for (Py_ssize_t j = 0; j < K; j++) out[j] = 0;                                                      \
-    for (Py_ssize_t i = 0; i < K; i++) {                                                                \
-        const REAL a = in[i];                                                                           \
-        const REAL *restrict row = m + i * K;                                                           \
-        for (Py_ssize_t j = 0; j < K; j++) out[j] += a * row[j];                                        \
+#define DEFINE_PLAIN_PRODUCT(SUFFIX, REAL)                                                              \
+    static void plain_product_##SUFFIX(const REAL *restrict in, const REAL *restrict probs,             \
+                                       Py_ssize_t probs_stride, REAL *restrict out, Py_ssize_t B,       \
+                                       Py_ssize_t K) {                                                  \
+        for (Py_ssize_t b = 0; b < B; b++) {                                                            \
+            const REAL *restrict x = in + b * K, *restrict m = probs + b * probs_stride;                \
+            REAL *restrict y = out + b * K;                                                             \
+            for (Py_ssize_t j = 0; j < K; j++) y[j] = 0;                                                \
+            for (Py_ssize_t i = 0; i < K; i++) {                                                        \
+                const REAL a = x[i];                                                                    \
+                const REAL *restrict row = m + i * K;                                                   \
+                for (Py_ssize_t j = 0; j < K; j++) y[j] += a * row[j];                                  \
+            }                                                                                           \
+        }                                                                                               \
     }
 
+DEFINE_PLAIN_PRODUCT(float, float)
+DEFINE_PLAIN_PRODUCT(double, double)
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define HAVE_TILED_PRODUCT 1
+#define AVX2_FMA __attribute__((target("avx2,fma")))
+
+/* Columns [j0, K) of rows x m (ROWS rows of x, K apart), by the plain loop. */
+#define DEFINE_TILED_PRODUCT(SUFFIX, REAL)                                                              \
+    typedef REAL vector_##SUFFIX __attribute__((vector_size(32)));                                      \
+    typedef REAL unaligned_##SUFFIX __attribute__((vector_size(32), aligned(sizeof(REAL))));            \
+    enum { LANES_##SUFFIX = 32 / sizeof(REAL) };                                                        \
+    AVX2_FMA static inline void edge_columns_##SUFFIX(const REAL *restrict x, const REAL *restrict m,      \
+                                                   REAL *restrict y, int rows, Py_ssize_t j0,           \
+                                                   Py_ssize_t K) {                                      \
+        for (int r = 0; r < rows; r++) {                                                                \
+            for (Py_ssize_t j = j0; j < K; j++) y[r * K + j] = 0;                                       \
+            for (Py_ssize_t i = 0; i < K; i++) {                                                        \
+                const REAL a = x[r * K + i];                                                            \
+                for (Py_ssize_t j = j0; j < K; j++) y[r * K + j] += a * m[i * K + j];                   \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+    /* four rows of x times m */                                                                        \
+    AVX2_FMA static inline void four_rows_##SUFFIX(const REAL *restrict x, const REAL *restrict m,         \
+                                                REAL *restrict y, Py_ssize_t K) {                       \
+        const Py_ssize_t width = 2 * LANES_##SUFFIX, full = K - K % width;                              \
+        for (Py_ssize_t j0 = 0; j0 < full; j0 += width) {                                               \
+            vector_##SUFFIX a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0}; \
+            for (Py_ssize_t i = 0; i < K; i++) {                                                        \
+                const vector_##SUFFIX p0 = *(const unaligned_##SUFFIX *)(m + i * K + j0);               \
+                const vector_##SUFFIX p1 = *(const unaligned_##SUFFIX *)(m + i * K + j0 + LANES_##SUFFIX); \
+                const REAL xa = x[i], xb = x[K + i], xc = x[2 * K + i], xd = x[3 * K + i];              \
+                a0 += xa * p0, a1 += xa * p1, b0 += xb * p0, b1 += xb * p1;                             \
+                c0 += xc * p0, c1 += xc * p1, d0 += xd * p0, d1 += xd * p1;                             \
+            }                                                                                           \
+            REAL *restrict at = y + j0;                                                                 \
+            *(unaligned_##SUFFIX *)at = a0, *(unaligned_##SUFFIX *)(at + LANES_##SUFFIX) = a1;          \
+            at += K;                                                                                    \
+            *(unaligned_##SUFFIX *)at = b0, *(unaligned_##SUFFIX *)(at + LANES_##SUFFIX) = b1;          \
+            at += K;                                                                                    \
+            *(unaligned_##SUFFIX *)at = c0, *(unaligned_##SUFFIX *)(at + LANES_##SUFFIX) = c1;          \
+            at += K;                                                                                    \
+            *(unaligned_##SUFFIX *)at = d0, *(unaligned_##SUFFIX *)(at + LANES_##SUFFIX) = d1;          \
+        }                                                                                               \
+        if (full < K) edge_columns_##SUFFIX(x, m, y, 4, full, K);                                       \
+    }                                                                                                   \
+    /* one row of x times m */                                                                          \
+    AVX2_FMA static inline void one_row_##SUFFIX(const REAL *restrict x, const REAL *restrict m,           \
+                                              REAL *restrict y, Py_ssize_t K) {                         \
+        const Py_ssize_t width = 2 * LANES_##SUFFIX, full = K - K % width;                              \
+        for (Py_ssize_t j0 = 0; j0 < full; j0 += width) {                                               \
+            vector_##SUFFIX a0 = {0}, a1 = {0};                                                         \
+            for (Py_ssize_t i = 0; i < K; i++) {                                                        \
+                const REAL xa = x[i];                                                                   \
+                a0 += xa * *(const unaligned_##SUFFIX *)(m + i * K + j0);                               \
+                a1 += xa * *(const unaligned_##SUFFIX *)(m + i * K + j0 + LANES_##SUFFIX);              \
+            }                                                                                           \
+            *(unaligned_##SUFFIX *)(y + j0) = a0, *(unaligned_##SUFFIX *)(y + j0 + LANES_##SUFFIX) = a1; \
+        }                                                                                               \
+        if (full < K) edge_columns_##SUFFIX(x, m, y, 1, full, K);                                       \
+    }                                                                                                   \
+    AVX2_FMA static void tiled_product_##SUFFIX(const REAL *restrict in, const REAL *restrict probs,       \
+                                             Py_ssize_t probs_stride, REAL *restrict out, Py_ssize_t B, \
+                                             Py_ssize_t K) {                                            \
+        Py_ssize_t b = 0;                                                                               \
+        if (probs_stride == 0)                                                                          \
+            for (; b + 4 <= B; b += 4) four_rows_##SUFFIX(in + b * K, probs, out + b * K, K);           \
+        for (; b < B; b++) one_row_##SUFFIX(in + b * K, probs + b * probs_stride, out + b * K, K);      \
+    }
+
+DEFINE_TILED_PRODUCT(float, float)
+DEFINE_TILED_PRODUCT(double, double)
+#define STEP_PRODUCT(SUFFIX) (product_in_use == TILED ? tiled_product_##SUFFIX : plain_product_##SUFFIX)
+#else
+#define STEP_PRODUCT(SUFFIX) plain_product_##SUFFIX
+#endif
+
 #define DEFINE_LOOPS(SUFFIX, REAL)                                                                      \
-    LOOP_TARGETS static void forward_##SUFFIX(REAL *restrict alpha, REAL *restrict scale,               \
-                                              const REAL *restrict emit_probs, const REAL *restrict probs, \
-                                              Py_ssize_t probs_stride, const char *restrict padding,    \
-                                              Py_ssize_t T, Py_ssize_t B, Py_ssize_t K,                 \
-                                              Py_ssize_t all_valid_until) {                             \
+    static void forward_##SUFFIX(REAL *restrict alpha, REAL *restrict scale,                            \
+                                 const REAL *restrict emit_probs, const REAL *restrict probs,           \
+                                 Py_ssize_t probs_stride, const char *restrict padding, Py_ssize_t T,   \
+                                 Py_ssize_t B, Py_ssize_t K, Py_ssize_t all_valid_until) {              \
+        void (*const product)(const REAL *, const REAL *, Py_ssize_t, REAL *, Py_ssize_t, Py_ssize_t) = \
+            STEP_PRODUCT(SUFFIX);                                                                       \
         for (Py_ssize_t t = 1; t < T; t++) {                                                            \
+            const REAL *restrict previous = alpha + (t - 1) * B * K;                                    \
+            REAL *restrict current = alpha + t * B * K;                                                 \
+            product(previous, probs, probs_stride, current, B, K);                                      \
             for (Py_ssize_t b = 0; b < B; b++) {                                                        \
-                const REAL *restrict in = alpha + ((t - 1) * B + b) * K;                                \
-                REAL *restrict out = alpha + (t * B + b) * K;                                           \
+                REAL *restrict out = current + b * K;                                                   \
                 if (t >= all_valid_until && padding[b * T + t]) {                                       \
-                    for (Py_ssize_t j = 0; j < K; j++) out[j] = in[j];                                  \
+                    for (Py_ssize_t j = 0; j < K; j++) out[j] = previous[b * K + j];                    \
                     scale[t * B + b] = 1;                                                               \
                     continue;                                                                           \
                 }                                                                                       \
-                const REAL *restrict m = probs + b * probs_stride;                                      \
                 const REAL *restrict e = emit_probs + (t * B + b) * K;                                  \
-                ROW_TIMES_MATRIX(REAL)                                                                  \
                 REAL c = 0;                                                                             \
                 for (Py_ssize_t j = 0; j < K; j++) {                                                    \
                     out[j] *= e[j];                                                                     \
@@ -59,27 +148,25 @@
             }                                                                                           \
         }                                                                                               \
     }                                                                                                   \
-    LOOP_TARGETS static void backward_##SUFFIX(REAL *restrict beta, REAL *restrict u,                   \
-                                               const REAL *restrict weights, const REAL *restrict probs, \
-                                               Py_ssize_t probs_stride, const char *restrict padding,   \
-                                               Py_ssize_t T, Py_ssize_t B, Py_ssize_t K,                \
-                                               Py_ssize_t all_valid_until) {                            \
+    static void backward_##SUFFIX(REAL *restrict beta, REAL *restrict u, const REAL *restrict weights,  \
+                                  const REAL *restrict probs, Py_ssize_t probs_stride,                  \
+                                  const char *restrict padding, Py_ssize_t T, Py_ssize_t B,             \
+                                  Py_ssize_t K, Py_ssize_t all_valid_until) {                           \
+        void (*const product)(const REAL *, const REAL *, Py_ssize_t, REAL *, Py_ssize_t, Py_ssize_t) = \
+            STEP_PRODUCT(SUFFIX);                                                                       \
         for (Py_ssize_t t = T - 1; t > 0; t--) {                                                        \
+            REAL *restrict message = u + t * B * K;                                                     \
+            const REAL *restrict next = beta + t * B * K, *restrict w = weights + t * B * K;            \
+            REAL *restrict current = beta + (t - 1) * B * K;                                            \
+            for (Py_ssize_t i = 0; i < B * K; i++) message[i] = w[i] * next[i];                         \
+            product(message, probs, probs_stride, current, B, K);                                       \
+            if (t < all_valid_until) continue;                                                          \
             for (Py_ssize_t b = 0; b < B; b++) {                                                        \
-                REAL *restrict in = u + (t * B + b) * K;                                                \
-                const REAL *restrict next = beta + (t * B + b) * K;                                     \
-                REAL *restrict out = beta + ((t - 1) * B + b) * K;                                      \
-                if (t >= all_valid_until && padding[b * T + t]) {                                       \
-                    for (Py_ssize_t j = 0; j < K; j++) {                                                \
-                        in[j] = 0;                                                                      \
-                        out[j] = next[j];                                                               \
-                    }                                                                                   \
-                    continue;                                                                           \
+                if (!padding[b * T + t]) continue;                                                      \
+                for (Py_ssize_t j = 0; j < K; j++) {                                                    \
+                    message[b * K + j] = 0;                                                             \
+                    current[b * K + j] = next[b * K + j];                                               \
                 }                                                                                       \
-                const REAL *restrict w = weights + (t * B + b) * K;                                     \
-                for (Py_ssize_t j = 0; j < K; j++) in[j] = w[j] * next[j];                              \
-                const REAL *restrict m = probs + b * probs_stride;                                      \
-                ROW_TIMES_MATRIX(REAL)                                                                  \
             }                                                                                           \
         }                                                                                               \
     }
@@ -192,7 +279,38 @@ static PyObject *scaled_forward(PyObject *self, PyObject *args) { return run_loo
 
 static PyObject *scaled_backward(PyObject *self, PyObject *args) { return run_loop(args, BACKWARD); }
 
+static const char *product_name(product_kind kind) { return kind == TILED ? "avx2-fma tiles" : "plain"; }
+
+static PyObject *product(PyObject *self, PyObject *args) { return PyUnicode_FromString(product_name(product_in_use)); }
+
+static PyObject *set_product(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    if (strcmp(name, product_name(PLAIN)) == 0) {
+        product_in_use = PLAIN;
+    } else if (strcmp(name, product_name(TILED)) == 0) {
+#ifdef HAVE_TILED_PRODUCT
+        if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) {
+            PyErr_SetString(PyExc_ValueError, "product: 'avx2-fma tiles' needs a CPU with AVX2 and FMA");
+            return NULL;
+        }
+        product_in_use = TILED;
+#else
+        PyErr_SetString(PyExc_ValueError, "product: 'avx2-fma tiles' is not built on this platform");
+        return NULL;
+#endif
+    } else {
+        PyErr_Format(PyExc_ValueError, "product: expected 'plain' or 'avx2-fma tiles', got '%s'", name);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"product", product, METH_NOARGS, "product(): the step product in use, 'plain' or 'avx2-fma tiles'."},
+    {"set_product", set_product, METH_VARARGS,
+     "set_product(name): use the 'plain' or the 'avx2-fma tiles' step product (the latter where the CPU has "
+     "AVX2 and FMA, the default there)."},
     {"scaled_forward", scaled_forward, METH_VARARGS,
      "scaled_forward(alpha, scale, emit_probs, probs, padding, all_valid_until): the scaled forward loop, "
      "t = 1 .. T-1, in place (alpha[0] given)."},
@@ -205,4 +323,10 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_chain_loops",
                                     "Compiled time loops of the scaled forward-backward algorithm.", -1, methods};
 
-PyMODINIT_FUNC PyInit__chain_loops(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__chain_loops(void) {
+#ifdef HAVE_TILED_PRODUCT
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) product_in_use = TILED;
+#endif
+    return PyModule_Create(&module);
+}

@@ -24,15 +24,22 @@ from latentnlp import ChainPosterior, LowRankTransition, chain
 TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
 
-@pytest.fixture(params=["compiled", "arrays", "torch"])
+@pytest.fixture(params=["compiled", "compiled-plain", "arrays", "torch"])
 def loop(request, monkeypatch):
-    if request.param == "compiled" and chain._chain_loops is None:
+    compiled = request.param.startswith("compiled")
+    if compiled and chain._chain_loops is None:
         pytest.skip("latentnlp._chain_loops was not built by this install")
-    if request.param != "compiled":
+    if not compiled:
         monkeypatch.setattr(chain, "COMPILED_LOOP_MAX_WORK", -1)
     if request.param == "torch":
         monkeypatch.setattr(chain, "ARRAY_LOOP_MAX_WORK", -1)
-    return request.param
+    if request.param == "compiled-plain":  # the product without AVX2 (the tiled one is the default where it runs)
+        previous = chain._chain_loops.product()
+        chain._chain_loops.set_product("plain")
+        yield request.param
+        chain._chain_loops.set_product(previous)
+        return
+    yield request.param
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here")
@@ -54,6 +61,8 @@ def test_the_compiled_loops_reject_mismatched_buffers():
         loops.scaled_forward(alpha, scale, emit_probs, probs, padding.T.copy(), 4)
     with pytest.raises(ValueError, match="beta: expected a C-contiguous writable array"):
         loops.scaled_backward(alpha[:, :, :2].T, alpha, emit_probs, probs, padding, 4)
+    with pytest.raises(ValueError, match="product: expected 'plain' or 'avx2-fma tiles', got 'fast'"):
+        loops.set_product("fast")
     with pytest.raises(ValueError, match="expected float32 or float64 items"):
         loops.scaled_forward(numpy.zeros((4, 2, 3), numpy.int64), scale, emit_probs, probs, padding, 4)
 
@@ -82,6 +91,26 @@ def test_both_loops_match_enumeration(loop, trans_kind, zeros, dtype):
         ref = Enumeration(init, trans, emit, lengths)
         d = ChainPosterior(init.to(dtype), trans.to(dtype), emit.to(dtype), lengths)
         check(d, ref, dtype, f"{loop} {trans_kind} zeros={zeros} T={T} K={K} lengths={lengths.tolist()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("trans_kind", ["shared", "batched"])
+def test_the_loops_agree_with_log_space_past_the_compiled_tiles(loop, trans_kind, dtype):
+    """Sizes whose products the compiled loops tile (4 rows of the batch, 16 float or 8 double columns)
+    with every kind of edge: batches of 1, 3, 4 and 9 rows, K of 8, 16, 20, 33 and 64, uneven lengths;
+    log Z against the float64 log-space forward and the marginals against its autograd."""
+    gen = torch.Generator().manual_seed(17 + (trans_kind == "batched"))
+    for batch, k in ((1, 16), (3, 20), (4, 8), (4, 16), (9, 33), (5, 64)):
+        init, trans, emit, lengths = random_chain(gen, batch, 12, k, trans_kind=trans_kind, scale=2.0)
+        emit64 = emit.clone().requires_grad_()
+        log_z, _ = chain.log_space_forward(init, chain.DenseTransition(trans), emit64, lengths)
+        (marginals,) = torch.autograd.grad(log_z.sum(), emit64)
+        narrow = emit.to(dtype).requires_grad_()
+        posterior = ChainPosterior(init.to(dtype), trans.to(dtype), narrow, lengths, method="scaled")
+        (found,) = torch.autograd.grad(posterior.log_partition.sum(), narrow)
+        msg = f"{loop} {trans_kind} B={batch} K={k} lengths={lengths.tolist()}"
+        torch.testing.assert_close(posterior.log_partition.to(F64), log_z, **TOLERANCE[dtype], msg=msg)
+        torch.testing.assert_close(found.to(F64), marginals, **TOLERANCE[dtype], msg=msg)
 
 
 @pytest.mark.parametrize("zeros", [False, True])
