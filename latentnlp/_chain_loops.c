@@ -11,7 +11,10 @@
  * with alpha, e, beta, u, w [T, B, K] and c [T, B].  A padding step (padding[b, t], checked for
  * t >= all_valid_until only) keeps the previous alpha with c_t = 1, and sets u_t = 0 with
  * beta_{t-1} = beta_t.  The backward takes the transposed matrix P^T (contiguous), so both loops
- * run over rows of a contiguous matrix.  The GIL is released while a loop runs.
+ * run over rows of a contiguous matrix; it ends by writing the marginals gamma = beta * alpha in
+ * beta's buffer and says whether the sum of gamma and u is finite (inf and NaN propagate: the
+ * overflow check of the gradient, latentnlp.chain._smoother_gradients, for free).  The GIL is
+ * released while a loop runs.
  *
  * A step's product out[b] = in[b] m_b (m_b = P, or P_b) is plain C (any compiler and CPU), or, on
  * x86-64 CPUs with AVX2 and FMA (checked when the module loads), tiles of 4 rows against two 32-byte
@@ -20,6 +23,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <string.h>
 
 typedef enum { PLAIN, TILED } product_kind;
@@ -148,10 +152,10 @@ DEFINE_TILED_PRODUCT(double, double)
             }                                                                                           \
         }                                                                                               \
     }                                                                                                   \
-    static void backward_##SUFFIX(REAL *restrict beta, REAL *restrict u, const REAL *restrict weights,  \
-                                  const REAL *restrict probs, Py_ssize_t probs_stride,                  \
-                                  const char *restrict padding, Py_ssize_t T, Py_ssize_t B,             \
-                                  Py_ssize_t K, Py_ssize_t all_valid_until) {                           \
+    static int backward_##SUFFIX(REAL *restrict beta, REAL *restrict u, const REAL *restrict weights,   \
+                                 const REAL *restrict probs, Py_ssize_t probs_stride,                   \
+                                 const char *restrict padding, Py_ssize_t T, Py_ssize_t B,              \
+                                 Py_ssize_t K, Py_ssize_t all_valid_until, const REAL *restrict alpha) { \
         void (*const product)(const REAL *, const REAL *, Py_ssize_t, REAL *, Py_ssize_t, Py_ssize_t) = \
             STEP_PRODUCT(SUFFIX);                                                                       \
         for (Py_ssize_t t = T - 1; t > 0; t--) {                                                        \
@@ -169,6 +173,13 @@ DEFINE_TILED_PRODUCT(double, double)
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
+        /* gamma = beta * alpha in beta's buffer; the sum of gamma and u is finite unless one overflowed */ \
+        REAL total = 0;                                                                                 \
+        for (Py_ssize_t i = 0; i < T * B * K; i++) {                                                    \
+            beta[i] *= alpha[i];                                                                        \
+            total += beta[i] + (i >= B * K ? u[i] : 0);                                                 \
+        }                                                                                               \
+        return isfinite(total);                                                                         \
     }
 
 DEFINE_LOOPS(float, float)
@@ -199,23 +210,30 @@ static char item_kind(const Py_buffer *view) {
 
 enum { FORWARD, BACKWARD };
 
-/* Shared argument handling of both loops: (state, vectors, per_step, probs, padding, all_valid_until). */
+/* Shared argument handling of both loops: forward (alpha, scale, emit_probs, probs, padding,
+ * all_valid_until) -> None; backward (beta, u, weights, probs_t, padding, all_valid_until, alpha) ->
+ * bool, whether the sum of gamma and u is finite. */
 static PyObject *run_loop(PyObject *args, int direction) {
-    PyObject *objs[5];
+    PyObject *objs[6];
     Py_ssize_t all_valid_until;
-    if (!PyArg_ParseTuple(args, "OOOOOn", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &all_valid_until))
+    const int buffers = direction == FORWARD ? 5 : 6;
+    if (direction == FORWARD &&
+        !PyArg_ParseTuple(args, "OOOOOn", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &all_valid_until))
+        return NULL;
+    if (direction == BACKWARD && !PyArg_ParseTuple(args, "OOOOOnO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4],
+                                                   &all_valid_until, &objs[5]))
         return NULL;
     static const char *forward_names[] = {"alpha", "scale", "emit_probs", "probs", "padding"};
-    static const char *backward_names[] = {"beta", "u", "weights", "probs_t", "padding"};
+    static const char *backward_names[] = {"beta", "u", "weights", "probs_t", "padding", "alpha"};
     const char **names = direction == FORWARD ? forward_names : backward_names;
-    /* forward: alpha [T,B,K] rw, scale [T,B] rw, emit_probs [T,B,K]; backward: beta, u rw, weights [T,B,K] */
-    const int writable[5] = {1, 1, 0, 0, 0};
-    const int ndim_min[5] = {3, direction == FORWARD ? 2 : 3, 3, 2, 2};
-    const int ndim_max[5] = {3, direction == FORWARD ? 2 : 3, 3, 3, 2};
-    Py_buffer views[5];
+    /* forward: alpha [T,B,K] rw, scale [T,B] rw, emit_probs [T,B,K]; backward: beta, u rw, weights, alpha [T,B,K] */
+    const int writable[6] = {1, 1, 0, 0, 0, 0};
+    const int ndim_min[6] = {3, direction == FORWARD ? 2 : 3, 3, 2, 2, 3};
+    const int ndim_max[6] = {3, direction == FORWARD ? 2 : 3, 3, 3, 2, 3};
+    Py_buffer views[6];
     int got = 0;
     PyObject *result = NULL;
-    for (; got < 5; got++)
+    for (; got < buffers; got++)
         if (get_buffer(objs[got], &views[got], names[got], writable[got], ndim_min[got], ndim_max[got]) < 0)
             goto done;
     const Py_ssize_t T = views[0].shape[0], B = views[0].shape[1], K = views[0].shape[2];
@@ -225,8 +243,8 @@ static PyObject *run_loop(PyObject *args, int direction) {
                      views[0].format);
         goto done;
     }
-    for (int i = 1; i < 4; i++) {
-        if (item_kind(&views[i]) != kind) {
+    for (int i = 1; i < buffers; i++) {
+        if (i != 4 && item_kind(&views[i]) != kind) {
             PyErr_Format(PyExc_ValueError, "%s: expected the item format of %s ('%c'), got '%s'", names[i],
                          names[0], kind, views[i].format);
             goto done;
@@ -237,10 +255,11 @@ static PyObject *run_loop(PyObject *args, int direction) {
     if (direction == FORWARD)
         shapes_ok = shapes_ok && second->shape[0] == T && second->shape[1] == B;
     else
-        shapes_ok = shapes_ok && second->shape[0] == T && second->shape[1] == B && second->shape[2] == K;
+        shapes_ok = shapes_ok && second->shape[0] == T && second->shape[1] == B && second->shape[2] == K &&
+                    views[5].shape[0] == T && views[5].shape[1] == B && views[5].shape[2] == K;
     if (!shapes_ok) {
-        PyErr_Format(PyExc_ValueError, "%s, %s: shapes do not match %s [T=%zd, B=%zd, K=%zd]", names[1], names[2],
-                     names[0], T, B, K);
+        PyErr_Format(PyExc_ValueError, "%s, %s%s: shapes do not match %s [T=%zd, B=%zd, K=%zd]", names[1], names[2],
+                     direction == FORWARD ? "" : ", alpha", names[0], T, B, K);
         goto done;
     }
     const int batched = probs->ndim == 3;
@@ -254,6 +273,7 @@ static PyObject *run_loop(PyObject *args, int direction) {
         goto done;
     }
     const Py_ssize_t stride = batched ? K * K : 0;
+    int finite = 1;
     Py_BEGIN_ALLOW_THREADS
     if (direction == FORWARD && kind == 'f')
         forward_float(views[0].buf, views[1].buf, views[2].buf, views[3].buf, stride, views[4].buf, T, B, K,
@@ -262,14 +282,14 @@ static PyObject *run_loop(PyObject *args, int direction) {
         forward_double(views[0].buf, views[1].buf, views[2].buf, views[3].buf, stride, views[4].buf, T, B, K,
                        all_valid_until);
     else if (kind == 'f')
-        backward_float(views[0].buf, views[1].buf, views[2].buf, views[3].buf, stride, views[4].buf, T, B, K,
-                       all_valid_until);
+        finite = backward_float(views[0].buf, views[1].buf, views[2].buf, views[3].buf, stride, views[4].buf, T, B,
+                                K, all_valid_until, views[5].buf);
     else
-        backward_double(views[0].buf, views[1].buf, views[2].buf, views[3].buf, stride, views[4].buf, T, B, K,
-                        all_valid_until);
+        finite = backward_double(views[0].buf, views[1].buf, views[2].buf, views[3].buf, stride, views[4].buf, T, B,
+                                 K, all_valid_until, views[5].buf);
     Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
+    result = direction == FORWARD ? Py_None : PyBool_FromLong(finite);
+    if (direction == FORWARD) Py_INCREF(result);
 done:
     for (int i = 0; i < got; i++) PyBuffer_Release(&views[i]);
     return result;
@@ -315,8 +335,9 @@ static PyMethodDef methods[] = {
      "scaled_forward(alpha, scale, emit_probs, probs, padding, all_valid_until): the scaled forward loop, "
      "t = 1 .. T-1, in place (alpha[0] given)."},
     {"scaled_backward", scaled_backward, METH_VARARGS,
-     "scaled_backward(beta, u, weights, probs_t, padding, all_valid_until): the scaled backward loop, "
-     "t = T-1 .. 1, in place (beta[T-1] given)."},
+     "scaled_backward(beta, u, weights, probs_t, padding, all_valid_until, alpha): the scaled backward loop, "
+     "t = T-1 .. 1, in place (beta[T-1] given), then gamma = beta * alpha in beta's buffer; returns whether "
+     "the sum of gamma and u[1:] is finite."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -302,8 +302,9 @@ def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, weights: Ten
     ``beta_{L-1} = 1``; ``beta_{t-1} = P_t u_t`` with ``u_t = e_t * beta_t / c_t``.  Posterior
     marginals are ``gamma_t = alpha_t * beta_t`` and edge marginals
     ``xi_t(i, j) = alpha_{t-1}(i) P_t(i, j) u_t(j)``.  ``weights [T, B, K]`` are ``e_t / c_t``.
-    Returns ``gamma [T, B, K]`` (in ``beta``'s buffer) and ``u [T, B, K]`` (``u_0 = 0``, ``u_t = 0``
-    past the length).
+    Returns ``gamma [T, B, K]`` (in ``beta``'s buffer), ``u [T, B, K]`` (``u_0 = 0``, ``u_t = 0``
+    past the length) and ``finite``: True when the sum of ``gamma`` and ``u`` is known finite (the
+    compiled loop checks it as it writes ``gamma``), False when it is not, None when unchecked.
     """
     steps = alpha.shape[0]
     beta = torch.empty_like(alpha)
@@ -311,17 +312,17 @@ def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, weights: Ten
     u = torch.empty_like(alpha)  # the loop writes u_t for every t >= 1
     u[0] = 0.0
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps
-    matrix = _compiled_loop_matrix(probs, alpha) if weights.is_contiguous() else None
+    matrix = _compiled_loop_matrix(probs, alpha) if weights.is_contiguous() and alpha.is_contiguous() else None
     if matrix is not None:
         matrix_t = matrix.transpose(-1, -2).contiguous()
-        _chain_loops.scaled_backward(
-            beta.numpy(), u.numpy(), weights.numpy(), matrix_t.numpy(), (~mask).numpy(), all_valid_until
+        finite = _chain_loops.scaled_backward(
+            beta.numpy(), u.numpy(), weights.numpy(), matrix_t.numpy(), (~mask).numpy(), all_valid_until, alpha.numpy()
         )
-        return beta.mul_(alpha), u
+        return beta, u, finite  # the compiled loop wrote gamma in beta's buffer
     array_steps = _array_steps(probs, alpha)
     if array_steps is not None:
         _backward_steps_on_arrays(beta, u, weights, mask, array_steps[1], all_valid_until)
-        return beta.mul_(alpha), u
+        return beta.mul_(alpha), u, None
     weights, beta_t, u_t = weights.unbind(0), beta.unbind(0), u.unbind(0)
     propagate_back = probs.backward
     for t in range(steps - 1, 0, -1):
@@ -331,7 +332,7 @@ def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, weights: Ten
             valid = mask[:, t].unsqueeze(-1)
             u_t[t].copy_(torch.where(valid, u_t[t], torch.zeros_like(u_t[t])))
             beta_t[t - 1].copy_(torch.where(valid, beta_t[t - 1], beta_t[t]))
-    return beta.mul_(alpha), u
+    return beta.mul_(alpha), u, None
 
 
 class _ScaledLogPartition(torch.autograd.Function):
@@ -363,14 +364,14 @@ class _ScaledLogPartition(torch.autograd.Function):
     def backward(ctx, grad: Tensor, _grad_final_filter: Tensor, _grad_underflowed: Tensor):
         alpha, weights, mask, init, emit, lengths = ctx.saved_tensors
         probs = ctx.probs
-        gamma, u = _scaled_backward(alpha, probs, weights, mask)
+        gamma, u, finite = _scaled_backward(alpha, probs, weights, mask)
         grad_init, grad_emit, grad_parameters = _smoother_gradients(
-            grad, alpha, gamma, u, mask, probs, ctx.transition, init, emit, lengths
+            grad, alpha, gamma, u, mask, probs, ctx.transition, init, emit, lengths, finite
         )
         return (grad_init, grad_emit, None, None) + grad_parameters
 
 
-def _smoother_gradients(grad, alpha, gamma, u, mask, probs, transition, init, emit, lengths):
+def _smoother_gradients(grad, alpha, gamma, u, mask, probs, transition, init, emit, lengths, finite=None):
     r"""The gradient of ``sum_b grad[b] log Z[b]`` from a probability-space smoother: ``(init [B, K],
     emit [B, T, K], transition parameter gradients)``.
 
@@ -381,10 +382,14 @@ def _smoother_gradients(grad, alpha, gamma, u, mask, probs, transition, init, em
     small then, so the forward cannot flag it): such rows get their gradient from the log-space
     recursion (:func:`_log_space_gradient`).  One check, by a sum (inf and NaN propagate; a sum of
     huge finite ``u`` that overflows only costs a redo), an order of magnitude cheaper than
-    ``isfinite().all()`` over ``[T, B, K]``.  ``u`` is the backward pass's own buffer, scaled in place.
+    ``isfinite().all()`` over ``[T, B, K]``, and none when the backward pass already found that sum over
+    every row finite (``finite``, from the compiled loop).  ``u`` is the backward pass's own buffer,
+    scaled in place.
     """
-    overflowed = ~torch.isfinite((gamma.sum(-1) + u.sum(-1)).sum(0))
-    redo = bool(overflowed.any())
+    redo = False
+    if not finite:
+        overflowed = ~torch.isfinite((gamma.sum(-1) + u.sum(-1)).sum(0))
+        redo = bool(overflowed.any())
     if redo:
         keep = ~overflowed.unsqueeze(-1)
         gamma = torch.where(keep, gamma, torch.zeros_like(gamma))
@@ -1411,7 +1416,7 @@ def _scaled_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor):
     probs = DenseTransition(trans).probabilities()
     alpha, scale, emit_probs, shifts, lost = _scaled_forward(init, probs, emit, mask)
     weights = emit_probs.div_(scale.unsqueeze(-1))
-    gamma, u = _scaled_backward(alpha, probs, weights, mask)
+    gamma, u, _ = _scaled_backward(alpha, probs, weights, mask)
     emit_scores = emit - shifts.T.unsqueeze(-1)  # e_t = exp(emit_t - m_t) wherever e_t > 0
     first_scores = init + emit[:, 0] - shifts[0].unsqueeze(-1)  # a_0 = exp(init + emit_0 - m_0)
     shift = finite_max(trans.flatten(-2), -1).squeeze(-1)  # as shifted_exp: P = exp(trans - shift)
