@@ -5,7 +5,8 @@
  * B K^2 is small a step costs far less than one numpy or torch call; here a step costs its
  * arithmetic.  The buffers are C-contiguous, time-major, and written in place:
  *
- *   forward:  a_t = (alpha_{t-1} P) * e_t,  c_t = sum_j a_t(j),  alpha_t = a_t / c_t   (t = 1 .. T-1)
+ *   forward:  a_t = (alpha_{t-1} P) * e_t,  c_t = sum_j a_t(j),  alpha_t = a_t / c_t,
+ *             e_t <- e_t / c_t (the backward's weights w_t, in e's buffer)               (t = 1 .. T-1)
  *   backward: u_t = w_t * beta_t,  beta_{t-1} = P u_t                                  (t = T-1 .. 1)
  *
  * with alpha, e, beta, u, w [T, B, K] and c [T, B].  A padding step (padding[b, t], checked for
@@ -124,8 +125,8 @@ DEFINE_TILED_PRODUCT(double, double)
 #endif
 
 #define DEFINE_LOOPS(SUFFIX, REAL)                                                                      \
-    static void forward_##SUFFIX(REAL *restrict alpha, REAL *restrict scale,                            \
-                                 const REAL *restrict emit_probs, const REAL *restrict probs,           \
+    static void forward_##SUFFIX(REAL *restrict alpha, REAL *restrict scale, REAL *restrict emit_probs,  \
+                                 const REAL *restrict probs,                                            \
                                  Py_ssize_t probs_stride, const char *restrict padding, Py_ssize_t T,   \
                                  Py_ssize_t B, Py_ssize_t K, Py_ssize_t all_valid_until) {              \
         void (*const product)(const REAL *, const REAL *, Py_ssize_t, REAL *, Py_ssize_t, Py_ssize_t) = \
@@ -141,14 +142,17 @@ DEFINE_TILED_PRODUCT(double, double)
                     scale[t * B + b] = 1;                                                               \
                     continue;                                                                           \
                 }                                                                                       \
-                const REAL *restrict e = emit_probs + (t * B + b) * K;                                  \
+                REAL *restrict e = emit_probs + (t * B + b) * K;                                        \
                 REAL c = 0;                                                                             \
                 for (Py_ssize_t j = 0; j < K; j++) {                                                    \
                     out[j] *= e[j];                                                                     \
                     c += out[j];                                                                        \
                 }                                                                                       \
                 scale[t * B + b] = c;                                                                   \
-                for (Py_ssize_t j = 0; j < K; j++) out[j] /= c;                                         \
+                for (Py_ssize_t j = 0; j < K; j++) {                                                    \
+                    out[j] /= c;                                                                        \
+                    e[j] /= c;                                                                          \
+                }                                                                                       \
             }                                                                                           \
         }                                                                                               \
     }                                                                                                   \
@@ -226,8 +230,8 @@ static PyObject *run_loop(PyObject *args, int direction) {
     static const char *forward_names[] = {"alpha", "scale", "emit_probs", "probs", "padding"};
     static const char *backward_names[] = {"beta", "u", "weights", "probs_t", "padding", "alpha"};
     const char **names = direction == FORWARD ? forward_names : backward_names;
-    /* forward: alpha [T,B,K] rw, scale [T,B] rw, emit_probs [T,B,K]; backward: beta, u rw, weights, alpha [T,B,K] */
-    const int writable[6] = {1, 1, 0, 0, 0, 0};
+    /* forward: alpha [T,B,K], scale [T,B], emit_probs [T,B,K] rw; backward: beta, u rw, weights, alpha [T,B,K] */
+    const int writable[6] = {1, 1, direction == FORWARD, 0, 0, 0};
     const int ndim_min[6] = {3, direction == FORWARD ? 2 : 3, 3, 2, 2, 3};
     const int ndim_max[6] = {3, direction == FORWARD ? 2 : 3, 3, 3, 2, 3};
     Py_buffer views[6];
@@ -333,7 +337,7 @@ static PyMethodDef methods[] = {
      "AVX2 and FMA, the default there)."},
     {"scaled_forward", scaled_forward, METH_VARARGS,
      "scaled_forward(alpha, scale, emit_probs, probs, padding, all_valid_until): the scaled forward loop, "
-     "t = 1 .. T-1, in place (alpha[0] given)."},
+     "t = 1 .. T-1, in place (alpha[0] given; emit_probs[t] divided by scale[t] as it goes)."},
     {"scaled_backward", scaled_backward, METH_VARARGS,
      "scaled_backward(beta, u, weights, probs_t, padding, all_valid_until, alpha): the scaled backward loop, "
      "t = T-1 .. 1, in place (beta[T-1] given), then gamma = beta * alpha in beta's buffer; returns whether "

@@ -134,7 +134,7 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     Deciding which costs one synchronisation (no ``-inf`` in ``init``, ``P > 0``): an algorithm
     choice, made once per call.  Padding steps (``t >= L``) keep ``alpha`` and set ``c_t = 1``.
     Returns ``alpha [T, B, K]`` (each row a filtering distribution), ``scale [T, B]`` (the
-    ``c_t``), ``emit_probs [T, B, K]`` (the ``e_t``), ``shifts [T, B]`` (``m_t``, 0 past the length;
+    ``c_t``), ``weights [T, B, K]`` (``e_t / c_t``, the backward's), ``shifts [T, B]`` (``m_t``, 0 past the length;
     ``shifts[0]`` also holds the shift of ``init``), so that
     ``log Z = sum_t log c_t + sum_t shifts_t + transition shifts``, and ``lost [B]`` (bool).
 
@@ -157,7 +157,7 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
         # e_t = exp(emit_t - m_t), written time-major in one buffer (two passes, one allocation)
         emit_probs = emit.new_empty(steps, batch, k)
         torch.sub(emit.transpose(0, 1), shift.transpose(0, 1), out=emit_probs).exp_()
-        shifts = (shift.squeeze(-1) * mask).transpose(0, 1).contiguous()
+        shifts = torch.mul(shift.squeeze(-1).T, mask.T, out=emit.new_empty(steps, batch))
         init_shift = finite_max(init, -1)
         a = torch.exp(init - init_shift) * emit_probs[0]
         shifts[0] += init_shift.squeeze(-1)
@@ -171,16 +171,17 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps  # steps before this need no padding
     matrix = _compiled_loop_matrix(probs, alpha) if reachable else None
     if matrix is not None:
-        _chain_loops.scaled_forward(
+        _chain_loops.scaled_forward(  # divides e_t by c_t as it goes, t >= 1
             alpha.numpy(), scale.numpy(), emit_probs.numpy(), matrix.numpy(), (~mask).numpy(), all_valid_until
         )
+        emit_probs[0].div_(scale[0].unsqueeze(-1))
         return alpha, scale, emit_probs, shifts, lost
     array_steps = _array_steps(probs, alpha)
     if array_steps is not None:
         _forward_steps_on_arrays(
             alpha, scale, emit_probs, shifts, lost, emit, mask, reachable, array_steps[0], all_valid_until
         )
-        return alpha, scale, emit_probs, shifts, lost
+        return alpha, scale, emit_probs.div_(scale.unsqueeze(-1)), shifts, lost
     # per-step views taken once: indexing inside the loop costs more than the small matmuls
     alpha_t, scale_t, emit_probs_t = alpha.unbind(0), scale.unsqueeze(-1).unbind(0), emit_probs.unbind(0)
     propagate = probs.forward
@@ -202,7 +203,7 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
             valid = mask[:, t].unsqueeze(-1)
             current.copy_(torch.where(valid, current, alpha_t[t - 1]))
             c.copy_(torch.where(valid, c, torch.ones_like(c)))
-    return alpha, scale, emit_probs, shifts, lost
+    return alpha, scale, emit_probs.div_(scale.unsqueeze(-1)), shifts, lost
 
 
 def _array_steps(probs: TransitionProbabilities, beliefs: Tensor):
@@ -347,9 +348,8 @@ class _ScaledLogPartition(torch.autograd.Function):
     def forward(ctx, init: Tensor, emit: Tensor, lengths: Tensor, transition: Transition, *parameters: Tensor):
         mask = lengths_to_mask(lengths, emit.shape[1])
         probs = transition.probabilities()
-        alpha, scale, emit_probs, shifts, lost = _scaled_forward(init, probs, emit, mask)
+        alpha, scale, weights, shifts, lost = _scaled_forward(init, probs, emit, mask)  # u_t = weights_t beta_t
         log_shift = shifts.sum(0)
-        weights = emit_probs.div_(scale.unsqueeze(-1))  # e_t / c_t, in place: the backward's u_t = weights_t * beta_t
         # accumulate in float64: T terms of magnitude |log c| lose precision in float32
         log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
         underflowed = _underflowed(scale, mask) | lost
@@ -1414,8 +1414,7 @@ def _scaled_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor):
     ``probs`` the transition's shifted probabilities)."""
     mask = lengths_to_mask(lengths, emit.shape[1])
     probs = DenseTransition(trans).probabilities()
-    alpha, scale, emit_probs, shifts, lost = _scaled_forward(init, probs, emit, mask)
-    weights = emit_probs.div_(scale.unsqueeze(-1))
+    alpha, scale, weights, shifts, lost = _scaled_forward(init, probs, emit, mask)
     gamma, u, _ = _scaled_backward(alpha, probs, weights, mask)
     emit_scores = emit - shifts.T.unsqueeze(-1)  # e_t = exp(emit_t - m_t) wherever e_t > 0
     first_scores = init + emit[:, 0] - shifts[0].unsqueeze(-1)  # a_0 = exp(init + emit_0 - m_0)

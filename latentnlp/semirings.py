@@ -41,8 +41,7 @@ def logsumexp(x: Tensor, dim: int) -> Tensor:
 
 def finite_max(x: Tensor, dim: int) -> Tensor:
     """``max`` over ``dim`` (kept), detached, with rows of ``-inf`` mapped to 0 so shifts stay finite."""
-    m = x.detach().amax(dim, keepdim=True)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.nan_to_num(x.detach().amax(dim, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class Exponentiated(NamedTuple):

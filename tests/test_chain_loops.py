@@ -63,11 +63,11 @@ def test_the_compiled_loops_reject_mismatched_buffers():
         loops.scaled_backward(alpha[:, :, :2].T, alpha, emit_probs, probs, padding, 4, alpha)
     with pytest.raises(ValueError, match=r"u, weights, alpha: shapes do not match beta \[T=4, B=2, K=3\]"):
         loops.scaled_backward(alpha.copy(), alpha.copy(), emit_probs, probs, padding, 4, alpha[:3].copy())
-    beta, u = numpy.ones((4, 2, 3)), numpy.zeros((4, 2, 3))
-    assert loops.scaled_backward(beta, u, emit_probs, probs, padding, 4, numpy.full((4, 2, 3), 0.5)) is True
+    beta, u, weights = numpy.ones((4, 2, 3)), numpy.zeros((4, 2, 3)), numpy.ones((4, 2, 3))
+    assert loops.scaled_backward(beta, u, weights, probs, padding, 4, numpy.full((4, 2, 3), 0.5)) is True
     numpy.testing.assert_array_equal(beta, 0.5)  # gamma = beta * alpha, in beta's buffer
     beta[-1], u = 1.0, numpy.zeros((4, 2, 3))
-    assert loops.scaled_backward(beta, u, emit_probs * 1e308, probs, padding, 4, numpy.ones((4, 2, 3))) is False
+    assert loops.scaled_backward(beta, u, weights * 1e308, probs, padding, 4, numpy.ones((4, 2, 3))) is False
     with pytest.raises(ValueError, match="product: expected 'plain' or 'avx2-fma tiles', got 'fast'"):
         loops.set_product("fast")
     with pytest.raises(ValueError, match="expected float32 or float64 items"):
