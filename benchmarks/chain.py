@@ -26,6 +26,12 @@ Rows (``method`` names in the JSON):
 * ``hmmlearn-fwd`` -- ``hmmlearn._hmmc.forward_scaling`` (the C++ forward behind
   ``CategoricalHMM.score(..., implementation="scaling")``), once per sequence, float64,
   forward only: compare it with ``latentnlp-fwd``.
+* ``hmmlearn-score`` -- ``CategoricalHMM(implementation="scaling").score(X, lengths)`` itself, the
+  library call, on ``B`` sequences of ``T`` symbols out of ``V = 64`` (the same ``init`` and
+  ``trans``, emission probabilities ``log B [K, V]`` log-normalised Gaussian scores), float64:
+  compare it with ``latentnlp-score``, ``ChainPosterior(init, trans, embedding(x, log B.T)).log_partition``
+  (the lookup of the symbols' scores included) without a gradient.  These two rows score a categorical
+  HMM, not the other rows' emission scores: their values are checked against each other.
 * ``matmul-3T`` -- the limit: ``3 T`` products ``(B, K) x (K, K)`` (``torch.mm`` into a preallocated
   output), the BLAS work of a forward (one per step) and a backward (two per step).
 
@@ -108,7 +114,9 @@ SIZES = [(16, 64, 64), (16, 64, 128), (32, 128, 512), (8, 256, 2048), (8, 1024, 
 QUICK_SIZES = [(4, 16, 64), (4, 16, 128), (4, 32, 512), (2, 32, 2048), (2, 256, 16), (4, 16, 20), (2, 2048, 8)]
 
 # method -> (description, fwd+bwd?, applicable(B, T, K)); on --device cuda the CPU-only rows are left out
-CPU_ONLY = ("hmmlearn-fwd",)
+CPU_ONLY = ("hmmlearn-fwd", "hmmlearn-score")
+CATEGORICAL = ("latentnlp-score", "hmmlearn-score")  # rows on a categorical HMM's symbols (see above)
+VOCABULARY = 64
 METHODS = {
     "latentnlp": ("latentnlp ChainPosterior, method auto", True, lambda B, T, K: True),
     "latentnlp-scaled": ("latentnlp, method scaled", True, lambda B, T, K: True),
@@ -120,6 +128,8 @@ METHODS = {
     "torch-struct": ("torch-struct LinearChainCRF on [B,T-1,K,K] edges", True, lambda B, T, K: True),
     "pyro": ("Pyro DiscreteHMM.log_prob", True, lambda B, T, K: True),
     "hmmlearn-fwd": ("hmmlearn _hmmc.forward_scaling x B, float64, forward only", False, lambda B, T, K: True),
+    "latentnlp-score": ("latentnlp auto, forward only, a categorical HMM's symbols", False, lambda B, T, K: True),
+    "hmmlearn-score": ("hmmlearn CategoricalHMM.score, same symbols, float64", False, lambda B, T, K: True),
     "matmul-3T": ("3T torch.mm (B,K)x(K,K): the BLAS limit", True, lambda B, T, K: True),
 }
 PEERS = ["naive", "torch-struct", "pyro"]
@@ -182,13 +192,13 @@ def sequential_steps(method: str, B: int, T: int, K: int, device: str = "cpu") -
     block = chain.default_block(T)
     blocks = -(-edges // block)
     blocked = 3 * block + 2 * blocks
-    if method in ("latentnlp", "latentnlp-fwd"):
+    if method in ("latentnlp", "latentnlp-fwd", "latentnlp-score"):
         import torch
 
         # the rule reads the transition's kind, the device type and the shape only: expanded scalars
         emit = torch.empty(1, 1, 1, device=device).expand(B, T, K)
         takes_blocked = chain.prefers_blocked(DenseTransition(torch.empty(1, 1, device=device).expand(K, K)), emit)
-        if method == "latentnlp-fwd":
+        if method in ("latentnlp-fwd", "latentnlp-score"):
             return 2 * block + blocks if takes_blocked else edges
         return blocked if takes_blocked else 2 * edges
     return {
@@ -200,6 +210,7 @@ def sequential_steps(method: str, B: int, T: int, K: int, device: str = "cpu") -
         "pyro": tree,
         "latentnlp-blocked": blocked,
         "hmmlearn-fwd": T,
+        "hmmlearn-score": T,
         "matmul-3T": 3 * T,
     }[method]
 
@@ -214,6 +225,14 @@ def _inputs(B, T, K, torch):
     trans = torch.randn(K, K, generator=g).log_softmax(-1)
     emit = torch.randn(B, T, K, generator=g)
     return init, trans, emit
+
+
+def _categorical(B, T, K, torch):
+    """The categorical HMM of the ``-score`` rows: log emission probabilities ``log_b [K, V]`` and symbols
+    ``x [B, T]`` (``init`` and ``trans`` are :func:`_inputs`'s)."""
+    g = torch.Generator().manual_seed(SEED + 1)
+    log_b = torch.randn(K, VOCABULARY, generator=g).log_softmax(-1)
+    return log_b, torch.randint(VOCABULARY, (B, T), generator=g)
 
 
 def _setup(method, B, T, K, device="cpu"):
@@ -244,6 +263,36 @@ def _setup(method, B, T, K, device="cpu"):
 
         def run():
             return sum(_hmmc.forward_scaling(start, transmat, f)[0] for f in frames)
+
+        return run
+
+    if method == "hmmlearn-score":
+        import numpy as np
+        from hmmlearn.hmm import CategoricalHMM
+
+        log_b, x = _categorical(B, T, K, torch)
+        model = CategoricalHMM(n_components=K, implementation="scaling", init_params="", params="")
+        model.n_features = VOCABULARY
+        model.startprob_ = init.double().exp().numpy()
+        model.transmat_ = trans.double().exp().numpy()
+        model.emissionprob_ = log_b.double().exp().numpy()
+        symbols, lengths = x.reshape(-1, 1).numpy(), np.full(B, T)
+
+        def run():
+            return float(model.score(symbols, lengths))
+
+        return run
+
+    if method == "latentnlp-score":
+        from latentnlp import ChainPosterior
+
+        log_b, x = (t.to(device) for t in _categorical(B, T, K, torch))
+        emission = log_b.T.contiguous()  # [V, K]
+
+        def run():
+            with torch.no_grad():
+                emit = torch.nn.functional.embedding(x, emission)  # [B, T, K], as an nn.Embedding would
+                return ChainPosterior(init, trans, emit).log_partition.sum().item()
 
         return run
 
@@ -404,6 +453,9 @@ def ratios(res: dict) -> dict:
     fwd, hl = res.get("latentnlp-fwd"), res.get("hmmlearn-fwd")
     if _ok(fwd) and _ok(hl):
         out["fwd_speedup_vs_hmmlearn"] = hl["time_s"] / fwd["time_s"]
+    score, hl_score = res.get("latentnlp-score"), res.get("hmmlearn-score")
+    if _ok(score) and _ok(hl_score):
+        out["score_speedup_vs_hmmlearn"] = hl_score["time_s"] / score["time_s"]
     return out
 
 
@@ -474,6 +526,7 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
         "speedup_vs_torch-struct",
         "speedup_vs_pyro",
         "fwd_speedup_vs_hmmlearn",
+        "score_speedup_vs_hmmlearn",
         "limit_fraction",
         "time_over_3T_matmul",
     ]
@@ -497,7 +550,7 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
     step_rows = [[f"{r['B']},{r['T']},{r['K']}"] + [str(r["steps"].get(m, "-")) for m in methods] for r in results]
     console = "\n\n".join(
         [
-            "fwd+bwd time, median (hmmlearn-fwd and latentnlp-fwd: forward only)",
+            "fwd+bwd time, median (the hmmlearn rows and latentnlp-fwd, -score: forward only)",
             plain(head, rows),
             "sequential steps of each method (see sequential_steps)",
             plain(head, step_rows),
@@ -520,6 +573,7 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
         "torch-struct",
         "Pyro",
         "latentnlp fwd / hmmlearn fwd",
+        "latentnlp / hmmlearn score",
     ]
     md = ["| " + " | ".join(md_head) + " |", "|" + "---|" * len(md_head)]
     for r in results:
@@ -544,6 +598,7 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
                     peer("torch-struct", "speedup_vs_torch-struct"),
                     peer("pyro", "speedup_vs_pyro"),
                     _cell_time(m.get("latentnlp-fwd")) + " / " + peer("hmmlearn-fwd", "fwd_speedup_vs_hmmlearn"),
+                    _cell_time(m.get("latentnlp-score")) + " / " + peer("hmmlearn-score", "score_speedup_vs_hmmlearn"),
                 ]
             )
             + " |"
@@ -554,9 +609,10 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
         f"(float32, {info['device_name']}, {info['threads']} thread(s), torch "
         f"{info['versions']['torch']}); (Nx) = speed-up of latentnlp over the peer; the limit "
         f"column is the time of 3T (B,K)x(K,K) matmuls with (latentnlp time / that time); "
-        f"hmmlearn (float64 C++) is forward only, so is the latentnlp time beside it; sequential steps "
-        f"= the batched operations of latentnlp's forward + backward that follow one another; OOM = over "
-        f"the {info['mem_cap_gb']:g} GB per-process memory cap."
+        f"hmmlearn (float64 C++) is forward only, so is the latentnlp time beside it (fwd: its bare forward "
+        f"recursion on the emission scores; score: CategoricalHMM.score on {VOCABULARY}-symbol sequences); "
+        f"sequential steps = the batched operations of latentnlp's forward + backward that follow one another; "
+        f"OOM = over the {info['mem_cap_gb']:g} GB per-process memory cap."
     )
     return console, "\n".join(md)
 
@@ -915,11 +971,13 @@ def main(argv=None):
             print(f"  B={B:<3} T={T:<5} K={K:<5} {m:<17} {what}", flush=True)
         # the values must agree (hmmlearn: float64, forward only) -- a wrong peer is no peer
         ref = next((res[m] for m in ("latentnlp-log", "latentnlp", "naive") if _ok(res.get(m))), None)
+        ref_categorical = next((res[m] for m in CATEGORICAL if _ok(res.get(m))), None)
         for r in res.values():
-            if _ok(r) and ref is not None and r["value"] == r["value"]:  # skip NaN (matmul)
-                r["value_agrees"] = abs(r["value"] - ref["value"]) <= 1e-4 * max(1.0, abs(ref["value"]))
+            against = ref_categorical if r["method"] in CATEGORICAL else ref
+            if _ok(r) and against is not None and r["value"] == r["value"]:  # skip NaN (matmul)
+                r["value_agrees"] = abs(r["value"] - against["value"]) <= 1e-4 * max(1.0, abs(against["value"]))
                 if not r["value_agrees"]:
-                    print(f"  WARNING {r['method']}: log Z sum {r['value']:.6g} vs {ref['value']:.6g}")
+                    print(f"  WARNING {r['method']}: log Z sum {r['value']:.6g} vs {against['value']:.6g}")
         steps = {m: sequential_steps(m, B, T, K, args.device) for m in res}
         results.append(dict(B=B, T=T, K=K, methods=res, ratios=ratios(res), steps=steps))
     goals = targets(results)

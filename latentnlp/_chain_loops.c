@@ -7,6 +7,7 @@
  *
  *   forward:  a_t = (alpha_{t-1} P) * e_t,  c_t = sum_j a_t(j),  alpha_t = a_t / c_t,
  *             e_t <- e_t / c_t (the backward's weights w_t, in e's buffer)               (t = 1 .. T-1)
+ *             flagged[b] = 1 where some c_t < tiny / eps (underflow; NaN is not below)
  *   backward: u_t = w_t * beta_t,  beta_{t-1} = P u_t                                  (t = T-1 .. 1)
  *
  * with alpha, e, beta, u, w [T, B, K] and c [T, B].  A padding step (padding[b, t], checked for
@@ -24,6 +25,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -53,7 +55,8 @@ DEFINE_PLAIN_PRODUCT(double, double)
 #define HAVE_TILED_PRODUCT 1
 #define AVX2_FMA __attribute__((target("avx2,fma")))
 
-/* Columns [j0, K) of rows x m (ROWS rows of x, K apart), by the plain loop. */
+/* Columns [j0, K) of rows x m (rows of x K apart), by the plain loop; the tiles below take two vectors
+ * of columns at a time, then one, then these. */
 #define DEFINE_TILED_PRODUCT(SUFFIX, REAL)                                                              \
     typedef REAL vector_##SUFFIX __attribute__((vector_size(32)));                                      \
     typedef REAL unaligned_##SUFFIX __attribute__((vector_size(32), aligned(sizeof(REAL))));            \
@@ -91,7 +94,18 @@ DEFINE_PLAIN_PRODUCT(double, double)
             at += K;                                                                                    \
             *(unaligned_##SUFFIX *)at = d0, *(unaligned_##SUFFIX *)(at + LANES_##SUFFIX) = d1;          \
         }                                                                                               \
-        if (full < K) edge_columns_##SUFFIX(x, m, y, 4, full, K);                                       \
+        Py_ssize_t done = full;                                                                         \
+        if (K - done >= LANES_##SUFFIX) { /* one vector of columns more */                              \
+            vector_##SUFFIX a0 = {0}, b0 = {0}, c0 = {0}, d0 = {0};                                     \
+            for (Py_ssize_t i = 0; i < K; i++) {                                                        \
+                const vector_##SUFFIX p0 = *(const unaligned_##SUFFIX *)(m + i * K + done);             \
+                a0 += x[i] * p0, b0 += x[K + i] * p0, c0 += x[2 * K + i] * p0, d0 += x[3 * K + i] * p0; \
+            }                                                                                           \
+            *(unaligned_##SUFFIX *)(y + done) = a0, *(unaligned_##SUFFIX *)(y + K + done) = b0;         \
+            *(unaligned_##SUFFIX *)(y + 2 * K + done) = c0, *(unaligned_##SUFFIX *)(y + 3 * K + done) = d0; \
+            done += LANES_##SUFFIX;                                                                     \
+        }                                                                                               \
+        if (done < K) edge_columns_##SUFFIX(x, m, y, 4, done, K);                                       \
     }                                                                                                   \
     /* one row of x times m */                                                                          \
     AVX2_FMA static inline void one_row_##SUFFIX(const REAL *restrict x, const REAL *restrict m,           \
@@ -106,7 +120,14 @@ DEFINE_PLAIN_PRODUCT(double, double)
             }                                                                                           \
             *(unaligned_##SUFFIX *)(y + j0) = a0, *(unaligned_##SUFFIX *)(y + j0 + LANES_##SUFFIX) = a1; \
         }                                                                                               \
-        if (full < K) edge_columns_##SUFFIX(x, m, y, 1, full, K);                                       \
+        Py_ssize_t done = full;                                                                         \
+        if (K - done >= LANES_##SUFFIX) { /* one vector of columns more */                              \
+            vector_##SUFFIX a0 = {0};                                                                   \
+            for (Py_ssize_t i = 0; i < K; i++) a0 += x[i] * *(const unaligned_##SUFFIX *)(m + i * K + done); \
+            *(unaligned_##SUFFIX *)(y + done) = a0;                                                     \
+            done += LANES_##SUFFIX;                                                                     \
+        }                                                                                               \
+        if (done < K) edge_columns_##SUFFIX(x, m, y, 1, done, K);                                       \
     }                                                                                                   \
     AVX2_FMA static void tiled_product_##SUFFIX(const REAL *restrict in, const REAL *restrict probs,       \
                                              Py_ssize_t probs_stride, REAL *restrict out, Py_ssize_t B, \
@@ -128,7 +149,8 @@ DEFINE_TILED_PRODUCT(double, double)
     static void forward_##SUFFIX(REAL *restrict alpha, REAL *restrict scale, REAL *restrict emit_probs,  \
                                  const REAL *restrict probs,                                            \
                                  Py_ssize_t probs_stride, const char *restrict padding, Py_ssize_t T,   \
-                                 Py_ssize_t B, Py_ssize_t K, Py_ssize_t all_valid_until) {              \
+                                 Py_ssize_t B, Py_ssize_t K, Py_ssize_t all_valid_until,                \
+                                 char *restrict flagged, REAL underflow) {                              \
         void (*const product)(const REAL *, const REAL *, Py_ssize_t, REAL *, Py_ssize_t, Py_ssize_t) = \
             STEP_PRODUCT(SUFFIX);                                                                       \
         for (Py_ssize_t t = 1; t < T; t++) {                                                            \
@@ -149,9 +171,11 @@ DEFINE_TILED_PRODUCT(double, double)
                     c += out[j];                                                                        \
                 }                                                                                       \
                 scale[t * B + b] = c;                                                                   \
+                if (c < underflow) flagged[b] = 1;                                                      \
+                const REAL inverse = 1 / c;                                                             \
                 for (Py_ssize_t j = 0; j < K; j++) {                                                    \
-                    out[j] /= c;                                                                        \
-                    e[j] /= c;                                                                          \
+                    out[j] *= inverse;                                                                  \
+                    e[j] *= inverse;                                                                    \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
@@ -215,25 +239,25 @@ static char item_kind(const Py_buffer *view) {
 enum { FORWARD, BACKWARD };
 
 /* Shared argument handling of both loops: forward (alpha, scale, emit_probs, probs, padding,
- * all_valid_until) -> None; backward (beta, u, weights, probs_t, padding, all_valid_until, alpha) ->
+ * all_valid_until, flagged) -> None; backward (beta, u, weights, probs_t, padding, all_valid_until, alpha) ->
  * bool, whether the sum of gamma and u is finite. */
 static PyObject *run_loop(PyObject *args, int direction) {
     PyObject *objs[6];
     Py_ssize_t all_valid_until;
-    const int buffers = direction == FORWARD ? 5 : 6;
-    if (direction == FORWARD &&
-        !PyArg_ParseTuple(args, "OOOOOn", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &all_valid_until))
+    const int buffers = 6;
+    if (direction == FORWARD && !PyArg_ParseTuple(args, "OOOOOnO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4],
+                                                  &all_valid_until, &objs[5]))
         return NULL;
     if (direction == BACKWARD && !PyArg_ParseTuple(args, "OOOOOnO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4],
                                                    &all_valid_until, &objs[5]))
         return NULL;
-    static const char *forward_names[] = {"alpha", "scale", "emit_probs", "probs", "padding"};
+    static const char *forward_names[] = {"alpha", "scale", "emit_probs", "probs", "padding", "flagged"};
     static const char *backward_names[] = {"beta", "u", "weights", "probs_t", "padding", "alpha"};
     const char **names = direction == FORWARD ? forward_names : backward_names;
     /* forward: alpha [T,B,K], scale [T,B], emit_probs [T,B,K] rw; backward: beta, u rw, weights, alpha [T,B,K] */
-    const int writable[6] = {1, 1, direction == FORWARD, 0, 0, 0};
-    const int ndim_min[6] = {3, direction == FORWARD ? 2 : 3, 3, 2, 2, 3};
-    const int ndim_max[6] = {3, direction == FORWARD ? 2 : 3, 3, 3, 2, 3};
+    const int writable[6] = {1, 1, direction == FORWARD, 0, 0, direction == FORWARD};
+    const int ndim_min[6] = {3, direction == FORWARD ? 2 : 3, 3, 2, 2, direction == FORWARD ? 1 : 3};
+    const int ndim_max[6] = {3, direction == FORWARD ? 2 : 3, 3, 3, 2, direction == FORWARD ? 1 : 3};
     Py_buffer views[6];
     int got = 0;
     PyObject *result = NULL;
@@ -248,7 +272,7 @@ static PyObject *run_loop(PyObject *args, int direction) {
         goto done;
     }
     for (int i = 1; i < buffers; i++) {
-        if (i != 4 && item_kind(&views[i]) != kind) {
+        if (i != 4 && !(i == 5 && direction == FORWARD) && item_kind(&views[i]) != kind) {
             PyErr_Format(PyExc_ValueError, "%s: expected the item format of %s ('%c'), got '%s'", names[i],
                          names[0], kind, views[i].format);
             goto done;
@@ -276,15 +300,19 @@ static PyObject *run_loop(PyObject *args, int direction) {
         PyErr_Format(PyExc_ValueError, "%s: expected [B=%zd, T=%zd] of one-byte booleans", names[4], B, T);
         goto done;
     }
+    if (direction == FORWARD && (views[5].itemsize != 1 || views[5].shape[0] != B)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected [B=%zd] of one-byte booleans", names[5], B);
+        goto done;
+    }
     const Py_ssize_t stride = batched ? K * K : 0;
     int finite = 1;
     Py_BEGIN_ALLOW_THREADS
     if (direction == FORWARD && kind == 'f')
         forward_float(views[0].buf, views[1].buf, views[2].buf, views[3].buf, stride, views[4].buf, T, B, K,
-                      all_valid_until);
+                      all_valid_until, views[5].buf, FLT_MIN / FLT_EPSILON);
     else if (direction == FORWARD)
         forward_double(views[0].buf, views[1].buf, views[2].buf, views[3].buf, stride, views[4].buf, T, B, K,
-                       all_valid_until);
+                       all_valid_until, views[5].buf, DBL_MIN / DBL_EPSILON);
     else if (kind == 'f')
         finite = backward_float(views[0].buf, views[1].buf, views[2].buf, views[3].buf, stride, views[4].buf, T, B,
                                 K, all_valid_until, views[5].buf);
@@ -336,8 +364,9 @@ static PyMethodDef methods[] = {
      "set_product(name): use the 'plain' or the 'avx2-fma tiles' step product (the latter where the CPU has "
      "AVX2 and FMA, the default there)."},
     {"scaled_forward", scaled_forward, METH_VARARGS,
-     "scaled_forward(alpha, scale, emit_probs, probs, padding, all_valid_until): the scaled forward loop, "
-     "t = 1 .. T-1, in place (alpha[0] given; emit_probs[t] divided by scale[t] as it goes)."},
+     "scaled_forward(alpha, scale, emit_probs, probs, padding, all_valid_until, flagged): the scaled forward "
+     "loop, t = 1 .. T-1, in place (alpha[0] given; emit_probs[t] divided by scale[t] as it goes; flagged[b] "
+     "set where a step's scale inside the length fell below tiny / eps)."},
     {"scaled_backward", scaled_backward, METH_VARARGS,
      "scaled_backward(beta, u, weights, probs_t, padding, all_valid_until, alpha): the scaled backward loop, "
      "t = T-1 .. 1, in place (beta[T-1] given), then gamma = beta * alpha in beta's buffer; returns whether "

@@ -136,15 +136,16 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     Returns ``alpha [T, B, K]`` (each row a filtering distribution), ``scale [T, B]`` (the
     ``c_t``), ``weights [T, B, K]`` (``e_t / c_t``, the backward's), ``shifts [T, B]`` (``m_t``, 0 past the length;
     ``shifts[0]`` also holds the shift of ``init``), so that
-    ``log Z = sum_t log c_t + sum_t shifts_t + transition shifts``, and ``lost [B]`` (bool).
+    ``log Z = sum_t log c_t + sum_t shifts_t + transition shifts``, and ``flagged [B]`` (bool): the chains
+    that underflowed (:func:`_underflowed`: some ``c_t`` inside the length below
+    :func:`underflow_threshold`) or lost mass.
 
-    ``lost`` marks chains where, when not every state is reachable, a state the chain can be in
-    (``alpha_{t-1} P_t > 0`` and a finite emission score) got ``a_t`` below the smallest normal
-    number: its mass was rounded away, and with it every path through it, which may be the paths
-    that dominate later (a large score further on that only this state leads to), although no
-    step's normaliser ``c_t`` is small.  Such chains are underflowed as surely as those with a
-    small ``c_t`` (:func:`_underflowed`).  When every state is reachable it is all False: each
-    state can then be re-entered from every other at the next step.
+    Lost mass: when not every state is reachable, a state the chain can be in (``alpha_{t-1} P_t > 0``
+    and a finite emission score) got ``a_t`` below the smallest normal number: its mass was rounded
+    away, and with it every path through it, which may be the paths that dominate later (a large
+    score further on that only this state leads to), although no step's normaliser ``c_t`` is small.
+    Such chains are underflowed as surely as those with a small ``c_t``.  When every state is
+    reachable none is lost: each state can then be re-entered from every other at the next step.
     """
     batch, steps, k = emit.shape
     alpha = emit.new_empty(steps, batch, k)
@@ -171,17 +172,24 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps  # steps before this need no padding
     matrix = _compiled_loop_matrix(probs, alpha) if reachable else None
     if matrix is not None:
-        _chain_loops.scaled_forward(  # divides e_t by c_t as it goes, t >= 1
-            alpha.numpy(), scale.numpy(), emit_probs.numpy(), matrix.numpy(), (~mask).numpy(), all_valid_until
+        flagged = (scale[0] < underflow_threshold(scale.dtype)) & mask[:, 0]
+        _chain_loops.scaled_forward(  # divides e_t by c_t and flags underflow as it goes, t >= 1
+            alpha.numpy(),
+            scale.numpy(),
+            emit_probs.numpy(),
+            matrix.numpy(),
+            (~mask).numpy(),
+            all_valid_until,
+            flagged.numpy(),
         )
         emit_probs[0].div_(scale[0].unsqueeze(-1))
-        return alpha, scale, emit_probs, shifts, lost
+        return alpha, scale, emit_probs, shifts, flagged
     array_steps = _array_steps(probs, alpha)
     if array_steps is not None:
         _forward_steps_on_arrays(
             alpha, scale, emit_probs, shifts, lost, emit, mask, reachable, array_steps[0], all_valid_until
         )
-        return alpha, scale, emit_probs.div_(scale.unsqueeze(-1)), shifts, lost
+        return alpha, scale, emit_probs.div_(scale.unsqueeze(-1)), shifts, _underflowed(scale, mask) | lost
     # per-step views taken once: indexing inside the loop costs more than the small matmuls
     alpha_t, scale_t, emit_probs_t = alpha.unbind(0), scale.unsqueeze(-1).unbind(0), emit_probs.unbind(0)
     propagate = probs.forward
@@ -203,7 +211,7 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
             valid = mask[:, t].unsqueeze(-1)
             current.copy_(torch.where(valid, current, alpha_t[t - 1]))
             c.copy_(torch.where(valid, c, torch.ones_like(c)))
-    return alpha, scale, emit_probs.div_(scale.unsqueeze(-1)), shifts, lost
+    return alpha, scale, emit_probs.div_(scale.unsqueeze(-1)), shifts, _underflowed(scale, mask) | lost
 
 
 def _array_steps(probs: TransitionProbabilities, beliefs: Tensor):
@@ -348,11 +356,10 @@ class _ScaledLogPartition(torch.autograd.Function):
     def forward(ctx, init: Tensor, emit: Tensor, lengths: Tensor, transition: Transition, *parameters: Tensor):
         mask = lengths_to_mask(lengths, emit.shape[1])
         probs = transition.probabilities()
-        alpha, scale, weights, shifts, lost = _scaled_forward(init, probs, emit, mask)  # u_t = weights_t beta_t
+        alpha, scale, weights, shifts, underflowed = _scaled_forward(init, probs, emit, mask)  # u_t = weights_t beta_t
         log_shift = shifts.sum(0)
         # accumulate in float64: T terms of magnitude |log c| lose precision in float32
         log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
-        underflowed = _underflowed(scale, mask) | lost
         ctx.save_for_backward(alpha, weights, mask, init, emit, lengths)
         ctx.probs, ctx.transition = probs, transition
         final_filter = alpha[-1]  # frozen past the length: p(z_{L-1} | x)
@@ -1203,8 +1210,8 @@ def forward_filter(init: Tensor, transition: Transition, emit: Tensor, lengths: 
     (:func:`_log_space_filter`).
     """
     mask = lengths_to_mask(lengths, emit.shape[1])
-    alpha, scale, _, _, lost = _scaled_forward(init, transition.probabilities(), emit, mask)
-    if torch.isfinite(alpha).all() and not (_underflowed(scale, mask) | lost).any():
+    alpha, _, _, _, flagged = _scaled_forward(init, transition.probabilities(), emit, mask)
+    if torch.isfinite(alpha).all() and not flagged.any():
         return safe_log(alpha.transpose(0, 1))
     return _log_space_filter(init, transition, emit, mask)
 
@@ -1414,7 +1421,7 @@ def _scaled_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor):
     ``probs`` the transition's shifted probabilities)."""
     mask = lengths_to_mask(lengths, emit.shape[1])
     probs = DenseTransition(trans).probabilities()
-    alpha, scale, weights, shifts, lost = _scaled_forward(init, probs, emit, mask)
+    alpha, scale, weights, shifts, underflowed = _scaled_forward(init, probs, emit, mask)
     gamma, u, _ = _scaled_backward(alpha, probs, weights, mask)
     emit_scores = emit - shifts.T.unsqueeze(-1)  # e_t = exp(emit_t - m_t) wherever e_t > 0
     first_scores = init + emit[:, 0] - shifts[0].unsqueeze(-1)  # a_0 = exp(init + emit_0 - m_0)
@@ -1422,7 +1429,7 @@ def _scaled_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor):
     entropy, flagged = _smoother_entropy(
         first_scores, emit_scores, trans, mask, probs.dense(), shift, alpha, scale, gamma, u
     )
-    return entropy, flagged | lost, (alpha, weights, probs)
+    return entropy, flagged | underflowed, (alpha, weights, probs)
 
 
 def _entropy_gradient(grad, init, trans, emit, lengths, alpha, weights, probs, flagged):

@@ -52,13 +52,15 @@ def test_the_compiled_loops_reject_mismatched_buffers():
     loops = chain._chain_loops
     alpha, scale = numpy.zeros((4, 2, 3)), numpy.ones((4, 2))
     emit_probs, probs, padding = numpy.ones((4, 2, 3)), numpy.eye(3), numpy.zeros((2, 4), bool)
-    loops.scaled_forward(alpha, scale, emit_probs, probs, padding, 4)  # the well-formed call
+    flagged = numpy.zeros(2, bool)
+    loops.scaled_forward(alpha, scale, emit_probs, probs, padding, 4, flagged)  # the well-formed call
+    assert flagged.tolist() == [True, True]  # alpha 0: a normaliser 0 at step 1 is below the threshold
     with pytest.raises(ValueError, match="emit_probs: expected the item format of alpha"):
-        loops.scaled_forward(alpha, scale, emit_probs.astype(numpy.float32), probs, padding, 4)
+        loops.scaled_forward(alpha, scale, emit_probs.astype(numpy.float32), probs, padding, 4, flagged)
     with pytest.raises(ValueError, match=r"probs: expected \[K, K\] or \[B, K, K\] with B=2, K=3"):
-        loops.scaled_forward(alpha, scale, emit_probs, numpy.eye(4), padding, 4)
+        loops.scaled_forward(alpha, scale, emit_probs, numpy.eye(4), padding, 4, flagged)
     with pytest.raises(ValueError, match=r"padding: expected \[B=2, T=4\]"):
-        loops.scaled_forward(alpha, scale, emit_probs, probs, padding.T.copy(), 4)
+        loops.scaled_forward(alpha, scale, emit_probs, probs, padding.T.copy(), 4, flagged)
     with pytest.raises(ValueError, match="beta: expected a C-contiguous writable array"):
         loops.scaled_backward(alpha[:, :, :2].T, alpha, emit_probs, probs, padding, 4, alpha)
     with pytest.raises(ValueError, match=r"u, weights, alpha: shapes do not match beta \[T=4, B=2, K=3\]"):
@@ -68,10 +70,20 @@ def test_the_compiled_loops_reject_mismatched_buffers():
     numpy.testing.assert_array_equal(beta, 0.5)  # gamma = beta * alpha, in beta's buffer
     beta[-1], u = 1.0, numpy.zeros((4, 2, 3))
     assert loops.scaled_backward(beta, u, weights * 1e308, probs, padding, 4, numpy.ones((4, 2, 3))) is False
+    with pytest.raises(ValueError, match=r"flagged: expected \[B=2\] of one-byte booleans"):
+        loops.scaled_forward(alpha, scale, emit_probs, probs, padding, 4, numpy.zeros(3, bool))
+    # a normaliser below tiny / eps inside the length flags its chain, one at a padding step does not
+    alpha, scale, flagged = numpy.zeros((4, 2, 3)), numpy.ones((4, 2)), numpy.zeros(2, bool)
+    alpha[0], tiny = 1.0 / 3, numpy.finfo(numpy.float64).tiny
+    padding[1, 2:] = True
+    small = numpy.ones((4, 2, 3))
+    small[2] = tiny  # step 2: c = tiny, below tiny / eps, in chain 0's length only
+    loops.scaled_forward(alpha, scale, small, probs, padding, 2, flagged)
+    assert flagged.tolist() == [True, False] and scale[2, 0] < 2 * tiny and scale[2, 1] == 1.0
     with pytest.raises(ValueError, match="product: expected 'plain' or 'avx2-fma tiles', got 'fast'"):
         loops.set_product("fast")
     with pytest.raises(ValueError, match="expected float32 or float64 items"):
-        loops.scaled_forward(numpy.zeros((4, 2, 3), numpy.int64), scale, emit_probs, probs, padding, 4)
+        loops.scaled_forward(numpy.zeros((4, 2, 3), numpy.int64), scale, emit_probs, probs, padding, 4, flagged)
 
 
 def check(d, ref, dtype, msg):
@@ -104,10 +116,10 @@ def test_both_loops_match_enumeration(loop, trans_kind, zeros, dtype):
 @pytest.mark.parametrize("trans_kind", ["shared", "batched"])
 def test_the_loops_agree_with_log_space_past_the_compiled_tiles(loop, trans_kind, dtype):
     """Sizes whose products the compiled loops tile (4 rows of the batch, 16 float or 8 double columns)
-    with every kind of edge: batches of 1, 3, 4 and 9 rows, K of 8, 16, 20, 33 and 64, uneven lengths;
+    with every kind of edge: batches of 1, 3, 4, 6 and 9 rows, K of 8, 16, 20, 24, 33 and 64, uneven lengths;
     log Z against the float64 log-space forward and the marginals against its autograd."""
     gen = torch.Generator().manual_seed(17 + (trans_kind == "batched"))
-    for batch, k in ((1, 16), (3, 20), (4, 8), (4, 16), (9, 33), (5, 64)):
+    for batch, k in ((1, 16), (3, 20), (4, 8), (4, 16), (6, 24), (9, 33), (5, 64)):
         init, trans, emit, lengths = random_chain(gen, batch, 12, k, trans_kind=trans_kind, scale=2.0)
         emit64 = emit.clone().requires_grad_()
         log_z, _ = chain.log_space_forward(init, chain.DenseTransition(trans), emit64, lengths)
