@@ -70,6 +70,13 @@ the same and the entropies agree to ``1e-4`` (relative).  Writes
 over other sizes (the grid behind :func:`latentnlp.chain.prefers_blocked_entropy`, written with
 ``--out benchmarks/results/chain-blocked-entropy.json``).
 
+Comparison mode (``--against COMMIT``): forward + backward of ``log_partition.sum()`` (``method="auto"``,
+gradients w.r.t. ``emit`` and ``trans``, ``init`` one per row) by this working tree's library and by
+the library at ``COMMIT`` (``git archive`` of its ``latentnlp/``, imported beside this one), at the
+grid's sizes, alternating in one process (``--repeats``, default 15); the ratio before / now of the
+fastest and of the median repeat, and the largest difference of ``log Z``.  Writes
+``benchmarks/results/chain-against-<commit>.json``.
+
 Usage::
 
     python benchmarks/chain.py                 # full run, writes benchmarks/results/chain.json
@@ -77,6 +84,7 @@ Usage::
     python benchmarks/chain.py --sizes 16x64x64,8x1024x16 --methods latentnlp,naive,matmul-3T
     python benchmarks/chain.py --viterbi       # decoding against pytorch-crf, writes results/viterbi.json
     python benchmarks/chain.py --decode        # blocked Viterbi, sampling, entropy against the sequential ones
+    python benchmarks/chain.py --against 5f27333   # log Z forward + backward against an earlier commit
     python benchmarks/chain.py --device cuda   # the grid on a GPU, writes results/chain-cuda.json
 """
 
@@ -88,6 +96,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -98,7 +107,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # the shared measurement module, wherever the script is run from
 
-from measurement import failure, peak_memory, repeat_count, run_case, start_worker, utc_now  # noqa: E402
+from measurement import (  # noqa: E402
+    extract_baseline,
+    failure,
+    import_baseline,
+    peak_memory,
+    repeat_count,
+    run_case,
+    start_worker,
+    utc_now,
+)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "chain.json"
 CUDA_OUT = REPO / "benchmarks" / "results" / "chain-cuda.json"
@@ -715,6 +733,78 @@ def _side_by_side(args, sizes, benchmark, default_out, title: str, settings: dic
     return results
 
 
+def against_benchmark(args, sizes) -> tuple[list, str]:
+    """Forward + backward of ``log_partition.sum()`` (``method="auto"``, the grid's inputs, ``init`` per row)
+    by this working tree's library and by ``args.baseline`` (another commit's), alternating in one
+    process; returns results and a table."""
+    import torch
+
+    import latentnlp
+
+    torch.set_num_threads(args.threads)
+    before = import_baseline(str(args.baseline["root"]))
+    results, lines = [], []
+    head = f"{'B,T,K':>14}{'now':>11}{'before':>11}  before / now (fastest, median)  |log Z now - before|"
+    for B, T, K in sizes:
+        init, trans, emit = _inputs(B, T, K, torch)
+        init = init.expand(B, K).contiguous()
+        trans.requires_grad_(True)
+        emit.requires_grad_(True)
+
+        def call(library):
+            def run():
+                value = library.ChainPosterior(init, trans, emit).log_partition
+                torch.autograd.grad(value.sum(), (emit, trans))
+                return value.detach()
+
+            return run
+
+        calls = {"now": call(latentnlp), "before": call(before)}
+        values = {name: run() for name, run in calls.items()}  # also the warm-up
+        times = {name: [] for name in calls}
+        for i in range(args.repeats):
+            for name in ("now", "before") if i % 2 else ("before", "now"):
+                t0 = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - t0)
+        fastest = {name: min(ts) for name, ts in times.items()}
+        median = {name: statistics.median(ts) for name, ts in times.items()}
+        ratio = dict(fastest=fastest["before"] / fastest["now"], median=median["before"] / median["now"])
+        difference = float((values["now"] - values["before"]).abs().max())
+        results.append(
+            dict(
+                B=B,
+                T=T,
+                K=K,
+                times_s=times,
+                fastest_s=fastest,
+                median_s=median,
+                before_over_now=ratio,
+                max_abs_difference=difference,
+            )
+        )
+        lines.append(
+            f"{f'{B},{T},{K}':>14}{median['now'] * 1e3:>9.2f}ms{median['before'] * 1e3:>9.2f}ms"
+            f"  {ratio['fastest']:.2f}x, {ratio['median']:.2f}x{difference:>26.1e}"
+        )
+    return results, "\n".join([head, "-" * len(head)] + lines)
+
+
+def against_main(args, sizes) -> int:
+    baseline = args.baseline
+    _side_by_side(
+        args,
+        sizes,
+        against_benchmark,
+        REPO / "benchmarks" / "results" / f"chain-against-{baseline['commit'][:7]}.json",
+        f"ChainPosterior log Z forward + backward, this tree ({baseline['head'][:7]}) against {baseline['commit'][:7]}",
+        {"init": "[B, K] (one per row)", "method": "auto", "gradients": "emit and trans"},
+        {"baseline": {key: value for key, value in baseline.items() if key != "root"}},
+    )
+    shutil.rmtree(baseline["root"])
+    return 0
+
+
 def viterbi_main(args, sizes) -> int:
     results = _side_by_side(
         args,
@@ -890,9 +980,15 @@ def main(argv=None):
     p.add_argument("--viterbi", action="store_true", help="decoding against pytorch-crf (see above)")
     p.add_argument("--decode", action="store_true", help="blocked Viterbi, sampling and entropy (see above)")
     p.add_argument(
+        "--against",
+        metavar="COMMIT",
+        help="forward + backward of log Z (auto) against the library at COMMIT, side by side (see above)",
+    )
+    p.add_argument(
         "--repeats",
         type=int,
-        help="--viterbi, --decode: alternating repeats per size (default 30, --decode 5; quick 2)",
+        help="--viterbi, --decode, --against: alternating repeats per size (default 30, --decode 5, "
+        "--against 15; quick 2)",
     )
     p.add_argument("--note", help="--decode: a remark stored with the results (e.g. the machine's load)")
     p.add_argument("--kernels", help=f"--decode: comma list out of {', '.join(DECODE_KERNELS)} (default all)")
@@ -909,6 +1005,13 @@ def main(argv=None):
         if args.repeats is None:
             args.repeats = 2 if args.quick else 30
         return viterbi_main(args, _grid(args, VITERBI_SIZES, quick_steps=8))
+    if args.against:
+        if args.threads is None:
+            args.threads = THREADS
+        if args.repeats is None:
+            args.repeats = 2 if args.quick else 15
+        args.baseline = extract_baseline(args.against)
+        return against_main(args, _grid(args, SIZES, quick_steps=64))
     if args.decode:
         if args.threads is None:
             args.threads = THREADS

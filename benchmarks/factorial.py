@@ -73,7 +73,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # the shared measurement module, wherever the script is run from
 
-from measurement import failure, peak_memory, run_case, run_metadata, start_worker, utc_now  # noqa: E402
+from measurement import (  # noqa: E402
+    extract_baseline,
+    failure,
+    import_baseline,
+    peak_memory,
+    run_case,
+    run_metadata,
+    start_worker,
+    utc_now,
+)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "factorial.json"
 SEED = 0
@@ -146,20 +155,6 @@ def _measure_memory(calls: dict, device, rows: dict) -> dict:
             rows[name] = failure(e)
             del calls[name]
     return values
-
-
-def import_baseline(root: str):
-    """The package ``root/latentnlp`` (another version of the library) imported as ``latentnlp_baseline``."""
-    import importlib.util
-
-    package = Path(root) / "latentnlp"
-    spec = importlib.util.spec_from_file_location(
-        "latentnlp_baseline", package / "__init__.py", submodule_search_locations=[str(package)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def contraction_worker(spec: dict) -> dict:
@@ -644,24 +639,6 @@ def tables(results: dict, limit: dict) -> str:
             )
         md.append("")
     return "\n".join(md)
-
-
-def extract_baseline(commit: str) -> dict:
-    """``git archive`` of ``latentnlp/`` at ``commit`` into a temporary folder: ``{root, commit, head}``
-    (``head``: the commit of the working tree measured against it)."""
-    import io
-    import subprocess
-    import tarfile
-    import tempfile
-
-    def git(*arguments) -> bytes:
-        return subprocess.run(["git", "-C", str(REPO), *arguments], check=True, capture_output=True).stdout
-
-    root = Path(tempfile.mkdtemp(prefix="latentnlp-baseline-"))
-    with tarfile.open(fileobj=io.BytesIO(git("archive", commit, "latentnlp"))) as archive:
-        archive.extractall(root, filter="data")
-    resolved = git("rev-parse", commit).decode().strip()
-    return dict(root=root, commit=resolved, head=git("rev-parse", "HEAD").decode().strip())
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+#: the repository the benchmarks measure (its ``latentnlp/``, and the commits ``--baseline`` reads)
+REPO = Path(__file__).resolve().parent.parent
 #: environment variables that fix the thread pools of the worker's numerical libraries
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 #: ``MALLOC_MMAP_THRESHOLD_`` of a worker started with ``fixed_mmap_threshold=True``, bytes
@@ -265,3 +267,38 @@ def run_metadata(device: str, threads: int, quick: bool) -> dict:
         cpu_count=os.cpu_count(),
         gpu=torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
     )
+
+
+# ==============================================================================================
+# another version of the library, side by side
+# ==============================================================================================
+def import_baseline(root: str):
+    """The package ``root/latentnlp`` (another version of the library) imported as ``latentnlp_baseline``."""
+    import importlib.util
+
+    package = Path(root) / "latentnlp"
+    spec = importlib.util.spec_from_file_location(
+        "latentnlp_baseline", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def extract_baseline(commit: str) -> dict:
+    """``git archive`` of ``latentnlp/`` at ``commit`` into a temporary folder: ``{root, commit, head}``
+    (``head``: the commit of the working tree measured against it)."""
+    import io
+    import subprocess
+    import tarfile
+    import tempfile
+
+    def git(*arguments) -> bytes:
+        return subprocess.run(["git", "-C", str(REPO), *arguments], check=True, capture_output=True).stdout
+
+    root = Path(tempfile.mkdtemp(prefix="latentnlp-baseline-"))
+    with tarfile.open(fileobj=io.BytesIO(git("archive", commit, "latentnlp"))) as archive:
+        archive.extractall(root, filter="data")
+    resolved = git("rev-parse", commit).decode().strip()
+    return dict(root=root, commit=resolved, head=git("rev-parse", "HEAD").decode().strip())
