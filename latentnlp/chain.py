@@ -140,10 +140,13 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     that underflowed (:func:`_underflowed`: some ``c_t`` inside the length below
     :func:`underflow_threshold`) or lost mass.
 
-    Lost mass: when not every state is reachable, a state the chain can be in (``alpha_{t-1} P_t > 0``
-    and a finite emission score) got ``a_t`` below the smallest normal number: its mass was rounded
-    away, and with it every path through it, which may be the paths that dominate later (a large
-    score further on that only this state leads to), although no step's normaliser ``c_t`` is small.
+    Lost mass: when not every state is reachable, a state the chain can be in (one a positive entry of
+    ``P_t`` leads to from the support of ``alpha_{t-1}``, with a finite emission score: an indicator
+    propagated beside the filter, since the product ``alpha_{t-1} P_t`` itself underflows to 0 where
+    a small filter entry meets a small ``P_t`` entry) got ``a_t`` below the smallest normal number: its
+    mass was rounded away, and with it every path through it, which may be the paths that dominate
+    later (a large score further on that only this state leads to), although no step's normaliser
+    ``c_t`` is small.
     Such chains are underflowed as surely as those with a small ``c_t``.  When every state is
     reachable none is lost: each state can then be re-entered from every other at the next step.
     """
@@ -193,6 +196,7 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     # per-step views taken once: indexing inside the loop costs more than the small matmuls
     alpha_t, scale_t, emit_probs_t = alpha.unbind(0), scale.unsqueeze(-1).unbind(0), emit_probs.unbind(0)
     propagate = probs.forward
+    support = None if reachable else torch.empty_like(alpha_t[0])
     for t in range(1, steps):
         current, c = alpha_t[t], scale_t[t]
         propagate(alpha_t[t - 1], t, current)  # reach = alpha_{t-1} P_t
@@ -200,7 +204,10 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
             current.mul_(emit_probs_t[t])
         else:
             e_t, m_t = _reachable_shift(current, emit[:, t])
-            possible = (current > 0) & (emit[:, t] > float("-inf"))
+            # the states the chain can be in: reach's support in exact arithmetic, which its product
+            # loses where every term underflows (a filter entry times a small P entry)
+            propagate((alpha_t[t - 1] > 0).to(alpha.dtype), t, support)
+            possible = (support > 0) & (emit[:, t] > float("-inf"))
             current.mul_(e_t)
             lost |= (possible & (current < tiny)).any(-1) & mask[:, t]
             emit_probs_t[t].copy_(e_t)
@@ -268,6 +275,7 @@ def _forward_steps_on_arrays(alpha, scale, emit_probs, shifts, lost, emit, mask,
     padding = (~mask).numpy()
     if not reachable:
         scores, shift_t, lost_rows = emit.detach().numpy(), shifts.numpy(), lost.numpy()
+        support = numpy.empty_like(alpha_t[0])
     multiply, divide, total, copyto = numpy.multiply, numpy.divide, numpy.add.reduce, numpy.copyto
     with numpy.errstate(all="ignore"):  # a dead chain's 0 / 0 is NaN, as in torch (and flagged)
         for t in range(1, len(alpha_t)):
@@ -277,7 +285,8 @@ def _forward_steps_on_arrays(alpha, scale, emit_probs, shifts, lost, emit, mask,
                 multiply(current, emit_probs_t[t], out=current)
             else:
                 e_t, m_t = _reachable_shift_array(current, scores[:, t])
-                possible = (current > 0) & (scores[:, t] > -numpy.inf)
+                propagate((alpha_t[t - 1] > 0).astype(support.dtype), t, support)  # reach's exact support
+                possible = (support > 0) & (scores[:, t] > -numpy.inf)
                 multiply(current, e_t, out=current)
                 lost_rows |= (possible & (current < tiny)).any(-1) & ~padding[:, t]
                 emit_probs_t[t][...] = e_t
