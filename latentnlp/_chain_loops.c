@@ -27,6 +27,7 @@
 #include <Python.h>
 #include <float.h>
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 typedef enum { PLAIN, TILED } product_kind;
@@ -331,6 +332,142 @@ static PyObject *scaled_forward(PyObject *self, PyObject *args) { return run_loo
 
 static PyObject *scaled_backward(PyObject *self, PyObject *args) { return run_loop(args, BACKWARD); }
 
+/* Viterbi (max-plus) loops, one dense matrix for every step:
+ *   forward:   a_t[j] = max_i (a_{t-1}[i] + m[i, j]) + emit_t[j]   (t = 1 .. T-1; a_0 given; a_t = a_{t-1}
+ *              at padding steps), scores a [T, B, K] time-major, emit [B, T, K] batch-major
+ *   backtrack: z_{T-1} = argmax_j a_{T-1}[j], z_{t-1} = argmax_i (a_{t-1}[i] + m[i, z_t]) (z kept at
+ *              padding steps), from the columns of m (m^T, [K_next, K_prev] rows); ties to the lowest
+ *              index, as numpy's and torch's argmax. */
+#define DEFINE_VITERBI(SUFFIX, REAL)                                                                    \
+    static void viterbi_forward_##SUFFIX(REAL *restrict scores, const REAL *restrict emit,              \
+                                         const REAL *restrict matrix, Py_ssize_t stride,                \
+                                         const char *restrict padding, Py_ssize_t T, Py_ssize_t B,      \
+                                         Py_ssize_t K, Py_ssize_t all_valid_until) {                    \
+        for (Py_ssize_t t = 1; t < T; t++) {                                                            \
+            for (Py_ssize_t b = 0; b < B; b++) {                                                        \
+                const REAL *restrict in = scores + ((t - 1) * B + b) * K;                               \
+                REAL *restrict out = scores + (t * B + b) * K;                                          \
+                if (t >= all_valid_until && padding[b * T + t]) {                                       \
+                    for (Py_ssize_t j = 0; j < K; j++) out[j] = in[j];                                  \
+                    continue;                                                                           \
+                }                                                                                       \
+                const REAL *restrict m = matrix + b * stride, *restrict e = emit + (b * T + t) * K;     \
+                for (Py_ssize_t j = 0; j < K; j++) out[j] = in[0] + m[j];                               \
+                for (Py_ssize_t i = 1; i < K; i++) {                                                    \
+                    const REAL a = in[i];                                                               \
+                    const REAL *restrict row = m + i * K;                                               \
+                    for (Py_ssize_t j = 0; j < K; j++) {                                                \
+                        const REAL candidate = a + row[j];                                              \
+                        out[j] = candidate > out[j] ? candidate : out[j];                               \
+                    }                                                                                   \
+                }                                                                                       \
+                for (Py_ssize_t j = 0; j < K; j++) out[j] += e[j];                                      \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+    static Py_ssize_t argmax_##SUFFIX(const REAL *restrict x, const REAL *restrict y, Py_ssize_t K) {  \
+        Py_ssize_t best = 0;                                                                            \
+        REAL top = x[0] + (y ? y[0] : 0);                                                               \
+        for (Py_ssize_t i = 1; i < K; i++) {                                                            \
+            const REAL v = x[i] + (y ? y[i] : 0);                                                       \
+            if (v > top) top = v, best = i;                                                             \
+        }                                                                                               \
+        return best;                                                                                    \
+    }                                                                                                   \
+    static void viterbi_backtrack_##SUFFIX(const REAL *restrict scores, const REAL *restrict columns,   \
+                                           Py_ssize_t stride, const char *restrict padding,             \
+                                           Py_ssize_t T, Py_ssize_t B, Py_ssize_t K,                    \
+                                           Py_ssize_t all_valid_until, int64_t *restrict path) {        \
+        for (Py_ssize_t b = 0; b < B; b++) {                                                            \
+            const REAL *restrict c = columns + b * stride;                                              \
+            Py_ssize_t z = argmax_##SUFFIX(scores + ((T - 1) * B + b) * K, NULL, K);                    \
+            for (Py_ssize_t t = T - 1; t > 0; t--) {                                                    \
+                path[t * B + b] = z;                                                                    \
+                if (t >= all_valid_until && padding[b * T + t]) continue;                               \
+                z = argmax_##SUFFIX(scores + ((t - 1) * B + b) * K, c + z * K, K);                      \
+            }                                                                                           \
+            path[b] = z;                                                                                \
+        }                                                                                               \
+    }
+
+DEFINE_VITERBI(float, float)
+DEFINE_VITERBI(double, double)
+
+/* viterbi(scores, emit, matrix, columns, padding, all_valid_until, path): both Viterbi loops. */
+static PyObject *viterbi(PyObject *self, PyObject *args) {
+    PyObject *objs[6];
+    Py_ssize_t all_valid_until;
+    if (!PyArg_ParseTuple(args, "OOOOOnO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &all_valid_until,
+                          &objs[5]))
+        return NULL;
+    static const char *names[] = {"scores", "emit", "matrix", "columns", "padding", "path"};
+    const int writable[6] = {1, 0, 0, 0, 0, 1};
+    const int ndim_min[6] = {3, 3, 2, 2, 2, 2}, ndim_max[6] = {3, 3, 3, 3, 2, 2};
+    Py_buffer views[6];
+    int got = 0;
+    PyObject *result = NULL;
+    for (; got < 6; got++)
+        if (get_buffer(objs[got], &views[got], names[got], writable[got], ndim_min[got], ndim_max[got]) < 0)
+            goto done;
+    const Py_ssize_t T = views[0].shape[0], B = views[0].shape[1], K = views[0].shape[2];
+    const char kind = item_kind(&views[0]);
+    if (kind != 'f' && kind != 'd') {
+        PyErr_Format(PyExc_ValueError, "scores: expected float32 or float64 items, got format '%s'", views[0].format);
+        goto done;
+    }
+    for (int i = 1; i < 4; i++) {
+        if (item_kind(&views[i]) != kind) {
+            PyErr_Format(PyExc_ValueError, "%s: expected the item format of scores ('%c'), got '%s'", names[i], kind,
+                         views[i].format);
+            goto done;
+        }
+    }
+    const Py_buffer *emit = &views[1], *matrix = &views[2], *columns = &views[3];
+    if (emit->shape[0] != B || emit->shape[1] != T || emit->shape[2] != K) {
+        PyErr_Format(PyExc_ValueError, "emit: expected [B=%zd, T=%zd, K=%zd]", B, T, K);
+        goto done;
+    }
+    const int batched = matrix->ndim == 3;
+    for (int i = 2; i < 4; i++) {
+        const Py_buffer *v = &views[i];
+        if (v->ndim != matrix->ndim || (batched && v->shape[0] != B) || v->shape[v->ndim - 1] != K ||
+            v->shape[v->ndim - 2] != K) {
+            PyErr_Format(PyExc_ValueError, "%s: expected [K, K] or [B, K, K] (as matrix) with B=%zd, K=%zd", names[i],
+                         B, K);
+            goto done;
+        }
+    }
+    if (views[4].itemsize != 1 || views[4].shape[0] != B || views[4].shape[1] != T) {
+        PyErr_Format(PyExc_ValueError, "padding: expected [B=%zd, T=%zd] of one-byte booleans", B, T);
+        goto done;
+    }
+    if (item_kind(&views[5]) != 'l' && item_kind(&views[5]) != 'q') {
+        PyErr_Format(PyExc_ValueError, "path: expected int64 items, got format '%s'", views[5].format);
+        goto done;
+    }
+    if (views[5].itemsize != 8 || views[5].shape[0] != T || views[5].shape[1] != B) {
+        PyErr_Format(PyExc_ValueError, "path: expected [T=%zd, B=%zd] of int64", T, B);
+        goto done;
+    }
+    const Py_ssize_t stride = batched ? K * K : 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (kind == 'f') {
+        viterbi_forward_float(views[0].buf, emit->buf, matrix->buf, stride, views[4].buf, T, B, K, all_valid_until);
+        viterbi_backtrack_float(views[0].buf, columns->buf, stride, views[4].buf, T, B, K, all_valid_until,
+                                views[5].buf);
+    } else {
+        viterbi_forward_double(views[0].buf, emit->buf, matrix->buf, stride, views[4].buf, T, B, K, all_valid_until);
+        viterbi_backtrack_double(views[0].buf, columns->buf, stride, views[4].buf, T, B, K, all_valid_until,
+                                 views[5].buf);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    for (int i = 0; i < got; i++) PyBuffer_Release(&views[i]);
+    return result;
+}
+
 static const char *product_name(product_kind kind) { return kind == TILED ? "avx2-fma tiles" : "plain"; }
 
 static PyObject *product(PyObject *self, PyObject *args) { return PyUnicode_FromString(product_name(product_in_use)); }
@@ -371,6 +508,10 @@ static PyMethodDef methods[] = {
      "scaled_backward(beta, u, weights, probs_t, padding, all_valid_until, alpha): the scaled backward loop, "
      "t = T-1 .. 1, in place (beta[T-1] given), then gamma = beta * alpha in beta's buffer; returns whether "
      "the sum of gamma and u[1:] is finite."},
+    {"viterbi", viterbi, METH_VARARGS,
+     "viterbi(scores, emit, matrix, columns, padding, all_valid_until, path): the max-plus forward, "
+     "t = 1 .. T-1, into scores [T, B, K] (scores[0] given; emit [B, T, K]), then the backtracking into "
+     "path [T, B] int64 from the columns (the matrix transposed, contiguous)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -45,9 +45,10 @@ Algorithms:
   :func:`prefers_blocked_entropy`.
 
 Compiled loops: where one dense matrix serves every step and ``B K^2 <= COMPILED_LOOP_MAX_WORK``
-(:func:`compiled_loops_apply`), the scaled forward and backward loops run in C
-(``latentnlp._chain_loops``, built by the install where a C compiler is found), a step costing its
-arithmetic; the blocked sum, filters and entropy then no longer win and ``"auto"`` keeps the scaled ones.
+(:func:`compiled_loops_apply`), the scaled forward and backward loops and Viterbi's max-plus forward
+and backtracking run in C (``latentnlp._chain_loops``, built by the install where a C compiler is
+found), a step costing its arithmetic; the blocked kernels then no longer win and ``"auto"`` keeps
+the sequential ones.
 """
 
 from __future__ import annotations
@@ -799,8 +800,8 @@ def prefers_blocked(transition: Transition, emit: Tensor) -> bool:
     which covers the whole rule but time-varying matrices): a step there costs its arithmetic, and the
     blocked kernels took 3.3-6.3x the scaled time for ``log Z`` forward + backward and 1.05-1.2x for
     sampling (2 threads, quiet machine, one process; ``(4, 10000, 8)``, ``(2, 4096, 4)``,
-    ``(1, 4096, 16)``, ``(4, 10000, 16)``, ``(1, 2048, 8)``).  Viterbi has no compiled loop and keeps
-    the rule (:func:`prefers_blocked_viterbi`).
+    ``(1, 4096, 16)``, ``(4, 10000, 16)``, ``(1, 2048, 8)``).  Viterbi has its own rule
+    (:func:`prefers_blocked_viterbi`), with the same exception.
     """
     return prefers_blocked_viterbi(transition, emit) and not compiled_loops_apply(transition, emit)
 
@@ -808,14 +809,18 @@ def prefers_blocked(transition: Transition, emit: Tensor) -> bool:
 def prefers_blocked_viterbi(transition: Transition, emit: Tensor) -> bool:
     """``method="auto"``'s choice of :func:`blocked_viterbi` over :func:`viterbi`: the rule of
     :func:`prefers_blocked` before the compiled loops (CPU, dense, ``T >= BLOCKED_MIN_STEPS``,
-    ``B K^3 <= BLOCKED_MAX_WORK``).  Remeasured beside them (as there): blocked / sequential 0.29 at
-    ``(4, 10000, 8)``, 0.18 at ``(2, 4096, 4)``, 0.38 at ``(1, 2048, 8)``."""
+    ``B K^3 <= BLOCKED_MAX_WORK``), except where :func:`viterbi`'s loops run compiled
+    (:func:`compiled_loops_apply`).  Against the torch-and-numpy sequential Viterbi, blocked /
+    sequential was 0.29 at ``(4, 10000, 8)``, 0.18 at ``(2, 4096, 4)``, 0.38 at ``(1, 2048, 8)``;
+    against the compiled one 20-25 (median of 7, 2 threads: those sizes, ``(8, 1024, 16)`` and
+    ``(4, 10000, 16)``), so time-varying matrices are all the rule takes now."""
     batch, steps, k = emit.shape
     return (
         emit.device.type == "cpu"
         and isinstance(transition, DenseTransition)
         and steps >= BLOCKED_MIN_STEPS
         and batch * k**3 <= BLOCKED_MAX_WORK
+        and not compiled_loops_apply(transition, emit)
     )
 
 
@@ -1000,12 +1005,15 @@ def viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor)
     ``z_{t-1} = argmax_i (a_{t-1}[i] + trans_t[i, z_t])`` (:func:`_backtrack`): the back-pointer
     of the chosen state is recomputed rather than stored for every state, because an argmax
     over ``K x K`` a step costs several times the max alone.  Ties go to the lowest state index,
-    as a stored pointer's would.  On the CPU the backtracking runs on numpy views of the same
+    as a stored pointer's would.  On the CPU both loops run compiled where one matrix serves every
+    step (:func:`_compiled_viterbi`), else the backtracking runs on numpy views of the same
     memory.  Dense: a max over a sum of factors has no factored form, so a low-rank transition
     is densified (:meth:`~latentnlp.transitions.Transition.dense`).
     """
     trans = transition.dense().detach()
     batch, steps, _ = emit.shape
+    if _compiled_viterbi_applies(trans, emit):
+        return _compiled_viterbi(init, trans, emit, lengths)
     scores, mask, all_valid_until = _max_plus_forward(init, trans, emit, lengths)
     columns = trans if trans.dim() == 4 else trans.transpose(-1, -2).contiguous()
     path = torch.empty(steps, batch, dtype=torch.long, device=emit.device)
@@ -1015,6 +1023,39 @@ def viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor)
     else:
         rows = torch.arange(batch, device=emit.device)
         _backtrack(scores, columns, mask, all_valid_until, rows, path, torch.where)
+    return path.T.contiguous().mul_(mask)
+
+
+def _compiled_viterbi_applies(trans: Tensor, emit: Tensor) -> bool:
+    """Whether :func:`viterbi` runs its loops compiled: the module built, CPU float32 or float64, one
+    dense matrix for every step (``[K, K]`` or ``[B, K, K]``) and ``B K^2 <= COMPILED_LOOP_MAX_WORK``."""
+    batch, _, k = emit.shape
+    return (
+        _chain_loops is not None
+        and emit.device.type == "cpu"
+        and emit.dtype in (torch.float32, torch.float64)
+        and trans.dtype == emit.dtype
+        and trans.dim() <= 3
+        and batch * k * k <= COMPILED_LOOP_MAX_WORK
+    )
+
+
+def _compiled_viterbi(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor) -> Tensor:
+    """:func:`viterbi` by the compiled loops (``latentnlp._chain_loops.viterbi``): the max-plus forward
+    into ``scores [T, B, K]`` from ``a_0 = init + emit_0``, then the backtracking from the transition's
+    columns, ties to the lowest index as in :func:`_backtrack`: ``[B, T]`` long, padding 0."""
+    batch, steps, _ = emit.shape
+    mask = lengths_to_mask(lengths, steps)
+    emit = emit.detach().contiguous()
+    scores = emit.new_empty(steps, batch, emit.shape[-1])
+    torch.add(init.detach(), emit[:, 0], out=scores[0])
+    matrix = trans.contiguous()
+    columns = matrix.transpose(-1, -2).contiguous()
+    path = torch.empty(steps, batch, dtype=torch.long)
+    all_valid_until = int(lengths.min()) if batch else steps
+    _chain_loops.viterbi(
+        scores.numpy(), emit.numpy(), matrix.numpy(), columns.numpy(), (~mask).numpy(), all_valid_until, path.numpy()
+    )
     return path.T.contiguous().mul_(mask)
 
 

@@ -199,14 +199,14 @@ def test_float32_agrees_with_float64_on_a_long_peaked_chain():
 )
 def test_auto_takes_the_blocked_kernels_by_the_rules(monkeypatch, steps, k, decode, entropy, compiled):
     """Viterbi by prefers_blocked_viterbi, the sampler's filters by prefers_blocked, the entropy by
-    prefers_blocked_entropy; where the scaled loops run compiled (every size here, one shared matrix) the
-    filters and the entropy stay scaled.  The kernels are replaced by recorders (returning outputs of the
+    prefers_blocked_entropy; where the loops run compiled (every size here, one shared matrix) all three
+    stay sequential.  The kernels are replaced by recorders (returning outputs of the
     right shapes): only the routing is tested."""
     if compiled and chain._chain_loops is None:
         pytest.skip("latentnlp._chain_loops was not built by this install")
     if not compiled:
         monkeypatch.setattr(chain, "COMPILED_LOOP_MAX_WORK", -1)
-    filters, entropy = decode and not compiled, entropy and not compiled
+    decode, filters, entropy = decode and not compiled, decode and not compiled, entropy and not compiled
     called = []
 
     def recorder(name, output):

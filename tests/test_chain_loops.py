@@ -132,6 +132,31 @@ def test_the_loops_agree_with_log_space_past_the_compiled_tiles(loop, trans_kind
         torch.testing.assert_close(found.to(F64), marginals, **TOLERANCE[dtype], msg=msg)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("trans_kind", ["shared", "batched"])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_compiled_viterbi_equals_the_torch_loops(trans_kind, zeros, dtype, monkeypatch):
+    """The compiled Viterbi loops (max-plus forward and backtracking) against the torch forward and the
+    numpy backtracking, which tests/test_chain.py checks against enumeration: the same sums in the same
+    order, so the same paths (ties to the lowest index in both), with uneven lengths and structural zeros;
+    and the path's score is the optimum of the float64 enumeration on a small chain."""
+    if chain._chain_loops is None:
+        pytest.skip("latentnlp._chain_loops was not built by this install")
+    gen = torch.Generator().manual_seed(23 + 2 * zeros + (trans_kind == "batched"))
+    for batch, steps, k in ((1, 1, 3), (3, 9, 5), (4, 30, 16), (2, 17, 33)):
+        init, trans, emit, lengths = random_chain(gen, batch, steps, k, trans_kind=trans_kind, zeros=zeros, scale=3.0)
+        d = ChainPosterior(init.to(dtype), trans.to(dtype), emit.to(dtype), lengths)
+        assert chain._compiled_viterbi_applies(d.transition.dense(), d.emit)
+        compiled = chain.viterbi(d.init, d.transition, d.emit, d.lengths)
+        with monkeypatch.context() as patch:
+            patch.setattr(chain, "COMPILED_LOOP_MAX_WORK", -1)
+            looped = chain.viterbi(d.init, d.transition, d.emit, d.lengths)
+        assert torch.equal(compiled, looped), (batch, steps, k)
+        if steps * k <= 27:
+            best = Enumeration(init, trans, emit, lengths).max
+            torch.testing.assert_close(ChainPosterior(init, trans, emit, lengths).score(compiled), best)
+
+
 @pytest.mark.parametrize("zeros", [False, True])
 def test_both_loops_through_a_low_rank_transition(loop, zeros):
     gen = torch.Generator().manual_seed(11 + zeros)
