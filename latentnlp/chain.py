@@ -24,9 +24,10 @@ Algorithms:
   backward recursion written by hand (an ``autograd.Function``), so no graph is kept over
   ``T`` and memory is ``O(B T K)``.  Underflow is reported by a flag, never by a NaN; rows whose
   backward overflows (the smoother far from the filter) get their gradient from log space.  On
-  the CPU, while a step's largest product is at most ``ARRAY_LOOP_MAX_WORK`` (``2^18`` multiply-adds:
-  ``B K^2`` for a dense matrix, ``B K^L K`` for a factorial chain's), its time loops step on numpy views
-  of their buffers, whose calls cost a fraction of a torch operation's dispatch.
+  the CPU its time loops run compiled where one dense matrix serves every step (see "Compiled loops"
+  below), else, while a step's largest product is at most ``ARRAY_LOOP_MAX_WORK`` (``2^18``
+  multiply-adds: ``B K^2`` for a dense matrix, ``B K^L K`` for a factorial chain's), step on numpy
+  views of their buffers, whose calls cost a fraction of a torch operation's dispatch.
 * :func:`log_space_forward` -- the same recursion in the log semiring, autograd through it.
 * :func:`scan_log_partition` -- parallel prefix: a balanced tree of log-space ``K x K``
   products, depth ``log T`` (dense).
