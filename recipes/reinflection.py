@@ -14,7 +14,8 @@ decoded by beam search on ``-task3-test``:
   and the target tags) and every target form with its tags as a labelled auto-encoding row;
 * ``msved-semi``: the same plus unlabelled rows, the distinct forms of the training and development
   source and target columns with their tags dropped (the tags latent, summed by straight-through
-  Gumbel-softmax), and any untagged forms given with ``--unlabelled FILE`` (one a line);
+  Gumbel-softmax), and any untagged forms given with ``--unlabelled FILE`` (one a line): each
+  update's batch of labelled rows, the supervised row's, followed by as many unlabelled ones;
 * ``encdec``: a plain character-level attention encoder-decoder
   (:class:`~latentnlp.models.latent_alignment.LatentAlignmentSeq2Seq`, soft attention) reading the
   target tags as input tokens before the source characters, trained by its likelihood.
@@ -276,7 +277,11 @@ class ReinflectionBatches:
     ``layout="msved"`` gives :class:`~latentnlp.models.MultiSpaceVAE` batches (``src``, ``inputs``,
     ``targets``, ``tags``, ``labelled``...); ``layout="encdec"`` gives seq2seq batches whose source
     is the tag tokens followed by the source characters.  The order of an epoch is a function of
-    ``(seed, epoch)`` (shuffled) or the given order (``shuffle=False``).
+    ``(seed, epoch)`` (shuffled) or the given order (``shuffle=False``).  With ``unlabelled`` rows
+    each batch of ``batch_size`` rows is followed by as many unlabelled ones, taken in turn from
+    their own shuffled order (restarted as needed): the labelled rows an update sees are those
+    of the same batch without them, and the unlabelled ones come on top (an epoch is a pass over
+    the labelled rows).
     """
 
     def __init__(
@@ -290,9 +295,11 @@ class ReinflectionBatches:
         shuffle: bool,
         seed: int = 0,
         tag_tokens: Vocabulary | None = None,
+        unlabelled: list[Row] | None = None,
     ) -> None:
         self.rows, self.chars, self.inventory, self.layout = rows, chars, inventory, layout
         self.batch_size, self.shuffle, self.seed, self.tag_tokens = batch_size, shuffle, seed, tag_tokens
+        self.unlabelled = unlabelled or []
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
@@ -302,10 +309,24 @@ class ReinflectionBatches:
             return list(range(len(self.rows)))
         return torch.randperm(len(self.rows), generator=epoch_generator(self.seed, epoch)).tolist()
 
+    def _unlabelled_chunk(self, epoch: int, b: int) -> list[Row]:
+        """Batch ``b``'s unlabelled rows: positions ``b * batch_size ...`` of the unlabelled rows' orders
+        (one shuffled order per pass over them, seeded by the pass's number), so that every update
+        gets ``batch_size`` of them and an epoch resumed at ``b`` gets the same ones."""
+        n = len(self.unlabelled)
+        chunk = []
+        for position in range((epoch * len(self) + b) * self.batch_size, (epoch * len(self) + b + 1) * self.batch_size):
+            cycle, at = divmod(position, n)
+            if at == 0 or not chunk:
+                order = torch.randperm(n, generator=epoch_generator(self.seed + 1, cycle)).tolist()
+            chunk.append(self.unlabelled[order[at]])
+        return chunk
+
     def iterate(self, epoch: int = 0, start: int = 0):
         order = self.order(epoch)
         for b in range(start, len(self)):
-            yield self.collate([self.rows[i] for i in order[b * self.batch_size : (b + 1) * self.batch_size]])
+            rows = [self.rows[i] for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+            yield self.collate(rows + (self._unlabelled_chunk(epoch, b) if self.unlabelled else []))
 
     def __iter__(self):
         return self.iterate(0)
@@ -385,13 +406,17 @@ def load_language(name: str, preset_name: str, args, out: Path, seed: int) -> La
 
 
 def training_rows(lang: Language, row: str) -> list[Row]:
+    """The labelled rows of ``row``: the training triples, and for MSVED each target form auto-encoded
+    with its tags."""
     labelled = [Row(e.source, dict(e.tags), e.target) for e in lang.data.train]
     if row == "encdec":
         return labelled
-    labelled += [Row(e.target, dict(e.tags), e.target) for e in lang.data.train]  # labelled auto-encoding
-    if row == "msved-semi":
-        labelled += [Row(f, None, f) for f in lang.unlabelled]
-    return labelled
+    return labelled + [Row(e.target, dict(e.tags), e.target) for e in lang.data.train]
+
+
+def unlabelled_rows(lang: Language, row: str) -> list[Row] | None:
+    """The untagged forms auto-encoded with their tags latent (``msved-semi`` only; else None)."""
+    return [Row(f, None, f) for f in lang.unlabelled] if row == "msved-semi" else None
 
 
 def eval_rows(examples: list[ReinflectionExample]) -> list[Row]:
@@ -636,7 +661,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             layout = "encdec" if row == "encdec" else "msved"
             make = dict(chars=lang.chars, inventory=lang.data.inventory, layout=layout, tag_tokens=lang.tag_tokens)
             train = ReinflectionBatches(
-                training_rows(lang, row), batch_size=preset.batch_size, shuffle=True, seed=seed, **make
+                training_rows(lang, row),
+                batch_size=preset.batch_size,
+                shuffle=True,
+                seed=seed,
+                unlabelled=unlabelled_rows(lang, row),
+                **make,
             )
             valid = ReinflectionBatches(eval_rows(lang.data.dev), batch_size=256, shuffle=False, **make)
             test_batches = ReinflectionBatches(eval_rows(test), batch_size=256, shuffle=False, **make)
@@ -649,7 +679,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"[{name}/{row}] finished run found in {run_dir}: reusing it (--overwrite to retrain)")
                 summary = json.loads(finished.read_text())
             else:
-                print(f"[{name}/{row}] training {parameters:,} parameters on {len(train.rows):,} rows")
+                print(
+                    f"[{name}/{row}] training {parameters:,} parameters on {len(train.rows):,} labelled rows"
+                    + (f" and {len(train.unlabelled):,} unlabelled" if train.unlabelled else "")
+                )
                 evaluated.unlink(missing_ok=True)
                 info = {"recipe": "reinflection", "preset": args.preset, "language": name, "row": row}
                 summary = Trainer(model, config, train, valid, run_info=info).fit()
@@ -674,7 +707,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "dir": str(run_dir),
                     "parameters": parameters,
                     "steps": summary["steps"],
-                    "train_rows": len(train.rows),
+                    "train_rows": len(train.rows) + len(train.unlabelled),
                     "tokens_per_s": training_speed(run_dir),
                     "wall_time": summary["wall_time"],
                     "valid": summary["valid"],
