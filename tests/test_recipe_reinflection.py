@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "reinflection.py"
 ROWS = ["msved-sup", "msved-semi", "encdec"]
@@ -90,3 +91,28 @@ def test_published_lines_list_the_shared_task_for_the_languages_run(recipe):
     assert re.search(r"^\| german \| 0\.924 \(LMU-1\) \| 0\.896 \(BIU/MIT-1\) \| 0\.956 \(LMU-1\) \|", text, re.M)
     assert len(re.findall(r"^\| (german|turkish) \|", text, re.M)) == 2
     assert "No published number" in "\n".join(recipe.published_lines(["generated"]))
+
+
+def test_semi_supervised_batches_add_unlabelled_rows_to_each_labelled_batch(recipe):
+    from latentnlp.data import TagInventory, Vocabulary
+
+    specials = recipe.SPECIALS
+    chars = Vocabulary([*specials.values(), *"abcdefgh"], **specials)
+    inventory = TagInventory.build([{"pos": "N"}, {"pos": "V"}])
+    labelled = [recipe.Row(w, {"pos": "N"}, w) for w in ("ab", "bc", "cd", "de", "ef")]
+    unlabelled = [recipe.Row(w, None, w) for w in ("fg", "gh", "ha")]
+    batches = recipe.ReinflectionBatches(
+        labelled, chars, inventory, "msved", 2, shuffle=True, seed=3, unlabelled=unlabelled
+    )
+    assert len(batches) == 3  # a pass over the labelled rows
+    seen = []
+    for epoch in (0, 1):
+        full = list(batches.iterate(epoch))
+        for b, batch in enumerate(full):
+            flags = batch["labelled"].tolist()
+            assert flags == [True] * len(flags[: len(flags) - 2]) + [False, False]  # 2 unlabelled each
+            resumed = next(batches.iterate(epoch, start=b))  # resuming at b gives batch b again
+            assert all(torch.equal(resumed[key], batch[key]) for key in batch)
+            seen.append(batch["src"][-2:])
+    # every unlabelled form comes round: 12 unlabelled rows over 6 updates, 3 forms
+    assert len({tuple(row.tolist()) for src in seen for row in src}) == 3
