@@ -468,6 +468,132 @@ done:
     return result;
 }
 
+/* Backward sampling, one dense matrix for every step: z_{t-1} ~ p(i | z_t = j) proportional to
+ * exp(log_filter[b, t-1, i] + columns[j, i]) (columns: the log matrix transposed), drawn by inverting
+ * the cumulative weights at one uniform u[t-1, s, b]; a chain whose weights are all 0 (no state
+ * leads into j) takes the first state of largest weight, as an argmax of -inf scores does. */
+#define DEFINE_SAMPLING(SUFFIX, REAL)                                                                   \
+    static void backward_sample_##SUFFIX(const REAL *restrict log_filter, const REAL *restrict columns, \
+                                         Py_ssize_t stride, const char *restrict padding,               \
+                                         const REAL *restrict uniform, int64_t *restrict path,          \
+                                         const int64_t *restrict last, Py_ssize_t S, Py_ssize_t B,      \
+                                         Py_ssize_t T, Py_ssize_t K, REAL *restrict weights) {          \
+        for (Py_ssize_t s = 0; s < S; s++) {                                                            \
+            for (Py_ssize_t b = 0; b < B; b++) {                                                        \
+                int64_t *restrict out = path + (s * B + b) * T;                                         \
+                int64_t z = last[s * B + b];                                                            \
+                for (Py_ssize_t t = T - 1; t > 0; t--) {                                                \
+                    if (padding[b * T + t]) {                                                           \
+                        out[t] = 0;                                                                     \
+                        continue;                                                                       \
+                    }                                                                                   \
+                    out[t] = z;                                                                         \
+                    const REAL *restrict f = log_filter + (b * T + t - 1) * K;                          \
+                    const REAL *restrict c = columns + b * stride + z * K;                              \
+                    Py_ssize_t best = 0;                                                                \
+                    REAL top = f[0] + c[0];                                                             \
+                    for (Py_ssize_t i = 0; i < K; i++) {                                                \
+                        weights[i] = f[i] + c[i];                                                       \
+                        if (weights[i] > top) top = weights[i], best = i;                               \
+                    }                                                                                   \
+                    if (!(top > -INFINITY) || !isfinite(top)) {                                         \
+                        z = best;                                                                       \
+                        continue;                                                                       \
+                    }                                                                                   \
+                    REAL total = 0;                                                                     \
+                    for (Py_ssize_t i = 0; i < K; i++) total += weights[i] = exp(weights[i] - top);     \
+                    const REAL target = uniform[((t - 1) * S + s) * B + b] * total;                     \
+                    REAL running = 0;                                                                   \
+                    z = K - 1;                                                                          \
+                    for (Py_ssize_t i = 0; i < K; i++) {                                                \
+                        running += weights[i];                                                          \
+                        if (running > target && weights[i] > 0) {                                       \
+                            z = i;                                                                      \
+                            break;                                                                      \
+                        }                                                                               \
+                    }                                                                                   \
+                    if (!(weights[z] > 0)) z = best;                                                    \
+                }                                                                                       \
+                out[0] = z;                                                                             \
+            }                                                                                           \
+        }                                                                                               \
+    }
+
+DEFINE_SAMPLING(float, float)
+DEFINE_SAMPLING(double, double)
+
+/* backward_sample(log_filter, columns, padding, uniform, last, path): backward sampling into path. */
+static PyObject *backward_sample(PyObject *self, PyObject *args) {
+    PyObject *objs[6];
+    if (!PyArg_ParseTuple(args, "OOOOOO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &objs[5])) return NULL;
+    static const char *names[] = {"log_filter", "columns", "padding", "uniform", "last", "path"};
+    const int writable[6] = {0, 0, 0, 0, 0, 1};
+    const int ndim_min[6] = {3, 2, 2, 3, 2, 3}, ndim_max[6] = {3, 3, 2, 3, 2, 3};
+    Py_buffer views[6];
+    int got = 0;
+    PyObject *result = NULL;
+    void *weights = NULL;
+    for (; got < 6; got++)
+        if (get_buffer(objs[got], &views[got], names[got], writable[got], ndim_min[got], ndim_max[got]) < 0)
+            goto done;
+    const Py_ssize_t B = views[0].shape[0], T = views[0].shape[1], K = views[0].shape[2];
+    const Py_ssize_t S = views[5].shape[0];
+    const char kind = item_kind(&views[0]);
+    if (kind != 'f' && kind != 'd') {
+        PyErr_Format(PyExc_ValueError, "log_filter: expected float32 or float64 items, got format '%s'",
+                     views[0].format);
+        goto done;
+    }
+    if (item_kind(&views[1]) != kind || item_kind(&views[3]) != kind) {
+        PyErr_Format(PyExc_ValueError, "columns, uniform: expected the item format of log_filter ('%c')", kind);
+        goto done;
+    }
+    const Py_buffer *columns = &views[1];
+    const int batched = columns->ndim == 3;
+    if ((batched && columns->shape[0] != B) || columns->shape[columns->ndim - 1] != K ||
+        columns->shape[columns->ndim - 2] != K) {
+        PyErr_Format(PyExc_ValueError, "columns: expected [K, K] or [B, K, K] with B=%zd, K=%zd", B, K);
+        goto done;
+    }
+    if (views[2].itemsize != 1 || views[2].shape[0] != B || views[2].shape[1] != T) {
+        PyErr_Format(PyExc_ValueError, "padding: expected [B=%zd, T=%zd] of one-byte booleans", B, T);
+        goto done;
+    }
+    if (views[3].shape[0] != (T > 0 ? T - 1 : 0) || views[3].shape[1] != S || views[3].shape[2] != B) {
+        PyErr_Format(PyExc_ValueError, "uniform: expected [T-1=%zd, S=%zd, B=%zd]", T - 1, S, B);
+        goto done;
+    }
+    for (int i = 4; i < 6; i++) {
+        const char k = item_kind(&views[i]);
+        if ((k != 'l' && k != 'q') || views[i].itemsize != 8 || views[i].shape[0] != S || views[i].shape[1] != B ||
+            (i == 5 && views[i].shape[2] != T)) {
+            PyErr_Format(PyExc_ValueError, "%s: expected int64 [S=%zd, B=%zd%s]", names[i], S, B,
+                         i == 5 ? ", T" : "");
+            goto done;
+        }
+    }
+    weights = PyMem_Malloc((K > 0 ? K : 1) * views[0].itemsize);
+    if (!weights) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const Py_ssize_t stride = batched ? K * K : 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (kind == 'f')
+        backward_sample_float(views[0].buf, columns->buf, stride, views[2].buf, views[3].buf, views[5].buf,
+                              views[4].buf, S, B, T, K, weights);
+    else
+        backward_sample_double(views[0].buf, columns->buf, stride, views[2].buf, views[3].buf, views[5].buf,
+                               views[4].buf, S, B, T, K, weights);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_Free(weights);
+    for (int i = 0; i < got; i++) PyBuffer_Release(&views[i]);
+    return result;
+}
+
 static const char *product_name(product_kind kind) { return kind == TILED ? "avx2-fma tiles" : "plain"; }
 
 static PyObject *product(PyObject *self, PyObject *args) { return PyUnicode_FromString(product_name(product_in_use)); }
@@ -512,6 +638,10 @@ static PyMethodDef methods[] = {
      "viterbi(scores, emit, matrix, columns, padding, all_valid_until, path): the max-plus forward, "
      "t = 1 .. T-1, into scores [T, B, K] (scores[0] given; emit [B, T, K]), then the backtracking into "
      "path [T, B] int64 from the columns (the matrix transposed, contiguous)."},
+    {"backward_sample", backward_sample, METH_VARARGS,
+     "backward_sample(log_filter, columns, padding, uniform, last, path): backward sampling, t = T-1 .. 1, "
+     "from the log filters [B, T, K] and the log matrix's columns, one uniform [T-1, S, B] a draw, from the "
+     "last states last [S, B] into path [S, B, T] int64 (0 at padding)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1316,13 +1316,27 @@ def backward_sample(
     ``z_{L-1} ~ p(z_{L-1} | x)`` (the last filtering distribution) and
     ``p(z_{t-1} = i | z_t = j, x) \propto alpha_{t-1}(i) exp(trans_t[i, j])``
     (:meth:`~latentnlp.transitions.Transition.sample_previous`; through the rank for a
-    low-rank transition, ``O(S B (K + r))`` a step).
+    low-rank transition, ``O(S B (K + r))`` a step).  On the CPU, where one dense matrix serves
+    every step and ``B K^2 <= COMPILED_LOOP_MAX_WORK``, the loop runs compiled, each draw inverting
+    the cumulative weights at one uniform of ``torch.rand(T-1, S, B, generator=generator)``.
     """
     batch, steps, k = log_filter.shape
     mask = lengths_to_mask(lengths, steps)
     path = torch.zeros(num_samples, batch, steps, dtype=torch.long, device=log_filter.device)
     last = log_filter.gather(1, (lengths - 1).view(batch, 1, 1).expand(batch, 1, k)).squeeze(1)
     current = gumbel_argmax(last.expand(num_samples, batch, k), generator)
+    if isinstance(transition, DenseTransition) and _compiled_viterbi_applies(transition.log, log_filter):
+        columns = transition.log.detach().transpose(-1, -2).contiguous()  # [(B,) K_next, K_prev]
+        uniform = torch.rand(max(steps - 1, 0), num_samples, batch, generator=generator, dtype=log_filter.dtype)
+        _chain_loops.backward_sample(
+            log_filter.detach().contiguous().numpy(),
+            columns.numpy(),
+            (~mask).numpy(),
+            uniform.numpy(),
+            current.contiguous().numpy(),
+            path.numpy(),
+        )
+        return path
     for t in range(steps - 1, 0, -1):
         valid = mask[:, t]
         path[:, :, t] = torch.where(valid, current, torch.zeros_like(current))

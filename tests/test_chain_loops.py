@@ -203,3 +203,18 @@ def test_a_path_rounded_away_is_flagged_by_both_loops(loop):
     torch.testing.assert_close(d.log_partition.to(F64), ref.log_partition, rtol=1e-6, atol=0)
     log_filter = chain.forward_filter(d.init, d.transition, d.emit, d.lengths)
     torch.testing.assert_close(log_filter[:, -1].exp().to(F64), ref.marginals[:, -1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(chain._chain_loops is None, reason="latentnlp._chain_loops was not built by this install")
+def test_compiled_backward_sampling_checks_its_buffers_and_follows_the_support():
+    loops = chain._chain_loops
+    log_filter = numpy.log(numpy.full((1, 3, 2), 0.5))
+    columns = numpy.array([[0.0, -numpy.inf], [-numpy.inf, 0.0]])  # z_{t-1} = z_t: the identity, in log space
+    padding, last = numpy.zeros((1, 3), bool), numpy.array([[1], [0]])
+    uniform, path = numpy.full((2, 2, 1), 0.999), numpy.zeros((2, 1, 3), numpy.int64)
+    loops.backward_sample(log_filter, columns, padding, uniform, last, path)
+    assert path[:, 0].tolist() == [[1, 1, 1], [0, 0, 0]]  # every draw kept on the only state leading in
+    with pytest.raises(ValueError, match=r"uniform: expected \[T-1=2, S=2, B=1\]"):
+        loops.backward_sample(log_filter, columns, padding, uniform[:1], last, path)
+    with pytest.raises(ValueError, match=r"path: expected int64 \[S=2, B=1, T\]"):
+        loops.backward_sample(log_filter, columns, padding, uniform, last, path.astype(numpy.int32))
