@@ -46,10 +46,10 @@ Algorithms:
   :func:`prefers_blocked_entropy`.
 
 Compiled loops: where one dense matrix serves every step and ``B K^2 <= COMPILED_LOOP_MAX_WORK``
-(:func:`compiled_loops_apply`), the scaled forward and backward loops and Viterbi's max-plus forward
-and backtracking run in C (``latentnlp._chain_loops``, built by the install where a C compiler is
-found), a step costing its arithmetic; the blocked kernels then no longer win and ``"auto"`` keeps
-the sequential ones.
+(:func:`compiled_loops_apply`), the scaled forward and backward loops, Viterbi's max-plus forward
+and backtracking and backward sampling run in C (``latentnlp._chain_loops``, built by the install
+where a C compiler is found), a step costing its arithmetic; the blocked kernels then no longer win
+and ``"auto"`` keeps the sequential ones.
 """
 
 from __future__ import annotations
