@@ -89,8 +89,8 @@ another process held a core.
 
 ENTROPY_RESOLUTION = 16.0
 """The resolution of an entropy from the marginals (``log Z - E_p[s]``, :func:`_smoother_entropy`) in
-``eps`` times the size of its terms: a value below minus it is flagged (the exact recursion recomputes
-it), one within it of zero is returned clamped at 0."""
+``eps`` times one plus the size of its terms: a value below minus it is flagged (the exact recursion
+recomputes it), one within it of zero is returned clamped at 0."""
 
 
 def _dense_at(trans: Tensor, t: int) -> Tensor:
@@ -1686,7 +1686,7 @@ def _smoother_entropy(first_scores, emit_scores, trans, mask, probs, shift, alph
     with ``a_0 = exp(first_scores)`` and ``emit_scores [B, T, K]`` with ``e_t = exp(emit_scores_t)``
     (``t >= 1``).  ``flagged``: a normaliser underflowed, a marginal does not sum to 1 within
     ``sqrt(eps)``, the entropy is not finite, or below minus :data:`ENTROPY_RESOLUTION` ``eps`` times
-    the size of its terms (the caller adds its own lost-mass flag); the entropy is clamped at 0."""
+    one plus the size of its terms (the caller adds its own lost-mass flag); the entropy is clamped at 0."""
     steps = emit_scores.shape[1]
     wide = torch.float64
     states = (gamma.transpose(0, 1) * mask.unsqueeze(-1))[:, 1:]  # [B, T-1, K], 0 past the length
@@ -1707,8 +1707,9 @@ def _smoother_entropy(first_scores, emit_scores, trans, mask, probs, shift, alph
     eps = torch.finfo(emit_scores.dtype).eps
     unnormalised = (((gamma.sum(-1) - 1).abs() > math.sqrt(eps)) & mask.T).any(0)
     # a difference of terms each accurate to about eps times its size: within that of zero (a chain
-    # all but deterministic) the entropy is 0 to the precision there is, and is returned >= 0
-    resolution = ENTROPY_RESOLUTION * eps * (log_z.abs() + first.abs() + emitted.abs() + moved.abs())
+    # all but deterministic) the entropy is 0 to the precision there is, and is returned >= 0; the
+    # 1 is a floor for terms that are all about 0 (a deterministic chain whose shifted scores are 0)
+    resolution = ENTROPY_RESOLUTION * eps * (1 + log_z.abs() + first.abs() + emitted.abs() + moved.abs())
     flagged = _underflowed(scale, mask) | unnormalised | ~torch.isfinite(entropy) | (entropy < -resolution)
     return entropy.clamp_min(0.0).to(emit_scores.dtype), flagged
 

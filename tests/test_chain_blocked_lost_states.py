@@ -165,3 +165,17 @@ def test_blocked_entropy_is_chain_entropys(batch, steps, k, scale, trans_kind, z
         narrow.init[rows], narrow.transition.select_rows(rows), narrow.emit[rows], narrow.lengths[rows]
     )
     torch.testing.assert_close(entropy[flagged], redone, equal_nan=True)
+
+
+def test_a_deterministic_chain_is_not_flagged():
+    """One path only (state 1 throughout: state 0 leads nowhere and cannot emit at step 1), its shifted
+    scores all 0: the entropy's terms are all about 0, and a difference of -1e-16 was below minus the
+    resolution of terms that small, which flagged the chain (the redo was right, the flag needless)."""
+    init = torch.tensor([-9.0814, -6.0110], dtype=F64)
+    trans = torch.tensor([[NINF, NINF], [NINF, 2.4269]], dtype=F64)
+    emit = torch.tensor([[[-1.4797, 2.2336], [NINF, 6.1649]]], dtype=F64)
+    d = ChainPosterior(init, trans, emit, torch.tensor([2]))
+    for block in (1, 2):
+        entropy, flagged = chain.blocked_entropy(d.init, d.transition, d.emit, d.lengths, block)
+        assert not flagged.any() and entropy.item() == 0.0
+    assert not chain._scaled_entropy(d.init, d.transition.log, d.emit, d.lengths)[1].any()
