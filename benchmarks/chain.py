@@ -638,6 +638,19 @@ def tables(results: list, goals: list, info: dict) -> tuple[str, str]:
 # ==============================================================================================
 # --viterbi: decoding against pytorch-crf, side by side in this process
 # ==============================================================================================
+def alternating_times(calls: dict, repeats: int) -> dict:
+    """``{name: [seconds of each call]}``: ``repeats`` rounds over ``calls`` (``{name: call()}``), each
+    round starting one name further on, so that no call always follows the same one."""
+    times = {name: [] for name in calls}
+    order = list(calls)
+    for i in range(repeats):
+        for name in order[i % len(order) :] + order[: i % len(order)]:
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def _viterbi_rows(B, T, K):
     """``{row: decode()}`` over one random CRF, and the path of each (checked equal by the caller)."""
     import torch
@@ -670,13 +683,7 @@ def viterbi_benchmark(args, sizes) -> tuple[list, str]:
         rows = _viterbi_rows(B, T, K)
         paths = {name: torch.as_tensor(run()) for name, run in rows.items()}  # also the warm-up
         agree = all(torch.equal(p, paths["latentnlp-argmax"]) for p in paths.values())
-        times = {name: [] for name in rows}
-        order = list(rows)
-        for i in range(args.repeats):
-            for name in order[i % len(order) :] + order[: i % len(order)]:
-                t0 = time.perf_counter()
-                rows[name]()
-                times[name].append(time.perf_counter() - t0)
+        times = alternating_times(rows, args.repeats)
         ours = times["latentnlp-argmax"]
         entry = dict(B=B, T=T, K=K, paths_agree=agree, rows={})
         for name, ts in times.items():
@@ -761,12 +768,7 @@ def against_benchmark(args, sizes) -> tuple[list, str]:
 
         calls = {"now": call(latentnlp), "before": call(before)}
         values = {name: run() for name, run in calls.items()}  # also the warm-up
-        times = {name: [] for name in calls}
-        for i in range(args.repeats):
-            for name in ("now", "before") if i % 2 else ("before", "now"):
-                t0 = time.perf_counter()
-                calls[name]()
-                times[name].append(time.perf_counter() - t0)
+        times = alternating_times(calls, args.repeats)
         fastest = {name: min(ts) for name, ts in times.items()}
         median = {name: statistics.median(ts) for name, ts in times.items()}
         ratio = dict(fastest=fastest["before"] / fastest["now"], median=median["before"] / median["now"])
@@ -863,13 +865,7 @@ def decode_benchmark(args, sizes) -> tuple[list, str]:
         if "entropy" in args.kernels:
             entropies = [outputs[("entropy", a)] for a in ("scaled", "blocked")]
             agree["entropy"] = bool(torch.allclose(*entropies, rtol=1e-4, atol=0.0))
-        times = {name: [] for name in rows}
-        order = list(rows)
-        for i in range(args.repeats):
-            for name in order[i % len(order) :] + order[: i % len(order)]:
-                t0 = time.perf_counter()
-                rows[name]()
-                times[name].append(time.perf_counter() - t0)
+        times = alternating_times(rows, args.repeats)
         entry = dict(B=B, T=T, K=K, agree=agree, kernels={})
         for kernel in args.kernels:
             pair = {a: times[(kernel, a)] for a in ("scaled", "blocked")}

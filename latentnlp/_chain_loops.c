@@ -237,6 +237,25 @@ static char item_kind(const Py_buffer *view) {
     return 0;
 }
 
+/* The item kind ('f' or 'd') of views[0], which every views[i] with shared[i] set must have too; 0 with a
+ * ValueError naming the first view that does not. */
+static char shared_float_kind(const Py_buffer *views, const char *const *names, int count, const int *shared) {
+    const char kind = item_kind(&views[0]);
+    if (kind != 'f' && kind != 'd') {
+        PyErr_Format(PyExc_ValueError, "%s: expected float32 or float64 items, got format '%s'", names[0],
+                     views[0].format);
+        return 0;
+    }
+    for (int i = 1; i < count; i++) {
+        if (shared[i] && item_kind(&views[i]) != kind) {
+            PyErr_Format(PyExc_ValueError, "%s: expected the item format of %s ('%c'), got '%s'", names[i],
+                         names[0], kind, views[i].format);
+            return 0;
+        }
+    }
+    return kind;
+}
+
 enum { FORWARD, BACKWARD };
 
 /* Shared argument handling of both loops: forward (alpha, scale, emit_probs, probs, padding,
@@ -266,19 +285,9 @@ static PyObject *run_loop(PyObject *args, int direction) {
         if (get_buffer(objs[got], &views[got], names[got], writable[got], ndim_min[got], ndim_max[got]) < 0)
             goto done;
     const Py_ssize_t T = views[0].shape[0], B = views[0].shape[1], K = views[0].shape[2];
-    const char kind = item_kind(&views[0]);
-    if (kind != 'f' && kind != 'd') {
-        PyErr_Format(PyExc_ValueError, "%s: expected float32 or float64 items, got format '%s'", names[0],
-                     views[0].format);
-        goto done;
-    }
-    for (int i = 1; i < buffers; i++) {
-        if (i != 4 && !(i == 5 && direction == FORWARD) && item_kind(&views[i]) != kind) {
-            PyErr_Format(PyExc_ValueError, "%s: expected the item format of %s ('%c'), got '%s'", names[i],
-                         names[0], kind, views[i].format);
-            goto done;
-        }
-    }
+    const int shared[6] = {1, 1, 1, 1, 0, direction == BACKWARD};  /* padding and flagged are booleans */
+    const char kind = shared_float_kind(views, names, buffers, shared);
+    if (!kind) goto done;
     const Py_buffer *second = &views[1], *third = &views[2], *probs = &views[3], *padding = &views[4];
     int shapes_ok = third->shape[0] == T && third->shape[1] == B && third->shape[2] == K;
     if (direction == FORWARD)
@@ -410,18 +419,9 @@ static PyObject *viterbi(PyObject *self, PyObject *args) {
         if (get_buffer(objs[got], &views[got], names[got], writable[got], ndim_min[got], ndim_max[got]) < 0)
             goto done;
     const Py_ssize_t T = views[0].shape[0], B = views[0].shape[1], K = views[0].shape[2];
-    const char kind = item_kind(&views[0]);
-    if (kind != 'f' && kind != 'd') {
-        PyErr_Format(PyExc_ValueError, "scores: expected float32 or float64 items, got format '%s'", views[0].format);
-        goto done;
-    }
-    for (int i = 1; i < 4; i++) {
-        if (item_kind(&views[i]) != kind) {
-            PyErr_Format(PyExc_ValueError, "%s: expected the item format of scores ('%c'), got '%s'", names[i], kind,
-                         views[i].format);
-            goto done;
-        }
-    }
+    const int shared[6] = {1, 1, 1, 1, 0, 0};
+    const char kind = shared_float_kind(views, names, 6, shared);
+    if (!kind) goto done;
     const Py_buffer *emit = &views[1], *matrix = &views[2], *columns = &views[3];
     if (emit->shape[0] != B || emit->shape[1] != T || emit->shape[2] != K) {
         PyErr_Format(PyExc_ValueError, "emit: expected [B=%zd, T=%zd, K=%zd]", B, T, K);
@@ -538,16 +538,9 @@ static PyObject *backward_sample(PyObject *self, PyObject *args) {
             goto done;
     const Py_ssize_t B = views[0].shape[0], T = views[0].shape[1], K = views[0].shape[2];
     const Py_ssize_t S = views[5].shape[0];
-    const char kind = item_kind(&views[0]);
-    if (kind != 'f' && kind != 'd') {
-        PyErr_Format(PyExc_ValueError, "log_filter: expected float32 or float64 items, got format '%s'",
-                     views[0].format);
-        goto done;
-    }
-    if (item_kind(&views[1]) != kind || item_kind(&views[3]) != kind) {
-        PyErr_Format(PyExc_ValueError, "columns, uniform: expected the item format of log_filter ('%c')", kind);
-        goto done;
-    }
+    const int shared[6] = {1, 1, 0, 1, 0, 0};
+    const char kind = shared_float_kind(views, names, 6, shared);
+    if (!kind) goto done;
     const Py_buffer *columns = &views[1];
     const int batched = columns->ndim == 3;
     if ((batched && columns->shape[0] != B) || columns->shape[columns->ndim - 1] != K ||

@@ -826,19 +826,11 @@ def prefers_blocked_viterbi(transition: Transition, emit: Tensor) -> bool:
 
 
 def compiled_loops_apply(transition: Transition, emit: Tensor) -> bool:
-    """Whether the scaled forward and backward of a chain of ``emit [B, T, K]`` run compiled
-    (``latentnlp._chain_loops``): the module built, CPU float32 or float64, a dense transition with one
-    matrix for every step (``[K, K]`` or ``[B, K, K]``), ``B K^2 <= COMPILED_LOOP_MAX_WORK`` (and, decided
-    per call, every state reachable: no ``-inf`` in ``init`` or the matrix)."""
-    batch, _, k = emit.shape
-    return (
-        _chain_loops is not None
-        and emit.device.type == "cpu"
-        and emit.dtype in (torch.float32, torch.float64)
-        and isinstance(transition, DenseTransition)
-        and transition.log.dim() <= 3
-        and batch * k * k <= COMPILED_LOOP_MAX_WORK
-    )
+    """Whether the scaled forward and backward, Viterbi and backward sampling of a chain of
+    ``emit [B, T, K]`` run compiled (``latentnlp._chain_loops``): a dense transition with one matrix for
+    every step (:func:`_compiles`; the scaled loops also need, decided per call, every state
+    reachable: no ``-inf`` in ``init`` or the matrix)."""
+    return isinstance(transition, DenseTransition) and _compiles(transition.log, emit)
 
 
 BLOCKED_ENTROPY_MIN_STEPS = 4096
@@ -1013,7 +1005,7 @@ def viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor)
     """
     trans = transition.dense().detach()
     batch, steps, _ = emit.shape
-    if _compiled_viterbi_applies(trans, emit):
+    if _compiles(trans, emit):
         return _compiled_viterbi(init, trans, emit, lengths)
     scores, mask, all_valid_until = _max_plus_forward(init, trans, emit, lengths)
     columns = trans if trans.dim() == 4 else trans.transpose(-1, -2).contiguous()
@@ -1027,15 +1019,16 @@ def viterbi(init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor)
     return path.T.contiguous().mul_(mask)
 
 
-def _compiled_viterbi_applies(trans: Tensor, emit: Tensor) -> bool:
-    """Whether :func:`viterbi` runs its loops compiled: the module built, CPU float32 or float64, one
-    dense matrix for every step (``[K, K]`` or ``[B, K, K]``) and ``B K^2 <= COMPILED_LOOP_MAX_WORK``."""
-    batch, _, k = emit.shape
+def _compiles(trans: Tensor, scores: Tensor) -> bool:
+    """Whether a loop over the dense log matrix ``trans`` and ``scores [B, T, K]`` runs compiled: the
+    module built, CPU float32 or float64 tensors of one dtype, one matrix for every step (``[K, K]`` or
+    ``[B, K, K]``) and ``B K^2 <= COMPILED_LOOP_MAX_WORK``."""
+    batch, _, k = scores.shape
     return (
         _chain_loops is not None
-        and emit.device.type == "cpu"
-        and emit.dtype in (torch.float32, torch.float64)
-        and trans.dtype == emit.dtype
+        and scores.device.type == "cpu"
+        and scores.dtype in (torch.float32, torch.float64)
+        and trans.dtype == scores.dtype
         and trans.dim() <= 3
         and batch * k * k <= COMPILED_LOOP_MAX_WORK
     )
@@ -1325,7 +1318,7 @@ def backward_sample(
     path = torch.zeros(num_samples, batch, steps, dtype=torch.long, device=log_filter.device)
     last = log_filter.gather(1, (lengths - 1).view(batch, 1, 1).expand(batch, 1, k)).squeeze(1)
     current = gumbel_argmax(last.expand(num_samples, batch, k), generator)
-    if isinstance(transition, DenseTransition) and _compiled_viterbi_applies(transition.log, log_filter):
+    if compiled_loops_apply(transition, log_filter):
         columns = transition.log.detach().transpose(-1, -2).contiguous()  # [(B,) K_next, K_prev]
         uniform = torch.rand(max(steps - 1, 0), num_samples, batch, generator=generator, dtype=log_filter.dtype)
         _chain_loops.backward_sample(

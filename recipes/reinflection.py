@@ -300,6 +300,7 @@ class ReinflectionBatches:
         self.rows, self.chars, self.inventory, self.layout = rows, chars, inventory, layout
         self.batch_size, self.shuffle, self.seed, self.tag_tokens = batch_size, shuffle, seed, tag_tokens
         self.unlabelled = unlabelled or []
+        self._order_of_cycle: tuple[int | None, list[int]] = (None, [])
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
@@ -317,10 +318,15 @@ class ReinflectionBatches:
         chunk = []
         for position in range((epoch * len(self) + b) * self.batch_size, (epoch * len(self) + b + 1) * self.batch_size):
             cycle, at = divmod(position, n)
-            if at == 0 or not chunk:
-                order = torch.randperm(n, generator=epoch_generator(self.seed + 1, cycle)).tolist()
-            chunk.append(self.unlabelled[order[at]])
+            chunk.append(self.unlabelled[self._unlabelled_order(cycle)[at]])
         return chunk
+
+    def _unlabelled_order(self, cycle: int) -> list[int]:
+        """The shuffled order of the unlabelled rows in pass ``cycle`` over them (the last one kept)."""
+        if self._order_of_cycle[0] != cycle:
+            order = torch.randperm(len(self.unlabelled), generator=epoch_generator(self.seed + 1, cycle)).tolist()
+            self._order_of_cycle = (cycle, order)
+        return self._order_of_cycle[1]
 
     def iterate(self, epoch: int = 0, start: int = 0):
         order = self.order(epoch)

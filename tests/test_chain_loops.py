@@ -146,7 +146,7 @@ def test_compiled_viterbi_equals_the_torch_loops(trans_kind, zeros, dtype, monke
     for batch, steps, k in ((1, 1, 3), (3, 9, 5), (4, 30, 16), (2, 17, 33)):
         init, trans, emit, lengths = random_chain(gen, batch, steps, k, trans_kind=trans_kind, zeros=zeros, scale=3.0)
         d = ChainPosterior(init.to(dtype), trans.to(dtype), emit.to(dtype), lengths)
-        assert chain._compiled_viterbi_applies(d.transition.dense(), d.emit)
+        assert chain.compiled_loops_apply(d.transition, d.emit)
         compiled = chain.viterbi(d.init, d.transition, d.emit, d.lengths)
         with monkeypatch.context() as patch:
             patch.setattr(chain, "COMPILED_LOOP_MAX_WORK", -1)
