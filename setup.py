@@ -8,11 +8,16 @@ import sys
 
 from setuptools import Extension, setup
 
-compile_args = [] if sys.platform == "win32" else ["-O3", "-std=gnu99"]
+compile_args = [] if sys.platform == "win32" else ["-O3", "-std=gnu99", "-pthread"]
+link_args = [] if sys.platform == "win32" else ["-pthread"]
 setup(
     ext_modules=[
         Extension(
-            "latentnlp._chain_loops", ["latentnlp/_chain_loops.c"], extra_compile_args=compile_args, optional=True
+            "latentnlp._chain_loops",
+            ["latentnlp/_chain_loops.c"],
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+            optional=True,
         )
     ]
 )

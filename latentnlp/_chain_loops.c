@@ -1,8 +1,10 @@
 /* The time loops of the scaled forward-backward algorithm (latentnlp.chain), compiled.
  *
- * For a chain whose every step multiplies by one dense matrix, P [K, K] (shared) or P [B, K, K]
- * (one per chain), on the CPU, in float32 or float64.  Each step is a B x K x K product, so when
- * B K^2 is small a step costs far less than one numpy or torch call; here a step costs its
+ * For a chain whose every step multiplies by the same transition, on the CPU, in float32 or float64:
+ * one dense matrix P [K, K] (shared) or P [B, K, K] (one per chain), or the Kronecker product of L
+ * such factors P^l [k, k] | [B, k, k] over S = k^L joint states (a factorial HMM's L chains, applied
+ * one axis of the joint state at a time, the S x S matrix never built).  Each step is a few small
+ * products, so a numpy or torch call costs more than a step's arithmetic; here a step costs its
  * arithmetic.  The buffers are C-contiguous, time-major, and written in place:
  *
  *   forward:  a_t = (alpha_{t-1} P) * e_t,  c_t = sum_j a_t(j),  alpha_t = a_t / c_t,
@@ -10,18 +12,23 @@
  *             flagged[b] = 1 where some c_t < tiny / eps (underflow; NaN is not below)
  *   backward: u_t = w_t * beta_t,  beta_{t-1} = P u_t                                  (t = T-1 .. 1)
  *
- * with alpha, e, beta, u, w [T, B, K] and c [T, B].  A padding step (padding[b, t], checked for
+ * with alpha, e, beta, u, w [T, B, S] and c [T, B].  A padding step (padding[b, t], checked for
  * t >= all_valid_until only) keeps the previous alpha with c_t = 1, and sets u_t = 0 with
- * beta_{t-1} = beta_t.  The backward takes the transposed matrix P^T (contiguous), so both loops
- * run over rows of a contiguous matrix; it ends by writing the marginals gamma = beta * alpha in
+ * beta_{t-1} = beta_t.  The backward takes the transposed matrices (contiguous), so both loops
+ * run over rows of contiguous matrices; it ends by writing the marginals gamma = beta * alpha in
  * beta's buffer and says whether the sum of gamma and u is finite (inf and NaN propagate: the
  * overflow check of the gradient, latentnlp.chain._smoother_gradients, for free).  The GIL is
- * released while a loop runs.
+ * released while a loop runs, and the rows of the batch, independent, can be shared among threads
+ * (pthreads; one thread where they are not built), each taking a contiguous range of rows.
  *
  * A step's product out[b] = in[b] m_b (m_b = P, or P_b) is plain C (any compiler and CPU), or, on
  * x86-64 CPUs with AVX2 and FMA (checked when the module loads), tiles of 4 rows against two 32-byte
  * vectors of columns with the accumulators in registers (GCC's vector extension): 23-26 against 4-6
- * billion multiply-adds a second on one core here, from K = 16 to 128.
+ * billion multiply-adds a second on one core here, from K = 16 to 128.  A Kronecker step takes each
+ * row's joint state as [A, k, C] for factor l (A = k^l, C = k^(L-1-l)) and forms
+ * y[a, j, c] = sum_i x[a, i, c] P^l[i, j] in place of the axis, vectors running along c (the last
+ * axis, C = 1, is the rows product): 21-32 billion multiply-adds a second at (L, k) = (2, 16), (3, 12),
+ * (4, 8), where numpy's batched products of the same step reach 10-18.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -29,8 +36,27 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define HAVE_THREADS 1
+#endif
+
+#define MAX_THREADS 64
 
 typedef enum { PLAIN, TILED } product_kind;
+
+#define MAX_FACTORS 32
+
+/* What every step multiplies by: the Kronecker product of `count` factors of k x k (count = 1: one matrix,
+ * k = S), factor l with batch stride stride[l] (0: shared by every row), over S = k^count states, and
+ * two rows of S of scratch for the products between (count > 1). */
+typedef struct {
+    int count;
+    Py_ssize_t k, states;
+    const void *factor[MAX_FACTORS];
+    Py_ssize_t stride[MAX_FACTORS];
+    void *scratch[2];
+} kronecker_step;
 static product_kind product_in_use = PLAIN;
 
 #define DEFINE_PLAIN_PRODUCT(SUFFIX, REAL)                                                              \
@@ -52,15 +78,40 @@ static product_kind product_in_use = PLAIN;
 DEFINE_PLAIN_PRODUCT(float, float)
 DEFINE_PLAIN_PRODUCT(double, double)
 
+/* y[a, j, c] = sum_i x[a, i, c] m[i, j] for x, y [A, K, C]: factor m applied to the middle axis. */
+#define DEFINE_PLAIN_AXIS_PRODUCT(SUFFIX, REAL)                                                         \
+    static void plain_axis_product_##SUFFIX(const REAL *restrict x, const REAL *restrict m,             \
+                                            REAL *restrict y, Py_ssize_t A, Py_ssize_t K, Py_ssize_t C) { \
+        if (C == 1) {                                                                                   \
+            plain_product_##SUFFIX(x, m, 0, y, A, K);                                                   \
+            return;                                                                                     \
+        }                                                                                               \
+        for (Py_ssize_t a = 0; a < A; a++) {                                                            \
+            for (Py_ssize_t j = 0; j < K; j++) {                                                        \
+                REAL *restrict out = y + (a * K + j) * C;                                               \
+                for (Py_ssize_t c = 0; c < C; c++) out[c] = 0;                                          \
+                for (Py_ssize_t i = 0; i < K; i++) {                                                    \
+                    const REAL w = m[i * K + j], *restrict row = x + (a * K + i) * C;                   \
+                    for (Py_ssize_t c = 0; c < C; c++) out[c] += w * row[c];                            \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+    }
+
+DEFINE_PLAIN_AXIS_PRODUCT(float, float)
+DEFINE_PLAIN_AXIS_PRODUCT(double, double)
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define HAVE_TILED_PRODUCT 1
 #define AVX2_FMA __attribute__((target("avx2,fma")))
 
 /* Columns [j0, K) of rows x m (rows of x K apart), by the plain loop; the tiles below take two vectors
- * of columns at a time, then one, then these. */
+ * of columns at a time, then one, then a half one, then these. */
 #define DEFINE_TILED_PRODUCT(SUFFIX, REAL)                                                              \
     typedef REAL vector_##SUFFIX __attribute__((vector_size(32)));                                      \
     typedef REAL unaligned_##SUFFIX __attribute__((vector_size(32), aligned(sizeof(REAL))));            \
+    typedef REAL half_##SUFFIX __attribute__((vector_size(16)));                                        \
+    typedef REAL unaligned_half_##SUFFIX __attribute__((vector_size(16), aligned(sizeof(REAL))));       \
     enum { LANES_##SUFFIX = 32 / sizeof(REAL) };                                                        \
     AVX2_FMA static inline void edge_columns_##SUFFIX(const REAL *restrict x, const REAL *restrict m,      \
                                                    REAL *restrict y, int rows, Py_ssize_t j0,           \
@@ -106,6 +157,17 @@ DEFINE_PLAIN_PRODUCT(double, double)
             *(unaligned_##SUFFIX *)(y + 2 * K + done) = c0, *(unaligned_##SUFFIX *)(y + 3 * K + done) = d0; \
             done += LANES_##SUFFIX;                                                                     \
         }                                                                                               \
+        if (K - done >= LANES_##SUFFIX / 2) { /* a half vector more */                                  \
+            half_##SUFFIX a0 = {0}, b0 = {0}, c0 = {0}, d0 = {0};                                       \
+            for (Py_ssize_t i = 0; i < K; i++) {                                                        \
+                const half_##SUFFIX p0 = *(const unaligned_half_##SUFFIX *)(m + i * K + done);          \
+                a0 += x[i] * p0, b0 += x[K + i] * p0, c0 += x[2 * K + i] * p0, d0 += x[3 * K + i] * p0; \
+            }                                                                                           \
+            *(unaligned_half_##SUFFIX *)(y + done) = a0, *(unaligned_half_##SUFFIX *)(y + K + done) = b0; \
+            *(unaligned_half_##SUFFIX *)(y + 2 * K + done) = c0;                                        \
+            *(unaligned_half_##SUFFIX *)(y + 3 * K + done) = d0;                                        \
+            done += LANES_##SUFFIX / 2;                                                                 \
+        }                                                                                               \
         if (done < K) edge_columns_##SUFFIX(x, m, y, 4, done, K);                                       \
     }                                                                                                   \
     /* one row of x times m */                                                                          \
@@ -128,6 +190,12 @@ DEFINE_PLAIN_PRODUCT(double, double)
             *(unaligned_##SUFFIX *)(y + done) = a0;                                                     \
             done += LANES_##SUFFIX;                                                                     \
         }                                                                                               \
+        if (K - done >= LANES_##SUFFIX / 2) { /* a half vector more */                                  \
+            half_##SUFFIX a0 = {0};                                                                     \
+            for (Py_ssize_t i = 0; i < K; i++) a0 += x[i] * *(const unaligned_half_##SUFFIX *)(m + i * K + done); \
+            *(unaligned_half_##SUFFIX *)(y + done) = a0;                                                \
+            done += LANES_##SUFFIX / 2;                                                                 \
+        }                                                                                               \
         if (done < K) edge_columns_##SUFFIX(x, m, y, 1, done, K);                                       \
     }                                                                                                   \
     AVX2_FMA static void tiled_product_##SUFFIX(const REAL *restrict in, const REAL *restrict probs,       \
@@ -137,28 +205,141 @@ DEFINE_PLAIN_PRODUCT(double, double)
         if (probs_stride == 0)                                                                          \
             for (; b + 4 <= B; b += 4) four_rows_##SUFFIX(in + b * K, probs, out + b * K, K);           \
         for (; b < B; b++) one_row_##SUFFIX(in + b * K, probs + b * probs_stride, out + b * K, K);      \
+    }                                                                                                   \
+    /* y[a, j, c] = sum_i x[a, i, c] m[i, j] for x, y [A, K, C]: for each vector of c (then a half one,  \
+     * then single ones), four columns j of m at a time against the K rows of x's axis */               \
+    AVX2_FMA static void tiled_axis_product_##SUFFIX(const REAL *restrict x, const REAL *restrict m,       \
+                                                  REAL *restrict y, Py_ssize_t A, Py_ssize_t K,         \
+                                                  Py_ssize_t C) {                                       \
+        if (C == 1) {                                                                                   \
+            tiled_product_##SUFFIX(x, m, 0, y, A, K);                                                   \
+            return;                                                                                     \
+        }                                                                                               \
+        const Py_ssize_t lanes = LANES_##SUFFIX, full = C - C % lanes;                                  \
+        for (Py_ssize_t a = 0; a < A; a++) {                                                            \
+            const REAL *restrict xa = x + a * K * C;                                                    \
+            REAL *restrict ya = y + a * K * C;                                                          \
+            for (Py_ssize_t c = 0; c < full; c += lanes) {                                              \
+                Py_ssize_t j = 0;                                                                       \
+                for (; j + 4 <= K; j += 4) {                                                            \
+                    vector_##SUFFIX a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                             \
+                    for (Py_ssize_t i = 0; i < K; i++) {                                                \
+                        const vector_##SUFFIX v = *(const unaligned_##SUFFIX *)(xa + i * C + c);        \
+                        const REAL *restrict w = m + i * K + j;                                         \
+                        a0 += v * w[0], a1 += v * w[1], a2 += v * w[2], a3 += v * w[3];                 \
+                    }                                                                                   \
+                    *(unaligned_##SUFFIX *)(ya + j * C + c) = a0;                                       \
+                    *(unaligned_##SUFFIX *)(ya + (j + 1) * C + c) = a1;                                 \
+                    *(unaligned_##SUFFIX *)(ya + (j + 2) * C + c) = a2;                                 \
+                    *(unaligned_##SUFFIX *)(ya + (j + 3) * C + c) = a3;                                 \
+                }                                                                                       \
+                for (; j < K; j++) {                                                                    \
+                    vector_##SUFFIX a0 = {0};                                                           \
+                    for (Py_ssize_t i = 0; i < K; i++) a0 += *(const unaligned_##SUFFIX *)(xa + i * C + c) * m[i * K + j]; \
+                    *(unaligned_##SUFFIX *)(ya + j * C + c) = a0;                                       \
+                }                                                                                       \
+            }                                                                                           \
+            Py_ssize_t c = full;                                                                        \
+            if (C - c >= lanes / 2) {                                                                   \
+                for (Py_ssize_t j = 0; j < K; j++) {                                                    \
+                    half_##SUFFIX a0 = {0};                                                             \
+                    for (Py_ssize_t i = 0; i < K; i++) a0 += *(const unaligned_half_##SUFFIX *)(xa + i * C + c) * m[i * K + j]; \
+                    *(unaligned_half_##SUFFIX *)(ya + j * C + c) = a0;                                  \
+                }                                                                                       \
+                c += lanes / 2;                                                                         \
+            }                                                                                           \
+            for (; c < C; c++)                                                                          \
+                for (Py_ssize_t j = 0; j < K; j++) {                                                    \
+                    REAL total = 0;                                                                     \
+                    for (Py_ssize_t i = 0; i < K; i++) total += xa[i * C + c] * m[i * K + j];           \
+                    ya[j * C + c] = total;                                                              \
+                }                                                                                       \
+        }                                                                                               \
     }
 
 DEFINE_TILED_PRODUCT(float, float)
 DEFINE_TILED_PRODUCT(double, double)
-#define STEP_PRODUCT(SUFFIX) (product_in_use == TILED ? tiled_product_##SUFFIX : plain_product_##SUFFIX)
+#define ROWS_PRODUCT(SUFFIX) (product_in_use == TILED ? tiled_product_##SUFFIX : plain_product_##SUFFIX)
+#define AXIS_PRODUCT(SUFFIX) (product_in_use == TILED ? tiled_axis_product_##SUFFIX : plain_axis_product_##SUFFIX)
 #else
-#define STEP_PRODUCT(SUFFIX) plain_product_##SUFFIX
+#define ROWS_PRODUCT(SUFFIX) plain_product_##SUFFIX
+#define AXIS_PRODUCT(SUFFIX) plain_axis_product_##SUFFIX
 #endif
 
+/* out[b] = in[b] times the step's transition, for B rows [B, S] of a step starting at batch row `first`
+ * (whose factors they take): one matrix, all rows at once;
+ * a Kronecker product, per row, factor l on axis l of the row seen as [k^l, k, k^(L-1-l)], the rows between
+ * in the scratch buffers. */
+#define DEFINE_STEP_PRODUCT(SUFFIX, REAL)                                                               \
+    static void step_product_##SUFFIX(const kronecker_step *step, const REAL *in, REAL *out, Py_ssize_t first, \
+                                      Py_ssize_t B) {                                                   \
+        const Py_ssize_t k = step->k, S = step->states;                                                 \
+        if (step->count == 1) {                                                                         \
+            const REAL *m = (const REAL *)step->factor[0] + first * step->stride[0];                    \
+            ROWS_PRODUCT(SUFFIX)(in, m, step->stride[0], out, B, k);                                    \
+            return;                                                                                     \
+        }                                                                                               \
+        void (*const axis)(const REAL *, const REAL *, REAL *, Py_ssize_t, Py_ssize_t, Py_ssize_t) =    \
+            AXIS_PRODUCT(SUFFIX);                                                                       \
+        for (Py_ssize_t b = 0; b < B; b++) {                                                            \
+            const REAL *x = in + b * S;                                                                 \
+            Py_ssize_t before = 1, after = S / k;                                                       \
+            for (int l = 0; l < step->count; l++) {                                                     \
+                REAL *target = l == step->count - 1 ? out + b * S : (REAL *)step->scratch[l % 2];      \
+                axis(x, (const REAL *)step->factor[l] + (first + b) * step->stride[l], target, before, k, after); \
+                x = target;                                                                             \
+                before *= k, after /= k;                                                                \
+            }                                                                                           \
+        }                                                                                               \
+    }
+
+DEFINE_STEP_PRODUCT(float, float)
+DEFINE_STEP_PRODUCT(double, double)
+
+/* x[i] *= w[i] for i < n, returning sum_i x[i]: eight running partial sums, so that the additions are
+ * independent (and vectorised) rather than one chain of n dependent ones, which costs n times an
+ * addition's latency where S = k^L is large. */
+#define DEFINE_WEIGH_AND_SUM(SUFFIX, REAL)                                                              \
+    static inline REAL weigh_and_sum_##SUFFIX(REAL *restrict x, const REAL *restrict w, Py_ssize_t n) { \
+        REAL part[8] = {0};                                                                             \
+        Py_ssize_t i = 0;                                                                               \
+        for (; i + 8 <= n; i += 8)                                                                      \
+            for (int l = 0; l < 8; l++) {                                                               \
+                x[i + l] *= w[i + l];                                                                   \
+                part[l] += x[i + l];                                                                    \
+            }                                                                                           \
+        for (; i < n; i++) {                                                                            \
+            x[i] *= w[i];                                                                               \
+            part[0] += x[i];                                                                            \
+        }                                                                                               \
+        return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])); \
+    }                                                                                                   \
+    /* sum_i x[i] for i < n, in eight running partial sums */                                           \
+    static inline REAL sum_##SUFFIX(const REAL *restrict x, Py_ssize_t n) {                             \
+        REAL part[8] = {0};                                                                             \
+        Py_ssize_t i = 0;                                                                               \
+        for (; i + 8 <= n; i += 8)                                                                      \
+            for (int l = 0; l < 8; l++) part[l] += x[i + l];                                            \
+        for (; i < n; i++) part[0] += x[i];                                                             \
+        return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])); \
+    }
+
+DEFINE_WEIGH_AND_SUM(float, float)
+DEFINE_WEIGH_AND_SUM(double, double)
+
+/* Both loops over the rows [b0, b1) of the batch only (the rows are independent, so that several
+ * threads can each take a range of them). */
 #define DEFINE_LOOPS(SUFFIX, REAL)                                                                      \
     static void forward_##SUFFIX(REAL *restrict alpha, REAL *restrict scale, REAL *restrict emit_probs,  \
-                                 const REAL *restrict probs,                                            \
-                                 Py_ssize_t probs_stride, const char *restrict padding, Py_ssize_t T,   \
-                                 Py_ssize_t B, Py_ssize_t K, Py_ssize_t all_valid_until,                \
+                                 const kronecker_step *step, const char *restrict padding, Py_ssize_t T, \
+                                 Py_ssize_t B, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t all_valid_until, \
                                  char *restrict flagged, REAL underflow) {                              \
-        void (*const product)(const REAL *, const REAL *, Py_ssize_t, REAL *, Py_ssize_t, Py_ssize_t) = \
-            STEP_PRODUCT(SUFFIX);                                                                       \
+        const Py_ssize_t K = step->states;                                                              \
         for (Py_ssize_t t = 1; t < T; t++) {                                                            \
             const REAL *restrict previous = alpha + (t - 1) * B * K;                                    \
             REAL *restrict current = alpha + t * B * K;                                                 \
-            product(previous, probs, probs_stride, current, B, K);                                      \
-            for (Py_ssize_t b = 0; b < B; b++) {                                                        \
+            step_product_##SUFFIX(step, previous + b0 * K, current + b0 * K, b0, b1 - b0);              \
+            for (Py_ssize_t b = b0; b < b1; b++) {                                                      \
                 REAL *restrict out = current + b * K;                                                   \
                 if (t >= all_valid_until && padding[b * T + t]) {                                       \
                     for (Py_ssize_t j = 0; j < K; j++) out[j] = previous[b * K + j];                    \
@@ -166,11 +347,7 @@ DEFINE_TILED_PRODUCT(double, double)
                     continue;                                                                           \
                 }                                                                                       \
                 REAL *restrict e = emit_probs + (t * B + b) * K;                                        \
-                REAL c = 0;                                                                             \
-                for (Py_ssize_t j = 0; j < K; j++) {                                                    \
-                    out[j] *= e[j];                                                                     \
-                    c += out[j];                                                                        \
-                }                                                                                       \
+                const REAL c = weigh_and_sum_##SUFFIX(out, e, K);                                       \
                 scale[t * B + b] = c;                                                                   \
                 if (c < underflow) flagged[b] = 1;                                                      \
                 const REAL inverse = 1 / c;                                                             \
@@ -182,20 +359,20 @@ DEFINE_TILED_PRODUCT(double, double)
         }                                                                                               \
     }                                                                                                   \
     static int backward_##SUFFIX(REAL *restrict beta, REAL *restrict u, const REAL *restrict weights,   \
-                                 const REAL *restrict probs, Py_ssize_t probs_stride,                   \
-                                 const char *restrict padding, Py_ssize_t T, Py_ssize_t B,              \
-                                 Py_ssize_t K, Py_ssize_t all_valid_until, const REAL *restrict alpha) { \
-        void (*const product)(const REAL *, const REAL *, Py_ssize_t, REAL *, Py_ssize_t, Py_ssize_t) = \
-            STEP_PRODUCT(SUFFIX);                                                                       \
+                                 const kronecker_step *step, const char *restrict padding, Py_ssize_t T, \
+                                 Py_ssize_t B, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t all_valid_until, \
+                                 const REAL *restrict alpha) {                                          \
+        const Py_ssize_t K = step->states, n = (b1 - b0) * K;                                           \
         for (Py_ssize_t t = T - 1; t > 0; t--) {                                                        \
-            REAL *restrict message = u + t * B * K;                                                     \
-            const REAL *restrict next = beta + t * B * K, *restrict w = weights + t * B * K;            \
-            REAL *restrict current = beta + (t - 1) * B * K;                                            \
-            for (Py_ssize_t i = 0; i < B * K; i++) message[i] = w[i] * next[i];                         \
-            product(message, probs, probs_stride, current, B, K);                                       \
+            const Py_ssize_t at = (t * B + b0) * K;                                                     \
+            REAL *restrict message = u + at;                                                            \
+            const REAL *restrict next = beta + at, *restrict w = weights + at;                          \
+            REAL *restrict current = beta + at - B * K;                                                 \
+            for (Py_ssize_t i = 0; i < n; i++) message[i] = w[i] * next[i];                             \
+            step_product_##SUFFIX(step, message, current, b0, b1 - b0);                                 \
             if (t < all_valid_until) continue;                                                          \
-            for (Py_ssize_t b = 0; b < B; b++) {                                                        \
-                if (!padding[b * T + t]) continue;                                                      \
+            for (Py_ssize_t b = 0; b < b1 - b0; b++) {                                                  \
+                if (!padding[(b0 + b) * T + t]) continue;                                               \
                 for (Py_ssize_t j = 0; j < K; j++) {                                                    \
                     message[b * K + j] = 0;                                                             \
                     current[b * K + j] = next[b * K + j];                                               \
@@ -204,15 +381,71 @@ DEFINE_TILED_PRODUCT(double, double)
         }                                                                                               \
         /* gamma = beta * alpha in beta's buffer; the sum of gamma and u is finite unless one overflowed */ \
         REAL total = 0;                                                                                 \
-        for (Py_ssize_t i = 0; i < T * B * K; i++) {                                                    \
-            beta[i] *= alpha[i];                                                                        \
-            total += beta[i] + (i >= B * K ? u[i] : 0);                                                 \
+        for (Py_ssize_t t = 0; t < T; t++) {                                                            \
+            const Py_ssize_t at = (t * B + b0) * K;                                                     \
+            total += weigh_and_sum_##SUFFIX(beta + at, alpha + at, n) + (t ? sum_##SUFFIX(u + at, n) : 0); \
         }                                                                                               \
         return isfinite(total);                                                                         \
     }
 
 DEFINE_LOOPS(float, float)
 DEFINE_LOOPS(double, double)
+
+/* One thread's share of a loop: the rows [b0, b1), with its own scratch rows. */
+typedef struct {
+    int direction;
+    char kind;
+    void *buffers[3]; /* alpha, scale, emit_probs | beta, u, weights */
+    const char *padding;
+    void *last; /* flagged | alpha */
+    kronecker_step step;
+    Py_ssize_t T, B, b0, b1, all_valid_until;
+    int finite;
+} loop_job;
+
+enum { FORWARD, BACKWARD };
+
+static void run_job(loop_job *job) {
+    void **v = job->buffers;
+    if (job->direction == FORWARD && job->kind == 'f')
+        forward_float(v[0], v[1], v[2], &job->step, job->padding, job->T, job->B, job->b0, job->b1,
+                      job->all_valid_until, job->last, FLT_MIN / FLT_EPSILON);
+    else if (job->direction == FORWARD)
+        forward_double(v[0], v[1], v[2], &job->step, job->padding, job->T, job->B, job->b0, job->b1,
+                       job->all_valid_until, job->last, DBL_MIN / DBL_EPSILON);
+    else if (job->kind == 'f')
+        job->finite = backward_float(v[0], v[1], v[2], &job->step, job->padding, job->T, job->B, job->b0, job->b1,
+                                     job->all_valid_until, job->last);
+    else
+        job->finite = backward_double(v[0], v[1], v[2], &job->step, job->padding, job->T, job->B, job->b0,
+                                      job->b1, job->all_valid_until, job->last);
+}
+
+#ifdef HAVE_THREADS
+static void *job_thread(void *job) {
+    run_job(job);
+    return NULL;
+}
+#endif
+
+/* The jobs, the first on the calling thread and the others on threads of their own (on one thread each
+ * in turn where threads are not built, or where one could not be started). */
+static void run_jobs(loop_job *jobs, int count) {
+#ifdef HAVE_THREADS
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int i = 1; i < count; i++) started[i] = pthread_create(&threads[i], NULL, job_thread, &jobs[i]) == 0;
+    run_job(&jobs[0]);
+    for (int i = 1; i < count; i++) {
+        if (started[i])
+            pthread_join(threads[i], NULL);
+        else
+            run_job(&jobs[i]);
+    }
+#else
+    for (int i = 0; i < count; i++) run_job(&jobs[i]);
+#endif
+}
 
 /* A writable or read-only C-contiguous buffer of the given item format and number of dimensions. */
 static int get_buffer(PyObject *obj, Py_buffer *view, const char *name, int writable, int ndim_min, int ndim_max) {
@@ -256,54 +489,94 @@ static char shared_float_kind(const Py_buffer *views, const char *const *names, 
     return kind;
 }
 
-enum { FORWARD, BACKWARD };
+/* The step's factors from `obj`: one C-contiguous [S, S] or [B, S, S] array, or a tuple of L arrays
+ * [k, k] | [B, k, k] with k^L = S, each of item kind `kind`; their buffers go to views (count set to how
+ * many were taken, to be released by the caller).  -1 with a ValueError naming `name` on a mismatch. */
+static int get_factors(PyObject *obj, const char *name, char kind, Py_ssize_t B, Py_ssize_t S, Py_buffer *views,
+                       int *count, kronecker_step *step) {
+    const int many = PyTuple_Check(obj);
+    const Py_ssize_t given = many ? PyTuple_GET_SIZE(obj) : 1;
+    *count = 0;
+    if (given < 1 || given > MAX_FACTORS) {
+        PyErr_Format(PyExc_ValueError, "%s: expected 1 to %d factors, got %zd", name, MAX_FACTORS, given);
+        return -1;
+    }
+    for (; *count < given; (*count)++) {
+        Py_buffer *view = &views[*count];
+        if (get_buffer(many ? PyTuple_GET_ITEM(obj, *count) : obj, view, name, 0, 2, 3) < 0) return -1;
+        const int batched = view->ndim == 3;
+        const Py_ssize_t k = view->shape[view->ndim - 1];
+        if (item_kind(view) != kind || view->shape[view->ndim - 2] != k || (batched && view->shape[0] != B) ||
+            (*count && k != step->k)) {
+            (*count)++;
+            PyErr_Format(PyExc_ValueError, "%s: factor %d: expected '%c' items, [k, k] or [B=%zd, k, k] with one k", name,
+                         *count - 1, kind, B);
+            return -1;
+        }
+        step->k = k;
+        step->factor[*count] = view->buf;
+        step->stride[*count] = batched ? k * k : 0;
+    }
+    Py_ssize_t states = 1;
+    for (int l = 0; l < *count && states <= S; l++) states *= step->k;
+    if (states != S) {
+        PyErr_Format(PyExc_ValueError, "%s: %d factor(s) of k=%zd states do not make the S=%zd states of the buffers",
+                     name, *count, step->k, S);
+        return -1;
+    }
+    step->count = *count;
+    step->states = S;
+    return 0;
+}
 
 /* Shared argument handling of both loops: forward (alpha, scale, emit_probs, probs, padding,
- * all_valid_until, flagged) -> None; backward (beta, u, weights, probs_t, padding, all_valid_until, alpha) ->
- * bool, whether the sum of gamma and u is finite. */
+ * all_valid_until, flagged[, threads]) -> None; backward (beta, u, weights, probs_t, padding, all_valid_until,
+ * alpha[, threads]) -> bool, whether the sum of gamma and u is finite.  probs (probs_t): the step's matrix, or
+ * the tuple of its Kronecker factors (transposed, for the backward).  threads: how many threads share the
+ * rows (default 1; at most B). */
 static PyObject *run_loop(PyObject *args, int direction) {
     PyObject *objs[6];
     Py_ssize_t all_valid_until;
-    const int buffers = 6;
-    if (direction == FORWARD && !PyArg_ParseTuple(args, "OOOOOnO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4],
-                                                  &all_valid_until, &objs[5]))
-        return NULL;
-    if (direction == BACKWARD && !PyArg_ParseTuple(args, "OOOOOnO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4],
-                                                   &all_valid_until, &objs[5]))
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OOOOOnO|i", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &all_valid_until,
+                          &objs[5], &threads))
         return NULL;
     static const char *forward_names[] = {"alpha", "scale", "emit_probs", "probs", "padding", "flagged"};
     static const char *backward_names[] = {"beta", "u", "weights", "probs_t", "padding", "alpha"};
     const char **names = direction == FORWARD ? forward_names : backward_names;
-    /* forward: alpha [T,B,K], scale [T,B], emit_probs [T,B,K] rw; backward: beta, u rw, weights, alpha [T,B,K] */
+    /* forward: alpha [T,B,S], scale [T,B], emit_probs [T,B,S] rw; backward: beta, u rw, weights, alpha [T,B,S];
+     * the factors (index 3) are taken apart, by get_factors */
     const int writable[6] = {1, 1, direction == FORWARD, 0, 0, direction == FORWARD};
-    const int ndim_min[6] = {3, direction == FORWARD ? 2 : 3, 3, 2, 2, direction == FORWARD ? 1 : 3};
-    const int ndim_max[6] = {3, direction == FORWARD ? 2 : 3, 3, 3, 2, direction == FORWARD ? 1 : 3};
-    Py_buffer views[6];
-    int got = 0;
+    const int ndim_min[6] = {3, direction == FORWARD ? 2 : 3, 3, 0, 2, direction == FORWARD ? 1 : 3};
+    const int ndim_max[6] = {3, direction == FORWARD ? 2 : 3, 3, 0, 2, direction == FORWARD ? 1 : 3};
+    Py_buffer views[6], factors[MAX_FACTORS];
+    int got = 0, taken = 0;
+    kronecker_step step = {0};
+    loop_job jobs[MAX_THREADS];
+    void *scratch = NULL;
     PyObject *result = NULL;
-    for (; got < buffers; got++)
-        if (get_buffer(objs[got], &views[got], names[got], writable[got], ndim_min[got], ndim_max[got]) < 0)
+    if (threads < 1) {
+        PyErr_Format(PyExc_ValueError, "threads: expected at least 1, got %d", threads);
+        return NULL;
+    }
+    for (; got < 6; got++)
+        if (got != 3 && get_buffer(objs[got], &views[got], names[got], writable[got], ndim_min[got], ndim_max[got]) < 0)
             goto done;
-    const Py_ssize_t T = views[0].shape[0], B = views[0].shape[1], K = views[0].shape[2];
-    const int shared[6] = {1, 1, 1, 1, 0, direction == BACKWARD};  /* padding and flagged are booleans */
-    const char kind = shared_float_kind(views, names, buffers, shared);
+    const Py_ssize_t T = views[0].shape[0], B = views[0].shape[1], S = views[0].shape[2];
+    const int shared[6] = {1, 1, 1, 0, 0, direction == BACKWARD};  /* padding and flagged are booleans */
+    const char kind = shared_float_kind(views, names, 6, shared);
     if (!kind) goto done;
-    const Py_buffer *second = &views[1], *third = &views[2], *probs = &views[3], *padding = &views[4];
-    int shapes_ok = third->shape[0] == T && third->shape[1] == B && third->shape[2] == K;
+    if (get_factors(objs[3], names[3], kind, B, S, factors, &taken, &step) < 0) goto done;
+    const Py_buffer *second = &views[1], *third = &views[2], *padding = &views[4];
+    int shapes_ok = third->shape[0] == T && third->shape[1] == B && third->shape[2] == S;
     if (direction == FORWARD)
         shapes_ok = shapes_ok && second->shape[0] == T && second->shape[1] == B;
     else
-        shapes_ok = shapes_ok && second->shape[0] == T && second->shape[1] == B && second->shape[2] == K &&
-                    views[5].shape[0] == T && views[5].shape[1] == B && views[5].shape[2] == K;
+        shapes_ok = shapes_ok && second->shape[0] == T && second->shape[1] == B && second->shape[2] == S &&
+                    views[5].shape[0] == T && views[5].shape[1] == B && views[5].shape[2] == S;
     if (!shapes_ok) {
-        PyErr_Format(PyExc_ValueError, "%s, %s%s: shapes do not match %s [T=%zd, B=%zd, K=%zd]", names[1], names[2],
-                     direction == FORWARD ? "" : ", alpha", names[0], T, B, K);
-        goto done;
-    }
-    const int batched = probs->ndim == 3;
-    if ((batched && (probs->shape[0] != B || probs->shape[1] != K || probs->shape[2] != K)) ||
-        (!batched && (probs->shape[0] != K || probs->shape[1] != K))) {
-        PyErr_Format(PyExc_ValueError, "%s: expected [K, K] or [B, K, K] with B=%zd, K=%zd", names[3], B, K);
+        PyErr_Format(PyExc_ValueError, "%s, %s%s: shapes do not match %s [T=%zd, B=%zd, S=%zd]", names[1], names[2],
+                     direction == FORWARD ? "" : ", alpha", names[0], T, B, S);
         goto done;
     }
     if (padding->itemsize != 1 || padding->shape[0] != B || padding->shape[1] != T) {
@@ -314,26 +587,37 @@ static PyObject *run_loop(PyObject *args, int direction) {
         PyErr_Format(PyExc_ValueError, "%s: expected [B=%zd] of one-byte booleans", names[5], B);
         goto done;
     }
-    const Py_ssize_t stride = batched ? K * K : 0;
-    int finite = 1;
+    int count = threads < MAX_THREADS ? threads : MAX_THREADS;
+    if (count > B) count = B > 0 ? (int)B : 1;
+    const Py_ssize_t row_bytes = (S > 0 ? S : 1) * views[0].itemsize;
+    if (step.count > 1) {
+        scratch = PyMem_Malloc(2 * count * row_bytes);
+        if (!scratch) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    for (int i = 0; i < count; i++) {
+        loop_job *job = &jobs[i];
+        *job = (loop_job){direction, kind, {views[0].buf, views[1].buf, views[2].buf}, views[4].buf, views[5].buf,
+                          step, T, B, B * i / count, B * (i + 1) / count, all_valid_until, 1};
+        if (scratch) {
+            job->step.scratch[0] = (char *)scratch + 2 * i * row_bytes;
+            job->step.scratch[1] = (char *)scratch + (2 * i + 1) * row_bytes;
+        }
+    }
     Py_BEGIN_ALLOW_THREADS
-    if (direction == FORWARD && kind == 'f')
-        forward_float(views[0].buf, views[1].buf, views[2].buf, views[3].buf, stride, views[4].buf, T, B, K,
-                      all_valid_until, views[5].buf, FLT_MIN / FLT_EPSILON);
-    else if (direction == FORWARD)
-        forward_double(views[0].buf, views[1].buf, views[2].buf, views[3].buf, stride, views[4].buf, T, B, K,
-                       all_valid_until, views[5].buf, DBL_MIN / DBL_EPSILON);
-    else if (kind == 'f')
-        finite = backward_float(views[0].buf, views[1].buf, views[2].buf, views[3].buf, stride, views[4].buf, T, B,
-                                K, all_valid_until, views[5].buf);
-    else
-        finite = backward_double(views[0].buf, views[1].buf, views[2].buf, views[3].buf, stride, views[4].buf, T, B,
-                                 K, all_valid_until, views[5].buf);
+    run_jobs(jobs, count);
     Py_END_ALLOW_THREADS
+    int finite = 1;
+    for (int i = 0; i < count; i++) finite = finite && jobs[i].finite;
     result = direction == FORWARD ? Py_None : PyBool_FromLong(finite);
     if (direction == FORWARD) Py_INCREF(result);
 done:
-    for (int i = 0; i < got; i++) PyBuffer_Release(&views[i]);
+    PyMem_Free(scratch);
+    for (int i = 0; i < taken; i++) PyBuffer_Release(&factors[i]);
+    for (int i = 0; i < got; i++)
+        if (i != 3) PyBuffer_Release(&views[i]);
     return result;
 }
 
@@ -620,13 +904,17 @@ static PyMethodDef methods[] = {
      "set_product(name): use the 'plain' or the 'avx2-fma tiles' step product (the latter where the CPU has "
      "AVX2 and FMA, the default there)."},
     {"scaled_forward", scaled_forward, METH_VARARGS,
-     "scaled_forward(alpha, scale, emit_probs, probs, padding, all_valid_until, flagged): the scaled forward "
+     "scaled_forward(alpha, scale, emit_probs, probs, padding, all_valid_until, flagged[, threads]): the scaled "
+     "forward "
      "loop, t = 1 .. T-1, in place (alpha[0] given; emit_probs[t] divided by scale[t] as it goes; flagged[b] "
-     "set where a step's scale inside the length fell below tiny / eps)."},
+     "set where a step's scale inside the length fell below tiny / eps); probs is the step's matrix or the "
+     "tuple of its Kronecker factors; threads: how many threads share the rows (default 1)."},
     {"scaled_backward", scaled_backward, METH_VARARGS,
-     "scaled_backward(beta, u, weights, probs_t, padding, all_valid_until, alpha): the scaled backward loop, "
+     "scaled_backward(beta, u, weights, probs_t, padding, all_valid_until, alpha[, threads]): the scaled "
+     "backward loop, "
      "t = T-1 .. 1, in place (beta[T-1] given), then gamma = beta * alpha in beta's buffer; returns whether "
-     "the sum of gamma and u[1:] is finite."},
+     "the sum of gamma and u[1:] is finite; probs_t is the step's matrix or the tuple of its Kronecker "
+     "factors, transposed; threads as for scaled_forward."},
     {"viterbi", viterbi, METH_VARARGS,
      "viterbi(scores, emit, matrix, columns, padding, all_valid_until, path): the max-plus forward, "
      "t = 1 .. T-1, into scores [T, B, K] (scores[0] given; emit [B, T, K]), then the backtracking into "

@@ -175,17 +175,18 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     torch.sum(a, -1, keepdim=True, out=scale[0].unsqueeze(-1))
     torch.div(a, scale[0].unsqueeze(-1), out=alpha[0])
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps  # steps before this need no padding
-    matrix = _compiled_loop_matrix(probs, alpha) if reachable else None
-    if matrix is not None:
+    factors = _compiled_loop_factors(probs, alpha) if reachable else None
+    if factors is not None:
         flagged = (scale[0] < underflow_threshold(scale.dtype)) & mask[:, 0]
         _chain_loops.scaled_forward(  # divides e_t by c_t and flags underflow as it goes, t >= 1
             alpha.numpy(),
             scale.numpy(),
             emit_probs.numpy(),
-            matrix.numpy(),
+            tuple(f.numpy() for f in factors),
             (~mask).numpy(),
             all_valid_until,
             flagged.numpy(),
+            _compiled_loop_threads(probs, alpha, factors),
         )
         emit_probs[0].div_(scale[0].unsqueeze(-1))
         return alpha, scale, emit_probs, shifts, flagged
@@ -244,17 +245,45 @@ the numpy loop in one process): with the AVX2-FMA tiled product 3.1x at ``(B, T,
 2.5x and 7x, 1.2-1.6x up to ``2^15``, 1.0-1.07 at ``2^16``, 0.77-0.91 past it."""
 
 
-def _compiled_loop_matrix(probs: TransitionProbabilities, beliefs: Tensor) -> Tensor | None:
-    """The step matrix (:meth:`TransitionProbabilities.step_matrix`, contiguous, detached) when the scaled
-    loops over the time-major ``beliefs [T, B, K]`` run compiled: the module built, CPU float32 or float64
-    tensors, one dense matrix for every step and ``B K^2 <= COMPILED_LOOP_MAX_WORK``; else None."""
+def _compiled_loop_factors(probs: TransitionProbabilities, beliefs: Tensor) -> tuple[Tensor, ...] | None:
+    """The step's factors (:meth:`TransitionProbabilities.step_factors`, contiguous, detached: one dense
+    matrix, or a product of chains' ``L``) when the scaled loops over the time-major ``beliefs [T, B, S]``
+    run compiled: the module built, CPU float32 or float64 tensors, the same factors for every step and a
+    step's largest product (:meth:`TransitionProbabilities.step_work`, ``B K^2`` for one matrix,
+    ``B K^L K`` for ``L`` chains) at most :data:`COMPILED_LOOP_MAX_WORK`; else None."""
     if _chain_loops is None or beliefs.device.type != "cpu" or beliefs.dtype not in (torch.float32, torch.float64):
         return None
-    _, batch, k = beliefs.shape
-    matrix = probs.step_matrix()
-    if matrix is None or matrix.dtype != beliefs.dtype or batch * k * k > COMPILED_LOOP_MAX_WORK:
+    _, batch, states = beliefs.shape
+    factors = probs.step_factors()
+    if (
+        factors is None
+        or any(f.dtype != beliefs.dtype for f in factors)
+        or probs.step_work(batch, states) > COMPILED_LOOP_MAX_WORK
+    ):
         return None
-    return matrix.detach().contiguous()
+    return tuple(f.detach().contiguous() for f in factors)
+
+
+COMPILED_LOOP_THREAD_MIN_WORK = 2**23
+"""The fewest multiply-adds (``T`` times a step's largest product) of a compiled loop whose rows are shared
+among threads (:func:`_compiled_loop_threads`).  Measured (forward + backward of ``log Z``, float32, two
+threads against one, alternating in one process): factorial chains ``(L, K) = (3, 12), (4, 8)`` at
+``B = 8, T = 128`` (``2^24``, ``2^25``) 1.37x and 1.28x; one matrix at ``(B, T, K) = (16, 64, 128)``
+(``2^24``) 1.28x, ``(8, 256, 64)`` and ``(64, 128, 32)`` (``2^23``) 1.14x and 1.08x, ``(16, 64, 64)``
+(``2^22``) 0.98x, ``(8, 1024, 16)`` (``2^21``) 0.74x; and ``(4, 1024, 128)`` 0.81x, two rows a thread,
+which loses the four-row tiles: a thread takes at least four rows of one matrix."""
+
+
+def _compiled_loop_threads(probs: TransitionProbabilities, beliefs: Tensor, factors: tuple[Tensor, ...]) -> int:
+    """How many threads share the rows of a compiled loop over ``beliefs [T, B, S]``: torch's intra-op
+    count where the loop's products (``T`` times a step's largest, :meth:`TransitionProbabilities.step_work`)
+    are at least :data:`COMPILED_LOOP_THREAD_MIN_WORK` multiply-adds, so long as each thread gets four rows
+    of a one-matrix step (its product's tile) or one row of a product of chains; else one."""
+    steps, batch, states = beliefs.shape
+    if steps * probs.step_work(batch, states) < COMPILED_LOOP_THREAD_MIN_WORK:
+        return 1
+    rows = 4 if len(factors) == 1 else 1
+    return max(1, min(batch // rows, torch.get_num_threads()))
 
 
 def _reachable_shift_array(reach, scores):
@@ -332,11 +361,18 @@ def _scaled_backward(alpha: Tensor, probs: TransitionProbabilities, weights: Ten
     u = torch.empty_like(alpha)  # the loop writes u_t for every t >= 1
     u[0] = 0.0
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps
-    matrix = _compiled_loop_matrix(probs, alpha) if weights.is_contiguous() and alpha.is_contiguous() else None
-    if matrix is not None:
-        matrix_t = matrix.transpose(-1, -2).contiguous()
+    factors = _compiled_loop_factors(probs, alpha) if weights.is_contiguous() and alpha.is_contiguous() else None
+    if factors is not None:
+        factors_t = tuple(f.transpose(-1, -2).contiguous().numpy() for f in factors)
         finite = _chain_loops.scaled_backward(
-            beta.numpy(), u.numpy(), weights.numpy(), matrix_t.numpy(), (~mask).numpy(), all_valid_until, alpha.numpy()
+            beta.numpy(),
+            u.numpy(),
+            weights.numpy(),
+            factors_t,
+            (~mask).numpy(),
+            all_valid_until,
+            alpha.numpy(),
+            _compiled_loop_threads(probs, alpha, factors),
         )
         return beta, u, finite  # the compiled loop wrote gamma in beta's buffer
     array_steps = _array_steps(probs, alpha)

@@ -321,6 +321,11 @@ class _ProductProbabilities(TransitionProbabilities):
         """One chain's product, ``B K^L K``: the largest of a step's ``L``."""
         return batch * states * self.k
 
+    def step_factors(self):
+        """The chains' ``P^l`` (``[K, K]`` or ``[B, K, K]``), factor ``l`` on axis ``l``; None when one is
+        time-varying."""
+        return None if any(p.dim() == 4 for p in self.probs) else tuple(self.probs)
+
     def _on_arrays(self, vector: Tensor, out: Tensor) -> bool:
         """Step on numpy views: CPU tensors, ``out`` contiguous, one chain's product (:meth:`step_work`) small."""
         return (

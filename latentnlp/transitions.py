@@ -83,10 +83,13 @@ class TransitionProbabilities(ABC):
         step's time when ``B K^2`` is small (the kernels' CPU loops)."""
         return None
 
-    def step_matrix(self) -> Tensor | None:
-        """The one dense matrix every step multiplies by, ``[K, K]`` (shared) or ``[B, K, K]`` (one per
-        chain), for the chain's compiled time loops (:data:`~latentnlp.chain.COMPILED_LOOP_MAX_WORK`);
-        None when the steps differ or are not dense (time-varying, low-rank)."""
+    def step_factors(self) -> tuple[Tensor, ...] | None:
+        """The dense matrices whose Kronecker product every step multiplies by, for the scaled recursion's
+        compiled time loops (:data:`~latentnlp.chain.COMPILED_LOOP_MAX_WORK`): ``(P,)`` where one dense
+        matrix serves, ``[K, K]`` (shared) or ``[B, K, K]`` (one per chain); one ``[k, k]`` or
+        ``[B, k, k]`` per axis of the ``k^L`` joint states for a product of chains
+        (:class:`~latentnlp.factorial.ProductTransition`, factor ``l`` on axis ``l``); None when the steps
+        differ or are not dense (time-varying, low-rank)."""
         return None
 
     @abstractmethod
@@ -369,8 +372,8 @@ class _SharedProbabilities(TransitionProbabilities):
             lambda vector, t, out: numpy.dot(vector, probs_t, out=out)
         )
 
-    def step_matrix(self):
-        return self.probs
+    def step_factors(self):
+        return (self.probs,)
 
     def dense(self):
         return self.probs
@@ -404,8 +407,8 @@ class _BatchedProbabilities(TransitionProbabilities):
             lambda vector, t, out: matmul(vector[:, None], probs_t, out=out[:, None])
         )
 
-    def step_matrix(self):
-        return self.probs
+    def step_factors(self):
+        return (self.probs,)
 
     def dense(self):
         return self.probs

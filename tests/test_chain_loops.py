@@ -19,18 +19,22 @@ import torch
 from chain_oracle import F64, TRANS_KINDS, Enumeration, forward_log, low_rank_dense, random_chain, random_low_rank
 from test_chain import PATH_ROUNDED_AWAY, build
 
-from latentnlp import ChainPosterior, LowRankTransition, chain
+from latentnlp import ChainPosterior, FactorialChainPosterior, LowRankTransition, chain
+from latentnlp.factorial import ProductTransition
 
 TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
 
-@pytest.fixture(params=["compiled", "compiled-plain", "arrays", "torch"])
+@pytest.fixture(params=["compiled", "compiled-threads", "compiled-plain", "arrays", "torch"])
 def loop(request, monkeypatch):
     compiled = request.param.startswith("compiled")
     if compiled and chain._chain_loops is None:
         pytest.skip("latentnlp._chain_loops was not built by this install")
     if not compiled:
         monkeypatch.setattr(chain, "COMPILED_LOOP_MAX_WORK", -1)
+    if request.param == "compiled-threads":  # rows shared among threads at every size (two rows or more each)
+        monkeypatch.setattr(chain, "COMPILED_LOOP_THREAD_MIN_WORK", 0)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     if request.param == "torch":
         monkeypatch.setattr(chain, "ARRAY_LOOP_MAX_WORK", -1)
     if request.param == "compiled-plain":  # the product without AVX2 (the tiled one is the default where it runs)
@@ -57,13 +61,18 @@ def test_the_compiled_loops_reject_mismatched_buffers():
     assert flagged.tolist() == [True, True]  # alpha 0: a normaliser 0 at step 1 is below the threshold
     with pytest.raises(ValueError, match="emit_probs: expected the item format of alpha"):
         loops.scaled_forward(alpha, scale, emit_probs.astype(numpy.float32), probs, padding, 4, flagged)
-    with pytest.raises(ValueError, match=r"probs: expected \[K, K\] or \[B, K, K\] with B=2, K=3"):
+    with pytest.raises(ValueError, match=r"probs: 1 factor\(s\) of k=4 states do not make the S=3 states"):
         loops.scaled_forward(alpha, scale, emit_probs, numpy.eye(4), padding, 4, flagged)
+    with pytest.raises(ValueError, match=r"probs: 2 factor\(s\) of k=3 states do not make the S=3 states"):
+        loops.scaled_forward(alpha, scale, emit_probs, (probs, probs), padding, 4, flagged)
+    with pytest.raises(ValueError, match=r"probs: factor 1: expected 'd' items, \[k, k\] or \[B=2, k, k\]"):
+        joint = numpy.zeros((4, 2, 4)), scale, numpy.ones((4, 2, 4))  # S = 4 = 2 x 2 joint states
+        loops.scaled_forward(*joint, (numpy.eye(2), numpy.ones((3, 2, 2))), padding, 4, flagged)  # B = 3, not 2
     with pytest.raises(ValueError, match=r"padding: expected \[B=2, T=4\]"):
         loops.scaled_forward(alpha, scale, emit_probs, probs, padding.T.copy(), 4, flagged)
     with pytest.raises(ValueError, match="beta: expected a C-contiguous writable array"):
         loops.scaled_backward(alpha[:, :, :2].T, alpha, emit_probs, probs, padding, 4, alpha)
-    with pytest.raises(ValueError, match=r"u, weights, alpha: shapes do not match beta \[T=4, B=2, K=3\]"):
+    with pytest.raises(ValueError, match=r"u, weights, alpha: shapes do not match beta \[T=4, B=2, S=3\]"):
         loops.scaled_backward(alpha.copy(), alpha.copy(), emit_probs, probs, padding, 4, alpha[:3].copy())
     beta, u, weights = numpy.ones((4, 2, 3)), numpy.zeros((4, 2, 3)), numpy.ones((4, 2, 3))
     assert loops.scaled_backward(beta, u, weights, probs, padding, 4, numpy.full((4, 2, 3), 0.5)) is True
@@ -110,6 +119,40 @@ def test_both_loops_match_enumeration(loop, trans_kind, zeros, dtype):
         ref = Enumeration(init, trans, emit, lengths)
         d = ChainPosterior(init.to(dtype), trans.to(dtype), emit.to(dtype), lengths)
         check(d, ref, dtype, f"{loop} {trans_kind} zeros={zeros} T={T} K={K} lengths={lengths.tolist()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["shared", "mixed"])
+def test_the_loops_of_a_product_of_chains_agree_with_the_product_state_chain(loop, layout, dtype):
+    """Factorial chains (``ProductTransition``: the compiled loops' Kronecker steps, the numpy and torch
+    rotations) with every edge of the compiled axis products: ``L`` chains of ``K`` states whose axes are
+    ``K^(L-1-l)`` wide (vectors of 8 float or 4 double, half ones, single columns), shared factors or a
+    shared one beside one per row, uneven lengths; log Z and the gradients against the float64 log-space
+    forward over the ``K^L`` states with the Kronecker-sum transition."""
+    gen = torch.Generator().manual_seed(23 + (layout == "mixed"))
+    batch, steps = 5, 9
+    for num_chains, k in ((2, 3), (3, 2), (2, 4), (2, 5), (2, 9), (2, 12), (3, 4)):
+        trans = [torch.randn(k, k, generator=gen, dtype=F64).log_softmax(-1) for _ in range(num_chains)]
+        if layout == "mixed":
+            trans[1] = torch.randn(batch, k, k, generator=gen, dtype=F64).log_softmax(-1)
+        init = torch.randn(num_chains, k, generator=gen, dtype=F64).log_softmax(-1)
+        emit = 2 * torch.randn(batch, steps, *(k,) * num_chains, generator=gen, dtype=F64)
+        lengths = torch.tensor([steps, 1, 4, steps - 1, 6])
+        leaves = [x.clone().requires_grad_() for x in (emit, *trans)]
+        dense = ProductTransition(leaves[1:]).dense()
+        flat_init = sum(
+            init[ell].reshape((1,) * ell + (k,) + (1,) * (num_chains - 1 - ell)) for ell in range(num_chains)
+        )
+        flat_init = flat_init.reshape(1, -1).expand(batch, -1)
+        log_z, _ = chain.log_space_forward(flat_init, chain.DenseTransition(dense), leaves[0].flatten(2), lengths)
+        expected = torch.autograd.grad(log_z.sum(), leaves)
+        narrow = [x.detach().to(dtype).requires_grad_() for x in leaves]
+        found = FactorialChainPosterior(init.to(dtype), narrow[1:], narrow[0], lengths, method="scaled").log_partition
+        grads = torch.autograd.grad(found.sum(), narrow)
+        msg = f"{loop} {layout} L={num_chains} K={k}"
+        torch.testing.assert_close(found.to(F64), log_z, **TOLERANCE[dtype], msg=msg)
+        for grad, reference in zip(grads, expected):
+            torch.testing.assert_close(grad.to(F64), reference, **TOLERANCE[dtype], msg=msg)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
