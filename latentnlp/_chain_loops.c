@@ -101,6 +101,28 @@ DEFINE_PLAIN_PRODUCT(double, double)
 DEFINE_PLAIN_AXIS_PRODUCT(float, float)
 DEFINE_PLAIN_AXIS_PRODUCT(double, double)
 
+/* statistics[i, j] += sum_{a, c} x[a, i, c] y[a, j, c] for x, y [A, K, C]: the edge statistics of the factor
+ * on the middle axis, from the filter with the factors before it applied (x) and the backward message with
+ * the factors after it applied (y). */
+#define DEFINE_PLAIN_AXIS_STATISTICS(SUFFIX, REAL)                                                      \
+    static void plain_axis_statistics_##SUFFIX(const REAL *restrict x, const REAL *restrict y,          \
+                                               REAL *restrict statistics, Py_ssize_t A, Py_ssize_t K,   \
+                                               Py_ssize_t C) {                                          \
+        for (Py_ssize_t a = 0; a < A; a++)                                                              \
+            for (Py_ssize_t i = 0; i < K; i++) {                                                        \
+                const REAL *restrict row = x + (a * K + i) * C;                                         \
+                for (Py_ssize_t j = 0; j < K; j++) {                                                    \
+                    const REAL *restrict other = y + (a * K + j) * C;                                   \
+                    REAL total = 0;                                                                     \
+                    for (Py_ssize_t c = 0; c < C; c++) total += row[c] * other[c];                      \
+                    statistics[i * K + j] += total;                                                     \
+                }                                                                                       \
+            }                                                                                           \
+    }
+
+DEFINE_PLAIN_AXIS_STATISTICS(float, float)
+DEFINE_PLAIN_AXIS_STATISTICS(double, double)
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define HAVE_TILED_PRODUCT 1
 #define AVX2_FMA __attribute__((target("avx2,fma")))
@@ -255,15 +277,87 @@ DEFINE_PLAIN_AXIS_PRODUCT(double, double)
                     ya[j * C + c] = total;                                                              \
                 }                                                                                       \
         }                                                                                               \
+    }                                                                                                   \
+    /* statistics[i, j] += sum_{a, c} x[a, i, c] y[a, j, c]: for the last axis (C = 1) rows of statistics \
+     * updated by x[a, i] y[a, :]; for C of a vector or more, four columns j at a time, vectors along c    \
+     * summed over a (and the c past the last whole vector one by one); the plain loop between */       \
+    AVX2_FMA static void tiled_axis_statistics_##SUFFIX(const REAL *restrict x, const REAL *restrict y,    \
+                                                     REAL *restrict statistics, Py_ssize_t A,           \
+                                                     Py_ssize_t K, Py_ssize_t C) {                      \
+        const Py_ssize_t lanes = LANES_##SUFFIX, full = C - C % lanes;                                  \
+        if (C == 1) {                                                                                   \
+            for (Py_ssize_t a = 0; a < A; a++)                                                          \
+                for (Py_ssize_t i = 0; i < K; i++) {                                                    \
+                    const REAL w = x[a * K + i], *restrict other = y + a * K;                           \
+                    REAL *restrict out = statistics + i * K;                                            \
+                    for (Py_ssize_t j = 0; j < K; j++) out[j] += w * other[j];                          \
+                }                                                                                       \
+            return;                                                                                     \
+        }                                                                                               \
+        if (full == 0) {                                                                                \
+            plain_axis_statistics_##SUFFIX(x, y, statistics, A, K, C);                                  \
+            return;                                                                                     \
+        }                                                                                               \
+        const Py_ssize_t half = C - full >= lanes / 2 ? full + lanes / 2 : full;                         \
+        for (Py_ssize_t i = 0; i < K; i++) {                                                            \
+            for (Py_ssize_t j = 0; j < K; j += 4) {                                                     \
+                const int width = K - j < 4 ? (int)(K - j) : 4;                                         \
+                vector_##SUFFIX a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                 \
+                half_##SUFFIX h0 = {0}, h1 = {0}, h2 = {0}, h3 = {0};                                   \
+                REAL rest[4] = {0};                                                                     \
+                for (Py_ssize_t a = 0; a < A; a++) {                                                    \
+                    const REAL *restrict row = x + (a * K + i) * C;                                     \
+                    const REAL *restrict other = y + (a * K + j) * C;                                   \
+                    if (width == 4) {                                                                   \
+                        for (Py_ssize_t c = 0; c < full; c += lanes) {                                  \
+                            const vector_##SUFFIX v = *(const unaligned_##SUFFIX *)(row + c);           \
+                            a0 += v * *(const unaligned_##SUFFIX *)(other + c);                         \
+                            a1 += v * *(const unaligned_##SUFFIX *)(other + C + c);                     \
+                            a2 += v * *(const unaligned_##SUFFIX *)(other + 2 * C + c);                 \
+                            a3 += v * *(const unaligned_##SUFFIX *)(other + 3 * C + c);                 \
+                        }                                                                               \
+                        if (half > full) {                                                              \
+                            const half_##SUFFIX v = *(const unaligned_half_##SUFFIX *)(row + full);     \
+                            h0 += v * *(const unaligned_half_##SUFFIX *)(other + full);                 \
+                            h1 += v * *(const unaligned_half_##SUFFIX *)(other + C + full);             \
+                            h2 += v * *(const unaligned_half_##SUFFIX *)(other + 2 * C + full);         \
+                            h3 += v * *(const unaligned_half_##SUFFIX *)(other + 3 * C + full);         \
+                        }                                                                               \
+                    } else {                                                                            \
+                        for (Py_ssize_t c = 0; c < full; c += lanes) {                                  \
+                            const vector_##SUFFIX v = *(const unaligned_##SUFFIX *)(row + c);           \
+                            a0 += v * *(const unaligned_##SUFFIX *)(other + c);                         \
+                            if (width > 1) a1 += v * *(const unaligned_##SUFFIX *)(other + C + c);      \
+                            if (width > 2) a2 += v * *(const unaligned_##SUFFIX *)(other + 2 * C + c);  \
+                        }                                                                               \
+                        for (Py_ssize_t c = full; c < half; c++)                                        \
+                            for (int q = 0; q < width; q++) rest[q] += row[c] * other[q * C + c];       \
+                    }                                                                                   \
+                    for (Py_ssize_t c = half; c < C; c++)                                               \
+                        for (int q = 0; q < width; q++) rest[q] += row[c] * other[q * C + c];           \
+                }                                                                                       \
+                const vector_##SUFFIX sums[4] = {a0, a1, a2, a3};                                       \
+                const half_##SUFFIX halves[4] = {h0, h1, h2, h3};                                       \
+                for (int q = 0; q < width; q++) {                                                       \
+                    REAL total = rest[q];                                                               \
+                    for (int l = 0; l < LANES_##SUFFIX; l++) total += sums[q][l];                       \
+                    for (int l = 0; l < LANES_##SUFFIX / 2; l++) total += halves[q][l];                 \
+                    statistics[i * K + j + q] += total;                                                 \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
     }
 
 DEFINE_TILED_PRODUCT(float, float)
 DEFINE_TILED_PRODUCT(double, double)
 #define ROWS_PRODUCT(SUFFIX) (product_in_use == TILED ? tiled_product_##SUFFIX : plain_product_##SUFFIX)
 #define AXIS_PRODUCT(SUFFIX) (product_in_use == TILED ? tiled_axis_product_##SUFFIX : plain_axis_product_##SUFFIX)
+#define AXIS_STATISTICS(SUFFIX) \
+    (product_in_use == TILED ? tiled_axis_statistics_##SUFFIX : plain_axis_statistics_##SUFFIX)
 #else
 #define ROWS_PRODUCT(SUFFIX) plain_product_##SUFFIX
 #define AXIS_PRODUCT(SUFFIX) plain_axis_product_##SUFFIX
+#define AXIS_STATISTICS(SUFFIX) plain_axis_statistics_##SUFFIX
 #endif
 
 /* out[b] = in[b] times the step's transition, for B rows [B, S] of a step starting at batch row `first`
@@ -386,6 +480,65 @@ DEFINE_WEIGH_AND_SUM(double, double)
             total += weigh_and_sum_##SUFFIX(beta + at, alpha + at, n) + (t ? sum_##SUFFIX(u + at, n) : 0); \
         }                                                                                               \
         return isfinite(total);                                                                         \
+    }                                                                                                   \
+    /* The backward loop that also sums each row's edge statistics of every factor l over the steps,     \
+     * statistics[b, l] = sum_t sum_{a, c} A^l_{t-1}[a, i, c] U^l_t[a, j, c] ([B, F, k, k]), where A^l is    \
+     * alpha_{t-1} with the factors before l applied (forward) and U^l is u_t with those after l applied  \
+     * (backward, transposed): the gradient of log Z w.r.t. factor l is P^l times them.  A step's row     \
+     * applies the transposed factors from the last to the first, so that each U^l is a stage of its own \
+     * product; u_t is kept in u's buffer, or (u NULL) in a scratch row.  rows: F + 2 scratch rows of S.  \
+     * Returns whether the sum of gamma and the statistics is finite. */                                \
+    static int backward_statistics_##SUFFIX(REAL *restrict beta, REAL *restrict u, const REAL *restrict weights, \
+                                            const kronecker_step *step_t, const kronecker_step *step,  \
+                                            const char *restrict padding, Py_ssize_t T, Py_ssize_t B,  \
+                                            Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t all_valid_until,   \
+                                            const REAL *restrict alpha, REAL *restrict statistics,      \
+                                            REAL *restrict rows) {                                      \
+        void (*const axis)(const REAL *, const REAL *, REAL *, Py_ssize_t, Py_ssize_t, Py_ssize_t) =    \
+            AXIS_PRODUCT(SUFFIX);                                                                       \
+        void (*const gather)(const REAL *, const REAL *, REAL *, Py_ssize_t, Py_ssize_t, Py_ssize_t) =  \
+            AXIS_STATISTICS(SUFFIX);                                                                    \
+        const int F = step->count;                                                                      \
+        const Py_ssize_t k = step->k, S = step->states, kk = k * k;                                     \
+        REAL *restrict stage[2] = {rows + F * S, rows + (F + 1) * S};                                   \
+        const REAL *before[MAX_FACTORS];                                                                \
+        for (Py_ssize_t i = b0 * F * kk; i < b1 * F * kk; i++) statistics[i] = 0;                       \
+        for (Py_ssize_t t = T - 1; t > 0; t--) {                                                        \
+            for (Py_ssize_t b = b0; b < b1; b++) {                                                      \
+                const Py_ssize_t at = (t * B + b) * S;                                                  \
+                REAL *restrict message = u ? u + at : rows;                                             \
+                const REAL *restrict next = beta + at, *restrict w = weights + at;                      \
+                REAL *restrict current = beta + at - B * S;                                             \
+                if (t >= all_valid_until && padding[b * T + t]) {                                       \
+                    for (Py_ssize_t j = 0; j < S; j++) message[j] = 0, current[j] = next[j];            \
+                    continue;                                                                           \
+                }                                                                                       \
+                for (Py_ssize_t j = 0; j < S; j++) message[j] = w[j] * next[j];                         \
+                before[0] = alpha + at - B * S; /* A^0 = alpha_{t-1}; A^{l+1} = A^l with factor l applied */ \
+                Py_ssize_t left = 1, right = S / k;                                                     \
+                for (int l = 0; l + 1 < F; l++) {                                                       \
+                    REAL *target = rows + (l + 1) * S;                                                  \
+                    axis(before[l], (const REAL *)step->factor[l] + b * step->stride[l], target, left, k, right); \
+                    before[l + 1] = target;                                                             \
+                    left *= k, right /= k;                                                              \
+                }                                                                                       \
+                const REAL *x = message; /* U^{F-1} = u_t */                                            \
+                for (int l = F - 1; l >= 0; l--) {                                                      \
+                    gather(before[l], x, statistics + (b * F + l) * kk, left, k, right);                \
+                    REAL *target = l == 0 ? current : stage[l % 2];                                     \
+                    axis(x, (const REAL *)step_t->factor[l] + b * step_t->stride[l], target, left, k, right); \
+                    x = target;                                                                         \
+                    if (l) left /= k, right *= k;                                                       \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        REAL total = sum_##SUFFIX(statistics + b0 * F * kk, (b1 - b0) * F * kk);                        \
+        const Py_ssize_t n = (b1 - b0) * S;                                                             \
+        for (Py_ssize_t t = 0; t < T; t++) {                                                            \
+            const Py_ssize_t at = (t * B + b0) * S;                                                     \
+            total += weigh_and_sum_##SUFFIX(beta + at, alpha + at, n);                                  \
+        }                                                                                               \
+        return isfinite(total);                                                                         \
     }
 
 DEFINE_LOOPS(float, float)
@@ -401,6 +554,9 @@ typedef struct {
     kronecker_step step;
     Py_ssize_t T, B, b0, b1, all_valid_until;
     int finite;
+    /* the backward with statistics: the forward factors, statistics [B, F, k, k], F + 2 scratch rows */
+    const kronecker_step *forward_step;
+    void *statistics, *rows;
 } loop_job;
 
 enum { FORWARD, BACKWARD };
@@ -413,6 +569,14 @@ static void run_job(loop_job *job) {
     else if (job->direction == FORWARD)
         forward_double(v[0], v[1], v[2], &job->step, job->padding, job->T, job->B, job->b0, job->b1,
                        job->all_valid_until, job->last, DBL_MIN / DBL_EPSILON);
+    else if (job->statistics && job->kind == 'f')
+        job->finite = backward_statistics_float(v[0], v[1], v[2], &job->step, job->forward_step, job->padding, job->T,
+                                                job->B, job->b0, job->b1, job->all_valid_until, job->last,
+                                                job->statistics, job->rows);
+    else if (job->statistics)
+        job->finite = backward_statistics_double(v[0], v[1], v[2], &job->step, job->forward_step, job->padding,
+                                                 job->T, job->B, job->b0, job->b1, job->all_valid_until, job->last,
+                                                 job->statistics, job->rows);
     else if (job->kind == 'f')
         job->finite = backward_float(v[0], v[1], v[2], &job->step, job->padding, job->T, job->B, job->b0, job->b1,
                                      job->all_valid_until, job->last);
@@ -535,12 +699,16 @@ static int get_factors(PyObject *obj, const char *name, char kind, Py_ssize_t B,
  * the tuple of its Kronecker factors (transposed, for the backward).  threads: how many threads share the
  * rows (default 1; at most B). */
 static PyObject *run_loop(PyObject *args, int direction) {
-    PyObject *objs[6];
+    PyObject *objs[6], *forward_probs = Py_None, *statistics_obj = Py_None;
     Py_ssize_t all_valid_until;
     int threads = 1;
-    if (!PyArg_ParseTuple(args, "OOOOOnO|i", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &all_valid_until,
-                          &objs[5], &threads))
+    if (!PyArg_ParseTuple(args, "OOOOOnO|iOO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &all_valid_until,
+                          &objs[5], &threads, &forward_probs, &statistics_obj))
         return NULL;
+    const int with_statistics = direction == BACKWARD && statistics_obj != Py_None;
+    const int no_u = with_statistics && objs[1] == Py_None; /* u_t kept in a scratch row only */
+    /* the views taken from objs: all but the factors (3) and an absent u (1) */
+#define TAKEN(i) ((i) != 3 && !((i) == 1 && no_u))
     static const char *forward_names[] = {"alpha", "scale", "emit_probs", "probs", "padding", "flagged"};
     static const char *backward_names[] = {"beta", "u", "weights", "probs_t", "padding", "alpha"};
     const char **names = direction == FORWARD ? forward_names : backward_names;
@@ -549,9 +717,9 @@ static PyObject *run_loop(PyObject *args, int direction) {
     const int writable[6] = {1, 1, direction == FORWARD, 0, 0, direction == FORWARD};
     const int ndim_min[6] = {3, direction == FORWARD ? 2 : 3, 3, 0, 2, direction == FORWARD ? 1 : 3};
     const int ndim_max[6] = {3, direction == FORWARD ? 2 : 3, 3, 0, 2, direction == FORWARD ? 1 : 3};
-    Py_buffer views[6], factors[MAX_FACTORS];
-    int got = 0, taken = 0;
-    kronecker_step step = {0};
+    Py_buffer views[6], factors[MAX_FACTORS], forward_factors[MAX_FACTORS], statistics;
+    int got = 0, taken = 0, forward_taken = 0, statistics_taken = 0;
+    kronecker_step step = {0}, forward_step = {0};
     loop_job jobs[MAX_THREADS];
     void *scratch = NULL;
     PyObject *result = NULL;
@@ -560,10 +728,10 @@ static PyObject *run_loop(PyObject *args, int direction) {
         return NULL;
     }
     for (; got < 6; got++)
-        if (got != 3 && get_buffer(objs[got], &views[got], names[got], writable[got], ndim_min[got], ndim_max[got]) < 0)
+        if (TAKEN(got) && get_buffer(objs[got], &views[got], names[got], writable[got], ndim_min[got], ndim_max[got]) < 0)
             goto done;
     const Py_ssize_t T = views[0].shape[0], B = views[0].shape[1], S = views[0].shape[2];
-    const int shared[6] = {1, 1, 1, 0, 0, direction == BACKWARD};  /* padding and flagged are booleans */
+    const int shared[6] = {1, !no_u, 1, 0, 0, direction == BACKWARD};  /* padding and flagged are booleans */
     const char kind = shared_float_kind(views, names, 6, shared);
     if (!kind) goto done;
     if (get_factors(objs[3], names[3], kind, B, S, factors, &taken, &step) < 0) goto done;
@@ -572,7 +740,7 @@ static PyObject *run_loop(PyObject *args, int direction) {
     if (direction == FORWARD)
         shapes_ok = shapes_ok && second->shape[0] == T && second->shape[1] == B;
     else
-        shapes_ok = shapes_ok && second->shape[0] == T && second->shape[1] == B && second->shape[2] == S &&
+        shapes_ok = shapes_ok && (no_u || (second->shape[0] == T && second->shape[1] == B && second->shape[2] == S)) &&
                     views[5].shape[0] == T && views[5].shape[1] == B && views[5].shape[2] == S;
     if (!shapes_ok) {
         PyErr_Format(PyExc_ValueError, "%s, %s%s: shapes do not match %s [T=%zd, B=%zd, S=%zd]", names[1], names[2],
@@ -587,11 +755,31 @@ static PyObject *run_loop(PyObject *args, int direction) {
         PyErr_Format(PyExc_ValueError, "%s: expected [B=%zd] of one-byte booleans", names[5], B);
         goto done;
     }
+    if (with_statistics) {
+        if (get_factors(forward_probs, "probs", kind, B, S, forward_factors, &forward_taken, &forward_step) < 0)
+            goto done;
+        int same = forward_step.count == step.count && forward_step.k == step.k;
+        for (int l = 0; same && l < step.count; l++) same = forward_step.stride[l] == step.stride[l];
+        if (!same) {
+            PyErr_Format(PyExc_ValueError, "probs: expected the layout of probs_t's %d factor(s) of k=%zd", step.count,
+                         step.k);
+            goto done;
+        }
+        if (get_buffer(statistics_obj, &statistics, "statistics", 1, 4, 4) < 0) goto done;
+        statistics_taken = 1;
+        if (item_kind(&statistics) != kind || statistics.shape[0] != B || statistics.shape[1] != step.count ||
+            statistics.shape[2] != step.k || statistics.shape[3] != step.k) {
+            PyErr_Format(PyExc_ValueError, "statistics: expected '%c' items [B=%zd, F=%d, k=%zd, k]", kind, B,
+                         step.count, step.k);
+            goto done;
+        }
+    }
     int count = threads < MAX_THREADS ? threads : MAX_THREADS;
     if (count > B) count = B > 0 ? (int)B : 1;
     const Py_ssize_t row_bytes = (S > 0 ? S : 1) * views[0].itemsize;
-    if (step.count > 1) {
-        scratch = PyMem_Malloc(2 * count * row_bytes);
+    const int job_rows = with_statistics ? step.count + 2 : step.count > 1 ? 2 : 0; /* scratch rows a job */
+    if (job_rows) {
+        scratch = PyMem_Malloc(job_rows * count * row_bytes);
         if (!scratch) {
             PyErr_NoMemory();
             goto done;
@@ -599,11 +787,14 @@ static PyObject *run_loop(PyObject *args, int direction) {
     }
     for (int i = 0; i < count; i++) {
         loop_job *job = &jobs[i];
-        *job = (loop_job){direction, kind, {views[0].buf, views[1].buf, views[2].buf}, views[4].buf, views[5].buf,
-                          step, T, B, B * i / count, B * (i + 1) / count, all_valid_until, 1};
+        *job = (loop_job){direction, kind, {views[0].buf, no_u ? NULL : views[1].buf, views[2].buf}, views[4].buf,
+                          views[5].buf, step, T, B, B * i / count, B * (i + 1) / count, all_valid_until, 1,
+                          &forward_step, with_statistics ? statistics.buf : NULL, NULL};
         if (scratch) {
-            job->step.scratch[0] = (char *)scratch + 2 * i * row_bytes;
-            job->step.scratch[1] = (char *)scratch + (2 * i + 1) * row_bytes;
+            char *mine = (char *)scratch + job_rows * i * row_bytes;
+            job->step.scratch[0] = mine;
+            job->step.scratch[1] = mine + row_bytes;
+            job->rows = mine;
         }
     }
     Py_BEGIN_ALLOW_THREADS
@@ -616,9 +807,12 @@ static PyObject *run_loop(PyObject *args, int direction) {
 done:
     PyMem_Free(scratch);
     for (int i = 0; i < taken; i++) PyBuffer_Release(&factors[i]);
+    for (int i = 0; i < forward_taken; i++) PyBuffer_Release(&forward_factors[i]);
+    if (statistics_taken) PyBuffer_Release(&statistics);
     for (int i = 0; i < got; i++)
-        if (i != 3) PyBuffer_Release(&views[i]);
+        if (TAKEN(i)) PyBuffer_Release(&views[i]);
     return result;
+#undef TAKEN
 }
 
 static PyObject *scaled_forward(PyObject *self, PyObject *args) { return run_loop(args, FORWARD); }
@@ -910,11 +1104,13 @@ static PyMethodDef methods[] = {
      "set where a step's scale inside the length fell below tiny / eps); probs is the step's matrix or the "
      "tuple of its Kronecker factors; threads: how many threads share the rows (default 1)."},
     {"scaled_backward", scaled_backward, METH_VARARGS,
-     "scaled_backward(beta, u, weights, probs_t, padding, all_valid_until, alpha[, threads]): the scaled "
-     "backward loop, "
+     "scaled_backward(beta, u, weights, probs_t, padding, all_valid_until, alpha[, threads[, probs, statistics]]): "
+     "the scaled backward loop, "
      "t = T-1 .. 1, in place (beta[T-1] given), then gamma = beta * alpha in beta's buffer; returns whether "
      "the sum of gamma and u[1:] is finite; probs_t is the step's matrix or the tuple of its Kronecker "
-     "factors, transposed; threads as for scaled_forward."},
+     "factors, transposed; threads as for scaled_forward; with probs (the factors) and statistics [B, F, k, k], "
+     "each row's edge statistics of every factor are summed into statistics (u may then be None), and the "
+     "check is of gamma and the statistics."},
     {"viterbi", viterbi, METH_VARARGS,
      "viterbi(scores, emit, matrix, columns, padding, all_valid_until, path): the max-plus forward, "
      "t = 1 .. T-1, into scores [T, B, K] (scores[0] given; emit [B, T, K]), then the backtracking into "

@@ -89,8 +89,19 @@ class TransitionProbabilities(ABC):
         matrix serves, ``[K, K]`` (shared) or ``[B, K, K]`` (one per chain); one ``[k, k]`` or
         ``[B, k, k]`` per axis of the ``k^L`` joint states for a product of chains
         (:class:`~latentnlp.factorial.ProductTransition`, factor ``l`` on axis ``l``); None when the steps
-        differ or are not dense (time-varying, low-rank)."""
+        differ or are not dense (time-varying, low-rank).  The factors are in the order of
+        :attr:`Transition.parameters`, one each (:meth:`factor_gradients`)."""
         return None
+
+    def factor_gradients(self, statistics: Tensor) -> tuple[Tensor, ...]:
+        r"""The gradients of :meth:`parameter_gradients` from the step factors' edge statistics summed over
+        the steps, ``statistics [B, F, k, k]`` (each row's already weighted by its incoming gradient):
+        factor ``l`` (:meth:`step_factors`) is parameter ``l``, and
+        ``d log Z / d log P^l = P^l * sum_b statistics[b, l]`` (per row for a ``[B, k, k]`` factor)."""
+        factors = self.step_factors()
+        return tuple(
+            f * (statistics[:, ell] if f.dim() == 3 else statistics[:, ell].sum(0)) for ell, f in enumerate(factors)
+        )
 
     @abstractmethod
     def dense(self) -> Tensor:

@@ -70,6 +70,14 @@ def test_the_compiled_loops_reject_mismatched_buffers():
         loops.scaled_forward(*joint, (numpy.eye(2), numpy.ones((3, 2, 2))), padding, 4, flagged)  # B = 3, not 2
     with pytest.raises(ValueError, match=r"padding: expected \[B=2, T=4\]"):
         loops.scaled_forward(alpha, scale, emit_probs, probs, padding.T.copy(), 4, flagged)
+    with pytest.raises(ValueError, match="threads: expected at least 1, got 0"):
+        loops.scaled_forward(alpha, scale, emit_probs, probs, padding, 4, flagged, 0)
+    with pytest.raises(ValueError, match=r"statistics: expected 'd' items \[B=2, F=1, k=3, k\]"):
+        loops.scaled_backward(
+            alpha.copy(), None, emit_probs, probs, padding, 4, alpha, 1, probs, numpy.zeros((2, 2, 3, 3))
+        )
+    with pytest.raises(ValueError, match="probs: expected the layout of probs_t's 1 factor"):
+        loops.scaled_backward(alpha.copy(), None, emit_probs, probs, padding, 4, alpha, 1, numpy.ones((2, 3, 3)), alpha)
     with pytest.raises(ValueError, match="beta: expected a C-contiguous writable array"):
         loops.scaled_backward(alpha[:, :, :2].T, alpha, emit_probs, probs, padding, 4, alpha)
     with pytest.raises(ValueError, match=r"u, weights, alpha: shapes do not match beta \[T=4, B=2, S=3\]"):
@@ -153,6 +161,32 @@ def test_the_loops_of_a_product_of_chains_agree_with_the_product_state_chain(loo
         torch.testing.assert_close(found.to(F64), log_z, **TOLERANCE[dtype], msg=msg)
         for grad, reference in zip(grads, expected):
             torch.testing.assert_close(grad.to(F64), reference, **TOLERANCE[dtype], msg=msg)
+
+
+@pytest.mark.skipif(chain._chain_loops is None, reason="latentnlp._chain_loops was not built by this install")
+def test_a_row_whose_edge_statistics_overflow_is_redone_in_log_space():
+    """The compiled backward of a product of chains sums each row's edge statistics (no ``u`` buffer); a
+    row whose statistics are not finite gets all its gradients from the log-space recursion, the other
+    rows keep theirs: against the log-space gradient of every row."""
+    gen = torch.Generator().manual_seed(31)
+    batch, steps, num_chains, k = 3, 6, 2, 3
+    trans = ProductTransition(list(torch.randn(num_chains, k, k, generator=gen, dtype=F64).log_softmax(-1)))
+    init = torch.randn(batch, k**num_chains, generator=gen, dtype=F64).log_softmax(-1)
+    emit = torch.randn(batch, steps, k**num_chains, generator=gen, dtype=F64)
+    lengths = torch.tensor([steps, 4, steps])
+    mask = chain.lengths_to_mask(lengths, steps)
+    probs = trans.probabilities()
+    alpha, _, weights, _, _ = chain._scaled_forward(init, probs, emit, mask)
+    gamma, u, finite, statistics = chain._scaled_backward(alpha, probs, weights, mask, statistics=True)
+    assert u is None and statistics.shape == (batch, num_chains, k, k) and finite
+    statistics[1, 0, 0, 0] = float("inf")
+    grad = torch.tensor([0.5, 2.0, 1.0], dtype=F64)
+    found = chain._smoother_gradients(
+        grad, alpha, gamma, u, mask, probs, trans, init, emit, lengths, finite=False, statistics=statistics
+    )
+    expected = chain._log_space_gradient(init, emit, lengths, trans, grad, torch.arange(batch))
+    for got, want in zip((found[0], found[1], *found[2]), expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
