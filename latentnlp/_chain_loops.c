@@ -12,12 +12,14 @@
  *             flagged[b] = 1 where some c_t < tiny / eps (underflow; NaN is not below)
  *   backward: u_t = w_t * beta_t,  beta_{t-1} = P u_t                                  (t = T-1 .. 1)
  *
- * with alpha, e, beta, u, w [T, B, S] and c [T, B].  A padding step (padding[b, t], checked for
+ * with alpha, e, u, w [T, B, S] time-major and c [T, B].  A padding step (padding[b, t], checked for
  * t >= all_valid_until only) keeps the previous alpha with c_t = 1, and sets u_t = 0 with
  * beta_{t-1} = beta_t.  The backward takes the transposed matrices (contiguous), so both loops
- * run over rows of contiguous matrices; it ends by writing the marginals gamma = beta * alpha in
- * beta's buffer and says whether the sum of gamma and u is finite (inf and NaN propagate: the
- * overflow check of the gradient, latentnlp.chain._smoother_gradients, for free).  The GIL is
+ * run over rows of contiguous matrices; it holds beta_t in two rolling rows, writes the marginals
+ * gamma_t = alpha_t * beta_t batch-major ([B, T, S]: the gradient of log Z w.r.t. the emission scores,
+ * in the caller's layout) as each beta_t is final, and says whether the sum of gamma and u is finite
+ * (inf and NaN propagate: the overflow check of the gradient, latentnlp.chain._smoother_gradients,
+ * for free).  The GIL is
  * released while a loop runs, and the rows of the batch, independent, can be shared among threads
  * (pthreads; one thread where they are not built), each taking a contiguous range of rows.
  *
@@ -452,33 +454,50 @@ DEFINE_WEIGH_AND_SUM(double, double)
             }                                                                                           \
         }                                                                                               \
     }                                                                                                   \
-    static int backward_##SUFFIX(REAL *restrict beta, REAL *restrict u, const REAL *restrict weights,   \
+    /* gamma[b, t] = alpha_t[b] * beta_t[b] for the rows [b0, b1) of step t (gamma batch-major [B, T, S], beta_t \
+     * the rows' [b1 - b0, S]), returning the sum of what it wrote */                                  \
+    static inline REAL marginals_##SUFFIX(REAL *restrict gamma, const REAL *restrict alpha,            \
+                                          const REAL *restrict beta_t, Py_ssize_t t, Py_ssize_t T,      \
+                                          Py_ssize_t B, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t S) {   \
+        REAL total = 0;                                                                                 \
+        for (Py_ssize_t b = b0; b < b1; b++) {                                                          \
+            REAL *restrict out = gamma + (b * T + t) * S;                                               \
+            const REAL *restrict filter = alpha + (t * B + b) * S;                                      \
+            const REAL *restrict smoothed = beta_t + (b - b0) * S;                                      \
+            for (Py_ssize_t j = 0; j < S; j++) out[j] = smoothed[j];                                    \
+            total += weigh_and_sum_##SUFFIX(out, filter, S);                                            \
+        }                                                                                               \
+        return total;                                                                                   \
+    }                                                                                                   \
+    /* The backward loop: beta_t in two rolling rows of [b1 - b0, S] (beta_rows: slot t % 2), gamma     \
+     * written batch-major as each beta_t is final, u_t into u's buffer.  Returns whether the sum of     \
+     * gamma and u is finite. */                                                                        \
+    static int backward_##SUFFIX(REAL *restrict gamma, REAL *restrict u, const REAL *restrict weights,  \
                                  const kronecker_step *step, const char *restrict padding, Py_ssize_t T, \
                                  Py_ssize_t B, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t all_valid_until, \
-                                 const REAL *restrict alpha) {                                          \
+                                 const REAL *restrict alpha, REAL *restrict beta_rows) {                \
         const Py_ssize_t K = step->states, n = (b1 - b0) * K;                                           \
+        REAL total = 0;                                                                                 \
+        for (Py_ssize_t j = 0; j < n; j++) beta_rows[((T - 1) % 2) * n + j] = 1;                         \
         for (Py_ssize_t t = T - 1; t > 0; t--) {                                                        \
             const Py_ssize_t at = (t * B + b0) * K;                                                     \
             REAL *restrict message = u + at;                                                            \
-            const REAL *restrict next = beta + at, *restrict w = weights + at;                          \
-            REAL *restrict current = beta + at - B * K;                                                 \
+            const REAL *restrict next = beta_rows + (t % 2) * n, *restrict w = weights + at;            \
+            REAL *restrict current = beta_rows + ((t - 1) % 2) * n;                                     \
+            total += marginals_##SUFFIX(gamma, alpha, next, t, T, B, b0, b1, K);                        \
             for (Py_ssize_t i = 0; i < n; i++) message[i] = w[i] * next[i];                             \
             step_product_##SUFFIX(step, message, current, b0, b1 - b0);                                 \
-            if (t < all_valid_until) continue;                                                          \
-            for (Py_ssize_t b = 0; b < b1 - b0; b++) {                                                  \
-                if (!padding[(b0 + b) * T + t]) continue;                                               \
-                for (Py_ssize_t j = 0; j < K; j++) {                                                    \
-                    message[b * K + j] = 0;                                                             \
-                    current[b * K + j] = next[b * K + j];                                               \
+            if (t >= all_valid_until)                                                                   \
+                for (Py_ssize_t b = 0; b < b1 - b0; b++) {                                              \
+                    if (!padding[(b0 + b) * T + t]) continue;                                           \
+                    for (Py_ssize_t j = 0; j < K; j++) {                                                \
+                        message[b * K + j] = 0;                                                         \
+                        current[b * K + j] = next[b * K + j];                                           \
+                    }                                                                                   \
                 }                                                                                       \
-            }                                                                                           \
+            total += sum_##SUFFIX(message, n);                                                          \
         }                                                                                               \
-        /* gamma = beta * alpha in beta's buffer; the sum of gamma and u is finite unless one overflowed */ \
-        REAL total = 0;                                                                                 \
-        for (Py_ssize_t t = 0; t < T; t++) {                                                            \
-            const Py_ssize_t at = (t * B + b0) * K;                                                     \
-            total += weigh_and_sum_##SUFFIX(beta + at, alpha + at, n) + (t ? sum_##SUFFIX(u + at, n) : 0); \
-        }                                                                                               \
+        if (T > 0) total += marginals_##SUFFIX(gamma, alpha, beta_rows, 0, T, B, b0, b1, K);            \
         return isfinite(total);                                                                         \
     }                                                                                                   \
     /* The backward loop that also sums each row's edge statistics of every factor l over the steps,     \
@@ -486,29 +505,34 @@ DEFINE_WEIGH_AND_SUM(double, double)
      * alpha_{t-1} with the factors before l applied (forward) and U^l is u_t with those after l applied  \
      * (backward, transposed): the gradient of log Z w.r.t. factor l is P^l times them.  A step's row     \
      * applies the transposed factors from the last to the first, so that each U^l is a stage of its own \
-     * product; u_t is kept in u's buffer, or (u NULL) in a scratch row.  rows: F + 2 scratch rows of S.  \
-     * Returns whether the sum of gamma and the statistics is finite. */                                \
-    static int backward_statistics_##SUFFIX(REAL *restrict beta, REAL *restrict u, const REAL *restrict weights, \
+     * product; u_t is kept in u's buffer, or (u NULL) in a scratch row.  rows: F + 2 scratch rows of S;  \
+     * beta_rows as for the backward.  Returns whether the sum of gamma and the statistics is finite. */ \
+    static int backward_statistics_##SUFFIX(REAL *restrict gamma, REAL *restrict u, const REAL *restrict weights, \
                                             const kronecker_step *step_t, const kronecker_step *step,  \
                                             const char *restrict padding, Py_ssize_t T, Py_ssize_t B,  \
                                             Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t all_valid_until,   \
                                             const REAL *restrict alpha, REAL *restrict statistics,      \
-                                            REAL *restrict rows) {                                      \
+                                            REAL *restrict rows, REAL *restrict beta_rows) {            \
         void (*const axis)(const REAL *, const REAL *, REAL *, Py_ssize_t, Py_ssize_t, Py_ssize_t) =    \
             AXIS_PRODUCT(SUFFIX);                                                                       \
         void (*const gather)(const REAL *, const REAL *, REAL *, Py_ssize_t, Py_ssize_t, Py_ssize_t) =  \
             AXIS_STATISTICS(SUFFIX);                                                                    \
         const int F = step->count;                                                                      \
-        const Py_ssize_t k = step->k, S = step->states, kk = k * k;                                     \
+        const Py_ssize_t k = step->k, S = step->states, kk = k * k, n = (b1 - b0) * S;                  \
         REAL *restrict stage[2] = {rows + F * S, rows + (F + 1) * S};                                   \
         const REAL *before[MAX_FACTORS];                                                                \
+        REAL total = 0;                                                                                 \
         for (Py_ssize_t i = b0 * F * kk; i < b1 * F * kk; i++) statistics[i] = 0;                       \
+        for (Py_ssize_t j = 0; j < n; j++) beta_rows[((T - 1) % 2) * n + j] = 1;                         \
         for (Py_ssize_t t = T - 1; t > 0; t--) {                                                        \
+            const REAL *restrict next_rows = beta_rows + (t % 2) * n;                                   \
+            REAL *restrict current_rows = beta_rows + ((t - 1) % 2) * n;                                \
+            total += marginals_##SUFFIX(gamma, alpha, next_rows, t, T, B, b0, b1, S);                   \
             for (Py_ssize_t b = b0; b < b1; b++) {                                                      \
                 const Py_ssize_t at = (t * B + b) * S;                                                  \
                 REAL *restrict message = u ? u + at : rows;                                             \
-                const REAL *restrict next = beta + at, *restrict w = weights + at;                      \
-                REAL *restrict current = beta + at - B * S;                                             \
+                const REAL *restrict next = next_rows + (b - b0) * S, *restrict w = weights + at;       \
+                REAL *restrict current = current_rows + (b - b0) * S;                                   \
                 if (t >= all_valid_until && padding[b * T + t]) {                                       \
                     for (Py_ssize_t j = 0; j < S; j++) message[j] = 0, current[j] = next[j];            \
                     continue;                                                                           \
@@ -532,12 +556,8 @@ DEFINE_WEIGH_AND_SUM(double, double)
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
-        REAL total = sum_##SUFFIX(statistics + b0 * F * kk, (b1 - b0) * F * kk);                        \
-        const Py_ssize_t n = (b1 - b0) * S;                                                             \
-        for (Py_ssize_t t = 0; t < T; t++) {                                                            \
-            const Py_ssize_t at = (t * B + b0) * S;                                                     \
-            total += weigh_and_sum_##SUFFIX(beta + at, alpha + at, n);                                  \
-        }                                                                                               \
+        if (T > 0) total += marginals_##SUFFIX(gamma, alpha, beta_rows, 0, T, B, b0, b1, S);            \
+        total += sum_##SUFFIX(statistics + b0 * F * kk, (b1 - b0) * F * kk);                            \
         return isfinite(total);                                                                         \
     }
 
@@ -557,6 +577,7 @@ typedef struct {
     /* the backward with statistics: the forward factors, statistics [B, F, k, k], F + 2 scratch rows */
     const kronecker_step *forward_step;
     void *statistics, *rows;
+    void *beta_rows; /* the backward's beta_t, beta_{t-1}: [2, b1 - b0, S] */
 } loop_job;
 
 enum { FORWARD, BACKWARD };
@@ -572,17 +593,17 @@ static void run_job(loop_job *job) {
     else if (job->statistics && job->kind == 'f')
         job->finite = backward_statistics_float(v[0], v[1], v[2], &job->step, job->forward_step, job->padding, job->T,
                                                 job->B, job->b0, job->b1, job->all_valid_until, job->last,
-                                                job->statistics, job->rows);
+                                                job->statistics, job->rows, job->beta_rows);
     else if (job->statistics)
         job->finite = backward_statistics_double(v[0], v[1], v[2], &job->step, job->forward_step, job->padding,
                                                  job->T, job->B, job->b0, job->b1, job->all_valid_until, job->last,
-                                                 job->statistics, job->rows);
+                                                 job->statistics, job->rows, job->beta_rows);
     else if (job->kind == 'f')
         job->finite = backward_float(v[0], v[1], v[2], &job->step, job->padding, job->T, job->B, job->b0, job->b1,
-                                     job->all_valid_until, job->last);
+                                     job->all_valid_until, job->last, job->beta_rows);
     else
         job->finite = backward_double(v[0], v[1], v[2], &job->step, job->padding, job->T, job->B, job->b0,
-                                      job->b1, job->all_valid_until, job->last);
+                                      job->b1, job->all_valid_until, job->last, job->beta_rows);
 }
 
 #ifdef HAVE_THREADS
@@ -710,10 +731,10 @@ static PyObject *run_loop(PyObject *args, int direction) {
     /* the views taken from objs: all but the factors (3) and an absent u (1) */
 #define TAKEN(i) ((i) != 3 && !((i) == 1 && no_u))
     static const char *forward_names[] = {"alpha", "scale", "emit_probs", "probs", "padding", "flagged"};
-    static const char *backward_names[] = {"beta", "u", "weights", "probs_t", "padding", "alpha"};
+    static const char *backward_names[] = {"gamma", "u", "weights", "probs_t", "padding", "alpha"};
     const char **names = direction == FORWARD ? forward_names : backward_names;
-    /* forward: alpha [T,B,S], scale [T,B], emit_probs [T,B,S] rw; backward: beta, u rw, weights, alpha [T,B,S];
-     * the factors (index 3) are taken apart, by get_factors */
+    /* forward: alpha [T,B,S], scale [T,B], emit_probs [T,B,S] rw; backward: gamma [B,T,S], u [T,B,S] rw,
+     * weights, alpha [T,B,S]; the factors (index 3) are taken apart, by get_factors */
     const int writable[6] = {1, 1, direction == FORWARD, 0, 0, direction == FORWARD};
     const int ndim_min[6] = {3, direction == FORWARD ? 2 : 3, 3, 0, 2, direction == FORWARD ? 1 : 3};
     const int ndim_max[6] = {3, direction == FORWARD ? 2 : 3, 3, 0, 2, direction == FORWARD ? 1 : 3};
@@ -730,7 +751,9 @@ static PyObject *run_loop(PyObject *args, int direction) {
     for (; got < 6; got++)
         if (TAKEN(got) && get_buffer(objs[got], &views[got], names[got], writable[got], ndim_min[got], ndim_max[got]) < 0)
             goto done;
-    const Py_ssize_t T = views[0].shape[0], B = views[0].shape[1], S = views[0].shape[2];
+    /* the time-major buffer that gives T, B, S: alpha (the forward's first, the backward's last) */
+    const Py_buffer *time_major = direction == FORWARD ? &views[0] : &views[5];
+    const Py_ssize_t T = time_major->shape[0], B = time_major->shape[1], S = time_major->shape[2];
     const int shared[6] = {1, !no_u, 1, 0, 0, direction == BACKWARD};  /* padding and flagged are booleans */
     const char kind = shared_float_kind(views, names, 6, shared);
     if (!kind) goto done;
@@ -741,10 +764,15 @@ static PyObject *run_loop(PyObject *args, int direction) {
         shapes_ok = shapes_ok && second->shape[0] == T && second->shape[1] == B;
     else
         shapes_ok = shapes_ok && (no_u || (second->shape[0] == T && second->shape[1] == B && second->shape[2] == S)) &&
-                    views[5].shape[0] == T && views[5].shape[1] == B && views[5].shape[2] == S;
+                    views[0].shape[0] == B && views[0].shape[1] == T && views[0].shape[2] == S;
+    if (!shapes_ok && direction == FORWARD) {
+        PyErr_Format(PyExc_ValueError, "%s, %s: shapes do not match %s [T=%zd, B=%zd, S=%zd]", names[1], names[2],
+                     names[0], T, B, S);
+        goto done;
+    }
     if (!shapes_ok) {
-        PyErr_Format(PyExc_ValueError, "%s, %s%s: shapes do not match %s [T=%zd, B=%zd, S=%zd]", names[1], names[2],
-                     direction == FORWARD ? "" : ", alpha", names[0], T, B, S);
+        PyErr_Format(PyExc_ValueError, "gamma [B, T, S], u, weights: shapes do not match alpha [T=%zd, B=%zd, S=%zd]",
+                     T, B, S);
         goto done;
     }
     if (padding->itemsize != 1 || padding->shape[0] != B || padding->shape[1] != T) {
@@ -778,8 +806,10 @@ static PyObject *run_loop(PyObject *args, int direction) {
     if (count > B) count = B > 0 ? (int)B : 1;
     const Py_ssize_t row_bytes = (S > 0 ? S : 1) * views[0].itemsize;
     const int job_rows = with_statistics ? step.count + 2 : step.count > 1 ? 2 : 0; /* scratch rows a job */
-    if (job_rows) {
-        scratch = PyMem_Malloc(job_rows * count * row_bytes);
+    /* and the backward's two rows of beta for each row of the batch */
+    const Py_ssize_t beta_rows = direction == BACKWARD ? 2 * B : 0;
+    if (job_rows || beta_rows) {
+        scratch = PyMem_Malloc((job_rows * count + beta_rows) * row_bytes);
         if (!scratch) {
             PyErr_NoMemory();
             goto done;
@@ -795,6 +825,7 @@ static PyObject *run_loop(PyObject *args, int direction) {
             job->step.scratch[0] = mine;
             job->step.scratch[1] = mine + row_bytes;
             job->rows = mine;
+            job->beta_rows = (char *)scratch + (job_rows * count + 2 * job->b0) * row_bytes;
         }
     }
     Py_BEGIN_ALLOW_THREADS
@@ -1104,9 +1135,9 @@ static PyMethodDef methods[] = {
      "set where a step's scale inside the length fell below tiny / eps); probs is the step's matrix or the "
      "tuple of its Kronecker factors; threads: how many threads share the rows (default 1)."},
     {"scaled_backward", scaled_backward, METH_VARARGS,
-     "scaled_backward(beta, u, weights, probs_t, padding, all_valid_until, alpha[, threads[, probs, statistics]]): "
+     "scaled_backward(gamma, u, weights, probs_t, padding, all_valid_until, alpha[, threads[, probs, statistics]]): "
      "the scaled backward loop, "
-     "t = T-1 .. 1, in place (beta[T-1] given), then gamma = beta * alpha in beta's buffer; returns whether "
+     "t = T-1 .. 1 (beta_{T-1} = 1), writing the marginals gamma = alpha * beta batch-major; returns whether "
      "the sum of gamma and u[1:] is finite; probs_t is the step's matrix or the tuple of its Kronecker "
      "factors, transposed; threads as for scaled_forward; with probs (the factors) and statistics [B, F, k, k], "
      "each row's edge statistics of every factor are summed into statistics (u may then be None), and the "

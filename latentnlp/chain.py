@@ -364,31 +364,33 @@ def _scaled_backward(
     ``beta_{L-1} = 1``; ``beta_{t-1} = P_t u_t`` with ``u_t = e_t * beta_t / c_t``.  Posterior
     marginals are ``gamma_t = alpha_t * beta_t`` and edge marginals
     ``xi_t(i, j) = alpha_{t-1}(i) P_t(i, j) u_t(j)``.  ``weights [T, B, K]`` are ``e_t / c_t``.
-    Returns ``gamma [T, B, K]`` (in ``beta``'s buffer), ``u [T, B, K]`` (``u_0 = 0``, ``u_t = 0``
-    past the length), ``finite``: True when the sum of ``gamma`` and ``u`` (or the statistics) is known
-    finite (the compiled loop checks it as it writes ``gamma``), False when it is not, None when
-    unchecked, and the edge statistics: with ``statistics`` set, where the compiled loop computes them
+    Returns ``gamma [T, B, K]`` (in ``beta``'s buffer; from the compiled loop, which keeps only two
+    steps of ``beta``, a time-major view of a batch-major buffer), ``u [T, B, K]`` (``u_0 = 0``,
+    ``u_t = 0`` past the length), ``finite``: True when the sum of ``gamma`` and ``u`` (or the
+    statistics) is known finite (the compiled loop checks it as it writes ``gamma``), False when it
+    is not, None when unchecked, and the edge statistics: with ``statistics`` set, where the compiled loop computes them
     (:func:`_compiled_loop_statistics`), each row's ``sum_t`` of every step factor's statistics
     ``[B, F, k, k]`` (:meth:`TransitionProbabilities.factor_gradients`), ``u`` then None; else None.
     """
-    steps = alpha.shape[0]
-    beta = torch.empty_like(alpha)
-    beta[steps - 1] = 1.0
+    steps, batch, states = alpha.shape
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps
     factors = _compiled_loop_factors(probs, alpha) if weights.is_contiguous() and alpha.is_contiguous() else None
     if factors is not None:
+        gamma = alpha.new_empty(batch, steps, states)  # batch-major: the emission gradient's layout
         factors_t = tuple(f.transpose(-1, -2).contiguous().numpy() for f in factors)
-        loop = (beta.numpy(), None, weights.numpy(), factors_t, (~mask).numpy(), all_valid_until, alpha.numpy())
+        loop = (gamma.numpy(), None, weights.numpy(), factors_t, (~mask).numpy(), all_valid_until, alpha.numpy())
         threads = _compiled_loop_threads(probs, alpha, factors)
         if statistics and _compiled_loop_statistics(factors):
             k = factors[0].shape[-1]
-            sums = alpha.new_empty(alpha.shape[1], len(factors), k, k)
+            sums = alpha.new_empty(batch, len(factors), k, k)
             finite = _chain_loops.scaled_backward(*loop, threads, tuple(f.numpy() for f in factors), sums.numpy())
-            return beta, None, finite, sums  # gamma in beta's buffer
+            return gamma.transpose(0, 1), None, finite, sums
         u = torch.empty_like(alpha)  # the loop writes u_t for every t >= 1
         u[0] = 0.0
         finite = _chain_loops.scaled_backward(*loop[:1], u.numpy(), *loop[2:], threads)
-        return beta, u, finite, None  # the compiled loop wrote gamma in beta's buffer
+        return gamma.transpose(0, 1), u, finite, None
+    beta = torch.empty_like(alpha)
+    beta[steps - 1] = 1.0
     u = torch.empty_like(alpha)  # the loop writes u_t for every t >= 1
     u[0] = 0.0
     array_steps = _array_steps(probs, alpha)
@@ -476,11 +478,15 @@ def _smoother_gradients(
             statistics = torch.where(keep[..., None, None], statistics, torch.zeros_like(statistics))
     g = grad.unsqueeze(-1)  # [B, 1]
     grad_init = gamma[0] * g
-    # batch-major and contiguous, so that a caller's reshape of emit passes it back as a view
+    # batch-major and contiguous, so that a caller's reshape of emit passes it back as a view; the compiled
+    # backward's gamma is a batch-major buffer of its own, weighted in place (not at all for full-length
+    # rows of weight 1)
     emit_weight = mask.unsqueeze(-1) * g.unsqueeze(-1)
-    grad_emit = torch.mul(
-        gamma.transpose(0, 1), emit_weight, out=gamma.new_empty(emit_weight.shape[:2] + gamma.shape[-1:])
-    )
+    grad_emit = gamma.transpose(0, 1)
+    if not grad_emit.is_contiguous():
+        grad_emit = torch.mul(grad_emit, emit_weight, out=gamma.new_empty(grad_emit.shape))
+    elif not (grad_emit.device.type == "cpu" and bool(mask.all()) and bool((grad == 1).all())):
+        grad_emit.mul_(emit_weight)
     if statistics is None:
         # xi_t = alpha_{t-1} P_t (g u_t): u is the backward pass's own buffer, scaled in place
         grad_parameters = tuple(probs.parameter_gradients(alpha[:-1], u[1:].mul_(g)))

@@ -72,21 +72,19 @@ def test_the_compiled_loops_reject_mismatched_buffers():
         loops.scaled_forward(alpha, scale, emit_probs, probs, padding.T.copy(), 4, flagged)
     with pytest.raises(ValueError, match="threads: expected at least 1, got 0"):
         loops.scaled_forward(alpha, scale, emit_probs, probs, padding, 4, flagged, 0)
+    gamma = numpy.zeros((2, 4, 3))  # the backward writes the marginals batch-major, [B, T, S]
     with pytest.raises(ValueError, match=r"statistics: expected 'd' items \[B=2, F=1, k=3, k\]"):
-        loops.scaled_backward(
-            alpha.copy(), None, emit_probs, probs, padding, 4, alpha, 1, probs, numpy.zeros((2, 2, 3, 3))
-        )
+        loops.scaled_backward(gamma, None, emit_probs, probs, padding, 4, alpha, 1, probs, numpy.zeros((2, 2, 3, 3)))
     with pytest.raises(ValueError, match="probs: expected the layout of probs_t's 1 factor"):
-        loops.scaled_backward(alpha.copy(), None, emit_probs, probs, padding, 4, alpha, 1, numpy.ones((2, 3, 3)), alpha)
-    with pytest.raises(ValueError, match="beta: expected a C-contiguous writable array"):
-        loops.scaled_backward(alpha[:, :, :2].T, alpha, emit_probs, probs, padding, 4, alpha)
-    with pytest.raises(ValueError, match=r"u, weights, alpha: shapes do not match beta \[T=4, B=2, S=3\]"):
-        loops.scaled_backward(alpha.copy(), alpha.copy(), emit_probs, probs, padding, 4, alpha[:3].copy())
-    beta, u, weights = numpy.ones((4, 2, 3)), numpy.zeros((4, 2, 3)), numpy.ones((4, 2, 3))
-    assert loops.scaled_backward(beta, u, weights, probs, padding, 4, numpy.full((4, 2, 3), 0.5)) is True
-    numpy.testing.assert_array_equal(beta, 0.5)  # gamma = beta * alpha, in beta's buffer
-    beta[-1], u = 1.0, numpy.zeros((4, 2, 3))
-    assert loops.scaled_backward(beta, u, weights * 1e308, probs, padding, 4, numpy.ones((4, 2, 3))) is False
+        loops.scaled_backward(gamma, None, emit_probs, probs, padding, 4, alpha, 1, numpy.ones((2, 3, 3)), alpha)
+    with pytest.raises(ValueError, match="gamma: expected a C-contiguous writable array"):
+        loops.scaled_backward(gamma.transpose(0, 2, 1), alpha, emit_probs, probs, padding, 4, alpha)
+    with pytest.raises(ValueError, match=r"gamma \[B, T, S\], u, weights: shapes do not match alpha \[T=4, B=2, S=3\]"):
+        loops.scaled_backward(alpha.copy(), alpha.copy(), emit_probs, probs, padding, 4, alpha)
+    u, weights = numpy.zeros((4, 2, 3)), numpy.ones((4, 2, 3))
+    assert loops.scaled_backward(gamma, u, weights, probs, padding, 4, numpy.full((4, 2, 3), 0.5)) is True
+    numpy.testing.assert_array_equal(gamma, 0.5)  # gamma = alpha * beta, beta = 1 throughout
+    assert loops.scaled_backward(gamma, u, weights * 1e308, probs, padding, 4, numpy.ones((4, 2, 3))) is False
     with pytest.raises(ValueError, match=r"flagged: expected \[B=2\] of one-byte booleans"):
         loops.scaled_forward(alpha, scale, emit_probs, probs, padding, 4, numpy.zeros(3, bool))
     # a normaliser below tiny / eps inside the length flags its chain, one at a padding step does not
