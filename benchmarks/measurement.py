@@ -287,8 +287,10 @@ def import_baseline(root: str):
 
 
 def extract_baseline(commit: str) -> dict:
-    """``git archive`` of ``latentnlp/`` at ``commit`` into a temporary folder: ``{root, commit, head}``
-    (``head``: the commit of the working tree measured against it)."""
+    """``git archive`` of ``latentnlp/`` (and ``setup.py``, where the commit has one) at ``commit`` into a
+    temporary folder, its compiled loops built in place where it has them: ``{root, commit, head,
+    compiled}`` (``head``: the commit of the working tree measured against it; ``compiled``: whether the
+    baseline's ``latentnlp._chain_loops`` was built, so that both sides run their own compiled loops)."""
     import io
     import subprocess
     import tarfile
@@ -298,7 +300,12 @@ def extract_baseline(commit: str) -> dict:
         return subprocess.run(["git", "-C", str(REPO), *arguments], check=True, capture_output=True).stdout
 
     root = Path(tempfile.mkdtemp(prefix="latentnlp-baseline-"))
-    with tarfile.open(fileobj=io.BytesIO(git("archive", commit, "latentnlp"))) as archive:
+    paths = ["latentnlp"] + [p for p in ("setup.py",) if git("ls-tree", "--name-only", commit, p).strip()]
+    with tarfile.open(fileobj=io.BytesIO(git("archive", commit, *paths))) as archive:
         archive.extractall(root, filter="data")
+    compiled = False
+    if (root / "setup.py").exists():
+        build = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+        compiled = subprocess.run(build, cwd=root, capture_output=True).returncode == 0
     resolved = git("rev-parse", commit).decode().strip()
-    return dict(root=root, commit=resolved, head=git("rev-parse", "HEAD").decode().strip())
+    return dict(root=root, commit=resolved, head=git("rev-parse", "HEAD").decode().strip(), compiled=compiled)
