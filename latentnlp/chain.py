@@ -265,13 +265,20 @@ def _compiled_loop_factors(probs: TransitionProbabilities, beliefs: Tensor) -> t
 
 
 COMPILED_LOOP_THREAD_MIN_WORK = 2**23
-"""The fewest multiply-adds (``T`` times a step's largest product) of a compiled loop whose rows are shared
-among threads (:func:`_compiled_loop_threads`).  Measured (forward + backward of ``log Z``, float32, two
-threads against one, alternating in one process): factorial chains ``(L, K) = (3, 12), (4, 8)`` at
-``B = 8, T = 128`` (``2^24``, ``2^25``) 1.37x and 1.28x; one matrix at ``(B, T, K) = (16, 64, 128)``
-(``2^24``) 1.28x, ``(8, 256, 64)`` and ``(64, 128, 32)`` (``2^23``) 1.14x and 1.08x, ``(16, 64, 64)``
-(``2^22``) 0.98x, ``(8, 1024, 16)`` (``2^21``) 0.74x; and ``(4, 1024, 128)`` 0.81x, two rows a thread,
-which loses the four-row tiles: a thread takes at least four rows of one matrix."""
+"""The fewest multiply-adds (``T`` times a step's largest product) of a compiled loop over a product of
+chains whose rows are shared among threads (:func:`_compiled_loop_threads`).  Measured (forward + backward
+of ``log Z``, float32, two threads against one, alternating in one process, ``T = 128``): factorial chains
+``(L, K) = (3, 12), (4, 8)`` at ``B = 8`` (``2^24``, ``2^25``) 1.37x and 1.28x with
+``OMP_WAIT_POLICY=PASSIVE``, 1.42x and 1.26x with OpenMP's default (torch's idle threads spinning)."""
+
+COMPILED_LOOP_THREAD_MIN_WORK_ONE_MATRIX = 2**27
+"""The same bound for a loop over one matrix, whose rows are shared only four or more a thread (the
+product's tile: ``(4, 1024, 128)``, two rows a thread, took 0.81x).  Measured as above: with OpenMP's
+default, 1.26x at ``(B, T, K) = (16, 1024, 128)`` (``2^28``) and 1.10x at ``(64, 512, 64)`` (``2^27``),
+but 0.94x at ``(64, 128, 64)`` (``2^25``), 0.84x at ``(16, 64, 128)`` (``2^24``) and 0.74x at
+``(32, 256, 32)`` (``2^23``): a short loop's second thread meets torch's threads still spinning after the
+operations before it.  With ``OMP_WAIT_POLICY=PASSIVE`` two threads already won from ``2^23`` (1.28x at
+``(16, 64, 128)``, 1.14x at ``(8, 256, 64)``, 1.39x at ``(16, 1024, 128)``), the bound is the default's."""
 
 
 def _compiled_loop_statistics(factors: tuple[Tensor, ...]) -> bool:
@@ -288,13 +295,14 @@ def _compiled_loop_statistics(factors: tuple[Tensor, ...]) -> bool:
 def _compiled_loop_threads(probs: TransitionProbabilities, beliefs: Tensor, factors: tuple[Tensor, ...]) -> int:
     """How many threads share the rows of a compiled loop over ``beliefs [T, B, S]``: torch's intra-op
     count where the loop's products (``T`` times a step's largest, :meth:`TransitionProbabilities.step_work`)
-    are at least :data:`COMPILED_LOOP_THREAD_MIN_WORK` multiply-adds, so long as each thread gets four rows
-    of a one-matrix step (its product's tile) or one row of a product of chains; else one."""
+    reach :data:`COMPILED_LOOP_THREAD_MIN_WORK` (a product of chains, a row or more a thread) or
+    :data:`COMPILED_LOOP_THREAD_MIN_WORK_ONE_MATRIX` (one matrix, four rows or more a thread); else one."""
     steps, batch, states = beliefs.shape
-    if steps * probs.step_work(batch, states) < COMPILED_LOOP_THREAD_MIN_WORK:
+    one_matrix = len(factors) == 1
+    bound = COMPILED_LOOP_THREAD_MIN_WORK_ONE_MATRIX if one_matrix else COMPILED_LOOP_THREAD_MIN_WORK
+    if steps * probs.step_work(batch, states) < bound:
         return 1
-    rows = 4 if len(factors) == 1 else 1
-    return max(1, min(batch // rows, torch.get_num_threads()))
+    return max(1, min(batch // (4 if one_matrix else 1), torch.get_num_threads()))
 
 
 def _reachable_shift_array(reach, scores):

@@ -34,6 +34,7 @@ def loop(request, monkeypatch):
         monkeypatch.setattr(chain, "COMPILED_LOOP_MAX_WORK", -1)
     if request.param == "compiled-threads":  # rows shared among threads at every size (two rows or more each)
         monkeypatch.setattr(chain, "COMPILED_LOOP_THREAD_MIN_WORK", 0)
+        monkeypatch.setattr(chain, "COMPILED_LOOP_THREAD_MIN_WORK_ONE_MATRIX", 0)
         monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     if request.param == "torch":
         monkeypatch.setattr(chain, "ARRAY_LOOP_MAX_WORK", -1)
