@@ -376,9 +376,10 @@ def _scaled_backward(
     steps of ``beta``, a time-major view of a batch-major buffer), ``u [T, B, K]`` (``u_0 = 0``,
     ``u_t = 0`` past the length), ``finite``: True when the sum of ``gamma`` and ``u`` (or the
     statistics) is known finite (the compiled loop checks it as it writes ``gamma``), False when it
-    is not, None when unchecked, and the edge statistics: with ``statistics`` set, where the compiled loop computes them
-    (:func:`_compiled_loop_statistics`), each row's ``sum_t`` of every step factor's statistics
-    ``[B, F, k, k]`` (:meth:`TransitionProbabilities.factor_gradients`), ``u`` then None; else None.
+    is not, None when unchecked, and the edge statistics: with ``statistics`` set, where the compiled
+    loop computes them (:func:`_compiled_loop_statistics`), each row's ``sum_t`` of every step factor's
+    statistics ``[B, F, k, k]`` (:meth:`TransitionProbabilities.factor_gradients`), ``u`` then None;
+    else None.
     """
     steps, batch, states = alpha.shape
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps
