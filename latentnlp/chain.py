@@ -63,7 +63,7 @@ from torch import Tensor
 from .gumbel import gumbel_argmax
 from .masks import lengths_to_mask
 from .semirings import LogSemiring, expected_score, finite_max, logsumexp, safe_log
-from .transitions import DenseTransition, Transition, TransitionProbabilities, shifted_exp
+from .transitions import DenseTransition, Transition, TransitionProbabilities, rounded_away, shifted_exp
 
 try:  # built by the install where a C compiler is found (setup.py); else the loops step with numpy
     from . import _chain_loops
@@ -171,7 +171,8 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
         emit_probs = emit.new_zeros(steps, batch, k)
         shifts = emit.new_zeros(steps, batch)
         a, shifts[0] = _reachable_shift((init != float("-inf")).to(emit.dtype), init + emit[:, 0])
-        lost = ((init + emit[:, 0] > float("-inf")) & (a < tiny)).any(-1)
+        # an entry of P rounded to 0 hides its paths from the support check below too
+        lost = ((init + emit[:, 0] > float("-inf")) & (a < tiny)).any(-1) | probs.rounded_away()
     torch.sum(a, -1, keepdim=True, out=scale[0].unsqueeze(-1))
     torch.div(a, scale[0].unsqueeze(-1), out=alpha[0])
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps  # steps before this need no padding
@@ -782,7 +783,7 @@ class _BlockedLogPartition(torch.autograd.Function):
         probs = transition.probabilities()
         alpha, scale, emit_probs, product, log_shift, lost = _blocked_forward(init, probs.dense(), emit, mask, block)
         log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
-        underflowed = _underflowed(scale, mask) | lost
+        underflowed = _underflowed(scale, mask) | lost | probs.rounded_away()
         ctx.save_for_backward(alpha, scale, emit_probs, mask, init, emit, lengths)
         ctx.probs, ctx.product, ctx.block, ctx.transition = probs, product, block, transition
         final_filter = alpha[-1]
@@ -1355,8 +1356,9 @@ def blocked_forward_filter(
     """
     mask = lengths_to_mask(lengths, emit.shape[1])
     block = _block_size(block, emit.shape[1])
-    alpha, scale, _, _, _, lost = _blocked_forward(init, transition.probabilities().dense(), emit, mask, block)
-    if torch.isfinite(alpha).all() and not (_underflowed(scale, mask) | lost).any():
+    probs = transition.probabilities()
+    alpha, scale, _, _, _, lost = _blocked_forward(init, probs.dense(), emit, mask, block)
+    if torch.isfinite(alpha).all() and not (_underflowed(scale, mask) | lost | probs.rounded_away()).any():
         return safe_log(alpha.transpose(0, 1))
     return _log_space_filter(init, transition, emit, mask)
 
@@ -1740,6 +1742,7 @@ def blocked_entropy(
     mask = lengths_to_mask(lengths, steps)
     probs, shift = shifted_exp(trans, 2)
     alpha, scale, emit_probs, product, _, lost = _blocked_forward(init, probs, emit, mask, block)
+    lost = lost | rounded_away(probs, trans)
     if product is None:  # T = 1
         gamma, u = alpha, torch.zeros_like(alpha)
     else:

@@ -26,6 +26,7 @@ Bernoulli or categorical variables with additive logits (:class:`BernoulliEmissi
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -42,7 +43,7 @@ from .masks import lengths_to_mask
 from .precision import computation_dtype
 from .semirings import LogSemiring, expected_score, safe_log
 from .structures import ChainPosterior
-from .transitions import DenseTransition, Transition, TransitionProbabilities, shifted_exp
+from .transitions import DenseTransition, Transition, TransitionProbabilities, rounded_away, shifted_exp
 from .validation import describe, is_validating
 
 __all__ = [
@@ -166,7 +167,9 @@ class ProductTransition(Transition):
         return ProductTransition([c.select_rows(rows).log for c in self.chains])
 
     def probabilities(self) -> TransitionProbabilities:
-        return _ProductProbabilities([shifted_exp(c.log, 2) for c in self.chains], self.chain_states)
+        return _ProductProbabilities(
+            [shifted_exp(c.log, 2) for c in self.chains], self.chain_states, [c.log for c in self.chains]
+        )
 
     def log_propagator(self) -> Callable[[Tensor, int], Tensor]:
         r"""``b'(z') = log sum_z exp(b(z) + sum_l trans^l_t[z^l, z'^l])``, one chain's axis at a time
@@ -248,8 +251,9 @@ class _ProductProbabilities(TransitionProbabilities):
     BLAS gets no zero batch stride, which sends it down a slow path).
     """
 
-    def __init__(self, shifted: Sequence[tuple[Tensor, Tensor]], num_states: int):
+    def __init__(self, shifted: Sequence[tuple[Tensor, Tensor]], num_states: int, logs: Sequence[Tensor]):
         self.probs = [p for p, _ in shifted]
+        self.logs = list(logs)
         self.shifts = [s for _, s in shifted]
         self.k = num_states
         # per-step views taken once: at[l][t] = P^l_t as [B, K, K] (time-varying chains only)
@@ -365,6 +369,11 @@ class _ProductProbabilities(TransitionProbabilities):
 
     def all_positive(self):
         return all(bool((p > 0).all()) for p in self.probs)
+
+    def rounded_away(self):
+        """Any chain's entry rounded away (its joint states' paths through it lost)."""
+        rounded = [rounded_away(p, log) for p, log in zip(self.probs, self.logs)]
+        return functools.reduce(torch.logical_or, rounded)
 
     def parameter_gradients(self, alpha, u):
         r"""Per chain, ``d log Z / d trans^l_t[i, j] = P^l_t(i, j) sum_rest A^l_{t-1}[i, rest] U^l_t[rest, j]``.

@@ -53,6 +53,17 @@ def shifted_exp(log: Tensor, dims: int) -> tuple[Tensor, Tensor]:
     return torch.exp(log - shift[(...,) + (None,) * dims]), shift
 
 
+def rounded_away(probs: Tensor, log: Tensor) -> Tensor:
+    """The chains whose shifted probabilities ``probs = exp(log - s)`` (``[K, K']``, ``[B, K, K']`` or
+    ``[B, T-1, K, K']``) hold an entry rounded to 0 from a finite log score (one more than about 103 nats
+    below its matrix's largest in float32, 745 in float64): ``[B]`` bool, or ``[]`` for one shared
+    matrix (then every chain).  The probability-space kernels cannot see the paths through such an
+    entry, which a large emission score further on may make the likeliest, so they flag these chains
+    (``method="auto"`` redoes them in log space)."""
+    rounded = (probs == 0) & (log > float("-inf"))
+    return rounded.flatten(1).any(-1) if rounded.dim() > 2 else rounded.any()
+
+
 class TransitionProbabilities(ABC):
     r"""A transition in probability space, shifted once for a whole recursion.
 
@@ -116,6 +127,11 @@ class TransitionProbabilities(ABC):
     @abstractmethod
     def all_positive(self) -> bool:
         """True when every ``P_t(i, j) > 0`` (synchronises with the device)."""
+
+    @abstractmethod
+    def rounded_away(self) -> Tensor:
+        """The chains (``[B]`` bool, or ``[]`` for all) whose shifted probabilities lost an entry of finite log
+        score to rounding (:func:`rounded_away`); none can where :meth:`all_positive`."""
 
     @abstractmethod
     def parameter_gradients(self, alpha: Tensor, u: Tensor) -> tuple[Tensor, ...]:
@@ -319,10 +335,10 @@ class DenseTransition(Transition):
     def probabilities(self) -> TransitionProbabilities:
         probs, shift = shifted_exp(self.log, 2)
         if self.log.dim() == 2:
-            return _SharedProbabilities(probs, shift)
+            return _SharedProbabilities(probs, shift, self.log)
         if self.log.dim() == 3:
-            return _BatchedProbabilities(probs, shift)
-        return _TimeVaryingProbabilities(probs, shift)
+            return _BatchedProbabilities(probs, shift, self.log)
+        return _TimeVaryingProbabilities(probs, shift, self.log)
 
     def log_propagator(self) -> Callable[[Tensor, int], Tensor]:
         if self.log.dim() == 4:
@@ -366,8 +382,8 @@ class DenseTransition(Transition):
 
 
 class _SharedProbabilities(TransitionProbabilities):
-    def __init__(self, probs: Tensor, shift: Tensor):
-        self.probs, self.shift = probs, shift
+    def __init__(self, probs: Tensor, shift: Tensor, log: Tensor):
+        self.probs, self.shift, self.log = probs, shift, log
         self.probs_t = probs.transpose(0, 1)
 
     def forward(self, vector, t, out):
@@ -395,14 +411,17 @@ class _SharedProbabilities(TransitionProbabilities):
     def all_positive(self):
         return bool((self.probs > 0).all())
 
+    def rounded_away(self):
+        return rounded_away(self.probs, self.log)
+
     def parameter_gradients(self, alpha, u):
         k = alpha.shape[-1]
         return (self.probs * (alpha.reshape(-1, k).transpose(0, 1) @ u.reshape(-1, k)),)
 
 
 class _BatchedProbabilities(TransitionProbabilities):
-    def __init__(self, probs: Tensor, shift: Tensor):
-        self.probs, self.shift = probs, shift
+    def __init__(self, probs: Tensor, shift: Tensor, log: Tensor):
+        self.probs, self.shift, self.log = probs, shift, log
 
     def forward(self, vector, t, out):
         return torch.bmm(vector.unsqueeze(1), self.probs, out=out.unsqueeze(1)).squeeze(1)
@@ -430,13 +449,16 @@ class _BatchedProbabilities(TransitionProbabilities):
     def all_positive(self):
         return bool((self.probs > 0).all())
 
+    def rounded_away(self):
+        return rounded_away(self.probs, self.log)
+
     def parameter_gradients(self, alpha, u):
         return (self.probs * torch.bmm(alpha.permute(1, 2, 0), u.transpose(0, 1)),)
 
 
 class _TimeVaryingProbabilities(TransitionProbabilities):
-    def __init__(self, probs: Tensor, shift: Tensor):
-        self.probs, self.shift = probs, shift
+    def __init__(self, probs: Tensor, shift: Tensor, log: Tensor):
+        self.probs, self.shift, self.log = probs, shift, log
         self.probs_at = (None,) + probs.unbind(1)  # per-step views taken once: probs_at[t] = P_t
 
     def forward(self, vector, t, out):
@@ -462,6 +484,9 @@ class _TimeVaryingProbabilities(TransitionProbabilities):
 
     def all_positive(self):
         return bool((self.probs > 0).all())
+
+    def rounded_away(self):
+        return rounded_away(self.probs, self.log)
 
     def parameter_gradients(self, alpha, u):
         return (self.probs * (alpha.unsqueeze(-1) * u.unsqueeze(-2)).transpose(0, 1),)
@@ -526,7 +551,7 @@ class LowRankTransition(Transition):
     def probabilities(self) -> TransitionProbabilities:
         left, left_shift = shifted_exp(self.log_left, 2)
         right, right_shift = shifted_exp(self.log_right, 2)
-        return _LowRankProbabilities(left, right, left_shift + right_shift)
+        return _LowRankProbabilities(left, right, left_shift + right_shift, self.log_left, self.log_right)
 
     def log_propagator(self) -> Callable[[Tensor, int], Tensor]:
         left = LogSemiring.exponentiate(self.log_left)
@@ -562,8 +587,9 @@ class LowRankTransition(Transition):
 
 
 class _LowRankProbabilities(TransitionProbabilities):
-    def __init__(self, left: Tensor, right: Tensor, shift: Tensor):
+    def __init__(self, left: Tensor, right: Tensor, shift: Tensor, log_left: Tensor, log_right: Tensor):
         self.left, self.right, self.shift = left, right, shift
+        self.log_left, self.log_right = log_left, log_right
         self.left_t, self.right_t = left.transpose(0, 1), right.transpose(0, 1)
 
     def forward(self, vector, t, out):
@@ -587,6 +613,10 @@ class _LowRankProbabilities(TransitionProbabilities):
 
     def all_positive(self):
         return bool((self.left > 0).all()) and bool((self.right > 0).all())
+
+    def rounded_away(self):
+        """Either factor's entry rounded away (a term of ``P = U V`` lost: conservative, every chain)."""
+        return rounded_away(self.left, self.log_left) | rounded_away(self.right, self.log_right)
 
     def parameter_gradients(self, alpha, u):
         r"""``dU = U * sum_t alpha_{t-1}^T (u_t V^T)``, ``dV = V * sum_t (alpha_{t-1} U)^T u_t``."""

@@ -11,6 +11,7 @@ and ``"auto"`` is checked to take the blocked kernel exactly where
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import numpy
@@ -279,6 +280,45 @@ def test_a_path_rounded_away_is_flagged_by_both_loops(loop):
     torch.testing.assert_close(d.log_partition.to(F64), ref.log_partition, rtol=1e-6, atol=0)
     log_filter = chain.forward_filter(d.init, d.transition, d.emit, d.lengths)
     torch.testing.assert_close(log_filter[:, -1].exp().to(F64), ref.marginals[:, -1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("trans_kind", ["shared", "batched", "time", "factorial"])
+def test_a_transition_entry_rounded_to_zero_is_flagged(loop, trans_kind):
+    """float32: ``trans[0, 1] = -110`` is finite but its shifted probability ``exp(-110)`` rounds to 0, and
+    the only path into the state it leads to meets a score of +200 (log Z = 90): the probability-space
+    kernels (scaled and blocked; sums, entropy, marginals) flag the chains whose matrices hold such an
+    entry, and ``"auto"`` gives the float64 values."""
+    log = torch.tensor([[0.0, -110.0], [0.0, 0.0]], dtype=F64)
+    init, emit = torch.tensor([0.0, -math.inf], dtype=F64), torch.zeros(2, 3, 2, dtype=F64)
+    emit[0, 1, 1] = 200.0  # the second chain sees no large score: only a rounded entry flags it
+    # batched: the second chain's matrix has nothing to round (it is not flagged)
+    trans = {
+        "shared": log,
+        "batched": torch.stack([log, torch.zeros_like(log)]),
+        "time": log.expand(2, 2, 2, 2).clone(),
+    }
+    if trans_kind == "time":
+        trans["time"][1] = log.T  # the second chain's entries are 0 and -110 from state 1: also rounded
+    if trans_kind == "factorial":  # and a second chain of two states that the scores do not see
+        joint = emit[..., None].expand(2, 3, 2, 2).contiguous()
+        chains = torch.stack([init, torch.zeros(2, dtype=F64)])
+        cases = [(FactorialChainPosterior, (chains, [log, torch.zeros(2, 2, dtype=F64)], joint))]
+    else:
+        cases = [(ChainPosterior, (init, trans[trans_kind], emit))]
+    for build_posterior, args in cases:
+        expected = build_posterior(*args, method="log")
+        narrow = [[t.float() for t in a] if isinstance(a, list) else a.float() for a in args]
+        for method in ("auto",) + (("blocked",) if build_posterior is ChainPosterior else ()):
+            found = build_posterior(*narrow, method=method)
+            msg = f"{loop} {trans_kind} {method}"
+            torch.testing.assert_close(found.log_partition.double(), expected.log_partition, rtol=1e-6, atol=0, msg=msg)
+            # the entropy, log Z - E_p[s], cancels terms of about 200: float32 resolves it to about 1e-4 here
+            torch.testing.assert_close(found.entropy().double(), expected.entropy(), rtol=0, atol=1e-3, msg=msg)
+            torch.testing.assert_close(found.marginals.double(), expected.marginals, rtol=0, atol=1e-5, msg=msg)
+    if trans_kind != "factorial":
+        d = ChainPosterior(*[a.float() for a in cases[0][1]])
+        _, _, underflowed = chain.scaled_log_partition(d.init, d.transition, d.emit, d.lengths)
+        assert underflowed.tolist() == ([True, False] if trans_kind == "batched" else [True, True])
 
 
 @pytest.mark.skipif(chain._chain_loops is None, reason="latentnlp._chain_loops was not built by this install")

@@ -623,7 +623,7 @@ def test_probabilities_of_mixed_chain_layouts_equal_the_dense_product():
     alpha = torch.rand(steps - 1, batch, k**3, generator=gen)
     u = torch.rand(steps - 1, batch, k**3, generator=gen)
     leaves = [p.clone().requires_grad_() for p in mixed.probs]
-    product = _ProductProbabilities([(p, torch.zeros(())) for p in leaves], k).dense()
+    product = _ProductProbabilities([(p, torch.zeros(())) for p in leaves], k, [p.log() for p in leaves]).dense()
     total = torch.einsum("tbi,btij,tbj->", alpha, product, u)
     expected = torch.autograd.grad(total, leaves)
     for grad, p, reference in zip(mixed.parameter_gradients(alpha, u), mixed.probs, expected):

@@ -127,7 +127,11 @@ def test_parameter_gradients_over_uneven_chunks(monkeypatch, layout, num_chains,
     alpha = torch.rand(steps - 1, batch, states, generator=gen)
     u = torch.rand(steps - 1, batch, states, generator=gen)
     leaves = [p.clone().requires_grad_() for p in probs.probs]
-    product = per_step(_ProductProbabilities([(p, torch.zeros(())) for p in leaves], k).dense(), batch, steps)
+    product = per_step(
+        _ProductProbabilities([(p, torch.zeros(())) for p in leaves], k, [p.log() for p in leaves]).dense(),
+        batch,
+        steps,
+    )
     total = torch.einsum("tbi,btij,tbj->", alpha, product, u)
     expected = torch.autograd.grad(total, leaves)
     for grad, p, reference in zip(probs.parameter_gradients(alpha, u), probs.probs, expected):
