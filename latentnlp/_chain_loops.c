@@ -287,9 +287,45 @@ DEFINE_PLAIN_AXIS_STATISTICS(double, double)
                                                      REAL *restrict statistics, Py_ssize_t A,           \
                                                      Py_ssize_t K, Py_ssize_t C) {                      \
         const Py_ssize_t lanes = LANES_##SUFFIX, full = C - C % lanes;                                  \
-        if (C == 1) {                                                                                   \
-            for (Py_ssize_t a = 0; a < A; a++)                                                          \
-                for (Py_ssize_t i = 0; i < K; i++) {                                                    \
+        if (C == 1) { /* x^T y over the A rows: four rows i of statistics by a vector of columns j in      \
+                       * registers over every a (then a half vector, then the plain loop) */            \
+            Py_ssize_t i = 0;                                                                           \
+            for (; i + 4 <= K; i += 4) {                                                                \
+                Py_ssize_t j = 0;                                                                       \
+                for (; j + lanes <= K; j += lanes) {                                                    \
+                    vector_##SUFFIX a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                             \
+                    for (Py_ssize_t a = 0; a < A; a++) {                                                \
+                        const vector_##SUFFIX v = *(const unaligned_##SUFFIX *)(y + a * K + j);         \
+                        const REAL *restrict w = x + a * K + i;                                         \
+                        a0 += w[0] * v, a1 += w[1] * v, a2 += w[2] * v, a3 += w[3] * v;                 \
+                    }                                                                                   \
+                    *(unaligned_##SUFFIX *)(statistics + i * K + j) += a0;                              \
+                    *(unaligned_##SUFFIX *)(statistics + (i + 1) * K + j) += a1;                        \
+                    *(unaligned_##SUFFIX *)(statistics + (i + 2) * K + j) += a2;                        \
+                    *(unaligned_##SUFFIX *)(statistics + (i + 3) * K + j) += a3;                        \
+                }                                                                                       \
+                if (K - j >= lanes / 2) {                                                               \
+                    half_##SUFFIX a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                               \
+                    for (Py_ssize_t a = 0; a < A; a++) {                                                \
+                        const half_##SUFFIX v = *(const unaligned_half_##SUFFIX *)(y + a * K + j);      \
+                        const REAL *restrict w = x + a * K + i;                                         \
+                        a0 += w[0] * v, a1 += w[1] * v, a2 += w[2] * v, a3 += w[3] * v;                 \
+                    }                                                                                   \
+                    *(unaligned_half_##SUFFIX *)(statistics + i * K + j) += a0;                         \
+                    *(unaligned_half_##SUFFIX *)(statistics + (i + 1) * K + j) += a1;                   \
+                    *(unaligned_half_##SUFFIX *)(statistics + (i + 2) * K + j) += a2;                   \
+                    *(unaligned_half_##SUFFIX *)(statistics + (i + 3) * K + j) += a3;                   \
+                    j += lanes / 2;                                                                     \
+                }                                                                                       \
+                for (; j < K; j++)                                                                      \
+                    for (int q = 0; q < 4; q++) {                                                       \
+                        REAL total = 0;                                                                 \
+                        for (Py_ssize_t a = 0; a < A; a++) total += x[a * K + i + q] * y[a * K + j];    \
+                        statistics[(i + q) * K + j] += total;                                           \
+                    }                                                                                   \
+            }                                                                                           \
+            for (; i < K; i++)                                                                          \
+                for (Py_ssize_t a = 0; a < A; a++) {                                                    \
                     const REAL w = x[a * K + i], *restrict other = y + a * K;                           \
                     REAL *restrict out = statistics + i * K;                                            \
                     for (Py_ssize_t j = 0; j < K; j++) out[j] += w * other[j];                          \
