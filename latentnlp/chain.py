@@ -55,6 +55,7 @@ and ``"auto"`` keeps the sequential ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy
 import torch
@@ -390,17 +391,29 @@ def _scaled_backward(
     if factors is not None:
         gamma = alpha.new_empty(batch, steps, states)  # batch-major: the emission gradient's layout
         factors_t = tuple(f.transpose(-1, -2).contiguous().numpy() for f in factors)
-        loop = (gamma.numpy(), None, weights.numpy(), factors_t, (~mask).numpy(), all_valid_until, alpha.numpy())
         threads = _compiled_loop_threads(probs, alpha, factors)
+
+        def loop(u, *statistics):  # u: the backward messages' buffer, None where the statistics replace it
+            return _chain_loops.scaled_backward(
+                gamma.numpy(),
+                u,
+                weights.numpy(),
+                factors_t,
+                (~mask).numpy(),
+                all_valid_until,
+                alpha.numpy(),
+                threads,
+                *statistics,
+            )
+
         if statistics and _compiled_loop_statistics(factors):
             k = factors[0].shape[-1]
             sums = alpha.new_empty(batch, len(factors), k, k)
-            finite = _chain_loops.scaled_backward(*loop, threads, tuple(f.numpy() for f in factors), sums.numpy())
+            finite = loop(None, tuple(f.numpy() for f in factors), sums.numpy())
             return gamma.transpose(0, 1), None, finite, sums
         u = torch.empty_like(alpha)  # the loop writes u_t for every t >= 1
         u[0] = 0.0
-        finite = _chain_loops.scaled_backward(*loop[:1], u.numpy(), *loop[2:], threads)
-        return gamma.transpose(0, 1), u, finite, None
+        return gamma.transpose(0, 1), u, loop(u.numpy()), None
     beta = torch.empty_like(alpha)
     beta[steps - 1] = 1.0
     u = torch.empty_like(alpha)  # the loop writes u_t for every t >= 1
@@ -605,7 +618,9 @@ def _times_vectors(probs: Tensor, vectors: Tensor) -> Tensor:
     return (probs @ vectors.unsqueeze(-1)).squeeze(-1)
 
 
-def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, block: int):
+def _blocked_forward(
+    init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, block: int, entries_rounded_away: Callable[[], Tensor]
+):
     r"""Forward pass of the blocked algorithm: the scaled algorithm's quantities in ``2 b + n`` steps.
 
     With ``S_t = P_t diag(e_t)`` (the identity past the length) the filter is
@@ -630,8 +645,9 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
     ``log Z = sum_t log c_t + log_shift + transition shifts``, and ``lost [B]`` (bool), which marks,
     as :func:`_scaled_forward`'s does and only where not every state is reachable, chains where a
     state the chain can be in was rounded below the smallest normal number (at a step inside a
-    block, in a block product's row, or in a boundary's weight or entry): the paths through it are
-    gone, with no step normaliser small.
+    block, in a block product's row, or in a boundary's weight or entry), or whose transition lost an
+    entry of finite score to the shift (``entries_rounded_away()``, as :meth:`TransitionProbabilities.rounded_away`):
+    the paths through it are gone, with no step normaliser small.
     """
     batch, steps, k = emit.shape
     shift = finite_max(emit, -1)
@@ -643,7 +659,9 @@ def _blocked_forward(init: Tensor, probs: Tensor, emit: Tensor, mask: Tensor, bl
     tiny = torch.finfo(emit.dtype).tiny
     # as in _scaled_forward: lost mass is looked for only where a state may not be re-entered
     watch = not (bool((init != float("-inf")).all()) and bool((probs > 0).all()))
-    lost = ((init + emit[:, 0] > float("-inf")) & (a < tiny)).any(-1) if watch else torch.zeros_like(mask[:, 0])
+    lost = torch.zeros_like(mask[:, 0])
+    if watch:
+        lost = ((init + emit[:, 0] > float("-inf")) & (a < tiny)).any(-1) | entries_rounded_away()
     if steps == 1:
         return alpha0.unsqueeze(0), scale0.unsqueeze(0), emit_probs, None, log_shift, lost
     blocks = _Blocks(probs, emit_probs, mask, block)
@@ -783,9 +801,11 @@ class _BlockedLogPartition(torch.autograd.Function):
     def forward(ctx, init, emit, lengths, block, transition, *parameters):
         mask = lengths_to_mask(lengths, emit.shape[1])
         probs = transition.probabilities()
-        alpha, scale, emit_probs, product, log_shift, lost = _blocked_forward(init, probs.dense(), emit, mask, block)
+        alpha, scale, emit_probs, product, log_shift, lost = _blocked_forward(
+            init, probs.dense(), emit, mask, block, probs.rounded_away
+        )
         log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
-        underflowed = _underflowed(scale, mask) | lost | probs.rounded_away()
+        underflowed = _underflowed(scale, mask) | lost
         ctx.save_for_backward(alpha, scale, emit_probs, mask, init, emit, lengths)
         ctx.probs, ctx.product, ctx.block, ctx.transition = probs, product, block, transition
         final_filter = alpha[-1]
@@ -1359,8 +1379,8 @@ def blocked_forward_filter(
     mask = lengths_to_mask(lengths, emit.shape[1])
     block = _block_size(block, emit.shape[1])
     probs = transition.probabilities()
-    alpha, scale, _, _, _, lost = _blocked_forward(init, probs.dense(), emit, mask, block)
-    if torch.isfinite(alpha).all() and not (_underflowed(scale, mask) | lost | probs.rounded_away()).any():
+    alpha, scale, _, _, _, lost = _blocked_forward(init, probs.dense(), emit, mask, block, probs.rounded_away)
+    if torch.isfinite(alpha).all() and not (_underflowed(scale, mask) | lost).any():
         return safe_log(alpha.transpose(0, 1))
     return _log_space_filter(init, transition, emit, mask)
 
@@ -1743,8 +1763,9 @@ def blocked_entropy(
     block = _block_size(block, steps)
     mask = lengths_to_mask(lengths, steps)
     probs, shift = shifted_exp(trans, 2)
-    alpha, scale, emit_probs, product, _, lost = _blocked_forward(init, probs, emit, mask, block)
-    lost = lost | rounded_away(probs, trans)
+    alpha, scale, emit_probs, product, _, lost = _blocked_forward(
+        init, probs, emit, mask, block, lambda: rounded_away(probs, trans)
+    )
     if product is None:  # T = 1
         gamma, u = alpha, torch.zeros_like(alpha)
     else:
