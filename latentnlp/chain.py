@@ -154,6 +154,14 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     reachable none is lost: each state can then be re-entered from every other at the next step.
     """
     batch, steps, k = emit.shape
+    factors = _compiled_loop_factors(probs, emit.transpose(0, 1))
+    if factors is not None:  # the compiled loop, from the scores; it declines where a state is not reachable
+        alpha, weights = emit.new_empty(steps, batch, k), emit.new_empty(steps, batch, k)
+        scale, shifts = emit.new_empty(steps, batch), emit.new_empty(steps, batch)
+        all_valid_until = int(mask.sum(-1).min()) if batch else steps
+        stored = _compiled_forward(init, probs, emit, ~mask, all_valid_until, factors, None, (alpha, scale, weights, shifts))
+        if stored is not None:
+            return alpha, scale, weights, shifts, stored[2]
     alpha = emit.new_empty(steps, batch, k)
     scale = emit.new_ones(steps, batch)
     lost = torch.zeros(batch, dtype=torch.bool, device=emit.device)
@@ -177,21 +185,6 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     torch.sum(a, -1, keepdim=True, out=scale[0].unsqueeze(-1))
     torch.div(a, scale[0].unsqueeze(-1), out=alpha[0])
     all_valid_until = int(mask.sum(-1).min()) if mask.shape[0] else steps  # steps before this need no padding
-    factors = _compiled_loop_factors(probs, alpha) if reachable else None
-    if factors is not None:
-        flagged = (scale[0] < underflow_threshold(scale.dtype)) & mask[:, 0]
-        _chain_loops.scaled_forward(  # divides e_t by c_t and flags underflow as it goes, t >= 1
-            alpha.numpy(),
-            scale.numpy(),
-            emit_probs.numpy(),
-            tuple(f.numpy() for f in factors),
-            (~mask).numpy(),
-            all_valid_until,
-            flagged.numpy(),
-            _compiled_loop_threads(probs, alpha, factors),
-        )
-        emit_probs[0].div_(scale[0].unsqueeze(-1))
-        return alpha, scale, emit_probs, shifts, flagged
     array_steps = _array_steps(probs, alpha)
     if array_steps is not None:
         _forward_steps_on_arrays(
@@ -281,6 +274,47 @@ but 0.94x at ``(64, 128, 64)`` (``2^25``), 0.84x at ``(16, 64, 128)`` (``2^24``)
 ``(32, 256, 32)`` (``2^23``): a short loop's second thread meets torch's threads still spinning after the
 operations before it.  With ``OMP_WAIT_POLICY=PASSIVE`` two threads already won from ``2^23`` (1.28x at
 ``(16, 64, 128)``, 1.14x at ``(8, 256, 64)``, 1.39x at ``(16, 1024, 128)``), the bound is the default's."""
+
+
+def _compiled_forward(
+    init: Tensor,
+    probs: TransitionProbabilities,
+    emit: Tensor,
+    padding: Tensor | None,
+    all_valid_until: int,
+    factors: tuple[Tensor, ...],
+    final_filter: Tensor | None,
+    stored: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor | None, Tensor] | None:
+    r"""The scaled forward by the compiled loop (``latentnlp._chain_loops.scaled_forward``), from the scores:
+    each step's shift ``m_t = max_j emit_t(j)`` and ``e_t = exp(emit_t - m_t)`` are taken in the loop, so that
+    ``emit [B, T, K]`` is read once, batch-major.  ``padding [B, T]`` (bool: ``t >= L``) is read from step
+    ``all_valid_until`` on (the shortest length), and may be None if that is ``T``.  ``factors``:
+    :func:`_compiled_loop_factors`.  Writes
+    ``final_filter [B, K]`` (``p(z_{L-1} | x)``) if given and, if ``stored = (alpha, scale, weights, shifts)``
+    is given, the buffers :func:`_scaled_forward` returns (else the loop keeps two steps of the filter).
+    Returns ``(log_scale [B] float64, final_filter, flagged [B] bool)`` with ``log_scale = sum_t log c_t +
+    sum_t m_t`` inside the length (``log Z`` less the transition's shifts) and ``flagged`` the chains that
+    underflowed (:func:`_underflowed`); None, writing nothing, where some state is not reachable (``init``
+    has a ``-inf`` or ``P`` a zero: the shift must then be over the reachable states, :func:`_reachable_shift`).
+    """
+    batch, steps, _ = emit.shape
+    log_scale = torch.empty(batch, dtype=torch.float64)
+    flagged = torch.zeros(batch, dtype=torch.bool)
+    first = init[0] if init.dim() == 2 and batch and init.stride(0) == 0 else init  # a shared init, expanded
+    ran = _chain_loops.scaled_forward(
+        emit.detach().contiguous().numpy(),
+        first.detach().contiguous().numpy(),
+        tuple(f.numpy() for f in factors),
+        None if padding is None else padding.numpy(),
+        all_valid_until,
+        log_scale.numpy(),
+        flagged.numpy(),
+        _compiled_loop_threads(probs, emit.transpose(0, 1), factors),
+        None if final_filter is None else final_filter.numpy(),
+        *((None,) * 4 if stored is None else (x.numpy() for x in stored)),
+    )
+    return (log_scale, final_filter, flagged) if ran else None
 
 
 def _compiled_loop_statistics(factors: tuple[Tensor, ...]) -> bool:
@@ -554,8 +588,38 @@ def scaled_log_partition(
     :func:`underflow_threshold` (probability space lost precision, or the chain admits no
     path), whose ``log_z`` should be recomputed by :func:`log_space_forward`.  A NaN in the
     inputs gives a NaN ``log_z`` and no flag.
+
+    With no gradient to take (autograd off, or no input requiring one) the compiled loop, where it runs,
+    keeps two steps of the filter instead of the ``[T, B, K]`` buffers the backward pass needs.
     """
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (init, emit, *transition.parameters))):
+        result = _log_partition_without_gradient(init, transition, emit, lengths)
+        if result is not None:
+            return result
     return _ScaledLogPartition.apply(init, emit, lengths, transition, *transition.parameters)
+
+
+def _log_partition_without_gradient(
+    init: Tensor, transition: Transition, emit: Tensor, lengths: Tensor
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`scaled_log_partition` by the compiled forward loop alone (:func:`_compiled_forward`, nothing
+    stored), or None where that loop does not run."""
+    probs = transition.probabilities()
+    factors = _compiled_loop_factors(probs, emit.transpose(0, 1))
+    if factors is None:
+        return None
+    batch, steps, k = emit.shape
+    all_valid_until = min(int(lengths.min()), steps) if batch else steps
+    if all_valid_until == steps:  # every chain of length T: no padding to read, every edge counts
+        padding, edges = None, torch.ones((), dtype=torch.float64).expand(batch, steps - 1)
+    else:
+        mask = lengths_to_mask(lengths, steps)
+        padding, edges = ~mask, mask[:, 1:].double()
+    result = _compiled_forward(init, probs, emit, padding, all_valid_until, factors, emit.new_empty(batch, k), None)
+    if result is None:
+        return None
+    log_scale, final_filter, flagged = result
+    return (log_scale + probs.log_shift_total(edges)).to(emit.dtype), final_filter, flagged
 
 
 # ----------------------------------------------------------------------------------------------

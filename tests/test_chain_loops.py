@@ -54,53 +54,164 @@ def test_the_install_built_the_compiled_loops():
 
 
 @pytest.mark.skipif(chain._chain_loops is None, reason="latentnlp._chain_loops was not built by this install")
-def test_the_compiled_loops_reject_mismatched_buffers():
+def test_the_compiled_forward_checks_its_arguments_and_declines_unreachable_states():
     loops = chain._chain_loops
-    alpha, scale = numpy.zeros((4, 2, 3)), numpy.ones((4, 2))
-    emit_probs, probs, padding = numpy.ones((4, 2, 3)), numpy.eye(3), numpy.zeros((2, 4), bool)
-    flagged = numpy.zeros(2, bool)
-    loops.scaled_forward(alpha, scale, emit_probs, probs, padding, 4, flagged)  # the well-formed call
-    assert flagged.tolist() == [True, True]  # alpha 0: a normaliser 0 at step 1 is below the threshold
-    with pytest.raises(ValueError, match="emit_probs: expected the item format of alpha"):
-        loops.scaled_forward(alpha, scale, emit_probs.astype(numpy.float32), probs, padding, 4, flagged)
+    emit, init, probs, padding = numpy.zeros((2, 4, 3)), numpy.zeros(3), numpy.full((3, 3), 0.5), numpy.zeros((2, 4), bool)
+
+    def forward(*stored, emit=emit, init=init, probs=probs, padding=padding, log_z=None, flagged=None, threads=1, final=None):
+        log_z = numpy.zeros(2) if log_z is None else log_z
+        flagged = numpy.zeros(2, bool) if flagged is None else flagged
+        return loops.scaled_forward(emit, init, probs, padding, 4, log_z, flagged, threads, final, *(stored or (None,) * 4))
+
+    log_z, final = numpy.zeros(2), numpy.zeros((2, 3))
+    assert forward(log_z=log_z, final=final) is True  # the well-formed call: Z = 3 (3 x 0.5)^3
+    numpy.testing.assert_allclose(log_z, math.log(3) + 3 * math.log(1.5), rtol=1e-14)
+    numpy.testing.assert_allclose(final, 1 / 3, rtol=1e-14)
+    # a state not reachable at every step: declined, nothing written
+    log_z[:] = 7.0
+    assert forward(init=numpy.array([0.0, -numpy.inf, 0.0]), log_z=log_z) is False
+    assert forward(probs=numpy.array([[0.5, 0.0, 0.5]] * 3), log_z=log_z) is False
+    assert forward(probs=numpy.full((3, 3), numpy.nan), log_z=log_z) is False and log_z.tolist() == [7.0, 7.0]
+    with pytest.raises(ValueError, match="init: expected the item format of emit"):
+        forward(init=init.astype(numpy.float32))
+    with pytest.raises(ValueError, match=r"init: expected \[S=3\] or \[B=2, S\]"):
+        forward(init=numpy.zeros(4))
     with pytest.raises(ValueError, match=r"probs: 1 factor\(s\) of k=4 states do not make the S=3 states"):
-        loops.scaled_forward(alpha, scale, emit_probs, numpy.eye(4), padding, 4, flagged)
+        forward(probs=numpy.full((4, 4), 0.5))
     with pytest.raises(ValueError, match=r"probs: 2 factor\(s\) of k=3 states do not make the S=3 states"):
-        loops.scaled_forward(alpha, scale, emit_probs, (probs, probs), padding, 4, flagged)
+        forward(probs=(probs, probs))
     with pytest.raises(ValueError, match=r"probs: factor 1: expected 'd' items, \[k, k\] or \[B=2, k, k\]"):
-        joint = numpy.zeros((4, 2, 4)), scale, numpy.ones((4, 2, 4))  # S = 4 = 2 x 2 joint states
-        loops.scaled_forward(*joint, (numpy.eye(2), numpy.ones((3, 2, 2))), padding, 4, flagged)  # B = 3, not 2
+        joint = numpy.zeros((2, 4, 4)), numpy.zeros(4)  # S = 4 = 2 x 2 joint states
+        forward(emit=joint[0], init=joint[1], probs=(numpy.full((2, 2), 0.5), numpy.ones((3, 2, 2))))  # B = 3, not 2
     with pytest.raises(ValueError, match=r"padding: expected \[B=2, T=4\]"):
-        loops.scaled_forward(alpha, scale, emit_probs, probs, padding.T.copy(), 4, flagged)
+        forward(padding=padding.T.copy())
     with pytest.raises(ValueError, match="threads: expected at least 1, got 0"):
-        loops.scaled_forward(alpha, scale, emit_probs, probs, padding, 4, flagged, 0)
+        forward(threads=0)
+    with pytest.raises(ValueError, match="padding: None needs all_valid_until >= T = 4, got 3"):
+        loops.scaled_forward(emit, init, probs, None, 3, log_z, numpy.zeros(2, bool), 1, None, None, None, None, None)
+    assert loops.scaled_forward(emit, init, probs, None, 4, log_z, numpy.zeros(2, bool), 1, None, None, None, None, None)
+    with pytest.raises(ValueError, match=r"flagged: expected \[B=2\] of one-byte booleans"):
+        forward(flagged=numpy.zeros(3, bool))
+    with pytest.raises(ValueError, match=r"log_z: expected \[B=2\] of float64"):
+        forward(log_z=numpy.zeros(2, numpy.float32))
+    with pytest.raises(ValueError, match=r"final_filter: expected \[B=2, S=3\]"):
+        forward(final=numpy.zeros((2, 4)))
+    with pytest.raises(ValueError, match="alpha, scale, weights, shifts: expected all four or none"):
+        loops.scaled_forward(emit, init, probs, padding, 4, log_z, numpy.zeros(2, bool), 1, None, numpy.zeros((4, 2, 3)), None, None, None)
+    with pytest.raises(ValueError, match=r"alpha, scale, weights, shifts: expected \[T=4, B=2, S=3\], \[T, B\]"):
+        forward(numpy.zeros((4, 2, 3)), numpy.zeros((4, 2)), numpy.zeros((4, 2, 3)), numpy.zeros((2, 4)))
+    with pytest.raises(ValueError, match="expected float32 or float64 items"):
+        forward(emit=numpy.zeros((2, 4, 3), numpy.int64))
+    # a normaliser below tiny / eps inside the length flags its chain, one at a padding step does not
+    tiny = numpy.finfo(numpy.float64).tiny
+    alpha, scale, weights, shifts = numpy.zeros((4, 2, 3)), numpy.zeros((4, 2)), numpy.zeros((4, 2, 3)), numpy.zeros((4, 2))
+    flagged, padding = numpy.zeros(2, bool), padding.copy()
+    padding[1, 1:] = True
+    assert loops.scaled_forward(emit, init, numpy.full((3, 3), tiny), padding, 1, log_z, flagged, 1, None, alpha, scale, weights, shifts)
+    assert flagged.tolist() == [True, False] and scale[1:, 0].max() < 4 * tiny and scale[1:, 1].tolist() == [1.0] * 3
+
+
+@pytest.mark.skipif(chain._chain_loops is None, reason="latentnlp._chain_loops was not built by this install")
+def test_the_compiled_backward_checks_its_arguments():
+    loops = chain._chain_loops
+    alpha, weights, probs, padding = numpy.zeros((4, 2, 3)), numpy.ones((4, 2, 3)), numpy.eye(3), numpy.zeros((2, 4), bool)
     gamma = numpy.zeros((2, 4, 3))  # the backward writes the marginals batch-major, [B, T, S]
     with pytest.raises(ValueError, match=r"statistics: expected 'd' items \[B=2, F=1, k=3, k\]"):
-        loops.scaled_backward(gamma, None, emit_probs, probs, padding, 4, alpha, 1, probs, numpy.zeros((2, 2, 3, 3)))
+        loops.scaled_backward(gamma, None, weights, probs, padding, 4, alpha, 1, probs, numpy.zeros((2, 2, 3, 3)))
     with pytest.raises(ValueError, match="probs: expected the layout of probs_t's 1 factor"):
-        loops.scaled_backward(gamma, None, emit_probs, probs, padding, 4, alpha, 1, numpy.ones((2, 3, 3)), alpha)
+        loops.scaled_backward(gamma, None, weights, probs, padding, 4, alpha, 1, numpy.ones((2, 3, 3)), alpha)
     with pytest.raises(ValueError, match="gamma: expected a C-contiguous writable array"):
-        loops.scaled_backward(gamma.transpose(0, 2, 1), alpha, emit_probs, probs, padding, 4, alpha)
+        loops.scaled_backward(gamma.transpose(0, 2, 1), alpha, weights, probs, padding, 4, alpha)
     with pytest.raises(ValueError, match=r"gamma \[B, T, S\], u, weights: shapes do not match alpha \[T=4, B=2, S=3\]"):
-        loops.scaled_backward(alpha.copy(), alpha.copy(), emit_probs, probs, padding, 4, alpha)
-    u, weights = numpy.zeros((4, 2, 3)), numpy.ones((4, 2, 3))
+        loops.scaled_backward(alpha.copy(), alpha.copy(), weights, probs, padding, 4, alpha)
+    with pytest.raises(ValueError, match="weights: expected the item format of gamma"):
+        loops.scaled_backward(gamma, alpha.copy(), weights.astype(numpy.float32), probs, padding, 4, alpha)
+    with pytest.raises(ValueError, match="threads: expected at least 1, got 0"):
+        loops.scaled_backward(gamma, alpha.copy(), weights, probs, padding, 4, alpha, 0)
+    u = numpy.zeros((4, 2, 3))
     assert loops.scaled_backward(gamma, u, weights, probs, padding, 4, numpy.full((4, 2, 3), 0.5)) is True
     numpy.testing.assert_array_equal(gamma, 0.5)  # gamma = alpha * beta, beta = 1 throughout
     assert loops.scaled_backward(gamma, u, weights * 1e308, probs, padding, 4, numpy.ones((4, 2, 3))) is False
-    with pytest.raises(ValueError, match=r"flagged: expected \[B=2\] of one-byte booleans"):
-        loops.scaled_forward(alpha, scale, emit_probs, probs, padding, 4, numpy.zeros(3, bool))
-    # a normaliser below tiny / eps inside the length flags its chain, one at a padding step does not
-    alpha, scale, flagged = numpy.zeros((4, 2, 3)), numpy.ones((4, 2)), numpy.zeros(2, bool)
-    alpha[0], tiny = 1.0 / 3, numpy.finfo(numpy.float64).tiny
-    padding[1, 2:] = True
-    small = numpy.ones((4, 2, 3))
-    small[2] = tiny  # step 2: c = tiny, below tiny / eps, in chain 0's length only
-    loops.scaled_forward(alpha, scale, small, probs, padding, 2, flagged)
-    assert flagged.tolist() == [True, False] and scale[2, 0] < 2 * tiny and scale[2, 1] == 1.0
     with pytest.raises(ValueError, match="product: expected 'plain' or 'avx2-fma tiles', got 'fast'"):
         loops.set_product("fast")
-    with pytest.raises(ValueError, match="expected float32 or float64 items"):
-        loops.scaled_forward(numpy.zeros((4, 2, 3), numpy.int64), scale, emit_probs, probs, padding, 4, flagged)
+
+
+@pytest.mark.skipif(chain._chain_loops is None, reason="latentnlp._chain_loops was not built by this install")
+@pytest.mark.parametrize("product", ["avx2-fma tiles", "plain"])
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+def test_the_compiled_forward_takes_the_exponentials_of_the_shifted_scores(product, dtype):
+    """The loop's ``e_t = exp(emit_t - m_t)`` (its own vector exponential where AVX2 runs, libm's otherwise),
+    read back as ``weights * scale``, against numpy's ``exp`` of the scores less the loop's shifts, over
+    the whole range: shifted scores from 0 down past where exp underflows (subnormal results included),
+    ``-inf`` (0), and a NaN score (NaN, a NaN log Z, no flag); ``m_t`` is the largest finite score."""
+    loops = chain._chain_loops
+    if product not in ("plain", loops.product()):
+        pytest.skip("this CPU has no AVX2 and FMA")
+    previous = loops.product()
+    loops.set_product(product)
+    try:
+        finfo = numpy.finfo(dtype)
+        low = math.log(finfo.smallest_subnormal) - 2  # below: exp underflows to 0
+        rng = numpy.random.default_rng(3)
+        B, T, S = 3, 64, 21  # S: two vectors of float32, five of float64, and a tail
+        emit = rng.uniform(low, 0, size=(B, T, S)).astype(dtype)
+        emit[:, :, 0] = 0.0  # the shift m_t = 0 (and a score 0, exp 1)
+        emit[0, 5, 3:9] = -numpy.inf
+        emit[2, 7, :] = numpy.linspace(low, 0, S)  # evenly over the range
+        emit[2, 9, 4] = low / 2 + 0.5  # subnormal in float32 and float64
+        emit[1, 11, 2] = numpy.nan
+        init, probs = numpy.zeros(S, dtype), numpy.full((S, S), 1.0 / S, dtype)
+        alpha, scale, weights, shifts = (numpy.zeros(shape, dtype) for shape in ((T, B, S), (T, B), (T, B, S), (T, B)))
+        log_z, flagged = numpy.zeros(B), numpy.zeros(B, bool)
+        padding = numpy.zeros((B, T), bool)
+        assert loops.scaled_forward(emit, init, probs, padding, T, log_z, flagged, 1, None, alpha, scale, weights, shifts)
+        exponentials = (weights * scale[..., None]).astype(numpy.float64)  # e_t / c_t * c_t
+        rows = [b for b in range(B) if b != 1]
+        expected = numpy.exp(emit.astype(numpy.float64) - shifts.T[..., None].astype(numpy.float64)).transpose(1, 0, 2)
+        numpy.testing.assert_array_equal(shifts[1:, rows], 0.0)
+        numpy.testing.assert_allclose(exponentials[1:, rows], expected[1:, rows], rtol=4 * finfo.eps, atol=4 * finfo.smallest_subnormal)
+        assert (exponentials[1:, rows][expected[1:, rows] == 0] == 0).all() and exponentials[5, 0, 3:9].tolist() == [0.0] * 6
+        assert numpy.isnan(log_z[1]) and not flagged.any() and numpy.isfinite(log_z[rows]).all()
+    finally:
+        loops.set_product(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("init_kind", ["shared", "batched"])
+def test_log_z_without_a_gradient_is_the_log_z_with_one(loop, init_kind, dtype):
+    """Without a gradient to take the compiled forward keeps two steps of the filter (nothing stored for a
+    backward pass); its ``log Z``, last filter and flags are the stored forward's (to rounding: it
+    multiplies the normalisers in float64 where the other sums their float logs), and its ``log Z`` the
+    float64 forward's, for shared and per-row matrices, uneven lengths, chains longer than a chunk of
+    exponentials (``T = 150``), and underflowing chains (flagged, redone in log space by ``auto``)."""
+    gen = torch.Generator().manual_seed(41 + (init_kind == "batched"))
+    cases = [random_chain(gen, 5, T, K, trans_kind=kind, init_kind=init_kind, scale=2.0) for T, K, kind in
+             ((1, 3, "shared"), (7, 4, "batched"), (150, 5, "shared"), (40, 9, "batched"))]
+    for init, trans, emit, lengths in cases:
+        args = init.to(dtype), trans.to(dtype), emit.to(dtype), lengths
+        with torch.no_grad():
+            lean = chain.scaled_log_partition(args[0], chain.DenseTransition(args[1]), args[2], lengths)
+        emit_leaf = args[2].clone().requires_grad_()
+        stored = chain.scaled_log_partition(args[0], chain.DenseTransition(args[1]), emit_leaf, lengths)
+        reference = forward_log(init, trans, emit, lengths)
+        torch.testing.assert_close(lean[0].to(F64), reference, **TOLERANCE[dtype])
+        torch.testing.assert_close(lean[0], stored[0].detach(), **TOLERANCE[dtype])
+        torch.testing.assert_close(lean[1], stored[1], **TOLERANCE[dtype])
+        assert lean[2].tolist() == stored[2].tolist() == [False] * 5
+    # an underflowing chain: a transition entry near the smallest normal number
+    init, trans, emit, lengths = random_chain(gen, 3, 30, 3, scale=1.0)
+    trans = trans.clone()
+    trans[1:, :] = math.log(torch.finfo(dtype).tiny) - 5  # rows 1 and 2 lead anywhere with ~e^-750 (-92)
+    trans[0, 1:] = math.log(torch.finfo(dtype).tiny) - 5
+    emit = emit.clone()
+    emit[:, 1:, 0] = -1000.0  # state 0 is all but excluded after step 0: every step's normaliser is tiny
+    args = init.to(dtype), trans.to(dtype), emit.to(dtype)
+    with torch.no_grad():
+        lean = chain.scaled_log_partition(args[0], chain.DenseTransition(args[1]), args[2], lengths)
+        redone = ChainPosterior(*args, lengths).log_partition
+    stored = chain.scaled_log_partition(args[0], chain.DenseTransition(args[1]), args[2].requires_grad_(), lengths)
+    assert lean[2].tolist() == stored[2].tolist() and lean[2].any()
+    torch.testing.assert_close(redone.to(F64), forward_log(init, trans, emit, lengths), **TOLERANCE[dtype])
 
 
 def check(d, ref, dtype, msg):
