@@ -159,7 +159,9 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
         alpha, weights = emit.new_empty(steps, batch, k), emit.new_empty(steps, batch, k)
         scale, shifts = emit.new_empty(steps, batch), emit.new_empty(steps, batch)
         all_valid_until = int(mask.sum(-1).min()) if batch else steps
-        stored = _compiled_forward(init, probs, emit, ~mask, all_valid_until, factors, None, (alpha, scale, weights, shifts))
+        stored = _compiled_forward(
+            init, probs, emit, ~mask, all_valid_until, factors, None, (alpha, scale, weights, shifts)
+        )
         if stored is not None:
             return alpha, scale, weights, shifts, stored[2]
     alpha = emit.new_empty(steps, batch, k)

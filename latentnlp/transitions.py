@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .gumbel import gumbel_argmax
-from .semirings import LogSemiring, finite_max, logsumexp
+from .semirings import LogSemiring, logsumexp
 
 __all__ = ["DenseTransition", "LowRankTransition", "Transition", "TransitionProbabilities"]
 
@@ -49,8 +49,9 @@ def shifted_exp(log: Tensor, dims: int) -> tuple[Tensor, Tensor]:
 
     Returns the probabilities (shape of ``log``) and ``s`` of shape ``log.shape[:-dims]``.
     """
-    shift = finite_max(log.flatten(-dims), -1).squeeze(-1)
-    return torch.exp(log - shift[(...,) + (None,) * dims]), shift
+    dims_kept = tuple(range(-dims, 0))
+    shift = torch.nan_to_num(log.detach().amax(dims_kept, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.exp(log - shift), shift.reshape(log.shape[:-dims])
 
 
 def rounded_away(probs: Tensor, log: Tensor) -> Tensor:

@@ -56,12 +56,21 @@ def test_the_install_built_the_compiled_loops():
 @pytest.mark.skipif(chain._chain_loops is None, reason="latentnlp._chain_loops was not built by this install")
 def test_the_compiled_forward_checks_its_arguments_and_declines_unreachable_states():
     loops = chain._chain_loops
-    emit, init, probs, padding = numpy.zeros((2, 4, 3)), numpy.zeros(3), numpy.full((3, 3), 0.5), numpy.zeros((2, 4), bool)
+    emit, init, probs, padding = (
+        numpy.zeros((2, 4, 3)),
+        numpy.zeros(3),
+        numpy.full((3, 3), 0.5),
+        numpy.zeros((2, 4), bool),
+    )
 
-    def forward(*stored, emit=emit, init=init, probs=probs, padding=padding, log_z=None, flagged=None, threads=1, final=None):
+    def forward(
+        *stored, emit=emit, init=init, probs=probs, padding=padding, log_z=None, flagged=None, threads=1, final=None
+    ):
         log_z = numpy.zeros(2) if log_z is None else log_z
         flagged = numpy.zeros(2, bool) if flagged is None else flagged
-        return loops.scaled_forward(emit, init, probs, padding, 4, log_z, flagged, threads, final, *(stored or (None,) * 4))
+        return loops.scaled_forward(
+            emit, init, probs, padding, 4, log_z, flagged, threads, final, *(stored or (None,) * 4)
+        )
 
     log_z, final = numpy.zeros(2), numpy.zeros((2, 3))
     assert forward(log_z=log_z, final=final) is True  # the well-formed call: Z = 3 (3 x 0.5)^3
@@ -89,7 +98,9 @@ def test_the_compiled_forward_checks_its_arguments_and_declines_unreachable_stat
         forward(threads=0)
     with pytest.raises(ValueError, match="padding: None needs all_valid_until >= T = 4, got 3"):
         loops.scaled_forward(emit, init, probs, None, 3, log_z, numpy.zeros(2, bool), 1, None, None, None, None, None)
-    assert loops.scaled_forward(emit, init, probs, None, 4, log_z, numpy.zeros(2, bool), 1, None, None, None, None, None)
+    assert loops.scaled_forward(
+        emit, init, probs, None, 4, log_z, numpy.zeros(2, bool), 1, None, None, None, None, None
+    )
     with pytest.raises(ValueError, match=r"flagged: expected \[B=2\] of one-byte booleans"):
         forward(flagged=numpy.zeros(3, bool))
     with pytest.raises(ValueError, match=r"log_z: expected \[B=2\] of float64"):
@@ -97,24 +108,50 @@ def test_the_compiled_forward_checks_its_arguments_and_declines_unreachable_stat
     with pytest.raises(ValueError, match=r"final_filter: expected \[B=2, S=3\]"):
         forward(final=numpy.zeros((2, 4)))
     with pytest.raises(ValueError, match="alpha, scale, weights, shifts: expected all four or none"):
-        loops.scaled_forward(emit, init, probs, padding, 4, log_z, numpy.zeros(2, bool), 1, None, numpy.zeros((4, 2, 3)), None, None, None)
+        loops.scaled_forward(
+            emit,
+            init,
+            probs,
+            padding,
+            4,
+            log_z,
+            numpy.zeros(2, bool),
+            1,
+            None,
+            numpy.zeros((4, 2, 3)),
+            None,
+            None,
+            None,
+        )
     with pytest.raises(ValueError, match=r"alpha, scale, weights, shifts: expected \[T=4, B=2, S=3\], \[T, B\]"):
         forward(numpy.zeros((4, 2, 3)), numpy.zeros((4, 2)), numpy.zeros((4, 2, 3)), numpy.zeros((2, 4)))
     with pytest.raises(ValueError, match="expected float32 or float64 items"):
         forward(emit=numpy.zeros((2, 4, 3), numpy.int64))
     # a normaliser below tiny / eps inside the length flags its chain, one at a padding step does not
     tiny = numpy.finfo(numpy.float64).tiny
-    alpha, scale, weights, shifts = numpy.zeros((4, 2, 3)), numpy.zeros((4, 2)), numpy.zeros((4, 2, 3)), numpy.zeros((4, 2))
+    alpha, scale, weights, shifts = (
+        numpy.zeros((4, 2, 3)),
+        numpy.zeros((4, 2)),
+        numpy.zeros((4, 2, 3)),
+        numpy.zeros((4, 2)),
+    )
     flagged, padding = numpy.zeros(2, bool), padding.copy()
     padding[1, 1:] = True
-    assert loops.scaled_forward(emit, init, numpy.full((3, 3), tiny), padding, 1, log_z, flagged, 1, None, alpha, scale, weights, shifts)
+    assert loops.scaled_forward(
+        emit, init, numpy.full((3, 3), tiny), padding, 1, log_z, flagged, 1, None, alpha, scale, weights, shifts
+    )
     assert flagged.tolist() == [True, False] and scale[1:, 0].max() < 4 * tiny and scale[1:, 1].tolist() == [1.0] * 3
 
 
 @pytest.mark.skipif(chain._chain_loops is None, reason="latentnlp._chain_loops was not built by this install")
 def test_the_compiled_backward_checks_its_arguments():
     loops = chain._chain_loops
-    alpha, weights, probs, padding = numpy.zeros((4, 2, 3)), numpy.ones((4, 2, 3)), numpy.eye(3), numpy.zeros((2, 4), bool)
+    alpha, weights, probs, padding = (
+        numpy.zeros((4, 2, 3)),
+        numpy.ones((4, 2, 3)),
+        numpy.eye(3),
+        numpy.zeros((2, 4), bool),
+    )
     gamma = numpy.zeros((2, 4, 3))  # the backward writes the marginals batch-major, [B, T, S]
     with pytest.raises(ValueError, match=r"statistics: expected 'd' items \[B=2, F=1, k=3, k\]"):
         loops.scaled_backward(gamma, None, weights, probs, padding, 4, alpha, 1, probs, numpy.zeros((2, 2, 3, 3)))
@@ -164,13 +201,19 @@ def test_the_compiled_forward_takes_the_exponentials_of_the_shifted_scores(produ
         alpha, scale, weights, shifts = (numpy.zeros(shape, dtype) for shape in ((T, B, S), (T, B), (T, B, S), (T, B)))
         log_z, flagged = numpy.zeros(B), numpy.zeros(B, bool)
         padding = numpy.zeros((B, T), bool)
-        assert loops.scaled_forward(emit, init, probs, padding, T, log_z, flagged, 1, None, alpha, scale, weights, shifts)
+        assert loops.scaled_forward(
+            emit, init, probs, padding, T, log_z, flagged, 1, None, alpha, scale, weights, shifts
+        )
         exponentials = (weights * scale[..., None]).astype(numpy.float64)  # e_t / c_t * c_t
         rows = [b for b in range(B) if b != 1]
         expected = numpy.exp(emit.astype(numpy.float64) - shifts.T[..., None].astype(numpy.float64)).transpose(1, 0, 2)
         numpy.testing.assert_array_equal(shifts[1:, rows], 0.0)
-        numpy.testing.assert_allclose(exponentials[1:, rows], expected[1:, rows], rtol=4 * finfo.eps, atol=4 * finfo.smallest_subnormal)
-        assert (exponentials[1:, rows][expected[1:, rows] == 0] == 0).all() and exponentials[5, 0, 3:9].tolist() == [0.0] * 6
+        numpy.testing.assert_allclose(
+            exponentials[1:, rows], expected[1:, rows], rtol=4 * finfo.eps, atol=4 * finfo.smallest_subnormal
+        )
+        assert (exponentials[1:, rows][expected[1:, rows] == 0] == 0).all() and exponentials[5, 0, 3:9].tolist() == [
+            0.0
+        ] * 6
         assert numpy.isnan(log_z[1]) and not flagged.any() and numpy.isfinite(log_z[rows]).all()
     finally:
         loops.set_product(previous)
@@ -185,8 +228,10 @@ def test_log_z_without_a_gradient_is_the_log_z_with_one(loop, init_kind, dtype):
     float64 forward's, for shared and per-row matrices, uneven lengths, chains longer than a chunk of
     exponentials (``T = 150``), and underflowing chains (flagged, redone in log space by ``auto``)."""
     gen = torch.Generator().manual_seed(41 + (init_kind == "batched"))
-    cases = [random_chain(gen, 5, T, K, trans_kind=kind, init_kind=init_kind, scale=2.0) for T, K, kind in
-             ((1, 3, "shared"), (7, 4, "batched"), (150, 5, "shared"), (40, 9, "batched"))]
+    cases = [
+        random_chain(gen, 5, T, K, trans_kind=kind, init_kind=init_kind, scale=2.0)
+        for T, K, kind in ((1, 3, "shared"), (7, 4, "batched"), (150, 5, "shared"), (40, 9, "batched"))
+    ]
     for init, trans, emit, lengths in cases:
         args = init.to(dtype), trans.to(dtype), emit.to(dtype), lengths
         with torch.no_grad():
