@@ -940,6 +940,9 @@ def machine_info(args) -> dict:
         "device": getattr(args, "device", "cpu"),
         "device_name": torch.cuda.get_device_name() if getattr(args, "device", "cpu") == "cuda" else cpu,
         "threads": args.threads,
+        # idle OpenMP threads sleep (PASSIVE) or spin (the default): a torch call that enters a parallel
+        # region costs a wake-up in the former, which the many small calls of a short chain feel
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "versions": versions,
         "mem_cap_gb": args.mem_cap_gb,
         "load_average_start": list(os.getloadavg()),
