@@ -635,8 +635,8 @@ AVX2_FMA static inline double tiled_row_max_double(const double *restrict x, Py_
         const char *restrict padding = job->padding;                                                    \
         for (Py_ssize_t t0 = 0; t0 < T; t0 += chunk) {                                                  \
             const Py_ssize_t t1 = t0 + chunk < T ? t0 + chunk : T;                                      \
-            /* each row's steps of the chunk (contiguous in emit): the shifts, then the exponentials (two loops:  \
-             * each exponential then waits on no reduction of its own) */                               \
+            /* each row's steps of the chunk (contiguous in emit): the shifts, then the exponentials     \
+             * (two loops: each exponential then waits on no reduction of its own) */                   \
             for (Py_ssize_t b = b0; b < b1; b++)                                                        \
                 for (Py_ssize_t t = t0; t < t1; t++) {                                                  \
                     const REAL m = VARIANT##_row_max_##SUFFIX(emit + (b * T + t) * S, S);               \
@@ -673,14 +673,15 @@ AVX2_FMA static inline double tiled_row_max_double(const double *restrict x, Py_
                     REAL *restrict e = stored ? weights + (t * B + b) * S : chunk_e + at * S;           \
                     REAL m = stored ? shifts[t * B + b] : chunk_m[at];                                  \
                     if (t == 0) {                                                                       \
-                        m = (padding && padding[b * T] ? 0 : m) + VARIANT##_row_max_##SUFFIX(init + b * job->init_stride, S); \
+                        const REAL m_init = VARIANT##_row_max_##SUFFIX(init + b * job->init_stride, S); \
+                        m = (padding && padding[b * T] ? 0 : m) + m_init;                               \
                     } else if (t >= job->all_valid_until && padding[b * T + t]) {                       \
                         for (Py_ssize_t j = 0; j < S; j++) out[j] = previous[i * S + j];                \
                         if (stored) scale[t * B + b] = 1, shifts[t * B + b] = 0;                        \
                         continue;                                                                       \
                     }                                                                                   \
                     const REAL c = weigh_and_sum_##SUFFIX(out, e, S), inverse = 1 / c;                  \
-                    if (c < underflow && !(padding && padding[b * T + t])) job->flagged[b] = 1;                      \
+                    if (c < underflow && !(padding && padding[b * T + t])) job->flagged[b] = 1;         \
                     for (Py_ssize_t j = 0; j < S; j++) out[j] *= inverse;                               \
                     if (stored) {                                                                       \
                         for (Py_ssize_t j = 0; j < S; j++) e[j] *= inverse;                             \
