@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy
 import torch
@@ -127,7 +128,30 @@ def _underflowed(scale: Tensor, mask: Tensor) -> Tensor:
     return ((scale.T < underflow_threshold(scale.dtype)) & mask).any(-1)
 
 
-def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, mask: Tensor):
+class _ScaledForward(NamedTuple):
+    """What :func:`_scaled_forward` returns (time-major): the filters ``alpha [T, B, K]``, the step
+    normalisers ``scale [T, B]`` (``c_t``), the backward's ``weights [T, B, K]`` (``e_t / c_t``), the
+    shifts ``[T, B]`` (``m_t``), the ``flagged [B]`` chains, and ``log_scale [B]`` (float64) where the
+    compiled loop summed it, else None (:meth:`log_normaliser`)."""
+
+    alpha: Tensor
+    scale: Tensor
+    weights: Tensor
+    shifts: Tensor
+    flagged: Tensor
+    log_scale: Tensor | None
+
+    def log_normaliser(self) -> Tensor:
+        """``sum_t log c_t + sum_t m_t`` (``log Z`` less the transition's shifts): ``[B]`` float64, the
+        compiled loop's (its normalisers multiplied in float64) or summed from ``scale`` and ``shifts``
+        (the float logs accumulated in float64: ``T`` terms of magnitude ``|log c|`` lose precision in
+        float32)."""
+        if self.log_scale is not None:
+            return self.log_scale
+        return torch.log(self.scale).double().sum(0) + self.shifts.double().sum(0)
+
+
+def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, mask: Tensor) -> _ScaledForward:
     r"""Scaled forward recursion, stored time-major.
 
     ``a_0 = exp(init + emit_0 - m_0)``; ``a_t = (alpha_{t-1} P_t) * e_t``; ``c_t = sum a_t``;
@@ -152,6 +176,7 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     ``c_t`` is small.
     Such chains are underflowed as surely as those with a small ``c_t``.  When every state is
     reachable none is lost: each state can then be re-entered from every other at the next step.
+    Returned as a :class:`_ScaledForward`.
     """
     batch, steps, k = emit.shape
     factors = _compiled_loop_factors(probs, emit.transpose(0, 1))
@@ -163,7 +188,7 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
             init, probs, emit, ~mask, all_valid_until, factors, None, (alpha, scale, weights, shifts)
         )
         if stored is not None:
-            return alpha, scale, weights, shifts, stored[2]
+            return _ScaledForward(alpha, scale, weights, shifts, stored[2], stored[0])
     alpha = emit.new_empty(steps, batch, k)
     scale = emit.new_ones(steps, batch)
     lost = torch.zeros(batch, dtype=torch.bool, device=emit.device)
@@ -192,7 +217,8 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
         _forward_steps_on_arrays(
             alpha, scale, emit_probs, shifts, lost, emit, mask, reachable, array_steps[0], all_valid_until
         )
-        return alpha, scale, emit_probs.div_(scale.unsqueeze(-1)), shifts, _underflowed(scale, mask) | lost
+        weights = emit_probs.div_(scale.unsqueeze(-1))
+        return _ScaledForward(alpha, scale, weights, shifts, _underflowed(scale, mask) | lost, None)
     # per-step views taken once: indexing inside the loop costs more than the small matmuls
     alpha_t, scale_t, emit_probs_t = alpha.unbind(0), scale.unsqueeze(-1).unbind(0), emit_probs.unbind(0)
     propagate = probs.forward
@@ -218,7 +244,8 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
             valid = mask[:, t].unsqueeze(-1)
             current.copy_(torch.where(valid, current, alpha_t[t - 1]))
             c.copy_(torch.where(valid, c, torch.ones_like(c)))
-    return alpha, scale, emit_probs.div_(scale.unsqueeze(-1)), shifts, _underflowed(scale, mask) | lost
+    weights = emit_probs.div_(scale.unsqueeze(-1))
+    return _ScaledForward(alpha, scale, weights, shifts, _underflowed(scale, mask) | lost, None)
 
 
 def _array_steps(probs: TransitionProbabilities, beliefs: Tensor):
@@ -482,10 +509,9 @@ class _ScaledLogPartition(torch.autograd.Function):
     def forward(ctx, init: Tensor, emit: Tensor, lengths: Tensor, transition: Transition, *parameters: Tensor):
         mask = lengths_to_mask(lengths, emit.shape[1])
         probs = transition.probabilities()
-        alpha, scale, weights, shifts, underflowed = _scaled_forward(init, probs, emit, mask)  # u_t = weights_t beta_t
-        log_shift = shifts.sum(0)
-        # accumulate in float64: T terms of magnitude |log c| lose precision in float32
-        log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
+        forward = _scaled_forward(init, probs, emit, mask)
+        alpha, weights, underflowed = forward.alpha, forward.weights, forward.flagged  # u_t = weights_t beta_t
+        log_z = forward.log_normaliser() + probs.log_shift_total(mask[:, 1:].double())
         ctx.save_for_backward(alpha, weights, mask, init, emit, lengths)
         ctx.probs, ctx.transition = probs, transition
         final_filter = alpha[-1]  # frozen past the length: p(z_{L-1} | x)
@@ -1422,7 +1448,8 @@ def forward_filter(init: Tensor, transition: Transition, emit: Tensor, lengths: 
     (:func:`_log_space_filter`).
     """
     mask = lengths_to_mask(lengths, emit.shape[1])
-    alpha, _, _, _, flagged = _scaled_forward(init, transition.probabilities(), emit, mask)
+    forward = _scaled_forward(init, transition.probabilities(), emit, mask)
+    alpha, flagged = forward.alpha, forward.flagged
     if torch.isfinite(alpha).all() and not flagged.any():
         return safe_log(alpha.transpose(0, 1))
     return _log_space_filter(init, transition, emit, mask)
@@ -1648,7 +1675,7 @@ def _scaled_entropy(init: Tensor, trans: Tensor, emit: Tensor, lengths: Tensor):
     ``probs`` the transition's shifted probabilities)."""
     mask = lengths_to_mask(lengths, emit.shape[1])
     probs = DenseTransition(trans).probabilities()
-    alpha, scale, weights, shifts, underflowed = _scaled_forward(init, probs, emit, mask)
+    alpha, scale, weights, shifts, underflowed, _ = _scaled_forward(init, probs, emit, mask)
     gamma, u, _, _ = _scaled_backward(alpha, probs, weights, mask)
     emit_scores = emit - shifts.T.unsqueeze(-1)  # e_t = exp(emit_t - m_t) wherever e_t > 0
     first_scores = init + emit[:, 0] - shifts[0].unsqueeze(-1)  # a_0 = exp(init + emit_0 - m_0)
