@@ -560,7 +560,7 @@ typedef struct {
     char *flagged;           /* [B] */
     void *final_filter;      /* [B, S], or NULL */
     void *alpha, *scale, *weights, *shifts; /* [T, B, S], [T, B], [T, B, S], [T, B]; all NULL: not stored */
-    void *rows;              /* not stored: alpha_{t-1}, alpha_t [2, b1 - b0, S]; e_t, m_t [chunk, b1 - b0, S + 1] */
+    void *rows;              /* not stored: alpha_{t-1}, alpha_t [2, b1 - b0, S], e [chunk, b1 - b0, S], m [chunk, b1 - b0] */
     double *sums;            /* [3, b1 - b0]: each row's running product of c_t, sum of logs, sum of shifts */
 } forward_job;
 
@@ -612,7 +612,8 @@ AVX2_FMA static inline double tiled_row_max_double(const double *restrict x, Py_
  * alpha_t = a_t / c_t, w_t = e_t / c_t; step 0 from a_0 = exp(init - m_init) * exp(emit_0 - m_0) with the
  * shift m_init + m_0.  log_z[b] = sum_t log c_t + sum_t m_t over the steps inside the length (the
  * transition's own shifts are the caller's), the c_t multiplied in double and their product's log taken
- * only when it leaves [2^-500, 2^500].  Stored: alpha, c, w and m every step (a padding step: the previous
+ * only when it leaves [2^-500, 2^500] (a c_t outside that range, which float64 allows down to 2^-970
+ * unflagged, has its own log taken: the product stays a normal double).  Stored: alpha, c, w and m every step (a padding step: the previous
  * alpha, c = 1, m = 0, w = the unnormalised e_t); else the filters in two rolling rows.
  * The shifts and exponentials, which do not depend on the filters, are taken a chunk of steps at a time
  * ahead of the recursion over those steps (into w and m, or the job's chunk buffers), all the chunk's
@@ -688,9 +689,14 @@ AVX2_FMA static inline double tiled_row_max_double(const double *restrict x, Py_
                         scale[t * B + b] = c, shifts[t * B + b] = m;                                    \
                     }                                                                                   \
                     if (t == 0) product[i] = 1, logs[i] = 0, total_shift[i] = 0;                        \
-                    double p = product[i] * c;                                                          \
-                    if (!(p >= 0x1p-500 && p <= 0x1p500)) logs[i] += log(p), p = 1; /* and 0, inf, NaN */ \
-                    product[i] = p, total_shift[i] += m;                                                \
+                    total_shift[i] += m;                                                                \
+                    if (!(c >= 0x1p-500 && c <= 0x1p500)) { /* its log apart (and 0, inf, NaN's) */     \
+                        logs[i] += log(c);                                                              \
+                        continue;                                                                       \
+                    }                                                                                   \
+                    double p = product[i] * c; /* both in [2^-500, 2^500]: a normal double */           \
+                    if (!(p >= 0x1p-500 && p <= 0x1p500)) logs[i] += log(p), p = 1;                     \
+                    product[i] = p;                                                                     \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
@@ -1018,7 +1024,7 @@ static int all_above(const Py_buffer *view, char kind, int zero) {
 /* scaled_forward(emit, init, probs, padding, all_valid_until, log_z, flagged, threads, final_filter, alpha, scale,
  * weights, shifts) -> bool: the forward loop from the scores emit [B, T, S] and init [S] | [B, S]; False (nothing
  * written) where some state is not reachable at every step: init has a -inf or a factor an entry not above 0
- * (the caller's shift over the reachable states is then needed).  padding [B, T] (bytes) is read from step
+ * (the caller's shift over the reachable states is then needed), and where T = 0.  padding [B, T] (bytes) is read from step
  * all_valid_until on; None if that is T.  log_z [B] float64 and flagged [B] (bytes, set,
  * never cleared) are written, final_filter [B, S] where given; alpha [T, B, S], scale [T, B], weights [T, B, S]
  * and shifts [T, B] are all given (written) or all None. */

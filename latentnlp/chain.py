@@ -325,12 +325,14 @@ def _compiled_forward(
     Returns ``(log_scale [B] float64, final_filter, flagged [B] bool)`` with ``log_scale = sum_t log c_t +
     sum_t m_t`` inside the length (``log Z`` less the transition's shifts) and ``flagged`` the chains that
     underflowed (:func:`_underflowed`); None, writing nothing, where some state is not reachable (``init``
-    has a ``-inf`` or ``P`` a zero: the shift must then be over the reachable states, :func:`_reachable_shift`).
+    has a ``-inf`` or ``P`` a zero: the shift must then be over the reachable states, :func:`_reachable_shift`)
+    or ``T = 0``.  ``init`` is ``[K]``, ``[1, K]`` or ``[B, K]`` (an expanded ``[K]`` is read once).
     """
     batch, steps, _ = emit.shape
     log_scale = torch.empty(batch, dtype=torch.float64)
     flagged = torch.zeros(batch, dtype=torch.bool)
-    first = init[0] if init.dim() == 2 and batch and init.stride(0) == 0 else init  # a shared init, expanded
+    shared = init.dim() == 2 and batch and (init.shape[0] == 1 or init.stride(0) == 0)  # one init broadcast
+    first = (init[0] if shared else init).to(emit.dtype)
     ran = _chain_loops.scaled_forward(
         emit.detach().contiguous().numpy(),
         first.detach().contiguous().numpy(),
@@ -634,9 +636,9 @@ def _log_partition_without_gradient(
     stored), or None where that loop does not run."""
     probs = transition.probabilities()
     factors = _compiled_loop_factors(probs, emit.transpose(0, 1))
-    if factors is None:
-        return None
     batch, steps, k = emit.shape
+    if factors is None or steps == 0:
+        return None
     all_valid_until = min(int(lengths.min()), steps) if batch else steps
     if all_valid_until == steps:  # every chain of length T: no padding to read, every edge counts
         padding, edges = None, torch.ones((), dtype=torch.float64).expand(batch, steps - 1)

@@ -258,6 +258,35 @@ def test_log_z_without_a_gradient_is_the_log_z_with_one(loop, init_kind, dtype):
     torch.testing.assert_close(redone.to(F64), forward_log(init, trans, emit, lengths), **TOLERANCE[dtype])
 
 
+def test_log_z_survives_normalisers_far_below_the_float32_range(loop):
+    """float64 leaves a step's normaliser unflagged down to ``tiny / eps`` (about ``2^-970``): the compiled
+    loop's running product of the normalisers takes such a one's log apart (multiplied in, the product
+    fell to 0 and ``log Z`` to ``-inf``, unflagged; nearer the bound it lost digits to subnormals).  Two
+    normalisers of about ``e^-170`` and ``e^-600`` here, and ``init`` in the layouts a caller may pass
+    (``[K]``, ``[1, K]``, another dtype), with and without a gradient, against the log-space forward."""
+    inf = float("inf")
+    for gap in (560.0, 575.0, 600.0):
+        trans = torch.tensor([[0.0, -gap], [-gap, 0.0]], dtype=F64)
+        emit = torch.tensor([[[0.0, -1000.0], [-170.0, 0.0], [-170.0, -inf], [-1000.0, 0.0]]], dtype=F64)
+        lengths = torch.tensor([4])
+        reference = chain.log_space_forward(
+            torch.tensor([0.0, -1000.0], dtype=F64), chain.DenseTransition(trans), emit, lengths
+        )[0]
+        for init in (
+            torch.tensor([0.0, -1000.0], dtype=F64),
+            torch.tensor([[0.0, -1000.0]], dtype=F64),
+            torch.tensor([0.0, -1000.0]),
+        ):
+            with torch.no_grad():
+                lean = chain.scaled_log_partition(init, chain.DenseTransition(trans), emit, lengths)
+            stored = chain.scaled_log_partition(
+                init, chain.DenseTransition(trans), emit.clone().requires_grad_(), lengths
+            )
+            for log_z, _, flagged in (lean, stored):
+                assert not flagged.any()
+                torch.testing.assert_close(log_z.detach(), reference, rtol=1e-13, atol=0)
+
+
 def check(d, ref, dtype, msg):
     emit = d.emit.detach().clone().requires_grad_()
     posterior = ChainPosterior(d.init, d.transition, emit, d.lengths, method="scaled")
