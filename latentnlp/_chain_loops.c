@@ -10,8 +10,9 @@
  *   forward:  m_t = max_j emit_t(j),  e_t = exp(emit_t - m_t)  (from the scores emit [B, T, S]),
  *             a_t = (alpha_{t-1} P) * e_t,  c_t = sum_j a_t(j),  alpha_t = a_t / c_t,
  *             w_t = e_t / c_t (the backward's weights)                                  (t = 0 .. T-1)
- *             log_z = sum_t log c_t + sum_t m_t,  flagged[b] = 1 where some c_t < tiny / eps
- *             (underflow; NaN is not below); alpha, c, w, m stored, or (no gradient to take) the
+ *             log_z = sum_t log c_t + sum_t m_t,  flagged[b] = 1 where some c_t is below
+ *             max(tiny / eps, S tiny / min P) (underflow, or a rounded-away mass that may matter later:
+ *             latentnlp.chain.normaliser_floor; NaN is not below); alpha, c, w, m stored, or (no gradient to take) the
  *             filter kept in two rolling rows
  *   backward: u_t = w_t * beta_t,  beta_{t-1} = P u_t                                  (t = T-1 .. 1)
  *
@@ -562,6 +563,7 @@ typedef struct {
     void *alpha, *scale, *weights, *shifts; /* [T, B, S], [T, B], [T, B, S], [T, B]; all NULL: not stored */
     void *rows;              /* not stored: alpha_{t-1}, alpha_t [2, b1 - b0, S], e [chunk, b1 - b0, S], m [chunk, b1 - b0] */
     double *sums;            /* [3, b1 - b0]: each row's running product of c_t, sum of logs, sum of shifts */
+    const double *floor;     /* [B]: a row is flagged where some c_t inside its length is below floor[b] */
 } forward_job;
 
 /* max_i x[i] over i < n in four running maxima, 0 where it is not finite (a row of -inf; NaN is not
@@ -621,7 +623,7 @@ AVX2_FMA static inline double tiled_row_max_double(const double *restrict x, Py_
  * of 300 alternating calls: 1.04-1.07x over a chunk of one step, 1.07x over each row's maximum and
  * exponentials in one pass). */
 #define DEFINE_FORWARD(VARIANT, SUFFIX, REAL, ATTRIBUTES)                                               \
-    ATTRIBUTES static void forward_##VARIANT##_##SUFFIX(const forward_job *job, REAL underflow) {       \
+    ATTRIBUTES static void forward_##VARIANT##_##SUFFIX(const forward_job *job) {                       \
         const kronecker_step *step = &job->step;                                                        \
         const Py_ssize_t S = step->states, T = job->T, B = job->B, b0 = job->b0, b1 = job->b1;          \
         const Py_ssize_t rows = b1 - b0, chunk = job->chunk;                                            \
@@ -682,7 +684,7 @@ AVX2_FMA static inline double tiled_row_max_double(const double *restrict x, Py_
                         continue;                                                                       \
                     }                                                                                   \
                     const REAL c = weigh_and_sum_##SUFFIX(out, e, S), inverse = 1 / c;                  \
-                    if (c < underflow && !(padding && padding[b * T + t])) job->flagged[b] = 1;         \
+                    if (c < job->floor[b] && !(padding && padding[b * T + t])) job->flagged[b] = 1;     \
                     for (Py_ssize_t j = 0; j < S; j++) out[j] *= inverse;                               \
                     if (stored) {                                                                       \
                         for (Py_ssize_t j = 0; j < S; j++) e[j] *= inverse;                             \
@@ -849,16 +851,16 @@ static void run_forward_job(void *job) {
 #ifdef HAVE_TILED_PRODUCT
     if (product_in_use == TILED) {
         if (f->kind == 'f')
-            forward_tiled_float(f, FLT_MIN / FLT_EPSILON);
+            forward_tiled_float(f);
         else
-            forward_tiled_double(f, DBL_MIN / DBL_EPSILON);
+            forward_tiled_double(f);
         return;
     }
 #endif
     if (f->kind == 'f')
-        forward_plain_float(f, FLT_MIN / FLT_EPSILON);
+        forward_plain_float(f);
     else
-        forward_plain_double(f, DBL_MIN / DBL_EPSILON);
+        forward_plain_double(f);
 }
 
 static void run_backward_job(void *job) {
@@ -1021,6 +1023,34 @@ static int all_above(const Py_buffer *view, char kind, int zero) {
     return 1;
 }
 
+/* The smallest of n floats or doubles. */
+static double smallest_of(const void *buf, char kind, Py_ssize_t n) {
+    double smallest = INFINITY;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const double x = kind == 'f' ? ((const float *)buf)[i] : ((const double *)buf)[i];
+        if (x < smallest) smallest = x;
+    }
+    return smallest;
+}
+
+/* floor[b] = max(tiny / eps, S tiny / p_b), p_b the smallest entry of row b's step (the product of its factors'
+ * smallest entries, every entry positive here): the normaliser floor of latentnlp.chain.normaliser_floor. */
+static void normaliser_floors(const kronecker_step *step, char kind, Py_ssize_t B, double *floor) {
+    const double tiny = kind == 'f' ? FLT_MIN : DBL_MIN, eps = kind == 'f' ? FLT_EPSILON : DBL_EPSILON;
+    const Py_ssize_t itemsize = kind == 'f' ? sizeof(float) : sizeof(double), kk = step->k * step->k;
+    for (Py_ssize_t b = 0; b < B; b++) floor[b] = 1;
+    for (int l = 0; l < step->count; l++) {
+        const double shared = step->stride[l] ? 0 : smallest_of(step->factor[l], kind, kk);
+        for (Py_ssize_t b = 0; b < B; b++)
+            floor[b] *= step->stride[l] ? smallest_of((const char *)step->factor[l] + b * kk * itemsize, kind, kk)
+                                        : shared;
+    }
+    for (Py_ssize_t b = 0; b < B; b++) {
+        const double bound = step->states * tiny / floor[b];
+        floor[b] = bound > tiny / eps ? bound : tiny / eps;
+    }
+}
+
 /* scaled_forward(emit, init, probs, padding, all_valid_until, log_z, flagged, threads, final_filter, alpha, scale,
  * weights, shifts) -> bool: the forward loop from the scores emit [B, T, S] and init [S] | [B, S]; False (nothing
  * written) where some state is not reachable at every step: init has a -inf or a factor an entry not above 0
@@ -1115,16 +1145,17 @@ static PyObject *scaled_forward(PyObject *self, PyObject *args) {
     Py_ssize_t chunk = 16384 / (job_rows * row * itemsize);
     chunk = chunk < 1 ? 1 : chunk > 64 ? 64 : chunk;
     /* a job's scratch: the Kronecker product's two rows, without storage its filters' 2 job_rows rows and a
-     * chunk's e and m; then every job's sums, 3 B doubles */
+     * chunk's e and m; then every job's sums, 3 B doubles, and the rows' normaliser floors, B */
     const Py_ssize_t kron_items = step.count > 1 ? 2 * row : 0;
     const Py_ssize_t rolling_items = stored ? 0 : 2 * job_rows * row + chunk * job_rows * (row + 1);
     const size_t job_bytes = (size_t)((kron_items + rolling_items) * itemsize + 63) / 64 * 64;
-    scratch = PyMem_Malloc(job_bytes * count + 3 * (size_t)(B > 0 ? B : 1) * sizeof(double));
+    scratch = PyMem_Malloc(job_bytes * count + 4 * (size_t)(B > 0 ? B : 1) * sizeof(double));
     if (!scratch) {
         PyErr_NoMemory();
         goto done;
     }
-    double *sums = (double *)((char *)scratch + job_bytes * count);
+    double *sums = (double *)((char *)scratch + job_bytes * count), *floor = sums + 3 * B;
+    normaliser_floors(&step, kind, B, floor);
     for (int i = 0; i < count; i++) {
         forward_job *job = &jobs[i];
         char *mine = (char *)scratch + job_bytes * i;
@@ -1138,6 +1169,7 @@ static PyObject *scaled_forward(PyObject *self, PyObject *args) {
         job->step.scratch[0] = mine, job->step.scratch[1] = mine + S * itemsize;
         job->rows = mine + kron_items * itemsize;
         job->sums = sums + 3 * job->b0;
+        job->floor = floor;
     }
     Py_BEGIN_ALLOW_THREADS
     run_jobs(run_forward_job, jobs, sizeof(forward_job), count);
@@ -1544,7 +1576,7 @@ static PyMethodDef methods[] = {
      "scaled_forward(emit, init, probs, padding, all_valid_until, log_z, flagged, threads, final_filter, alpha, "
      "scale, weights, shifts) -> bool: the scaled forward loop from the scores emit [B, T, S] and init [S] | [B, S], "
      "t = 0 .. T-1 (padding [B, T] read from step all_valid_until on, None where that is T), writing log_z [B] (float64: sum_t log c_t + sum_t m_t inside the length), flagged[b] where "
-     "a step's scale inside the length fell below tiny / eps, final_filter [B, S] (or None) and, given (else "
+     "a step's scale inside the length fell below max(tiny / eps, S tiny / min P), final_filter [B, S] (or None) and, given (else "
      "all None), alpha [T, B, S], scale [T, B], weights [T, B, S] and shifts [T, B]; False, writing nothing, "
      "where init has a -inf or a factor an entry not above 0; probs is the step's matrix or the tuple of its "
      "Kronecker factors; threads: how many threads share the rows."},

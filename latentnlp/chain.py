@@ -65,7 +65,14 @@ from torch import Tensor
 from .gumbel import gumbel_argmax
 from .masks import lengths_to_mask
 from .semirings import LogSemiring, expected_score, finite_max, logsumexp, safe_log
-from .transitions import DenseTransition, Transition, TransitionProbabilities, rounded_away, shifted_exp
+from .transitions import (
+    DenseTransition,
+    Transition,
+    TransitionProbabilities,
+    rounded_away,
+    shifted_exp,
+    smallest_positive,
+)
 
 try:  # built by the install where a C compiler is found (setup.py); else the loops step with numpy
     from . import _chain_loops
@@ -123,9 +130,31 @@ def underflow_threshold(dtype: torch.dtype) -> float:
     return info.tiny / info.eps
 
 
-def _underflowed(scale: Tensor, mask: Tensor) -> Tensor:
-    """``[B]`` bool: some step's normaliser fell below :func:`underflow_threshold` (NaN is not below)."""
-    return ((scale.T < underflow_threshold(scale.dtype)) & mask).any(-1)
+def normaliser_floor(smallest: Tensor, states: int, dtype: torch.dtype) -> Tensor:
+    r"""The smallest step normaliser ``c_t`` whose chain the scaled forward trusts: ``[B]`` or ``[]`` (float64),
+    ``max(tiny / eps, S tiny / p)`` with ``p = smallest`` the transition's smallest positive entry
+    (:meth:`TransitionProbabilities.smallest_entry`, ``[B]`` or ``[]``) and ``S`` the states.
+
+    Why: an unnormalised ``a_t(j) e_t(j)`` below ``tiny`` (subnormal, or flushed to 0, as when its shifted
+    emission or initial score underflows) carries an absolute error up to ``delta = tiny eps``, so the
+    filter ``alpha_t(j)`` one of ``delta / c_t``, and the next step's ``a_{t+1}(l) = sum_j alpha_t(j)
+    P(j, l)``, at least ``p`` where every state is reachable (``alpha_t`` sums to 1), one of at most
+    ``S delta / c_t``: a relative error of at most ``eps`` where ``c_t >= S tiny / p``.  Below that, a
+    state's mass rounded away at one step may be the one that later steps make the likeliest (scores
+    hundreds of nats apart in float64, tens in float32: ``log Z`` was found 262 nats off, unflagged,
+    in float64 and 2e-3 relative in float32); ``tiny / eps`` bounds ``c_t``'s own relative error.  With
+    ``p`` near 1 the first term is the larger; a flag from the second needs ``p < sqrt(S tiny)`` (``c_t >=
+    p`` always where every state is reachable): transition scores more than about 42 nats (float32) or
+    350 (float64) below their matrix's largest."""
+    info = torch.finfo(dtype)
+    return torch.clamp(states * info.tiny / smallest.to(torch.float64), min=underflow_threshold(dtype))
+
+
+def _underflowed(scale: Tensor, mask: Tensor, floor: Tensor | None = None) -> Tensor:
+    """``[B]`` bool: some step's normaliser fell below ``floor`` (``[B]`` or ``[]``, :func:`normaliser_floor`;
+    default :func:`underflow_threshold`; NaN is not below)."""
+    floor = underflow_threshold(scale.dtype) if floor is None else floor.reshape(-1, 1)
+    return ((scale.T < floor) & mask).any(-1)
 
 
 class _ScaledForward(NamedTuple):
@@ -165,7 +194,7 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     ``shifts[0]`` also holds the shift of ``init``), so that
     ``log Z = sum_t log c_t + sum_t shifts_t + transition shifts``, and ``flagged [B]`` (bool): the chains
     that underflowed (:func:`_underflowed`: some ``c_t`` inside the length below
-    :func:`underflow_threshold`) or lost mass.
+    :func:`normaliser_floor`) or lost mass.
 
     Lost mass: when not every state is reachable, a state the chain can be in (one a positive entry of
     ``P_t`` leads to from the support of ``alpha_{t-1}``, with a finite emission score: an indicator
@@ -175,7 +204,8 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
     later (a large score further on that only this state leads to), although no step's normaliser
     ``c_t`` is small.
     Such chains are underflowed as surely as those with a small ``c_t``.  When every state is
-    reachable none is lost: each state can then be re-entered from every other at the next step.
+    reachable a state can be re-entered from every other at the next step, and what a rounded-away mass
+    may cost is bounded through the smallest entry of ``P`` instead (:func:`normaliser_floor`).
     Returned as a :class:`_ScaledForward`.
     """
     batch, steps, k = emit.shape
@@ -218,7 +248,8 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
             alpha, scale, emit_probs, shifts, lost, emit, mask, reachable, array_steps[0], all_valid_until
         )
         weights = emit_probs.div_(scale.unsqueeze(-1))
-        return _ScaledForward(alpha, scale, weights, shifts, _underflowed(scale, mask) | lost, None)
+        underflowed = _underflowed(scale, mask, normaliser_floor(probs.smallest_entry(), k, emit.dtype))
+        return _ScaledForward(alpha, scale, weights, shifts, underflowed | lost, None)
     # per-step views taken once: indexing inside the loop costs more than the small matmuls
     alpha_t, scale_t, emit_probs_t = alpha.unbind(0), scale.unsqueeze(-1).unbind(0), emit_probs.unbind(0)
     propagate = probs.forward
@@ -245,7 +276,8 @@ def _scaled_forward(init: Tensor, probs: TransitionProbabilities, emit: Tensor, 
             current.copy_(torch.where(valid, current, alpha_t[t - 1]))
             c.copy_(torch.where(valid, c, torch.ones_like(c)))
     weights = emit_probs.div_(scale.unsqueeze(-1))
-    return _ScaledForward(alpha, scale, weights, shifts, _underflowed(scale, mask) | lost, None)
+    underflowed = _underflowed(scale, mask, normaliser_floor(probs.smallest_entry(), k, emit.dtype))
+    return _ScaledForward(alpha, scale, weights, shifts, underflowed | lost, None)
 
 
 def _array_steps(probs: TransitionProbabilities, beliefs: Tensor):
@@ -324,8 +356,9 @@ def _compiled_forward(
     is given, the buffers :func:`_scaled_forward` returns (else the loop keeps two steps of the filter).
     Returns ``(log_scale [B] float64, final_filter, flagged [B] bool)`` with ``log_scale = sum_t log c_t +
     sum_t m_t`` inside the length (``log Z`` less the transition's shifts) and ``flagged`` the chains that
-    underflowed (:func:`_underflowed`); None, writing nothing, where some state is not reachable (``init``
-    has a ``-inf`` or ``P`` a zero: the shift must then be over the reachable states, :func:`_reachable_shift`)
+    underflowed (some ``c_t`` below :func:`normaliser_floor`, which the loop computes from the factors);
+    None, writing nothing, where some state is not reachable (``init`` has a ``-inf`` or ``P`` a zero: the
+    shift must then be over the reachable states, :func:`_reachable_shift`)
     or ``T = 0``.  ``init`` is ``[K]``, ``[1, K]`` or ``[B, K]`` (an expanded ``[K]`` is read once).
     """
     batch, steps, _ = emit.shape
@@ -899,7 +932,8 @@ class _BlockedLogPartition(torch.autograd.Function):
             init, probs.dense(), emit, mask, block, probs.rounded_away
         )
         log_z = torch.log(scale).double().sum(0) + log_shift.double() + probs.log_shift_total(mask[:, 1:].double())
-        underflowed = _underflowed(scale, mask) | lost
+        floor = normaliser_floor(probs.smallest_entry(), emit.shape[-1], emit.dtype)
+        underflowed = _underflowed(scale, mask, floor) | lost
         ctx.save_for_backward(alpha, scale, emit_probs, mask, init, emit, lengths)
         ctx.probs, ctx.product, ctx.block, ctx.transition = probs, product, block, transition
         final_filter = alpha[-1]
@@ -1475,7 +1509,8 @@ def blocked_forward_filter(
     block = _block_size(block, emit.shape[1])
     probs = transition.probabilities()
     alpha, scale, _, _, _, lost = _blocked_forward(init, probs.dense(), emit, mask, block, probs.rounded_away)
-    if torch.isfinite(alpha).all() and not (_underflowed(scale, mask) | lost).any():
+    floor = normaliser_floor(probs.smallest_entry(), emit.shape[-1], emit.dtype)
+    if torch.isfinite(alpha).all() and not (_underflowed(scale, mask, floor) | lost).any():
         return safe_log(alpha.transpose(0, 1))
     return _log_space_filter(init, transition, emit, mask)
 
@@ -1903,7 +1938,8 @@ def _smoother_entropy(first_scores, emit_scores, trans, mask, probs, shift, alph
     # all but deterministic) the entropy is 0 to the precision there is, and is returned >= 0; the
     # 1 is a floor for terms that are all about 0 (a deterministic chain whose shifted scores are 0)
     resolution = ENTROPY_RESOLUTION * eps * (1 + log_z.abs() + first.abs() + emitted.abs() + moved.abs())
-    flagged = _underflowed(scale, mask) | unnormalised | ~torch.isfinite(entropy) | (entropy < -resolution)
+    floor = normaliser_floor(smallest_positive(probs, 3 if probs.dim() == 4 else 2), probs.shape[-1], probs.dtype)
+    flagged = _underflowed(scale, mask, floor) | unnormalised | ~torch.isfinite(entropy) | (entropy < -resolution)
     return entropy.clamp_min(0.0).to(emit_scores.dtype), flagged
 
 

@@ -43,7 +43,14 @@ from .masks import lengths_to_mask
 from .precision import computation_dtype
 from .semirings import LogSemiring, expected_score, safe_log
 from .structures import ChainPosterior
-from .transitions import DenseTransition, Transition, TransitionProbabilities, rounded_away, shifted_exp
+from .transitions import (
+    DenseTransition,
+    Transition,
+    TransitionProbabilities,
+    rounded_away,
+    shifted_exp,
+    smallest_positive,
+)
 from .validation import describe, is_validating
 
 __all__ = [
@@ -369,6 +376,12 @@ class _ProductProbabilities(TransitionProbabilities):
 
     def all_positive(self):
         return all(bool((p > 0).all()) for p in self.probs)
+
+    def smallest_entry(self):
+        """The product of the chains' smallest positive entries (an entry of the Kronecker product is a
+        product of one entry of each chain's matrix), per row where a chain's matrix is."""
+        smallest = [smallest_positive(p, 2 if p.dim() < 4 else 3) for p in self.probs]
+        return functools.reduce(torch.mul, smallest)
 
     def rounded_away(self):
         """Any chain's entry rounded away (its joint states' paths through it lost)."""

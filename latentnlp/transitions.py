@@ -65,6 +65,15 @@ def rounded_away(probs: Tensor, log: Tensor) -> Tensor:
     return rounded.flatten(1).any(-1) if rounded.dim() > 2 else rounded.any()
 
 
+def smallest_positive(probs: Tensor, dims: int) -> Tensor:
+    """The smallest positive entry over the last ``dims`` dimensions of ``probs`` (``inf`` where none is):
+    ``probs.shape[:-dims]``."""
+    inf = torch.full((), float("inf"), dtype=probs.dtype, device=probs.device)
+    if probs.numel() == 0:  # no step (T = 1) or no batch row
+        return inf.expand(probs.shape[:-dims])
+    return torch.where(probs > 0, probs, inf).amin(tuple(range(-dims, 0)))
+
+
 class TransitionProbabilities(ABC):
     r"""A transition in probability space, shifted once for a whole recursion.
 
@@ -128,6 +137,12 @@ class TransitionProbabilities(ABC):
     @abstractmethod
     def all_positive(self) -> bool:
         """True when every ``P_t(i, j) > 0`` (synchronises with the device)."""
+
+    @abstractmethod
+    def smallest_entry(self) -> Tensor:
+        """A lower bound on each chain's smallest positive ``P_t(i, j)`` over its steps: ``[B]``, or ``[]`` for
+        all (``inf`` where none is positive).  The scaled forward's accuracy rests on it
+        (:func:`~latentnlp.chain.normaliser_floor`)."""
 
     @abstractmethod
     def rounded_away(self) -> Tensor:
@@ -412,6 +427,9 @@ class _SharedProbabilities(TransitionProbabilities):
     def all_positive(self):
         return bool((self.probs > 0).all())
 
+    def smallest_entry(self):
+        return smallest_positive(self.probs, 2)
+
     def rounded_away(self):
         return rounded_away(self.probs, self.log)
 
@@ -450,6 +468,9 @@ class _BatchedProbabilities(TransitionProbabilities):
     def all_positive(self):
         return bool((self.probs > 0).all())
 
+    def smallest_entry(self):
+        return smallest_positive(self.probs, 2)
+
     def rounded_away(self):
         return rounded_away(self.probs, self.log)
 
@@ -485,6 +506,9 @@ class _TimeVaryingProbabilities(TransitionProbabilities):
 
     def all_positive(self):
         return bool((self.probs > 0).all())
+
+    def smallest_entry(self):
+        return smallest_positive(self.probs, 3)
 
     def rounded_away(self):
         return rounded_away(self.probs, self.log)
@@ -614,6 +638,11 @@ class _LowRankProbabilities(TransitionProbabilities):
 
     def all_positive(self):
         return bool((self.left > 0).all()) and bool((self.right > 0).all())
+
+    def smallest_entry(self):
+        """``min_r`` of the smallest positive ``U[:, r]`` times the smallest positive ``V[r, :]``: a positive
+        entry of ``U V`` has at least one such term."""
+        return (smallest_positive(self.left.T, 1) * smallest_positive(self.right, 1)).amin()
 
     def rounded_away(self):
         """Either factor's entry rounded away (a term of ``P = U V`` lost: conservative, every chain)."""

@@ -933,12 +933,14 @@ def test_every_input_layout_against_expand_params():
 
 def test_scaled_kernel_flags_underflow_instead_of_returning_nan():
     """A peaked float32 chain whose probability-space steps underflow: the kernel flags the row,
-    "auto" redoes only that row in log space and matches float64."""
+    "auto" redoes only that row in log space and matches float64.  (The transition's small entries are
+    e^-80, normal numbers: e^-100, subnormal in float32, would have every row flagged, as
+    :func:`~latentnlp.chain.normaliser_floor` does for transitions it cannot represent.)"""
     from latentnlp.chain import scaled_log_partition
     from latentnlp.transitions import DenseTransition
 
     init = torch.tensor([0.0, 0.0])
-    trans = torch.tensor([[0.0, -100.0], [0.0, -100.0]])
+    trans = torch.tensor([[0.0, -80.0], [0.0, -80.0]])
     emit = torch.tensor([[[0.0, 0.0], [0.0, 100.0]], [[0.0, 0.0], [0.0, 0.0]]])  # row 1 is benign
     log_z, final_filter, underflowed = scaled_log_partition(
         init.expand(2, 2), DenseTransition(trans), emit, torch.tensor([2, 2])
