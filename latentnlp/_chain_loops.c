@@ -661,11 +661,12 @@ AVX2_FMA static inline double tiled_row_max_double(const double *restrict x, Py_
                                        : stored ? alpha + ((t - 1) * B + b0) * S                        \
                                                 : rolling + ((t - 1) % 2) * rows * S;                   \
                 REAL *current = stored ? alpha + (t * B + b0) * S : rolling + (t % 2) * rows * S;       \
-                if (t == 0) { /* a_0 = exp(init - m_init) e_0 */                                         \
+                if (t == 0) { /* a_0 = exp(init - m_init) e_0; the sums start from m_init */             \
                     for (Py_ssize_t b = b0; b < b1; b++) {                                              \
                         const REAL *restrict first = init + b * job->init_stride;                       \
                         const REAL m_init = VARIANT##_row_max_##SUFFIX(first, S);                       \
                         VARIANT##_shifted_exp_##SUFFIX(first, m_init, current + (b - b0) * S, S);       \
+                        product[b - b0] = 1, logs[b - b0] = 0, total_shift[b - b0] = m_init;             \
                     }                                                                                   \
                 } else {                                                                                \
                     step_product_##SUFFIX(step, previous, current, b0, rows);                           \
@@ -676,8 +677,7 @@ AVX2_FMA static inline double tiled_row_max_double(const double *restrict x, Py_
                     REAL *restrict e = stored ? weights + (t * B + b) * S : chunk_e + at * S;           \
                     REAL m = stored ? shifts[t * B + b] : chunk_m[at];                                  \
                     if (t == 0) {                                                                       \
-                        const REAL m_init = VARIANT##_row_max_##SUFFIX(init + b * job->init_stride, S); \
-                        m = (padding && padding[b * T] ? 0 : m) + m_init;                               \
+                        if (padding && padding[b * T]) m = 0;                                           \
                     } else if (t >= job->all_valid_until && padding[b * T + t]) {                       \
                         for (Py_ssize_t j = 0; j < S; j++) out[j] = previous[i * S + j];                \
                         if (stored) scale[t * B + b] = 1, shifts[t * B + b] = 0;                        \
@@ -688,9 +688,8 @@ AVX2_FMA static inline double tiled_row_max_double(const double *restrict x, Py_
                     for (Py_ssize_t j = 0; j < S; j++) out[j] *= inverse;                               \
                     if (stored) {                                                                       \
                         for (Py_ssize_t j = 0; j < S; j++) e[j] *= inverse;                             \
-                        scale[t * B + b] = c, shifts[t * B + b] = m;                                    \
+                        scale[t * B + b] = c, shifts[t * B + b] = t ? m : m + total_shift[i];           \
                     }                                                                                   \
-                    if (t == 0) product[i] = 1, logs[i] = 0, total_shift[i] = 0;                        \
                     total_shift[i] += m;                                                                \
                     if (!(c >= 0x1p-500 && c <= 0x1p500)) { /* its log apart (and 0, inf, NaN's) */     \
                         logs[i] += log(c);                                                              \

@@ -39,8 +39,9 @@ def logsumexp(x: Tensor, dim: int) -> Tensor:
     return safe_log(torch.exp(x - shift).sum(dim)) + shift.squeeze(dim)
 
 
-def finite_max(x: Tensor, dim: int) -> Tensor:
-    """``max`` over ``dim`` (kept), detached, with rows of ``-inf`` mapped to 0 so shifts stay finite."""
+def finite_max(x: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    """``max`` over ``dim`` (one or several, kept), detached, with rows of ``-inf`` mapped to 0 so shifts stay
+    finite."""
     return torch.nan_to_num(x.detach().amax(dim, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
 
 

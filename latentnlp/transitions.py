@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .gumbel import gumbel_argmax
-from .semirings import LogSemiring, logsumexp
+from .semirings import LogSemiring, finite_max, logsumexp
 
 __all__ = ["DenseTransition", "LowRankTransition", "Transition", "TransitionProbabilities"]
 
@@ -49,8 +49,7 @@ def shifted_exp(log: Tensor, dims: int) -> tuple[Tensor, Tensor]:
 
     Returns the probabilities (shape of ``log``) and ``s`` of shape ``log.shape[:-dims]``.
     """
-    dims_kept = tuple(range(-dims, 0))
-    shift = torch.nan_to_num(log.detach().amax(dims_kept, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
+    shift = finite_max(log, tuple(range(-dims, 0)))
     return torch.exp(log - shift), shift.reshape(log.shape[:-dims])
 
 
